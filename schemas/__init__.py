@@ -1,0 +1,20 @@
+"""The wire contract shared by API nodes, workers and readers. Imports nothing of ours."""
+
+from schemas.decisions import Decision, DecisionAction, Window
+from schemas.events import EVENT_SCHEMA_VERSION, RequestEvent, dump_event, make_event, parse_event
+from schemas.limits import LimitPolicy
+from schemas.usage import Granularity, UsagePoint
+
+__all__ = [
+    "EVENT_SCHEMA_VERSION",
+    "Decision",
+    "DecisionAction",
+    "Granularity",
+    "LimitPolicy",
+    "RequestEvent",
+    "UsagePoint",
+    "Window",
+    "dump_event",
+    "make_event",
+    "parse_event",
+]

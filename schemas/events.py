@@ -1,0 +1,62 @@
+"""The request event: one JSON object (UTF-8) per Kafka message, message key = key_id.
+
+Defined as a TypedDict validated by pydantic: it is the same contract as a model but
+validates in about half the time, which matters at 100k+ events/s on the worker.
+Unknown extra fields are ignored, so producers may add fields before consumers know them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AwareDatetime, Field, StringConstraints, TypeAdapter
+from typing_extensions import NotRequired, TypedDict
+
+EVENT_SCHEMA_VERSION = 1
+
+# Bounds keep one bad producer from bloating rows or memory; values past them are refused.
+_Text = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+_Id = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class RequestEvent(TypedDict):
+    """One request seen by an API node. ``key_id`` is derived on the node; never the raw key."""
+
+    v: NotRequired[Annotated[int, Field(ge=1, le=EVENT_SCHEMA_VERSION)]]
+    request_id: _Text
+    key_id: _Id
+    node_id: _Id
+    method: Annotated[str, StringConstraints(min_length=1, max_length=16)]
+    endpoint: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^/")]
+    status: Annotated[int, Field(ge=100, le=599)]
+    ts: AwareDatetime
+    account_id: NotRequired[Annotated[str, StringConstraints(max_length=64)] | None]
+    latency_ms: NotRequired[Annotated[float, Field(ge=0, le=3_600_000)] | None]
+    client_ip: NotRequired[Annotated[str, StringConstraints(max_length=45)] | None]
+    bytes_out: NotRequired[Annotated[int, Field(ge=0, le=1 << 40)] | None]
+
+
+EVENT_ADAPTER: TypeAdapter[RequestEvent] = TypeAdapter(RequestEvent)
+
+
+def parse_event(raw: bytes | str) -> RequestEvent:
+    """Validate one message value; raises ``pydantic.ValidationError`` on anything off-contract."""
+    return EVENT_ADAPTER.validate_json(raw)
+
+
+def make_event(**fields: Any) -> RequestEvent:
+    """Build a validated event from Python values (used by nodes, tests and the simulator)."""
+    fields.setdefault("v", EVENT_SCHEMA_VERSION)
+    return EVENT_ADAPTER.validate_python(fields)
+
+
+def dump_event(event: RequestEvent) -> bytes:
+    """The wire form: compact JSON, optional fields that are None left out."""
+    return EVENT_ADAPTER.dump_json(
+        {k: v for k, v in event.items() if v is not None},  # type: ignore[arg-type]
+    )
+
+
+def event_time(event: RequestEvent) -> datetime:
+    return event["ts"]

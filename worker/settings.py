@@ -1,0 +1,64 @@
+"""One frozen settings object, built once at the entry point and passed down.
+
+Every value comes from the environment (prefix ``METER_``) or a ``.env`` file; nothing
+secret lives in code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METER_", env_file=".env", frozen=True, extra="ignore")
+
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    events_topic: str = "usage.events"
+    decisions_topic: str = "usage.decisions"
+    dlq_topic: str = "usage.events.dlq"
+    consumer_group: str = "usage-meter"
+    events_partitions: int = Field(default=6, ge=1)
+    decisions_partitions: int = Field(default=3, ge=1)
+
+    # ClickHouse: chdb:///dir (embedded engine) or http(s)://user:pass@host:8123/db (server)
+    clickhouse_dsn: str = f"chdb://{REPO_ROOT / '.data' / 'clickhouse'}"
+    clickhouse_database: str = "meter"
+    migrations_dir: Path = REPO_ROOT / "infra" / "clickhouse" / "migrations"
+
+    # Retention of each rollup level, in days (applied by `meter migrate`)
+    ttl_minute_days: int = Field(default=7, ge=1)
+    ttl_hour_days: int = Field(default=90, ge=1)
+    ttl_day_days: int = Field(default=3 * 365, ge=1)
+
+    # Ingest
+    batch_max_records: int = Field(default=20_000, ge=1)
+    batch_timeout_ms: int = Field(default=200, ge=1)
+    max_event_bytes: int = Field(default=8_192, ge=256)
+    # Events older than this (event time) are refused to the DLQ: it is also how long the
+    # request_id dedup memory is kept, so every counted event is covered by it.
+    dedup_horizon_hours: int = Field(default=24, ge=1)
+    max_clock_skew_seconds: int = Field(default=300, ge=0)
+    store_retry_max_seconds: float = Field(default=30.0, gt=0)
+
+    # Limits (defaults of the metered API)
+    limit_per_minute: int = Field(default=100, ge=0)
+    limit_per_hour: int = Field(default=1_000, ge=0)
+    limit_per_day: int = Field(default=5_000, ge=0)
+
+    # Node side
+    node_id: str = "node-1"
+    node_secret: SecretStr = SecretStr("")  # HMAC key for key ids; must be set on real nodes
+
+    # HTTP (metrics, health, query API)
+    http_host: str = "127.0.0.1"
+    http_port: int = 8090
+    admin_api_key: SecretStr = SecretStr("")
+
+    log_level: str = "INFO"
+    log_json: bool = False

@@ -1,0 +1,1 @@
+"""All ClickHouse access: client factory, migrations, writes and reads."""

@@ -1,0 +1,74 @@
+"""Versioned, idempotent DDL migrations from ``infra/clickhouse/migrations/NNN_name.sql``."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from clickhouse_connect.driver.client import Client
+
+from worker.settings import Settings
+from worker.store.client import quote_identifier
+
+log = logging.getLogger(__name__)
+
+_FILE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+
+def discover(directory: Path) -> list[Migration]:
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE.match(path.name)
+        if not match:
+            raise ValueError(f"migration file name must look like 001_name.sql: {path}")
+        found.append(Migration(int(match.group(1)), match.group(2), path))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"duplicate migration versions in {directory}")
+    return found
+
+
+def render(sql: str, settings: Settings) -> list[str]:
+    """Fill the placeholders (all from settings) and split into statements."""
+    text = sql.format(
+        db=quote_identifier(settings.clickhouse_database),
+        ttl_minute_days=settings.ttl_minute_days,
+        ttl_hour_days=settings.ttl_hour_days,
+        ttl_day_days=settings.ttl_day_days,
+        dedup_ttl_hours=settings.dedup_horizon_hours + 1,
+    )
+    lines = [line for line in text.splitlines() if not line.strip().startswith("--")]
+    return [stmt.strip() for stmt in "\n".join(lines).split(";") if stmt.strip()]
+
+
+def migrate(client: Client, settings: Settings) -> list[Migration]:
+    """Apply every migration not yet recorded; return those applied now."""
+    db = quote_identifier(settings.clickhouse_database)
+    client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations "
+        "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) "
+        "ENGINE = ReplacingMergeTree ORDER BY version"
+    )
+    done = {row[0] for row in client.query(f"SELECT version FROM {db}.schema_migrations").result_rows}
+    applied = []
+    for migration in discover(settings.migrations_dir):
+        if migration.version in done:
+            continue
+        for statement in render(migration.path.read_text(), settings):
+            client.command(statement)
+        client.insert(
+            f"{db}.schema_migrations", [[migration.version, migration.name]], column_names=["version", "name"]
+        )
+        log.info("applied migration %03d_%s", migration.version, migration.name)
+        applied.append(migration)
+    return applied

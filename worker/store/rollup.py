@@ -1,0 +1,85 @@
+"""Writes and ingest-side reads of the ``usage_rollup`` table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+
+import pyarrow as pa
+from clickhouse_connect.driver.client import Client
+
+from worker.store.client import quote_identifier, settings_for_insert
+
+LEVELS = {"offset": 0, "minute": 1, "hour": 2, "day": 3, "dedup": 4, "client_hour": 5}
+
+ROLLUP_SCHEMA = pa.schema(
+    [
+        ("level", pa.int8()),
+        ("key_id", pa.string()),
+        ("bucket", pa.uint32()),
+        ("endpoint", pa.string()),
+        ("status", pa.uint16()),
+        ("node_id", pa.string()),
+        ("client_ip", pa.string()),
+        ("account_id", pa.string()),
+        ("kafka_partition", pa.uint16()),
+        ("requests", pa.uint64()),
+        ("bytes_out", pa.uint64()),
+        ("latency_ms_sum", pa.float64()),
+        ("last_offset", pa.int64()),
+        ("request_hashes", pa.list_(pa.uint64())),
+    ]
+)
+
+
+class RollupStore:
+    """The one place the ingest path touches ClickHouse."""
+
+    def __init__(self, client: Client, database: str) -> None:
+        self._client = client
+        self._table = f"{quote_identifier(database)}.usage_rollup"
+
+    @property
+    def table(self) -> str:
+        return self._table
+
+    def write(self, rows: pa.Table, token: str) -> None:
+        """One INSERT of one block: atomic, and a retry with the same token is a no-op."""
+        self._client.insert_arrow(self._table, rows, settings=settings_for_insert(token))
+
+    def stored_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        """Last offset written per partition of ``topic`` (absent: nothing written yet)."""
+        parts = sorted(set(partitions))
+        if not parts:
+            return {}
+        result = self._client.query(
+            f"SELECT kafka_partition, max(last_offset) FROM {self._table} "
+            "WHERE level = 'offset' AND key_id = {topic:String} AND kafka_partition IN {parts:Array(UInt16)} "
+            "GROUP BY kafka_partition",
+            parameters={"topic": topic, "parts": parts},
+        )
+        return {int(p): int(o) for p, o in result.result_rows}
+
+    def seen_hashes(self, minutes_by_partition: Mapping[int, Iterable[int]], hashes: list[int]) -> set[int]:
+        """Which of ``hashes`` are already in the dedup memory of those partitions' minutes."""
+        pairs = [(p, m) for p, minutes in minutes_by_partition.items() for m in minutes]
+        if not pairs or not hashes:
+            return set()
+        result = self._client.query(
+            f"SELECT DISTINCT h FROM {self._table} ARRAY JOIN request_hashes AS h "
+            "WHERE level = 'dedup' AND (kafka_partition, toUInt32(bucket)) IN {pairs:Array(Tuple(UInt16, UInt32))} "
+            "AND h IN (SELECT arrayJoin({hashes:Array(UInt64)}))",
+            parameters={"pairs": pairs, "hashes": hashes},
+        )
+        return {int(row[0]) for row in result.result_rows}
+
+    def window_counts(self, key_ids: Iterable[str], since: datetime) -> list[tuple[str, str, datetime, int]]:
+        """(key_id, level, bucket, requests) of minute/hour/day buckets since ``since``."""
+        keys = list(key_ids)
+        result = self._client.query(
+            f"SELECT key_id, toString(level), bucket, sum(requests) FROM {self._table} "
+            "WHERE level IN ('minute', 'hour', 'day') AND key_id IN {keys:Array(String)} "
+            "AND bucket >= {since:DateTime('UTC')} GROUP BY key_id, level, bucket",
+            parameters={"keys": keys, "since": since},
+        )
+        return [(str(k), str(lv), b, int(n)) for k, lv, b, n in result.result_rows]
