@@ -8,10 +8,10 @@ Unknown extra fields are ignored, so producers may add fields before consumers k
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
 from pydantic import AwareDatetime, Field, StringConstraints, TypeAdapter
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict
 
 EVENT_SCHEMA_VERSION = 1
 

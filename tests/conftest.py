@@ -94,7 +94,7 @@ async def topics(settings: Settings) -> AsyncIterator[Settings]:
     await admin.start()
     try:
         await admin.delete_topics([settings.events_topic, settings.decisions_topic, settings.dlq_topic])
-    except Exception:  # noqa: BLE001 - best-effort cleanup
+    except Exception:  # best-effort cleanup
         pass
     finally:
         await admin.close()
@@ -110,4 +110,3 @@ def clickhouse(settings: Settings) -> Iterator[object]:
     migrate(client, settings)
     yield client
     client.command(f"DROP DATABASE IF EXISTS {quote_identifier(settings.clickhouse_database)}")
-

@@ -1,0 +1,121 @@
+"""FastStream wiring of the metering worker: one batch subscriber on the events topic,
+publishers for the DLQ and decisions, clients opened in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from faststream import AckPolicy, FastStream
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+
+from worker.ingest.consumer import IngestConsumer
+from worker.ingest.pipeline import IngestPipeline
+from worker.ingest.validate import Rejection
+from worker.settings import Settings
+from worker.store.client import connect, redact_dsn
+from worker.store.migrations import migrate
+from worker.store.rollup import RollupStore
+from worker.topics import ensure_topics
+
+log = logging.getLogger("worker")
+
+
+async def _raw_decoder(msg: Any) -> Any:
+    # The pipeline validates the raw bytes itself; skip FastStream's per-message JSON decode.
+    return None
+
+
+class WorkerRuntime:
+    """Everything one worker process holds; built once from settings."""
+
+    def __init__(self, settings: Settings, store: RollupStore | None = None) -> None:
+        self.settings = settings
+        self.broker = KafkaBroker(settings.kafka_bootstrap, logger=log, log_level=logging.DEBUG)
+        self._store = store
+        self.consumer: IngestConsumer | None = None
+        self.subscriber = self.broker.subscriber(
+            settings.events_topic,
+            group_id=settings.consumer_group,
+            batch=True,
+            max_records=settings.batch_max_records,
+            batch_timeout_ms=settings.batch_timeout_ms,
+            auto_offset_reset="earliest",
+            ack_policy=AckPolicy.MANUAL,
+            listener=_DeferredListener(self),
+            decoder=_raw_decoder,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_poll_interval_ms=600_000,
+        )
+        self.subscriber(self._on_batch)
+        self.app = FastStream(self.broker, lifespan=self._lifespan, logger=log)
+
+    @property
+    def store(self) -> RollupStore:
+        if self._store is None:
+            raise RuntimeError("store not open yet")
+        return self._store
+
+    def kafka_consumer(self) -> AIOKafkaConsumer | None:
+        return getattr(self.subscriber, "consumer", None)
+
+    async def _on_batch(self, body: Any, message: KafkaMessage) -> None:
+        assert self.consumer is not None
+        await self.consumer.handle(message.raw_message)
+
+    async def _dead_letter(self, rejection: Rejection, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        await self.broker.publish(
+            value,
+            self.settings.dlq_topic,
+            key=rejection.key,
+            headers={k: v.decode() for k, v in headers},
+        )
+
+    def open(self) -> None:
+        """Open ClickHouse, apply migrations, build the pipeline (sync: before the loop consumes)."""
+        if self._store is None:
+            client = connect(self.settings.clickhouse_dsn, self.settings.clickhouse_database)
+            migrate(client, self.settings)
+            self._store = RollupStore(client, self.settings.clickhouse_database)
+        pipeline = IngestPipeline(self.settings, self.store, self._dead_letter)
+        self.consumer = IngestConsumer(self.settings.events_topic, pipeline, self.store, self.kafka_consumer)
+
+    @asynccontextmanager
+    async def _lifespan(self) -> AsyncIterator[None]:
+        s = self.settings
+        await ensure_topics(s)
+        await asyncio.to_thread(self.open)
+        log.info(
+            "worker starting: kafka %s, topic %s, group %s, clickhouse %s/%s",
+            s.kafka_bootstrap,
+            s.events_topic,
+            s.consumer_group,
+            redact_dsn(s.clickhouse_dsn),
+            s.clickhouse_database,
+        )
+        try:
+            yield
+        finally:
+            if self.consumer is not None:
+                log.info("worker stopped: %s", self.consumer.stats.summary())
+
+
+class _DeferredListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Rebalance callbacks forwarded to the runtime's consumer once it exists."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        if self.runtime.consumer is not None:
+            await self.runtime.consumer.on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[Any]) -> None:
+        if self.runtime.consumer is not None:
+            await self.runtime.consumer.on_partitions_assigned(assigned)

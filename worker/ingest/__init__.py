@@ -1,0 +1,1 @@
+"""Consume -> validate -> dedup -> aggregate -> store, with bad input sent to the DLQ."""

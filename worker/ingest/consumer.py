@@ -1,0 +1,168 @@
+"""Partition ownership and offsets: seek to what ClickHouse holds, commit after the write.
+
+Kafka's committed offsets are advisory here (lag monitoring, tooling); the offsets stored
+in ClickHouse with the counts are the truth, so a worker killed between the write and the
+commit resumes exactly after the last written record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from worker.ingest.pipeline import BatchAbandoned, BatchOutcome, IngestPipeline
+from worker.ingest.validate import KafkaRecord
+from worker.store.rollup import RollupStore
+
+log = logging.getLogger(__name__)
+
+AssignedHook = Callable[[set[int]], Awaitable[None]]
+RevokedHook = Callable[[set[int]], Awaitable[None]]
+BatchHook = Callable[[BatchOutcome], Awaitable[None]]
+
+
+@dataclass
+class IngestStats:
+    batches: int = 0
+    consumed: int = 0
+    counted: int = 0
+    duplicates: int = 0
+    replayed_skipped: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    abandoned_batches: int = 0
+    last_batch_at: float = 0.0
+    last_write_seconds: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+
+    def summary(self) -> str:
+        dlq = sum(self.rejected.values())
+        return (
+            f"{self.batches} batches, {self.consumed} records: {self.counted} counted, "
+            f"{self.duplicates} duplicates, {dlq} dead-lettered {dict(self.rejected) or ''}, "
+            f"{self.replayed_skipped} already-written skipped, {self.abandoned_batches} batches handed over"
+        )
+
+
+class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Rebalance listener and batch handler of one consumer-group member."""
+
+    def __init__(
+        self,
+        topic: str,
+        pipeline: IngestPipeline,
+        store: RollupStore,
+        get_consumer: Callable[[], AIOKafkaConsumer | None],
+    ) -> None:
+        self.topic = topic
+        self.pipeline = pipeline
+        self.store = store
+        self.get_consumer = get_consumer
+        self.written: dict[int, int] = {}
+        self.owned: set[int] = set()
+        self.stats = IngestStats()
+        self.on_assigned: list[AssignedHook] = []
+        self.on_revoked: list[RevokedHook] = []
+        self.on_batch: list[BatchHook] = []
+        # Held while a batch is processed: a revocation waits for the write to land, so the
+        # next owner never reads stored offsets that are about to move.
+        self._lock = asyncio.Lock()
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:
+            parts = {tp.partition for tp in revoked if tp.topic == self.topic}
+            for p in parts:
+                self.owned.discard(p)
+                self.written.pop(p, None)
+            if parts:
+                log.info("revoked partitions %s of %s", sorted(parts), self.topic)
+                for hook in self.on_revoked:
+                    await hook(parts)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        async with self._lock:
+            parts = {tp.partition for tp in assigned if tp.topic == self.topic}
+            if not parts:
+                log.info("no partitions of %s assigned to this worker", self.topic)
+                return
+            stored = await self._stored_offsets(parts)
+            consumer = self.get_consumer()
+            for p in sorted(parts):
+                if p in stored and consumer is not None:
+                    consumer.seek(TopicPartition(self.topic, p), stored[p] + 1)
+                    self.written[p] = stored[p]
+            self.owned |= parts
+            log.info(
+                "assigned partitions %s of %s; resuming after stored offsets %s",
+                sorted(parts),
+                self.topic,
+                {p: stored.get(p, "none (committed/earliest)") for p in sorted(parts)},
+            )
+            for hook in self.on_assigned:
+                await hook(parts)
+
+    async def _stored_offsets(self, parts: set[int]) -> dict[int, int]:
+        delay = 0.2
+        while True:
+            try:
+                return await asyncio.to_thread(self.store.stored_offsets, self.topic, parts)
+            except Exception as exc:  # the store is down: we cannot know where to resume
+                log.error("cannot read stored offsets for %s (retry in %.1fs): %s", sorted(parts), delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def handle(self, records: Sequence[KafkaRecord]) -> BatchOutcome | None:
+        async with self._lock:
+            mine = [r for r in records if r.partition in self.owned]
+            if not mine:
+                return None
+            try:
+                outcome = await self.pipeline.process(mine, self.written, self.owned.__contains__)
+            except BatchAbandoned as exc:
+                self.stats.abandoned_batches += 1
+                log.warning("batch handed over to the new owner: %s", exc)
+                return None
+            self._account(len(mine), outcome)
+            if outcome.written:
+                self.written.update(outcome.offsets)
+                await self._commit(outcome.offsets)
+            for hook in self.on_batch:
+                await hook(outcome)
+            return outcome
+
+    def _account(self, consumed: int, outcome: BatchOutcome) -> None:
+        s = self.stats
+        s.batches += 1
+        s.consumed += consumed
+        s.counted += outcome.counted
+        s.duplicates += outcome.duplicates
+        s.replayed_skipped += outcome.skipped_replayed
+        for reason, n in outcome.rejected.items():
+            s.rejected[reason] = s.rejected.get(reason, 0) + n
+        s.last_batch_at = time.monotonic()
+        s.last_write_seconds = outcome.write_seconds
+        if outcome.rejected:
+            log.warning("dead-lettered %s", outcome.rejected)
+        log.debug(
+            "batch: %d records, %d counted, %d duplicates, write %.3fs",
+            consumed,
+            outcome.counted,
+            outcome.duplicates,
+            outcome.write_seconds,
+        )
+
+    async def _commit(self, offsets: dict[int, int]) -> None:
+        consumer = self.get_consumer()
+        if consumer is None or not offsets:
+            return
+        try:
+            await consumer.commit(
+                {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "") for p, o in offsets.items()}
+            )
+        except Exception as exc:  # advisory only: ClickHouse holds the offsets that matter
+            log.warning("kafka offset commit failed (stored offsets are authoritative): %s", exc)
