@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 
-from node.errors import NodeError
+from node.errors import NodeError, describe
 from schemas.decisions import Decision, DecisionAction, Window
 from worker.settings import Settings
 
@@ -192,9 +192,7 @@ class DecisionCache:
             invalid=self._invalid,
             lag=self._lag,
             last_offsets={p: o - 1 for p, o in sorted(self._next_offsets.items())},
-            last_applied_age_s=(
-                None if self._last_applied_at is None else time.monotonic() - self._last_applied_at
-            ),
+            last_applied_age_s=(None if self._last_applied_at is None else time.monotonic() - self._last_applied_at),
             bootstrap_s=self._bootstrap_s,
             last_error=self._last_error,
         )
@@ -207,9 +205,10 @@ class DecisionCache:
             self._started_at = time.monotonic()
             self._task = asyncio.create_task(self._run(), name="decision-cache")
 
-    async def wait_ready(self, timeout: float | None = None) -> bool:
+    async def wait_ready(self, within_s: float | None = None) -> bool:
+        """Wait for the bootstrap read; False if it did not finish within ``within_s`` seconds."""
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
+            await asyncio.wait_for(self._ready.wait(), within_s)
         except TimeoutError:
             return False
         return True
@@ -239,8 +238,8 @@ class DecisionCache:
                 await self._follow()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - keep serving from memory, reconnect
-                message = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # keep serving from memory, reconnect
+                message = describe(exc)
                 if message != self._last_error:
                     log.warning(
                         "decision cache: %s on %s (%s); serving %d known blocks, retry in %.1fs",
@@ -356,11 +355,11 @@ class DecisionCache:
         self._purge_expired()
         try:
             end = await asyncio.wait_for(consumer.end_offsets(tps), self._probe_interval_s)
-        except Exception as exc:  # noqa: BLE001 - broker unreachable: stay up, say so
+        except Exception as exc:  # broker unreachable: stay up, say so
             if self._connected:
                 log.warning("decision cache: broker %s unreachable (%r)", self._settings.kafka_bootstrap, exc)
             self._connected = False
-            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._last_error = describe(exc)
             return
         if not self._connected:
             log.info("decision cache: broker %s reachable again", self._settings.kafka_bootstrap)

@@ -51,8 +51,7 @@ class KeyIdDeriver:
     def __init__(self, secret: bytes) -> None:
         if not secret:
             raise MissingSecretError(
-                "node secret is empty: set METER_NODE_SECRET (the same value on every node) "
-                "so key ids are keyed hashes"
+                "node secret is empty: set METER_NODE_SECRET (the same value on every node) so key ids are keyed hashes"
             )
         self._mac = hmac.new(secret, digestmod=hashlib.sha256)
 

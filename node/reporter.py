@@ -22,6 +22,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.codec import has_lz4
 
+from node.errors import describe
 from schemas.events import RequestEvent, dump_event
 from worker.settings import Settings
 
@@ -66,7 +67,7 @@ class UsageReporter:
         max_buffer: int = 100_000,
         max_batch: int = 2_000,
         linger_ms: int = 5,
-        compression: str | None | bool = True,
+        compression: str | bool | None = True,
         request_timeout_ms: int = 10_000,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
@@ -138,15 +139,15 @@ class UsageReporter:
         self._stop_requested.clear()
         self._task = asyncio.create_task(self._run(), name="usage-reporter")
 
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Flush what is buffered (up to ``timeout`` seconds), then close the producer."""
+    async def stop(self, flush_timeout_s: float = 5.0) -> None:
+        """Flush what is buffered (up to ``flush_timeout_s`` seconds), then close the producer."""
         if self._task is None:
             return
         self._stopping = True
         self._stop_requested.set()
         self._wakeup.set()
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            await asyncio.wait_for(asyncio.shield(self._task), flush_timeout_s)
         except TimeoutError:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -192,7 +193,7 @@ class UsageReporter:
                 backoff = self._backoff_initial_s
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any Kafka failure: keep buffering, retry
+            except Exception as exc:  # any Kafka failure: keep buffering, retry
                 self._on_failure(exc, backoff)
                 if self._stopping:
                     return  # stop() should not wait out retries against a dead broker
@@ -242,7 +243,7 @@ class UsageReporter:
                 try:
                     value = dump_event(event)
                     key = event["key_id"].encode()
-                except Exception as exc:  # noqa: BLE001 - a bad event must not stall the rest
+                except Exception as exc:  # a bad event must not stall the rest
                     self._invalid += 1
                     log.error("usage reporter: unserialisable event dropped: %s", exc)
                     continue
@@ -288,7 +289,7 @@ class UsageReporter:
         self._buffer.extendleft(reversed(events))
 
     def _on_failure(self, exc: Exception, backoff: float) -> None:
-        message = f"{type(exc).__name__}: {exc}"
+        message = describe(exc)
         if self._connected or message != self._last_error:
             log.warning(
                 "usage reporter: kafka %s unreachable (%s); %d events buffered, retry in %.1fs",

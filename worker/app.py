@@ -52,6 +52,8 @@ class WorkerRuntime:
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             max_poll_interval_ms=600_000,
+            session_timeout_ms=settings.consumer_session_timeout_ms,
+            heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
         )
         self.subscriber(self._on_batch)
         self.app = FastStream(self.broker, lifespan=self._lifespan, logger=log)
@@ -85,6 +87,16 @@ class WorkerRuntime:
             self._store = RollupStore(client, self.settings.clickhouse_database)
         pipeline = IngestPipeline(self.settings, self.store, self._dead_letter)
         self.consumer = IngestConsumer(self.settings.events_topic, pipeline, self.store, self.kafka_consumer)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[WorkerRuntime]:
+        """Run the worker inside the caller's event loop (tests, benchmarks, embedding)."""
+        async with self._lifespan():
+            await self.broker.start()
+            try:
+                yield self
+            finally:
+                await self.broker.stop()
 
     @asynccontextmanager
     async def _lifespan(self) -> AsyncIterator[None]:

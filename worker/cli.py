@@ -92,6 +92,13 @@ def print_points(points: Sequence[UsagePoint], fmt: str) -> None:
     print(f"{'total':25} {sum(p.requests for p in points):>10} {sum(p.errors for p in points):>8}")
 
 
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.demo import run_pipeline_demo
+
+    asyncio.run(run_pipeline_demo(settings, args.events, args.keys))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meter",
@@ -118,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--sparse", action="store_true", help="omit empty buckets instead of printing zeros")
     p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("demo", help="local demo: run a worker, simulate API traffic, print usage read back")
+    p.add_argument("--events", type=int, default=5_000, help="how many request events to simulate")
+    p.add_argument("--keys", type=int, default=20, help="over how many API keys")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     decisions_topic: str = "usage.decisions"
     dlq_topic: str = "usage.events.dlq"
     consumer_group: str = "usage-meter"
+    # How long a dead worker (kill -9) keeps its partitions before the group reassigns them.
+    consumer_session_timeout_ms: int = Field(default=10_000, ge=6_000)
+    consumer_heartbeat_interval_ms: int = Field(default=2_000, ge=100)
     events_partitions: int = Field(default=6, ge=1)
     decisions_partitions: int = Field(default=3, ge=1)
 

@@ -40,6 +40,10 @@ class RollupStore:
         self._table = f"{quote_identifier(database)}.usage_rollup"
 
     @property
+    def client(self) -> Client:
+        return self._client
+
+    @property
     def table(self) -> str:
         return self._table
 

@@ -1,0 +1,105 @@
+"""Shared helpers of the benchmarks: machine description, versions, results-file sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results.md"
+
+
+def machine() -> dict[str, str]:
+    """nproc, CPU model and RAM of this machine (Linux /proc; best effort elsewhere)."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = "unknown"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": str(os.cpu_count() or "?"),
+        "usable cpus": str(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else "?",
+        "cpu": cpu,
+        "ram": ram,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
+
+
+def versions(*packages: str) -> dict[str, str]:
+    out = {}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS (VmHWM) since start or since ``reset_peak_rss``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False if not permitted."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def replace_block(name: str, section: str, body: str, path: Path = RESULTS) -> None:
+    """Write ``body`` between the markers of block ``name`` under ``## section`` in the results file.
+
+    Only that block is replaced; the rest of the file (other sections, notes written by
+    hand around the block) is kept. The section and the markers are created if missing.
+    """
+    begin, end = f"<!-- bench:{name}:begin (machine-written; re-runs replace it) -->", f"<!-- bench:{name}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(begin.split(" (")[0]) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        heading = f"## {section}"
+        lines = text.rstrip("\n").split("\n")
+        if heading in lines:
+            # insert right after the heading's paragraph of text, i.e. at the end of the section
+            i = lines.index(heading) + 1
+            while i < len(lines) and not lines[i].startswith("## "):
+                i += 1
+            lines[i:i] = ["", block, ""]
+            text = "\n".join(lines)
+        else:
+            text = text.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
+    path.write_text(text.rstrip("\n") + "\n")

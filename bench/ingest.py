@@ -1,0 +1,579 @@
+"""Ingest benchmark: a bare aiokafka consumer vs the metering worker on the same pre-loaded topic.
+
+    .venv/bin/python -m bench.ingest [--events 1000000] [--keys 100000] [--profile cprofile]
+
+Steps, all in one process and one run:
+
+1. create a fresh, uniquely named events topic (6 partitions) and pre-load N realistic
+   request events over K keys (Zipf-like key popularity, 1-2 endpoints per key, ~95% 2xx,
+   3 nodes, event times within the last 10 minutes, one client IP per key);
+2. drain it with a bare ``AIOKafkaConsumer`` (own group, ``getmany``, touching only
+   ``msg.value``) and time partition assignment → last record in hand;
+3. drain it with the worker (``WorkerRuntime`` in-process, chDB in a fresh temp dir) and
+   time partition assignment (after the stored-offset lookup and seeks) → the end of the
+   batch that brings the consumed count to N (written to ClickHouse, offsets committed).
+   Both clocks start when consumption can start, so the first fetch is inside both; the
+   group join before it (identical for both) is outside;
+4. check that ClickHouse's minute/hour/day ``sum(requests)`` equal the events counted
+   (N minus dead-lettered) and that the stored offsets cover every partition's last record;
+5. print events/s of both and the ratio, and write them with the machine, date and versions
+   to ``bench/results.md`` (section "## Ingest", machine-written block) unless ``--no-write``.
+
+``--profile cprofile|pyinstrument`` profiles the worker phase (the event-loop thread; the
+ClickHouse calls run in worker threads and appear as time waited on them). A profiled run's
+figures are not written to the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import cProfile
+import logging
+import pstats
+import random
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import murmur2
+
+from bench.common import BENCH_DIR, machine, now_utc, peak_rss_bytes, replace_block, reset_peak_rss, rss_bytes, versions
+from schemas.events import dump_event, parse_event
+from worker.app import WorkerRuntime
+from worker.ingest.validate import KafkaRecord
+from worker.settings import Settings
+from worker.simulate import key_ids
+from worker.store.client import connect
+from worker.store.migrations import migrate
+from worker.store.rollup import RollupStore
+from worker.topics import ensure_topics
+
+log = logging.getLogger("bench.ingest")
+
+FETCH = {"max_partition_fetch_bytes": 8 * 1024 * 1024, "fetch_max_bytes": 64 * 1024 * 1024}  # as the worker
+
+# Realistic traffic shape -------------------------------------------------------------------
+
+ENDPOINTS = (
+    ("/v0/payments", "POST"),
+    ("/v0/payments/{id}", "GET"),
+    ("/v0/rates", "GET"),
+    ("/v0/wallets", "GET"),
+    ("/v0/wallets/{id}/transfers", "POST"),
+    ("/v0/invoices", "POST"),
+    ("/v0/invoices/{id}", "GET"),
+    ("/v0/webhooks", "POST"),
+)
+# ~95% 2xx; the rest client errors (incl. 429) and a few server errors
+STATUSES = (200,) * 88 + (201,) * 5 + (204,) * 2 + (400, 401, 403, 404) + (429,) + (500,) * 2 + (502, 503)
+NODES = ("node-1", "node-2", "node-3")
+SPREAD_SECONDS = 600
+
+
+@dataclass
+class Preload:
+    partitions: dict[int, list[tuple[bytes, bytes]]]  # partition -> [(key, value)]
+    events: int
+    bytes: int
+    active_keys: int
+    seconds: float
+
+    @property
+    def mean_size(self) -> float:
+        return self.bytes / self.events if self.events else 0.0
+
+
+def generate(n: int, n_keys: int, partitions: int, seed: int, now: float) -> Preload:
+    """Wire bytes of ``n`` events, identical to ``schemas.events.dump_event`` of the same event."""
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    keys = key_ids(n_keys)
+    key_bytes = [k.encode() for k in keys]
+    key_part = [(murmur2(k) & 0x7FFFFFFF) % partitions for k in key_bytes]  # aiokafka's default partitioner
+    # per key: a primary and a secondary endpoint, an account, one client IP
+    primary = [rng.randrange(len(ENDPOINTS)) for _ in range(n_keys)]
+    secondary = [rng.randrange(len(ENDPOINTS)) for _ in range(n_keys)]
+    accounts = [f"acct-{rng.randrange(max(1, n_keys // 4)):06d}" for _ in range(n_keys)]
+    ips = [f"{10 + i % 200}.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255 or 1}" for i in range(n_keys)]
+    # per key, the JSON fragments that never change
+    head = [f'"key_id":"{k}"' for k in keys]
+    tail_account = [f'"account_id":"{a}"' for a in accounts]
+    tail_ip = [f'"client_ip":"{ip}"' for ip in ips]
+    # Zipf-like popularity (s = 1): the top key sends ~8% of the traffic, the tail one event or none
+    cum: list[float] = []
+    total = 0.0
+    for i in range(n_keys):
+        total += 1.0 / (i + 1)
+        cum.append(total)
+    # a random permutation so that heavy keys are spread over partitions
+    order = list(range(n_keys))
+    rng.shuffle(order)
+    base = int(now) - SPREAD_SECONDS
+    seconds = [datetime.fromtimestamp(base + s, UTC).strftime("%Y-%m-%dT%H:%M:%S") for s in range(SPREAD_SECONDS)]
+    out: dict[int, list[tuple[bytes, bytes]]] = {p: [] for p in range(partitions)}
+    nbytes = 0
+    seen_keys: set[int] = set()
+    rand, randrange, expo, getbits = rng.random, rng.randrange, rng.expovariate, rng.getrandbits
+    n_endpoints = len(ENDPOINTS)
+    for _ in range(n):
+        i = order[bisect.bisect_left(cum, rand() * total)]
+        seen_keys.add(i)
+        r = rand()
+        e = primary[i] if r < 0.8 else secondary[i] if r < 0.97 else randrange(n_endpoints)
+        endpoint, method = ENDPOINTS[e]
+        value = (
+            f'{{"v":1,"request_id":"{getbits(128):032x}",{head[i]},"node_id":"{NODES[randrange(3)]}",'
+            f'"method":"{method}","endpoint":"{endpoint}","status":{STATUSES[randrange(100)]},'
+            f'"ts":"{seconds[randrange(SPREAD_SECONDS)]}.{randrange(1_000_000):06d}Z",{tail_account[i]},'
+            f'"latency_ms":{round(expo(0.025), 2)!r},{tail_ip[i]},"bytes_out":{randrange(200, 4000)}}}'
+        ).encode()
+        nbytes += len(value)
+        out[key_part[i]].append((key_bytes[i], value))
+    return Preload(out, n, nbytes, len(seen_keys), time.perf_counter() - started)
+
+
+def check_wire_format(preload: Preload, sample: int = 2000) -> None:
+    """The generated bytes must be exactly what a node's ``dump_event`` would publish."""
+    rng = random.Random(1)
+    for part, records in preload.partitions.items():
+        for key, value in rng.sample(records, min(sample // len(preload.partitions), len(records))):
+            event = parse_event(value)
+            if dump_event(event) != value or event["key_id"].encode() != key:
+                raise SystemExit(f"generated event differs from dump_event (partition {part}): {value!r}")
+
+
+async def produce(bootstrap: str, topic: str, preload: Preload) -> float:
+    """Pre-load the topic: pre-built record batches of ~900 KB, many in flight, acks=1, no compression."""
+    started = time.perf_counter()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks=1,
+        linger_ms=0,
+        max_batch_size=900_000,
+        max_request_size=1_000_000,
+        compression_type=None,
+        request_timeout_ms=60_000,
+    )
+    await producer.start()
+    try:
+        in_flight: list[asyncio.Future[Any]] = []
+        for part, records in preload.partitions.items():
+            batch = producer.create_batch()
+            for key, value in records:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    batch.close()
+                    in_flight.append(await producer.send_batch(batch, topic, partition=part))
+                    batch = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+                if len(in_flight) >= 64:
+                    await asyncio.gather(*in_flight)
+                    in_flight.clear()
+            batch.close()
+            in_flight.append(await producer.send_batch(batch, topic, partition=part))
+        await asyncio.gather(*in_flight)
+    finally:
+        await producer.stop()
+    return time.perf_counter() - started
+
+
+# Phase (i): bare consumer --------------------------------------------------------------------
+
+
+@dataclass
+class Drain:
+    records: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+
+class _MarkAssigned(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if assigned and self.at is None:
+            self.at = time.perf_counter()
+
+
+async def drain_bare(bootstrap: str, topic: str, n: int, group: str, stall_seconds: float = 60.0) -> Drain:
+    """Time from partition assignment (consumption can start) to the last record in hand."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        **FETCH,
+    )
+    assigned = _MarkAssigned()
+    consumer.subscribe([topic], listener=assigned)
+    await consumer.start()
+    count = touched = 0
+    first: float | None = None
+    last_progress = time.monotonic()
+    try:
+        while count < n:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=100_000)
+            if not batches:
+                if time.monotonic() - last_progress > stall_seconds:
+                    raise SystemExit(f"bare consumer stalled at {count}/{n} records")
+                continue
+            if first is None:
+                first = time.perf_counter()
+            last_progress = time.monotonic()
+            for msgs in batches.values():
+                for msg in msgs:
+                    touched += len(msg.value)
+                count += len(msgs)
+        done = time.perf_counter()
+    finally:
+        await consumer.stop()
+    assert assigned.at is not None
+    assert first is not None
+    return Drain(count, done - assigned.at, {"bytes": touched, "first_batch_after": first - assigned.at})
+
+
+# Phase (ii): the worker ----------------------------------------------------------------------
+
+
+class TimedStore(RollupStore):
+    """The real store, timing its two ingest calls (they run in worker threads)."""
+
+    def __init__(self, client: Any, database: str) -> None:
+        super().__init__(client, database)
+        self.write_seconds = 0.0
+        self.writes = 0
+        self.seen_seconds = 0.0
+
+    def write(self, rows: pa.Table, token: str) -> None:
+        started = time.perf_counter()
+        super().write(rows, token)
+        self.write_seconds += time.perf_counter() - started
+        self.writes += 1
+
+    def seen_hashes(self, minutes_by_partition: Mapping[int, Iterable[int]], hashes: list[int]) -> set[int]:
+        started = time.perf_counter()
+        try:
+            return super().seen_hashes(minutes_by_partition, hashes)
+        finally:
+            self.seen_seconds += time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def profiling(kind: str, out: Path) -> Any:
+    if kind == "none":
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "cprofile":
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            yield
+        finally:
+            prof.disable()
+            prof.dump_stats(str(out.with_suffix(".prof")))
+            stats = pstats.Stats(prof, stream=sys.stdout).strip_dirs()
+            print("\n--- cProfile, worker phase, by own time ---")
+            stats.sort_stats("tottime").print_stats(30)
+            print("--- by cumulative time ---")
+            stats.sort_stats("cumulative").print_stats(40)
+            print(f"profile saved to {out.with_suffix('.prof')}")
+    else:
+        from pyinstrument import Profiler  # optional: pip install pyinstrument (not a project dependency)
+
+        profiler = Profiler(interval=0.001, async_mode="disabled")
+        profiler.start()
+        try:
+            yield
+        finally:
+            profiler.stop()
+            out.with_suffix(".html").write_text(profiler.output_html())
+            print(profiler.output_text(unicode=True, color=False, show_all=False))
+            print(f"profile saved to {out.with_suffix('.html')}")
+
+
+async def drain_worker(settings: Settings, n: int, profile: str, stall_seconds: float = 120.0) -> Drain:
+    client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
+    migrate(client, settings)
+    store = TimedStore(client, settings.clickhouse_database)
+    runtime = WorkerRuntime(settings, store=store)
+
+    rss_before = rss_bytes()
+    peak_reset = reset_peak_rss()
+    assigned_at: float | None = None  # partitions assigned, stored offsets read, seeks done
+    first: float | None = None
+    done_at: float | None = None
+    finished = asyncio.Event()
+    handle_seconds = 0.0
+
+    async def on_batch(_: Any) -> None:
+        nonlocal done_at
+        assert runtime.consumer is not None
+        if runtime.consumer.stats.consumed >= n and done_at is None:
+            done_at = time.perf_counter()
+            finished.set()
+
+    async def on_assigned(_: set[int]) -> None:
+        nonlocal assigned_at
+        if assigned_at is None:
+            assigned_at = time.perf_counter()
+
+    def instrument() -> None:
+        consumer = runtime.consumer
+        assert consumer is not None
+        consumer.on_batch.append(on_batch)
+        consumer.on_assigned.append(on_assigned)
+        inner = consumer.handle
+
+        async def handle(records: Sequence[KafkaRecord]) -> Any:
+            nonlocal first, handle_seconds
+            started = time.perf_counter()
+            if first is None:
+                first = started
+            try:
+                return await inner(records)
+            finally:
+                handle_seconds += time.perf_counter() - started
+
+        consumer.handle = handle  # type: ignore[method-assign]
+
+    # The consumer object is built in the lifespan; hook it before the first batch arrives.
+    opened = runtime.open
+
+    def open_and_instrument() -> None:
+        opened()
+        instrument()
+
+    runtime.open = open_and_instrument  # type: ignore[method-assign]
+
+    with profiling(profile, BENCH_DIR / ".profiles" / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}"):
+        task = asyncio.create_task(runtime.app.run(log_level=logging.DEBUG))
+        last, last_progress = -1, time.monotonic()
+        while not finished.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), 1.0)
+            if task.done():
+                task.result()
+                raise SystemExit("worker stopped before draining the topic")
+            consumed = runtime.consumer.stats.consumed if runtime.consumer else 0
+            if consumed != last:
+                last, last_progress = consumed, time.monotonic()
+            elif time.monotonic() - last_progress > stall_seconds:
+                raise SystemExit(f"worker stalled at {consumed}/{n} records")
+    rss_after, peak = rss_bytes(), peak_rss_bytes()
+    runtime.app.exit()
+    await asyncio.wait_for(task, 60)
+    assert assigned_at is not None
+    assert first is not None
+    assert done_at is not None
+    assert runtime.consumer is not None
+    stats = runtime.consumer.stats
+    return Drain(
+        stats.consumed,
+        done_at - assigned_at,
+        {
+            "first_batch_after": first - assigned_at,
+            "stats": stats,
+            "store": store,
+            "handle_seconds": handle_seconds,
+            "rss_before": rss_before,
+            "rss_delta": rss_after - rss_before,
+            "peak_delta": (peak - rss_before) if peak_reset else None,
+            "batch_max_records": settings.batch_max_records,
+        },
+    )
+
+
+def verify(store: RollupStore, topic: str, counted: int, last_offsets: Mapping[int, int]) -> dict[str, int]:
+    """ClickHouse must hold exactly the counted events at every level, and every partition's last offset."""
+    client = store._client
+    sums = {
+        str(level): int(total)
+        for level, total in client.query(
+            f"SELECT toString(level), sum(requests) FROM {store.table} "
+            "WHERE level IN ('minute', 'hour', 'day') GROUP BY level"
+        ).result_rows
+    }
+    problems = [f"{lv}: sum(requests) = {sums.get(lv, 0)} != {counted}" for lv in ("minute", "hour", "day")]
+    problems = [p for p, lv in zip(problems, ("minute", "hour", "day"), strict=True) if sums.get(lv, 0) != counted]
+    stored = store.stored_offsets(topic, last_offsets)
+    if stored != dict(last_offsets):
+        problems.append(f"stored offsets {stored} != last offsets {dict(last_offsets)}")
+    if problems:
+        raise SystemExit("VERIFICATION FAILED: " + "; ".join(problems))
+    return sums
+
+
+# Orchestration -------------------------------------------------------------------------------
+
+
+async def delete_topics(bootstrap: str, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(names)
+    except Exception as exc:  # best effort cleanup
+        log.warning("could not delete bench topics %s: %s", names, exc)
+    finally:
+        await admin.close()
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def report_block(args: argparse.Namespace, pre: Preload, bare: Drain, worker: Drain, produced_s: float) -> str:
+    stats, store = worker.extra["stats"], worker.extra["store"]
+    ratio = worker.rate / bare.rate
+    m = machine()
+    v = versions("aiokafka", "faststream", "chdb", "chdb-core", "clickhouse-connect", "pyarrow", "pydantic", "orjson")
+    mib = 1024 * 1024
+    peak = worker.extra["peak_delta"]
+    target = "met" if ratio >= 0.5 and worker.rate >= 150_000 else "NOT met"
+    lines = [
+        f"Run {now_utc()} — `python -m bench.ingest --events {args.events} --keys {args.keys}`"
+        + (f" --batch-max-records {args.batch_max_records}" if args.batch_max_records else ""),
+        "",
+        "| | events | seconds | events/s |",
+        "| --- | ---: | ---: | ---: |",
+        f"| bare aiokafka consumer (getmany, touch value) | {bare.records:,} | {bare.seconds:.2f} "
+        f"| {fmt_rate(bare.rate)} |",
+        f"| worker → ClickHouse (chDB) | {worker.records:,} | {worker.seconds:.2f} | {fmt_rate(worker.rate)} |",
+        "",
+        f"**Ratio worker / bare: {ratio:.2f}** (target ≥ 0.50); worker {fmt_rate(worker.rate)} events/s "
+        f"(target ≥ 150,000): targets **{target}**.",
+        "",
+        f"- Topic: {pre.events:,} events, {args.partitions} partitions, "
+        f"{args.keys:,} keys ({pre.active_keys:,} active, Zipf s=1), mean value {pre.mean_size:.0f} bytes; "
+        f"generated in {pre.seconds:.1f}s, produced in {produced_s:.1f}s.",
+        f"- Worker: {stats.batches} batches (batch_max_records {worker.extra['batch_max_records']}), "
+        f"{stats.counted:,} counted, {stats.duplicates} duplicates, {sum(stats.rejected.values())} dead-lettered; "
+        f"ClickHouse minute/hour/day sum(requests) = {stats.counted:,} each (verified).",
+        f"- Worker time split (event-loop thread is one of them): batch handling {worker.extra['handle_seconds']:.2f}s "
+        f"of {worker.seconds:.2f}s, of which waiting on ClickHouse: insert {store.write_seconds:.2f}s "
+        f"({store.writes} inserts), dedup lookup {store.seen_seconds:.2f}s.",
+        "- Worker memory (process RSS incl. chDB engine and fetch buffers): "
+        f"before {worker.extra['rss_before'] / mib:.0f} MiB, "
+        f"delta after drain {worker.extra['rss_delta'] / mib:+.0f} MiB"
+        + (f", peak delta {peak / mib:+.0f} MiB" if peak is not None else "")
+        + ".",
+        f"- Machine: {m['nproc']} CPUs ({m['usable cpus']} usable), {m['cpu']}, {m['ram']} RAM, {m['os']}, "
+        f"Python {m['python']}; Kafka broker on the same machine (127.0.0.1).",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+    ]
+    return "\n".join(lines)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    base = Settings()
+    bootstrap = args.bootstrap or base.kafka_bootstrap
+    run = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-chdb-"))
+    overrides: dict[str, Any] = {
+        "kafka_bootstrap": bootstrap,
+        "events_topic": f"bench.events.{run}",
+        "decisions_topic": f"bench.decisions.{run}",
+        "dlq_topic": f"bench.dlq.{run}",
+        "consumer_group": f"bench-worker-{run}",
+        "events_partitions": args.partitions,
+        "clickhouse_dsn": f"chdb://{tmp}",
+        "clickhouse_database": "bench",
+    }
+    if args.batch_max_records:
+        overrides["batch_max_records"] = args.batch_max_records
+    settings = base.model_copy(update=overrides)
+    topics = [settings.events_topic, settings.decisions_topic, settings.dlq_topic]
+    try:
+        await ensure_topics(settings)
+        print(f"generating {args.events:,} events over {args.keys:,} keys ...", flush=True)
+        pre = generate(args.events, args.keys, args.partitions, args.seed, time.time())
+        check_wire_format(pre)
+        print(
+            f"  {pre.seconds:.1f}s, mean {pre.mean_size:.0f} bytes, {pre.active_keys:,} active keys; producing ...",
+            flush=True,
+        )
+        produced_s = await produce(bootstrap, settings.events_topic, pre)
+        print(f"  produced in {produced_s:.1f}s ({args.events / produced_s:,.0f}/s)", flush=True)
+        last_offsets = {p: len(r) - 1 for p, r in pre.partitions.items() if r}
+        pre.partitions.clear()  # the worker's memory is measured next: drop the pre-built values
+
+        bare = await drain_bare(bootstrap, settings.events_topic, args.events, f"bench-bare-{run}")
+        print(f"bare aiokafka consumer: {bare.records:,} in {bare.seconds:.2f}s = {fmt_rate(bare.rate)} events/s")
+
+        worker = await drain_worker(settings, args.events, args.profile)
+        stats = worker.extra["stats"]
+        dlq = sum(stats.rejected.values())
+        if stats.counted != args.events - dlq - stats.duplicates:
+            raise SystemExit(f"worker counted {stats.counted} of {args.events} ({dlq} DLQ, {stats.duplicates} dup)")
+        if dlq or stats.duplicates:
+            raise SystemExit(f"unexpected: {dlq} dead-lettered {stats.rejected}, {stats.duplicates} duplicates")
+        verify(worker.extra["store"], settings.events_topic, stats.counted, last_offsets)
+        ratio = worker.rate / bare.rate
+        store = worker.extra["store"]
+        print(
+            f"worker -> clickhouse:   {worker.records:,} in {worker.seconds:.2f}s = {fmt_rate(worker.rate)} events/s "
+            f"({stats.batches} batches; handling {worker.extra['handle_seconds']:.2f}s, "
+            f"insert {store.write_seconds:.2f}s, dedup lookup {store.seen_seconds:.2f}s)"
+        )
+        print(
+            f"ratio worker/bare: {ratio:.2f}   (targets: ratio >= 0.5 and >= 150,000 events/s)   "
+            f"worker RSS delta {worker.extra['rss_delta'] / 2**20:+.0f} MiB"
+            + (f", peak {peak / 2**20:+.0f} MiB" if (peak := worker.extra["peak_delta"]) is not None else "")
+        )
+        print("verified: ClickHouse minute/hour/day sum(requests) == events counted; stored offsets == last offsets")
+        if args.profile != "none" or args.no_write:
+            print("(results file not written: profiled or --no-write run)")
+        else:
+            replace_block("ingest", "Ingest", report_block(args, pre, bare, worker, produced_s))
+            print(f"results written to {BENCH_DIR / 'results.md'} (## Ingest)")
+        return 0
+    finally:
+        if not args.keep_topic:
+            await delete_topics(bootstrap, topics)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n")[0])
+    p.add_argument("--events", type=int, default=1_000_000, help="events to pre-load (default 1,000,000)")
+    p.add_argument("--keys", type=int, default=100_000, help="distinct API keys (default 100,000)")
+    p.add_argument("--partitions", type=int, default=6, help="partitions of the bench topic (default 6)")
+    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap (default: METER_KAFKA_BOOTSTRAP / settings)")
+    p.add_argument("--batch-max-records", type=int, default=None, help="override the worker's batch_max_records")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--profile", choices=("none", "cprofile", "pyinstrument"), default="none")
+    p.add_argument("--no-write", action="store_true", help="do not write bench/results.md")
+    p.add_argument("--keep-topic", action="store_true", help="keep the bench topics afterwards")
+    p.add_argument("-v", "--verbose", action="store_true", help="worker logs at INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s %(message)s")
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

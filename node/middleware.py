@@ -1,0 +1,327 @@
+"""ASGI middleware that authenticates, enforces and reports every request of an API node.
+
+Pure ASGI (no BaseHTTPMiddleware), so it works under Starlette, FastAPI or any ASGI server
+and adds one short pass per request: header lookup, one HMAC, two dict lookups. The order of
+checks is 401 (missing / invalid key) -> 403 (permission) -> 429 (blocked) -> 503 (meter not
+available and fail-closed). Every request, allowed or not, is reported as one event; the raw
+key never reaches an event, a log line, a response or the wrapped app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from starlette.routing import BaseRoute, Match
+
+from node.decision_cache import Block
+from node.keys import KeyIdDeriver, KeyRecord, KeyStore, is_well_formed
+from schemas.decisions import Window
+from schemas.events import RequestEvent, make_event
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+RouteResolver = Callable[[Scope], str | None]
+
+ANONYMOUS_KEY_ID = "anonymous"
+_KEY_HEADER = b"x-api-key"
+_WINDOW_SECONDS = {Window.minute: 60, Window.hour: 3_600, Window.day: 86_400}
+_MAX_ENDPOINT = 256
+
+
+class UsageSink(Protocol):
+    """Where events go (``UsageReporter`` or a test fake); must not block or raise."""
+
+    def report(self, event: RequestEvent) -> None: ...
+
+
+class BlockChecker(Protocol):
+    """What the middleware needs of the decision cache."""
+
+    def check(self, key_id: str) -> Block | None: ...
+
+    @property
+    def available(self) -> bool: ...
+
+    def now(self) -> datetime: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RouteScope:
+    """Requests under ``prefix`` (and of ``methods``, if given) need ``scope`` on the key."""
+
+    prefix: str
+    scope: str
+    methods: frozenset[str] | None = None
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        base = self.prefix.rstrip("/")
+        return path == base or path.startswith(base + "/") or (base == "" and path.startswith("/"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Denial:
+    status: int
+    error: str
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def starlette_route_resolver(routes: Sequence[BaseRoute]) -> RouteResolver:
+    """Templated path (``/v0/payments/{payment_id}``) of a request the app never saw (denied)."""
+
+    def resolve(scope: Scope) -> str | None:
+        for route in routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                path = getattr(route, "path", None)
+                return path if isinstance(path, str) else None
+        return None
+
+    return resolve
+
+
+class MeterMiddleware:
+    """``Middleware(MeterMiddleware, settings=..., keys=..., reporter=..., cache=...)``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        settings: Settings,
+        keys: KeyStore,
+        reporter: UsageSink,
+        cache: BlockChecker,
+        route_scopes: Sequence[RouteScope] = (),
+        fail_open: bool = True,
+        exempt_paths: Collection[str] = ("/health",),
+        route_resolver: RouteResolver | None = None,
+        now: Callable[[], datetime] | None = None,
+        open_block_retry_after_s: int = 60,
+        strip_key_header: bool = True,
+    ) -> None:
+        self.app = app
+        self._derive = KeyIdDeriver(settings.node_secret.get_secret_value().encode())
+        self._node_id = settings.node_id
+        self._keys = keys
+        self._reporter = reporter
+        self._cache = cache
+        self._route_scopes = tuple(route_scopes)
+        self._fail_open = fail_open
+        self._exempt = frozenset(exempt_paths)
+        self._resolve = route_resolver
+        # One clock for event time and Retry-After, by default the cache's, so that the
+        # seconds announced match the moment the cache stops enforcing.
+        self._now = now or cache.now
+        self._open_block_retry_after_s = open_block_retry_after_s
+        self._strip_key_header = strip_key_header
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Our own id, never the client's: the worker dedups on it, so a client must not be
+        # able to make its requests collide.
+        request_id = uuid.uuid4().hex
+        rid_header = (b"x-request-id", request_id.encode())
+        if scope["path"] in self._exempt:
+            await self.app(scope, receive, _adding_header(send, rid_header))
+            return
+
+        started = time.perf_counter()
+        ts = self._now()
+        method: str = scope.get("method", "GET")
+        path: str = scope["path"]
+        raw_key = _header(scope, _KEY_HEADER)
+
+        key_id = ANONYMOUS_KEY_ID
+        record: KeyRecord | None = None
+        denial: _Denial | None
+        if raw_key is None or not raw_key.strip():
+            denial = _Denial(401, "missing_api_key", "Missing API key: send it in the X-API-Key header.")
+        else:
+            key_id = self._derive(raw_key)
+            record, denial = self._authorize(raw_key, key_id, method, path, ts)
+        del raw_key  # nothing below needs it
+
+        status = 500
+        bytes_out = 0
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal status, bytes_out
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            elif message["type"] == "http.response.body":
+                bytes_out += len(message.get("body", b""))
+            await send(message)
+
+        inner = scope
+        try:
+            if denial is not None:
+                log.debug("request %s denied %d %s for key %s", request_id, denial.status, denial.error, key_id)
+                await _send_error(send_tracked, denial, request_id)
+            else:
+                inner = self._inner_scope(scope, request_id, key_id, record)
+                await self.app(inner, receive, send_tracked)
+        finally:
+            self._report(
+                request_id=request_id,
+                key_id=key_id,
+                account_id=record.account_id if record else None,
+                method=method,
+                endpoint=self._endpoint(inner, path),
+                status=status,
+                ts=ts,
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                client=scope.get("client"),
+                bytes_out=bytes_out,
+            )
+
+    def _authorize(
+        self, raw_key: str, key_id: str, method: str, path: str, now: datetime
+    ) -> tuple[KeyRecord | None, _Denial | None]:
+        invalid = _Denial(401, "invalid_api_key", "Invalid API key: it is unknown, malformed or revoked.")
+        if not is_well_formed(raw_key):
+            return None, invalid
+        record = self._keys.lookup(key_id)
+        if record is None or not record.active:
+            return None, invalid
+        required = self._required_scope(method, path)
+        if not record.allows(required):
+            return record, _Denial(
+                # The path is not echoed: callers sometimes paste secrets into URLs.
+                403,
+                "forbidden",
+                f"This API key lacks the '{required}' permission this route requires.",
+            )
+        block = self._cache.check(key_id)
+        if block is not None:
+            return record, self._rate_limited(block, now)
+        if not self._fail_open and not self._cache.available:
+            return record, _Denial(
+                503,
+                "meter_unavailable",
+                "Usage limits cannot be checked right now; retry shortly.",
+                ((b"retry-after", b"5"),),
+            )
+        return record, None
+
+    def _required_scope(self, method: str, path: str) -> str | None:
+        for rule in self._route_scopes:
+            if rule.matches(method, path):
+                return rule.scope
+        return None
+
+    def _rate_limited(self, block: Block, now: datetime) -> _Denial:
+        seconds = block.seconds_left(now) or self._open_block_retry_after_s
+        headers: list[tuple[bytes, bytes]] = [(b"retry-after", str(seconds).encode())]
+        if block.limit is not None:
+            headers.append((b"ratelimit-limit", str(block.limit).encode()))
+        headers += [(b"ratelimit-remaining", b"0"), (b"ratelimit-reset", str(seconds).encode())]
+        window_s = _WINDOW_SECONDS.get(block.window)
+        if block.limit is not None and window_s is not None:
+            headers.append((b"ratelimit-policy", f"{block.limit};w={window_s}".encode()))
+            message = (
+                f"Rate limit exceeded: {block.limit} requests per {block.window.value}. Retry after {seconds} seconds."
+            )
+        else:
+            reason = f": {block.reason}" if block.reason else ""
+            message = f"API key blocked by an operator{reason}. Retry after {seconds} seconds."
+        return _Denial(429, "rate_limited", message, tuple(headers))
+
+    def _inner_scope(self, scope: Scope, request_id: str, key_id: str, record: KeyRecord | None) -> Scope:
+        """The scope the app sees: the key header removed (nothing downstream can log it) and the
+        request id / key id / account in ``request.state``."""
+        inner = dict(scope)
+        if self._strip_key_header:
+            inner["headers"] = [(k, v) for k, v in scope.get("headers", ()) if k != _KEY_HEADER]
+        state = dict(scope.get("state") or {})
+        state.update(request_id=request_id, key_id=key_id, account_id=record.account_id if record else None)
+        inner["state"] = state
+        return inner
+
+    def _endpoint(self, scope: Scope, path: str) -> str:
+        route = scope.get("route")
+        template = getattr(route, "path", None) if route is not None else None
+        if not isinstance(template, str) and self._resolve is not None:
+            template = self._resolve(scope)
+        endpoint = template if isinstance(template, str) and template else path
+        if not endpoint.startswith("/"):
+            endpoint = "/" + endpoint
+        return endpoint[:_MAX_ENDPOINT]
+
+    def _report(
+        self,
+        *,
+        request_id: str,
+        key_id: str,
+        account_id: str | None,
+        method: str,
+        endpoint: str,
+        status: int,
+        ts: datetime,
+        latency_ms: float,
+        client: Any,
+        bytes_out: int,
+    ) -> None:
+        client_ip = client[0] if isinstance(client, (tuple, list)) and client else None
+        try:
+            event = make_event(
+                request_id=request_id,
+                key_id=key_id,
+                node_id=self._node_id,
+                method=method[:16] or "GET",
+                endpoint=endpoint,
+                status=status,
+                ts=ts,
+                account_id=account_id,
+                latency_ms=latency_ms,
+                client_ip=client_ip if isinstance(client_ip, str) and len(client_ip) <= 45 else None,
+                bytes_out=bytes_out,
+            )
+            self._reporter.report(event)
+        except Exception:  # reporting must never fail a request
+            log.exception("request %s: usage event not reported", request_id)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _adding_header(send: Send, header: tuple[bytes, bytes]) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), header]
+        await send(message)
+
+    return wrapped
+
+
+async def _send_error(send: Send, denial: _Denial, request_id: str) -> None:
+    body = json.dumps({"error": denial.error, "message": denial.message, "request_id": request_id}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        *denial.headers,
+    ]
+    await send({"type": "http.response.start", "status": denial.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

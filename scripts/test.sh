@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up, start the services the tests need (a local KRaft Kafka broker; ClickHouse is
+# embedded chDB), run the whole test suite, and fail if it fails or runs no test.
+# Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow" -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+
+export KAFKA_PORT="${KAFKA_PORT:-19092}"
+started_here=0
+if [ -z "${METER_KAFKA_BOOTSTRAP:-}" ]; then
+  if ! infra/kafka/kafka.sh status >/dev/null 2>&1; then
+    infra/kafka/kafka.sh start
+    started_here=1
+  fi
+  export METER_KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+fi
+cleanup() { if [ "$started_here" = 1 ] && [ "${KEEP_KAFKA:-0}" != 1 ]; then infra/kafka/kafka.sh stop; fi; }
+trap cleanup EXIT
+
+echo "test: lint and types"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+
+echo "test: pytest against Kafka at $METER_KAFKA_BOOTSTRAP and embedded ClickHouse (chDB)"
+set +e
+.venv/bin/pytest -p no:cacheprovider -ra "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "test: pytest collected no tests; that is a failure" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,158 @@
+"""Exactly-once through kill -9 of the worker process and through consumer-group rebalances."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas.events import RequestEvent
+from tests.integration.helpers import BucketCounts, db_counts, expected_counts, group_caught_up, wait_for
+from worker.app import WorkerRuntime
+from worker.settings import Settings
+from worker.simulate import Traffic, generate, publish
+from worker.store.rollup import RollupStore
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.faults]
+
+READ_TOTALS = """
+import json, sys
+from worker.store.client import connect
+from tests.integration.helpers import db_counts
+client = connect(sys.argv[1], sys.argv[2])
+print(json.dumps([[*k, v] for k, v in db_counts(client, sys.argv[2]).items()]))
+"""
+
+
+def worker_env(settings: Settings, chdb_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
+    env.update(
+        METER_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+        METER_EVENTS_TOPIC=settings.events_topic,
+        METER_DECISIONS_TOPIC=settings.decisions_topic,
+        METER_DLQ_TOPIC=settings.dlq_topic,
+        METER_CONSUMER_GROUP=settings.consumer_group,
+        METER_CLICKHOUSE_DSN=f"chdb://{chdb_path}",
+        METER_CLICKHOUSE_DATABASE=settings.clickhouse_database,
+        METER_CONSUMER_SESSION_TIMEOUT_MS="6000",
+        METER_BATCH_MAX_RECORDS="2000",
+        METER_BATCH_TIMEOUT_MS="50",
+    )
+    return env
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "--log-level", "INFO", "worker"], env=env, stdout=log, stderr=log
+    )
+
+
+def totals_in(chdb_path: Path, database: str) -> BucketCounts:
+    """Read the worker's chDB directory from a separate process (chDB: one path per process)."""
+    out = subprocess.run(
+        [sys.executable, "-c", READ_TOTALS, f"chdb://{chdb_path}", database],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout
+    return Counter({(lv, k, int(b)): int(n) for lv, k, b, n in json.loads(out)})
+
+
+def load(n: int, seed: int) -> list[RequestEvent]:
+    return list(generate(n, Traffic(keys=40, spread=timedelta(hours=3), seed=seed)))
+
+
+async def publish_slowly(settings: Settings, events: list[RequestEvent], chunks: int, pause: float) -> None:
+    size = len(events) // chunks + 1
+    for i in range(0, len(events), size):
+        await publish(settings.kafka_bootstrap, settings.events_topic, events[i : i + size])
+        await asyncio.sleep(pause)
+
+
+@pytest.mark.slow
+async def test_kill_9_at_random_moments_then_restart_counts_exactly(topics: Settings, tmp_path: Path) -> None:
+    settings = topics
+    chdb_path = tmp_path / "worker-chdb"
+    env = worker_env(settings, chdb_path)
+    rng = random.Random(int.from_bytes(os.urandom(4)))
+    events = load(40_000, seed=11)
+    # Node retries: a tenth of the events published a second time, later in the stream.
+    stream = events + rng.sample(events, 4_000)
+    producer = asyncio.create_task(publish_slowly(settings, stream, chunks=40, pause=0.8))
+
+    kills = 0
+    logs = []
+    while kills < 5:
+        log_path = tmp_path / f"worker-{kills}.log"
+        logs.append(log_path)
+        proc = start_worker(env, log_path)
+        # Kill only once it consumes: after a kill -9 the group waits for the dead
+        # member's session to time out before the new worker gets the partitions.
+        await wait_for(lambda p=log_path: "resuming after stored offsets" in p.read_text(), 60, "assignment")
+        await asyncio.sleep(rng.uniform(0.1, 2.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        kills += 1
+    await producer
+
+    final_log = tmp_path / "worker-final.log"
+    final = start_worker(env, final_log)
+    try:
+        await wait_for(lambda: "resuming after stored offsets" in final_log.read_text(), 60, "assignment")
+        await wait_for(
+            lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),
+            timeout=120,
+            what="the restarted worker to write and commit every event",
+        )
+    finally:
+        final.send_signal(signal.SIGTERM)
+        final.wait(timeout=30)
+
+    resumed_from_stored = sum("resuming after stored offsets {0: 'none" not in p.read_text() for p in logs[1:])
+    assert resumed_from_stored >= 3, "later workers resume from offsets their killed predecessors stored"
+    assert totals_in(chdb_path, settings.clickhouse_database) == expected_counts(events)
+    assert "worker stopped:" in final_log.read_text()  # SIGTERM: graceful, with a summary line
+
+
+@pytest.mark.slow
+async def test_two_consumers_through_rebalances_no_loss_no_double_count(topics: Settings, clickhouse: Any) -> None:
+    base = topics
+    settings = base.model_copy(update={"batch_max_records": 500})
+    store = RollupStore(clickhouse, settings.clickhouse_database)
+    events = load(30_000, seed=12)
+    stream = events + events[:3_000]  # duplicates too
+    producer = asyncio.create_task(publish_slowly(settings, stream, chunks=30, pause=0.3))
+
+    first = WorkerRuntime(settings, store=store)
+    second = WorkerRuntime(settings, store=store)
+    async with first.running():
+        await wait_for(lambda: first.consumer is not None and first.consumer.stats.batches >= 3, 30, "first batches")
+        async with second.running():  # 1 -> 2 members: partitions split
+            await wait_for(
+                lambda: second.consumer is not None and second.consumer.stats.batches >= 3, 60, "second's batches"
+            )
+            assert first.consumer is not None
+            assert second.consumer is not None
+            assert first.consumer.owned
+            assert second.consumer.owned
+            assert not first.consumer.owned & second.consumer.owned
+        # 2 -> 1: the second left; the first takes every partition back.
+        await producer
+        await wait_for(
+            lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),
+            timeout=90,
+            what="every event written and committed",
+        )
+    assert db_counts(clickhouse, settings.clickhouse_database) == expected_counts(events)

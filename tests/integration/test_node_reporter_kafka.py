@@ -1,0 +1,120 @@
+"""Usage reporter against the real broker: every event arrives, as produced, keyed by key id."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from node.reporter import UsageReporter
+from schemas.events import RequestEvent, dump_event, make_event, parse_event
+from worker.settings import Settings
+
+pytestmark = pytest.mark.kafka
+
+
+def events(n: int, keys: int = 37) -> list[RequestEvent]:
+    t0 = datetime.now(UTC).replace(microsecond=0)
+    return [
+        make_event(
+            request_id=f"req-{i:06d}",
+            key_id=f"cfxkey_{i % keys:024x}",
+            node_id="node-it",
+            method="GET" if i % 4 else "POST",
+            endpoint="/v0/payments",
+            status=200 if i % 10 else 429,
+            ts=t0 + timedelta(milliseconds=i),
+            account_id=f"acct-{i % 5}",
+            latency_ms=1.25,
+            client_ip="198.51.100.4",
+            bytes_out=512,
+        )
+        for i in range(n)
+    ]
+
+
+async def read_all(settings: Settings, expected: int, within: float = 30.0) -> list[Any]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(settings.events_topic, p) for p in range(settings.events_partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + within
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+        # a little longer: anything beyond `expected` would be a duplicate
+        for batch in (await consumer.getmany(timeout_ms=500)).values():
+            records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def test_delivers_every_event_as_produced(topics: Settings) -> None:
+    produced = events(5_000)
+    reporter = UsageReporter(topics)
+    await reporter.start()
+    t0 = time.perf_counter()
+    for ev in produced:
+        reporter.report(ev)
+    assert time.perf_counter() - t0 < 1.0  # report() is only an append
+    records = await read_all(topics, len(produced))
+    await reporter.stop()
+
+    assert len(records) == len(produced)
+    assert sorted(r.value for r in records) == sorted(dump_event(e) for e in produced)
+    partitions_of_key: dict[bytes, set[int]] = defaultdict(set)
+    for r in records:
+        assert r.key == parse_event(r.value)["key_id"].encode()
+        partitions_of_key[r.key].add(r.partition)
+    assert all(len(p) == 1 for p in partitions_of_key.values())  # one key, one partition
+    assert len({p for ps in partitions_of_key.values() for p in ps}) > 1  # spread over partitions
+    state = reporter.state()
+    assert (state.sent, state.dropped, state.buffered, state.invalid) == (5_000, 0, 0, 0)
+
+
+async def test_buffers_through_an_outage_then_delivers(topics: Settings) -> None:
+    """The first producers cannot reach Kafka (as if it were down); events wait, then all arrive."""
+    attempts = 0
+
+    def flaky_factory(**config: Any) -> AIOKafkaProducer:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 3:
+            config = {**config, "bootstrap_servers": "127.0.0.1:1"}
+        return AIOKafkaProducer(**config)
+
+    produced = events(300)
+    reporter = UsageReporter(topics, producer_factory=flaky_factory, backoff_initial_s=0.05)
+    await reporter.start()
+    for ev in produced[:200]:
+        reporter.report(ev)
+    await asyncio.sleep(0.05)
+    assert not reporter.state().connected
+    assert reporter.state().buffered == 200
+    for ev in produced[200:]:
+        reporter.report(ev)
+    records = await read_all(topics, len(produced))
+    await reporter.stop()
+    assert attempts == 4
+    assert sorted(r.value for r in records) == sorted(dump_event(e) for e in produced)
+
+
+async def test_stop_flushes_pending(make_settings: Any, topics: Settings) -> None:
+    reporter = UsageReporter(topics)
+    await reporter.start()
+    produced = events(1_000)
+    for ev in produced:
+        reporter.report(ev)
+    await reporter.stop()  # must not lose what was queued
+    assert reporter.state().sent == 1_000
+    records = await read_all(topics, len(produced), within=10)
+    assert len(records) == 1_000

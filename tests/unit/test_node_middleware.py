@@ -1,0 +1,351 @@
+"""The metering middleware over the demo routes, with an in-memory reporter and block table."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from node.decision_cache import Block
+from node.demo_api import ROUTE_SCOPES, build_node_app, demo_key_store, demo_keys
+from node.keys import derive_key_id
+from node.middleware import MeterMiddleware, starlette_route_resolver
+from schemas.decisions import Decision, DecisionAction, Window
+from schemas.events import RequestEvent, dump_event
+from worker.settings import Settings
+
+SECRET = "unit-node-secret"
+SETTINGS = Settings(node_secret=SECRET, node_id="node-unit", kafka_bootstrap="127.0.0.1:1")
+RAW = demo_keys("unit-seed")
+NOW = datetime(2025, 3, 1, 12, 0, 30, 250_000, tzinfo=UTC)
+
+
+def kid(name: str) -> str:
+    return derive_key_id(RAW[name], SECRET.encode())
+
+
+class FakeReporter:
+    def __init__(self) -> None:
+        self.events: list[RequestEvent] = []
+
+    def report(self, event: RequestEvent) -> None:
+        self.events.append(event)
+
+
+class FakeCache:
+    def __init__(self) -> None:
+        self.blocks: dict[str, Block] = {}
+        self.available = True
+        self.clock = NOW
+
+    def check(self, key_id: str) -> Block | None:
+        block = self.blocks.get(key_id)
+        if block is None or (block.until is not None and self.clock >= block.until):
+            return None
+        return block
+
+    def now(self) -> datetime:
+        return self.clock
+
+    def block(
+        self, name: str, window: Window = Window.minute, limit: int | None = 100, seconds: float | None = 29.75
+    ) -> None:
+        until = None if seconds is None else NOW + timedelta(seconds=seconds)
+        self.blocks[kid(name)] = Block(kid(name), window, limit, limit, until, "test", 1, "worker")
+
+
+seen_headers: list[list[tuple[bytes, bytes]]] = []
+
+
+async def ok(request: Request) -> JSONResponse:
+    seen_headers.append(list(request.scope["headers"]))
+    return JSONResponse({"ok": True, "request_id": request.state.request_id, "account": request.state.account_id})
+
+
+async def payment(request: Request) -> JSONResponse:
+    return JSONResponse({"id": request.path_params["payment_id"]})
+
+
+async def boom(request: Request) -> JSONResponse:
+    raise RuntimeError("handler bug")
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+ROUTES = [
+    Route("/v0/payments", ok, methods=["GET", "POST"]),
+    Route("/v0/payments/{payment_id}", payment),
+    Route("/v0/rates", ok),
+    Route("/v0/boom", boom),
+    Route("/health", health),
+]
+
+
+def make_app(reporter: FakeReporter, cache: FakeCache, *, fail_open: bool = True) -> Starlette:
+    return Starlette(
+        routes=ROUTES,
+        middleware=[
+            Middleware(
+                MeterMiddleware,
+                settings=SETTINGS,
+                keys=demo_key_store(RAW, SECRET.encode()),
+                reporter=reporter,
+                cache=cache,
+                route_scopes=ROUTE_SCOPES,
+                fail_open=fail_open,
+                route_resolver=starlette_route_resolver(ROUTES),
+            )
+        ],
+    )
+
+
+@pytest.fixture
+def reporter() -> FakeReporter:
+    return FakeReporter()
+
+
+@pytest.fixture
+def cache() -> FakeCache:
+    return FakeCache()
+
+
+@pytest.fixture
+async def client(reporter: FakeReporter, cache: FakeCache) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=make_app(reporter, cache), client=("203.0.113.7", 5555))
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+        yield c
+
+
+def assert_error(resp: httpx.Response, status: int, error: str) -> dict[str, str]:
+    assert resp.status_code == status
+    assert resp.headers["content-type"] == "application/json"
+    body = resp.json()
+    assert set(body) == {"error", "message", "request_id"}
+    assert body["error"] == error
+    assert body["message"]
+    assert body["request_id"] == resp.headers["x-request-id"]
+    return body  # type: ignore[no-any-return]
+
+
+async def test_missing_key_401(client: httpx.AsyncClient, reporter: FakeReporter) -> None:
+    for headers in ({}, {"X-API-Key": ""}, {"X-API-Key": "   "}):
+        body = assert_error(await client.get("/v0/payments", headers=headers), 401, "missing_api_key")
+        assert "X-API-Key" in body["message"]
+    assert [e["key_id"] for e in reporter.events] == ["anonymous"] * 3
+    assert all(e["status"] == 401 and e.get("account_id") is None for e in reporter.events)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["cf_nobody_00000000000000000000000000000000", "has spaces in it", "short", "x" * 300, RAW["revoked"]],
+)
+async def test_invalid_key_401(client: httpx.AsyncClient, reporter: FakeReporter, raw: str) -> None:
+    assert_error(await client.get("/v0/rates", headers={"X-API-Key": raw}), 401, "invalid_api_key")
+    (event,) = reporter.events
+    # a 401 is attributed to the id of the key presented, never the key itself
+    assert event["key_id"] == derive_key_id(raw, SECRET.encode())
+    assert event["status"] == 401
+
+
+async def test_permission_403(client: httpx.AsyncClient, reporter: FakeReporter) -> None:
+    headers = {"X-API-Key": RAW["reader"]}
+    body = assert_error(await client.post("/v0/payments", headers=headers, json={}), 403, "forbidden")
+    assert "payments:write" in body["message"]
+    assert (await client.get("/v0/payments", headers=headers)).status_code == 200
+    assert (await client.post("/v0/payments", headers={"X-API-Key": RAW["alice"]}, json={})).status_code == 200
+    assert [(e["method"], e["status"], e["account_id"]) for e in reporter.events] == [
+        ("POST", 403, "acct-alice"),
+        ("GET", 200, "acct-alice"),
+        ("POST", 200, "acct-alice"),
+    ]
+
+
+async def test_allowed_request_event(client: httpx.AsyncClient, reporter: FakeReporter) -> None:
+    resp = await client.get("/v0/payments", headers={"X-API-Key": RAW["bob"]})
+    assert resp.status_code == 200
+    assert resp.json()["account"] == "acct-bob"
+    (event,) = reporter.events
+    assert event["request_id"] == resp.headers["x-request-id"] == resp.json()["request_id"]
+    assert len(event["request_id"]) == 32
+    assert event["key_id"] == kid("bob")
+    assert event["node_id"] == "node-unit"
+    assert event["endpoint"] == "/v0/payments"
+    assert event["method"] == "GET"
+    assert event["status"] == 200
+    assert event["ts"] == NOW
+    assert event.get("client_ip") == "203.0.113.7"
+    assert event.get("bytes_out") == len(resp.content)
+    assert (event.get("latency_ms") or -1) >= 0
+
+
+async def test_request_ids_unique_and_not_from_client(client: httpx.AsyncClient, reporter: FakeReporter) -> None:
+    for _ in range(20):
+        await client.get("/v0/rates", headers={"X-API-Key": RAW["bob"], "X-Request-Id": "client-chosen"})
+    ids = {e["request_id"] for e in reporter.events}
+    assert len(ids) == 20
+    assert "client-chosen" not in ids
+
+
+async def test_templated_endpoint_allowed_and_denied(client: httpx.AsyncClient, reporter: FakeReporter) -> None:
+    await client.get("/v0/payments/pay_123", headers={"X-API-Key": RAW["carol"]})
+    await client.get("/v0/payments/pay_456", headers={"X-API-Key": "cf_nobody_00000000000000000000000000"})
+    await client.get("/v0/unknown/route")
+    assert [e["endpoint"] for e in reporter.events] == [
+        "/v0/payments/{payment_id}",
+        "/v0/payments/{payment_id}",
+        "/v0/unknown/route",
+    ]
+
+
+async def test_blocked_429(client: httpx.AsyncClient, reporter: FakeReporter, cache: FakeCache) -> None:
+    cache.block("alice", seconds=29.75)  # until = 12:01:00 -> 30 s, rounded up
+    resp = await client.get("/v0/payments", headers={"X-API-Key": RAW["alice"]})
+    body = assert_error(resp, 429, "rate_limited")
+    assert resp.headers["retry-after"] == "30"
+    assert resp.headers["ratelimit-limit"] == "100"
+    assert resp.headers["ratelimit-remaining"] == "0"
+    assert resp.headers["ratelimit-reset"] == "30"
+    assert resp.headers["ratelimit-policy"] == "100;w=60"
+    assert "100 requests per minute" in body["message"]
+    assert [(e["key_id"], e["status"]) for e in reporter.events] == [(kid("alice"), 429)]
+    # other keys unaffected
+    assert (await client.get("/v0/payments", headers={"X-API-Key": RAW["bob"]})).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("window", "limit", "seconds", "retry_after", "words"),
+    [
+        (Window.minute, 100, 0.2, "1", "100 requests per minute"),
+        (Window.hour, 1000, 1799.01, "1800", "1000 requests per hour"),
+        (Window.day, 5000, 40_000, "40000", "5000 requests per day"),
+        (Window.manual, None, 3600, "3600", "blocked by an operator: test"),
+        (Window.manual, None, None, "60", "blocked by an operator: test"),
+    ],
+)
+async def test_retry_after_per_window(
+    client: httpx.AsyncClient,
+    cache: FakeCache,
+    window: Window,
+    limit: int | None,
+    seconds: float | None,
+    retry_after: str,
+    words: str,
+) -> None:
+    cache.block("dave", window=window, limit=limit, seconds=seconds)
+    resp = await client.get("/v0/rates", headers={"X-API-Key": RAW["dave"]})
+    body = assert_error(resp, 429, "rate_limited")
+    assert resp.headers["retry-after"] == retry_after == resp.headers["ratelimit-reset"]
+    assert words in body["message"]
+    assert ("ratelimit-limit" in resp.headers) is (limit is not None)
+
+
+async def test_expired_block_admits(client: httpx.AsyncClient, cache: FakeCache) -> None:
+    cache.block("alice", seconds=10)
+    assert (await client.get("/v0/rates", headers={"X-API-Key": RAW["alice"]})).status_code == 429
+    cache.clock = NOW + timedelta(seconds=10)
+    assert (await client.get("/v0/rates", headers={"X-API-Key": RAW["alice"]})).status_code == 200
+
+
+async def test_fail_open_and_fail_closed(reporter: FakeReporter, cache: FakeCache) -> None:
+    cache.available = False
+    for fail_open, expected in ((True, 200), (False, 503)):
+        transport = httpx.ASGITransport(app=make_app(reporter, cache, fail_open=fail_open))
+        async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+            resp = await c.get("/v0/rates", headers={"X-API-Key": RAW["bob"]})
+        assert resp.status_code == expected
+        if expected == 503:
+            assert_error(resp, 503, "meter_unavailable")
+            assert resp.headers["retry-after"] == "5"
+    # known blocks are still enforced while the meter is unreachable
+    cache.block("bob")
+    transport = httpx.ASGITransport(app=make_app(reporter, cache, fail_open=True))
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+        assert (await c.get("/v0/rates", headers={"X-API-Key": RAW["bob"]})).status_code == 429
+    assert [e["status"] for e in reporter.events] == [200, 503, 429]
+
+
+async def test_health_unmetered(client: httpx.AsyncClient, reporter: FakeReporter) -> None:
+    resp = await client.get("/health")
+    assert resp.status_code == 200
+    assert resp.headers["x-request-id"]
+    assert reporter.events == []
+
+
+async def test_handler_error_reported_as_500(client: httpx.AsyncClient, reporter: FakeReporter) -> None:
+    with pytest.raises(RuntimeError, match="handler bug"):
+        await client.get("/v0/boom", headers={"X-API-Key": RAW["alice"]})
+    assert [(e["endpoint"], e["status"]) for e in reporter.events] == [("/v0/boom", 500)]
+
+
+async def test_raw_key_never_leaves(
+    client: httpx.AsyncClient, reporter: FakeReporter, cache: FakeCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    seen_headers.clear()
+    cache.block("carol")
+    sent = [RAW["alice"], RAW["reader"], RAW["carol"], RAW["revoked"], "cf_nobody_00000000000000000000000000"]
+    responses = [
+        await client.get("/v0/payments", headers={"X-API-Key": RAW["alice"]}),
+        await client.post("/v0/payments", headers={"X-API-Key": RAW["reader"]}, json={}),
+        await client.get("/v0/rates", headers={"X-API-Key": RAW["carol"]}),
+        await client.get("/v0/rates", headers={"X-API-Key": RAW["revoked"]}),
+        await client.get("/v0/rates", headers={"X-API-Key": sent[-1]}),
+    ]
+    assert [r.status_code for r in responses] == [200, 403, 429, 401, 401]
+    wire = b"".join(dump_event(e) for e in reporter.events)
+    text = "\n".join(
+        [caplog.text, repr(reporter.events)]
+        + [r.text + repr(r.headers) for r in responses]
+        + [repr(h) for h in seen_headers]
+    )
+    assert len(reporter.events) == 5
+    for raw in sent:
+        assert raw.encode() not in wire
+        assert raw not in text
+    # the app behind the middleware never sees the key header
+    assert seen_headers
+    assert all(name != b"x-api-key" for hs in seen_headers for name, _ in hs)
+
+
+async def test_demo_app_wiring() -> None:
+    """build_node_app with the real reporter and cache (not started: no broker involved)."""
+    app = build_node_app(SETTINGS, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+        assert (await c.get("/health")).status_code == 503  # cache not bootstrapped
+        alice = {"X-API-Key": RAW["alice"]}
+        assert (await c.get("/v0/payments", headers=alice)).status_code == 200  # fail-open
+        created = await c.post("/v0/payments", headers=alice, json={"amount": "12.5", "currency": "USDT"})
+        assert created.status_code == 201
+        assert created.json()["amount"] == "12.5"
+        assert (await c.post("/v0/payments", headers={"X-API-Key": RAW["reader"]}, json={})).status_code == 403
+        assert (await c.get("/v0/payments/pay_1", headers=alice)).json()["id"] == "pay_1"
+        assert (await c.get("/v0/rates", headers=alice)).status_code == 200
+        app.state.cache.apply(
+            Decision(
+                key_id=kid("alice"),
+                action=DecisionAction.block,
+                window=Window.minute,
+                limit=100,
+                count=100,
+                until=datetime(2025, 3, 1, 12, 1, tzinfo=UTC),
+                version=1,
+                decided_at=NOW,
+            )
+        )
+        resp = await c.get("/v0/rates", headers=alice)
+        assert resp.status_code == 429
+        assert resp.headers["retry-after"] == "30"
+        health = (await c.get("/health")).json()
+        assert health["status"] == "starting"
+        assert health["reporter"]["buffered"] == 6
