@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from schemas.usage import Granularity
+from worker.cli import build_parser, parse_time
+from worker.settings import Settings
+from worker.store.client import quote_identifier, redact_dsn
+from worker.store.migrations import discover, render
+from worker.store.usage import MAX_POINTS, default_range
+
+
+def test_parse_time_accepts_rfc3339_and_refuses_naive() -> None:
+    assert parse_time("2026-11-27T12:00:00Z") == datetime(2026, 11, 27, 12, tzinfo=UTC)
+    assert parse_time("2026-11-27T13:00:00+01:00") == datetime(2026, 11, 27, 12, tzinfo=UTC)
+    with pytest.raises(argparse.ArgumentTypeError, match="offset"):
+        parse_time("2026-11-27T12:00:00")
+    with pytest.raises(argparse.ArgumentTypeError, match="RFC 3339"):
+        parse_time("yesterday")
+
+
+def test_usage_command_line() -> None:
+    args = build_parser().parse_args(["usage", "--key", "k", "--granularity", "hour", "--format", "json"])
+    assert (args.key, args.granularity, args.format) == ("k", "hour", "json")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["usage", "--key", "k", "--granularity", "week"])
+
+
+def test_default_range_aligns_and_bounds() -> None:
+    now = datetime(2026, 11, 27, 12, 34, 56, tzinfo=UTC)
+    since, until = default_range(Granularity.hour, None, None, now)
+    assert since == datetime(2026, 11, 26, 12, tzinfo=UTC)
+    assert until == now
+    with pytest.raises(ValueError, match="before"):
+        default_range(Granularity.minute, now, now - timedelta(minutes=1))
+    with pytest.raises(ValueError, match=str(MAX_POINTS)):
+        default_range(Granularity.minute, now - timedelta(days=365), now)
+
+
+def test_migrations_render_from_settings_only() -> None:
+    settings = Settings(clickhouse_database="m_test", ttl_minute_days=3)
+    migrations = discover(settings.migrations_dir)
+    assert [m.version for m in migrations] == sorted(m.version for m in migrations)
+    statements = render(migrations[0].path.read_text(), settings)
+    assert any("`m_test`.usage_rollup" in s and "INTERVAL 3 DAY" in s for s in statements)
+    assert all("{" not in s.split("SETTINGS")[0] for s in statements)
+
+
+def test_identifiers_and_dsn_redaction() -> None:
+    assert quote_identifier("meter") == "`meter`"
+    with pytest.raises(ValueError):
+        quote_identifier("bad`name")
+    assert redact_dsn("http://user:secret@host:8123/db") == "http://user:***@host:8123/db"
+    assert redact_dsn("chdb:///tmp/x") == "chdb:///tmp/x"

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.events import dump_event, make_event, parse_event
+
+BASE = {
+    "request_id": "req-1",
+    "key_id": "cf_liv_0123456789abcdef01234567",
+    "node_id": "node-1",
+    "method": "GET",
+    "endpoint": "/v0/payments",
+    "status": 200,
+    "ts": datetime(2026, 11, 27, 12, 0, 0, 123000, tzinfo=UTC),
+}
+
+
+def test_round_trip_keeps_every_field_and_drops_none() -> None:
+    event = make_event(**BASE, account_id="acct-1", latency_ms=12.5, client_ip="203.0.113.7", bytes_out=10)
+    wire = dump_event(event)
+    assert parse_event(wire) == event
+    assert b"null" not in dump_event(make_event(**BASE, account_id=None))
+
+
+def test_version_field_defaults_and_unknown_fields_are_ignored() -> None:
+    event = parse_event(dump_event(make_event(**BASE))[:-1] + b',"future_field":{"x":1}}')
+    assert event["v"] == 1
+    assert "future_field" not in event
+
+
+def test_offset_timestamps_are_normalised_to_the_same_instant() -> None:
+    plus_two = BASE["ts"].astimezone(timezone(timedelta(hours=2)))  # type: ignore[attr-defined]
+    event = make_event(**{**BASE, "ts": plus_two.isoformat()})
+    assert event["ts"].timestamp() == BASE["ts"].timestamp()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("status", 99),
+        ("status", 600),
+        ("status", "200 OK"),
+        ("ts", "2026-11-27T12:00:00"),  # no offset: refused, never guessed
+        ("ts", "not a time"),
+        ("endpoint", "v0/payments"),  # a route starts with /
+        ("request_id", ""),
+        ("request_id", "x" * 129),
+        ("key_id", "k" * 65),
+        ("method", ""),
+        ("v", 2),  # a version this build does not know
+    ],
+)
+def test_contract_violations_are_refused(field: str, value: object) -> None:
+    with pytest.raises(ValidationError):
+        make_event(**{**BASE, field: value})
+
+
+@pytest.mark.parametrize("missing", ["request_id", "key_id", "node_id", "method", "endpoint", "status", "ts"])
+def test_required_fields(missing: str) -> None:
+    with pytest.raises(ValidationError):
+        make_event(**{k: v for k, v in BASE.items() if k != missing})

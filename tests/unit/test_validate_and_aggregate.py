@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from schemas.events import dump_event, make_event
+from worker.ingest.aggregate import BatchAggregate, request_hash
+from worker.ingest.validate import Rejection, ValidEvent, Validator
+from worker.store.rollup import LEVELS, ROLLUP_SCHEMA
+
+NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)
+
+
+@dataclass
+class Rec:
+    value: bytes | None
+    key: bytes | None
+    partition: int = 0
+    offset: int = 0
+    topic: str = "events"
+
+
+def event(**over: object) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "request_id": "r1",
+        "key_id": "k1",
+        "node_id": "n1",
+        "method": "GET",
+        "endpoint": "/v0/payments",
+        "status": 200,
+        "ts": NOW - timedelta(seconds=30),
+    }
+    fields.update(over)
+    return fields
+
+
+def rec(**over: object) -> Rec:
+    ev = make_event(**event(**over))
+    return Rec(dump_event(ev), ev["key_id"].encode())
+
+
+VALIDATOR = Validator(max_event_bytes=2048, max_age_seconds=24 * 3600, max_skew_seconds=300)
+
+
+def check(r: Rec) -> ValidEvent | Rejection:
+    return VALIDATOR.check(r, NOW.timestamp())
+
+
+def test_valid_record() -> None:
+    result = check(rec())
+    assert isinstance(result, ValidEvent)
+    assert result.epoch == (NOW - timedelta(seconds=30)).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (Rec(None, b"k1"), "empty_value"),
+        (Rec(b"{" * 3000, b"k1"), "oversized"),
+        (Rec(b"{not json", b"k1"), "invalid_json"),
+        (Rec(b'{"request_id": 1}', b"k1"), "schema_violation"),
+        (Rec(dump_event(make_event(**event())), None), "missing_key"),
+        (Rec(dump_event(make_event(**event())), b"other"), "key_mismatch"),
+        (rec(ts=NOW - timedelta(hours=25)), "ts_too_old"),
+        (rec(ts=NOW + timedelta(minutes=6)), "ts_in_future"),
+    ],
+)
+def test_rejections_name_their_reason(record: Rec, reason: str) -> None:
+    result = check(record)
+    assert isinstance(result, Rejection)
+    assert result.reason == reason
+    assert result.detail
+    assert result.value == record.value  # the original bytes travel to the DLQ
+
+
+def test_clock_skew_within_bound_is_accepted() -> None:
+    assert isinstance(check(rec(ts=NOW + timedelta(minutes=4))), ValidEvent)
+
+
+def test_request_hash_is_stable_and_key_scoped() -> None:
+    assert request_hash("k1", "r1") == request_hash("k1", "r1")
+    assert request_hash("k1", "r1") != request_hash("k2", "r1")
+    assert 0 <= request_hash("k1", "r1") < 2**64
+
+
+def test_aggregate_rolls_minutes_into_hours_and_days() -> None:
+    batch = BatchAggregate()
+    times = [
+        datetime(2026, 11, 26, 23, 59, 59, tzinfo=UTC),  # late, previous day
+        datetime(2026, 11, 27, 0, 0, 1, tzinfo=UTC),
+        datetime(2026, 11, 27, 0, 0, 59, tzinfo=UTC),
+        datetime(2026, 11, 27, 1, 15, 0, tzinfo=UTC),
+    ]
+    for i, ts in enumerate(times):
+        ev = make_event(**event(request_id=f"r{i}", ts=ts, client_ip="198.51.100.1", bytes_out=100))
+        batch.add(3, ev, ts.timestamp(), request_hash("k1", f"r{i}"))
+        batch.cover(3, 10 + i)
+    batch.cover(3, 20)  # a dead-lettered record after them still moves the offset
+
+    table = batch.to_arrow("events")
+    assert table.schema == ROLLUP_SCHEMA
+    rows = table.to_pylist()
+    by_level: dict[int, dict[int, int]] = {}
+    for r in rows:
+        by_level.setdefault(r["level"], {})
+        by_level[r["level"]][r["bucket"]] = by_level[r["level"]].get(r["bucket"], 0) + r["requests"]
+
+    def epoch(*args: int) -> int:
+        return int(datetime(*args, tzinfo=UTC).timestamp())  # type: ignore[misc]
+
+    assert by_level[LEVELS["minute"]] == {
+        epoch(2026, 11, 26, 23, 59): 1,
+        epoch(2026, 11, 27, 0, 0): 2,
+        epoch(2026, 11, 27, 1, 15): 1,
+    }
+    assert by_level[LEVELS["hour"]] == {
+        epoch(2026, 11, 26, 23): 1,
+        epoch(2026, 11, 27, 0): 2,
+        epoch(2026, 11, 27, 1): 1,
+    }
+    assert by_level[LEVELS["day"]] == {epoch(2026, 11, 26): 1, epoch(2026, 11, 27): 3}
+    assert sum(by_level[LEVELS["client_hour"]].values()) == 4
+    offsets = [r for r in rows if r["level"] == LEVELS["offset"]]
+    assert [(r["kafka_partition"], r["last_offset"], r["key_id"]) for r in offsets] == [(3, 20, "events")]
+    dedup = [r for r in rows if r["level"] == LEVELS["dedup"]]
+    assert sorted(h for r in dedup for h in r["request_hashes"]) == sorted(
+        request_hash("k1", f"r{i}") for i in range(4)
+    )
+    assert batch.token("events") == "events|3:10-20"
+    assert sum(r["bytes_out"] for r in rows if r["level"] == LEVELS["day"]) == 400
+
+
+def test_key_minute_counts_feed_the_limits() -> None:
+    batch = BatchAggregate()
+    for i in range(5):
+        ts = NOW + timedelta(seconds=i)
+        batch.add(0, make_event(**event(request_id=f"r{i}", ts=ts, status=200 + i)), ts.timestamp(), i)
+    minute = int(NOW.timestamp()) // 60 * 60
+    assert batch.key_minute_counts() == {("k1", minute): 5}
