@@ -2,7 +2,7 @@
 
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.events import EVENT_SCHEMA_VERSION, RequestEvent, dump_event, make_event, parse_event
-from schemas.limits import LimitPolicy
+from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
 from schemas.usage import Granularity, UsagePoint
 
 __all__ = [
@@ -10,7 +10,9 @@ __all__ = [
     "Decision",
     "DecisionAction",
     "Granularity",
+    "LimitOverride",
     "LimitPolicy",
+    "OverrideScope",
     "RequestEvent",
     "UsagePoint",
     "Window",

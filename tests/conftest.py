@@ -67,6 +67,7 @@ def make_settings(kafka_bootstrap: str, chdb_dir: Path, unique: str) -> Callable
             "events_topic": f"t{unique}.events",
             "decisions_topic": f"t{unique}.decisions",
             "dlq_topic": f"t{unique}.dlq",
+            "limits_topic": f"t{unique}.limits",
             "consumer_group": f"g{unique}",
             "clickhouse_dsn": f"chdb://{chdb_dir}",
             "clickhouse_database": f"test_{unique}",
@@ -93,7 +94,9 @@ async def topics(settings: Settings) -> AsyncIterator[Settings]:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        await admin.delete_topics([settings.events_topic, settings.decisions_topic, settings.dlq_topic])
+        await admin.delete_topics(
+            [settings.events_topic, settings.decisions_topic, settings.dlq_topic, settings.limits_topic]
+        )
     except Exception:  # best-effort cleanup
         pass
     finally:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,11 +15,14 @@ from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
+from schemas.decisions import Decision
 from worker.ingest.consumer import IngestConsumer
 from worker.ingest.pipeline import IngestPipeline
 from worker.ingest.validate import Rejection
+from worker.limits.service import LimitService
 from worker.settings import Settings
 from worker.store.client import connect, redact_dsn
+from worker.store.decisions import DecisionStore
 from worker.store.migrations import migrate
 from worker.store.rollup import RollupStore
 from worker.topics import ensure_topics
@@ -34,11 +38,15 @@ async def _raw_decoder(msg: Any) -> Any:
 class WorkerRuntime:
     """Everything one worker process holds; built once from settings."""
 
-    def __init__(self, settings: Settings, store: RollupStore | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: RollupStore | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
+        self.clock = clock
         self.broker = KafkaBroker(settings.kafka_bootstrap, logger=log, log_level=logging.DEBUG)
         self._store = store
         self.consumer: IngestConsumer | None = None
+        self.limits: LimitService | None = None
         self.subscriber = self.broker.subscriber(
             settings.events_topic,
             group_id=settings.consumer_group,
@@ -79,14 +87,31 @@ class WorkerRuntime:
             headers={k: v.decode() for k, v in headers},
         )
 
+    async def _send_decision(self, decision: Decision) -> None:
+        await self.broker.publish(
+            decision.model_dump_json().encode(), self.settings.decisions_topic, key=decision.key_id.encode()
+        )
+
+    def _partition_count(self) -> int:
+        consumer = self.kafka_consumer()
+        found = consumer.partitions_for_topic(self.settings.events_topic) if consumer is not None else None
+        return len(found) if found else self.settings.events_partitions
+
     def open(self) -> None:
         """Open ClickHouse, apply migrations, build the pipeline (sync: before the loop consumes)."""
+        s = self.settings
         if self._store is None:
-            client = connect(self.settings.clickhouse_dsn, self.settings.clickhouse_database)
-            migrate(client, self.settings)
-            self._store = RollupStore(client, self.settings.clickhouse_database)
-        pipeline = IngestPipeline(self.settings, self.store, self._dead_letter)
-        self.consumer = IngestConsumer(self.settings.events_topic, pipeline, self.store, self.kafka_consumer)
+            client = connect(s.clickhouse_dsn, s.clickhouse_database)
+            migrate(client, s)
+            self._store = RollupStore(client, s.clickhouse_database)
+        audit = DecisionStore(self.store.client, s.clickhouse_database)
+        self.limits = LimitService(s, self.store, audit, self._send_decision, self._partition_count, self.clock)
+        pipeline = IngestPipeline(
+            s, self.store, self._dead_letter, clock=self.clock, before_write=self.limits.before_write
+        )
+        self.consumer = IngestConsumer(s.events_topic, pipeline, self.store, self.kafka_consumer)
+        self.consumer.on_assigned.append(self.limits.on_assigned)
+        self.consumer.on_revoked.append(self.limits.on_revoked)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[WorkerRuntime]:
@@ -111,11 +136,18 @@ class WorkerRuntime:
             redact_dsn(s.clickhouse_dsn),
             s.clickhouse_database,
         )
+        assert self.limits is not None
+        await self.limits.start()
         try:
             yield
         finally:
+            await self.limits.stop()
             if self.consumer is not None:
-                log.info("worker stopped: %s", self.consumer.stats.summary())
+                log.info(
+                    "worker stopped: %s; %d decisions published",
+                    self.consumer.stats.summary(),
+                    self.limits.engine.decisions_published,
+                )
 
 
 class _DeferredListener(ConsumerRebalanceListener):  # type: ignore[misc]

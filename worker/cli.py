@@ -7,10 +7,11 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
 
+from schemas.limits import LimitPolicy, OverrideScope
 from schemas.usage import Granularity, UsagePoint
 from worker.logs import setup_logging
 from worker.settings import Settings
@@ -99,6 +100,103 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``15m``, ``2h``, ``1d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value, unit = float(text[:-1]), units[text[-1]]
+    except (KeyError, ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 90s, 15m, 2h, 1d)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
+    return timedelta(seconds=value * unit)
+
+
+def parse_limit(text: str) -> int | None:
+    """A non-negative count, or ``none`` / ``unlimited``."""
+    if text.lower() in ("none", "unlimited"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a limit: {text!r} (a whole number, or 'unlimited')") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"limit must be >= 0: {text!r}")
+    return value
+
+
+def cmd_block(args: argparse.Namespace, settings: Settings) -> int:
+    from schemas.decisions import DecisionAction
+    from worker.limits.control import manual_decision
+
+    until = args.until or (datetime.now(UTC) + args.for_ if args.for_ else None)
+    try:
+        d = asyncio.run(manual_decision(settings, args.key, DecisionAction.block, until, args.reason))
+    except ValueError as exc:
+        print(f"meter block: {exc}", file=sys.stderr)
+        return 2
+    print(f"blocked {d.key_id} until {d.until.isoformat() if d.until else 'an explicit unblock'} (version {d.version})")
+    return 0
+
+
+def cmd_unblock(args: argparse.Namespace, settings: Settings) -> int:
+    from schemas.decisions import DecisionAction
+    from worker.limits.control import manual_decision
+
+    d = asyncio.run(manual_decision(settings, args.key, DecisionAction.unblock, None, args.reason))
+    print(f"unblocked {d.key_id} (version {d.version}); limits apply again from the next window")
+    return 0
+
+
+def _subject(args: argparse.Namespace) -> tuple[OverrideScope, str]:
+    return (OverrideScope.key, args.key) if args.key else (OverrideScope.account, args.account)
+
+
+def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.limits.control import current_overrides, set_override
+    from worker.limits.policies import default_policy
+
+    if args.action == "show":
+        overrides = asyncio.run(current_overrides(settings))
+        rows = [("default", "*", default_policy(settings), "")]
+        rows += [(o.scope.value, o.subject, o.policy, o.note) for o in overrides.values() if o.policy is not None]
+        if args.key or args.account:
+            scope, subject = _subject(args)
+            rows = [r for r in rows if r[0] == "default" or (r[0] == scope.value and r[1] == subject)]
+        if args.format == "json":
+            print(json.dumps([{"scope": sc, "subject": su, **p.model_dump(), "note": n} for sc, su, p, n in rows]))
+            return 0
+        print(f"{'scope':8} {'subject':34} {'per_minute':>10} {'per_hour':>9} {'per_day':>8}  note")
+        for sc, su, p, n in rows:
+            cells = [("unlimited" if v is None else str(v)) for v in (p.per_minute, p.per_hour, p.per_day)]
+            print(f"{sc:8} {su:34} {cells[0]:>10} {cells[1]:>9} {cells[2]:>8}  {n}")
+        return 0
+    if not (args.key or args.account):
+        print(f"meter limits {args.action}: give --key KEY_ID or --account ACCOUNT_ID", file=sys.stderr)
+        return 2
+    scope, subject = _subject(args)
+    if args.action == "reset":
+        asyncio.run(set_override(settings, scope, subject, None, args.note))
+        print(f"{scope.value} {subject}: override removed, the default policy applies")
+        return 0
+    base = default_policy(settings)
+    given = {"per_minute": args.per_minute, "per_hour": args.per_hour, "per_day": args.per_day}
+    if args.unlimited:
+        policy = LimitPolicy.unlimited()
+    else:
+        values = {k: (base.model_dump()[k] if v is _UNSET else v) for k, v in given.items()}
+        policy = LimitPolicy(**values)
+    asyncio.run(set_override(settings, scope, subject, policy, args.note))
+    print(
+        f"{scope.value} {subject}: {policy.per_minute}/min, {policy.per_hour}/h, {policy.per_day}/day "
+        "(None = unlimited); workers apply it within a second"
+    )
+    return 0
+
+
+_UNSET: object = object()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meter",
@@ -125,6 +223,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--sparse", action="store_true", help="omit empty buckets instead of printing zeros")
     p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("block", help="block a key on every node now (operator decision)")
+    p.add_argument("key", help="key id")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--until", type=parse_time, help="RFC 3339 end of the block")
+    group.add_argument("--for", dest="for_", type=parse_duration, help="duration, e.g. 15m, 2h, 1d")
+    p.add_argument("--reason", default="", help="shown in the audit trail")
+    p.set_defaults(func=cmd_block)
+
+    p = sub.add_parser("unblock", help="lift a key's block on every node now (operator decision)")
+    p.add_argument("key", help="key id")
+    p.add_argument("--reason", default="", help="shown in the audit trail")
+    p.set_defaults(func=cmd_unblock)
+
+    p = sub.add_parser("limits", help="show, set or reset per-key / per-account limit overrides")
+    p.add_argument("action", choices=["show", "set", "reset"])
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--key", help="key id")
+    who.add_argument("--account", help="account id")
+    for name in ("minute", "hour", "day"):
+        p.add_argument(f"--per-{name}", type=parse_limit, default=_UNSET, help="count or 'unlimited'")
+    p.add_argument("--unlimited", action="store_true", help="no limit in any window (internal keys)")
+    p.add_argument("--note", default="", help="why (kept with the override)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_limits)
 
     p = sub.add_parser("demo", help="local demo: run a worker, simulate API traffic, print usage read back")
     p.add_argument("--events", type=int, default=5_000, help="how many request events to simulate")

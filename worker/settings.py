@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     events_topic: str = "usage.events"
     decisions_topic: str = "usage.decisions"
     dlq_topic: str = "usage.events.dlq"
+    limits_topic: str = "usage.limits"  # compacted: operators' per-key / per-account overrides
     consumer_group: str = "usage-meter"
     # How long a dead worker (kill -9) keeps its partitions before the group reassigns them.
     consumer_session_timeout_ms: int = Field(default=10_000, ge=6_000)

@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 DeadLetterSink = Callable[[Rejection, bytes, list[tuple[str, bytes]]], Awaitable[None]]
 StillOwned = Callable[[int], bool]
+BeforeWrite = Callable[["BatchOutcome"], Awaitable[None]]
 
 
 class BatchAbandoned(Exception):
@@ -35,14 +36,15 @@ class BatchAbandoned(Exception):
 
 @dataclass
 class BatchOutcome:
-    """What one batch did; the caller commits ``offsets`` and feeds ``key_minute_counts`` to limits."""
+    """What one batch did; the caller commits ``offsets`` and feeds ``limit_counts`` to the limits."""
 
     counted: int = 0
     duplicates: int = 0
     skipped_replayed: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     offsets: dict[int, int] = field(default_factory=dict)
-    key_minute_counts: dict[tuple[str, int], int] = field(default_factory=dict)
+    # (partition, key_id, account_id, minute epoch) -> requests: what the limit counters add
+    limit_counts: dict[tuple[int, str, str, int], int] = field(default_factory=dict)
     write_seconds: float = 0.0
     written: bool = False
 
@@ -54,7 +56,9 @@ class IngestPipeline:
         store: RollupStore,
         dead_letters: DeadLetterSink,
         clock: Callable[[], float] = time.time,
+        before_write: BeforeWrite | None = None,
     ) -> None:
+        self.before_write = before_write
         self.topic = settings.events_topic
         self.store = store
         self.dead_letters = dead_letters
@@ -100,14 +104,22 @@ class IngestPipeline:
             minutes.setdefault(valid.partition, set()).add(int(valid.epoch) // 60 * 60)
         hashes = [d for _, d in accepted]
         seen = await self._retry(lambda: self.store.seen_hashes(minutes, hashes), batch.offsets, still_owned)
+        limit_counts = outcome.limit_counts
         for valid, digest in accepted:
             if digest in seen:
                 outcome.duplicates += 1
                 continue
             batch.add(valid.partition, valid.event, valid.epoch, digest)
+            ev = valid.event
+            lk = (valid.partition, ev["key_id"], ev.get("account_id") or "", int(valid.epoch) // 60 * 60)
+            limit_counts[lk] = limit_counts.get(lk, 0) + 1
         outcome.counted = batch.events
         outcome.offsets = dict(batch.offsets)
-        outcome.key_minute_counts = batch.key_minute_counts()
+        if self.before_write is not None:
+            # Limits are evaluated before the write: a block derived from these counts is
+            # the same whether or not this process lives to see the write land (a replay
+            # re-derives it), and the nodes learn it one write sooner.
+            await self.before_write(outcome)
 
         rows = batch.to_arrow(self.topic)
         token = batch.token(self.topic)

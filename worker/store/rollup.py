@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
 
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
@@ -77,13 +76,18 @@ class RollupStore:
         )
         return {int(row[0]) for row in result.result_rows}
 
-    def window_counts(self, key_ids: Iterable[str], since: datetime) -> list[tuple[str, str, datetime, int]]:
-        """(key_id, level, bucket, requests) of minute/hour/day buckets since ``since``."""
-        keys = list(key_ids)
+    def current_window_counts(self, now: float) -> list[tuple[str, str, str, int, int]]:
+        """(key_id, account_id, level, bucket epoch, requests) of the windows containing ``now``.
+
+        Used to rebuild the live limit counters when partitions are assigned.
+        """
+        minute = int(now) // 60 * 60
         result = self._client.query(
-            f"SELECT key_id, toString(level), bucket, sum(requests) FROM {self._table} "
-            "WHERE level IN ('minute', 'hour', 'day') AND key_id IN {keys:Array(String)} "
-            "AND bucket >= {since:DateTime('UTC')} GROUP BY key_id, level, bucket",
-            parameters={"keys": keys, "since": since},
+            f"SELECT key_id, any(account_id), toString(level), toUInt32(bucket), sum(requests) FROM {self._table} "
+            "WHERE (level = 'minute' AND bucket = toDateTime({m:UInt32}, 'UTC')) "
+            "OR (level = 'hour' AND bucket = toDateTime({h:UInt32}, 'UTC')) "
+            "OR (level = 'day' AND bucket = toDateTime({d:UInt32}, 'UTC')) "
+            "GROUP BY key_id, level, bucket",
+            parameters={"m": minute, "h": minute - minute % 3600, "d": minute - minute % 86400},
         )
-        return [(str(k), str(lv), b, int(n)) for k, lv, b, n in result.result_rows]
+        return [(str(k), str(a), str(lv), int(b), int(n)) for k, a, lv, b, n in result.result_rows]

@@ -1,0 +1,108 @@
+"""Read a (compacted) topic from the beginning without a consumer group, then follow it.
+
+Used by the worker for the decisions topic (audit, operator blocks, versions) and the
+limits topic (overrides). ``ready`` is set once the end offsets seen at start are reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+log = logging.getLogger(__name__)
+
+OnRecords = Callable[[list[Any]], Awaitable[None]]
+
+
+class TopicFollower:
+    def __init__(self, bootstrap: str, topic: str, on_records: OnRecords, name: str, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.on_records = on_records
+        self.name = name
+        self.ready = asyncio.Event()
+        self.records_seen = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"follow-{self.topic}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("%s: following %s failed, retrying in %.1fs: %s", self.name, self.topic, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _follow(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=50,
+            isolation_level="read_committed",
+        )
+        await consumer.start()
+        try:
+            consumer._client.add_topic(self.topic)
+            await consumer._client.force_metadata_update()
+            parts = sorted(consumer._client.cluster.partitions_for_topic(self.topic) or set())
+            if not parts:
+                raise RuntimeError(f"topic {self.topic} not found")
+            tps = [TopicPartition(self.topic, p) for p in parts]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            pending = {tp for tp in tps if end[tp] > 0}
+            if not pending:
+                self._mark_ready()
+            while True:
+                batches = await consumer.getmany(timeout_ms=100, max_records=5000)
+                for tp, records in batches.items():
+                    self.records_seen += len(records)
+                    await self.on_records(records)
+                    if tp in pending and records[-1].offset + 1 >= end[tp]:
+                        pending.discard(tp)
+                if pending and not batches:
+                    pending = {tp for tp in pending if await consumer.position(tp) < end[tp]}
+                if not pending and not self.ready.is_set():
+                    self._mark_ready()
+        finally:
+            await consumer.stop()
+
+    def _mark_ready(self) -> None:
+        self.ready.set()
+        level = logging.DEBUG if self.quiet else logging.INFO
+        log.log(level, "%s: caught up with %s (%d records)", self.name, self.topic, self.records_seen)
+
+
+async def read_to_end(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of ``topic`` up to its end now (for one-shot readers such as the CLI)."""
+    records: list[Any] = []
+
+    async def collect(batch: list[Any]) -> None:
+        records.extend(batch)
+
+    follower = TopicFollower(bootstrap, topic, collect, "reader", quiet=True)
+    await follower.start()
+    try:
+        await asyncio.wait_for(follower.ready.wait(), 30)
+    finally:
+        await follower.stop()
+    return records

@@ -1,0 +1,73 @@
+"""Operator actions, published to the same topics the workers and nodes follow:
+manual block / unblock on the decisions topic, limit overrides on the limits topic."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from aiokafka import AIOKafkaProducer
+
+from schemas.decisions import Decision, DecisionAction, Window
+from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
+from worker.follower import read_to_end
+from worker.settings import Settings
+
+
+async def _send(settings: Settings, topic: str, key: str, value: bytes | None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key.encode())
+    finally:
+        await producer.stop()
+
+
+async def manual_decision(
+    settings: Settings, key_id: str, action: DecisionAction, until: datetime | None, reason: str
+) -> Decision:
+    now = datetime.now(UTC)
+    if action is DecisionAction.block and until is not None and until <= now:
+        raise ValueError(f"--until {until.isoformat()} is not in the future")
+    decision = Decision(
+        key_id=key_id,
+        action=action,
+        window=Window.manual,
+        until=until if action is DecisionAction.block else None,
+        reason=reason or f"operator {action.value}",
+        version=time.time_ns() // 1000,
+        decided_at=now,
+        source="operator",
+    )
+    await _send(settings, settings.decisions_topic, key_id, decision.model_dump_json().encode())
+    return decision
+
+
+async def set_override(
+    settings: Settings, scope: OverrideScope, subject: str, policy: LimitPolicy | None, note: str = ""
+) -> LimitOverride:
+    override = LimitOverride(scope=scope, subject=subject, policy=policy, updated_at=datetime.now(UTC), note=note)
+    await _send(settings, settings.limits_topic, override.topic_key, override.model_dump_json().encode())
+    return override
+
+
+async def current_overrides(settings: Settings) -> dict[str, LimitOverride]:
+    """The overrides in force: the latest record per scope:subject on the limits topic."""
+    latest: dict[str, LimitOverride] = {}
+    for record in await read_to_end(settings.kafka_bootstrap, settings.limits_topic):
+        if record.value is None:
+            continue
+        override = LimitOverride.model_validate_json(record.value)
+        latest[override.topic_key] = override
+    return {k: v for k, v in latest.items() if v.policy is not None}
+
+
+async def latest_decisions(settings: Settings) -> dict[str, Decision]:
+    latest: dict[str, Decision] = {}
+    for record in await read_to_end(settings.kafka_bootstrap, settings.decisions_topic):
+        if record.value is None:
+            continue
+        decision = Decision.model_validate_json(record.value)
+        if decision.key_id not in latest or latest[decision.key_id].version < decision.version:
+            latest[decision.key_id] = decision
+    return latest

@@ -1,0 +1,94 @@
+"""Live window counters of the keys one worker owns, kept small (target ≤ 300 B per key)."""
+
+from __future__ import annotations
+
+import sys
+
+from schemas.decisions import Window
+
+
+class KeyWindows:
+    """Counts of one key in its current minute, hour and day (by event time).
+
+    ``__slots__`` and shared window-start ints keep this near 100 bytes; the key string and
+    its dict entry make up the rest of the per-key cost.
+    """
+
+    __slots__ = ("account", "day", "day_n", "hour", "hour_n", "minute", "minute_n")
+
+    def __init__(self, account: str) -> None:
+        self.account = account
+        self.minute = self.hour = self.day = 0
+        self.minute_n = self.hour_n = self.day_n = 0
+
+    def count(self, window: Window, now: float) -> int:
+        """Requests in the window containing ``now`` (0 if the counter is for another window)."""
+        if window is Window.minute:
+            return self.minute_n if self.minute <= now < self.minute + 60 else 0
+        if window is Window.hour:
+            return self.hour_n if self.hour <= now < self.hour + 3600 else 0
+        return self.day_n if self.day <= now < self.day + 86400 else 0
+
+    def start(self, window: Window) -> int:
+        return self.minute if window is Window.minute else self.hour if window is Window.hour else self.day
+
+
+class WindowCounters:
+    """``key_id -> KeyWindows`` for one partition."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, KeyWindows] = {}
+        self._starts: dict[int, int] = {}  # one shared int object per window start
+
+    def _shared(self, value: int) -> int:
+        return self._starts.setdefault(value, value)
+
+    def add(self, key_id: str, account: str, minute: int, n: int) -> KeyWindows:
+        """Count ``n`` requests of ``key_id`` in the minute starting at ``minute`` (epoch seconds).
+
+        A newer window replaces the counter; an older (late) one only reaches ClickHouse.
+        """
+        kw = self.keys.get(key_id)
+        if kw is None:
+            kw = self.keys[key_id] = KeyWindows(sys.intern(account))
+        hour = minute - minute % 3600
+        day = minute - minute % 86400
+        if minute > kw.minute:
+            kw.minute, kw.minute_n = self._shared(minute), n
+        elif minute == kw.minute:
+            kw.minute_n += n
+        if hour > kw.hour:
+            kw.hour, kw.hour_n = self._shared(hour), n
+        elif hour == kw.hour:
+            kw.hour_n += n
+        if day > kw.day:
+            kw.day, kw.day_n = self._shared(day), n
+        elif day == kw.day:
+            kw.day_n += n
+        return kw
+
+    def set(self, key_id: str, account: str, window: Window, start: int, n: int) -> None:
+        """Load a count read back from ClickHouse (rebuild after assignment)."""
+        kw = self.keys.get(key_id)
+        if kw is None:
+            kw = self.keys[key_id] = KeyWindows(sys.intern(account))
+        if account and not kw.account:
+            kw.account = sys.intern(account)
+        if window is Window.minute:
+            kw.minute, kw.minute_n = self._shared(start), n
+        elif window is Window.hour:
+            kw.hour, kw.hour_n = self._shared(start), n
+        else:
+            kw.day, kw.day_n = self._shared(start), n
+
+    def expire(self, now: float) -> int:
+        """Forget keys with nothing in today's window; returns how many were dropped."""
+        today = int(now) - int(now) % 86400
+        stale = [k for k, kw in self.keys.items() if kw.day < today]
+        for k in stale:
+            del self.keys[k]
+        self._starts = {s: s for s in self._starts if s >= today}
+        return len(stale)
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -1,0 +1,81 @@
+"""The decisions audit table: every block / unblock, worker-made or operator-made."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from clickhouse_connect.driver.client import Client
+
+from schemas.decisions import Decision
+from worker.store.client import quote_identifier
+
+COLUMNS = [
+    "key_id",
+    "version",
+    "action",
+    "window",
+    "limit_value",
+    "count_value",
+    "until",
+    "reason",
+    "source",
+    "decided_at",
+]
+
+
+class DecisionStore:
+    def __init__(self, client: Client, database: str) -> None:
+        self._client = client
+        self._table = f"{quote_identifier(database)}.decisions"
+
+    def record(self, decisions: Sequence[Decision]) -> None:
+        """Insert; recording the same (key_id, version) twice collapses on merge and in reads."""
+        if not decisions:
+            return
+        self._client.insert(self._table, [_row(d) for d in decisions], column_names=COLUMNS)
+
+    def history(self, key_id: str, limit: int = 50) -> list[Decision]:
+        result = self._client.query(
+            f"SELECT {', '.join(COLUMNS)} FROM {self._table} FINAL WHERE key_id = {{key:String}} "
+            "ORDER BY version DESC LIMIT {n:UInt32}",
+            parameters={"key": key_id, "n": limit},
+        )
+        out = []
+        for key, version, action, window, limit_v, count_v, until, reason, source, decided_at in result.result_rows:
+            out.append(
+                Decision(
+                    key_id=key,
+                    version=version,
+                    action=action,
+                    window=window,
+                    limit=limit_v,
+                    count=count_v,
+                    until=_utc(until),
+                    reason=reason,
+                    source=source,
+                    decided_at=_utc(decided_at),
+                )
+            )
+        return out
+
+
+def _row(d: Decision) -> list[object]:
+    return [
+        d.key_id,
+        d.version,
+        d.action.value,
+        d.window.value,
+        d.limit,
+        d.count,
+        d.until,
+        d.reason,
+        d.source,
+        d.decided_at,
+    ]
+
+
+def _utc(value: object) -> object:
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
