@@ -137,7 +137,7 @@ def build_node_app(
     now: Callable[[], datetime] | None = None,
 ) -> Starlette:
     """The demo API behind the meter. Its lifespan starts and stops the reporter and the cache."""
-    reporter = reporter or UsageReporter(settings)
+    reporter = reporter or UsageReporter(settings, max_buffer=settings.node_buffer_max)
     cache = cache or (DecisionCache(settings, now=now) if now else DecisionCache(settings))
 
     async def health(request: Request) -> JSONResponse:
@@ -215,7 +215,7 @@ async def run_node(
     keys: KeyStore | None = None,
     demo_seed: str | None = None,
     host: str = "127.0.0.1",
-    fail_open: bool = True,
+    fail_open: bool | None = None,
 ) -> None:
     """Serve the demo API with uvicorn until cancelled (a cancel is a graceful shutdown).
 
@@ -225,7 +225,7 @@ async def run_node(
         if not demo_seed:
             raise ValueError("run_node needs a key store or a demo seed")
         keys = demo_key_store(demo_keys(demo_seed), settings.node_secret.get_secret_value().encode())
-    app = build_node_app(settings, keys, fail_open=fail_open)
+    app = build_node_app(settings, keys, fail_open=settings.node_fail_open if fail_open is None else fail_open)
     config = uvicorn.Config(
         app,
         host=host,

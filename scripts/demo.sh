@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The local demo: set up, start a KRaft Kafka broker on 127.0.0.1:9092, create topics,
-# migrate the embedded ClickHouse (chDB, .data/clickhouse), run a worker, simulate API
-# traffic and print the usage read back. Extra arguments go to `meter demo`.
+# The local demo: set up, start a KRaft Kafka broker on 127.0.0.1:9092, create the topics,
+# migrate the embedded ClickHouse (chDB, .data/clickhouse), then run a worker, three demo
+# API nodes and a load generator, with a live table of which keys are allowed or blocked.
+# Extra arguments go to `meter demo` (e.g. --duration 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 infra/kafka/kafka.sh start
 export METER_KAFKA_BOOTSTRAP="${METER_KAFKA_BOOTSTRAP:-127.0.0.1:${KAFKA_PORT:-9092}}"
-.venv/bin/meter topics
-.venv/bin/meter migrate
+# Secrets never live in code: a random node secret and demo-key seed for this demo run,
+# unless you set your own.
+export METER_NODE_SECRET="${METER_NODE_SECRET:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(16))')}"
+export METER_DEMO_SEED="${METER_DEMO_SEED:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(16))')}"
+.venv/bin/meter --log-level WARNING topics
+.venv/bin/meter --log-level WARNING migrate
 .venv/bin/meter --log-level WARNING demo "$@"
 echo
 echo "demo: the broker keeps running (stop it with: infra/kafka/kafka.sh stop)."
-echo "demo: query a key yourself, e.g.: .venv/bin/meter usage --key KEY_ID --granularity hour"

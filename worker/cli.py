@@ -94,9 +94,19 @@ def print_points(points: Sequence[UsagePoint], fmt: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.demo import run_pipeline_demo
+    from worker.demo import run_live_demo
 
-    asyncio.run(run_pipeline_demo(settings, args.events, args.keys))
+    return asyncio.run(run_live_demo(settings, args.duration, args.nodes, args.base_port))
+
+
+def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
+    from node.demo_api import run_node
+
+    seed = settings.demo_seed.get_secret_value()
+    if not settings.node_secret.get_secret_value() or not seed:
+        print("meter node: set METER_NODE_SECRET (same on every node) and METER_DEMO_SEED", file=sys.stderr)
+        return 2
+    asyncio.run(run_node(settings, args.port, demo_seed=seed, host=args.host))
     return 0
 
 
@@ -249,10 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_limits)
 
-    p = sub.add_parser("demo", help="local demo: run a worker, simulate API traffic, print usage read back")
-    p.add_argument("--events", type=int, default=5_000, help="how many request events to simulate")
-    p.add_argument("--keys", type=int, default=20, help="over how many API keys")
+    p = sub.add_parser("demo", help="live local demo: worker, 3 API nodes, load, who is blocked and when")
+    p.add_argument("--duration", type=float, default=100.0, help="seconds of load (default 100: shows a rollover)")
+    p.add_argument("--nodes", type=int, default=3, help="how many demo API nodes")
+    p.add_argument("--base-port", type=int, default=8101, help="first node's port (loopback)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("node", help="serve the demo API (Cryptofuse-like) behind the meter middleware")
+    p.add_argument("--port", type=int, default=8101)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=cmd_node)
     return parser
 
 

@@ -57,7 +57,10 @@ class Settings(BaseSettings):
 
     # Node side
     node_id: str = "node-1"
-    node_secret: SecretStr = SecretStr("")  # HMAC key for key ids; must be set on real nodes
+    node_secret: SecretStr = SecretStr("")  # HMAC key for key ids: the same on every node, never in code
+    node_fail_open: bool = True  # admit requests when the meter is unreachable
+    node_buffer_max: int = Field(default=100_000, ge=100)  # events a node buffers while Kafka is down
+    demo_seed: SecretStr = SecretStr("")  # derives the demo API's keys (demo and tests only)
 
     # HTTP (metrics, health, query API)
     http_host: str = "127.0.0.1"

@@ -111,8 +111,9 @@ class IngestPipeline:
                 continue
             batch.add(valid.partition, valid.event, valid.epoch, digest)
             ev = valid.event
-            lk = (valid.partition, ev["key_id"], ev.get("account_id") or "", int(valid.epoch) // 60 * 60)
-            limit_counts[lk] = limit_counts.get(lk, 0) + 1
+            if ev["status"] != 429:  # a request the limiter refused does not use up the allowance
+                lk = (valid.partition, ev["key_id"], ev.get("account_id") or "", int(valid.epoch) // 60 * 60)
+                limit_counts[lk] = limit_counts.get(lk, 0) + 1
         outcome.counted = batch.events
         outcome.offsets = dict(batch.offsets)
         if self.before_write is not None:
