@@ -72,6 +72,7 @@ def make_settings(kafka_bootstrap: str, chdb_dir: Path, unique: str) -> Callable
             "clickhouse_dsn": f"chdb://{chdb_dir}",
             "clickhouse_database": f"test_{unique}",
             "batch_timeout_ms": 50,
+            "http_port": 0,  # tests that need /metrics pick a free port
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker
@@ -20,6 +21,7 @@ from worker.ingest.consumer import IngestConsumer
 from worker.ingest.pipeline import IngestPipeline
 from worker.ingest.validate import Rejection
 from worker.limits.service import LimitService
+from worker.observability import HealthCheck, WorkerMetrics, build_health_app
 from worker.settings import Settings
 from worker.store.client import connect, redact_dsn
 from worker.store.decisions import DecisionStore
@@ -47,6 +49,7 @@ class WorkerRuntime:
         self._store = store
         self.consumer: IngestConsumer | None = None
         self.limits: LimitService | None = None
+        self._http_server: uvicorn.Server
         self.subscriber = self.broker.subscriber(
             settings.events_topic,
             group_id=settings.consumer_group,
@@ -112,6 +115,31 @@ class WorkerRuntime:
         self.consumer = IngestConsumer(s.events_topic, pipeline, self.store, self.kafka_consumer)
         self.consumer.on_assigned.append(self.limits.on_assigned)
         self.consumer.on_revoked.append(self.limits.on_revoked)
+        self.metrics = WorkerMetrics(self)
+        self.health = HealthCheck(self)
+        self.consumer.on_batch.append(self.metrics.observe)
+
+    async def _serve_http(self) -> asyncio.Task[None] | None:
+        """/metrics and /health/* on METER_HTTP_HOST:METER_HTTP_PORT (0 = not served)."""
+        s = self.settings
+        if not s.http_port:
+            return None
+        app = build_health_app(self, self.metrics, self.health)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app, host=s.http_host, port=s.http_port, log_level="warning", access_log=False, lifespan="off"
+            )
+        )
+        self._http_server = server
+        task = asyncio.create_task(server.serve(), name="worker-http")
+        for _ in range(100):
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.05)
+        if task.done():
+            raise RuntimeError(f"cannot serve /metrics on {s.http_host}:{s.http_port}: {task.exception()}")
+        log.info("metrics and health on http://%s:%d (/metrics, /health/live, /health/ready)", s.http_host, s.http_port)
+        return task
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[WorkerRuntime]:
@@ -138,9 +166,13 @@ class WorkerRuntime:
         )
         assert self.limits is not None
         await self.limits.start()
+        http = await self._serve_http()
         try:
             yield
         finally:
+            if http is not None:
+                self._http_server.should_exit = True
+                await http
             await self.limits.stop()
             if self.consumer is not None:
                 log.info(

@@ -64,7 +64,9 @@ class Settings(BaseSettings):
 
     # HTTP (metrics, health, query API)
     http_host: str = "127.0.0.1"
-    http_port: int = 8090
+    http_port: int = Field(default=8090, ge=0, le=65535)  # worker /metrics and /health/*; 0 = off
+    ready_unassigned_grace_seconds: float = Field(default=60.0, ge=0)  # no partitions this long: not ready
+    ready_stall_seconds: float = Field(default=60.0, gt=0)  # lag but no batch written this long: not ready
     admin_api_key: SecretStr = SecretStr("")
 
     log_level: str = "INFO"

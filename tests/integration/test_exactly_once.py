@@ -47,6 +47,7 @@ def worker_env(settings: Settings, chdb_path: Path) -> dict[str, str]:
         METER_CONSUMER_SESSION_TIMEOUT_MS="6000",
         METER_BATCH_MAX_RECORDS="2000",
         METER_BATCH_TIMEOUT_MS="50",
+        METER_HTTP_PORT="0",
     )
     return env
 

@@ -69,6 +69,7 @@ class IngestPipeline:
             max_skew_seconds=settings.max_clock_skew_seconds,
         )
         self.retry_max_seconds = settings.store_retry_max_seconds
+        self.store_errors = 0  # failed store calls (each retried), for metrics and readiness
 
     async def process(
         self, records: Sequence[KafkaRecord], written: Mapping[int, int], still_owned: StillOwned
@@ -147,6 +148,7 @@ class IngestPipeline:
                     log.warning("clickhouse call succeeded after %d attempts", attempt)
                 return result
             except Exception as exc:  # any store failure is retried, never skipped
+                self.store_errors += 1
                 lost = sorted(p for p in offsets if not still_owned(p))
                 if lost:
                     raise BatchAbandoned(f"partitions {lost} were revoked while the store was failing") from exc

@@ -60,6 +60,7 @@ class LimitEngine:
         self.versions: dict[str, int] = {}
         self._expiry: list[tuple[float, str]] = []
         self.decisions_published = 0
+        self.published_by_action: dict[str, int] = {"block": 0, "unblock": 0}
 
     # -- ownership ---------------------------------------------------------------------
     def assign(self, partition: int, counts: Iterable[tuple[str, str, Window, int, int]]) -> None:
@@ -239,6 +240,7 @@ class LimitEngine:
             await self.publish(decisions)
             self.decisions_published += len(decisions)
             for d in decisions:
+                self.published_by_action[d.action.value] += 1
                 log.info(
                     "%s %s (%s window, until %s): %s",
                     d.action.value,
