@@ -31,6 +31,7 @@ import asyncio
 import bisect
 import contextlib
 import cProfile
+import gc
 import logging
 import pstats
 import random
@@ -278,6 +279,47 @@ class TimedStore(RollupStore):
             self.seen_seconds += time.perf_counter() - started
 
 
+class GcTimer:
+    """Time spent in the cyclic garbage collector, per generation (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._started
+            self.collections[info["generation"]] += 1
+
+    def __enter__(self) -> GcTimer:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self) -> str:
+        total = sum(self.seconds)
+        per = ", ".join(
+            f"gen{g} {n}x {s:.2f}s" for g, (n, s) in enumerate(zip(self.collections, self.seconds, strict=True))
+        )
+        return f"{total:.2f}s ({per})"
+
+
+def apply_gc_mode(mode: str) -> None:
+    """What the worker process could do at start (see README): the bench can try it in-process."""
+    if mode == "freeze":
+        gc.collect()
+        gc.freeze()  # objects alive after startup are never scanned again
+    elif mode == "tuned":
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
+
+
 @contextlib.contextmanager
 def profiling(kind: str, out: Path) -> Any:
     if kind == "none":
@@ -312,11 +354,12 @@ def profiling(kind: str, out: Path) -> Any:
             print(f"profile saved to {out.with_suffix('.html')}")
 
 
-async def drain_worker(settings: Settings, n: int, profile: str, stall_seconds: float = 120.0) -> Drain:
+async def drain_worker(settings: Settings, n: int, profile: str, gc_mode: str, stall_seconds: float = 120.0) -> Drain:
     client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
     migrate(client, settings)
     store = TimedStore(client, settings.clickhouse_database)
     runtime = WorkerRuntime(settings, store=store)
+    apply_gc_mode(gc_mode)
 
     rss_before = rss_bytes()
     peak_reset = reset_peak_rss()
@@ -366,7 +409,9 @@ async def drain_worker(settings: Settings, n: int, profile: str, stall_seconds: 
 
     runtime.open = open_and_instrument  # type: ignore[method-assign]
 
-    with profiling(profile, BENCH_DIR / ".profiles" / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}"):
+    gc_timer = GcTimer()
+    cpu_main, cpu_process = time.thread_time(), time.process_time()
+    with gc_timer, profiling(profile, BENCH_DIR / ".profiles" / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}"):
         task = asyncio.create_task(runtime.app.run(log_level=logging.DEBUG))
         last, last_progress = -1, time.monotonic()
         while not finished.is_set():
@@ -380,6 +425,7 @@ async def drain_worker(settings: Settings, n: int, profile: str, stall_seconds: 
                 last, last_progress = consumed, time.monotonic()
             elif time.monotonic() - last_progress > stall_seconds:
                 raise SystemExit(f"worker stalled at {consumed}/{n} records")
+    cpu_main, cpu_process = time.thread_time() - cpu_main, time.process_time() - cpu_process
     rss_after, peak = rss_bytes(), peak_rss_bytes()
     runtime.app.exit()
     await asyncio.wait_for(task, 60)
@@ -393,6 +439,9 @@ async def drain_worker(settings: Settings, n: int, profile: str, stall_seconds: 
         done_at - assigned_at,
         {
             "first_batch_after": first - assigned_at,
+            "gc": gc_timer.summary(),
+            "cpu_main": cpu_main,
+            "cpu_process": cpu_process,
             "stats": stats,
             "store": store,
             "handle_seconds": handle_seconds,
@@ -446,13 +495,14 @@ def report_block(args: argparse.Namespace, pre: Preload, bare: Drain, worker: Dr
     stats, store = worker.extra["stats"], worker.extra["store"]
     ratio = worker.rate / bare.rate
     m = machine()
-    v = versions("aiokafka", "faststream", "chdb", "chdb-core", "clickhouse-connect", "pyarrow", "pydantic", "orjson")
+    v = versions("aiokafka", "faststream", "chdb", "chdb-core", "clickhouse-connect", "pyarrow", "pydantic")
     mib = 1024 * 1024
     peak = worker.extra["peak_delta"]
     target = "met" if ratio >= 0.5 and worker.rate >= 150_000 else "NOT met"
     lines = [
         f"Run {now_utc()} — `python -m bench.ingest --events {args.events} --keys {args.keys}`"
-        + (f" --batch-max-records {args.batch_max_records}" if args.batch_max_records else ""),
+        + (f" --batch-max-records {args.batch_max_records}" if args.batch_max_records else "")
+        + (f" --gc {args.gc}" if args.gc != "default" else ""),
         "",
         "| | events | seconds | events/s |",
         "| --- | ---: | ---: | ---: |",
@@ -471,7 +521,9 @@ def report_block(args: argparse.Namespace, pre: Preload, bare: Drain, worker: Dr
         f"ClickHouse minute/hour/day sum(requests) = {stats.counted:,} each (verified).",
         f"- Worker time split (event-loop thread is one of them): batch handling {worker.extra['handle_seconds']:.2f}s "
         f"of {worker.seconds:.2f}s, of which waiting on ClickHouse: insert {store.write_seconds:.2f}s "
-        f"({store.writes} inserts), dedup lookup {store.seen_seconds:.2f}s.",
+        f"({store.writes} inserts), dedup lookup {store.seen_seconds:.2f}s; cyclic GC {worker.extra['gc']}; "
+        f"CPU: event-loop thread {worker.extra['cpu_main']:.2f}s, whole process {worker.extra['cpu_process']:.2f}s "
+        "(2 cores shared with the broker).",
         "- Worker memory (process RSS incl. chDB engine and fetch buffers): "
         f"before {worker.extra['rss_before'] / mib:.0f} MiB, "
         f"delta after drain {worker.extra['rss_delta'] / mib:+.0f} MiB"
@@ -520,7 +572,7 @@ async def main_async(args: argparse.Namespace) -> int:
         bare = await drain_bare(bootstrap, settings.events_topic, args.events, f"bench-bare-{run}")
         print(f"bare aiokafka consumer: {bare.records:,} in {bare.seconds:.2f}s = {fmt_rate(bare.rate)} events/s")
 
-        worker = await drain_worker(settings, args.events, args.profile)
+        worker = await drain_worker(settings, args.events, args.profile, args.gc)
         stats = worker.extra["stats"]
         dlq = sum(stats.rejected.values())
         if stats.counted != args.events - dlq - stats.duplicates:
@@ -533,7 +585,8 @@ async def main_async(args: argparse.Namespace) -> int:
         print(
             f"worker -> clickhouse:   {worker.records:,} in {worker.seconds:.2f}s = {fmt_rate(worker.rate)} events/s "
             f"({stats.batches} batches; handling {worker.extra['handle_seconds']:.2f}s, "
-            f"insert {store.write_seconds:.2f}s, dedup lookup {store.seen_seconds:.2f}s)"
+            f"insert {store.write_seconds:.2f}s, dedup lookup {store.seen_seconds:.2f}s; gc {worker.extra['gc']}; "
+            f"CPU: event-loop thread {worker.extra['cpu_main']:.2f}s, whole process {worker.extra['cpu_process']:.2f}s)"
         )
         print(
             f"ratio worker/bare: {ratio:.2f}   (targets: ratio >= 0.5 and >= 150,000 events/s)   "
@@ -561,6 +614,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", default=None, help="Kafka bootstrap (default: METER_KAFKA_BOOTSTRAP / settings)")
     p.add_argument("--batch-max-records", type=int, default=None, help="override the worker's batch_max_records")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--gc",
+        choices=("default", "freeze", "tuned"),
+        default="default",
+        help="worker-phase GC mode: as the worker runs today (default), gc.freeze() after start, or freeze + "
+        "higher gen0 threshold (what the worker could do)",
+    )
     p.add_argument("--profile", choices=("none", "cprofile", "pyinstrument"), default="none")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results.md")
     p.add_argument("--keep-topic", action="store_true", help="keep the bench topics afterwards")

@@ -75,8 +75,10 @@ class BatchAggregate:
         out: dict[tuple[str, int], int] = defaultdict(int)
         if not self._events:
             return out
-        counts = self._grouped()["minute"].group_by(["key_id", "minute"], use_threads=False).aggregate(
-            [("requests_sum", "sum")]
+        counts = (
+            self._grouped()["minute"]
+            .group_by(["key_id", "minute"], use_threads=False)
+            .aggregate([("requests_sum", "sum")])
         )
         keys = counts.column("key_id").to_pylist()
         minutes = counts.column("minute").to_pylist()
@@ -120,7 +122,7 @@ class BatchAggregate:
         # Columns in ROLLUP_SCHEMA order, each assembled from one piece per level (rows of a
         # level dimension it lacks hold '' / 0), then the dedup rows and the offset rows.
         parts: list[list[pa.Array]] = []
-        empty_hashes = pa.scalar([], pa.list_(pa.uint64()))
+        no_hashes = pa.array([], pa.uint64())
         grouped = self._grouped() if self._events else {}
         bucket_of = {"minute": "minute", "hour": "hour", "day": "day", "client_hour": "hour"}
         for name, rows in grouped.items():
@@ -148,7 +150,7 @@ class BatchAggregate:
                     rows.column("bytes_out_sum").combine_chunks().cast(pa.uint64()),
                     rows.column("latency_ms_sum").combine_chunks(),
                     pa.repeat(pa.scalar(0, pa.int64()), n),
-                    pa.repeat(empty_hashes, n),
+                    pa.ListArray.from_arrays(pa.repeat(pa.scalar(0, pa.int32()), n + 1), no_hashes),
                 ]
             )
 
