@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, NotRequired
 
-from pydantic import AwareDatetime, Field, StringConstraints, TypeAdapter
+from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints, TypeAdapter
 from typing_extensions import TypedDict
 
 EVENT_SCHEMA_VERSION = 1
@@ -22,6 +22,10 @@ _Id = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 class RequestEvent(TypedDict):
     """One request seen by an API node. ``key_id`` is derived on the node; never the raw key."""
+
+    # Strict: "200" is not a status and 12 is not a request id; a producer that sends the
+    # wrong JSON type has a bug worth seeing in the DLQ, not silently coerced.
+    __pydantic_config__ = ConfigDict(strict=True)  # type: ignore[misc]
 
     v: NotRequired[Annotated[int, Field(ge=1, le=EVENT_SCHEMA_VERSION)]]
     request_id: _Text
@@ -48,7 +52,7 @@ def parse_event(raw: bytes | str) -> RequestEvent:
 def make_event(**fields: Any) -> RequestEvent:
     """Build a validated event from Python values (used by nodes, tests and the simulator)."""
     fields.setdefault("v", EVENT_SCHEMA_VERSION)
-    return EVENT_ADAPTER.validate_python(fields)
+    return EVENT_ADAPTER.validate_python(fields, strict=False)
 
 
 def dump_event(event: RequestEvent) -> bytes:

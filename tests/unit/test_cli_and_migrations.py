@@ -51,7 +51,7 @@ def test_migrations_render_from_settings_only() -> None:
 
 def test_identifiers_and_dsn_redaction() -> None:
     assert quote_identifier("meter") == "`meter`"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid ClickHouse identifier"):
         quote_identifier("bad`name")
     assert redact_dsn("http://user:secret@host:8123/db") == "http://user:***@host:8123/db"
     assert redact_dsn("chdb:///tmp/x") == "chdb:///tmp/x"

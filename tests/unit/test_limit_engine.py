@@ -24,10 +24,10 @@ class Clock:
 
 
 class Harness:
-    def __init__(self, policy: LimitPolicy = LimitPolicy()) -> None:
+    def __init__(self, policy: LimitPolicy | None = None) -> None:
         self.clock = Clock(T0 + 5)
         self.published: list[Decision] = []
-        self.policies = PolicyBook(policy)
+        self.policies = PolicyBook(policy or LimitPolicy())
 
         async def publish(decisions: list[Decision]) -> None:
             self.published.extend(decisions)
