@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from tests.containers import docker_kafka
 from worker.settings import REPO_ROOT, Settings
 
 TEST_KAFKA_PORT = 19092
@@ -39,6 +40,9 @@ def kafka_bootstrap() -> str:
         if not _answers(given):
             pytest.fail(f"METER_KAFKA_BOOTSTRAP={given} does not answer")
         return given
+    addr = docker_kafka()  # an apache/kafka container where a Docker engine answers, else None
+    if addr:
+        return addr
     bootstrap = f"127.0.0.1:{TEST_KAFKA_PORT}"
     if not _answers(bootstrap):
         env = {**os.environ, "KAFKA_PORT": str(TEST_KAFKA_PORT)}
