@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from schemas.limits import LimitPolicy, OverrideScope
 from schemas.usage import Granularity, UsagePoint
+from worker.analytics.cli import add_analytics_commands
 from worker.logs import setup_logging
 from worker.settings import Settings
 
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8101)
     p.add_argument("--host", default="127.0.0.1")
     p.set_defaults(func=cmd_node)
+
+    add_analytics_commands(sub)
     return parser
 
 

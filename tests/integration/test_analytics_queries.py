@@ -1,0 +1,340 @@
+"""The analytics queries, abuse signals and CLI against the real engine, on a known sample."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from schemas.analytics import Breakdown, SignalKind, Subject, TopDimension, TopMetric
+from schemas.limits import LimitPolicy
+from schemas.usage import Granularity
+from worker.analytics import queries
+from worker.analytics.cli import add_analytics_commands
+from worker.analytics.sample import ABUSED_KEY, MANUAL_KEY, NORMAL_KEY, PROBER_KEY, STORM_IP, SampleFacts, seed_sample
+from worker.analytics.signals import SignalThresholds, abuse_signals
+from worker.settings import Settings
+
+pytestmark = pytest.mark.clickhouse
+
+
+@pytest.fixture(scope="module")
+def kafka_bootstrap() -> str:
+    """These tests need no broker: keep conftest from starting one."""
+    return "127.0.0.1:1"
+
+
+@pytest.fixture
+def now() -> datetime:
+    # Late in the current hour, so the whole sample "last hour" falls in the current hour and day.
+    return datetime.now(UTC).replace(minute=59, second=30, microsecond=0)
+
+
+@pytest.fixture
+def sample(clickhouse: Any, settings: Settings, now: datetime) -> SampleFacts:
+    return seed_sample(clickhouse, settings.clickhouse_database, now)
+
+
+def test_top_keys_last_hour_ranks_by_requests_with_counts(
+    clickhouse: Any, settings: Settings, sample: SampleFacts
+) -> None:
+    result = queries.top(
+        clickhouse,
+        settings.clickhouse_database,
+        TopDimension.key,
+        TopMetric.requests,
+        sample.now - timedelta(hours=1),
+        sample.now,
+        3,
+    )
+    assert result.level is Granularity.minute
+    assert [(e.id, e.requests) for e in result.entries] == [(ABUSED_KEY, 3000), (PROBER_KEY, 360), (NORMAL_KEY, 60)]
+    first = result.entries[0]
+    assert (first.account_id, first.errors, first.rate_limited, first.auth_failures) == ("acct-b", 1200, 1200, 0)
+
+
+@pytest.mark.parametrize(
+    ("dimension", "metric", "expected"),
+    [
+        (TopDimension.key, TopMetric.rate_limited, [(ABUSED_KEY, 1200)]),
+        (TopDimension.key, TopMetric.auth_failures, [(PROBER_KEY, 300)]),  # 150 guessed keys have 1 each
+        (TopDimension.endpoint, TopMetric.errors, [("/v0/payments", 1350), ("/v0/wallets", 300)]),
+        (TopDimension.account, TopMetric.requests, [("acct-b", 3000), ("acct-c", 360), ("acct-a", 60)]),
+    ],
+)
+def test_top_by_dimension_and_metric(
+    clickhouse: Any,
+    settings: Settings,
+    sample: SampleFacts,
+    dimension: TopDimension,
+    metric: TopMetric,
+    expected: list[tuple[str, int]],
+) -> None:
+    result = queries.top(
+        clickhouse,
+        settings.clickhouse_database,
+        dimension,
+        metric,
+        sample.now - timedelta(hours=1),
+        sample.now,
+        2 if dimension is TopDimension.key else 5,
+    )
+    value = {
+        TopMetric.requests: lambda e: e.requests,
+        TopMetric.errors: lambda e: e.errors,
+        TopMetric.auth_failures: lambda e: e.auth_failures,
+        TopMetric.rate_limited: lambda e: e.rate_limited,
+    }[metric]
+    assert [(e.id, value(e)) for e in result.entries][: len(expected)] == expected
+
+
+def test_top_over_days_reads_hour_rows_and_counts_the_baseline(
+    clickhouse: Any, settings: Settings, sample: SampleFacts
+) -> None:
+    since = sample.now.replace(hour=0, minute=0, second=0) - timedelta(days=7)
+    result = queries.top(
+        clickhouse, settings.clickhouse_database, TopDimension.key, TopMetric.requests, since, sample.now, 5
+    )
+    assert result.level is Granularity.hour
+    by_id = {e.id: e.requests for e in result.entries}
+    assert by_id[NORMAL_KEY] == 7 * sample.baseline_per_day[NORMAL_KEY] + 60
+    assert by_id[ABUSED_KEY] == 7 * sample.baseline_per_day[ABUSED_KEY] + 3000
+
+
+def test_top_refuses_bad_windows(clickhouse: Any, settings: Settings, sample: SampleFacts) -> None:
+    db, now = settings.clickhouse_database, sample.now
+    with pytest.raises(ValueError, match="before"):
+        queries.top(clickhouse, db, TopDimension.key, TopMetric.requests, now, now - timedelta(hours=1))
+    with pytest.raises(ValueError, match="at most 93 days"):
+        queries.top(clickhouse, db, TopDimension.key, TopMetric.requests, now - timedelta(days=200), now)
+    with pytest.raises(ValueError, match="n must be"):
+        queries.top(clickhouse, db, TopDimension.key, TopMetric.requests, now - timedelta(hours=1), now, 0)
+
+
+def test_key_series_by_status_class_fills_gaps(clickhouse: Any, settings: Settings, sample: SampleFacts) -> None:
+    since = sample.now - timedelta(minutes=90)
+    result = queries.series(
+        clickhouse,
+        settings.clickhouse_database,
+        Subject.key,
+        ABUSED_KEY,
+        Granularity.minute,
+        since,
+        sample.now,
+        Breakdown.status_class,
+    )
+    groups = {g.group: g for g in result.groups}
+    assert set(groups) == {"2xx", "4xx"}
+    assert groups["2xx"].total_requests == 1800
+    assert groups["4xx"].total_requests == 1200
+    assert result.buckets == 91
+    assert result.step_seconds == 60
+    four = groups["4xx"]
+    assert len(four.requests) == len(four.errors) == len(four.bytes_out) == 91
+    assert four.requests[0] == 0
+    assert four.requests[-1] == 20
+    assert four.errors[-1] == 20
+    assert result.bucket_start(90) == sample.now.replace(second=0)
+
+
+def test_key_series_without_breakdown_by_day(clickhouse: Any, settings: Settings, sample: SampleFacts) -> None:
+    today = sample.now.replace(hour=0, minute=0, second=0)
+    result = queries.series(
+        clickhouse,
+        settings.clickhouse_database,
+        Subject.key,
+        NORMAL_KEY,
+        Granularity.day,
+        today - timedelta(days=7),
+        sample.now,
+    )
+    assert [g.group for g in result.groups] == ["all"]
+    assert result.groups[0].requests == [1440] * 7 + [60]
+    assert result.groups[0].bytes_out[0] == 1440 * 512
+
+
+def test_account_series_by_endpoint(clickhouse: Any, settings: Settings, sample: SampleFacts) -> None:
+    result = queries.series(
+        clickhouse,
+        settings.clickhouse_database,
+        Subject.account,
+        "acct-c",
+        Granularity.hour,
+        sample.now - timedelta(hours=2),
+        sample.now,
+        Breakdown.endpoint,
+    )
+    assert {g.group: g.total_requests for g in result.groups} == {"/v0/wallets": 300, "/v0/rates": 60}
+
+
+def test_series_refuses_too_many_buckets(clickhouse: Any, settings: Settings) -> None:
+    now = datetime.now(UTC)
+    with pytest.raises(ValueError, match="at most 50000"):
+        queries.series(
+            clickhouse,
+            settings.clickhouse_database,
+            Subject.key,
+            "k",
+            Granularity.minute,
+            now - timedelta(days=60),
+            now,
+        )
+
+
+def test_key_state_counts_windows_against_the_policy(clickhouse: Any, settings: Settings, sample: SampleFacts) -> None:
+    state = queries.key_state(clickhouse, settings.clickhouse_database, ABUSED_KEY, LimitPolicy(), sample.now)
+    windows = {w.window.value: w for w in state.windows}
+    # 20 of the abused key's 50 a minute were refused with 429: they do not use up the allowance.
+    assert (windows["minute"].count, windows["hour"].count, windows["day"].count) == (30, 1800, 1800)
+    assert windows["hour"].over
+    assert not windows["minute"].over
+    assert not windows["day"].over
+    assert windows["minute"].remaining == 70
+    assert windows["hour"].remaining == 0
+    assert state.account_id == "acct-b"
+    assert state.blocked
+    assert state.blocked_until == sample.now + timedelta(minutes=5)
+    assert state.active_block is not None
+    assert state.active_block.version == 7
+    assert [d.version for d in state.history] == [7, 6, 5, 4, 3, 2, 1]
+
+
+def test_key_state_unlimited_policy_and_released_key(clickhouse: Any, settings: Settings, sample: SampleFacts) -> None:
+    state = queries.key_state(clickhouse, settings.clickhouse_database, NORMAL_KEY, LimitPolicy.unlimited(), sample.now)
+    assert all(w.limit is None and w.remaining is None and not w.over for w in state.windows)
+    assert not state.blocked
+    assert state.active_block is None
+    assert [d.action.value for d in state.history] == ["unblock", "block"]
+
+
+def test_blocked_keys_lists_blocks_in_force_only(clickhouse: Any, settings: Settings, sample: SampleFacts) -> None:
+    blocked = queries.blocked_keys(clickhouse, settings.clickhouse_database, sample.now)
+    assert [b.key_id for b in blocked] == sample.blocked
+    manual = blocked[1]
+    assert manual.until is None
+    assert manual.source == "operator"
+    # Once the abused key's block expires, only the manual block is left.
+    later = queries.blocked_keys(clickhouse, settings.clickhouse_database, sample.now + timedelta(minutes=6))
+    assert [b.key_id for b in later] == [MANUAL_KEY]
+
+
+def test_abuse_signals_find_each_pattern_and_explain_it(
+    clickhouse: Any, settings: Settings, sample: SampleFacts
+) -> None:
+    report = abuse_signals(clickhouse, settings.clickhouse_database, sample.now)
+    found = {(s.kind, s.key_id or s.client_ip): s for s in report.signals}
+    jump = found[(SignalKind.rate_jump, ABUSED_KEY)]
+    assert jump.evidence["requests"] == 3000
+    assert jump.evidence["baseline_per_hour"] == 20.0
+    assert "3,000 requests" in jump.explanation
+    assert "20.0/hour" in jump.explanation
+    limited = found[(SignalKind.rate_limited, ABUSED_KEY)]
+    assert limited.evidence["rate_limited"] == 1200
+    assert "429" in limited.explanation
+    auth = found[(SignalKind.auth_failures, PROBER_KEY)]
+    assert auth.evidence["auth_failures"] == 300
+    assert "83%" in auth.explanation
+    leaked = found[(SignalKind.many_sources, ABUSED_KEY)]
+    assert leaked.evidence["client_ips"] == sample.abused_ips + 1  # plus the baseline's own address
+    assert leaked.evidence["nodes"] == 3
+    blocks = found[(SignalKind.repeated_blocks, ABUSED_KEY)]
+    assert blocks.evidence["blocks"] == sample.abused_blocks_24h
+    storm = found[(SignalKind.invalid_key_storm, STORM_IP)]
+    assert storm.evidence == {"status_401": 150, "distinct_keys": sample.storm_keys}
+    assert "key guessing" in storm.explanation
+    # The normal key keeps to its baseline and is never flagged.
+    assert not [s for s in report.signals if s.key_id == NORMAL_KEY]
+    assert report.signals[0].severity.value == "high"
+
+
+def test_abuse_signals_thresholds_kinds_and_key_filter(
+    clickhouse: Any, settings: Settings, sample: SampleFacts
+) -> None:
+    db = settings.clickhouse_database
+    only = abuse_signals(clickhouse, db, sample.now, kinds={SignalKind.rate_limited})
+    assert [(s.kind, s.key_id) for s in only.signals] == [(SignalKind.rate_limited, ABUSED_KEY)]
+    strict = SignalThresholds(rate_jump_factor=500, client_ips_min=100, invalid_key_401_min=1000)
+    kinds = {s.kind for s in abuse_signals(clickhouse, db, sample.now, strict).signals}
+    assert not kinds & {SignalKind.rate_jump, SignalKind.many_sources, SignalKind.invalid_key_storm}
+    mine = abuse_signals(clickhouse, db, sample.now, key_id=PROBER_KEY)
+    assert {s.kind for s in mine.signals} == {SignalKind.rate_jump, SignalKind.auth_failures}
+
+
+# -- CLI handlers ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def meter(settings: Settings, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]]:
+    parser = argparse.ArgumentParser(prog="meter")
+    add_analytics_commands(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv: str) -> tuple[int, str]:
+        args = parser.parse_args(argv)
+        code = args.func(args, settings)
+        captured = capsys.readouterr()
+        stderr.append(captured.err)
+        return code, captured.out
+
+    stderr: list[str] = []
+    run.stderr = stderr  # type: ignore[attr-defined]
+
+    return run
+
+
+def test_cli_top_in_each_format(meter: Callable[..., tuple[int, str]], sample: SampleFacts) -> None:
+    until = sample.now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    code, out = meter("top", "-n", "2", "--until", until, "--format", "json")
+    assert code == 0
+    doc = json.loads(out)
+    assert [e["id"] for e in doc["entries"]] == [ABUSED_KEY, PROBER_KEY]
+    assert doc["level"] == "minute"
+    code, out = meter("top", "-n", "2", "--until", until, "--format", "csv", "--metric", "rate_limited")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert rows == [
+        {
+            "rank": "1",
+            "id": ABUSED_KEY,
+            "account_id": "acct-b",
+            "requests": "3000",
+            "errors": "1200",
+            "auth_failures": "0",
+            "rate_limited": "1200",
+        }
+    ]
+    code, out = meter("top", "--by", "endpoint", "--until", until)
+    lines = out.splitlines()
+    assert lines[0].split() == ["rank", "id", "requests", "errors", "auth_failures", "rate_limited"]
+    assert lines[1].split()[:3] == ["1", "/v0/payments", "3150"]
+
+
+def test_cli_key_state_blocked_signals_and_usage(meter: Callable[..., tuple[int, str]], sample: SampleFacts) -> None:
+    code, out = meter("key-state", "--key", MANUAL_KEY)
+    assert code == 0
+    assert "BLOCKED until an operator unblocks" in out
+    code, out = meter("blocked", "--format", "csv")
+    assert [r["key_id"] for r in csv.DictReader(io.StringIO(out))] == sample.blocked
+    code, out = meter("signals", "--kind", "invalid_key_storm", "--format", "json")
+    assert [s["client_ip"] for s in json.loads(out)["signals"]] == [STORM_IP]
+    code, out = meter("signals", "--key", PROBER_KEY)
+    assert "auth_failures" in out
+    assert "83%" in out
+    since = (sample.now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    code, out = meter(
+        "account-usage", "--account", "acct-b", "--granularity", "hour", "--since", since, "--sparse", "--format", "csv"
+    )
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert sum(int(r["requests"]) for r in rows) == 3000
+
+
+def test_cli_refuses_bad_input(meter: Callable[..., tuple[int, str]]) -> None:
+    code, _ = meter("top", "--window", "200d")
+    assert code == 2
+    assert "at most 93 days" in meter.stderr[-1]
+    with pytest.raises(SystemExit):
+        meter("top", "--since", "2026-01-01T00:00:00")  # no offset: refused, not guessed

@@ -1,0 +1,108 @@
+"""Analytics pieces that need no database: level choice, window parsing, output formats, severity."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from schemas.analytics import Severity, TopDimension, TopEntry, TopList, TopMetric
+from schemas.usage import Granularity
+from worker.analytics.api import error_body, parse_window
+from worker.analytics.cli import _span, _time, emit
+from worker.analytics.queries import check_window, window_level
+from worker.analytics.signals import _fmt_span, severity
+
+NOW = datetime(2026, 11, 27, 12, 34, 56, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("span", "level", "floored"),
+    [
+        (timedelta(hours=1), Granularity.minute, datetime(2026, 11, 27, 11, 34, tzinfo=UTC)),
+        (timedelta(hours=48), Granularity.minute, datetime(2026, 11, 25, 12, 34, tzinfo=UTC)),
+        (timedelta(hours=49), Granularity.hour, datetime(2026, 11, 25, 11, 0, tzinfo=UTC)),
+        (timedelta(days=31), Granularity.hour, datetime(2026, 10, 27, 12, 0, tzinfo=UTC)),
+        (timedelta(days=32), Granularity.day, datetime(2026, 10, 26, 0, 0, tzinfo=UTC)),
+    ],
+)
+def test_window_level_picks_the_coarsest_level_that_stays_exact_enough(
+    span: timedelta, level: Granularity, floored: datetime
+) -> None:
+    assert window_level(NOW - span, NOW) == (level, floored)
+
+
+def test_check_window_refuses_naive_reversed_and_oversized() -> None:
+    with pytest.raises(ValueError, match="UTC offset"):
+        check_window(NOW.replace(tzinfo=None), NOW)
+    with pytest.raises(ValueError, match="before"):
+        check_window(NOW, NOW)
+    with pytest.raises(ValueError, match="93 days"):
+        check_window(NOW - timedelta(days=94), NOW)
+    check_window(NOW - timedelta(days=93), NOW)  # the limit itself is allowed
+
+
+def test_window_and_time_parsing() -> None:
+    assert parse_window("15m") == timedelta(minutes=15)
+    assert parse_window("7d") == timedelta(days=7)
+    assert _span("24h") == timedelta(hours=24)
+    for bad in ("0h", "h", "1y", "-1h", "1.5h"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _span(bad)
+    assert _time("2026-11-27T12:00:00+02:00") == datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
+    with pytest.raises(argparse.ArgumentTypeError, match="offset"):
+        _time("2026-11-27T12:00:00")
+
+
+def test_severity_and_span_wording() -> None:
+    assert [severity(s) for s in (1.0, 1.99, 2.0, 4.9, 5.0)] == [
+        Severity.low,
+        Severity.low,
+        Severity.medium,
+        Severity.medium,
+        Severity.high,
+    ]
+    assert [_fmt_span(timedelta(hours=h)) for h in (1, 6, 24, 48)] == ["hour", "6 hours", "24 hours", "2 days"]
+    assert _fmt_span(timedelta(minutes=15)) == "15 minutes"
+
+
+def test_error_body_matches_the_metered_api_format() -> None:
+    assert error_body(401, "Invalid API key.", "r1") == {
+        "error": "invalid_api_key",
+        "message": "Invalid API key.",
+        "request_id": "r1",
+    }
+    assert error_body(422, "n: too big", "r2")["error"] == "invalid_request"
+    assert error_body(401, "Missing", "r3", error="missing_api_key")["error"] == "missing_api_key"
+
+
+def _top() -> TopList:
+    entry = TopEntry(rank=1, id="k,1", account_id=None, requests=10, errors=2, auth_failures=1, rate_limited=0)
+    return TopList(
+        dimension=TopDimension.key,
+        metric=TopMetric.requests,
+        level=Granularity.minute,
+        since=NOW,
+        until=NOW,
+        entries=[entry],
+    )
+
+
+def test_emit_table_csv_and_json() -> None:
+    result = _top()
+    rows = [e.model_dump() for e in result.entries]
+    columns = ["rank", "id", "account_id", "requests"]
+    out = io.StringIO()
+    emit(rows, columns, "table", result, out)
+    assert out.getvalue().splitlines() == ["rank  id   account_id  requests", "1     k,1              10"]
+    out = io.StringIO()
+    emit(rows, columns, "csv", result, out)
+    assert out.getvalue() == 'rank,id,account_id,requests\n1,"k,1",,10\n'  # quoted, None as empty
+    out = io.StringIO()
+    emit(rows, columns, "json", result, out)
+    doc = json.loads(out.getvalue())
+    assert doc["entries"][0]["errors"] == 2
+    assert doc["since"] == "2026-11-27T12:34:56Z"

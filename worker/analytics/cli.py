@@ -1,0 +1,354 @@
+"""``meter`` subcommands of the analytics: the same queries as the HTTP API, as table, JSON or CSV."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+from pydantic import BaseModel
+
+from schemas.analytics import Breakdown, Subject, TopDimension, TopMetric
+from schemas.limits import LimitOverride
+from schemas.usage import Granularity
+from worker.follower import TopicFollower
+from worker.limits.policies import PolicyBook, default_policy
+from worker.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+FORMATS = ("table", "json", "csv")
+
+
+def _time(text: str) -> datetime:
+    """RFC 3339 with an offset or Z; a naive time is refused rather than guessed."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r} (example: 2026-11-27T12:00:00Z)") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"time needs an offset or Z: {text!r}")
+    return value.astimezone(UTC)
+
+
+def _span(text: str) -> timedelta:
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit() or int(text[:-1]) < 1:
+        raise argparse.ArgumentTypeError(f"not a span: {text!r} (examples: 15m, 1h, 24h, 7d)")
+    return timedelta(**{units[text[-1]]: int(text[:-1])})
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value.value if hasattr(value, "value") else value)
+
+
+def emit(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    fmt: str,
+    document: BaseModel | Sequence[BaseModel] | None = None,
+    out: TextIO | None = None,
+) -> None:
+    """``json`` prints the whole result model (or the rows); ``table`` / ``csv`` print the rows."""
+    out = out or sys.stdout
+    if fmt == "json":
+        if isinstance(document, BaseModel):
+            out.write(document.model_dump_json() + "\n")
+        elif document is not None:
+            out.write(json.dumps([d.model_dump(mode="json") for d in document]) + "\n")
+        else:
+            out.write(json.dumps([{c: r.get(c) for c in columns} for r in rows], default=_cell) + "\n")
+        return
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_cell(row.get(c)) for c in columns])
+        return
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
+    for r in cells:
+        out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+def _client(settings: Settings) -> Any:
+    from worker.store.client import connect
+
+    return connect(settings.clickhouse_dsn, settings.clickhouse_database)
+
+
+def _refused(command: str, exc: ValueError) -> int:
+    print(f"meter {command}: {exc}", file=sys.stderr)
+    return 2
+
+
+# -- handlers -------------------------------------------------------------------------------
+
+
+def cmd_top(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.analytics.queries import top
+
+    until = args.until or datetime.now(UTC)
+    since = args.since or until - args.window
+    try:
+        result = top(
+            _client(settings),
+            settings.clickhouse_database,
+            TopDimension(args.by),
+            TopMetric(args.metric),
+            since,
+            until,
+            args.n,
+        )
+    except ValueError as exc:
+        return _refused("top", exc)
+    columns = [
+        "rank",
+        "id",
+        *(["account_id"] if args.by == "key" else []),
+        "requests",
+        "errors",
+        "auth_failures",
+        "rate_limited",
+    ]
+    emit([e.model_dump() for e in result.entries], columns, args.format, result)
+    return 0
+
+
+def _series(args: argparse.Namespace, settings: Settings, subject: Subject, subject_id: str, name: str) -> int:
+    from worker.analytics.queries import series
+
+    try:
+        result = series(
+            _client(settings),
+            settings.clickhouse_database,
+            subject,
+            subject_id,
+            Granularity(args.granularity),
+            args.since,
+            args.until,
+            Breakdown(args.breakdown),
+        )
+    except ValueError as exc:
+        return _refused(name, exc)
+    rows = [
+        {
+            "bucket": result.bucket_start(i),
+            "group": g.group,
+            "requests": g.requests[i],
+            "errors": g.errors[i],
+            "bytes_out": g.bytes_out[i],
+        }
+        for g in result.groups
+        for i in range(result.buckets)
+        if g.requests[i] or not args.sparse
+    ]
+    emit(rows, ["bucket", "group", "requests", "errors", "bytes_out"], args.format, result)
+    return 0
+
+
+def cmd_key_usage(args: argparse.Namespace, settings: Settings) -> int:
+    return _series(args, settings, Subject.key, args.key, "key-usage")
+
+
+def cmd_account_usage(args: argparse.Namespace, settings: Settings) -> int:
+    return _series(args, settings, Subject.account, args.account, "account-usage")
+
+
+def _policy_book(settings: Settings) -> PolicyBook:
+    """The default policy plus the overrides in force on the limits topic (if Kafka answers)."""
+    import asyncio
+
+    from worker.limits.control import current_overrides
+
+    book = PolicyBook(default_policy(settings))
+    try:
+        overrides = asyncio.run(asyncio.wait_for(current_overrides(settings), 15))
+    except Exception as exc:  # analytics still works without Kafka: say so, use the defaults
+        print(f"note: limit overrides not read from Kafka ({exc}); showing default limits", file=sys.stderr)
+        return book
+    for override in overrides.values():
+        book.apply(override)
+    return book
+
+
+def cmd_key_state(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.analytics.queries import key_state
+
+    book = _policy_book(settings)
+    state = key_state(_client(settings), settings.clickhouse_database, args.key, book.resolve, history=args.history)
+    if args.format == "json":
+        emit([], [], "json", state)
+        return 0
+    windows = [w.model_dump() for w in state.windows]
+    emit(windows, ["window", "start", "end", "count", "limit", "remaining", "over"], args.format)
+    if args.format == "table":
+        until = state.blocked_until.isoformat() if state.blocked_until else "until an operator unblocks"
+        print(
+            f"\nkey {state.key_id} (account {state.account_id or '-'}): "
+            + (f"BLOCKED {until}" if state.blocked else "not blocked")
+        )
+        print("\ndecisions, newest first:")
+    rows = [d.model_dump() for d in state.history]
+    emit(
+        rows, ["version", "decided_at", "action", "window", "count", "limit", "until", "source", "reason"], args.format
+    )
+    return 0
+
+
+def cmd_blocked(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.analytics.queries import blocked_keys
+
+    keys = blocked_keys(_client(settings), settings.clickhouse_database, n=args.n)
+    columns = ["key_id", "window", "count", "limit", "until", "decided_at", "source", "reason"]
+    emit([k.model_dump() for k in keys], columns, args.format, keys)
+    return 0
+
+
+def cmd_signals(args: argparse.Namespace, settings: Settings) -> int:
+    from schemas.analytics import SignalKind
+    from worker.analytics.signals import SignalThresholds, abuse_signals
+
+    thresholds = SignalThresholds(recent=args.recent, lookback=args.lookback)
+    kinds = {SignalKind(k) for k in args.kind} if args.kind else None
+    report = abuse_signals(
+        _client(settings), settings.clickhouse_database, thresholds=thresholds, kinds=kinds, key_id=args.key
+    )
+    rows = [{**s.model_dump(exclude={"evidence"}), "subject": s.key_id or s.client_ip} for s in report.signals]
+    if args.format == "table":
+        for s in report.signals:
+            print(f"[{s.severity.value:6}] {s.kind.value:18} {s.key_id or s.client_ip}\n         {s.explanation}")
+        if not report.signals:
+            print("no abuse signals")
+        return 0
+    emit(rows, ["severity", "kind", "subject", "account_id", "score", "explanation"], args.format, report)
+    return 0
+
+
+def cmd_serve_api(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from worker.analytics.api import build_query_app
+
+    if not settings.admin_api_key.get_secret_value():
+        print("meter serve-api: set METER_ADMIN_API_KEY first (every /v1 request must carry it)", file=sys.stderr)
+        return 2
+    book = _policy_book(settings)
+    follower = TopicFollower(settings.kafka_bootstrap, settings.limits_topic, _applier(book), "query-api")
+    app = build_query_app(settings, _client(settings), policy_for=book.resolve)
+    # Keep following the overrides while serving, so the key state shows the limits in force.
+    app.router.on_startup.append(follower.start)
+    app.router.on_shutdown.append(follower.stop)
+    host, port = args.host or settings.http_host, args.port or settings.http_port
+    print(f"query API on http://{host}:{port}/v1 — dashboard http://{host}:{port}/dashboard", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    return 0
+
+
+def _applier(book: PolicyBook) -> Callable[[list[Any]], Awaitable[None]]:
+    async def apply(records: list[Any]) -> None:
+        for record in records:
+            if record.value is not None:
+                book.apply(LimitOverride.model_validate_json(record.value))
+
+    return apply
+
+
+def cmd_analytics_sample(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.analytics.sample import seed_sample
+    from worker.store.migrations import migrate
+
+    client = _client(settings)
+    migrate(client, settings)
+    facts = seed_sample(client, settings.clickhouse_database)
+    print(f"wrote {facts.rows} rollup rows and sample decisions into {settings.clickhouse_database}")
+    return 0
+
+
+# -- registration ---------------------------------------------------------------------------
+
+
+def _fmt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=FORMATS, default="table")
+
+
+def _range(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", type=_time, help="RFC 3339 start (default: one span back from --until)")
+    p.add_argument("--until", type=_time, help="RFC 3339 end, exclusive (default: now)")
+
+
+def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``top``, ``key-usage``, ``account-usage``, ``key-state``, ``blocked``, ``signals``,
+    ``serve-api`` and ``analytics-sample`` on the ``meter`` parser."""
+    p = sub.add_parser("top", help="top N keys / accounts / endpoints by requests, errors, 401+403 or 429")
+    p.add_argument("--by", choices=[d.value for d in TopDimension], default="key")
+    p.add_argument(
+        "--metric",
+        choices=[m.value for m in TopMetric],
+        default="requests",
+        help="errors = status >= 400; auth_failures = 401 + 403; rate_limited = 429",
+    )
+    p.add_argument("-n", type=int, default=20, help="how many (1-1000)")
+    p.add_argument("--window", type=_span, default=timedelta(hours=1), help="span ending at --until (default 1h)")
+    _range(p)
+    _fmt(p)
+    p.set_defaults(func=cmd_top)
+
+    for name, target, handler in (
+        ("key-usage", "--key", cmd_key_usage),
+        ("account-usage", "--account", cmd_account_usage),
+    ):
+        p = sub.add_parser(name, help=f"usage series of one {target[2:]}, optionally by endpoint or status class")
+        p.add_argument(target, required=True)
+        p.add_argument("--granularity", choices=[g.value for g in Granularity], default="hour")
+        p.add_argument("--breakdown", choices=[b.value for b in Breakdown], default="none")
+        _range(p)
+        p.add_argument("--sparse", action="store_true", help="omit empty buckets")
+        _fmt(p)
+        p.set_defaults(func=handler)
+
+    p = sub.add_parser("key-state", help="a key's counts vs its limits, its active block and its decisions")
+    p.add_argument("--key", required=True)
+    p.add_argument("--history", type=int, default=20, help="how many decisions to show")
+    _fmt(p)
+    p.set_defaults(func=cmd_key_state)
+
+    p = sub.add_parser("blocked", help="keys blocked right now")
+    p.add_argument("-n", type=int, default=100)
+    _fmt(p)
+    p.set_defaults(func=cmd_blocked)
+
+    p = sub.add_parser("signals", help="abuse signals with plain-words explanations")
+    p.add_argument(
+        "--kind",
+        action="append",
+        choices=["rate_jump", "auth_failures", "rate_limited", "many_sources", "repeated_blocks", "invalid_key_storm"],
+    )
+    p.add_argument("--key", help="only this key's signals")
+    p.add_argument("--recent", type=_span, default=timedelta(hours=1), help="window of the rate signals (default 1h)")
+    p.add_argument(
+        "--lookback", type=_span, default=timedelta(hours=24), help="window of IP / block signals (default 24h)"
+    )
+    _fmt(p)
+    p.set_defaults(func=cmd_signals)
+
+    p = sub.add_parser("serve-api", help="serve the query API (/v1) and the dashboard (/dashboard)")
+    p.add_argument("--host", help="default: METER_HTTP_HOST")
+    p.add_argument("--port", type=int, help="default: METER_HTTP_PORT")
+    p.set_defaults(func=cmd_serve_api)
+
+    p = sub.add_parser("analytics-sample", help="write a small sample data set (to try the dashboard)")
+    p.set_defaults(func=cmd_analytics_sample)

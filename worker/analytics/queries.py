@@ -1,0 +1,306 @@
+"""Usage analytics served from the rollups: series, top lists, limit state, blocked keys.
+
+Every query aggregates with ``sum()`` (parts may be unmerged) and never reads the internal
+``dedup`` / ``offset`` rows. Values from callers only ever reach SQL as bound parameters
+(``{name:Type}``); the few SQL fragments that vary (column of a dimension, ordering
+metric) come from fixed tables keyed by enums, never from input text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+from schemas.analytics import (
+    BlockedKey,
+    Breakdown,
+    KeyState,
+    SeriesGroup,
+    Subject,
+    TopDimension,
+    TopEntry,
+    TopList,
+    TopMetric,
+    UsageSeries,
+    WindowState,
+)
+from schemas.decisions import DecisionAction, Window
+from schemas.limits import LimitPolicy
+from schemas.usage import Granularity
+from worker.store.client import quote_identifier
+from worker.store.decisions import DecisionStore
+from worker.store.usage import STEP_SECONDS, default_range, floor_to
+
+MAX_TOP_N = 1_000
+MAX_TOP_SPAN = timedelta(days=93)
+# Up to this span a window is counted from minute rows (exact to the minute); longer
+# windows from hour rows, then day rows — fewer rows to read, same totals on whole buckets.
+MINUTE_LEVEL_MAX_SPAN = timedelta(hours=48)
+HOUR_LEVEL_MAX_SPAN = timedelta(days=31)
+
+_SUBJECT_COLUMN = {Subject.key: "key_id", Subject.account: "account_id"}
+_GROUP_EXPR = {
+    Breakdown.none: "'all'",
+    Breakdown.endpoint: "toString(endpoint)",
+    Breakdown.status_class: "concat(toString(intDiv(status, 100)), 'xx')",
+}
+_DIMENSION_COLUMN = {TopDimension.key: "key_id", TopDimension.account: "account_id", TopDimension.endpoint: "endpoint"}
+_METRIC_COLUMN = {
+    TopMetric.requests: "n_requests",
+    TopMetric.errors: "n_errors",
+    TopMetric.auth_failures: "n_auth",
+    TopMetric.rate_limited: "n_429",
+}
+# Shared by every per-entity count so that "errors" means the same thing everywhere.
+COUNT_COLUMNS = (
+    "sum(requests) AS n_requests, sumIf(requests, status >= 400) AS n_errors, "
+    "sumIf(requests, status IN (401, 403)) AS n_auth, sumIf(requests, status = 429) AS n_429"
+)
+
+
+def rollup_table(database: str) -> str:
+    return f"{quote_identifier(database)}.usage_rollup"
+
+
+def utc(value: datetime) -> datetime:
+    """ClickHouse hands back naive UTC datetimes; make them aware."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def window_level(since: datetime, until: datetime) -> tuple[Granularity, datetime]:
+    """The rollup level that counts [since, until), and ``since`` floored to that level's bucket."""
+    span = until - since
+    if span <= MINUTE_LEVEL_MAX_SPAN:
+        level = Granularity.minute
+    elif span <= HOUR_LEVEL_MAX_SPAN:
+        level = Granularity.hour
+    else:
+        level = Granularity.day
+    return level, floor_to(since, level)
+
+
+def check_window(since: datetime, until: datetime, max_span: timedelta = MAX_TOP_SPAN) -> None:
+    if since.tzinfo is None or until.tzinfo is None:
+        raise ValueError("times need a UTC offset (for example 2026-11-27T12:00:00Z)")
+    if since >= until:
+        raise ValueError(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
+    if until - since > max_span:
+        raise ValueError(f"window spans {until - since}; at most {max_span.days} days per query")
+
+
+# -- usage series ---------------------------------------------------------------------------
+
+
+def series(
+    client: Client,
+    database: str,
+    subject: Subject | None,
+    subject_id: str,
+    granularity: Granularity,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    breakdown: Breakdown = Breakdown.none,
+    now: datetime | None = None,
+) -> UsageSeries:
+    """Requests per bucket of one key, one account, or (``subject=None``) all traffic.
+
+    Gaps are zeros; one group per endpoint / status class with a breakdown. Raises
+    ``ValueError`` for an empty or oversized range (more than 50,000 buckets). Only the
+    non-empty buckets cross from ClickHouse; the columns are filled here.
+    """
+    start, end = default_range(granularity, since, until, now)
+    step = STEP_SECONDS[granularity]
+    first = int(start.timestamp())
+    count = -(-(int(end.timestamp()) - first) // step)  # buckets starting in [start, end)
+    where_subject = f"AND {_SUBJECT_COLUMN[subject]} = {{id:String}} " if subject else ""
+    result = client.query(
+        f"SELECT {_GROUP_EXPR[breakdown]} AS grp, toUInt32(bucket), sum(requests), sumIf(requests, status >= 400), "
+        f"sum(bytes_out) FROM {rollup_table(database)} "
+        "WHERE level = {level:String} AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
+        f"{where_subject}GROUP BY grp, bucket",
+        parameters={"level": granularity.value, "id": subject_id, "since": start, "until": end},
+    )
+    columns: dict[str, tuple[list[int], list[int], list[int]]] = {}
+    for grp, bucket, n, errors, bytes_out in result.result_rows:
+        cols = columns.get(grp)
+        if cols is None:
+            cols = columns[grp] = ([0] * count, [0] * count, [0] * count)
+        i = (bucket - first) // step
+        cols[0][i], cols[1][i], cols[2][i] = n, errors, bytes_out
+    if not columns and breakdown is Breakdown.none:
+        columns["all"] = ([0] * count, [0] * count, [0] * count)
+    groups = [
+        SeriesGroup(group=str(grp), total_requests=sum(req), requests=req, errors=err, bytes_out=out)
+        for grp, (req, err, out) in columns.items()
+    ]
+    groups.sort(key=lambda g: (-g.total_requests, g.group))
+    return UsageSeries(
+        subject=subject,
+        id=subject_id if subject else None,
+        granularity=granularity,
+        breakdown=breakdown,
+        since=start,
+        until=end,
+        step_seconds=step,
+        buckets=count,
+        groups=groups,
+    )
+
+
+# -- top lists ------------------------------------------------------------------------------
+
+
+def top(
+    client: Client,
+    database: str,
+    dimension: TopDimension,
+    metric: TopMetric,
+    since: datetime,
+    until: datetime,
+    n: int = 20,
+) -> TopList:
+    """The ``n`` keys / accounts / endpoints with the most ``metric`` in [since, until).
+
+    Entities with zero of the metric are left out; accounts exclude traffic of keys
+    without an account.
+    """
+    check_window(since, until)
+    if not 1 <= n <= MAX_TOP_N:
+        raise ValueError(f"n must be between 1 and {MAX_TOP_N}")
+    level, start = window_level(since, until)
+    column = _DIMENSION_COLUMN[dimension]
+    metric_column = _METRIC_COLUMN[metric]
+    account = "anyIf(account_id, account_id != '')" if dimension is TopDimension.key else "''"
+    skip_blank = "AND account_id != '' " if dimension is TopDimension.account else ""
+    result = client.query(
+        f"SELECT toString({column}) AS id, {account} AS acct, {COUNT_COLUMNS} FROM {rollup_table(database)} "
+        "WHERE level = {level:String} AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
+        f"{skip_blank}GROUP BY id HAVING {metric_column} > 0 ORDER BY {metric_column} DESC, id LIMIT {{n:UInt32}}",
+        parameters={"level": level.value, "since": start, "until": until, "n": n},
+    )
+    entries = [
+        TopEntry(
+            rank=i,
+            id=str(ident),
+            account_id=str(acct) or None if dimension is TopDimension.key else None,
+            requests=int(req),
+            errors=int(err),
+            auth_failures=int(auth),
+            rate_limited=int(limited),
+        )
+        for i, (ident, acct, req, err, auth, limited) in enumerate(result.result_rows, start=1)
+    ]
+    return TopList(dimension=dimension, metric=metric, level=level, since=start, until=until, entries=entries)
+
+
+# -- limit state and decisions --------------------------------------------------------------
+
+
+def window_bounds(window: Window, now: datetime) -> tuple[datetime, datetime]:
+    granularity = Granularity(window.value)
+    start = floor_to(now, granularity)
+    return start, start + timedelta(seconds=STEP_SECONDS[granularity])
+
+
+def key_state(
+    client: Client,
+    database: str,
+    key_id: str,
+    policy: LimitPolicy | Callable[[str, str], LimitPolicy],
+    now: datetime | None = None,
+    history: int = 50,
+) -> KeyState:
+    """Counts of ``key_id`` in the current minute / hour / day against ``policy``, plus its decisions.
+
+    The active block is the newest decision if it is a block whose ``until`` is still ahead
+    (or has no ``until``: a manual block holds until an operator unblocks).
+    """
+    as_of = utc(now or datetime.now(UTC))
+    bounds = {w: window_bounds(w, as_of) for w in (Window.minute, Window.hour, Window.day)}
+    result = client.query(
+        # 429s are refused by the limiter and, as in the workers, do not use up the allowance.
+        "SELECT sumIf(requests, level = 'minute' AND bucket = {m:DateTime('UTC')} AND status != 429), "
+        "sumIf(requests, level = 'hour' AND bucket = {h:DateTime('UTC')} AND status != 429), "
+        "sumIf(requests, level = 'day' AND bucket = {d:DateTime('UTC')} AND status != 429), "
+        f"anyIf(account_id, account_id != '') FROM {rollup_table(database)} "
+        "WHERE level IN ('minute', 'hour', 'day') AND key_id = {key:String} AND bucket >= {d:DateTime('UTC')}",
+        parameters={
+            "key": key_id,
+            "m": bounds[Window.minute][0],
+            "h": bounds[Window.hour][0],
+            "d": bounds[Window.day][0],
+        },
+    )
+    minute_n, hour_n, day_n, account = result.result_rows[0] if result.result_rows else (0, 0, 0, "")
+    if callable(policy):  # per-key / per-account overrides need the key's account
+        policy = policy(key_id, str(account))
+    limits = {Window.minute: policy.per_minute, Window.hour: policy.per_hour, Window.day: policy.per_day}
+    counts = {Window.minute: int(minute_n), Window.hour: int(hour_n), Window.day: int(day_n)}
+    windows = []
+    for window, (start, end) in bounds.items():
+        limit, count = limits[window], counts[window]
+        windows.append(
+            WindowState(
+                window=window,
+                start=start,
+                end=end,
+                count=count,
+                limit=limit,
+                remaining=None if limit is None else max(0, limit - count),
+                over=limit is not None and count > limit,
+            )
+        )
+    decisions = DecisionStore(client, database).history(key_id, limit=history)
+    latest = decisions[0] if decisions else None
+    active = (
+        latest
+        if latest is not None
+        and latest.action is DecisionAction.block
+        and (latest.until is None or latest.until > as_of)
+        else None
+    )
+    return KeyState(
+        key_id=key_id,
+        account_id=str(account) or None,
+        as_of=as_of,
+        windows=windows,
+        blocked=active is not None,
+        blocked_until=active.until if active else None,
+        active_block=active,
+        history=decisions,
+    )
+
+
+def blocked_keys(client: Client, database: str, now: datetime | None = None, n: int = 100) -> list[BlockedKey]:
+    """Keys whose newest decision is a block still in force at ``now``, newest first."""
+    as_of = utc(now or datetime.now(UTC))
+    result = client.query(
+        "SELECT key_id, argMax(toString(action), version) AS act, argMax(toString(window), version), "
+        "argMax(limit_value, version), argMax(count_value, version), argMax(until, version) AS last_until, "
+        "argMax(reason, version), argMax(toString(source), version), argMax(decided_at, version) AS at, "
+        f"max(version) FROM {quote_identifier(database)}.decisions "
+        "GROUP BY key_id HAVING act = 'block' AND (last_until IS NULL OR last_until > {now:DateTime64(3, 'UTC')}) "
+        "ORDER BY at DESC, key_id LIMIT {n:UInt32}",
+        parameters={"now": as_of, "n": n},
+    )
+    return [
+        BlockedKey(
+            key_id=str(key),
+            window=Window(window),
+            limit=_opt_int(limit),
+            count=_opt_int(count),
+            until=utc(until) if until is not None else None,
+            reason=str(reason),
+            source=str(source),
+            decided_at=utc(at),
+            version=int(version),
+        )
+        for key, _act, window, limit, count, until, reason, source, at, version in result.result_rows
+    ]
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)

@@ -1,0 +1,383 @@
+"""Abuse signals: patterns worth a person's look, each with the numbers and a plain sentence.
+
+All of them read the rollups (never raw events): minute rows for the last-hour rates,
+day rows for a key's own baseline, ``client_hour`` rows for client IPs, the ``decisions``
+table for repeated blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from clickhouse_connect.driver.client import Client
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.analytics import Severity, Signal, SignalKind, SignalReport
+from schemas.usage import Granularity
+from worker.analytics.queries import rollup_table, utc
+from worker.store.client import quote_identifier
+from worker.store.usage import floor_to
+
+
+class SignalThresholds(BaseModel):
+    """When a pattern becomes a signal. ``score`` = how many times over its threshold."""
+
+    model_config = ConfigDict(frozen=True)
+
+    recent: timedelta = Field(default=timedelta(hours=1), description="window of the rate signals")
+    lookback: timedelta = Field(default=timedelta(hours=24), description="window of IPs, blocks, 401 storms")
+    baseline_days: int = Field(default=7, ge=1, le=30)
+    rate_jump_factor: float = Field(default=10.0, gt=1)
+    rate_jump_min_requests: int = Field(default=100, ge=1)
+    auth_failures_min: int = Field(default=50, ge=1)
+    auth_failures_min_share: float = Field(default=0.2, ge=0, le=1)
+    rate_limited_min: int = Field(default=100, ge=1)
+    client_ips_min: int = Field(default=20, ge=2)
+    # 0 = off: behind a round-robin balancer every busy key reaches every node, so a node
+    # count only means something on large fleets; set it to a share of your node count.
+    nodes_min: int = Field(default=0, ge=0)
+    repeated_blocks_min: int = Field(default=3, ge=2)
+    invalid_key_401_min: int = Field(default=100, ge=1)
+    max_per_kind: int = Field(default=50, ge=1, le=1000)
+
+
+def severity(score: float) -> Severity:
+    return Severity.high if score >= 5 else Severity.medium if score >= 2 else Severity.low
+
+
+def _fmt_span(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    if seconds % 86400 == 0:
+        days = seconds // 86400
+        return "24 hours" if days == 1 else f"{days} days"
+    if seconds % 3600 == 0:
+        hours = seconds // 3600
+        return "hour" if hours == 1 else f"{hours} hours"
+    return f"{seconds // 60} minutes"
+
+
+def rate_jumps(client: Client, database: str, now: datetime, th: SignalThresholds) -> list[Signal]:
+    """Keys whose rate in the recent window is far above their average of the previous days."""
+    since = floor_to(now - th.recent, Granularity.minute)
+    today = floor_to(now, Granularity.day)
+    base_since = today - timedelta(days=th.baseline_days)
+    table = rollup_table(database)
+    # The candidate keys are few, so their baseline is read by primary key (level, key_id, ...).
+    result = client.query(
+        "WITH cur AS ("
+        f" SELECT key_id, anyIf(account_id, account_id != '') AS acct, sum(requests) AS n FROM {table}"
+        " WHERE level = 'minute' AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')}"
+        " GROUP BY key_id HAVING n >= {min_n:UInt64})"
+        " SELECT cur.key_id, cur.acct, cur.n, base.total FROM cur LEFT JOIN ("
+        f" SELECT key_id, sum(requests) AS total FROM {table}"
+        " WHERE level = 'day' AND key_id IN (SELECT key_id FROM cur)"
+        " AND bucket >= {base_since:DateTime('UTC')} AND bucket < {today:DateTime('UTC')} GROUP BY key_id"
+        ") AS base ON cur.key_id = base.key_id",
+        parameters={
+            "since": since,
+            "until": now,
+            "min_n": th.rate_jump_min_requests,
+            "base_since": base_since,
+            "today": today,
+        },
+    )
+    hours = max((now - since).total_seconds() / 3600, 1 / 60)
+    base_hours = th.baseline_days * 24
+    out = []
+    for key, acct, n, total in result.result_rows:
+        rate = int(n) / hours
+        base_rate = int(total or 0) / base_hours
+        if base_rate > 0 and rate < th.rate_jump_factor * base_rate:
+            continue
+        if base_rate > 0:
+            factor = rate / base_rate
+            score = factor / th.rate_jump_factor
+            text = (
+                f"Key {key} made {int(n):,} requests in the last {_fmt_span(th.recent)} "
+                f"({rate:,.0f}/hour), {factor:,.0f}× its own average of {base_rate:,.1f}/hour over the "
+                f"previous {th.baseline_days} days. A sudden jump like this is typical of a leaked key "
+                "or a runaway client."
+            )
+        else:
+            factor = float("inf")
+            score = int(n) / th.rate_jump_min_requests
+            text = (
+                f"Key {key} made {int(n):,} requests in the last {_fmt_span(th.recent)} "
+                f"({rate:,.0f}/hour) but none in the previous {th.baseline_days} days: "
+                "a dormant or new key that suddenly became busy."
+            )
+        out.append(
+            Signal(
+                kind=SignalKind.rate_jump,
+                severity=severity(score),
+                key_id=str(key),
+                account_id=str(acct) or None,
+                score=round(score, 2),
+                explanation=text,
+                evidence={
+                    "requests": int(n),
+                    "rate_per_hour": round(rate, 1),
+                    "baseline_per_hour": round(base_rate, 2),
+                    "factor": round(factor, 1) if base_rate > 0 else "no baseline",
+                },
+                since=since,
+                until=now,
+            )
+        )
+    return _cap(out, th)
+
+
+def error_bursts(client: Client, database: str, now: datetime, th: SignalThresholds) -> list[Signal]:
+    """Keys with many 401/403 (auth failures) or many 429 (rate limited) in the recent window."""
+    since = floor_to(now - th.recent, Granularity.minute)
+    result = client.query(
+        "SELECT key_id, anyIf(account_id, account_id != ''), sum(requests) AS n, "
+        "sumIf(requests, status IN (401, 403)) AS auth, sumIf(requests, status = 429) AS limited, "
+        "sumIf(requests, status = 401) AS n401 "
+        f"FROM {rollup_table(database)} WHERE level = 'minute' "
+        "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
+        "GROUP BY key_id HAVING auth >= {auth_min:UInt64} OR limited >= {limited_min:UInt64}",
+        parameters={
+            "since": since,
+            "until": now,
+            "auth_min": th.auth_failures_min,
+            "limited_min": th.rate_limited_min,
+        },
+    )
+    span = _fmt_span(th.recent)
+    out = []
+    for key, acct, n, auth, limited, n401 in result.result_rows:
+        n, auth, limited = int(n), int(auth), int(limited)
+        if auth >= th.auth_failures_min and auth / n >= th.auth_failures_min_share:
+            score = auth / th.auth_failures_min
+            out.append(
+                Signal(
+                    kind=SignalKind.auth_failures,
+                    severity=severity(score),
+                    key_id=str(key),
+                    account_id=str(acct) or None,
+                    score=round(score, 2),
+                    explanation=(
+                        f"Key {key} got {auth:,} responses 401/403 in the last {span} "
+                        f"({auth / n:.0%} of its {n:,} requests): someone keeps calling with a key that is "
+                        "invalid, revoked or lacks the permission, e.g. probing endpoints it may not use."
+                    ),
+                    evidence={
+                        "requests": n,
+                        "auth_failures": auth,
+                        "status_401": int(n401),
+                        "share": round(auth / n, 3),
+                    },
+                    since=since,
+                    until=now,
+                )
+            )
+        if limited >= th.rate_limited_min:
+            score = limited / th.rate_limited_min
+            out.append(
+                Signal(
+                    kind=SignalKind.rate_limited,
+                    severity=severity(score),
+                    key_id=str(key),
+                    account_id=str(acct) or None,
+                    score=round(score, 2),
+                    explanation=(
+                        f"Key {key} was answered 429 Too Many Requests {limited:,} times in the last {span} "
+                        f"({limited / n:.0%} of its {n:,} requests): the client does not honour Retry-After "
+                        "and keeps hammering past its limit."
+                    ),
+                    evidence={"requests": n, "rate_limited": limited, "share": round(limited / n, 3)},
+                    since=since,
+                    until=now,
+                )
+            )
+    return _cap(out, th)
+
+
+def many_sources(client: Client, database: str, now: datetime, th: SignalThresholds) -> list[Signal]:
+    """Keys seen from unusually many client IPs (or nodes): the key is probably shared or leaked."""
+    since = floor_to(now - th.lookback, Granularity.hour)
+    table = rollup_table(database)
+    params = {"since": since, "until": now, "ips_min": th.client_ips_min, "nodes_min": th.nodes_min}
+    rows = client.query(
+        "SELECT key_id, anyIf(account_id, account_id != ''), uniqExact(client_ip) AS ips, sum(requests) "
+        f"FROM {table} WHERE level = 'client_hour' AND client_ip != '' "
+        "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
+        "GROUP BY key_id HAVING ips >= {ips_min:UInt64}",
+        parameters=params,
+    ).result_rows
+    found: dict[str, tuple[str, int, int]] = {str(k): (str(a), int(i), int(n)) for k, a, i, n in rows}
+    nodes: dict[str, int] = {}
+    if th.nodes_min > 0:
+        for key, acct, n_nodes, n in client.query(
+            "SELECT key_id, anyIf(account_id, account_id != ''), uniqExact(node_id) AS nodes, sum(requests) "
+            f"FROM {table} WHERE level = 'hour' "
+            "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
+            "GROUP BY key_id HAVING nodes >= {nodes_min:UInt64}",
+            parameters=params,
+        ).result_rows:
+            nodes[str(key)] = int(n_nodes)
+            found.setdefault(str(key), (str(acct), 0, int(n)))
+    if not found:
+        return []
+    keys = sorted(found)
+    top_ips: dict[str, list[str]] = {}
+    ip_count: dict[str, int] = {}
+    # The busiest IPs of each flagged key ("from where"), and the IP count of keys flagged by nodes.
+    for key, ip, n, total_ips in client.query(
+        "SELECT key_id, client_ip, sum(requests) AS n, count() OVER (PARTITION BY key_id) "
+        f"FROM {table} WHERE level = 'client_hour' AND client_ip != '' AND key_id IN {{keys:Array(String)}} "
+        "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
+        "GROUP BY key_id, client_ip ORDER BY key_id, n DESC LIMIT 3 BY key_id",
+        parameters={**params, "keys": keys},
+    ).result_rows:
+        top_ips.setdefault(str(key), []).append(f"{ip} ({int(n):,})")
+        ip_count[str(key)] = int(total_ips)
+    if th.nodes_min == 0:
+        for key, n_nodes in client.query(
+            f"SELECT key_id, uniqExact(node_id) FROM {table} WHERE level = 'hour' AND key_id IN {{keys:Array(String)}} "
+            "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} GROUP BY key_id",
+            parameters={**params, "keys": keys},
+        ).result_rows:
+            nodes[str(key)] = int(n_nodes)
+    span = _fmt_span(th.lookback)
+    out = []
+    for key, (acct, ips, n) in found.items():
+        ips = ips or ip_count.get(key, 0)
+        n_nodes = nodes.get(key, 0)
+        score = max(ips / th.client_ips_min, n_nodes / th.nodes_min if th.nodes_min else 0.0)
+        out.append(
+            Signal(
+                kind=SignalKind.many_sources,
+                severity=severity(score),
+                key_id=key,
+                account_id=acct or None,
+                score=round(score, 2),
+                explanation=(
+                    f"Key {key} was used from {ips:,} different client IPs through {n_nodes} API nodes in the "
+                    f"last {span} ({n:,} requests; busiest: {', '.join(top_ips.get(key, [])) or 'n/a'}). "
+                    "One integration rarely needs that many addresses: the key may be leaked or shared."
+                ),
+                evidence={
+                    "client_ips": ips,
+                    "nodes": n_nodes,
+                    "requests": n,
+                    "top_ips": ", ".join(top_ips.get(key, [])),
+                },
+                since=since,
+                until=now,
+            )
+        )
+    return _cap(out, th)
+
+
+def repeated_blocks(client: Client, database: str, now: datetime, th: SignalThresholds) -> list[Signal]:
+    """Keys blocked again and again: the client ignores its limits instead of backing off."""
+    since = now - th.lookback
+    rows = client.query(
+        "SELECT key_id, count() AS blocks, arrayStringConcat(arraySort(groupUniqArray(toString(window))), ', '), "
+        "max(decided_at) "
+        f"FROM {quote_identifier(database)}.decisions FINAL WHERE action = 'block' "
+        "AND decided_at >= {since:DateTime64(3, 'UTC')} AND decided_at < {until:DateTime64(3, 'UTC')} "
+        "GROUP BY key_id HAVING blocks >= {min_blocks:UInt64}",
+        parameters={"since": since, "until": now, "min_blocks": th.repeated_blocks_min},
+    ).result_rows
+    span = _fmt_span(th.lookback)
+    out = []
+    for key, blocks, windows, last in rows:
+        score = int(blocks) / th.repeated_blocks_min
+        out.append(
+            Signal(
+                kind=SignalKind.repeated_blocks,
+                severity=severity(score),
+                key_id=str(key),
+                score=round(score, 2),
+                explanation=(
+                    f"Key {key} was blocked {int(blocks)} times in the last {span} (limits: {windows}; "
+                    f"last at {utc(last):%Y-%m-%d %H:%M} UTC): it runs into its limit again as soon as "
+                    "a window reopens."
+                ),
+                evidence={"blocks": int(blocks), "windows": str(windows), "last_block": utc(last).isoformat()},
+                since=since,
+                until=now,
+            )
+        )
+    return _cap(out, th)
+
+
+def invalid_key_storms(client: Client, database: str, now: datetime, th: SignalThresholds) -> list[Signal]:
+    """Client IPs that collect many 401s, usually across many key ids: key guessing or a broken deploy."""
+    since = floor_to(now - th.lookback, Granularity.hour)
+    rows = client.query(
+        "SELECT client_ip, sum(requests) AS n, uniqExact(key_id) AS keys "
+        f"FROM {rollup_table(database)} WHERE level = 'client_hour' AND status = 401 AND client_ip != '' "
+        "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
+        "GROUP BY client_ip HAVING n >= {min_n:UInt64} ORDER BY n DESC LIMIT {cap:UInt32}",
+        parameters={"since": since, "until": now, "min_n": th.invalid_key_401_min, "cap": th.max_per_kind},
+    ).result_rows
+    span = _fmt_span(th.lookback)
+    out = []
+    for ip, n, keys in rows:
+        score = int(n) / th.invalid_key_401_min
+        guess = (
+            "trying many different keys looks like key guessing or credential stuffing"
+            if int(keys) >= 10
+            else "the same few keys again and again looks like a client still using a revoked key"
+        )
+        out.append(
+            Signal(
+                kind=SignalKind.invalid_key_storm,
+                severity=severity(score),
+                client_ip=str(ip),
+                score=round(score, 2),
+                explanation=(
+                    f"Client IP {ip} got {int(n):,} responses 401 (missing or invalid key) over {int(keys):,} "
+                    f"different key ids in the last {span}: {guess}."
+                ),
+                evidence={"status_401": int(n), "distinct_keys": int(keys)},
+                since=since,
+                until=now,
+            )
+        )
+    return out
+
+
+def _cap(signals: list[Signal], th: SignalThresholds) -> list[Signal]:
+    return sorted(signals, key=lambda s: -s.score)[: th.max_per_kind]
+
+
+DETECTORS: dict[SignalKind, Callable[[Client, str, datetime, SignalThresholds], list[Signal]]] = {
+    SignalKind.rate_jump: rate_jumps,
+    SignalKind.auth_failures: error_bursts,  # one query serves both kinds
+    SignalKind.rate_limited: error_bursts,
+    SignalKind.many_sources: many_sources,
+    SignalKind.repeated_blocks: repeated_blocks,
+    SignalKind.invalid_key_storm: invalid_key_storms,
+}
+
+
+def abuse_signals(
+    client: Client,
+    database: str,
+    now: datetime | None = None,
+    thresholds: SignalThresholds | None = None,
+    kinds: set[SignalKind] | None = None,
+    key_id: str | None = None,
+) -> SignalReport:
+    """Every signal (or those of ``kinds``), strongest first; ``key_id`` keeps that key's only."""
+    as_of = utc(now or datetime.now(UTC))
+    th = thresholds or SignalThresholds()
+    wanted = kinds or set(SignalKind)
+    signals: list[Signal] = []
+    ran: set[Callable[[Client, str, datetime, SignalThresholds], list[Signal]]] = set()
+    for kind, detect in DETECTORS.items():
+        if kind not in wanted or detect in ran:
+            continue
+        ran.add(detect)
+        signals.extend(s for s in detect(client, database, as_of, th) if s.kind in wanted)
+    if key_id is not None:
+        signals = [s for s in signals if s.key_id == key_id]
+    order = {Severity.high: 0, Severity.medium: 1, Severity.low: 2}
+    signals.sort(key=lambda s: (order[s.severity], -s.score, s.kind.value))
+    return SignalReport(as_of=as_of, signals=signals)
