@@ -259,8 +259,8 @@ async def drain_bare(bootstrap: str, topic: str, n: int, group: str, stall_secon
 class TimedStore(RollupStore):
     """The real store, timing its two ingest calls (they run in worker threads)."""
 
-    def __init__(self, client: Any, database: str) -> None:
-        super().__init__(client, database)
+    def __init__(self, client: Any, database: str, lookup_client: Any = None) -> None:
+        super().__init__(client, database, lookup_client)
         self.write_seconds = 0.0
         self.writes = 0
         self.seen_seconds = 0.0
@@ -271,7 +271,7 @@ class TimedStore(RollupStore):
         self.write_seconds += time.perf_counter() - started
         self.writes += 1
 
-    def seen_hashes(self, minutes_by_partition: Mapping[int, Iterable[int]], hashes: list[int]) -> set[int]:
+    def seen_hashes(self, minutes_by_partition: Mapping[int, Iterable[int]], hashes: Sequence[int]) -> set[int]:
         started = time.perf_counter()
         try:
             return super().seen_hashes(minutes_by_partition, hashes)
@@ -309,15 +309,16 @@ class GcTimer:
         return f"{total:.2f}s ({per})"
 
 
-def apply_gc_mode(mode: str) -> None:
-    """What the worker process could do at start (see README): the bench can try it in-process."""
-    if mode == "freeze":
-        gc.collect()
-        gc.freeze()  # objects alive after startup are never scanned again
-    elif mode == "tuned":
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
+def apply_gc_mode(mode: str, gen0: int | None = None) -> None:
+    """The worker tunes the GC itself at start-up (``worker.app.tune_gc``); the bench can undo
+    that (``untuned``: Python's defaults, as before) or try another gen0 threshold."""
+    import worker.app
+
+    if mode == "untuned":
+        worker.app.tune_gc = lambda: None  # type: ignore[assignment]
+        gc.set_threshold(700, 10, 10)
+    elif gen0 is not None:
+        worker.app.GC_THRESHOLDS = (gen0, *worker.app.GC_THRESHOLDS[1:])
 
 
 @contextlib.contextmanager
@@ -354,12 +355,16 @@ def profiling(kind: str, out: Path) -> Any:
             print(f"profile saved to {out.with_suffix('.html')}")
 
 
-async def drain_worker(settings: Settings, n: int, profile: str, gc_mode: str, stall_seconds: float = 120.0) -> Drain:
+async def drain_worker(
+    settings: Settings, n: int, profile: str, gc_mode: str, gen0: int | None = None, stall_seconds: float = 120.0
+) -> Drain:
     client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
     migrate(client, settings)
-    store = TimedStore(client, settings.clickhouse_database)
+    # as WorkerRuntime.open builds it: a second client for the dedup lookups
+    lookups = connect(settings.clickhouse_dsn, settings.clickhouse_database)
+    store = TimedStore(client, settings.clickhouse_database, lookups)
     runtime = WorkerRuntime(settings, store=store)
-    apply_gc_mode(gc_mode)
+    apply_gc_mode(gc_mode, gen0)
 
     rss_before = rss_bytes()
     peak_reset = reset_peak_rss()
@@ -502,7 +507,8 @@ def report_block(args: argparse.Namespace, pre: Preload, bare: Drain, worker: Dr
     lines = [
         f"Run {now_utc()} — `python -m bench.ingest --events {args.events} --keys {args.keys}`"
         + (f" --batch-max-records {args.batch_max_records}" if args.batch_max_records else "")
-        + (f" --gc {args.gc}" if args.gc != "default" else ""),
+        + (f" --gc {args.gc}" if args.gc == "untuned" else "")
+        + (f" --gc-gen0 {args.gc_gen0}" if args.gc_gen0 else ""),
         "",
         "| | events | seconds | events/s |",
         "| --- | ---: | ---: | ---: |",
@@ -572,7 +578,7 @@ async def main_async(args: argparse.Namespace) -> int:
         bare = await drain_bare(bootstrap, settings.events_topic, args.events, f"bench-bare-{run}")
         print(f"bare aiokafka consumer: {bare.records:,} in {bare.seconds:.2f}s = {fmt_rate(bare.rate)} events/s")
 
-        worker = await drain_worker(settings, args.events, args.profile, args.gc)
+        worker = await drain_worker(settings, args.events, args.profile, args.gc, args.gc_gen0)
         stats = worker.extra["stats"]
         dlq = sum(stats.rejected.values())
         if stats.counted != args.events - dlq - stats.duplicates:
@@ -616,11 +622,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
         "--gc",
-        choices=("default", "freeze", "tuned"),
-        default="default",
-        help="worker-phase GC mode: as the worker runs today (default), gc.freeze() after start, or freeze + "
-        "higher gen0 threshold (what the worker could do)",
+        choices=("worker", "tuned", "untuned"),
+        default="worker",
+        help="worker-phase GC: as the worker tunes it at start (gc.freeze() + higher gen0 threshold; default), "
+        "or Python's defaults (untuned); 'tuned' is the old name of 'worker'",
     )
+    p.add_argument("--gc-gen0", type=int, default=None, help="try another gen0 threshold than the worker's")
     p.add_argument("--profile", choices=("none", "cprofile", "pyinstrument"), default="none")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results.md")
     p.add_argument("--keep-topic", action="store_true", help="keep the bench topics afterwards")

@@ -7,7 +7,7 @@ import pytest
 
 from schemas.events import dump_event, make_event
 from worker.ingest.aggregate import BatchAggregate, request_hash
-from worker.ingest.validate import Rejection, ValidEvent, Validator
+from worker.ingest.validate import Rejection, Validator, ValidEvent
 from worker.store.rollup import LEVELS, ROLLUP_SCHEMA
 
 NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)

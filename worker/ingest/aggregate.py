@@ -3,8 +3,7 @@ the dedup memory of the batch and the offsets it covers, as one Arrow table."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from itertools import chain
+from collections.abc import Collection
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,38 +17,68 @@ _MINUTE_DIMS = ["key_id", "account_id", "minute", "endpoint", "status"]
 _HOUR_DIMS = ["key_id", "account_id", "hour", "endpoint", "status", "node_id"]
 _DAY_DIMS = ["key_id", "account_id", "day", "endpoint", "status", "node_id"]
 _CLIENT_DIMS = ["key_id", "account_id", "hour", "status", "client_ip"]
+_LIMIT_DIMS = ["partition", "key_id", "account_id", "minute"]
 _SUMS = [("requests", "sum"), ("bytes_out", "sum"), ("latency_ms", "sum")]
+_STATUS_TOO_MANY = 429
+
+_xxh3 = xxhash.xxh3_64_intdigest
 
 
 def request_hash(key_id: str, request_id: str) -> int:
-    """Stable 64-bit identity of a request for the dedup memory."""
-    return int(xxhash.xxh3_64_intdigest(f"{key_id}\x00{request_id}".encode()))
+    """Stable 64-bit identity of a request for the dedup memory (the pipeline inlines it)."""
+    return int(_xxh3(f"{key_id}\x00{request_id}".encode()))
 
 
 class BatchAggregate:
     """Accumulates events; ``to_arrow`` renders every level's rows for one atomic insert.
 
-    The events are kept as they come and grouped per level in Arrow (C++) when the batch is
+    The events are kept column-wise as they come (plain lists the pipeline appends to
+    directly, one pass per event) and grouped per level in Arrow (C++) when the batch is
     rendered: one row per distinct (key, account, bucket, endpoint, status[, node]) at the
     minute, hour and day levels and per (key, account, hour, status, client IP) for client
-    IPs, with the sums of requests, bytes out and latency.
+    IPs, with the sums of requests, bytes out and latency. The dedup rows (hashes per
+    partition and minute) and the limit counts come from the same table.
     """
 
     def __init__(self) -> None:
-        self._events: list[RequestEvent] = []
-        self._minutes: list[int] = []
-        self._hashes: dict[tuple[int, int], list[int]] = defaultdict(list)  # (partition, minute)
+        # One list per column, index = event (see ``columns``).
+        self.partition: list[int] = []
+        self.key_id: list[str] = []
+        self.account_id: list[str] = []
+        self.minute: list[int] = []
+        self.endpoint: list[str] = []
+        self.status: list[int] = []
+        self.node_id: list[str] = []
+        self.client_ip: list[str] = []
+        self.bytes_out: list[int] = []
+        self.latency_ms: list[float] = []
+        self.hashes: list[int] = []
+        self._table: pa.Table | None = None
         self._levels: dict[str, pa.Table] | None = None
         self.offsets: dict[int, int] = {}  # partition -> last offset of this batch
         self.first_offsets: dict[int, int] = {}
-        self.events = 0
+
+    @property
+    def events(self) -> int:
+        return len(self.hashes)
 
     def add(self, partition: int, event: RequestEvent, epoch: float, digest: int) -> None:
-        minute = int(epoch) // 60 * 60
-        self._events.append(event)
-        self._minutes.append(minute)
-        self._hashes[(partition, minute)].append(digest)
-        self.events += 1
+        self.partition.append(partition)
+        self.key_id.append(event["key_id"])
+        self.account_id.append(event.get("account_id") or "")
+        self.minute.append(int(epoch) // 60 * 60)
+        self.endpoint.append(event["endpoint"])
+        self.status.append(event["status"])
+        self.node_id.append(event["node_id"])
+        self.client_ip.append(event.get("client_ip") or "")
+        self.bytes_out.append(event.get("bytes_out") or 0)
+        self.latency_ms.append(event.get("latency_ms") or 0.0)
+        self.hashes.append(digest)
+        self.changed()
+
+    def changed(self) -> None:
+        """Forget rendered tables (after appending to the column lists directly)."""
+        self._table = None
         self._levels = None
 
     def cover(self, partition: int, offset: int) -> None:
@@ -65,15 +94,31 @@ class BatchAggregate:
         return f"{topic}|{spans}"
 
     def minutes_by_partition(self) -> dict[int, set[int]]:
-        out: dict[int, set[int]] = defaultdict(set)
-        for partition, minute in self._hashes:
-            out[partition].add(minute)
+        out: dict[int, set[int]] = {}
+        if not self.hashes:
+            return out
+        pairs = self._table_or_build().group_by(["partition", "minute"], use_threads=False).aggregate([])
+        for p, m in zip(pairs.column("partition").to_pylist(), pairs.column("minute").to_pylist(), strict=True):
+            out.setdefault(p, set()).add(m)
         return out
 
+    def drop(self, hashes: Collection[int]) -> int:
+        """Remove the events whose hash is in ``hashes`` (found in the dedup memory); returns how many."""
+        if not hashes or not self.hashes:
+            return 0
+        keep = [h not in hashes for h in self.hashes]
+        dropped = keep.count(False)
+        if dropped:
+            for name in _COLUMN_LISTS:
+                column = getattr(self, name)
+                column[:] = [v for v, k in zip(column, keep, strict=True) if k]
+            self.changed()
+        return dropped
+
     def key_minute_counts(self) -> dict[tuple[str, int], int]:
-        """Requests per (key_id, minute) — what the limit counters add."""
-        out: dict[tuple[str, int], int] = defaultdict(int)
-        if not self._events:
+        """Requests per (key_id, minute), all statuses."""
+        out: dict[tuple[str, int], int] = {}
+        if not self.hashes:
             return out
         counts = (
             self._grouped()["minute"]
@@ -85,30 +130,57 @@ class BatchAggregate:
         out.update(zip(zip(keys, minutes, strict=True), counts.column("requests_sum_sum").to_pylist(), strict=True))
         return out
 
+    def limit_counts(self) -> dict[tuple[int, str, str, int], int]:
+        """(partition, key_id, account_id, minute) -> requests: what the limit counters add.
+
+        A request the limiter refused (429) does not use up the allowance.
+        """
+        if not self.hashes:
+            return {}
+        table = self._table_or_build()
+        counted = table.filter(pc.not_equal(table.column("status"), _STATUS_TOO_MANY))
+        if counted.num_rows == 0:
+            return {}
+        g = counted.group_by(_LIMIT_DIMS, use_threads=False).aggregate([("requests", "sum")])
+        keys = zip(
+            g.column("partition").to_pylist(),
+            g.column("key_id").to_pylist(),
+            g.column("account_id").to_pylist(),
+            g.column("minute").to_pylist(),
+            strict=True,
+        )
+        return dict(zip(keys, g.column("requests_sum").to_pylist(), strict=True))
+
+    def _table_or_build(self) -> pa.Table:
+        if self._table is None:
+            self._table = self._event_table()
+        return self._table
+
     def _event_table(self) -> pa.Table:
         """One row per event with the dimensions of every level (absent optionals as ''/0)."""
-        events = self._events
-        minute = pa.array(self._minutes, pa.int64())
+        minute = pa.array(self.minute, pa.int64())
         return pa.table(
             {
-                "key_id": pa.array([e["key_id"] for e in events], pa.string()),
-                "account_id": pa.array([e.get("account_id") or "" for e in events], pa.string()),
+                "partition": pa.array(self.partition, pa.int64()),
+                "key_id": pa.array(self.key_id, pa.string()),
+                "account_id": pa.array(self.account_id, pa.string()),
                 "minute": minute,
                 "hour": pc.multiply(pc.divide(minute, 3600), 3600),  # buckets are >= 0: truncation is floor
                 "day": pc.multiply(pc.divide(minute, 86400), 86400),
-                "endpoint": pa.array([e["endpoint"] for e in events], pa.string()),
-                "status": pa.array([e["status"] for e in events], pa.int64()),
-                "node_id": pa.array([e["node_id"] for e in events], pa.string()),
-                "client_ip": pa.array([e.get("client_ip") or "" for e in events], pa.string()),
-                "requests": pa.repeat(pa.scalar(1, pa.int64()), len(events)),
-                "bytes_out": pa.array([e.get("bytes_out") or 0 for e in events], pa.int64()),
-                "latency_ms": pa.array([e.get("latency_ms") or 0.0 for e in events], pa.float64()),
+                "endpoint": pa.array(self.endpoint, pa.string()),
+                "status": pa.array(self.status, pa.int64()),
+                "node_id": pa.array(self.node_id, pa.string()),
+                "client_ip": pa.array(self.client_ip, pa.string()),
+                "requests": pa.repeat(pa.scalar(1, pa.int64()), len(self.hashes)),
+                "bytes_out": pa.array(self.bytes_out, pa.int64()),
+                "latency_ms": pa.array(self.latency_ms, pa.float64()),
+                "hash": pa.array(self.hashes, pa.uint64()),
             }
         )
 
     def _grouped(self) -> dict[str, pa.Table]:
         if self._levels is None:
-            table = self._event_table()
+            table = self._table_or_build()
             with_ip = table.filter(pc.not_equal(table.column("client_ip"), ""))
             self._levels = {
                 "minute": table.group_by(_MINUTE_DIMS, use_threads=False).aggregate(_SUMS),
@@ -123,7 +195,7 @@ class BatchAggregate:
         # level dimension it lacks hold '' / 0), then the dedup rows and the offset rows.
         parts: list[list[pa.Array]] = []
         no_hashes = pa.array([], pa.uint64())
-        grouped = self._grouped() if self._events else {}
+        grouped = self._grouped() if self.hashes else {}
         bucket_of = {"minute": "minute", "hour": "hour", "day": "day", "client_hour": "hour"}
         for name, rows in grouped.items():
             n = rows.num_rows
@@ -154,49 +226,38 @@ class BatchAggregate:
                 ]
             )
 
-        extra_level: list[int] = []
-        extra_key: list[str] = []
-        extra_bucket: list[int] = []
-        extra_partition: list[int] = []
-        extra_offset: list[int] = []
-        hash_lists: list[list[int]] = []
-        for (part, minute), digests in self._hashes.items():
-            extra_level.append(LEVELS["dedup"])
-            extra_key.append("")
-            extra_bucket.append(minute)
-            extra_partition.append(part)
-            extra_offset.append(0)
-            hash_lists.append(digests)
-        for part, off in self.offsets.items():
-            extra_level.append(LEVELS["offset"])
-            extra_key.append(topic)
-            extra_bucket.append(0)
-            extra_partition.append(part)
-            extra_offset.append(off)
-            hash_lists.append([])
-        n = len(extra_level)
-        list_offsets = [0]
-        for digests in hash_lists:
-            list_offsets.append(list_offsets[-1] + len(digests))
+        # The dedup memory: one row per (partition, minute) holding the hashes counted there.
+        if self.hashes:
+            table = self._table_or_build()
+            dedup = table.group_by(["partition", "minute"], use_threads=False).aggregate([("hash", "list")])
+            d_part = dedup.column("partition").combine_chunks().cast(pa.uint16())
+            d_minute = dedup.column("minute").combine_chunks().cast(pa.uint32())
+            d_hashes = dedup.column("hash_list").combine_chunks().cast(pa.list_(pa.uint64()))
+        else:
+            d_part = pa.array([], pa.uint16())
+            d_minute = pa.array([], pa.uint32())
+            d_hashes = pa.array([], pa.list_(pa.uint64()))
+        nd = len(d_part)
+        offset_parts = list(self.offsets)
+        no = len(offset_parts)
+        n = nd + no
         blank = pa.repeat(pa.scalar("", pa.string()), n)
         parts.append(
             [
-                pa.array(extra_level, pa.int8()),
-                pa.array(extra_key, pa.string()),
-                pa.array(extra_bucket, pa.uint32()),
+                pa.array([LEVELS["dedup"]] * nd + [LEVELS["offset"]] * no, pa.int8()),
+                pa.array([""] * nd + [topic] * no, pa.string()),
+                pa.concat_arrays([d_minute, pa.repeat(pa.scalar(0, pa.uint32()), no)]),
                 blank,
                 pa.repeat(pa.scalar(0, pa.uint16()), n),
                 blank,
                 blank,
                 blank,
-                pa.array(extra_partition, pa.uint16()),
+                pa.concat_arrays([d_part, pa.array(offset_parts, pa.uint16())]),
                 pa.repeat(pa.scalar(0, pa.uint64()), n),
                 pa.repeat(pa.scalar(0, pa.uint64()), n),
                 pa.repeat(pa.scalar(0.0, pa.float64()), n),
-                pa.array(extra_offset, pa.int64()),
-                pa.ListArray.from_arrays(
-                    pa.array(list_offsets, pa.int32()), pa.array(list(chain.from_iterable(hash_lists)), pa.uint64())
-                ),
+                pa.array([0] * nd + [self.offsets[p] for p in offset_parts], pa.int64()),
+                pa.concat_arrays([d_hashes, pa.array([[]] * no, pa.list_(pa.uint64()))]),
             ]
         )
         # One chunk per column: the insert must be one block (one part, atomic).
@@ -204,3 +265,18 @@ class BatchAggregate:
             [pa.concat_arrays([p[i] for p in parts]) for i in range(len(ROLLUP_SCHEMA))],
             schema=ROLLUP_SCHEMA,
         )
+
+
+_COLUMN_LISTS = (
+    "partition",
+    "key_id",
+    "account_id",
+    "minute",
+    "endpoint",
+    "status",
+    "node_id",
+    "client_ip",
+    "bytes_out",
+    "latency_ms",
+    "hashes",
+)

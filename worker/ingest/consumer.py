@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
-from worker.ingest.pipeline import BatchAbandoned, BatchOutcome, IngestPipeline
+from worker.ingest.pipeline import BatchAbandoned, BatchOutcome, IngestPipeline, PreparedBatch
 from worker.ingest.validate import KafkaRecord
 from worker.store.rollup import RollupStore
 
@@ -69,12 +69,18 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         self.on_assigned: list[AssignedHook] = []
         self.on_revoked: list[RevokedHook] = []
         self.on_batch: list[BatchHook] = []
-        # Held while a batch is processed: a revocation waits for the write to land, so the
-        # next owner never reads stored offsets that are about to move.
+        # Held while a batch is prepared and its write started, and by the rebalance callbacks,
+        # which first wait for the write in flight to land: the next owner never reads stored
+        # offsets that are about to move.
         self._lock = asyncio.Lock()
+        # The one insert that may be in flight while the next batch is prepared, and the
+        # request hashes it adds to the dedup memory (not stored until it lands).
+        self._in_flight: asyncio.Task[bool] | None = None
+        self._in_flight_hashes: Collection[int] = ()
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:
+            await self._land()  # the write in flight lands before the partitions are let go
             parts = {tp.partition for tp in revoked if tp.topic == self.topic}
             for p in parts:
                 self.owned.discard(p)
@@ -86,6 +92,7 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self._lock:
+            await self._land()  # stored offsets are read next: nothing may be about to move them
             parts = {tp.partition for tp in assigned if tp.topic == self.topic}
             if not parts:
                 log.info("no partitions of %s assigned to this worker", self.topic)
@@ -117,23 +124,67 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                 delay = min(delay * 2, 10.0)
 
     async def handle(self, records: Sequence[KafkaRecord]) -> BatchOutcome | None:
+        """Prepare this batch while the previous one's insert is still in flight, then start its own.
+
+        At most one write is in flight; each starts only after the one before it landed, so
+        writes, ``written`` and the Kafka commits advance strictly in batch order.
+        """
         async with self._lock:
             mine = [r for r in records if r.partition in self.owned]
             if not mine:
                 return None
             try:
-                outcome = await self.pipeline.process(mine, self.written, self.owned.__contains__)
+                prepared = await self.pipeline.prepare(
+                    mine, self.written, self.owned.__contains__, self._in_flight_hashes
+                )
             except BatchAbandoned as exc:
                 self.stats.abandoned_batches += 1
                 log.warning("batch handed over to the new owner: %s", exc)
                 return None
-            self._account(len(mine), outcome)
-            if outcome.written:
-                self.written.update(outcome.offsets)
-                await self._commit(outcome.offsets)
-            for hook in self.on_batch:
+            if not await self._land():
+                # The batch before was given up; this one was deduplicated against it.
+                self.stats.abandoned_batches += 1
+                log.warning("batch handed over to the new owner: the batch before it was")
+                return None
+            self._in_flight_hashes = prepared.hashes
+            self._in_flight = asyncio.create_task(self._write_and_land(prepared, len(mine)), name="ingest-write")
+            return prepared.outcome
+
+    async def flush(self) -> None:
+        """Wait for the write in flight, if any, to land (shutdown)."""
+        async with self._lock:
+            await self._land()
+
+    async def _land(self) -> bool:
+        """Wait for the write in flight; False if that batch was abandoned. Caller holds the lock."""
+        task = self._in_flight
+        if task is None:
+            return True
+        try:
+            # Shielded: a cancelled handler must not cancel an insert that is running anyway.
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._in_flight = None
+                self._in_flight_hashes = ()
+
+    async def _write_and_land(self, prepared: PreparedBatch, consumed: int) -> bool:
+        try:
+            outcome = await self.pipeline.write(prepared, self.owned.__contains__)
+        except BatchAbandoned as exc:
+            self.stats.abandoned_batches += 1
+            log.warning("batch handed over to the new owner: %s", exc)
+            return False
+        self._account(consumed, outcome)
+        if outcome.written:
+            self.written.update(outcome.offsets)
+            await self._commit(outcome.offsets)
+        for hook in self.on_batch:
+            try:
                 await hook(outcome)
-            return outcome
+            except Exception:  # a metrics hook must not stop the landing of later writes
+                log.exception("batch hook failed")
+        return True
 
     def _account(self, consumed: int, outcome: BatchOutcome) -> None:
         s = self.stats

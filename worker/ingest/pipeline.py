@@ -11,19 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from worker.ingest.aggregate import BatchAggregate, request_hash
+import pyarrow as pa
+import xxhash
+
+from worker.ingest.aggregate import BatchAggregate
 from worker.ingest.dlq import dead_letter
-from worker.ingest.validate import KafkaRecord, Rejection, Validator, ValidEvent
+from worker.ingest.validate import KafkaRecord, Rejection, Validator
 from worker.settings import Settings
 from worker.store.rollup import RollupStore
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_xxh3 = xxhash.xxh3_64_intdigest
 
 DeadLetterSink = Callable[[Rejection, bytes, list[tuple[str, bytes]]], Awaitable[None]]
 StillOwned = Callable[[int], bool]
@@ -47,6 +51,18 @@ class BatchOutcome:
     limit_counts: dict[tuple[int, str, str, int], int] = field(default_factory=dict)
     write_seconds: float = 0.0
     written: bool = False
+
+
+@dataclass
+class PreparedBatch:
+    """A batch ready to be written: its outcome (counts, offsets) and its one insert."""
+
+    outcome: BatchOutcome
+    rows: pa.Table | None  # None: no record of the batch was new, nothing to write
+    token: str
+    # Request hashes the batch adds to the dedup memory (a superset is harmless: any hash
+    # here is counted in this batch or already stored).
+    hashes: Collection[int]
 
 
 class IngestPipeline:
@@ -74,59 +90,120 @@ class IngestPipeline:
     async def process(
         self, records: Sequence[KafkaRecord], written: Mapping[int, int], still_owned: StillOwned
     ) -> BatchOutcome:
-        """``written``: last stored offset per partition; records at or before it are replays."""
+        """Prepare and write one batch (no overlap with anything else)."""
+        return await self.write(await self.prepare(records, written, still_owned), still_owned)
+
+    async def prepare(
+        self,
+        records: Sequence[KafkaRecord],
+        written: Mapping[int, int],
+        still_owned: StillOwned,
+        in_flight: Collection[int] = (),
+    ) -> PreparedBatch:
+        """Everything up to the insert: validate, dedup, aggregate, evaluate limits, render rows.
+
+        ``written``: last stored offset per partition; records at or before it are replays.
+        ``in_flight``: request hashes of the batch whose write has not landed yet; they are
+        not in the stored dedup memory for sure, so they are checked here as well (a retry
+        split across two consecutive batches is counted once).
+        """
         outcome = BatchOutcome()
         batch = BatchAggregate()
         now = self.clock()
-        accepted: list[tuple[ValidEvent, int]] = []
+        check = self.validator.check_event
+        written_get = written.get
+        last, first = batch.offsets, batch.first_offsets
+        rejections: list[Rejection] = []
         seen_in_batch: set[int] = set()
+        seen_add = seen_in_batch.add
+        # One pass per record, appending straight to the batch's column lists.
+        c_part, c_key, c_account, c_minute = batch.partition, batch.key_id, batch.account_id, batch.minute
+        c_endpoint, c_status, c_node, c_ip = batch.endpoint, batch.status, batch.node_id, batch.client_ip
+        c_bytes, c_latency, c_hash = batch.bytes_out, batch.latency_ms, batch.hashes
+        duplicates = skipped = 0
         for record in records:
-            if record.offset <= written.get(record.partition, -1):
-                outcome.skipped_replayed += 1
+            partition = record.partition
+            offset = record.offset
+            if offset <= written_get(partition, -1):
+                skipped += 1
                 continue
-            batch.cover(record.partition, record.offset)
-            checked = self.validator.check(record, now)
+            if offset > last.get(partition, -1):
+                last[partition] = offset
+            if offset < first.get(partition, offset + 1):
+                first[partition] = offset
+            checked = check(record, now)
             if isinstance(checked, Rejection):
-                outcome.rejected[checked.reason] = outcome.rejected.get(checked.reason, 0) + 1
-                value, headers = dead_letter(checked)
-                await self.dead_letters(checked, value, headers)
+                rejections.append(checked)
                 continue
-            digest = request_hash(checked.event["key_id"], checked.event["request_id"])
-            if digest in seen_in_batch:
-                outcome.duplicates += 1
+            event, epoch = checked
+            key_id = event["key_id"]
+            digest = _xxh3(f"{key_id}\x00{event['request_id']}".encode())  # = request_hash(), inlined
+            if digest in seen_in_batch or digest in in_flight:
+                duplicates += 1
                 continue
-            seen_in_batch.add(digest)
-            accepted.append((checked, digest))
+            seen_add(digest)
+            c_part.append(partition)
+            c_key.append(key_id)
+            c_account.append(event.get("account_id") or "")
+            c_minute.append(int(epoch) // 60 * 60)
+            c_endpoint.append(event["endpoint"])
+            c_status.append(event["status"])
+            c_node.append(event["node_id"])
+            c_ip.append(event.get("client_ip") or "")
+            c_bytes.append(event.get("bytes_out") or 0)
+            c_latency.append(event.get("latency_ms") or 0.0)
+            c_hash.append(digest)
+        batch.changed()
+        outcome.duplicates = duplicates
+        outcome.skipped_replayed = skipped
+        for rejection in rejections:
+            outcome.rejected[rejection.reason] = outcome.rejected.get(rejection.reason, 0) + 1
+            value, headers = dead_letter(rejection)
+            await self.dead_letters(rejection, value, headers)
 
         if not batch.offsets:
-            return outcome
-        minutes: dict[int, set[int]] = {}
-        for valid, _ in accepted:
-            minutes.setdefault(valid.partition, set()).add(int(valid.epoch) // 60 * 60)
-        hashes = [d for _, d in accepted]
-        seen = await self._retry(lambda: self.store.seen_hashes(minutes, hashes), batch.offsets, still_owned)
-        limit_counts = outcome.limit_counts
-        for valid, digest in accepted:
-            if digest in seen:
-                outcome.duplicates += 1
-                continue
-            batch.add(valid.partition, valid.event, valid.epoch, digest)
-            ev = valid.event
-            if ev["status"] != 429:  # a request the limiter refused does not use up the allowance
-                lk = (valid.partition, ev["key_id"], ev.get("account_id") or "", int(valid.epoch) // 60 * 60)
-                limit_counts[lk] = limit_counts.get(lk, 0) + 1
+            return PreparedBatch(outcome, None, "", seen_in_batch)
+        lookup: asyncio.Task[set[int]] | None = None
+        if batch.hashes:
+            minutes = batch.minutes_by_partition()
+            hashes = list(batch.hashes)
+            lookup = asyncio.create_task(
+                self._retry(lambda: self.store.seen_hashes(minutes, hashes), batch.offsets, still_owned)
+            )
+            await asyncio.sleep(0)  # let the lookup reach its thread before the CPU work below
+        try:
+            # Rendered while the dedup lookup runs; stored duplicates are rare, so they are
+            # removed afterwards and the batch rendered again only when there are some.
+            rows = batch.to_arrow(self.topic)
+            limit_counts = batch.limit_counts()
+            seen = await lookup if lookup is not None else set()
+        finally:
+            if lookup is not None and not lookup.done():
+                lookup.cancel()
+        dropped = batch.drop(seen)
+        if dropped:
+            outcome.duplicates += dropped
+            rows = batch.to_arrow(self.topic)
+            limit_counts = batch.limit_counts()
         outcome.counted = batch.events
         outcome.offsets = dict(batch.offsets)
+        outcome.limit_counts = limit_counts
         if self.before_write is not None:
             # Limits are evaluated before the write: a block derived from these counts is
             # the same whether or not this process lives to see the write land (a replay
             # re-derives it), and the nodes learn it one write sooner.
             await self.before_write(outcome)
+        return PreparedBatch(outcome, rows, batch.token(self.topic), seen_in_batch)
 
-        rows = batch.to_arrow(self.topic)
-        token = batch.token(self.topic)
+    async def write(self, prepared: PreparedBatch, still_owned: StillOwned) -> BatchOutcome:
+        """The one atomic insert of a prepared batch, retried until it lands (or is abandoned)."""
+        outcome = prepared.outcome
+        rows = prepared.rows
+        if rows is None:
+            return outcome
+        token = prepared.token
         started = time.perf_counter()
-        await self._retry(lambda: self.store.write(rows, token), batch.offsets, still_owned)
+        await self._retry(lambda: self.store.write(rows, token), outcome.offsets, still_owned)
         outcome.written = True
         outcome.write_seconds = time.perf_counter() - started
         return outcome

@@ -60,6 +60,14 @@ class Validator:
         self.max_skew_seconds = max_skew_seconds
 
     def check(self, record: KafkaRecord, now: float) -> ValidEvent | Rejection:
+        checked = self.check_event(record, now)
+        if isinstance(checked, Rejection):
+            return checked
+        return ValidEvent(record.partition, record.offset, checked[0], checked[1])
+
+    def check_event(self, record: KafkaRecord, now: float) -> tuple[RequestEvent, float] | Rejection:
+        """``check`` without the ``ValidEvent`` wrapper (a frozen dataclass costs ~0.5 µs per event):
+        (event, event time in epoch seconds) or the rejection."""
         value = record.value
         if value is None:
             return self._reject(record, "empty_value", "message has no value (tombstone)")
@@ -83,7 +91,7 @@ class Validator:
             return self._reject(record, "ts_too_old", f"event time {event['ts'].isoformat()} is past the horizon")
         if epoch > now + self.max_skew_seconds:
             return self._reject(record, "ts_in_future", f"event time {event['ts'].isoformat()} is ahead of now")
-        return ValidEvent(record.partition, record.offset, event, epoch)
+        return event, epoch
 
     @staticmethod
     def _reject(record: KafkaRecord, reason: str, detail: str) -> Rejection:

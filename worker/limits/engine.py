@@ -169,6 +169,16 @@ class LimitEngine:
     def _exceeded(self, key_id: str, kw: KeyWindows, now: float) -> tuple[Window, int, int, float] | None:
         """The exceeded window that ends last: (window, limit, count, end), if any."""
         policy = self.policies.resolve(key_id, kw.account)
+        # Fast path for the common key far from its limits: a counter holds the count of its
+        # window (or of an older one, which ``count`` reads as 0), so raw counts all below
+        # their limits mean no current window is exceeded either.
+        per_minute, per_hour, per_day = policy.per_minute, policy.per_hour, policy.per_day
+        if (
+            (per_minute is None or kw.minute_n < per_minute)
+            and (per_hour is None or kw.hour_n < per_hour)
+            and (per_day is None or kw.day_n < per_day)
+        ):
+            return None
         for window in AUTOMATIC_WINDOWS:  # longest first
             limit = limit_of(policy, window)
             if limit is None:
