@@ -23,3 +23,14 @@ if [ ! -f "$stamp" ]; then
 fi
 
 infra/kafka/kafka.sh fetch
+
+# The dashboard's browser test drives Debian's Chromium headless; install it where we can.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the dashboard browser test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+      || echo "setup: could not install chromium; the browser test will be skipped" >&2
+  else
+    echo "setup: chromium not found (apt-get install chromium); the browser test will be skipped" >&2
+  fi
+fi
