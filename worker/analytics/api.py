@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
-from pydantic import AwareDatetime, ValidationError
+from pydantic import AfterValidator, AwareDatetime, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.analytics import (
@@ -76,8 +76,20 @@ PolicyLookup = Callable[[str, str], LimitPolicy]  # (key_id, account_id) -> limi
 
 KeyIdPath = Annotated[str, PathParam(min_length=1, max_length=64, description="key id (never the raw key)")]
 AccountPath = Annotated[str, PathParam(min_length=1, max_length=64)]
-Since = Annotated[AwareDatetime | None, Query(description="RFC 3339 start, with offset (default: one span back)")]
-Until = Annotated[AwareDatetime | None, Query(description="RFC 3339 end, exclusive (default: now)")]
+# ClickHouse DateTime covers 1970-01-01 .. 2106-02-07 UTC: refuse the rest with a 422, not a 500.
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(2106, 2, 7, tzinfo=UTC)
+
+
+def _storable(value: datetime | None) -> datetime | None:
+    if value is not None and not (_EARLIEST <= value < _LATEST):
+        raise ValueError("time must be between 1970-01-01T00:00:00Z and 2106-02-07T00:00:00Z")
+    return value
+
+
+StorableTime = Annotated[AwareDatetime | None, AfterValidator(_storable)]
+Since = Annotated[StorableTime, Query(description="RFC 3339 start, with offset (default: one span back)")]
+Until = Annotated[StorableTime, Query(description="RFC 3339 end, exclusive (default: now)")]
 WindowParam = Annotated[
     str | None,
     Query(pattern=_WINDOW_PATTERN, description="a span ending now, e.g. 15m, 1h, 24h, 7d (instead of since/until)"),
