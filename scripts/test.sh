@@ -16,7 +16,7 @@ if [ -z "${METER_KAFKA_BOOTSTRAP:-}" ]; then
   fi
   export METER_KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
 fi
-cleanup() { if [ "$started_here" = 1 ] && [ "${KEEP_KAFKA:-0}" != 1 ]; then infra/kafka/kafka.sh stop; fi; }
+cleanup() { if [ "$started_here" = 1 ] && [ "${KEEP_KAFKA:-0}" != 1 ]; then infra/kafka/kafka.sh stop >/dev/null; fi; }
 trap cleanup EXIT
 
 echo "test: lint and types"
@@ -25,10 +25,18 @@ echo "test: lint and types"
 .venv/bin/mypy
 
 echo "test: pytest against Kafka at $METER_KAFKA_BOOTSTRAP and embedded ClickHouse (chDB)"
+rm -f test-artifacts/faults.jsonl
+mkdir -p test-artifacts
 set +e
-.venv/bin/pytest -p no:cacheprovider -ra "$@"
-rc=$?
+.venv/bin/pytest -p no:cacheprovider -ra "$@" 2>&1 | tee test-artifacts/pytest.log
+rc=${PIPESTATUS[0]}
 set -e
+if [ -f test-artifacts/faults.jsonl ]; then
+  echo "test: figures measured by the fault tests (test-artifacts/faults.jsonl):"
+  cat test-artifacts/faults.jsonl
+  # pytest's own summary line last, where CI readers look for it
+  grep -E "^=+ .*(passed|failed|error).* =+$" test-artifacts/pytest.log | tail -n 1
+fi
 if [ "$rc" = 5 ]; then
   echo "test: pytest collected no tests; that is a failure" >&2
   exit 1

@@ -24,6 +24,7 @@ from node.reporter import UsageReporter
 from schemas.decisions import Decision, DecisionAction
 from schemas.events import RequestEvent, make_event
 from tests.integration.helpers import db_counts, expected_counts, group_caught_up, read_all, wait_for
+from tests.report import record
 from worker.app import WorkerRuntime
 from worker.settings import REPO_ROOT, Settings
 from worker.simulate import Traffic, generate, publish
@@ -91,7 +92,16 @@ async def test_broker_stopped_and_restarted_mid_load(
     assert dropped > 0, "the small reporter's bound was exceeded during the outage"
     assert any("buffer full" in r.getMessage() for r in caplog.records), "and it said so"
     assert len(delivered) == len(events) - dropped
-    assert db_counts(clickhouse, settings.clickhouse_database) == expected_counts(delivered)
+    totals = db_counts(clickhouse, settings.clickhouse_database)
+    record(
+        "broker stopped and restarted mid-load",
+        events_reported=len(events),
+        dropped_by_small_reporter_bound=dropped,
+        delivered=len(delivered),
+        counted_minute_level=sum(n for (lv, _, _), n in totals.items() if lv == "minute"),
+        buckets_equal=totals == expected_counts(delivered),
+    )
+    assert totals == expected_counts(delivered)
 
 
 class FailingStore(RollupStore):
@@ -151,7 +161,15 @@ async def test_failing_clickhouse_writes_are_retried_without_commit_or_loss(topi
         )
         assert runtime.consumer is not None
         assert runtime.consumer.pipeline.store_errors >= 3
-    assert db_counts(clickhouse, settings.clickhouse_database) == expected_counts(first + second)
+    totals = db_counts(clickhouse, settings.clickhouse_database)
+    record(
+        "ClickHouse writes failing, then back",
+        events_produced=len(first) + len(second),
+        failed_writes=store.failed_writes,
+        counted_minute_level=sum(n for (lv, _, _), n in totals.items() if lv == "minute"),
+        buckets_equal=totals == expected_counts(first + second),
+    )
+    assert totals == expected_counts(first + second)
 
 
 def hot_events(key: str, n: int, start: datetime) -> list[RequestEvent]:
@@ -204,7 +222,15 @@ async def test_consumers_join_and_leave_2_3_2_counts_and_decisions_stay_right(
         )
         await wait_for(lambda: all(cache.check(k) for k in hot_keys), 10, "every hot key blocked")
     await cache.stop()
-    assert db_counts(clickhouse, settings.clickhouse_database) == expected_counts(stream)
+    totals = db_counts(clickhouse, settings.clickhouse_database)
+    record(
+        "consumers 2->3->2 under load with limits",
+        events_produced=len(stream),
+        hot_keys=len(hot_keys),
+        counted_minute_level=sum(n for (lv, _, _), n in totals.items() if lv == "minute"),
+        buckets_equal=totals == expected_counts(stream),
+    )
+    assert totals == expected_counts(stream)
 
     decisions = [
         Decision.model_validate_json(r.value)

@@ -18,6 +18,7 @@ import pytest
 
 from schemas.events import RequestEvent
 from tests.integration.helpers import BucketCounts, db_counts, expected_counts, group_caught_up, wait_for
+from tests.report import record
 from worker.app import WorkerRuntime
 from worker.settings import Settings
 from worker.simulate import Traffic, generate, publish
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.faults]
 READ_TOTALS = """
 import json, sys
 from worker.store.client import connect
+from tests.report import record
 from tests.integration.helpers import db_counts
 client = connect(sys.argv[1], sys.argv[2])
 print(json.dumps([[*k, v] for k, v in db_counts(client, sys.argv[2]).items()]))
@@ -128,7 +130,17 @@ async def test_ten_kill_9_at_random_moments_under_load_count_exactly(topics: Set
     resumed_from_stored = sum("resuming after stored offsets {0: 'none" not in p.read_text() for p in logs[1:])
     assert resumed_from_stored >= KILLS // 2, "later workers resume from offsets their killed predecessors stored"
     assert not producer.exception()
-    assert totals_in(chdb_path, settings.clickhouse_database) == expected_counts(events)
+    totals = totals_in(chdb_path, settings.clickhouse_database)
+    expected = expected_counts(events)
+    record(
+        "kill -9 x10 under load",
+        events_produced=len(events),
+        duplicates_published=len(stream) - len(events),
+        kills=kills,
+        counted_minute_level=sum(n for (lv, _, _), n in totals.items() if lv == "minute"),
+        buckets_equal=totals == expected,
+    )
+    assert totals == expected
     assert "worker stopped:" in final_log.read_text()  # SIGTERM: graceful, with a summary line
 
 
@@ -161,4 +173,12 @@ async def test_two_consumers_through_rebalances_no_loss_no_double_count(topics: 
             timeout=90,
             what="every event written and committed",
         )
-    assert db_counts(clickhouse, settings.clickhouse_database) == expected_counts(events)
+    totals = db_counts(clickhouse, settings.clickhouse_database)
+    record(
+        "rebalance 1->2->1 in process",
+        events_produced=len(events),
+        duplicates_published=len(stream) - len(events),
+        counted_minute_level=sum(n for (lv, _, _), n in totals.items() if lv == "minute"),
+        buckets_equal=totals == expected_counts(events),
+    )
+    assert totals == expected_counts(events)
