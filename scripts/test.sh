@@ -10,7 +10,9 @@ scripts/setup.sh
 export KAFKA_PORT="${KAFKA_PORT:-19092}"
 started_here=0
 if [ -z "${METER_KAFKA_BOOTSTRAP:-}" ]; then
-  if ! infra/kafka/kafka.sh status >/dev/null 2>&1; then
+  if (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; then
+    echo "test: a broker already answers on 127.0.0.1:$KAFKA_PORT; using it"
+  elif ! infra/kafka/kafka.sh status >/dev/null 2>&1; then
     infra/kafka/kafka.sh start
     started_here=1
   fi

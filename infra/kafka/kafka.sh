@@ -81,8 +81,13 @@ log.cleaner.backoff.ms=1000
 PROPS
 }
 
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 start() {
   if running; then echo "kafka.sh: broker already running on 127.0.0.1:$port (pid $(cat "$pid_file"))"; return 0; fi
+  for p in "$port" "$controller_port"; do
+    port_open "$p" && die "port $p is already in use by another process (another broker? choose KAFKA_PORT)"
+  done
   fetch
   write_config
   if [ ! -f "$data_dir/logs/meta.properties" ]; then
