@@ -150,7 +150,12 @@ class WorkerRuntime:
         audit = DecisionStore(self.store.client, s.clickhouse_database)
         self.limits = LimitService(s, self.store, audit, self._send_decision, self._partition_count, self.clock)
         pipeline = IngestPipeline(
-            s, self.store, self._dead_letter, clock=self.clock, before_write=self.limits.before_write
+            s,
+            self.store,
+            self._dead_letter,
+            clock=self.clock,
+            before_write=self.limits.before_write,
+            retract=self.limits.retract,
         )
         self.consumer = IngestConsumer(s.events_topic, pipeline, self.store, self.kafka_consumer)
         self.consumer.on_assigned.append(self.limits.on_assigned)

@@ -211,3 +211,16 @@ def test_counts_outside_their_window_read_as_zero(window: Window) -> None:
     kw = counters.add("k", "", int(T0), 7)
     assert kw.count(window, T0 + 1) == 7
     assert kw.count(window, T0 + 86_401) == 0
+
+
+async def test_retracted_duplicates_leave_the_counters_and_a_published_block_stands() -> None:
+    h = Harness()
+    minute = int(T0) // 60 * 60
+    await h.hit("k", 60)
+    h.engine.retract({(0, "k", "acct", minute): 10})  # ten of them were stored duplicates
+    assert await h.hit("k", 49) == []  # 50 real + 49 = 99: still under
+    [block] = await h.hit("k", 1)
+    assert block.count == 100
+    h.engine.retract({(0, "k", "acct", minute): 5})
+    h.clock.now = T0 + 30
+    assert await h.engine.tick() == []  # no early unblock: it ends with its window

@@ -32,6 +32,8 @@ _xxh3 = xxhash.xxh3_64_intdigest
 DeadLetterSink = Callable[[Rejection, bytes, list[tuple[str, bytes]]], Awaitable[None]]
 StillOwned = Callable[[int], bool]
 BeforeWrite = Callable[["BatchOutcome"], Awaitable[None]]
+# Counts given to the limits that turned out to be stored duplicates: take them back.
+Retract = Callable[[dict[tuple[int, str, str, int], int]], Awaitable[None]]
 
 
 class BatchAbandoned(Exception):
@@ -73,8 +75,10 @@ class IngestPipeline:
         dead_letters: DeadLetterSink,
         clock: Callable[[], float] = time.time,
         before_write: BeforeWrite | None = None,
+        retract: Retract | None = None,
     ) -> None:
         self.before_write = before_write
+        self.retract = retract
         self.topic = settings.events_topic
         self.store = store
         self.dead_letters = dead_letters
@@ -172,10 +176,15 @@ class IngestPipeline:
             )
             await asyncio.sleep(0)  # let the lookup reach its thread before the CPU work below
         try:
-            # Rendered while the dedup lookup runs; stored duplicates are rare, so they are
-            # removed afterwards and the batch rendered again only when there are some.
+            # Limits first, while the dedup lookup runs: the nodes learn of a crossing one
+            # lookup sooner. A block derived from these counts is the same whether or not this
+            # process lives to see the write land (a replay re-derives it). Stored duplicates
+            # (a node's retry of an already-written event) are rare; they are retracted below.
+            outcome.limit_counts = batch.limit_counts()
+            if self.before_write is not None:
+                await self.before_write(outcome)
+            # Rendered while the lookup runs; re-rendered only if it finds stored duplicates.
             rows = batch.to_arrow(self.topic)
-            limit_counts = batch.limit_counts()
             seen = await lookup if lookup is not None else set()
         finally:
             if lookup is not None and not lookup.done():
@@ -184,15 +193,13 @@ class IngestPipeline:
         if dropped:
             outcome.duplicates += dropped
             rows = batch.to_arrow(self.topic)
-            limit_counts = batch.limit_counts()
+            counted = batch.limit_counts()
+            surplus = {k: n - counted.get(k, 0) for k, n in outcome.limit_counts.items() if n > counted.get(k, 0)}
+            outcome.limit_counts = counted
+            if self.retract is not None and surplus:
+                await self.retract(surplus)
         outcome.counted = batch.events
         outcome.offsets = dict(batch.offsets)
-        outcome.limit_counts = limit_counts
-        if self.before_write is not None:
-            # Limits are evaluated before the write: a block derived from these counts is
-            # the same whether or not this process lives to see the write land (a replay
-            # re-derives it), and the nodes learn it one write sooner.
-            await self.before_write(outcome)
         return PreparedBatch(outcome, rows, batch.token(self.topic), seen_in_batch)
 
     async def write(self, prepared: PreparedBatch, still_owned: StillOwned) -> BatchOutcome:

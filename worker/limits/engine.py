@@ -92,6 +92,14 @@ class LimitEngine:
         await self._emit(decisions)
         return decisions
 
+    def retract(self, counts: LimitCounts) -> None:
+        """Undo counts that proved to be duplicates. A block already published stays: it
+        ends at its window's end like any other (erring towards the limit, never past it)."""
+        for (partition, key_id, _account, minute), n in counts.items():
+            counters = self.partitions.get(partition)
+            if counters is not None:
+                counters.subtract(key_id, minute, n)
+
     async def evaluate_all(self, partitions: Iterable[int]) -> list[Decision]:
         """After a rebuild: block keys already over a limit that hold no block yet."""
         now = self.clock()

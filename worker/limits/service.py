@@ -67,6 +67,9 @@ class LimitService:
     async def before_write(self, outcome: BatchOutcome) -> None:
         await self.engine.observe(outcome.limit_counts)
 
+    async def retract(self, counts: dict[tuple[int, str, str, int], int]) -> None:
+        self.engine.retract(counts)
+
     async def on_assigned(self, partitions: set[int]) -> None:
         await self._followers_ready()
         counts = await asyncio.to_thread(self.rollups.current_window_counts, self.engine.clock())
