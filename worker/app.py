@@ -21,6 +21,7 @@ from faststream.kafka.message import FAKE_CONSUMER, KafkaAckableMessage
 from schemas.decisions import Decision
 from worker.ingest.consumer import IngestConsumer
 from worker.ingest.pipeline import IngestPipeline
+from worker.ingest.recent_hashes import RecentHashes
 from worker.ingest.validate import Rejection
 from worker.limits.service import LimitService
 from worker.observability import HealthCheck, WorkerMetrics, build_health_app
@@ -157,7 +158,11 @@ class WorkerRuntime:
             before_write=self.limits.before_write,
             retract=self.limits.retract,
         )
-        self.consumer = IngestConsumer(s.events_topic, pipeline, self.store, self.kafka_consumer)
+        if s.dedup_cache_max_hashes:
+            pipeline.recent = RecentHashes(s.dedup_cache_max_hashes)
+        self.consumer = IngestConsumer(
+            s.events_topic, pipeline, self.store, self.kafka_consumer, s.dedup_horizon_hours * 3600
+        )
         self.consumer.on_assigned.append(self.limits.on_assigned)
         self.consumer.on_revoked.append(self.limits.on_revoked)
         self.metrics = WorkerMetrics(self)

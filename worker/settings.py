@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # Events older than this (event time) are refused to the DLQ: it is also how long the
     # request_id dedup memory is kept, so every counted event is covered by it.
     dedup_horizon_hours: int = Field(default=24, ge=1)
+    # Request hashes kept in memory for the minutes a worker writes from scratch, so most
+    # batches skip the ClickHouse dedup lookup (~60 bytes each; 0 = always ask ClickHouse).
+    dedup_cache_max_hashes: int = Field(default=2_000_000, ge=0)
     max_clock_skew_seconds: int = Field(default=300, ge=0)
     store_retry_max_seconds: float = Field(default=30.0, gt=0)
 

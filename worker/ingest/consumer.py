@@ -58,7 +58,9 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         pipeline: IngestPipeline,
         store: RollupStore,
         get_consumer: Callable[[], AIOKafkaConsumer | None],
+        dedup_horizon_seconds: int = 86_400,
     ) -> None:
+        self.dedup_horizon_seconds = dedup_horizon_seconds
         self.topic = topic
         self.pipeline = pipeline
         self.store = store
@@ -85,6 +87,8 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             for p in parts:
                 self.owned.discard(p)
                 self.written.pop(p, None)
+                if self.pipeline.recent is not None:
+                    self.pipeline.recent.revoke(p)
             if parts:
                 log.info("revoked partitions %s of %s", sorted(parts), self.topic)
                 for hook in self.on_revoked:
@@ -98,6 +102,7 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                 log.info("no partitions of %s assigned to this worker", self.topic)
                 return
             stored = await self._stored_offsets(parts)
+            await self._load_recent(parts)
             consumer = self.get_consumer()
             for p in sorted(parts):
                 if p in stored and consumer is not None:
@@ -112,6 +117,25 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             )
             for hook in self.on_assigned:
                 await hook(parts)
+
+    async def _load_recent(self, parts: set[int]) -> None:
+        """Which minutes of these partitions already have stored dedup rows (those keep
+        going to the store; the others this worker will write from scratch)."""
+        recent = self.pipeline.recent
+        if recent is None:
+            return
+        since = int(time.time()) - self.dedup_horizon_seconds - 3600
+        delay = 0.2
+        while True:
+            try:
+                stored = await asyncio.to_thread(self.store.dedup_minutes, parts, since)
+                break
+            except Exception as exc:
+                log.error("cannot read the dedup minutes of %s (retry in %.1fs): %s", sorted(parts), delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        for p in parts:
+            recent.assign(p, stored.get(p, set()))
 
     async def _stored_offsets(self, parts: set[int]) -> dict[int, int]:
         delay = 0.2
@@ -177,6 +201,8 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             return False
         self._account(consumed, outcome)
         if outcome.written:
+            if self.pipeline.recent is not None:
+                self.pipeline.recent.add(*prepared.entries)
             self.written.update(outcome.offsets)
             await self._commit(outcome.offsets)
         for hook in self.on_batch:

@@ -20,6 +20,7 @@ import xxhash
 
 from worker.ingest.aggregate import BatchAggregate
 from worker.ingest.dlq import dead_letter
+from worker.ingest.recent_hashes import RecentHashes
 from worker.ingest.validate import KafkaRecord, Rejection, Validator
 from worker.settings import Settings
 from worker.store.rollup import RollupStore
@@ -65,6 +66,9 @@ class PreparedBatch:
     # Request hashes the batch adds to the dedup memory (a superset is harmless: any hash
     # here is counted in this batch or already stored).
     hashes: Collection[int]
+    # (partitions, minutes, hashes) of the events counted: the recent-hash cache takes them
+    # once the write has landed.
+    entries: tuple[list[int], list[int], list[int]]
 
 
 class IngestPipeline:
@@ -79,6 +83,7 @@ class IngestPipeline:
     ) -> None:
         self.before_write = before_write
         self.retract = retract
+        self.recent: RecentHashes | None = None
         self.topic = settings.events_topic
         self.store = store
         self.dead_letters = dead_letters
@@ -166,15 +171,21 @@ class IngestPipeline:
             await self.dead_letters(rejection, value, headers)
 
         if not batch.offsets:
-            return PreparedBatch(outcome, None, "", seen_in_batch)
+            return PreparedBatch(outcome, None, "", seen_in_batch, ([], [], []))
         lookup: asyncio.Task[set[int]] | None = None
+        seen_here: set[int] = set()
         if batch.hashes:
-            minutes = batch.minutes_by_partition()
-            hashes = list(batch.hashes)
-            lookup = asyncio.create_task(
-                self._retry(lambda: self.store.seen_hashes(minutes, hashes), batch.offsets, still_owned)
-            )
-            await asyncio.sleep(0)  # let the lookup reach its thread before the CPU work below
+            if self.recent is not None:
+                # Minutes this worker wrote from scratch are answered from memory; only the
+                # others (stored before it owned the partition, or forgotten) go to the store.
+                seen_here, minutes, hashes = self.recent.split(batch.partition, batch.minute, batch.hashes)
+            else:
+                minutes, hashes = batch.minutes_by_partition(), list(batch.hashes)
+            if hashes:
+                lookup = asyncio.create_task(
+                    self._retry(lambda: self.store.seen_hashes(minutes, hashes), batch.offsets, still_owned)
+                )
+                await asyncio.sleep(0)  # let the lookup reach its thread before the CPU work below
         try:
             # Limits first, while the dedup lookup runs: the nodes learn of a crossing one
             # lookup sooner. A block derived from these counts is the same whether or not this
@@ -185,7 +196,7 @@ class IngestPipeline:
                 await self.before_write(outcome)
             # Rendered while the lookup runs; re-rendered only if it finds stored duplicates.
             rows = batch.to_arrow(self.topic)
-            seen = await lookup if lookup is not None else set()
+            seen = seen_here | (await lookup if lookup is not None else set())
         finally:
             if lookup is not None and not lookup.done():
                 lookup.cancel()
@@ -200,7 +211,8 @@ class IngestPipeline:
                 await self.retract(surplus)
         outcome.counted = batch.events
         outcome.offsets = dict(batch.offsets)
-        return PreparedBatch(outcome, rows, batch.token(self.topic), seen_in_batch)
+        entries = (list(batch.partition), list(batch.minute), list(batch.hashes))
+        return PreparedBatch(outcome, rows, batch.token(self.topic), seen_in_batch, entries)
 
     async def write(self, prepared: PreparedBatch, still_owned: StillOwned) -> BatchOutcome:
         """The one atomic insert of a prepared batch, retried until it lands (or is abandoned)."""

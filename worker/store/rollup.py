@@ -95,6 +95,23 @@ class RollupStore:
             )
         return {int(row[0]) for row in result.result_rows}
 
+    def dedup_minutes(self, partitions: Iterable[int], since: int) -> dict[int, set[int]]:
+        """Minutes (epoch) with stored dedup rows since ``since``, per partition."""
+        parts = sorted(set(partitions))
+        if not parts:
+            return {}
+        with self._shared:
+            result = self._lookup.query(
+                f"SELECT DISTINCT kafka_partition, toUInt32(bucket) FROM {self._table} "
+                "WHERE level = 'dedup' AND kafka_partition IN {parts:Array(UInt16)} "
+                "AND bucket >= toDateTime({since:UInt32}, 'UTC')",
+                parameters={"parts": parts, "since": since},
+            )
+        out: dict[int, set[int]] = {}
+        for p, m in result.result_rows:
+            out.setdefault(int(p), set()).add(int(m))
+        return out
+
     def current_window_counts(self, now: float) -> list[tuple[str, str, str, int, int]]:
         """(key_id, account_id, level, bucket epoch, requests) of the windows containing ``now``.
 
