@@ -36,6 +36,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 RouteResolver = Callable[[Scope], str | None]
 
 ANONYMOUS_KEY_ID = "anonymous"
+# Unknown or malformed keys are all reported under one id: a spray of made-up keys must
+# not create one counter and one rollup series per guess. Their client IP tells them apart.
+INVALID_KEY_ID = "invalid"
 _KEY_HEADER = b"x-api-key"
 _WINDOW_SECONDS = {Window.minute: 60, Window.hour: 3_600, Window.day: 86_400}
 _MAX_ENDPOINT = 256
@@ -156,6 +159,8 @@ class MeterMiddleware:
         else:
             key_id = self._derive(raw_key)
             record, denial = self._authorize(raw_key, key_id, method, path, ts)
+            if record is None:
+                key_id = INVALID_KEY_ID
         del raw_key  # nothing below needs it
 
         status = 500
@@ -199,8 +204,10 @@ class MeterMiddleware:
         if not is_well_formed(raw_key):
             return None, invalid
         record = self._keys.lookup(key_id)
-        if record is None or not record.active:
+        if record is None:
             return None, invalid
+        if not record.active:
+            return record, invalid  # a revoked key still in use is worth seeing under its own id
         required = self._required_scope(method, path)
         if not record.allows(required):
             return record, _Denial(

@@ -25,6 +25,7 @@ from worker.ingest.recent_hashes import RecentHashes
 from worker.ingest.validate import Rejection
 from worker.limits.service import LimitService
 from worker.observability import HealthCheck, WorkerMetrics, build_health_app
+from worker.retry import retry_forever
 from worker.settings import Settings
 from worker.store.client import connect, redact_dsn
 from worker.store.decisions import DecisionStore
@@ -122,11 +123,12 @@ class WorkerRuntime:
         await self.consumer.handle(message.raw_message)
 
     async def _dead_letter(self, rejection: Rejection, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        await self.broker.publish(
-            value,
-            self.settings.dlq_topic,
-            key=rejection.key,
-            headers={k: v.decode() for k, v in headers},
+        # Bad input is never dropped silently: if the DLQ cannot be written, wait for it.
+        await retry_forever(
+            lambda: self.broker.publish(
+                value, self.settings.dlq_topic, key=rejection.key, headers={k: v.decode() for k, v in headers}
+            ),
+            f"dead-lettering {rejection.topic}[{rejection.partition}]@{rejection.offset}",
         )
 
     async def _send_decision(self, decision: Decision) -> None:

@@ -224,3 +224,31 @@ async def test_retracted_duplicates_leave_the_counters_and_a_published_block_sta
     h.engine.retract({(0, "k", "acct", minute): 5})
     h.clock.now = T0 + 30
     assert await h.engine.tick() == []  # no early unblock: it ends with its window
+
+
+async def test_an_expired_operator_block_no_longer_suppresses_automatic_blocks() -> None:
+    h = Harness()
+    h.engine.seen(decision("k", DecisionAction.block, 10**18, T0 + 20, "operator"))
+    assert await h.hit("k", 100) == []  # the operator block is in force
+    h.clock.now = T0 + 21
+    [block] = await h.hit("k", 1)  # it ran out: the limit applies again within the same minute
+    assert (block.window, block.count) == (Window.minute, 101)
+
+
+async def test_operator_blocks_survive_a_rebalance_and_the_rebuild() -> None:
+    h = Harness()
+    await h.hit("k", 1)
+    h.engine.seen(decision("k", DecisionAction.block, 10**18, None, "operator"))
+    h.engine.revoke(0)
+    h.engine.assign(0, [("k", "acct", Window.minute, int(T0), 150)])
+    h.engine.restore(decision("k", DecisionAction.block, 10**18, None, "operator"))
+    assert await h.engine.evaluate_all([0]) == []  # no automatic block/unblock over the operator's
+    h.clock.now = T0 + 61
+    assert await h.engine.tick() == []
+
+
+async def test_events_stamped_in_a_minute_not_yet_begun_count_in_the_live_one() -> None:
+    h = Harness()
+    assert await h.hit("k", 60, at=T0 + 65) == []  # a node clock 60 s ahead
+    [block] = await h.hit("k", 40)  # the live minute holds all 100
+    assert block.count == 100

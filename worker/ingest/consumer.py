@@ -18,6 +18,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from worker.ingest.pipeline import BatchAbandoned, BatchOutcome, IngestPipeline, PreparedBatch
 from worker.ingest.validate import KafkaRecord
+from worker.retry import retry_forever
 from worker.store.rollup import RollupStore
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,20 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         # request hashes it adds to the dedup memory (not stored until it lands).
         self._in_flight: asyncio.Task[bool] | None = None
         self._in_flight_hashes: Collection[int] = ()
+        self._revoking: set[int] = set()
+
+    def _still_owned(self, partition: int) -> bool:
+        return partition in self.owned and partition not in self._revoking
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        parts = {tp.partition for tp in revoked if tp.topic == self.topic}
+        # Marked before waiting for the lock: a write stuck retrying against a failing store
+        # gives its batch up instead of holding the partition (the next owner resumes from
+        # the stored offsets), so a store outage cannot turn a rebalance into a double count.
+        self._revoking |= parts
         async with self._lock:
-            await self._land()  # the write in flight lands before the partitions are let go
-            parts = {tp.partition for tp in revoked if tp.topic == self.topic}
+            await self._land()  # the write in flight lands (or is given up) before the partitions go
+            self._revoking -= parts
             for p in parts:
                 self.owned.discard(p)
                 self.written.pop(p, None)
@@ -125,27 +135,19 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         if recent is None:
             return
         since = int(time.time()) - self.dedup_horizon_seconds - 3600
-        delay = 0.2
-        while True:
-            try:
-                stored = await asyncio.to_thread(self.store.dedup_minutes, parts, since)
-                break
-            except Exception as exc:
-                log.error("cannot read the dedup minutes of %s (retry in %.1fs): %s", sorted(parts), delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        stored = await retry_forever(
+            lambda: asyncio.to_thread(self.store.dedup_minutes, parts, since),
+            f"reading the stored dedup minutes of partitions {sorted(parts)}",
+        )
         for p in parts:
             recent.assign(p, stored.get(p, set()))
 
     async def _stored_offsets(self, parts: set[int]) -> dict[int, int]:
-        delay = 0.2
-        while True:
-            try:
-                return await asyncio.to_thread(self.store.stored_offsets, self.topic, parts)
-            except Exception as exc:  # the store is down: we cannot know where to resume
-                log.error("cannot read stored offsets for %s (retry in %.1fs): %s", sorted(parts), delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        # The store is down: we cannot know where to resume, so we wait for it.
+        return await retry_forever(
+            lambda: asyncio.to_thread(self.store.stored_offsets, self.topic, parts),
+            f"reading the stored offsets of partitions {sorted(parts)}",
+        )
 
     async def handle(self, records: Sequence[KafkaRecord]) -> BatchOutcome | None:
         """Prepare this batch while the previous one's insert is still in flight, then start its own.
@@ -158,12 +160,16 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             if not mine:
                 return None
             try:
-                prepared = await self.pipeline.prepare(
-                    mine, self.written, self.owned.__contains__, self._in_flight_hashes
-                )
+                prepared = await self.pipeline.prepare(mine, self.written, self._still_owned, self._in_flight_hashes)
             except BatchAbandoned as exc:
                 self.stats.abandoned_batches += 1
                 log.warning("batch handed over to the new owner: %s", exc)
+                return None
+            except Exception:
+                # Not written, so it must be read again: aiokafka's position is already past it.
+                log.exception("batch failed before its write; reading it again from the last written offsets")
+                self._rewind(mine)
+                await asyncio.sleep(1.0)
                 return None
             if not await self._land():
                 # The batch before was given up; this one was deduplicated against it.
@@ -173,6 +179,17 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             self._in_flight_hashes = prepared.hashes
             self._in_flight = asyncio.create_task(self._write_and_land(prepared, len(mine)), name="ingest-write")
             return prepared.outcome
+
+    def _rewind(self, records: Sequence[KafkaRecord]) -> None:
+        consumer = self.get_consumer()
+        if consumer is None:
+            return
+        first: dict[int, int] = {}
+        for r in records:
+            first[r.partition] = min(first.get(r.partition, r.offset), r.offset)
+        for p, offset in first.items():
+            if self._still_owned(p):
+                consumer.seek(TopicPartition(self.topic, p), self.written.get(p, offset - 1) + 1)
 
     async def flush(self) -> None:
         """Wait for the write in flight, if any, to land (shutdown)."""
@@ -194,7 +211,7 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _write_and_land(self, prepared: PreparedBatch, consumed: int) -> bool:
         try:
-            outcome = await self.pipeline.write(prepared, self.owned.__contains__)
+            outcome = await self.pipeline.write(prepared, self._still_owned)
         except BatchAbandoned as exc:
             self.stats.abandoned_batches += 1
             log.warning("batch handed over to the new owner: %s", exc)

@@ -35,12 +35,19 @@ async def manual_decision(
         window=Window.manual,
         until=until if action is DecisionAction.block else None,
         reason=reason or f"operator {action.value}",
-        version=time.time_ns() // 1000,
+        # Above anything the topic holds for the key: a CLI host whose clock is behind the
+        # workers' must not issue a decision the nodes would ignore as stale.
+        version=max(time.time_ns() // 1000, await _latest_version(settings, key_id) + 1),
         decided_at=now,
         source="operator",
     )
     await _send(settings, settings.decisions_topic, key_id, decision.model_dump_json().encode())
     return decision
+
+
+async def _latest_version(settings: Settings, key_id: str) -> int:
+    held = (await latest_decisions(settings)).get(key_id)
+    return held.version if held is not None else 0
 
 
 async def set_override(

@@ -73,7 +73,9 @@ class LimitEngine:
         counters = self.partitions.pop(partition, None)
         if counters is not None:
             for key_id in counters.keys:
-                self.blocks.pop(key_id, None)
+                held = self.blocks.get(key_id)
+                if held is not None and not held.operator:  # operator blocks hold whoever owns the key
+                    del self.blocks[key_id]
 
     def live_keys(self) -> int:
         return sum(len(c) for c in self.partitions.values())
@@ -82,12 +84,16 @@ class LimitEngine:
     async def observe(self, counts: LimitCounts) -> list[Decision]:
         """Add a batch's counts and publish the blocks they trigger."""
         now = self.clock()
+        this_minute = int(now) // 60 * 60
         touched: dict[str, tuple[int, KeyWindows]] = {}
         for (partition, key_id, account, minute), n in counts.items():
             counters = self.partitions.get(partition)
             if counters is None:  # a partition being revoked: its new owner counts it
                 continue
-            touched[key_id] = (partition, counters.add(key_id, account, minute, n))
+            # A node clock a little ahead stamps events into a minute that has not begun:
+            # count them in the live one, or they would move the window early and the
+            # current minute's requests would escape the limit.
+            touched[key_id] = (partition, counters.add(key_id, account, min(minute, this_minute), n))
         decisions = [d for key_id, (_, kw) in touched.items() if (d := self._evaluate(key_id, kw, now))]
         await self._emit(decisions)
         return decisions
@@ -155,7 +161,13 @@ class LimitEngine:
         """Take over a worker-made block still in force for an owned key (after a rebuild),
         so it is not published again and its unblock comes at its end."""
         key_id = decision.key_id
-        if decision.source == "operator" or self._find(key_id) is None:
+        if decision.source == "operator":
+            if decision.action is DecisionAction.block:
+                until = decision.until.timestamp() if decision.until else float("inf")
+                if until > self.clock():
+                    self.blocks[key_id] = ActiveBlock(Window.manual, until, operator=True)
+            return
+        if self._find(key_id) is None:
             return
         self.versions[key_id] = max(self.versions.get(key_id, 0), decision.version)
         until = decision.until.timestamp() if decision.until else float("inf")
@@ -206,8 +218,8 @@ class LimitEngine:
             return None
         window, limit, count, until = hit
         held = self.blocks.get(key_id)
-        if held is not None and (held.operator or held.until >= until):
-            return None  # already blocked at least that long
+        if held is not None and held.until > now and (held.operator or held.until >= until):
+            return None  # already blocked at least that long (an operator block while it lasts)
         if self.pardons.get(key_id, 0.0) >= until:
             return None  # an operator lifted this block for the rest of the window
         self._hold(key_id, ActiveBlock(window, until))

@@ -18,6 +18,7 @@ from worker.follower import TopicFollower
 from worker.ingest.pipeline import BatchOutcome
 from worker.limits.engine import LimitEngine, partition_of
 from worker.limits.policies import PolicyBook, default_policy
+from worker.retry import retry_forever
 from worker.settings import Settings
 from worker.store.decisions import DecisionStore
 from worker.store.rollup import RollupStore
@@ -72,7 +73,12 @@ class LimitService:
 
     async def on_assigned(self, partitions: set[int]) -> None:
         await self._followers_ready()
-        counts = await asyncio.to_thread(self.rollups.current_window_counts, self.engine.clock())
+        for p in partitions:
+            self.engine.assign(p, [])  # counting starts now even if the rebuild has to wait
+        counts = await retry_forever(
+            lambda: asyncio.to_thread(self.rollups.current_window_counts, self.engine.clock()),
+            f"rebuilding the limit counters of partitions {sorted(partitions)}",
+        )
         total = self.partition_count()
         mine: dict[int, list[tuple[str, str, Window, int, int]]] = {p: [] for p in partitions}
         for key_id, account, level, start, n in counts:
@@ -127,18 +133,16 @@ class LimitService:
             log.info("limit override %s: %s", override.topic_key, override.policy or "removed")
 
     async def _publish(self, decisions: list[Decision]) -> None:
-        await asyncio.gather(*(self.send(d) for d in decisions))
+        # A decision the nodes never hear of would leave a key unlimited: wait for the broker.
+        await retry_forever(
+            lambda: asyncio.gather(*(self.send(d) for d in decisions)), f"publishing {len(decisions)} decisions"
+        )
 
     async def _audit(self, decisions: list[Decision]) -> None:
-        delay = 0.2
-        while decisions:
-            try:
-                await asyncio.to_thread(self.audit.record, decisions)
-                return
-            except Exception as exc:  # the audit must not be lost: retry until the store is back
-                log.error("recording %d decisions failed (retry in %.1fs): %s", len(decisions), delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        if decisions:  # the audit must not be lost: retry until the store is back
+            await retry_forever(
+                lambda: asyncio.to_thread(self.audit.record, decisions), f"recording {len(decisions)} decisions"
+            )
 
     async def _followers_ready(self) -> None:
         try:

@@ -120,9 +120,10 @@ class RollupStore:
         minute = int(now) // 60 * 60
         result = self._client.query(
             f"SELECT key_id, any(account_id), toString(level), toUInt32(bucket), sum(requests) FROM {self._table} "
-            "WHERE (level = 'minute' AND bucket = toDateTime({m:UInt32}, 'UTC')) "
+            # 429s are refused by the limiter: as in the live counters, they use up nothing.
+            "WHERE status != 429 AND ((level = 'minute' AND bucket = toDateTime({m:UInt32}, 'UTC')) "
             "OR (level = 'hour' AND bucket = toDateTime({h:UInt32}, 'UTC')) "
-            "OR (level = 'day' AND bucket = toDateTime({d:UInt32}, 'UTC')) "
+            "OR (level = 'day' AND bucket = toDateTime({d:UInt32}, 'UTC'))) "
             "GROUP BY key_id, level, bucket",
             parameters={"m": minute, "h": minute - minute % 3600, "d": minute - minute % 86400},
         )

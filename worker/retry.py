@@ -1,0 +1,28 @@
+"""One way to retry: exponential backoff, a log line per failure, never give up silently."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+async def retry_forever(
+    call: Callable[[], Awaitable[T]], what: str, first_delay: float = 0.2, max_delay: float = 10.0
+) -> T:
+    """Await ``call()`` until it succeeds. For steps that must not be skipped (the store or the
+    broker is down: waiting is right, dropping the work would lose it)."""
+    delay = first_delay
+    while True:
+        try:
+            return await call()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("%s failed (retry in %.1fs): %s", what, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
