@@ -14,21 +14,11 @@ from pydantic import ValidationError
 from schemas.limits import LimitPolicy, OverrideScope
 from schemas.usage import Granularity, UsagePoint
 from worker.analytics.cli import add_analytics_commands
+from worker.cli_args import parse_time
 from worker.logs import setup_logging
 from worker.settings import Settings
 
 Command = Callable[[argparse.Namespace, Settings], int]
-
-
-def parse_time(text: str) -> datetime:
-    """RFC 3339 (``2026-11-27T12:00:00Z``); a value without offset is refused, not guessed."""
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r} (example: 2026-11-27T12:00:00Z)") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"time needs an offset or Z: {text!r}")
-    return value.astimezone(UTC)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:

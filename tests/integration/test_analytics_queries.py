@@ -319,9 +319,10 @@ def test_cli_key_state_blocked_signals_and_usage(meter: Callable[..., tuple[int,
     assert "BLOCKED until an operator unblocks" in out
     code, out = meter("blocked", "--format", "csv")
     assert [r["key_id"] for r in csv.DictReader(io.StringIO(out))] == sample.blocked
-    code, out = meter("signals", "--kind", "invalid_key_storm", "--format", "json")
+    as_of = sample.now.strftime("%Y-%m-%dT%H:%M:%SZ")  # the sample's clock, not the wall clock
+    code, out = meter("signals", "--kind", "invalid_key_storm", "--format", "json", "--as-of", as_of)
     assert [s["client_ip"] for s in json.loads(out)["signals"]] == [STORM_IP]
-    code, out = meter("signals", "--key", PROBER_KEY)
+    code, out = meter("signals", "--key", PROBER_KEY, "--as-of", as_of)
     assert "auth_failures" in out
     assert "83%" in out
     since = (sample.now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -12,9 +12,10 @@ import pytest
 from schemas.analytics import Severity, TopDimension, TopEntry, TopList, TopMetric
 from schemas.usage import Granularity
 from worker.analytics.api import error_body, parse_window
-from worker.analytics.cli import _span, _time, emit
+from worker.analytics.cli import _span, emit
 from worker.analytics.queries import check_window, window_level
 from worker.analytics.signals import _fmt_span, severity
+from worker.cli_args import parse_time as _time
 
 NOW = datetime(2026, 11, 27, 12, 34, 56, tzinfo=UTC)
 

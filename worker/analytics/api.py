@@ -42,6 +42,7 @@ from schemas.analytics import (
 from schemas.limits import LimitPolicy
 from schemas.usage import Granularity
 from worker.analytics import queries, signals
+from worker.cli_args import EARLIEST, LATEST
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,13 +77,11 @@ PolicyLookup = Callable[[str, str], LimitPolicy]  # (key_id, account_id) -> limi
 
 KeyIdPath = Annotated[str, PathParam(min_length=1, max_length=64, description="key id (never the raw key)")]
 AccountPath = Annotated[str, PathParam(min_length=1, max_length=64)]
-# ClickHouse DateTime covers 1970-01-01 .. 2106-02-07 UTC: refuse the rest with a 422, not a 500.
-_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
-_LATEST = datetime(2106, 2, 7, tzinfo=UTC)
 
 
 def _storable(value: datetime | None) -> datetime | None:
-    if value is not None and not (_EARLIEST <= value < _LATEST):
+    """ClickHouse DateTime cannot hold the rest: a 422 here, not a 500 from the store."""
+    if value is not None and not (EARLIEST <= value < LATEST):
         raise ValueError("time must be between 1970-01-01T00:00:00Z and 2106-02-07T00:00:00Z")
     return value
 

@@ -15,23 +15,13 @@ from pydantic import BaseModel
 from schemas.analytics import Breakdown, Subject, TopDimension, TopMetric
 from schemas.limits import LimitOverride
 from schemas.usage import Granularity
+from worker.cli_args import parse_time
 from worker.follower import TopicFollower
 from worker.limits.policies import PolicyBook, default_policy
 from worker.settings import Settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 FORMATS = ("table", "json", "csv")
-
-
-def _time(text: str) -> datetime:
-    """RFC 3339 with an offset or Z; a naive time is refused rather than guessed."""
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r} (example: 2026-11-27T12:00:00Z)") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"time needs an offset or Z: {text!r}")
-    return value.astimezone(UTC)
 
 
 def _span(text: str) -> timedelta:
@@ -168,6 +158,18 @@ def cmd_account_usage(args: argparse.Namespace, settings: Settings) -> int:
     return _series(args, settings, Subject.account, args.account, "account-usage")
 
 
+def _answers(bootstrap: str) -> bool:
+    """A quick TCP check of the first bootstrap server, so a CLI without Kafka does not hang."""
+    import socket
+
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def _policy_book(settings: Settings) -> PolicyBook:
     """The default policy plus the overrides in force on the limits topic (if Kafka answers)."""
     import asyncio
@@ -175,6 +177,9 @@ def _policy_book(settings: Settings) -> PolicyBook:
     from worker.limits.control import current_overrides
 
     book = PolicyBook(default_policy(settings))
+    if not _answers(settings.kafka_bootstrap):
+        print(f"note: Kafka at {settings.kafka_bootstrap} does not answer; showing default limits", file=sys.stderr)
+        return book
     try:
         overrides = asyncio.run(asyncio.wait_for(current_overrides(settings), 15))
     except Exception as exc:  # analytics still works without Kafka: say so, use the defaults
@@ -225,7 +230,7 @@ def cmd_signals(args: argparse.Namespace, settings: Settings) -> int:
     thresholds = SignalThresholds(recent=args.recent, lookback=args.lookback)
     kinds = {SignalKind(k) for k in args.kind} if args.kind else None
     report = abuse_signals(
-        _client(settings), settings.clickhouse_database, thresholds=thresholds, kinds=kinds, key_id=args.key
+        _client(settings), settings.clickhouse_database, args.as_of, thresholds=thresholds, kinds=kinds, key_id=args.key
     )
     rows = [{**s.model_dump(exclude={"evidence"}), "subject": s.key_id or s.client_ip} for s in report.signals]
     if args.format == "table":
@@ -286,8 +291,8 @@ def _fmt(p: argparse.ArgumentParser) -> None:
 
 
 def _range(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--since", type=_time, help="RFC 3339 start (default: one span back from --until)")
-    p.add_argument("--until", type=_time, help="RFC 3339 end, exclusive (default: now)")
+    p.add_argument("--since", type=parse_time, help="RFC 3339 start (default: one span back from --until)")
+    p.add_argument("--until", type=parse_time, help="RFC 3339 end, exclusive (default: now)")
 
 
 def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -338,6 +343,7 @@ def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
         choices=["rate_jump", "auth_failures", "rate_limited", "many_sources", "repeated_blocks", "invalid_key_storm"],
     )
     p.add_argument("--key", help="only this key's signals")
+    p.add_argument("--as-of", type=parse_time, help="RFC 3339: look at the signals as they were then (default: now)")
     p.add_argument("--recent", type=_span, default=timedelta(hours=1), help="window of the rate signals (default 1h)")
     p.add_argument(
         "--lookback", type=_span, default=timedelta(hours=24), help="window of IP / block signals (default 24h)"

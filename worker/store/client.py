@@ -26,7 +26,12 @@ def connect(dsn: str, database: str | None = None) -> Client:
             path = dsn.removeprefix("chdb://")
             if path and path not in ("memory", ":memory:"):
                 Path(path).mkdir(parents=True, exist_ok=True)
-        client: Client = clickhouse_connect.get_client(dsn=dsn)
+        if is_embedded(dsn):
+            client: Client = clickhouse_connect.get_client(dsn=dsn)
+        else:
+            # No server session: a client is used from several threads (insert, audit, health
+            # check), and one session refuses concurrent queries ("Session is locked").
+            client = clickhouse_connect.get_client(dsn=dsn, autogenerate_session_id=False)
         if database:
             client.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
             client.database = database

@@ -1,0 +1,24 @@
+"""Argument types shared by the ``meter`` subcommands (worker/cli.py, worker/analytics/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+
+# ClickHouse DateTime covers 1970-01-01 .. 2106-02-07 UTC; times outside cannot be stored or queried.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2106, 2, 7, tzinfo=UTC)
+
+
+def parse_time(text: str) -> datetime:
+    """RFC 3339 (``2026-11-27T12:00:00Z``); a value without offset is refused, not guessed."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r} (example: 2026-11-27T12:00:00Z)") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"time needs an offset or Z: {text!r}")
+    value = value.astimezone(UTC)
+    if not EARLIEST <= value < LATEST:
+        raise argparse.ArgumentTypeError(f"time out of range (1970-01-01 .. 2106-02-06): {text!r}")
+    return value
