@@ -7,8 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
-infra/kafka/kafka.sh start
-export METER_KAFKA_BOOTSTRAP="${METER_KAFKA_BOOTSTRAP:-127.0.0.1:${KAFKA_PORT:-9092}}"
+if [ -z "${METER_KAFKA_BOOTSTRAP:-}" ]; then
+  port="${KAFKA_PORT:-9092}"
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "demo: a Kafka broker already answers on 127.0.0.1:$port; using it"
+  else
+    infra/kafka/kafka.sh start
+  fi
+  export METER_KAFKA_BOOTSTRAP="127.0.0.1:$port"
+fi
 # Secrets never live in code: a random node secret and demo-key seed for this demo run,
 # unless you set your own.
 export METER_NODE_SECRET="${METER_NODE_SECRET:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(16))')}"
