@@ -9,14 +9,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import BaseModel, ValidationError
 
 log = logging.getLogger(__name__)
 
 OnRecords = Callable[[list[Any]], Awaitable[None]]
+M = TypeVar("M", bound=BaseModel)
+
+
+def valid_records(records: Iterable[Any], model: type[M]) -> Iterator[M]:
+    """The records' values as ``model``: tombstones skipped, bad ones logged with where they are."""
+    for record in records:
+        if record.value is None:
+            continue
+        try:
+            yield model.model_validate_json(record.value)
+        except ValidationError as exc:
+            log.error("bad %s at %s[%d]@%d: %s", model.__name__, record.topic, record.partition, record.offset, exc)
 
 
 class TopicFollower:

@@ -16,7 +16,7 @@ from schemas.analytics import Breakdown, Subject, TopDimension, TopMetric
 from schemas.limits import LimitOverride
 from schemas.usage import Granularity
 from worker.cli_args import parse_time
-from worker.follower import TopicFollower
+from worker.follower import TopicFollower, valid_records
 from worker.limits.policies import PolicyBook, default_policy
 from worker.settings import Settings
 
@@ -265,9 +265,8 @@ def cmd_serve_api(args: argparse.Namespace, settings: Settings) -> int:
 
 def _applier(book: PolicyBook) -> Callable[[list[Any]], Awaitable[None]]:
     async def apply(records: list[Any]) -> None:
-        for record in records:
-            if record.value is not None:
-                book.apply(LimitOverride.model_validate_json(record.value))
+        for override in valid_records(records, LimitOverride):
+            book.apply(override)
 
     return apply
 

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
-from worker.follower import read_to_end
+from worker.follower import read_to_end, valid_records
 from worker.settings import Settings
 
 
@@ -61,20 +61,14 @@ async def set_override(
 async def current_overrides(settings: Settings) -> dict[str, LimitOverride]:
     """The overrides in force: the latest record per scope:subject on the limits topic."""
     latest: dict[str, LimitOverride] = {}
-    for record in await read_to_end(settings.kafka_bootstrap, settings.limits_topic):
-        if record.value is None:
-            continue
-        override = LimitOverride.model_validate_json(record.value)
+    for override in valid_records(await read_to_end(settings.kafka_bootstrap, settings.limits_topic), LimitOverride):
         latest[override.topic_key] = override
     return {k: v for k, v in latest.items() if v.policy is not None}
 
 
 async def latest_decisions(settings: Settings) -> dict[str, Decision]:
     latest: dict[str, Decision] = {}
-    for record in await read_to_end(settings.kafka_bootstrap, settings.decisions_topic):
-        if record.value is None:
-            continue
-        decision = Decision.model_validate_json(record.value)
+    for decision in valid_records(await read_to_end(settings.kafka_bootstrap, settings.decisions_topic), Decision):
         if decision.key_id not in latest or latest[decision.key_id].version < decision.version:
             latest[decision.key_id] = decision
     return latest

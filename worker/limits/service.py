@@ -10,11 +10,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import ValidationError
-
 from schemas.decisions import Decision, Window
 from schemas.limits import LimitOverride
-from worker.follower import TopicFollower
+from worker.follower import TopicFollower, valid_records
 from worker.ingest.pipeline import BatchOutcome
 from worker.limits.engine import LimitEngine, partition_of
 from worker.limits.policies import PolicyBook, default_policy
@@ -105,14 +103,7 @@ class LimitService:
     # topics ----------------------------------------------------------------------------
     async def _on_decisions(self, records: list[Any]) -> None:
         batch = []
-        for record in records:
-            if record.value is None:
-                continue
-            try:
-                decision = Decision.model_validate_json(record.value)
-            except ValidationError as exc:
-                log.error("bad decision at %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
-                continue
+        for decision in valid_records(records, Decision):
             batch.append(decision)
             held = self._latest.get(decision.key_id)
             if held is None or held.version < decision.version:
@@ -121,14 +112,7 @@ class LimitService:
         await self._audit(batch)
 
     async def _on_overrides(self, records: list[Any]) -> None:
-        for record in records:
-            if record.value is None:
-                continue
-            try:
-                override = LimitOverride.model_validate_json(record.value)
-            except ValidationError as exc:
-                log.error("bad limit override at %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
-                continue
+        for override in valid_records(records, LimitOverride):
             self.policies.apply(override)
             log.info("limit override %s: %s", override.topic_key, override.policy or "removed")
 
