@@ -36,9 +36,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 RouteResolver = Callable[[Scope], str | None]
 
 ANONYMOUS_KEY_ID = "anonymous"
-# Unknown or malformed keys are all reported under one id: a spray of made-up keys must
-# not create one counter and one rollup series per guess. Their client IP tells them apart.
-INVALID_KEY_ID = "invalid"
+# Unknown or malformed keys are reported under one of 256 bucket ids ("invalid-00".."invalid-ff",
+# from their keyed hash): a spray of made-up keys cannot create a counter and a rollup series
+# per guess, yet "one client tried many different keys" stays visible to the abuse signals.
+INVALID_KEY_PREFIX = "invalid-"
 _KEY_HEADER = b"x-api-key"
 _WINDOW_SECONDS = {Window.minute: 60, Window.hour: 3_600, Window.day: 86_400}
 _MAX_ENDPOINT = 256
@@ -160,7 +161,7 @@ class MeterMiddleware:
             key_id = self._derive(raw_key)
             record, denial = self._authorize(raw_key, key_id, method, path, ts)
             if record is None:
-                key_id = INVALID_KEY_ID
+                key_id = INVALID_KEY_PREFIX + key_id[-2:]
         del raw_key  # nothing below needs it
 
         status = 500

@@ -87,7 +87,7 @@ def print_points(points: Sequence[UsagePoint], fmt: str) -> None:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker.demo import run_live_demo
 
-    return asyncio.run(run_live_demo(settings, args.duration, args.nodes, args.base_port))
+    return asyncio.run(run_live_demo(settings, args.duration, args.nodes, args.base_port, args.dashboard_port))
 
 
 def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=100.0, help="seconds of load (default 100: shows a rollover)")
     p.add_argument("--nodes", type=int, default=3, help="how many demo API nodes")
     p.add_argument("--base-port", type=int, default=8101, help="first node's port (loopback)")
+    p.add_argument(
+        "--dashboard-port", type=int, default=8095, help="query API + dashboard (needs METER_ADMIN_API_KEY; 0 = off)"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("node", help="serve the demo API (Cryptofuse-like) behind the meter middleware")

@@ -180,7 +180,35 @@ def _render(views: dict[str, KeyView], cache: DecisionCache, runtime: WorkerRunt
     return "\n".join(lines)
 
 
-async def run_live_demo(settings: Settings, duration: float, nodes: int, base_port: int) -> int:
+@contextlib.asynccontextmanager
+async def _dashboard(runtime: WorkerRuntime, settings: Settings, port: int) -> AsyncIterator[str | None]:
+    """The query API and dashboard on the worker's own ClickHouse client (chDB: one process)."""
+    if not port or not settings.admin_api_key.get_secret_value():
+        yield None
+        return
+    import uvicorn
+
+    from worker.analytics.api import build_query_app
+
+    app = build_query_app(settings, runtime.store.client)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(), name="demo-dashboard")
+    try:
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/dashboard" if server.started else None
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def _wait_for_enter() -> None:
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
+async def run_live_demo(
+    settings: Settings, duration: float, nodes: int, base_port: int, dashboard_port: int = 8095
+) -> int:
     secret = settings.node_secret.get_secret_value()
     seed = settings.demo_seed.get_secret_value()
     if not secret or not seed:
@@ -197,8 +225,10 @@ async def run_live_demo(settings: Settings, duration: float, nodes: int, base_po
 
     runtime = WorkerRuntime(settings)
     tty = sys.stdout.isatty()
-    async with runtime.running():
+    async with runtime.running(), _dashboard(runtime, settings, dashboard_port) as dashboard_url:
         print(f"demo: worker up (Kafka {settings.kafka_bootstrap}, ClickHouse {settings.clickhouse_dsn})")
+        if dashboard_url:
+            print(f"demo: dashboard at {dashboard_url} (admin key: the METER_ADMIN_API_KEY printed above)")
         cache = DecisionCache(settings, on_applied=on_applied)
         await cache.start()
         await cache.wait_ready(30)
@@ -213,7 +243,8 @@ async def run_live_demo(settings: Settings, duration: float, nodes: int, base_po
                     await asyncio.sleep(1.0)
                     elapsed = time.monotonic() - started
                     if tty:
-                        print("\033[2J\033[H" + _render(views, cache, runtime, elapsed), flush=True)
+                        header = f"dashboard: {dashboard_url}\n" if dashboard_url else ""
+                        print("\033[2J\033[H" + header + _render(views, cache, runtime, elapsed), flush=True)
                     elif elapsed - last_print >= 10:
                         last_print = elapsed
                         print(_render(views, cache, runtime, elapsed) + "\n", flush=True)
@@ -222,6 +253,9 @@ async def run_live_demo(settings: Settings, duration: float, nodes: int, base_po
         await cache.stop()
         await asyncio.sleep(1.0)  # let the last batch land
         _print_readback(runtime, settings, views)
+        if dashboard_url and tty and sys.stdin.isatty():
+            print(f"\ndemo: the dashboard stays up at {dashboard_url}; press Enter to stop.")
+            await _wait_for_enter()
     return 0
 
 
