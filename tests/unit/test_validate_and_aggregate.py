@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from schemas.events import dump_event, make_event
-from worker.ingest.aggregate import BatchAggregate, request_hash
+from worker.ingest.aggregate import request_hash
+from worker.ingest.pipeline import IngestPipeline, PreparedBatch
 from worker.ingest.validate import Rejection, Validator, ValidEvent
+from worker.settings import Settings
 from worker.store.rollup import LEVELS, ROLLUP_SCHEMA
 
 NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)
@@ -85,21 +88,47 @@ def test_request_hash_is_stable_and_key_scoped() -> None:
     assert 0 <= request_hash("k1", "r1") < 2**64
 
 
+class FakeStore:
+    """No stored dedup memory: every hash is new (the ClickHouse side has its own tests)."""
+
+    def seen_hashes(self, minutes: object, hashes: object) -> set[int]:
+        return set()
+
+
+def prepare(records: list[Rec], now: datetime = NOW) -> PreparedBatch:
+    """The production path up to the insert: IngestPipeline.prepare with a fake store."""
+    dead: list[Rejection] = []
+
+    async def sink(rejection: Rejection, value: bytes, headers: object) -> None:
+        dead.append(rejection)
+
+    settings = Settings(events_topic="events", dedup_horizon_hours=72)
+    pipeline = IngestPipeline(settings, FakeStore(), sink, clock=now.timestamp)  # type: ignore[arg-type]
+    return asyncio.run(pipeline.prepare(records, {}, lambda p: True))
+
+
+def record(partition: int, offset: int, **over: object) -> Rec:
+    r = rec(**over)
+    r.partition, r.offset = partition, offset
+    return r
+
+
 def test_aggregate_rolls_minutes_into_hours_and_days() -> None:
-    batch = BatchAggregate()
     times = [
         datetime(2026, 11, 26, 23, 59, 59, tzinfo=UTC),  # late, previous day
         datetime(2026, 11, 27, 0, 0, 1, tzinfo=UTC),
         datetime(2026, 11, 27, 0, 0, 59, tzinfo=UTC),
         datetime(2026, 11, 27, 1, 15, 0, tzinfo=UTC),
     ]
-    for i, ts in enumerate(times):
-        ev = make_event(**event(request_id=f"r{i}", ts=ts, client_ip="198.51.100.1", bytes_out=100))
-        batch.add(3, ev, ts.timestamp(), request_hash("k1", f"r{i}"))
-        batch.cover(3, 10 + i)
-    batch.cover(3, 20)  # a dead-lettered record after them still moves the offset
+    records = [
+        record(3, 10 + i, request_id=f"r{i}", ts=ts, client_ip="198.51.100.1", bytes_out=100)
+        for i, ts in enumerate(times)
+    ]
+    records.append(Rec(b"{not json", b"k1", partition=3, offset=20))  # dead-lettered: still moves the offset
+    prepared = prepare(records)
 
-    table = batch.to_arrow("events")
+    table = prepared.rows
+    assert table is not None
     assert table.schema == ROLLUP_SCHEMA
     rows = table.to_pylist()
     by_level: dict[int, dict[int, int]] = {}
@@ -128,14 +157,16 @@ def test_aggregate_rolls_minutes_into_hours_and_days() -> None:
     assert sorted(h for r in dedup for h in r["request_hashes"]) == sorted(
         request_hash("k1", f"r{i}") for i in range(4)
     )
-    assert batch.token("events") == "events|3:10-20"
+    assert prepared.token == "events|3:10-20"
+    assert prepared.outcome.rejected == {"invalid_json": 1}
     assert sum(r["bytes_out"] for r in rows if r["level"] == LEVELS["day"]) == 400
 
 
-def test_key_minute_counts_feed_the_limits() -> None:
-    batch = BatchAggregate()
-    for i in range(5):
-        ts = NOW + timedelta(seconds=i)
-        batch.add(0, make_event(**event(request_id=f"r{i}", ts=ts, status=200 + i)), ts.timestamp(), i)
+def test_limit_counts_feed_the_limits_without_429s_or_duplicates() -> None:
+    records = [record(0, i, request_id=f"r{i}", ts=NOW + timedelta(seconds=i), status=200 + i) for i in range(5)]
+    records.append(record(0, 5, request_id="r-refused", ts=NOW, status=429))  # refused: no allowance used
+    records.append(record(0, 6, request_id="r0", ts=NOW))  # a retry of r0
+    prepared = prepare(records)
     minute = int(NOW.timestamp()) // 60 * 60
-    assert batch.key_minute_counts() == {("k1", minute): 5}
+    assert prepared.outcome.limit_counts == {(0, "k1", "", minute): 5}
+    assert prepared.outcome.duplicates == 1

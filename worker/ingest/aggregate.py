@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from schemas.events import RequestEvent
 from worker.store.rollup import LEVELS, ROLLUP_SCHEMA
 
 # The dimensions of each level (columns of the per-event table built by ``_event_table``).
@@ -62,31 +61,10 @@ class BatchAggregate:
     def events(self) -> int:
         return len(self.hashes)
 
-    def add(self, partition: int, event: RequestEvent, epoch: float, digest: int) -> None:
-        self.partition.append(partition)
-        self.key_id.append(event["key_id"])
-        self.account_id.append(event.get("account_id") or "")
-        self.minute.append(int(epoch) // 60 * 60)
-        self.endpoint.append(event["endpoint"])
-        self.status.append(event["status"])
-        self.node_id.append(event["node_id"])
-        self.client_ip.append(event.get("client_ip") or "")
-        self.bytes_out.append(event.get("bytes_out") or 0)
-        self.latency_ms.append(event.get("latency_ms") or 0.0)
-        self.hashes.append(digest)
-        self.changed()
-
     def changed(self) -> None:
         """Forget rendered tables (after appending to the column lists directly)."""
         self._table = None
         self._levels = None
-
-    def cover(self, partition: int, offset: int) -> None:
-        """Record that ``offset`` of ``partition`` is part of this batch (counted or not)."""
-        if offset > self.offsets.get(partition, -1):
-            self.offsets[partition] = offset
-        if offset < self.first_offsets.get(partition, offset + 1):
-            self.first_offsets[partition] = offset
 
     def token(self, topic: str) -> str:
         """Deterministic identity of the batch: the same records give the same token."""
@@ -114,21 +92,6 @@ class BatchAggregate:
                 column[:] = [v for v, k in zip(column, keep, strict=True) if k]
             self.changed()
         return dropped
-
-    def key_minute_counts(self) -> dict[tuple[str, int], int]:
-        """Requests per (key_id, minute), all statuses."""
-        out: dict[tuple[str, int], int] = {}
-        if not self.hashes:
-            return out
-        counts = (
-            self._grouped()["minute"]
-            .group_by(["key_id", "minute"], use_threads=False)
-            .aggregate([("requests_sum", "sum")])
-        )
-        keys = counts.column("key_id").to_pylist()
-        minutes = counts.column("minute").to_pylist()
-        out.update(zip(zip(keys, minutes, strict=True), counts.column("requests_sum_sum").to_pylist(), strict=True))
-        return out
 
     def limit_counts(self) -> dict[tuple[int, str, str, int], int]:
         """(partition, key_id, account_id, minute) -> requests: what the limit counters add.
