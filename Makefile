@@ -1,4 +1,4 @@
-.PHONY: help setup demo test test-fast lint format kafka-start kafka-stop bench
+.PHONY: help setup demo test test-fast lint format kafka-start kafka-stop bench bench-queries
 
 help:            ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -27,5 +27,11 @@ kafka-start:     ## start the local KRaft broker on 127.0.0.1:9092
 kafka-stop:      ## stop the local broker
 	infra/kafka/kafka.sh stop
 
-bench:           ## run the benchmarks in bench/ (writes bench/results.md)
-	.venv/bin/python bench/ingest.py
+bench:           ## run the ingest, decisions and memory benchmarks (write bench/results.md; broker on 9092)
+	infra/kafka/kafka.sh start
+	.venv/bin/python -m bench.ingest
+	.venv/bin/python -m bench.decisions
+	.venv/bin/python -m bench.memory
+
+bench-queries:   ## the query benchmark (seeds 1M keys x 30 days into chDB first: ~12 minutes)
+	.venv/bin/python -m bench.queries
