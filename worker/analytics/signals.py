@@ -57,37 +57,65 @@ def _fmt_span(span: timedelta) -> str:
     return f"{seconds // 60} minutes"
 
 
-def rate_jumps(client: Client, database: str, now: datetime, th: SignalThresholds) -> list[Signal]:
-    """Keys whose rate in the recent window is far above their average of the previous days."""
+RecentRow = tuple[str, str, int, int, int, int]  # key, account, requests, 401/403, 429, 401
+
+
+def recent_counts(client: Client, database: str, now: datetime, th: SignalThresholds) -> list[RecentRow]:
+    """Per-key counts of the recent window, for the keys that may make a rate-jump or error-burst signal.
+
+    One scan of the minute rows serves both detectors (``abuse_signals`` runs it once).
+    """
     since = floor_to(now - th.recent, Granularity.minute)
-    today = floor_to(now, Granularity.day)
-    base_since = today - timedelta(days=th.baseline_days)
-    table = rollup_table(database)
-    # The candidate keys are few, so their baseline is read by primary key (level, key_id, ...).
-    result = client.query(
-        "WITH cur AS ("
-        f" SELECT key_id, anyIf(account_id, account_id != '') AS acct, sum(requests) AS n FROM {table}"
-        " WHERE level = 'minute' AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')}"
-        " GROUP BY key_id HAVING n >= {min_n:UInt64})"
-        " SELECT cur.key_id, cur.acct, cur.n, base.total FROM cur LEFT JOIN ("
-        f" SELECT key_id, sum(requests) AS total FROM {table}"
-        " WHERE level = 'day' AND key_id IN (SELECT key_id FROM cur)"
-        " AND bucket >= {base_since:DateTime('UTC')} AND bucket < {today:DateTime('UTC')} GROUP BY key_id"
-        ") AS base ON cur.key_id = base.key_id",
+    rows = client.query(
+        "SELECT key_id, anyIf(account_id, account_id != ''), sum(requests) AS n, "
+        "sumIf(requests, status IN (401, 403)) AS auth, sumIf(requests, status = 429) AS limited, "
+        "sumIf(requests, status = 401) AS n401 "
+        f"FROM {rollup_table(database)} WHERE level = 'minute' "
+        "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
+        "GROUP BY key_id HAVING n >= {min_n:UInt64} OR auth >= {auth_min:UInt64} OR limited >= {limited_min:UInt64}",
         parameters={
             "since": since,
             "until": now,
             "min_n": th.rate_jump_min_requests,
-            "base_since": base_since,
-            "today": today,
+            "auth_min": th.auth_failures_min,
+            "limited_min": th.rate_limited_min,
         },
-    )
+    ).result_rows
+    return [(str(k), str(a), int(n), int(auth), int(lim), int(n401)) for k, a, n, auth, lim, n401 in rows]
+
+
+def rate_jumps(
+    client: Client,
+    database: str,
+    now: datetime,
+    th: SignalThresholds,
+    recent: list[RecentRow] | None = None,
+) -> list[Signal]:
+    """Keys whose rate in the recent window is far above their average of the previous days."""
+    since = floor_to(now - th.recent, Granularity.minute)
+    today = floor_to(now, Granularity.day)
+    base_since = today - timedelta(days=th.baseline_days)
+    if recent is None:
+        recent = recent_counts(client, database, now, th)
+    current = [(key, acct, n) for key, acct, n, *_ in recent if n >= th.rate_jump_min_requests]
+    if not current:
+        return []
+    # The candidate keys are few, so their baseline is read by primary key (level, key_id, ...).
+    baseline = {
+        str(key): int(total)
+        for key, total in client.query(
+            f"SELECT key_id, sum(requests) FROM {rollup_table(database)} "
+            "WHERE level = 'day' AND key_id IN {keys:Array(String)} "
+            "AND bucket >= {base_since:DateTime('UTC')} AND bucket < {today:DateTime('UTC')} GROUP BY key_id",
+            parameters={"keys": sorted(key for key, _, _ in current), "base_since": base_since, "today": today},
+        ).result_rows
+    }
     hours = max((now - since).total_seconds() / 3600, 1 / 60)
     base_hours = th.baseline_days * 24
     out = []
-    for key, acct, n, total in result.result_rows:
-        rate = int(n) / hours
-        base_rate = int(total or 0) / base_hours
+    for key, acct, n in current:
+        rate = n / hours
+        base_rate = baseline.get(key, 0) / base_hours
         if base_rate > 0 and rate < th.rate_jump_factor * base_rate:
             continue
         if base_rate > 0:
@@ -128,27 +156,20 @@ def rate_jumps(client: Client, database: str, now: datetime, th: SignalThreshold
     return _cap(out, th)
 
 
-def error_bursts(client: Client, database: str, now: datetime, th: SignalThresholds) -> list[Signal]:
+def error_bursts(
+    client: Client,
+    database: str,
+    now: datetime,
+    th: SignalThresholds,
+    recent: list[RecentRow] | None = None,
+) -> list[Signal]:
     """Keys with many 401/403 (auth failures) or many 429 (rate limited) in the recent window."""
     since = floor_to(now - th.recent, Granularity.minute)
-    result = client.query(
-        "SELECT key_id, anyIf(account_id, account_id != ''), sum(requests) AS n, "
-        "sumIf(requests, status IN (401, 403)) AS auth, sumIf(requests, status = 429) AS limited, "
-        "sumIf(requests, status = 401) AS n401 "
-        f"FROM {rollup_table(database)} WHERE level = 'minute' "
-        "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
-        "GROUP BY key_id HAVING auth >= {auth_min:UInt64} OR limited >= {limited_min:UInt64}",
-        parameters={
-            "since": since,
-            "until": now,
-            "auth_min": th.auth_failures_min,
-            "limited_min": th.rate_limited_min,
-        },
-    )
+    if recent is None:
+        recent = recent_counts(client, database, now, th)
     span = _fmt_span(th.recent)
     out = []
-    for key, acct, n, auth, limited, n401 in result.result_rows:
-        n, auth, limited = int(n), int(auth), int(limited)
+    for key, acct, n, auth, limited, n401 in recent:
         if auth >= th.auth_failures_min and auth / n >= th.auth_failures_min_share:
             score = auth / th.auth_failures_min
             out.append(
@@ -200,14 +221,38 @@ def many_sources(client: Client, database: str, now: datetime, th: SignalThresho
     since = floor_to(now - th.lookback, Granularity.hour)
     table = rollup_table(database)
     params = {"since": since, "until": now, "ips_min": th.client_ips_min, "nodes_min": th.nodes_min}
-    rows = client.query(
-        "SELECT key_id, anyIf(account_id, account_id != ''), uniqExact(client_ip) AS ips, sum(requests) "
+    ip_rows = (
         f"FROM {table} WHERE level = 'client_hour' AND client_ip != '' "
         "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
-        "GROUP BY key_id HAVING ips >= {ips_min:UInt64}",
-        parameters=params,
-    ).result_rows
-    found: dict[str, tuple[str, int, int]] = {str(k): (str(a), int(i), int(n)) for k, a, i, n in rows}
+    )
+    # ~0.5 M keys have client_hour rows in a day, and a set of addresses per key (uniqExact) is
+    # most of the cost: uniqUpTo(N) is exact up to N and keeps at most N+1 hashes inline, so it
+    # only finds the keys; their addresses are then counted exactly, one group per (key, IP),
+    # read by primary key (level, key_id, ...) in the query that also finds their busiest ones.
+    distinct = f"uniqUpTo({th.client_ips_min})(client_ip)" if th.client_ips_min <= 100 else "uniqExact(client_ip)"
+    flagged = [
+        str(key)
+        for (key,) in client.query(
+            f"SELECT key_id {ip_rows}GROUP BY key_id HAVING {distinct} >= {{ips_min:UInt64}}",
+            parameters=params,
+        ).result_rows
+    ]
+    found: dict[str, tuple[str, int, int]] = {}
+    top_ips: dict[str, list[str]] = {}
+    ip_count: dict[str, int] = {}
+    if flagged:
+        for key, acct, ip, n, ips, total in client.query(
+            "SELECT key_id, acct, client_ip, n, ips, total FROM ("
+            " SELECT key_id, client_ip, sum(requests) AS n, count() OVER w AS ips, sum(n) OVER w AS total,"
+            " max(anyIf(account_id, account_id != '')) OVER w AS acct"
+            f" {ip_rows}AND key_id IN {{keys:Array(String)}} GROUP BY key_id, client_ip"
+            " WINDOW w AS (PARTITION BY key_id)"
+            ") WHERE ips >= {ips_min:UInt64} ORDER BY key_id, n DESC, client_ip LIMIT 3 BY key_id",
+            parameters={**params, "keys": flagged},
+        ).result_rows:
+            found[str(key)] = (str(acct), int(ips), int(total))
+            top_ips.setdefault(str(key), []).append(f"{ip} ({int(n):,})")
+            ip_count[str(key)] = int(ips)
     nodes: dict[str, int] = {}
     if th.nodes_min > 0:
         for key, acct, n_nodes, n in client.query(
@@ -222,18 +267,16 @@ def many_sources(client: Client, database: str, now: datetime, th: SignalThresho
     if not found:
         return []
     keys = sorted(found)
-    top_ips: dict[str, list[str]] = {}
-    ip_count: dict[str, int] = {}
-    # The busiest IPs of each flagged key ("from where"), and the IP count of keys flagged by nodes.
-    for key, ip, n, total_ips in client.query(
-        "SELECT key_id, client_ip, sum(requests) AS n, count() OVER (PARTITION BY key_id) "
-        f"FROM {table} WHERE level = 'client_hour' AND client_ip != '' AND key_id IN {{keys:Array(String)}} "
-        "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
-        "GROUP BY key_id, client_ip ORDER BY key_id, n DESC LIMIT 3 BY key_id",
-        parameters={**params, "keys": keys},
-    ).result_rows:
-        top_ips.setdefault(str(key), []).append(f"{ip} ({int(n):,})")
-        ip_count[str(key)] = int(total_ips)
+    # The busiest IPs and the IP count of keys flagged by their nodes only.
+    if missing := [key for key in keys if key not in ip_count]:
+        for key, ip, n, total_ips in client.query(
+            "SELECT key_id, client_ip, sum(requests) AS n, count() OVER (PARTITION BY key_id) "
+            f"{ip_rows}AND key_id IN {{keys:Array(String)}} "
+            "GROUP BY key_id, client_ip ORDER BY key_id, n DESC, client_ip LIMIT 3 BY key_id",
+            parameters={**params, "keys": missing},
+        ).result_rows:
+            top_ips.setdefault(str(key), []).append(f"{ip} ({int(n):,})")
+            ip_count[str(key)] = int(total_ips)
     if th.nodes_min == 0:
         for key, n_nodes in client.query(
             f"SELECT key_id, uniqExact(node_id) FROM {table} WHERE level = 'hour' AND key_id IN {{keys:Array(String)}} "
@@ -243,7 +286,8 @@ def many_sources(client: Client, database: str, now: datetime, th: SignalThresho
             nodes[str(key)] = int(n_nodes)
     span = _fmt_span(th.lookback)
     out = []
-    for key, (acct, ips, n) in found.items():
+    for key in keys:
+        acct, ips, n = found[key]
         ips = ips or ip_count.get(key, 0)
         n_nodes = nodes.get(key, 0)
         score = max(ips / th.client_ips_min, n_nodes / th.nodes_min if th.nodes_min else 0.0)
@@ -347,7 +391,7 @@ def _cap(signals: list[Signal], th: SignalThresholds) -> list[Signal]:
     return sorted(signals, key=lambda s: -s.score)[: th.max_per_kind]
 
 
-DETECTORS: dict[SignalKind, Callable[[Client, str, datetime, SignalThresholds], list[Signal]]] = {
+DETECTORS: dict[SignalKind, Callable[..., list[Signal]]] = {
     SignalKind.rate_jump: rate_jumps,
     SignalKind.auth_failures: error_bursts,  # one query serves both kinds
     SignalKind.rate_limited: error_bursts,
@@ -370,12 +414,20 @@ def abuse_signals(
     th = thresholds or SignalThresholds()
     wanted = kinds or set(SignalKind)
     signals: list[Signal] = []
-    ran: set[Callable[[Client, str, datetime, SignalThresholds], list[Signal]]] = set()
+    ran: set[Callable[..., list[Signal]]] = set()
+    recent: list[RecentRow] | None = None
     for kind, detect in DETECTORS.items():
         if kind not in wanted or detect in ran:
             continue
         ran.add(detect)
-        signals.extend(s for s in detect(client, database, as_of, th) if s.kind in wanted)
+        if detect is rate_jumps or detect is error_bursts:
+            # Both read the same per-key counts of the recent window: one scan, not two.
+            if recent is None:
+                recent = recent_counts(client, database, as_of, th)
+            found = detect(client, database, as_of, th, recent)
+        else:
+            found = detect(client, database, as_of, th)
+        signals.extend(s for s in found if s.kind in wanted)
     if key_id is not None:
         signals = [s for s in signals if s.key_id == key_id]
     order = {Severity.high: 0, Severity.medium: 1, Severity.low: 2}
