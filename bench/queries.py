@@ -34,6 +34,7 @@ from worker.analytics import queries, signals
 from worker.settings import Settings
 from worker.store.client import connect
 from worker.store.migrations import migrate
+from worker.store.rollup import rollup_table
 
 DAYS = 30
 ABUSED = "cf_liv_bench_abused_key"
@@ -82,7 +83,7 @@ def _insert_level(client: Any, table: str, level: str, events_sql: str, params: 
 
 
 def seed(client: Any, database: str, keys: int, events: int, now: datetime) -> dict[str, Any]:
-    table = queries.rollup_table(database)
+    table = rollup_table(database)
     start = int((now - timedelta(days=DAYS)).timestamp())
     per_day = events // DAYS
     t0 = time.perf_counter()
@@ -113,7 +114,7 @@ def seed(client: Any, database: str, keys: int, events: int, now: datetime) -> d
 
 
 def describe(client: Any, database: str) -> dict[str, Any]:
-    table = queries.rollup_table(database)
+    table = rollup_table(database)
     stats = client.query(
         f"SELECT toString(level), count(), sum(requests) FROM {table} GROUP BY level ORDER BY level"
     ).result_rows
@@ -166,9 +167,7 @@ def main() -> None:
     db = settings.clickhouse_database
     if args.reuse:
         # "now" of the seeded run: just after its newest minute bucket, so the windows match it.
-        last = client.query(f"SELECT max(bucket) FROM {queries.rollup_table(db)} WHERE level = 'minute'").result_rows[
-            0
-        ][0]
+        last = client.query(f"SELECT max(bucket) FROM {rollup_table(db)} WHERE level = 'minute'").result_rows[0][0]
         now = queries.utc(last) + timedelta(seconds=59)
         info = describe(client, db)
         info["seconds"] = float("nan")
@@ -180,7 +179,7 @@ def main() -> None:
     for level, (n, r) in info["rows"].items():
         print(f"  {level:12} {n:>12,} rows {r:>14,} requests")
 
-    table = queries.rollup_table(db)
+    table = rollup_table(db)
     busiest, busiest_n = client.query(
         f"SELECT key_id, sum(requests) AS n FROM {table} WHERE level = 'day' GROUP BY key_id ORDER BY n DESC LIMIT 1"
     ).result_rows[0]

@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Match
 
 from node.decision_cache import Block
 from node.keys import KeyIdDeriver, KeyRecord, KeyStore, is_well_formed
-from schemas.decisions import Window
+from schemas.decisions import WINDOW_SECONDS
 from schemas.events import RequestEvent, make_event
 from worker.settings import Settings
 
@@ -41,7 +41,6 @@ ANONYMOUS_KEY_ID = "anonymous"
 # per guess, yet "one client tried many different keys" stays visible to the abuse signals.
 INVALID_KEY_PREFIX = "invalid-"
 _KEY_HEADER = b"x-api-key"
-_WINDOW_SECONDS = {Window.minute: 60, Window.hour: 3_600, Window.day: 86_400}
 _MAX_ENDPOINT = 256
 
 
@@ -241,7 +240,7 @@ class MeterMiddleware:
         if block.limit is not None:
             headers.append((b"ratelimit-limit", str(block.limit).encode()))
         headers += [(b"ratelimit-remaining", b"0"), (b"ratelimit-reset", str(seconds).encode())]
-        window_s = _WINDOW_SECONDS.get(block.window)
+        window_s = WINDOW_SECONDS.get(block.window)
         if block.limit is not None and window_s is not None:
             headers.append((b"ratelimit-policy", f"{block.limit};w={window_s}".encode()))
             message = (

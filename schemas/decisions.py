@@ -15,6 +15,10 @@ class Window(StrEnum):
     manual = "manual"
 
 
+# Fixed UTC windows: a window starts at a multiple of its length (the rollup buckets too).
+WINDOW_SECONDS = {Window.minute: 60, Window.hour: 3600, Window.day: 86400}
+
+
 class DecisionAction(StrEnum):
     block = "block"
     unblock = "unblock"

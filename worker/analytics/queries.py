@@ -32,6 +32,7 @@ from schemas.limits import LimitPolicy
 from schemas.usage import Granularity
 from worker.store.client import quote_identifier
 from worker.store.decisions import DecisionStore
+from worker.store.rollup import rollup_table
 from worker.store.usage import STEP_SECONDS, default_range, floor_to
 
 MAX_TOP_N = 1_000
@@ -65,10 +66,6 @@ COUNT_COLUMNS = (
     "sum(requests) AS n_requests, sumIf(requests, status >= 400) AS n_errors, "
     "sumIf(requests, status IN (401, 403)) AS n_auth, sumIf(requests, status = 429) AS n_429"
 )
-
-
-def rollup_table(database: str) -> str:
-    return f"{quote_identifier(database)}.usage_rollup"
 
 
 def utc(value: datetime) -> datetime:

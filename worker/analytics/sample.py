@@ -15,8 +15,8 @@ from clickhouse_connect.driver.client import Client
 
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.usage import Granularity
-from worker.analytics.queries import rollup_table
 from worker.store.decisions import DecisionStore
+from worker.store.rollup import rollup_table
 from worker.store.usage import floor_to
 
 _COLUMNS = [

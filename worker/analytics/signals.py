@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.analytics import Severity, Signal, SignalKind, SignalReport
 from schemas.usage import Granularity
-from worker.analytics.queries import rollup_table, utc
+from worker.analytics.queries import utc
 from worker.store.client import quote_identifier
+from worker.store.rollup import rollup_table
 from worker.store.usage import floor_to
 
 

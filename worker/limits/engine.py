@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 from aiokafka.partitioner import murmur2
 
-from schemas.decisions import Decision, DecisionAction, Window
+from schemas.decisions import WINDOW_SECONDS, Decision, DecisionAction, Window
 from schemas.limits import LimitPolicy
 from worker.limits.counters import KeyWindows, WindowCounters
 from worker.limits.policies import PolicyBook
-from worker.limits.windows import AUTOMATIC_WINDOWS, WINDOW_SECONDS, to_datetime
+from worker.limits.windows import AUTOMATIC_WINDOWS, to_datetime
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from schemas.decisions import Window
+from schemas.decisions import WINDOW_SECONDS, Window
 
-WINDOW_SECONDS = {Window.minute: 60, Window.hour: 3600, Window.day: 86400}
 # Longest first: when several windows are exceeded, the block lasts until the latest end.
 AUTOMATIC_WINDOWS = (Window.day, Window.hour, Window.minute)
 

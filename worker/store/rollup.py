@@ -33,6 +33,11 @@ ROLLUP_SCHEMA = pa.schema(
 )
 
 
+def rollup_table(database: str) -> str:
+    """The quoted name of the rollup table in ``database`` (database names come from settings)."""
+    return f"{quote_identifier(database)}.usage_rollup"
+
+
 class RollupStore:
     """The one place the ingest path touches ClickHouse."""
 
@@ -46,7 +51,7 @@ class RollupStore:
         self._shared: threading.Lock | contextlib.nullcontext[None] = (
             threading.Lock() if lookup_client is None else contextlib.nullcontext()
         )
-        self._table = f"{quote_identifier(database)}.usage_rollup"
+        self._table = rollup_table(database)
 
     @property
     def client(self) -> Client:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from clickhouse_connect.driver.client import Client
 
 from schemas.usage import Granularity, UsagePoint
-from worker.store.client import quote_identifier
+from worker.store.rollup import rollup_table
 
 STEP_SECONDS = {Granularity.minute: 60, Granularity.hour: 3600, Granularity.day: 86400}
 DEFAULT_SPAN = {
@@ -57,7 +57,7 @@ def usage_series(
     )
     result = client.query(
         f"SELECT bucket, sum(requests) AS n_requests, sumIf(requests, status >= 400) AS n_errors, "
-        f"sum(bytes_out) AS n_bytes FROM {quote_identifier(database)}.usage_rollup "
+        f"sum(bytes_out) AS n_bytes FROM {rollup_table(database)} "
         "WHERE level = {level:String} AND key_id = {key:String} "
         "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
         f"GROUP BY bucket ORDER BY bucket {fill_clause}",
