@@ -57,8 +57,9 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.analytics.queries import key_points
     from worker.store.client import connect
-    from worker.store.usage import default_range, usage_series
+    from worker.store.usage import default_range
 
     granularity = Granularity(args.granularity)
     try:
@@ -67,9 +68,7 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
         print(f"meter usage: {exc}", file=sys.stderr)
         return 2
     client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
-    points = usage_series(
-        client, settings.clickhouse_database, args.key, granularity, since, until, fill=not args.sparse
-    )
+    points = key_points(client, settings.clickhouse_database, args.key, granularity, since, until, args.sparse)
     print_points(points, args.format)
     return 0
 

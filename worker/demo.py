@@ -26,10 +26,10 @@ from node.decision_cache import DecisionCache
 from node.demo_api import demo_keys
 from node.keys import derive_key_id
 from schemas.usage import Granularity
+from worker.analytics.queries import key_points
 from worker.app import WorkerRuntime
 from worker.settings import Settings
 from worker.store.decisions import DecisionStore
-from worker.store.usage import usage_series
 
 
 @dataclass(frozen=True)
@@ -264,14 +264,14 @@ def _print_readback(runtime: WorkerRuntime, settings: Settings, views: dict[str,
     now = datetime.now(UTC)
     print("\nread back from ClickHouse: requests per minute (last 3 minutes) and decisions")
     for view in views.values():
-        points = usage_series(
+        points = key_points(
             client,
             settings.clickhouse_database,
             view.key_id,
             Granularity.minute,
             now - timedelta(minutes=3),
             now + timedelta(seconds=1),
-            fill=False,
+            sparse=True,
         )
         series = "  ".join(f"{p.bucket:%H:%M}={p.requests}" for p in points) or "-"
         print(f"  {view.profile.name:8} {view.key_id}: {series}")

@@ -339,3 +339,35 @@ def test_cli_refuses_bad_input(meter: Callable[..., tuple[int, str]]) -> None:
     assert "at most 93 days" in meter.stderr[-1]
     with pytest.raises(SystemExit):
         meter("top", "--since", "2026-01-01T00:00:00")  # no offset: refused, not guessed
+
+
+def test_meter_usage_points_match_the_series_and_the_cli_json_shape(
+    clickhouse: Any, settings: Settings, sample: SampleFacts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.cli import print_points
+
+    db = settings.clickhouse_database
+    since, until = sample.now - timedelta(hours=2), sample.now + timedelta(minutes=1)
+    points = queries.key_points(clickhouse, db, ABUSED_KEY, Granularity.minute, since, until)
+    whole = queries.series(clickhouse, db, Subject.key, ABUSED_KEY, Granularity.minute, since, until)
+    assert [p.requests for p in points] == whole.groups[0].requests  # zero-filled, one point per bucket
+    assert sum(p.requests for p in points) == whole.groups[0].total_requests > 0
+    assert sum(p.errors for p in points) == 1200  # its 429s
+    sparse = queries.key_points(clickhouse, db, ABUSED_KEY, Granularity.minute, since, until, sparse=True)
+    assert sparse == [p for p in points if p.requests]
+    assert all(p.bucket.tzinfo is not None and p.bucket.second == 0 for p in sparse)
+    print_points(sparse, "json")
+    doc = json.loads(capsys.readouterr().out)
+    assert doc[0].keys() >= {"bucket", "requests"}
+    assert doc[0]["bucket"].endswith("Z")
+    assert sum(d["requests"] for d in doc) == whole.groups[0].total_requests
+
+
+def test_series_of_a_key_without_traffic_is_all_zeros(clickhouse: Any, settings: Settings, sample: SampleFacts) -> None:
+    db = settings.clickhouse_database
+    since = sample.now.replace(second=0) - timedelta(hours=1)  # minute-aligned: exactly 60 buckets
+    until = since + timedelta(hours=1)
+    points = queries.key_points(clickhouse, db, "no-such-key", Granularity.minute, since, until)
+    assert len(points) == 60
+    assert not any(p.requests for p in points)
+    assert queries.key_points(clickhouse, db, "no-such-key", Granularity.minute, since, until, sparse=True) == []

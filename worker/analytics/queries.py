@@ -29,7 +29,7 @@ from schemas.analytics import (
 )
 from schemas.decisions import DecisionAction, Window
 from schemas.limits import LimitPolicy
-from schemas.usage import Granularity
+from schemas.usage import Granularity, UsagePoint
 from worker.store.client import quote_identifier
 from worker.store.decisions import DecisionStore
 from worker.store.rollup import rollup_table
@@ -137,7 +137,8 @@ def series(
     )
     columns: dict[str, tuple[list[int], list[int], list[int]]] = {}
     # Column-wise (never row tuples): a busy key's month of minutes is ~43,000 rows.
-    grps, index, req_in, err_in, out_in = result.result_columns
+    # chDB returns no columns at all for an empty result.
+    grps, index, req_in, err_in, out_in = result.result_columns or ([], [], [], [], [])
     if grps:
         for grp in set(grps):
             columns[grp] = ([0] * count, [0] * count, [0] * count)
@@ -171,6 +172,30 @@ def series(
         buckets=count,
         groups=groups,
     )
+
+
+def key_points(
+    client: Client,
+    database: str,
+    key_id: str,
+    granularity: Granularity,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    sparse: bool = False,
+) -> list[UsagePoint]:
+    """One key's buckets as points (the ``meter usage`` shape), from the same query as ``series``."""
+    s = series(client, database, Subject.key, key_id, granularity, since, until)
+    (all_,) = s.groups
+    points = (
+        UsagePoint(
+            bucket=s.since + timedelta(seconds=i * s.step_seconds),
+            requests=all_.requests[i],
+            errors=all_.errors[i],
+            bytes_out=all_.bytes_out[i],
+        )
+        for i in range(s.buckets)
+    )
+    return [p for p in points if p.requests or not sparse]
 
 
 # -- top lists ------------------------------------------------------------------------------
