@@ -19,9 +19,8 @@ import tracemalloc
 
 from bench.common import machine, now_utc, replace_block, rss_bytes
 from schemas.decisions import Decision
-from schemas.limits import LimitPolicy
+from schemas.limits import LimitPolicy, PolicyBook
 from worker.limits.engine import LimitEngine, partition_of
-from worker.limits.policies import PolicyBook
 
 PARTITIONS = 6
 BATCH = 20_000

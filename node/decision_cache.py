@@ -3,7 +3,9 @@
 On start it reads the compacted decisions topic from the beginning (its own consumer, no
 group, every partition assigned by hand) up to the end offsets taken at start; then it is
 ``ready`` and keeps following the topic. ``check()`` is a dict lookup with no I/O, so a
-blocked key costs the request path next to nothing.
+blocked key costs the request path next to nothing. With a ``LocalGuard`` it follows the
+limits topic (overrides, into the guard's policy book) and the allowances topic (into the
+guard) on the same consumer, bootstrapped the same way.
 
 Rules: a decision is applied only if its version is newer than the one held for its key
 (so replays, compaction leftovers and reordering across restarts never resurrect an old
@@ -27,13 +29,17 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 
 from node.errors import NodeError, describe
+from node.guard import LocalGuard
+from node.settings import NodeSettings
+from schemas.allowances import Allowance
 from schemas.decisions import Decision, DecisionAction, Window
-from worker.settings import Settings
+from schemas.limits import LimitOverride
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 AppliedHook = Callable[[Decision, float], None]
+AllowanceHook = Callable[[Allowance, float], None]
 ConsumerFactory = Callable[..., Any]
 
 
@@ -89,10 +95,12 @@ class DecisionCache:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: NodeSettings,
         *,
+        guard: LocalGuard | None = None,
         now: Clock = utc_now,
         on_applied: AppliedHook | None = None,
+        on_allowance: AllowanceHook | None = None,
         poll_timeout_ms: int = 200,
         fetch_max_wait_ms: int = 100,
         probe_interval_s: float = 2.0,
@@ -102,6 +110,10 @@ class DecisionCache:
     ) -> None:
         self._settings = settings
         self._topic = settings.decisions_topic
+        self.guard = guard
+        self._on_allowance = on_allowance
+        # The guard needs the overrides and the allowances as well; one consumer follows all.
+        self._topics = [self._topic] + ([settings.limits_topic, settings.allowances_topic] if guard else [])
         self._now = now
         self._on_applied = on_applied
         self._poll_timeout_ms = poll_timeout_ms
@@ -115,7 +127,7 @@ class DecisionCache:
         # arriving late is still recognised as older.
         self._versions: dict[str, int] = {}
         self._blocks: dict[str, Block] = {}
-        self._next_offsets: dict[int, int] = {}  # partition -> next offset to read
+        self._next_offsets: dict[TopicPartition, int] = {}  # next offset to read
 
         self._ready = asyncio.Event()
         self._connected = False
@@ -191,7 +203,9 @@ class DecisionCache:
             stale_ignored=self._stale,
             invalid=self._invalid,
             lag=self._lag,
-            last_offsets={p: o - 1 for p, o in sorted(self._next_offsets.items())},
+            last_offsets={
+                tp.partition: o - 1 for tp, o in sorted(self._next_offsets.items()) if tp.topic == self._topic
+            },
             last_applied_age_s=(None if self._last_applied_at is None else time.monotonic() - self._last_applied_at),
             bootstrap_s=self._bootstrap_s,
             last_error=self._last_error,
@@ -256,21 +270,24 @@ class DecisionCache:
             else:
                 backoff = self._backoff_initial_s
 
-    async def _partitions(self) -> list[int]:
+    async def _partitions(self) -> list[TopicPartition]:
         # The admin client answers for a topic the consumer has not yet seen, and does not
         # auto-create it.
         admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka_bootstrap, request_timeout_ms=10_000)
         await admin.start()
         try:
-            (desc,) = await admin.describe_topics([self._topic])
+            described = await admin.describe_topics(self._topics)
         finally:
             await admin.close()
-        if desc["error_code"] != 0 or not desc["partitions"]:
-            raise NodeError(f"decisions topic {self._topic} not available (error {desc['error_code']})")
-        return sorted(p["partition"] for p in desc["partitions"])
+        tps = []
+        for topic, desc in zip(self._topics, described, strict=True):
+            if desc["error_code"] != 0 or not desc["partitions"]:
+                raise NodeError(f"topic {topic} not available (error {desc['error_code']})")
+            tps += [TopicPartition(topic, p["partition"]) for p in desc["partitions"]]
+        return sorted(tps)
 
     async def _follow(self) -> None:
-        partitions = await self._partitions()
+        tps = await self._partitions()
         consumer = self._consumer_factory(
             bootstrap_servers=self._settings.kafka_bootstrap,
             client_id=f"meter-node-{self._settings.node_id}-decisions",
@@ -283,13 +300,12 @@ class DecisionCache:
         )
         await consumer.start()
         try:
-            tps = [TopicPartition(self._topic, p) for p in partitions]
             consumer.assign(tps)
             # Resume where we were after a reconnect; read from the beginning otherwise.
-            fresh = [tp for tp in tps if tp.partition not in self._next_offsets]
+            fresh = [tp for tp in tps if tp not in self._next_offsets]
             for tp in tps:
-                if tp.partition in self._next_offsets:
-                    consumer.seek(tp, self._next_offsets[tp.partition])
+                if tp in self._next_offsets:
+                    consumer.seek(tp, self._next_offsets[tp])
             if fresh:
                 await consumer.seek_to_beginning(*fresh)
             pending: dict[TopicPartition, int] = {}
@@ -306,7 +322,7 @@ class DecisionCache:
                     for record in records:
                         self._handle(record, received)
                     if records:
-                        self._next_offsets[tp.partition] = records[-1].offset + 1
+                        self._next_offsets[tp] = records[-1].offset + 1
                 if pending:
                     for tp in list(pending):
                         if await consumer.position(tp) >= pending[tp]:
@@ -324,11 +340,14 @@ class DecisionCache:
         if record.value is None:
             return  # tombstone: compaction of a key we already hold a version for
         try:
+            if record.topic != self._topic:
+                self._handle_guard(record, received)
+                return
             decision = Decision.model_validate_json(record.value)
         except ValidationError as exc:
             self._invalid += 1
             log.error(
-                "decision cache: invalid decision at %s[%d] offset %d skipped: %s",
+                "decision cache: invalid record at %s[%d] offset %d skipped: %s",
                 record.topic,
                 record.partition,
                 record.offset,
@@ -336,6 +355,21 @@ class DecisionCache:
             )
             return
         self.apply(decision, received)
+
+    def _handle_guard(self, record: Any, received: float) -> None:
+        guard = self.guard
+        assert guard is not None
+        if record.topic == self._settings.limits_topic:
+            override = LimitOverride.model_validate_json(record.value)
+            guard.policies.apply(override)
+            log.info("limit override %s: %s", override.topic_key, override.policy or "removed")
+            return
+        allowance = Allowance.model_validate_json(record.value)
+        if guard.apply(allowance, self._now().timestamp()) and self._on_allowance is not None:
+            try:
+                self._on_allowance(allowance, received)
+            except Exception:  # a faulty hook must not stop the cache
+                log.exception("decision cache: on_allowance hook failed")
 
     def _mark_ready(self) -> None:
         if self._started_at is not None:

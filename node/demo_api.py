@@ -26,10 +26,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from node.decision_cache import DecisionCache
+from node.guard import LocalGuard
 from node.keys import InMemoryKeyStore, KeyIdDeriver, KeyStore
 from node.middleware import MeterMiddleware, RouteScope, starlette_route_resolver
 from node.reporter import UsageReporter
-from worker.settings import Settings
+from node.settings import NodeSettings
+from schemas.limits import PolicyBook
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ async def get_rates(request: Request) -> JSONResponse:
 
 
 def build_node_app(
-    settings: Settings,
+    settings: NodeSettings,
     keys: KeyStore,
     *,
     reporter: UsageReporter | None = None,
@@ -138,7 +140,9 @@ def build_node_app(
 ) -> Starlette:
     """The demo API behind the meter. Its lifespan starts and stops the reporter and the cache."""
     reporter = reporter or UsageReporter(settings, max_buffer=settings.node_buffer_max)
-    cache = cache or (DecisionCache(settings, now=now) if now else DecisionCache(settings))
+    if cache is None:
+        guard = LocalGuard(PolicyBook(settings.default_policy()), settings.node_id, settings.node_guard_max_keys)
+        cache = DecisionCache(settings, guard=guard, now=now) if now else DecisionCache(settings, guard=guard)
 
     async def health(request: Request) -> JSONResponse:
         cache_state = cache.state()
@@ -156,6 +160,12 @@ def build_node_app(
             "cache": asdict(cache_state),
             "reporter": asdict(reporter_state),
         }
+        if cache.guard is not None:
+            body["guard"] = {
+                "keys": len(cache.guard),
+                "forgotten": cache.guard.forgotten,
+                "allowances_applied": cache.guard.allowances_applied,
+            }
         # Not ready until the block table is bootstrapped: a load balancer must not send
         # traffic that this node could not yet limit.
         return JSONResponse(body, status_code=200 if cache_state.ready else 503)
@@ -195,6 +205,7 @@ def build_node_app(
                 keys=keys,
                 reporter=reporter,
                 cache=cache,
+                guard=cache.guard,
                 route_scopes=ROUTE_SCOPES,
                 fail_open=fail_open,
                 route_resolver=starlette_route_resolver(routes),
@@ -209,7 +220,7 @@ def build_node_app(
 
 
 async def run_node(
-    settings: Settings,
+    settings: NodeSettings,
     port: int,
     *,
     keys: KeyStore | None = None,

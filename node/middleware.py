@@ -1,10 +1,13 @@
 """ASGI middleware that authenticates, enforces and reports every request of an API node.
 
 Pure ASGI (no BaseHTTPMiddleware), so it works under Starlette, FastAPI or any ASGI server
-and adds one short pass per request: header lookup, one HMAC, two dict lookups. The order of
-checks is 401 (missing / invalid key) -> 403 (permission) -> 429 (blocked) -> 503 (meter not
-available and fail-closed). Every request, allowed or not, is reported as one event; the raw
-key never reaches an event, a log line, a response or the wrapped app.
+and adds one short pass per request: header lookup, one HMAC, a few dict lookups. The order of
+checks is 401 (missing / invalid key) -> 403 (permission) -> 429 (blocked by a decision) ->
+503 (meter not available and fail-closed) -> 429 (this node's guard: the key's limit reached
+here, or this node's allowance used up). Every request, allowed or not, is reported as one
+event carrying this node's own counts of the key; the raw key never reaches an event, a log
+line, a response or the wrapped app. Every 429 names the window, the limit, the count and the
+decision or allowance (version) that refused it.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from typing import Any, Protocol
 from starlette.routing import BaseRoute, Match
 
 from node.decision_cache import Block
+from node.guard import Headroom, LocalGuard, Refusal
 from node.keys import KeyIdDeriver, KeyRecord, KeyStore, is_well_formed
+from node.settings import NodeSettings
 from schemas.decisions import WINDOW_SECONDS
 from schemas.events import RequestEvent, make_event
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,7 @@ class _Denial:
     error: str
     message: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    details: tuple[tuple[str, object], ...] = ()  # extra fields of the JSON body
 
 
 def starlette_route_resolver(routes: Sequence[BaseRoute]) -> RouteResolver:
@@ -105,10 +110,11 @@ class MeterMiddleware:
         self,
         app: ASGIApp,
         *,
-        settings: Settings,
+        settings: NodeSettings,
         keys: KeyStore,
         reporter: UsageSink,
         cache: BlockChecker,
+        guard: LocalGuard | None = None,
         route_scopes: Sequence[RouteScope] = (),
         fail_open: bool = True,
         exempt_paths: Collection[str] = ("/health",),
@@ -123,6 +129,7 @@ class MeterMiddleware:
         self._keys = keys
         self._reporter = reporter
         self._cache = cache
+        self._guard = guard
         self._route_scopes = tuple(route_scopes)
         self._fail_open = fail_open
         self._exempt = frozenset(exempt_paths)
@@ -154,23 +161,29 @@ class MeterMiddleware:
         key_id = ANONYMOUS_KEY_ID
         record: KeyRecord | None = None
         denial: _Denial | None
+        epoch = ts.timestamp()
         if raw_key is None or not raw_key.strip():
             denial = _Denial(401, "missing_api_key", "Missing API key: send it in the X-API-Key header.")
         else:
             key_id = self._derive(raw_key)
-            record, denial = self._authorize(raw_key, key_id, method, path, ts)
+            record, denial = self._authorize(raw_key, key_id, method, path, ts, epoch)
             if record is None:
                 key_id = INVALID_KEY_PREFIX + key_id[-2:]
         del raw_key  # nothing below needs it
 
         status = 500
         bytes_out = 0
+        extra_headers = [rid_header]
+        if denial is None and record is not None and self._guard is not None:
+            room = self._guard.headroom(key_id, epoch)
+            if room is not None:
+                extra_headers += _ratelimit_headers(room)
 
         async def send_tracked(message: Message) -> None:
             nonlocal status, bytes_out
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), rid_header]
+                message["headers"] = [*message.get("headers", ()), *extra_headers]
             elif message["type"] == "http.response.body":
                 bytes_out += len(message.get("body", b""))
             await send(message)
@@ -195,10 +208,13 @@ class MeterMiddleware:
                 latency_ms=(time.perf_counter() - started) * 1000.0,
                 client=scope.get("client"),
                 bytes_out=bytes_out,
+                node_counts=(
+                    self._guard.counts(key_id, epoch) if self._guard is not None and record is not None else None
+                ),
             )
 
     def _authorize(
-        self, raw_key: str, key_id: str, method: str, path: str, now: datetime
+        self, raw_key: str, key_id: str, method: str, path: str, now: datetime, epoch: float
     ) -> tuple[KeyRecord | None, _Denial | None]:
         invalid = _Denial(401, "invalid_api_key", "Invalid API key: it is unknown, malformed or revoked.")
         if not is_well_formed(raw_key):
@@ -210,6 +226,8 @@ class MeterMiddleware:
             return record, invalid  # a revoked key still in use is worth seeing under its own id
         required = self._required_scope(method, path)
         if not record.allows(required):
+            if self._guard is not None:  # the worker counts it against the key: so does the node
+                self._guard.record(key_id, record.account_id, epoch)
             return record, _Denial(
                 # The path is not echoed: callers sometimes paste secrets into URLs.
                 403,
@@ -226,6 +244,10 @@ class MeterMiddleware:
                 "Usage limits cannot be checked right now; retry shortly.",
                 ((b"retry-after", b"5"),),
             )
+        if self._guard is not None:
+            refusal = self._guard.admit(key_id, record.account_id, epoch)
+            if refusal is not None:
+                return record, _refused(refusal, epoch)
         return record, None
 
     def _required_scope(self, method: str, path: str) -> str | None:
@@ -241,15 +263,23 @@ class MeterMiddleware:
             headers.append((b"ratelimit-limit", str(block.limit).encode()))
         headers += [(b"ratelimit-remaining", b"0"), (b"ratelimit-reset", str(seconds).encode())]
         window_s = WINDOW_SECONDS.get(block.window)
+        details: tuple[tuple[str, object], ...] = (
+            ("window", block.window.value),
+            ("limit", block.limit),
+            ("count", block.count),
+            ("refused_by", "decision"),
+            ("version", block.version),
+        )
         if block.limit is not None and window_s is not None:
             headers.append((b"ratelimit-policy", f"{block.limit};w={window_s}".encode()))
             message = (
-                f"Rate limit exceeded: {block.limit} requests per {block.window.value}. Retry after {seconds} seconds."
+                f"Rate limit exceeded: {block.count} of {block.limit} requests this {block.window.value} "
+                f"(block decision {block.version}). Retry after {seconds} seconds."
             )
         else:
-            reason = f": {block.reason}" if block.reason else ""
-            message = f"API key blocked by an operator{reason}. Retry after {seconds} seconds."
-        return _Denial(429, "rate_limited", message, tuple(headers))
+            # Operators' reasons stay in the audit; the client gets a generic message.
+            message = f"API key blocked by an operator. Retry after {seconds} seconds."
+        return _Denial(429, "rate_limited", message, tuple(headers), details)
 
     def _inner_scope(self, scope: Scope, request_id: str, key_id: str, record: KeyRecord | None) -> Scope:
         """The scope the app sees: the key header removed (nothing downstream can log it) and the
@@ -285,6 +315,7 @@ class MeterMiddleware:
         latency_ms: float,
         client: Any,
         bytes_out: int,
+        node_counts: list[int] | None,
     ) -> None:
         client_ip = client[0] if isinstance(client, (tuple, list)) and client else None
         try:
@@ -300,6 +331,7 @@ class MeterMiddleware:
                 latency_ms=latency_ms,
                 client_ip=client_ip if isinstance(client_ip, str) and len(client_ip) <= 45 else None,
                 bytes_out=bytes_out,
+                node_counts=node_counts,
             )
             self._reporter.report(event)
         except Exception:  # reporting must never fail a request
@@ -322,8 +354,47 @@ def _adding_header(send: Send, header: tuple[bytes, bytes]) -> Send:
     return wrapped
 
 
+def _ratelimit_headers(room: Headroom) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"ratelimit-limit", str(room.limit).encode()),
+        (b"ratelimit-remaining", str(room.remaining).encode()),
+        (b"ratelimit-reset", str(room.reset_s).encode()),
+        (b"ratelimit-policy", f"{room.limit};w={WINDOW_SECONDS[room.window]}".encode()),
+    ]
+
+
+def _refused(refusal: Refusal, now: float) -> _Denial:
+    seconds = max(1, int(refusal.until - now + 0.999))
+    window = refusal.window.value
+    if refusal.version is None:
+        message = f"Rate limit exceeded: {refusal.limit} requests per {window} reached. Retry after {seconds} seconds."
+    else:
+        message = (
+            f"Rate limit exceeded: the key has made {refusal.count} of {refusal.limit} requests this {window} "
+            f"across the cluster and this node has used its allowance ({refusal.cap}, allowance "
+            f"{refusal.version}). Retry after {seconds} seconds."
+        )
+    headers = (
+        (b"retry-after", str(seconds).encode()),
+        (b"ratelimit-limit", str(refusal.limit).encode()),
+        (b"ratelimit-remaining", b"0"),
+        (b"ratelimit-reset", str(seconds).encode()),
+        (b"ratelimit-policy", f"{refusal.limit};w={WINDOW_SECONDS[refusal.window]}".encode()),
+    )
+    details: tuple[tuple[str, object], ...] = (
+        ("window", window),
+        ("limit", refusal.limit),
+        ("count", refusal.count),
+        ("refused_by", refusal.by.value),
+        ("version", refusal.version),
+    )
+    return _Denial(429, "rate_limited", message, headers, details)
+
+
 async def _send_error(send: Send, denial: _Denial, request_id: str) -> None:
-    body = json.dumps({"error": denial.error, "message": denial.message, "request_id": request_id}).encode()
+    body = json.dumps(
+        {"error": denial.error, "message": denial.message, "request_id": request_id, **dict(denial.details)}
+    ).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

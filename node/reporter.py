@@ -23,8 +23,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.codec import has_lz4
 
 from node.errors import describe
+from node.settings import NodeSettings
 from schemas.events import RequestEvent, dump_event
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class UsageReporter:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: NodeSettings,
         *,
         max_buffer: int = 100_000,
         max_batch: int = 2_000,

@@ -17,6 +17,18 @@ class Window(StrEnum):
 
 # Fixed UTC windows: a window starts at a multiple of its length (the rollup buckets too).
 WINDOW_SECONDS = {Window.minute: 60, Window.hour: 3600, Window.day: 86400}
+# Longest first: when several windows are exceeded, the block lasts until the latest end.
+AUTOMATIC_WINDOWS = (Window.day, Window.hour, Window.minute)
+
+
+def window_start(window: Window, epoch: float) -> int:
+    """Start (epoch seconds) of the fixed UTC ``window`` containing ``epoch``."""
+    step = WINDOW_SECONDS[window]
+    return int(epoch) // step * step
+
+
+def window_end(window: Window, epoch: float) -> int:
+    return window_start(window, epoch) + WINDOW_SECONDS[window]
 
 
 class DecisionAction(StrEnum):

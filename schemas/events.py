@@ -39,6 +39,12 @@ class RequestEvent(TypedDict):
     latency_ms: NotRequired[Annotated[float, Field(ge=0, le=3_600_000)] | None]
     client_ip: NotRequired[Annotated[str, StringConstraints(max_length=45)] | None]
     bytes_out: NotRequired[Annotated[int, Field(ge=0, le=1 << 40)] | None]
+    # The node's own count of this key in the minute, hour and day windows of ``ts``, this
+    # request included (0s on a refusal). The worker divides allowances from these, so that
+    # what a node admitted before an allowance reached it is charged to that node.
+    node_counts: NotRequired[
+        Annotated[list[Annotated[int, Field(ge=0, le=10**12)]], Field(min_length=3, max_length=3)] | None
+    ]
 
 
 EVENT_ADAPTER: TypeAdapter[RequestEvent] = TypeAdapter(RequestEvent)

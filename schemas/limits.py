@@ -6,6 +6,8 @@ from enum import StrEnum
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from schemas.decisions import Window
+
 
 class LimitPolicy(BaseModel):
     """Per-window limits; ``None`` means that window is unlimited."""
@@ -19,6 +21,19 @@ class LimitPolicy(BaseModel):
     @classmethod
     def unlimited(cls) -> LimitPolicy:
         return cls(per_minute=None, per_hour=None, per_day=None)
+
+    def limit_tuple(self) -> tuple[int | None, int | None, int | None]:
+        return self.per_minute, self.per_hour, self.per_day
+
+    def limit(self, window: Window) -> int | None:
+        """The limit of ``window`` (None: unlimited, or a manual window that has no limit)."""
+        if window is Window.minute:
+            return self.per_minute
+        if window is Window.hour:
+            return self.per_hour
+        if window is Window.day:
+            return self.per_day
+        return None
 
 
 class OverrideScope(StrEnum):
@@ -43,3 +58,38 @@ class LimitOverride(BaseModel):
     @property
     def topic_key(self) -> str:
         return f"{self.scope.value}:{self.subject}"
+
+
+class PolicyBook:
+    """Which limits apply to a key: per-key override, else per-account override, else the default.
+
+    The worker and every node resolve policies with this one rule, so both sides agree on a
+    key's limits.
+    """
+
+    def __init__(self, default: LimitPolicy) -> None:
+        self.default = default
+        self.by_key: dict[str, LimitPolicy] = {}
+        self.by_account: dict[str, LimitPolicy] = {}
+        self.version = 0  # bumps on every change, so callers can re-check what they cached
+
+    def apply(self, override: LimitOverride) -> None:
+        table = self.by_key if override.scope is OverrideScope.key else self.by_account
+        if override.policy is None:
+            table.pop(override.subject, None)
+        else:
+            table[override.subject] = override.policy
+        self.version += 1
+
+    def resolve(self, key_id: str, account_id: str = "") -> LimitPolicy:
+        policy = self.by_key.get(key_id)
+        if policy is None and account_id:
+            policy = self.by_account.get(account_id)
+        return policy or self.default
+
+    def source(self, key_id: str, account_id: str = "") -> str:
+        if key_id in self.by_key:
+            return f"key override {key_id}"
+        if account_id and account_id in self.by_account:
+            return f"account override {account_id}"
+        return "default policy"

@@ -18,7 +18,6 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.message import FAKE_CONSUMER, KafkaAckableMessage
 
-from schemas.decisions import Decision
 from worker.ingest.consumer import IngestConsumer
 from worker.ingest.pipeline import IngestPipeline
 from worker.ingest.recent_hashes import RecentHashes
@@ -131,10 +130,11 @@ class WorkerRuntime:
             f"dead-lettering {rejection.topic}[{rejection.partition}]@{rejection.offset}",
         )
 
-    async def _send_decision(self, decision: Decision) -> None:
-        await self.broker.publish(
-            decision.model_dump_json().encode(), self.settings.decisions_topic, key=decision.key_id.encode()
-        )
+    async def _send(self, topic: str, key: str, value: bytes) -> None:
+        await self.broker.publish(value, topic, key=key.encode())
+
+    def _stored_offsets(self) -> dict[int, int]:
+        return dict(self.consumer.written) if self.consumer is not None else {}
 
     def _partition_count(self) -> int:
         consumer = self.kafka_consumer()
@@ -151,15 +151,10 @@ class WorkerRuntime:
             lookups = connect(s.clickhouse_dsn, s.clickhouse_database)
             self._store = RollupStore(client, s.clickhouse_database, lookup_client=lookups)
         audit = DecisionStore(self.store.client, s.clickhouse_database)
-        self.limits = LimitService(s, self.store, audit, self._send_decision, self._partition_count, self.clock)
-        pipeline = IngestPipeline(
-            s,
-            self.store,
-            self._dead_letter,
-            clock=self.clock,
-            before_write=self.limits.before_write,
-            retract=self.limits.retract,
+        self.limits = LimitService(
+            s, self.store, audit, self._send, self._partition_count, self._stored_offsets, self.clock
         )
+        pipeline = IngestPipeline(s, self.store, self._dead_letter, clock=self.clock)
         if s.dedup_cache_max_hashes:
             pipeline.recent = RecentHashes(s.dedup_cache_max_hashes)
         self.consumer = IngestConsumer(

@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -148,17 +149,45 @@ def cmd_unblock(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from schemas.limits import PolicyBook
+    from worker.limits.control import current_overrides, latest_allowances, latest_decisions
+    from worker.limits.explain import explain
+
+    async def gather() -> tuple[Any, Any, Any]:
+        return await asyncio.gather(
+            current_overrides(settings), latest_decisions(settings), latest_allowances(settings)
+        )
+
+    overrides, decisions, allowances = asyncio.run(gather())
+    book = PolicyBook(settings.default_policy())
+    for override in overrides.values():
+        book.apply(override)
+    account = args.account or ""
+    lines = explain(
+        args.key,
+        book.resolve(args.key, account),
+        book.source(args.key, account),
+        decisions.get(args.key),
+        allowances.get(args.key),
+        time.time(),
+    )
+    print("\n".join(lines))
+    return 0
+
+
 def _subject(args: argparse.Namespace) -> tuple[OverrideScope, str]:
     return (OverrideScope.key, args.key) if args.key else (OverrideScope.account, args.account)
 
 
 def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
     from worker.limits.control import current_overrides, set_override
-    from worker.limits.policies import default_policy
 
     if args.action == "show":
         overrides = asyncio.run(current_overrides(settings))
-        rows = [("default", "*", default_policy(settings), "")]
+        rows = [("default", "*", settings.default_policy(), "")]
         rows += [(o.scope.value, o.subject, o.policy, o.note) for o in overrides.values() if o.policy is not None]
         if args.key or args.account:
             scope, subject = _subject(args)
@@ -179,7 +208,7 @@ def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
         asyncio.run(set_override(settings, scope, subject, None, args.note))
         print(f"{scope.value} {subject}: override removed, the default policy applies")
         return 0
-    base = default_policy(settings)
+    base = settings.default_policy()
     given = {"per_minute": args.per_minute, "per_hour": args.per_hour, "per_day": args.per_day}
     if args.unlimited:
         policy = LimitPolicy.unlimited()
@@ -248,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", help="why (kept with the override)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_limits)
+
+    p = sub.add_parser("why", help="why a key is (not) refused now: its limits, block decision and per-node allowances")
+    p.add_argument("key", metavar="KEY_ID", help="the key id (as in events and `meter top`), never the raw key")
+    p.add_argument("--account", default="", help="the key's account, to resolve a per-account override")
+    p.set_defaults(func=cmd_why)
 
     p = sub.add_parser("demo", help="live local demo: worker, 3 API nodes, load, who is blocked and when")
     p.add_argument("--duration", type=float, default=100.0, help="seconds of load (default 100: shows a rollover)")

@@ -1,7 +1,8 @@
 """One frozen settings object, built once at the entry point and passed down.
 
 Every value comes from the environment (prefix ``METER_``) or a ``.env`` file; nothing
-secret lives in code.
+secret lives in code. It extends the node's settings (topics, node identity, default
+policy), so one environment configures the worker and the nodes alike.
 """
 
 from __future__ import annotations
@@ -9,20 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from node.settings import NodeSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class Settings(BaseSettings):
+class Settings(NodeSettings):
     model_config = SettingsConfigDict(env_prefix="METER_", env_file=".env", frozen=True, extra="ignore")
 
     # Kafka
-    kafka_bootstrap: str = "127.0.0.1:9092"
-    events_topic: str = "usage.events"
-    decisions_topic: str = "usage.decisions"
     dlq_topic: str = "usage.events.dlq"
-    limits_topic: str = "usage.limits"  # compacted: operators' per-key / per-account overrides
     consumer_group: str = "usage-meter"
     # How long a dead worker (kill -9) keeps its partitions before the group reassigns them.
     consumer_session_timeout_ms: int = Field(default=10_000, ge=6_000)
@@ -53,17 +52,19 @@ class Settings(BaseSettings):
     max_clock_skew_seconds: int = Field(default=300, ge=0)
     store_retry_max_seconds: float = Field(default=30.0, gt=0)
 
-    # Limits (defaults of the metered API)
-    limit_per_minute: int = Field(default=100, ge=0)
-    limit_per_hour: int = Field(default=1_000, ge=0)
-    limit_per_day: int = Field(default=5_000, ge=0)
-
-    # Node side
-    node_id: str = "node-1"
-    node_secret: SecretStr = SecretStr("")  # HMAC key for key ids: the same on every node, never in code
-    node_fail_open: bool = True  # admit requests when the meter is unreachable
-    node_buffer_max: int = Field(default=100_000, ge=100)  # events a node buffers while Kafka is down
-    demo_seed: SecretStr = SecretStr("")  # derives the demo API's keys (demo and tests only)
+    # Limits: the default policy is the node's (limit_per_minute|hour|day).
+    # Allowances: a window is hot (its remainder divided among the nodes) from this fraction of
+    # its limit. Lower: a burst meets the division earlier (less overshoot), more records.
+    allowance_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Expected time from a node's admission to that node holding a new cap (the fast lane's
+    # propagation, measured by bench/decisions.py). Higher: less overshoot when several nodes
+    # burst at once, more false refusals when traffic moves between nodes.
+    allowance_lag_ms: float = Field(default=30.0, ge=0.0, le=10_000.0)
+    # A node may use the whole remainder minus what the others are expected to admit (false:
+    # only its share in proportion to its rate; exact under steady traffic, refuses more when
+    # traffic moves).
+    allowance_pooled: bool = True
+    fast_lane_recent_requests: int = Field(default=500_000, ge=1_000)  # request hashes it remembers
 
     # HTTP (metrics, health, query API)
     http_host: str = "127.0.0.1"
@@ -71,6 +72,3 @@ class Settings(BaseSettings):
     ready_unassigned_grace_seconds: float = Field(default=60.0, ge=0)  # no partitions this long: not ready
     ready_stall_seconds: float = Field(default=60.0, gt=0)  # lag but no batch written this long: not ready
     admin_api_key: SecretStr = SecretStr("")
-
-    log_level: str = "INFO"
-    log_json: bool = False

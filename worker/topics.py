@@ -37,6 +37,11 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         ),
         TopicSpec(settings.dlq_topic, 1, {"retention.ms": str(30 * 86_400_000)}),
         TopicSpec(settings.limits_topic, 1, {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1"}),
+        TopicSpec(
+            settings.allowances_topic,
+            settings.decisions_partitions,
+            {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1", "segment.ms": str(3_600_000)},
+        ),
     ]
 
 

@@ -1,5 +1,5 @@
-"""A batch that fails before its write (a hook raising, the broker refusing a publish) is read
-again from the last written offsets: nothing is lost, nothing counted twice."""
+"""A batch that fails before its write (a step of its preparation raising, the broker refusing
+a publish) is read again from the last written offsets: nothing is lost, nothing counted twice."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 
 from tests.integration.helpers import db_counts, expected_counts, group_caught_up, wait_for
 from worker.app import WorkerRuntime
-from worker.ingest.pipeline import BatchOutcome
 from worker.settings import Settings
 from worker.simulate import Traffic, generate, publish
 from worker.store.rollup import RollupStore
@@ -24,17 +23,18 @@ async def test_a_batch_failing_before_its_write_is_read_again(topics: Settings, 
     failures = {"left": 3}
     async with runtime.running():
         assert runtime.consumer is not None
-        pipeline = runtime.consumer.pipeline
-        original = pipeline.before_write
-        assert original is not None
+        validator = runtime.consumer.pipeline.validator
+        original = validator.check_event
+        calls = {"n": 0}
 
-        async def flaky(outcome: BatchOutcome) -> None:
-            if failures["left"] and outcome.limit_counts:
+        def flaky(record: Any, now: float) -> Any:
+            calls["n"] += 1
+            if failures["left"] and calls["n"] % 700 == 0:  # mid-batch, three times
                 failures["left"] -= 1
                 raise RuntimeError("injected failure before the write")
-            await original(outcome)
+            return original(record, now)
 
-        pipeline.before_write = flaky
+        validator.check_event = flaky  # type: ignore[method-assign]
         await publish(settings.kafka_bootstrap, settings.events_topic, events)
         await wait_for(
             lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),

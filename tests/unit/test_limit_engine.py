@@ -7,10 +7,9 @@ from datetime import UTC, datetime
 import pytest
 
 from schemas.decisions import Decision, DecisionAction, Window
-from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
+from schemas.limits import LimitOverride, LimitPolicy, OverrideScope, PolicyBook
 from worker.limits.counters import WindowCounters
 from worker.limits.engine import LimitEngine, partition_of
-from worker.limits.policies import PolicyBook
 
 T0 = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC).timestamp()  # a UTC midnight+12h: minute/hour aligned
 

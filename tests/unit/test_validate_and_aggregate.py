@@ -10,6 +10,7 @@ from schemas.events import dump_event, make_event
 from worker.ingest.aggregate import request_hash
 from worker.ingest.pipeline import IngestPipeline, PreparedBatch
 from worker.ingest.validate import Rejection, Validator, ValidEvent
+from worker.limits.fastlane import RecentRequests, group_batch
 from worker.settings import Settings
 from worker.store.rollup import LEVELS, ROLLUP_SCHEMA
 
@@ -162,11 +163,26 @@ def test_aggregate_rolls_minutes_into_hours_and_days() -> None:
     assert sum(r["bytes_out"] for r in rows if r["level"] == LEVELS["day"]) == 400
 
 
-def test_limit_counts_feed_the_limits_without_429s_or_duplicates() -> None:
-    records = [record(0, i, request_id=f"r{i}", ts=NOW + timedelta(seconds=i), status=200 + i) for i in range(5)]
+def test_the_fast_lane_counts_without_429s_or_duplicates_and_reads_node_counts() -> None:
+    records = [
+        record(0, i, request_id=f"r{i}", ts=NOW + timedelta(seconds=i), status=200 + i, node_counts=[i + 1, 7, 9])
+        for i in range(5)
+    ]
     records.append(record(0, 5, request_id="r-refused", ts=NOW, status=429))  # refused: no allowance used
     records.append(record(0, 6, request_id="r0", ts=NOW))  # a retry of r0
-    prepared = prepare(records)
+    records.append(Rec(b"{not json", b"k1", 0, 7))  # dead-lettered by the ingest path, not counted here
+    batch = group_batch(records, VALIDATOR, RecentRequests(100), NOW.timestamp() + 10)
     minute = int(NOW.timestamp()) // 60 * 60
-    assert prepared.outcome.limit_counts == {(0, "k1", "", minute): 5}
-    assert prepared.outcome.duplicates == 1
+    assert batch.counts == {(0, "k1", "", minute): 5}
+    assert batch.duplicates == 1
+    report = batch.nodes[(0, "k1")]["n1"]
+    assert report.arrivals == 6  # the refusal says where the traffic is
+    assert report.counts == (5, 7, 9)  # from the latest event that carried them
+
+
+def test_recent_requests_forget_the_oldest_past_the_bound() -> None:
+    recent = RecentRequests(3)
+    assert all(recent.add(h) for h in (1, 2, 3, 4))
+    assert len(recent) == 3
+    assert recent.add(1)  # forgotten
+    assert not recent.add(4)

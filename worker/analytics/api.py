@@ -102,9 +102,7 @@ def parse_window(text: str) -> timedelta:
 
 def default_policy(settings: Settings) -> PolicyLookup:
     """Every key gets the settings' limits (until per-key / per-account overrides are plugged in)."""
-    policy = LimitPolicy(
-        per_minute=settings.limit_per_minute, per_hour=settings.limit_per_hour, per_day=settings.limit_per_day
-    )
+    policy = settings.default_policy()
     return lambda _key_id, _account_id: policy
 
 

@@ -13,11 +13,10 @@ from typing import Any, TextIO
 from pydantic import BaseModel
 
 from schemas.analytics import Breakdown, Subject, TopDimension, TopMetric
-from schemas.limits import LimitOverride
+from schemas.limits import LimitOverride, PolicyBook
 from schemas.usage import Granularity
 from worker.cli_args import parse_time
 from worker.follower import TopicFollower, valid_records
-from worker.limits.policies import PolicyBook, default_policy
 from worker.settings import Settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -176,7 +175,7 @@ def _policy_book(settings: Settings) -> PolicyBook:
 
     from worker.limits.control import current_overrides
 
-    book = PolicyBook(default_policy(settings))
+    book = PolicyBook(settings.default_policy())
     if not _answers(settings.kafka_bootstrap):
         print(f"note: Kafka at {settings.kafka_bootstrap} does not answer; showing default limits", file=sys.stderr)
         return book

@@ -16,9 +16,7 @@ _MINUTE_DIMS = ["key_id", "account_id", "minute", "endpoint", "status"]
 _HOUR_DIMS = ["key_id", "account_id", "hour", "endpoint", "status", "node_id"]
 _DAY_DIMS = ["key_id", "account_id", "day", "endpoint", "status", "node_id"]
 _CLIENT_DIMS = ["key_id", "account_id", "hour", "status", "client_ip"]
-_LIMIT_DIMS = ["partition", "key_id", "account_id", "minute"]
 _SUMS = [("requests", "sum"), ("bytes_out", "sum"), ("latency_ms", "sum")]
-_STATUS_TOO_MANY = 429
 
 _xxh3 = xxhash.xxh3_64_intdigest
 
@@ -92,27 +90,6 @@ class BatchAggregate:
                 column[:] = [v for v, k in zip(column, keep, strict=True) if k]
             self.changed()
         return dropped
-
-    def limit_counts(self) -> dict[tuple[int, str, str, int], int]:
-        """(partition, key_id, account_id, minute) -> requests: what the limit counters add.
-
-        A request the limiter refused (429) does not use up the allowance.
-        """
-        if not self.hashes:
-            return {}
-        table = self._table_or_build()
-        counted = table.filter(pc.not_equal(table.column("status"), _STATUS_TOO_MANY))
-        if counted.num_rows == 0:
-            return {}
-        g = counted.group_by(_LIMIT_DIMS, use_threads=False).aggregate([("requests", "sum")])
-        keys = zip(
-            g.column("partition").to_pylist(),
-            g.column("key_id").to_pylist(),
-            g.column("account_id").to_pylist(),
-            g.column("minute").to_pylist(),
-            strict=True,
-        )
-        return dict(zip(keys, g.column("requests_sum").to_pylist(), strict=True))
 
     def _table_or_build(self) -> pa.Table:
         if self._table is None:

@@ -32,9 +32,6 @@ _xxh3 = xxhash.xxh3_64_intdigest
 
 DeadLetterSink = Callable[[Rejection, bytes, list[tuple[str, bytes]]], Awaitable[None]]
 StillOwned = Callable[[int], bool]
-BeforeWrite = Callable[["BatchOutcome"], Awaitable[None]]
-# Counts given to the limits that turned out to be stored duplicates: take them back.
-Retract = Callable[[dict[tuple[int, str, str, int], int]], Awaitable[None]]
 
 
 class BatchAbandoned(Exception):
@@ -43,15 +40,13 @@ class BatchAbandoned(Exception):
 
 @dataclass
 class BatchOutcome:
-    """What one batch did; the caller commits ``offsets`` and feeds ``limit_counts`` to the limits."""
+    """What one batch did; the caller commits ``offsets``."""
 
     counted: int = 0
     duplicates: int = 0
     skipped_replayed: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     offsets: dict[int, int] = field(default_factory=dict)
-    # (partition, key_id, account_id, minute epoch) -> requests: what the limit counters add
-    limit_counts: dict[tuple[int, str, str, int], int] = field(default_factory=dict)
     write_seconds: float = 0.0
     written: bool = False
 
@@ -78,11 +73,7 @@ class IngestPipeline:
         store: RollupStore,
         dead_letters: DeadLetterSink,
         clock: Callable[[], float] = time.time,
-        before_write: BeforeWrite | None = None,
-        retract: Retract | None = None,
     ) -> None:
-        self.before_write = before_write
-        self.retract = retract
         self.recent: RecentHashes | None = None
         self.topic = settings.events_topic
         self.store = store
@@ -109,7 +100,7 @@ class IngestPipeline:
         still_owned: StillOwned,
         in_flight: Collection[int] = (),
     ) -> PreparedBatch:
-        """Everything up to the insert: validate, dedup, aggregate, evaluate limits, render rows.
+        """Everything up to the insert: validate, dedup, aggregate, render rows.
 
         ``written``: last stored offset per partition; records at or before it are replays.
         ``in_flight``: request hashes of the batch whose write has not landed yet; they are
@@ -187,13 +178,6 @@ class IngestPipeline:
                 )
                 await asyncio.sleep(0)  # let the lookup reach its thread before the CPU work below
         try:
-            # Limits first, while the dedup lookup runs: the nodes learn of a crossing one
-            # lookup sooner. A block derived from these counts is the same whether or not this
-            # process lives to see the write land (a replay re-derives it). Stored duplicates
-            # (a node's retry of an already-written event) are rare; they are retracted below.
-            outcome.limit_counts = batch.limit_counts()
-            if self.before_write is not None:
-                await self.before_write(outcome)
             # Rendered while the lookup runs; re-rendered only if it finds stored duplicates.
             rows = batch.to_arrow(self.topic)
             seen = seen_here | (await lookup if lookup is not None else set())
@@ -204,11 +188,6 @@ class IngestPipeline:
         if dropped:
             outcome.duplicates += dropped
             rows = batch.to_arrow(self.topic)
-            counted = batch.limit_counts()
-            surplus = {k: n - counted.get(k, 0) for k, n in outcome.limit_counts.items() if n > counted.get(k, 0)}
-            outcome.limit_counts = counted
-            if self.retract is not None and surplus:
-                await self.retract(surplus)
         outcome.counted = batch.events
         outcome.offsets = dict(batch.offsets)
         entries = (list(batch.partition), list(batch.minute), list(batch.hashes))

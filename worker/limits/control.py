@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaProducer
 
+from schemas.allowances import Allowance
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
 from worker.follower import read_to_end, valid_records
@@ -71,4 +72,13 @@ async def latest_decisions(settings: Settings) -> dict[str, Decision]:
     for decision in valid_records(await read_to_end(settings.kafka_bootstrap, settings.decisions_topic), Decision):
         if decision.key_id not in latest or latest[decision.key_id].version < decision.version:
             latest[decision.key_id] = decision
+    return latest
+
+
+async def latest_allowances(settings: Settings) -> dict[str, Allowance]:
+    latest: dict[str, Allowance] = {}
+    records = await read_to_end(settings.kafka_bootstrap, settings.allowances_topic)
+    for allowance in valid_records(records, Allowance):
+        if allowance.key_id not in latest or latest[allowance.key_id].version < allowance.version:
+            latest[allowance.key_id] = allowance
     return latest

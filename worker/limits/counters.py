@@ -67,18 +67,6 @@ class WindowCounters:
             kw.day_n += n
         return kw
 
-    def subtract(self, key_id: str, minute: int, n: int) -> None:
-        """Take back ``n`` requests counted in ``minute`` (they were duplicates after all)."""
-        kw = self.keys.get(key_id)
-        if kw is None:
-            return
-        if kw.minute == minute:
-            kw.minute_n = max(0, kw.minute_n - n)
-        if kw.hour == minute - minute % 3600:
-            kw.hour_n = max(0, kw.hour_n - n)
-        if kw.day == minute - minute % 86400:
-            kw.day_n = max(0, kw.day_n - n)
-
     def set(self, key_id: str, account: str, window: Window, start: int, n: int) -> None:
         """Load a count read back from ClickHouse (rebuild after assignment)."""
         kw = self.keys.get(key_id)

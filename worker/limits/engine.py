@@ -1,9 +1,14 @@
-"""Limit evaluation for the keys of the partitions this worker owns.
+"""Limit evaluation for the keys of the partitions this worker owns. Pure: it returns the
+decisions and allowances to publish; its caller publishes them.
 
-Edge-triggered: one decision per transition (not blocked -> blocked, a block extended to a
-longer window, blocked -> unblocked at rollover), never one per event. All windows of a
-key are checked before deciding, and the block lasts until the latest end among the
-exceeded windows. Versions rise per key: max(now in µs, last known version + 1).
+Blocks are edge-triggered: one decision per transition (not blocked -> blocked, a block
+extended to a longer window, blocked -> unblocked at rollover), never one per event. All
+windows of a key are checked before deciding, and the block lasts until the latest end among
+the exceeded windows. Versions rise per key: max(now in µs, last known version + 1).
+
+Allowances: once a key's count in a window passes ``threshold`` × its limit, the key is hot
+and each batch that touches it re-divides what remains among the nodes carrying its traffic
+(``worker.limits.allowances``); a new version is returned only when a cap changed.
 """
 
 from __future__ import annotations
@@ -11,35 +16,68 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from aiokafka.partitioner import murmur2
 
+from schemas.allowances import Allowance, WindowAllowance
 from schemas.decisions import WINDOW_SECONDS, Decision, DecisionAction, Window
-from schemas.limits import LimitPolicy
+from schemas.limits import PolicyBook
+from worker.limits.allowances import NodeUse, divide
 from worker.limits.counters import KeyWindows, WindowCounters
-from worker.limits.policies import PolicyBook
-from worker.limits.windows import AUTOMATIC_WINDOWS, to_datetime
+from worker.limits.windows import AUTOMATIC_WINDOWS, to_datetime, window_start
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[list[Decision]], Awaitable[None]]
 # (partition, key_id, account_id, minute epoch) -> requests
 LimitCounts = Mapping[tuple[int, str, str, int], int]
+# Time constant of a node's rate estimate: short, so traffic that moves is followed quickly.
+RATE_TAU_S = 0.1
+_NODE_WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of an event's node_counts
+
+
+@dataclass(frozen=True, slots=True)
+class AllowancePolicy:
+    """How the owner divides a hot key's remainder (settings ``METER_ALLOWANCE_*``)."""
+
+    threshold: float = 0.5  # a window is hot from this fraction of its limit on
+    lag_s: float = 0.03  # expected time from a node's admission to the node holding the new cap
+    pooled: bool = True  # a node may use the remainder minus the others' expected admissions
+
+
+@dataclass(slots=True)
+class NodeReport:
+    """What one batch says of one node's traffic of one key."""
+
+    arrivals: int = 0  # events (admitted or refused)
+    counts: tuple[int, int, int] | None = None  # the node's own minute/hour/day counts, latest event
+    epoch: float = 0.0  # event time of that latest event
+
+
+# (partition, key_id) -> node_id -> report
+NodeReports = Mapping[tuple[int, str], Mapping[str, NodeReport]]
+
+
+@dataclass(slots=True)
+class Verdicts:
+    decisions: list[Decision] = field(default_factory=list)
+    allowances: list[Allowance] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.decisions or self.allowances)
+
+
+@dataclass(slots=True)
+class HotKey:
+    nodes: dict[str, NodeUse] = field(default_factory=dict)
+    until: float = 0.0  # end of the latest hot window
+    last: tuple[object, ...] = ()  # caps of the last allowance returned (to skip unchanged ones)
 
 
 def partition_of(key_id: str, partitions: int) -> int:
     """Kafka's default partitioner (murmur2 of the key), as the nodes' producers use it."""
     return int(murmur2(key_id.encode()) & 0x7FFFFFFF) % partitions
-
-
-def limit_of(policy: LimitPolicy, window: Window) -> int | None:
-    if window is Window.minute:
-        return policy.per_minute
-    if window is Window.hour:
-        return policy.per_hour
-    return policy.per_day
 
 
 @dataclass(slots=True)
@@ -50,10 +88,18 @@ class ActiveBlock:
 
 
 class LimitEngine:
-    def __init__(self, policies: PolicyBook, publish: Publish, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        policies: PolicyBook,
+        clock: Callable[[], float] = time.time,
+        allowance: AllowancePolicy | None = None,
+    ) -> None:
         self.policies = policies
-        self.publish = publish
         self.clock = clock
+        self.allowance = allowance or AllowancePolicy()
+        self.hot: dict[str, HotKey] = {}
+        self.allowance_versions: dict[str, int] = {}
+        self.allowances_issued = 0
         self.partitions: dict[int, WindowCounters] = {}
         self.blocks: dict[str, ActiveBlock] = {}
         self.pardons: dict[str, float] = {}  # operator unblocked: no automatic block until then
@@ -73,6 +119,7 @@ class LimitEngine:
         counters = self.partitions.pop(partition, None)
         if counters is not None:
             for key_id in counters.keys:
+                self.hot.pop(key_id, None)
                 held = self.blocks.get(key_id)
                 if held is not None and not held.operator:  # operator blocks hold whoever owns the key
                     del self.blocks[key_id]
@@ -81,11 +128,11 @@ class LimitEngine:
         return sum(len(c) for c in self.partitions.values())
 
     # -- events ------------------------------------------------------------------------
-    async def observe(self, counts: LimitCounts) -> list[Decision]:
-        """Add a batch's counts and publish the blocks they trigger."""
+    def observe(self, counts: LimitCounts, nodes: NodeReports | None = None) -> Verdicts:
+        """Add a batch's counts; return the blocks they trigger and the allowances of hot keys."""
         now = self.clock()
         this_minute = int(now) // 60 * 60
-        touched: dict[str, tuple[int, KeyWindows]] = {}
+        touched: dict[str, KeyWindows] = {}
         for (partition, key_id, account, minute), n in counts.items():
             counters = self.partitions.get(partition)
             if counters is None:  # a partition being revoked: its new owner counts it
@@ -93,20 +140,20 @@ class LimitEngine:
             # A node clock a little ahead stamps events into a minute that has not begun:
             # count them in the live one, or they would move the window early and the
             # current minute's requests would escape the limit.
-            touched[key_id] = (partition, counters.add(key_id, account, min(minute, this_minute), n))
-        decisions = [d for key_id, (_, kw) in touched.items() if (d := self._evaluate(key_id, kw, now))]
-        await self._emit(decisions)
-        return decisions
+            touched[key_id] = counters.add(key_id, account, min(minute, this_minute), n)
+        verdicts = Verdicts()
+        for key_id, kw in touched.items():
+            if d := self._evaluate(key_id, kw, now):
+                verdicts.decisions.append(d)
+        # Refused requests count nothing but say where the traffic is: they re-divide too.
+        for (partition, key_id), reports in (nodes or {}).items():
+            found = touched.get(key_id) or self._in(partition, key_id)
+            if found is not None and (a := self._allot(key_id, found, reports, now)):
+                verdicts.allowances.append(a)
+        self._log(verdicts)
+        return verdicts
 
-    def retract(self, counts: LimitCounts) -> None:
-        """Undo counts that proved to be duplicates. A block already published stays: it
-        ends at its window's end like any other (erring towards the limit, never past it)."""
-        for (partition, key_id, _account, minute), n in counts.items():
-            counters = self.partitions.get(partition)
-            if counters is not None:
-                counters.subtract(key_id, minute, n)
-
-    async def evaluate_all(self, partitions: Iterable[int]) -> list[Decision]:
+    def evaluate_all(self, partitions: Iterable[int]) -> list[Decision]:
         """After a rebuild: block keys already over a limit that hold no block yet."""
         now = self.clock()
         decisions = []
@@ -114,10 +161,10 @@ class LimitEngine:
             for key_id, kw in self.partitions.get(p, WindowCounters()).keys.items():
                 if d := self._evaluate(key_id, kw, now):
                     decisions.append(d)
-        await self._emit(decisions)
+        self._log(Verdicts(decisions))
         return decisions
 
-    async def tick(self) -> list[Decision]:
+    def tick(self) -> list[Decision]:
         """Unblock (or re-block for a longer window) the keys whose block has run out."""
         now = self.clock()
         decisions = []
@@ -132,12 +179,19 @@ class LimitEngine:
             decisions.append(follow_up or self._decision(key_id, DecisionAction.unblock, block.window, now))
         for key_id in [k for k, t in self.pardons.items() if t <= now]:
             del self.pardons[key_id]
-        await self._emit(decisions)
+        for key_id in [k for k, hk in self.hot.items() if hk.until <= now]:
+            del self.hot[key_id]  # its hot windows are over; nodes drop its allowances at their end
+        self._log(Verdicts(decisions))
         return decisions
 
     def expire_idle(self) -> int:
         now = self.clock()
         return sum(c.expire(now) for c in self.partitions.values())
+
+    def seen_allowance(self, allowance: Allowance) -> None:
+        """An allowance on the topic (ours or a previous owner's): versions keep rising."""
+        held = self.allowance_versions.get(allowance.key_id, 0)
+        self.allowance_versions[allowance.key_id] = max(held, allowance.version)
 
     # -- decisions seen on the topic (ours, other workers', operators') ----------------
     def seen(self, decision: Decision) -> None:
@@ -179,6 +233,66 @@ class LimitEngine:
             del self.blocks[key_id]
 
     # -- internals ---------------------------------------------------------------------
+    def _in(self, partition: int, key_id: str) -> KeyWindows | None:
+        counters = self.partitions.get(partition)
+        return counters.keys.get(key_id) if counters is not None else None
+
+    def _allot(self, key_id: str, kw: KeyWindows, reports: Mapping[str, NodeReport], now: float) -> Allowance | None:
+        """The key's allowance if it is hot and a cap changed since the last one, else None."""
+        policy = self.policies.resolve(key_id, kw.account)
+        threshold = self.allowance.threshold
+        hot_windows = []
+        for window in AUTOMATIC_WINDOWS:
+            limit = policy.limit(window)
+            if limit is not None and (count := kw.count(window, now)) >= threshold * limit:
+                hot_windows.append((window, limit, count))
+        if not hot_windows:
+            self.hot.pop(key_id, None)
+            return None
+        hk = self.hot.get(key_id)
+        if hk is None:
+            hk = self.hot[key_id] = HotKey()
+        for node_id, report in reports.items():
+            use = hk.nodes.get(node_id)
+            if use is None:
+                use = hk.nodes[node_id] = NodeUse()
+            use.arrived(report.arrivals, now, RATE_TAU_S)
+            if report.counts is not None:
+                for window, n in zip(_NODE_WINDOWS, report.counts, strict=True):
+                    use.report(window, window_start(window, report.epoch), n)
+        windows = []
+        for window, limit, count in hot_windows:
+            start = kw.start(window)
+            listed = {
+                node_id: (used, use.rate_at(now, RATE_TAU_S))
+                for node_id, use in hk.nodes.items()
+                if (used := use.used(window, start)) is not None
+            }
+            division = divide(limit, count, listed, self.allowance.lag_s, self.allowance.pooled)
+            end = start + WINDOW_SECONDS[window]
+            hk.until = max(hk.until, end)
+            windows.append(
+                WindowAllowance(
+                    window=window,
+                    start=to_datetime(start),
+                    until=to_datetime(end),
+                    limit=limit,
+                    count=count,
+                    grants=division.grants,
+                    others=division.others,
+                )
+            )
+        caps = tuple(
+            (w.window, w.start, w.others, tuple(sorted((n, g.cap) for n, g in w.grants.items()))) for w in windows
+        )
+        if caps == hk.last:
+            return None
+        hk.last = caps
+        version = max(int(now * 1_000_000), self.allowance_versions.get(key_id, 0) + 1)
+        self.allowance_versions[key_id] = version
+        self.allowances_issued += 1
+        return Allowance(key_id=key_id, version=version, decided_at=to_datetime(now), windows=windows)
+
     def _find(self, key_id: str) -> KeyWindows | None:
         for counters in self.partitions.values():
             kw = counters.keys.get(key_id)
@@ -200,7 +314,7 @@ class LimitEngine:
         ):
             return None
         for window in AUTOMATIC_WINDOWS:  # longest first
-            limit = limit_of(policy, window)
+            limit = policy.limit(window)
             if limit is None:
                 continue
             count = kw.count(window, now)
@@ -265,11 +379,10 @@ class LimitEngine:
             source="worker",
         )
 
-    async def _emit(self, decisions: list[Decision]) -> None:
-        if decisions:
-            await self.publish(decisions)
-            self.decisions_published += len(decisions)
-            for d in decisions:
+    def _log(self, verdicts: Verdicts) -> None:
+        if verdicts.decisions:
+            self.decisions_published += len(verdicts.decisions)
+            for d in verdicts.decisions:
                 self.published_by_action[d.action.value] += 1
                 log.info(
                     "%s %s (%s window, until %s): %s",

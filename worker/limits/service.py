@@ -1,5 +1,6 @@
-"""The limit side of a worker: follows overrides and decisions, rebuilds counters on
-assignment, evaluates each batch, publishes decisions, unblocks at rollover, audits."""
+"""The limit side of a worker: follows overrides, decisions and allowances, rebuilds counters
+on assignment, counts the fast lane's batches, publishes what the engine decides, unblocks at
+rollover, audits."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from schemas.allowances import Allowance
 from schemas.decisions import Decision, Window
-from schemas.limits import LimitOverride
+from schemas.limits import LimitOverride, PolicyBook
 from worker.follower import TopicFollower, valid_records
-from worker.ingest.pipeline import BatchOutcome
-from worker.limits.engine import LimitEngine, partition_of
-from worker.limits.policies import PolicyBook, default_policy
+from worker.ingest.validate import Validator
+from worker.limits.engine import AllowancePolicy, LimitEngine, Verdicts, partition_of
+from worker.limits.fastlane import FastBatch, FastLane
 from worker.retry import retry_forever
 from worker.settings import Settings
 from worker.store.decisions import DecisionStore
@@ -23,7 +25,8 @@ from worker.store.rollup import RollupStore
 
 log = logging.getLogger(__name__)
 
-SendDecision = Callable[[Decision], Awaitable[Any]]
+# (topic, message key, value): one record to publish
+Send = Callable[[str, str, bytes], Awaitable[Any]]
 FOLLOWERS_READY_TIMEOUT = 30.0
 
 
@@ -33,8 +36,9 @@ class LimitService:
         settings: Settings,
         rollups: RollupStore,
         audit: DecisionStore,
-        send: SendDecision,
+        send: Send,
         partition_count: Callable[[], int],
+        stored_offsets: Callable[[], Mapping[int, int]],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -42,16 +46,39 @@ class LimitService:
         self.audit = audit
         self.send = send
         self.partition_count = partition_count
-        self.policies = PolicyBook(default_policy(settings))
-        self.engine = LimitEngine(self.policies, self._publish, clock)
+        self.stored_offsets = stored_offsets
+        self.policies = PolicyBook(settings.default_policy())
+        allowance = AllowancePolicy(
+            settings.allowance_threshold, settings.allowance_lag_ms / 1000.0, settings.allowance_pooled
+        )
+        self.engine = LimitEngine(self.policies, clock, allowance)
         self.decisions = TopicFollower(settings.kafka_bootstrap, settings.decisions_topic, self._on_decisions, "limits")
         self.overrides = TopicFollower(settings.kafka_bootstrap, settings.limits_topic, self._on_overrides, "limits")
+        self.allowances = TopicFollower(
+            settings.kafka_bootstrap, settings.allowances_topic, self._on_allowances, "limits"
+        )
+        validator = Validator(
+            settings.max_event_bytes,
+            max_age_seconds=settings.dedup_horizon_hours * 3600,
+            max_skew_seconds=settings.max_clock_skew_seconds,
+        )
+        self.fast_lane = FastLane(
+            settings.kafka_bootstrap,
+            settings.events_topic,
+            validator,
+            self._on_fast_batch,
+            recent_max=settings.fast_lane_recent_requests,
+            clock=clock,
+        )
         self._ticker: asyncio.Task[None] | None = None
         self._latest: dict[str, Decision] = {}  # newest decision per key seen on the topic
+        self.allowances_published = 0
 
     async def start(self) -> None:
         await self.decisions.start()
         await self.overrides.start()
+        await self.allowances.start()
+        await self.fast_lane.start()
         self._ticker = asyncio.create_task(self._tick_forever(), name="limits-tick")
 
     async def stop(self) -> None:
@@ -59,17 +86,17 @@ class LimitService:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        await self.fast_lane.stop()
         await self.decisions.stop()
         await self.overrides.stop()
+        await self.allowances.stop()
 
     # hooks of the ingest consumer ------------------------------------------------------
-    async def before_write(self, outcome: BatchOutcome) -> None:
-        await self.engine.observe(outcome.limit_counts)
-
-    async def retract(self, counts: dict[tuple[int, str, str, int], int]) -> None:
-        self.engine.retract(counts)
-
     async def on_assigned(self, partitions: set[int]) -> None:
+        """Rebuild the counters from ClickHouse, then count on from the offsets they cover.
+
+        Called by the ingest consumer while it holds its lock with no write in flight, so
+        the counts read now cover exactly the records up to the stored offsets."""
         await self._followers_ready()
         for p in partitions:
             self.engine.assign(p, [])  # counting starts now even if the rebuild has to wait
@@ -85,10 +112,14 @@ class LimitService:
                 mine[p].append((key_id, account, Window(level), start, n))
         for p, rows in mine.items():
             self.engine.assign(p, rows)
+        stored = self.stored_offsets()
+        for p in partitions:
+            self.fast_lane.assign(p, stored.get(p))
         # Blocks issued before the rebuild (by the previous owner) are known from the topic.
         for decision in self._latest.values():
             self.engine.restore(decision)
-        published = await self.engine.evaluate_all(partitions)
+        published = self.engine.evaluate_all(partitions)
+        await self._publish(Verdicts(published))
         log.info(
             "limit counters rebuilt for partitions %s: %d keys live, %d blocks issued on rebuild",
             sorted(partitions),
@@ -97,8 +128,15 @@ class LimitService:
         )
 
     async def on_revoked(self, partitions: set[int]) -> None:
+        self.fast_lane.revoke(partitions)
         for p in partitions:
             self.engine.revoke(p)
+
+    # the fast lane ---------------------------------------------------------------------
+    async def _on_fast_batch(self, batch: FastBatch) -> None:
+        verdicts = self.engine.observe(batch.counts, batch.nodes)
+        if verdicts:
+            await self._publish(verdicts)
 
     # topics ----------------------------------------------------------------------------
     async def _on_decisions(self, records: list[Any]) -> None:
@@ -116,11 +154,21 @@ class LimitService:
             self.policies.apply(override)
             log.info("limit override %s: %s", override.topic_key, override.policy or "removed")
 
-    async def _publish(self, decisions: list[Decision]) -> None:
+    async def _on_allowances(self, records: list[Any]) -> None:
+        for allowance in valid_records(records, Allowance):
+            self.engine.seen_allowance(allowance)
+
+    async def _publish(self, verdicts: Verdicts) -> None:
+        s = self.settings
+        records = [(s.decisions_topic, d.key_id, d.model_dump_json().encode()) for d in verdicts.decisions]
+        records += [(s.allowances_topic, a.key_id, a.model_dump_json().encode()) for a in verdicts.allowances]
+        if not records:
+            return
         # A decision the nodes never hear of would leave a key unlimited: wait for the broker.
         await retry_forever(
-            lambda: asyncio.gather(*(self.send(d) for d in decisions)), f"publishing {len(decisions)} decisions"
+            lambda: asyncio.gather(*(self.send(*r) for r in records)), f"publishing {len(records)} decisions"
         )
+        self.allowances_published += len(verdicts.allowances)
 
     async def _audit(self, decisions: list[Decision]) -> None:
         if decisions:  # the audit must not be lost: retry until the store is back
@@ -131,17 +179,21 @@ class LimitService:
     async def _followers_ready(self) -> None:
         try:
             await asyncio.wait_for(
-                asyncio.gather(self.decisions.ready.wait(), self.overrides.ready.wait()), FOLLOWERS_READY_TIMEOUT
+                asyncio.gather(self.decisions.ready.wait(), self.overrides.ready.wait(), self.allowances.ready.wait()),
+                FOLLOWERS_READY_TIMEOUT,
             )
         except TimeoutError:
-            log.warning("decisions/limits topics not caught up in %.0fs; evaluating with what is known", 30.0)
+            log.warning(
+                "decisions/limits/allowances topics not caught up in %.0fs; evaluating with what is known",
+                FOLLOWERS_READY_TIMEOUT,
+            )
 
     async def _tick_forever(self) -> None:
         idle_check = 0
         while True:
             await asyncio.sleep(0.25)
             try:
-                await self.engine.tick()
+                await self._publish(Verdicts(self.engine.tick()))
                 idle_check += 1
                 if idle_check >= 240:  # once a minute
                     idle_check = 0

@@ -1,22 +1,12 @@
-"""Fixed UTC windows, the same as the rollup buckets."""
+"""Fixed UTC windows, the same as the rollup buckets (defined with the decision contract)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from schemas.decisions import WINDOW_SECONDS, Window
+from schemas.decisions import AUTOMATIC_WINDOWS, window_end, window_start
 
-# Longest first: when several windows are exceeded, the block lasts until the latest end.
-AUTOMATIC_WINDOWS = (Window.day, Window.hour, Window.minute)
-
-
-def window_start(window: Window, epoch: float) -> int:
-    step = WINDOW_SECONDS[window]
-    return int(epoch) // step * step
-
-
-def window_end(window: Window, epoch: float) -> int:
-    return window_start(window, epoch) + WINDOW_SECONDS[window]
+__all__ = ["AUTOMATIC_WINDOWS", "to_datetime", "window_end", "window_start"]
 
 
 def to_datetime(epoch: float) -> datetime:

@@ -1,0 +1,205 @@
+"""The node's own guard: what this node admitted per key and window, checked before admitting.
+
+Pure and synchronous (no I/O, the caller passes the time). Every window of a key is checked
+before any is counted (a request refused by one window uses up none). A node never admits
+past a key's limit on its own, whatever it has heard from the worker, so one node alone is
+exact; across nodes, the allowances the worker publishes cap what this node may take of the
+key's remainder. Memory is bounded: past ``max_keys`` the least recently seen key is
+forgotten (its counts start again from zero here; the worker's count and blocks still hold).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import StrEnum
+
+from schemas.allowances import Allowance, WindowAllowance
+from schemas.decisions import WINDOW_SECONDS, Window, window_start
+from schemas.limits import PolicyBook
+
+_WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of an event's node_counts
+
+
+class RefusedBy(StrEnum):
+    local_limit = "local_limit"  # this node alone has admitted the limit
+    allowance = "allowance"  # this node has used its share of what remains cluster-wide
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why the guard refused: enough for a 429 that explains itself."""
+
+    by: RefusedBy
+    window: Window
+    limit: int
+    count: int  # this node's count in the window (local limit) or the key's count the cap was made from
+    until: float  # epoch seconds: the window's end
+    version: int | None = None  # the allowance's version
+    cap: int | None = None  # the node's cap from that allowance
+
+
+@dataclass(frozen=True, slots=True)
+class Headroom:
+    """The tightest window as this node sees it (for ``RateLimit-*`` headers)."""
+
+    limit: int
+    remaining: int
+    reset_s: int
+    window: Window
+
+
+class _KeyState:
+    __slots__ = ("account", "allowance", "anchors", "counts", "starts")
+
+    def __init__(self, account: str) -> None:
+        self.account = account
+        self.starts = [0, 0, 0]  # window starts (epoch s) of minute, hour, day
+        self.counts = [0, 0, 0]
+        self.allowance: Allowance | None = None
+        # (window index, window start) -> this node's count when it first held an allowance of
+        # that window without being listed: ``others`` is counted from there.
+        self.anchors: dict[tuple[int, int], int] | None = None
+
+    def roll(self, now: float) -> None:
+        for i, window in enumerate(_WINDOWS):
+            start = window_start(window, now)
+            if self.starts[i] != start:
+                self.starts[i], self.counts[i] = start, 0
+
+
+class LocalGuard:
+    def __init__(self, policies: PolicyBook, node_id: str, max_keys: int = 200_000) -> None:
+        self.policies = policies
+        self.node_id = node_id
+        self.max_keys = max_keys
+        self._keys: OrderedDict[str, _KeyState] = OrderedDict()
+        self.forgotten = 0
+        self.allowances_applied = 0
+        self.allowances_stale = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    # -- the request path ----------------------------------------------------------------
+
+    def admit(self, key_id: str, account: str, now: float) -> Refusal | None:
+        """Count one request of ``key_id`` if every window has room; else say which refused."""
+        state = self._state(key_id, account, now)
+        refusal = self._check(key_id, state, now)
+        if refusal is None:
+            for i in range(3):
+                state.counts[i] += 1
+        return refusal
+
+    def record(self, key_id: str, account: str, now: float) -> None:
+        """Count a request that is not subject to the check (e.g. a 403: the worker counts it too)."""
+        state = self._state(key_id, account, now)
+        for i in range(3):
+            state.counts[i] += 1
+
+    def counts(self, key_id: str, now: float) -> list[int] | None:
+        """This node's own minute/hour/day counts of the key (what its events report)."""
+        state = self._keys.get(key_id)
+        if state is None:
+            return None
+        state.roll(now)
+        return list(state.counts)
+
+    def headroom(self, key_id: str, now: float) -> Headroom | None:
+        state = self._keys.get(key_id)
+        if state is None:
+            return None
+        policy = self.policies.resolve(key_id, state.account)
+        best: Headroom | None = None
+        for i, window in enumerate(_WINDOWS):
+            limit = policy.limit(window)
+            if limit is None:
+                continue
+            room = limit - state.counts[i]
+            capped = self._cap(state, i, now)
+            if capped is not None:
+                room = min(room, capped[0] - state.counts[i])
+            reset = max(1, int(state.starts[i] + WINDOW_SECONDS[window] - now + 0.999))
+            if best is None or room < best.remaining:
+                best = Headroom(limit, max(0, room), reset, window)
+        return best
+
+    # -- allowances ----------------------------------------------------------------------
+
+    def apply(self, allowance: Allowance, now: float) -> bool:
+        """Hold ``allowance`` if it is newer than the one held and not over; return whether it was."""
+        live = [w for w in allowance.windows if w.until.timestamp() > now]
+        state = self._keys.get(allowance.key_id)
+        if state is not None and state.allowance is not None and allowance.version <= state.allowance.version:
+            self.allowances_stale += 1
+            return False
+        if not live:
+            return False
+        if state is None:
+            state = self._state(allowance.key_id, "", now)
+        state.roll(now)
+        state.allowance = allowance
+        self.allowances_applied += 1
+        for w in live:
+            i = _WINDOWS.index(w.window)
+            if int(w.start.timestamp()) != state.starts[i]:
+                continue
+            grant = w.grants.get(self.node_id)
+            if grant is not None:
+                # What the worker has seen of this node cannot be more than it admitted: a node
+                # that restarted takes its count back from there.
+                state.counts[i] = max(state.counts[i], grant.used)
+            else:
+                anchors = state.anchors if state.anchors is not None else {}
+                anchors.setdefault((i, state.starts[i]), state.counts[i])
+                state.anchors = anchors
+        return True
+
+    def allowance(self, key_id: str) -> Allowance | None:
+        state = self._keys.get(key_id)
+        return state.allowance if state is not None else None
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _state(self, key_id: str, account: str, now: float) -> _KeyState:
+        state = self._keys.get(key_id)
+        if state is None:
+            state = self._keys[key_id] = _KeyState(account)
+            if len(self._keys) > self.max_keys:
+                self._keys.popitem(last=False)
+                self.forgotten += 1
+        else:
+            self._keys.move_to_end(key_id)
+            if account and state.account != account:
+                state.account = account
+        state.roll(now)
+        return state
+
+    def _check(self, key_id: str, state: _KeyState, now: float) -> Refusal | None:
+        policy = self.policies.resolve(key_id, state.account)
+        for i, window in enumerate(_WINDOWS):
+            limit = policy.limit(window)
+            until = state.starts[i] + WINDOW_SECONDS[window]
+            count = state.counts[i]
+            if limit is not None and count >= limit:
+                return Refusal(RefusedBy.local_limit, window, limit, count, until)
+            capped = self._cap(state, i, now)
+            if capped is not None and count >= capped[0]:
+                cap, held, version = capped
+                return Refusal(RefusedBy.allowance, window, held.limit, held.count, until, version, cap)
+        return None
+
+    def _cap(self, state: _KeyState, i: int, now: float) -> tuple[int, WindowAllowance, int] | None:
+        """(this node's cap, the window's allowance, its version) if one holds for window ``i`` now."""
+        allowance = state.allowance
+        if allowance is None:
+            return None
+        held = allowance.for_window(_WINDOWS[i])
+        if held is None or int(held.start.timestamp()) != state.starts[i] or held.until.timestamp() <= now:
+            return None
+        grant = held.grants.get(self.node_id)
+        if grant is not None:
+            return grant.cap, held, allowance.version
+        base = state.anchors.get((i, state.starts[i]), state.counts[i]) if state.anchors else state.counts[i]
+        return base + held.others, held, allowance.version

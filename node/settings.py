@@ -1,0 +1,42 @@
+"""What an API node needs to know, and nothing else: one frozen settings class (``METER_*``).
+
+The worker's settings extend this class, so one environment configures both sides and a
+node never imports the worker.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.limits import LimitPolicy
+
+
+class NodeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METER_", env_file=".env", frozen=True, extra="ignore")
+
+    # Kafka: the node writes events and follows decisions, overrides and allowances
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    events_topic: str = "usage.events"
+    decisions_topic: str = "usage.decisions"
+    limits_topic: str = "usage.limits"  # compacted: operators' per-key / per-account overrides
+    allowances_topic: str = "usage.allowances"  # compacted: each hot key's per-node caps
+
+    # The default policy of the metered API (overrides come from the limits topic)
+    limit_per_minute: int = Field(default=100, ge=0)
+    limit_per_hour: int = Field(default=1_000, ge=0)
+    limit_per_day: int = Field(default=5_000, ge=0)
+
+    node_id: str = Field(default="node-1", min_length=1, max_length=64)
+    node_secret: SecretStr = SecretStr("")  # HMAC key for key ids: the same on every node, never in code
+    node_fail_open: bool = True  # admit requests when the meter is unreachable
+    node_buffer_max: int = Field(default=100_000, ge=100)  # events a node buffers while Kafka is down
+    # Keys whose local counts a node keeps (least recently seen forgotten past it, ~250 B each)
+    node_guard_max_keys: int = Field(default=200_000, ge=100)
+    demo_seed: SecretStr = SecretStr("")  # derives the demo API's keys (demo and tests only)
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    def default_policy(self) -> LimitPolicy:
+        return LimitPolicy(per_minute=self.limit_per_minute, per_hour=self.limit_per_hour, per_day=self.limit_per_day)

@@ -1,0 +1,78 @@
+"""Dividing what remains of a hot key's limit among the nodes that carry its traffic.
+
+Pure: given the key's count, its limit and what each node has used and how fast it is going,
+return each node's cap. Caps are absolute counts of the node's own admissions in the window,
+so the requests a node admitted before the allowance reached it are charged to it.
+
+Each node's share of the remainder is the larger of
+* its part in proportion to its recent rate (the Tyk DRL / Doorman split: the shares add up
+  to the remainder, so nodes that keep their traffic steady cannot overshoot together), and
+* (``pooled``) everything that remains minus what the *other* nodes are expected to admit
+  before they hear of this division (their rate × the propagation lag): gubernator's GLOBAL
+  idea, every node answers from the owner's remaining count. This is what lets traffic move
+  to another node, or a node that was idle take over, without false refusals.
+A node that is not listed (its traffic has not reached the worker since the key turned hot)
+may admit an equal part of the remainder, counted from when it first holds the allowance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from schemas.allowances import NodeGrant
+from schemas.decisions import Window
+
+
+@dataclass(slots=True)
+class NodeUse:
+    """What the owner of a hot key knows of one node's traffic of that key."""
+
+    counts: dict[Window, tuple[int, int]] = field(default_factory=dict)  # window -> (start, node's count)
+    rate: float = 0.0  # requests/s reaching the worker from this node (admitted or refused), decaying
+    at: float = 0.0  # when ``rate`` was last brought up to date
+
+    def arrived(self, n: int, now: float, tau: float) -> None:
+        self.rate = self.rate_at(now, tau) + n / tau
+        self.at = now
+
+    def rate_at(self, now: float, tau: float) -> float:
+        if self.rate == 0.0:
+            return 0.0
+        return self.rate * math.exp(-max(0.0, now - self.at) / tau)
+
+    def report(self, window: Window, start: int, count: int) -> None:
+        """The node's own count in ``window`` from one of its events (counts only grow)."""
+        held = self.counts.get(window)
+        if held is None or start > held[0] or (start == held[0] and count > held[1]):
+            self.counts[window] = (start, count)
+
+    def used(self, window: Window, start: int) -> int | None:
+        held = self.counts.get(window)
+        if held is None or held[0] != start:
+            return None  # nothing heard from this node in this window
+        return held[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Division:
+    grants: dict[str, NodeGrant]
+    others: int
+
+
+def divide(
+    limit: int, count: int, nodes: Mapping[str, tuple[int, float]], lag_s: float, pooled: bool = True
+) -> Division:
+    """Caps for the nodes ``{node_id: (used, rate)}`` of a key that has ``count`` of ``limit``."""
+    remaining = max(0, limit - count)
+    total_rate = sum(rate for _, rate in nodes.values())
+    reserve = {node: rate * lag_s for node, (_, rate) in nodes.items()}
+    total_reserve = sum(reserve.values())
+    grants: dict[str, NodeGrant] = {}
+    for node, (used, rate) in nodes.items():
+        share = remaining * rate / total_rate if total_rate > 0 else remaining / len(nodes)
+        if pooled:
+            share = max(share, remaining - (total_reserve - reserve[node]))
+        grants[node] = NodeGrant(used=used, cap=used + max(0, int(share)))
+    return Division(grants, remaining // (len(nodes) + 1))

@@ -1,0 +1,201 @@
+"""The fast decision lane: the owned partitions of the events topic, read as soon as records
+arrive, counted for the limits only.
+
+It has its own consumer (no group: it follows the assignment the ingest consumer gets) and
+starts each partition right after the offset stored in ClickHouse with the counts the limit
+counters were rebuilt from, so every event is counted once. It never waits for the
+exactly-once path (its dedup lookup, its ClickHouse write), which keeps its own order.
+Records are checked by the same ``Validator`` as the ingest path: what the ingest path
+dead-letters, the limits do not count. Node retries are recognised by their request hash
+within a bounded memory; a retry whose first copy it never saw (sent before the partition
+was assigned here) counts twice for the limits only, erring towards the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from worker.ingest.validate import KafkaRecord, Rejection, Validator
+from worker.limits.engine import NodeReport
+
+log = logging.getLogger(__name__)
+
+_xxh3 = xxhash.xxh3_64_intdigest
+REFUSED = 429  # refused by the limits: counts nothing, but shows where the traffic is
+
+
+@dataclass
+class FastBatch:
+    """One fetch, grouped: what the limit engine needs."""
+
+    counts: dict[tuple[int, str, str, int], int] = field(default_factory=dict)
+    nodes: dict[tuple[int, str], dict[str, NodeReport]] = field(default_factory=dict)
+    records: int = 0
+    duplicates: int = 0
+    newest_ts: float = 0.0  # newest event time in the batch (epoch seconds)
+
+
+class RecentRequests:
+    """Request hashes seen lately, oldest forgotten past ``max_size`` (dicts keep insertion order)."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._seen: dict[int, None] = {}
+
+    def add(self, digest: int) -> bool:
+        """True if new."""
+        if digest in self._seen:
+            return False
+        self._seen[digest] = None
+        if len(self._seen) > self.max_size:
+            del self._seen[next(iter(self._seen))]
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+def group_batch(records: Sequence[KafkaRecord], validator: Validator, recent: RecentRequests, now: float) -> FastBatch:
+    batch = FastBatch(records=len(records))
+    counts = batch.counts
+    check = validator.check_event
+    for record in records:
+        checked = check(record, now)
+        if isinstance(checked, Rejection):
+            continue  # the ingest path dead-letters it
+        event, epoch = checked
+        key_id = event["key_id"]
+        if not recent.add(_xxh3(f"{key_id}\x00{event['request_id']}".encode())):
+            batch.duplicates += 1
+            continue
+        partition = record.partition
+        if event["status"] != REFUSED:
+            slot = (partition, key_id, event.get("account_id") or "", int(epoch) // 60 * 60)
+            counts[slot] = counts.get(slot, 0) + 1
+        per_node = batch.nodes.setdefault((partition, key_id), {})
+        report = per_node.get(event["node_id"])
+        if report is None:
+            report = per_node[event["node_id"]] = NodeReport()
+        report.arrivals += 1
+        node_counts = event.get("node_counts")
+        if node_counts is not None and epoch >= report.epoch:
+            report.counts = (node_counts[0], node_counts[1], node_counts[2])
+            report.epoch = epoch
+        batch.newest_ts = max(batch.newest_ts, epoch)
+    return batch
+
+
+OnBatch = Callable[[FastBatch], Awaitable[None]]
+
+
+class FastLane:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        validator: Validator,
+        on_batch: OnBatch,
+        *,
+        recent_max: int = 500_000,
+        clock: Callable[[], float] = time.time,
+        consumer_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.validator = validator
+        self.on_batch = on_batch
+        self.clock = clock
+        self.recent = RecentRequests(recent_max)
+        self.consumer_options = consumer_options or {}
+        self.positions: dict[int, int | None] = {}  # owned partition -> next offset (None: from the start)
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.records = 0
+
+    def assign(self, partition: int, after_offset: int | None) -> None:
+        """Count ``partition`` from just after ``after_offset`` (None: from its beginning)."""
+        self.positions[partition] = None if after_offset is None else after_offset + 1
+        self._changed.set()
+
+    def revoke(self, partitions: set[int]) -> None:
+        for p in partitions:
+            self.positions.pop(p, None)
+        self._changed.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="limits-fast-lane")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("fast lane on %s failed, restarting in %.1fs: %s", self.topic, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _follow(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            group_id=None,
+            fetch_max_wait_ms=100,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            **self.consumer_options,
+        )
+        await consumer.start()
+        try:
+            self._changed.set()  # (re)apply the assignment on this consumer
+            while True:
+                if self._changed.is_set():
+                    self._changed.clear()
+                    await self._apply(consumer)
+                if not self.positions:
+                    await self._changed.wait()
+                    continue
+                fetched = await consumer.getmany(timeout_ms=50, max_records=20_000)
+                records = [r for tp, rs in fetched.items() if tp.partition in self.positions for r in rs]
+                if not records:
+                    continue
+                for tp, rs in fetched.items():
+                    if tp.partition in self.positions and rs:
+                        self.positions[tp.partition] = rs[-1].offset + 1
+                batch = group_batch(records, self.validator, self.recent, self.clock())
+                self.batches += 1
+                self.records += len(records)
+                await self.on_batch(batch)
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def _apply(self, consumer: AIOKafkaConsumer) -> None:
+        tps = [TopicPartition(self.topic, p) for p in sorted(self.positions)]
+        consumer.assign(tps)
+        fresh = [tp for tp in tps if self.positions[tp.partition] is None]
+        for tp in tps:
+            position = self.positions[tp.partition]
+            if position is not None:
+                consumer.seek(tp, position)
+        if fresh:
+            await consumer.seek_to_beginning(*fresh)
+        if tps:
+            log.info("fast lane counting partitions %s", {tp.partition: self.positions[tp.partition] for tp in tps})
