@@ -65,12 +65,15 @@ DEMO_KEY_SPECS: dict[str, DemoKeySpec] = {
 }
 
 
-def demo_keys(seed: str) -> dict[str, str]:
-    """Deterministic raw demo keys (name -> key) from a shared seed; the seed is the secret."""
+def demo_keys(seed: str, extra: int = 0) -> dict[str, str]:
+    """Deterministic raw demo keys (name -> key) from a shared seed; the seed is the secret.
+
+    ``extra`` adds full-scope keys ``k0000``, ``k0001``, ... (each its own account), for load
+    tests that need a fresh key per scenario."""
     if not seed:
         raise ValueError("demo key seed is empty")
     keys: dict[str, str] = {}
-    for name in DEMO_KEY_SPECS:
+    for name in [*DEMO_KEY_SPECS, *(f"k{i:04d}" for i in range(extra))]:
         token = hmac.new(seed.encode(), f"demo-key:{name}".encode(), hashlib.sha256).hexdigest()[:32]
         keys[name] = f"cf_{name}_{token}"
     return keys
@@ -225,6 +228,7 @@ async def run_node(
     *,
     keys: KeyStore | None = None,
     demo_seed: str | None = None,
+    extra_keys: int = 0,
     host: str = "127.0.0.1",
     fail_open: bool | None = None,
 ) -> None:
@@ -235,7 +239,7 @@ async def run_node(
     if keys is None:
         if not demo_seed:
             raise ValueError("run_node needs a key store or a demo seed")
-        keys = demo_key_store(demo_keys(demo_seed), settings.node_secret.get_secret_value().encode())
+        keys = demo_key_store(demo_keys(demo_seed, extra_keys), settings.node_secret.get_secret_value().encode())
     app = build_node_app(settings, keys, fail_open=settings.node_fail_open if fail_open is None else fail_open)
     config = uvicorn.Config(
         app,

@@ -97,7 +97,7 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.node_secret.get_secret_value() or not seed:
         print("meter node: set METER_NODE_SECRET (same on every node) and METER_DEMO_SEED", file=sys.stderr)
         return 2
-    asyncio.run(run_node(settings, args.port, demo_seed=seed, host=args.host))
+    asyncio.run(run_node(settings, args.port, demo_seed=seed, extra_keys=args.extra_keys, host=args.host))
     return 0
 
 
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("node", help="serve the demo API (Cryptofuse-like) behind the meter middleware")
     p.add_argument("--port", type=int, default=8101)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--extra-keys", type=int, default=0, metavar="N", help="also accept N demo keys k0000.. (load tests)"
+    )
     p.set_defaults(func=cmd_node)
 
     add_analytics_commands(sub)
