@@ -340,8 +340,8 @@ class DecisionCache:
         if record.value is None:
             return  # tombstone: compaction of a key we already hold a version for
         try:
-            if record.topic != self._topic:
-                self._handle_guard(record, received)
+            if self.guard is not None and record.topic in self._topics[1:]:
+                self._handle_guard(record, received, self.guard)
                 return
             decision = Decision.model_validate_json(record.value)
         except ValidationError as exc:
@@ -356,9 +356,7 @@ class DecisionCache:
             return
         self.apply(decision, received)
 
-    def _handle_guard(self, record: Any, received: float) -> None:
-        guard = self.guard
-        assert guard is not None
+    def _handle_guard(self, record: Any, received: float, guard: LocalGuard) -> None:
         if record.topic == self._settings.limits_topic:
             override = LimitOverride.model_validate_json(record.value)
             guard.policies.apply(override)

@@ -273,8 +273,8 @@ class MeterMiddleware:
         if block.limit is not None and window_s is not None:
             headers.append((b"ratelimit-policy", f"{block.limit};w={window_s}".encode()))
             message = (
-                f"Rate limit exceeded: {block.count} of {block.limit} requests this {block.window.value} "
-                f"(block decision {block.version}). Retry after {seconds} seconds."
+                f"Rate limit exceeded: {block.limit} requests per {block.window.value} "
+                f"({block.count} counted; block decision {block.version}). Retry after {seconds} seconds."
             )
         else:
             # Operators' reasons stay in the audit; the client gets a generic message.

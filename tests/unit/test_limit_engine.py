@@ -25,86 +25,84 @@ class Clock:
 class Harness:
     def __init__(self, policy: LimitPolicy | None = None) -> None:
         self.clock = Clock(T0 + 5)
-        self.published: list[Decision] = []
+        self.published: list[Decision] = []  # every decision hit() returned, in order
         self.policies = PolicyBook(policy or LimitPolicy())
-
-        async def publish(decisions: list[Decision]) -> None:
-            self.published.extend(decisions)
-
-        self.engine = LimitEngine(self.policies, publish, self.clock)
+        self.engine = LimitEngine(self.policies, self.clock)
         self.engine.assign(0, [])
 
-    async def hit(self, key: str, n: int, at: float | None = None, account: str = "acct") -> list[Decision]:
+    def hit(self, key: str, n: int, at: float | None = None, account: str = "acct") -> list[Decision]:
         ts = self.clock.now if at is None else at
-        return await self.engine.observe({(0, key, account, int(ts) // 60 * 60): n})
+        decisions = self.engine.observe({(0, key, account, int(ts) // 60 * 60): n}).decisions
+        self.published.extend(decisions)
+        return decisions
 
 
-async def test_block_exactly_when_the_minute_limit_is_reached_then_unblock_at_rollover() -> None:
+def test_block_exactly_when_the_minute_limit_is_reached_then_unblock_at_rollover() -> None:
     h = Harness()
-    assert await h.hit("k", 99) == []
-    [block] = await h.hit("k", 1)
+    assert h.hit("k", 99) == []
+    [block] = h.hit("k", 1)
     assert (block.action, block.window, block.limit, block.count) == (DecisionAction.block, Window.minute, 100, 100)
     assert block.until == datetime.fromtimestamp(T0 + 60, UTC)
     assert "100 requests" in block.reason
-    assert await h.hit("k", 50) == []  # edge-triggered: no decision per event while blocked
+    assert h.hit("k", 50) == []  # edge-triggered: no decision per event while blocked
 
     h.clock.now = T0 + 59.9
-    assert await h.engine.tick() == []
+    assert h.engine.tick() == []
     h.clock.now = T0 + 60
-    [unblock] = await h.engine.tick()
+    [unblock] = h.engine.tick()
     assert (unblock.action, unblock.key_id) == (DecisionAction.unblock, "k")
     assert unblock.version > block.version
-    assert await h.hit("k", 99) == []  # a fresh minute
+    assert h.hit("k", 99) == []  # a fresh minute
 
 
-async def test_all_windows_checked_and_the_longest_exceeded_wins() -> None:
+def test_all_windows_checked_and_the_longest_exceeded_wins() -> None:
     h = Harness(LimitPolicy(per_minute=100, per_hour=150, per_day=5000))
-    await h.hit("k", 100)  # minute block
+    h.hit("k", 100)  # minute block
     h.clock.now = T0 + 65
-    await h.engine.tick()  # unblocked: new minute
-    [block] = await h.hit("k", 50)  # hour total 150: the hour limit now binds
+    h.engine.tick()  # unblocked: new minute
+    [block] = h.hit("k", 50)  # hour total 150: the hour limit now binds
     assert (block.window, block.count, block.limit) == (Window.hour, 150, 150)
     assert block.until == datetime.fromtimestamp(T0 + 3600, UTC)
     h.clock.now = T0 + 120
-    assert await h.engine.tick() == []  # the minute rolled over, the hour block holds
+    assert h.engine.tick() == []  # the minute rolled over, the hour block holds
 
 
-async def test_minute_block_extended_to_day_block_when_the_day_limit_is_crossed() -> None:
+def test_minute_block_extended_to_day_block_when_the_day_limit_is_crossed() -> None:
     h = Harness(LimitPolicy(per_minute=10, per_hour=None, per_day=12))
-    [minute_block] = await h.hit("k", 10)
-    [day_block] = await h.hit("k", 2)  # still in the same minute
+    [minute_block] = h.hit("k", 10)
+    [day_block] = h.hit("k", 2)  # still in the same minute
     assert minute_block.window is Window.minute
     assert day_block.window is Window.day
     assert day_block.until == datetime.fromtimestamp(T0 - T0 % 86400 + 86400, UTC)
     h.clock.now = T0 + 61
-    assert await h.engine.tick() == []  # the minute end does not unblock a day block
+    assert h.engine.tick() == []  # the minute end does not unblock a day block
 
 
-async def test_late_events_count_in_their_own_bucket_not_the_live_window() -> None:
+def test_late_events_count_in_their_own_bucket_not_the_live_window() -> None:
     h = Harness()
-    assert await h.hit("k", 500, at=T0 - 120) == []  # two minutes ago: the live minute is untouched
-    assert await h.hit("k", 99) == []
+    assert h.hit("k", 500, at=T0 - 120) == []  # two minutes ago: the live minute is untouched
+    assert h.hit("k", 99) == []
 
 
-async def test_hour_and_day_limits_with_an_injected_clock() -> None:
+def test_hour_and_day_limits_with_an_injected_clock() -> None:
     h = Harness(LimitPolicy(per_minute=None, per_hour=1000, per_day=5000))
     for minute in range(10):
         h.clock.now = T0 + minute * 60
-        await h.hit("k", 99)
+        h.hit("k", 99)
     assert not h.published
     h.clock.now = T0 + 10 * 60
-    [block] = await h.hit("k", 10)
+    [block] = h.hit("k", 10)
     assert (block.window, block.count) == (Window.hour, 1000)
     # Day: 5 hours of 1000 each.
     h2 = Harness(LimitPolicy(per_minute=None, per_hour=None, per_day=5000))
     for hour in range(5):
         h2.clock.now = T0 + hour * 3600
-        await h2.hit("k", 999 if hour < 4 else 1004)
+        h2.hit("k", 999 if hour < 4 else 1004)
     [day] = h2.published
     assert (day.window, day.count, day.limit) == (Window.day, 5000, 5000)
 
 
-async def test_overrides_key_beats_account_beats_default_and_unlimited_never_blocks() -> None:
+def test_overrides_key_beats_account_beats_default_and_unlimited_never_blocks() -> None:
     h = Harness()
     now = datetime.fromtimestamp(T0, UTC)
     h.policies.apply(
@@ -116,13 +114,13 @@ async def test_overrides_key_beats_account_beats_default_and_unlimited_never_blo
     h.policies.apply(
         LimitOverride(scope=OverrideScope.key, subject="internal", policy=LimitPolicy.unlimited(), updated_at=now)
     )
-    assert await h.hit("gold-key", 299, account="gold") == []
-    [b] = await h.hit("gold-key", 1, account="gold")
+    assert h.hit("gold-key", 299, account="gold") == []
+    [b] = h.hit("gold-key", 1, account="gold")
     assert b.limit == 300
     assert "account override gold" in b.reason
-    [low] = await h.hit("low", 5, account="gold")
+    [low] = h.hit("low", 5, account="gold")
     assert low.limit == 5
-    assert await h.hit("internal", 100_000) == []
+    assert h.hit("internal", 100_000) == []
     h.policies.apply(LimitOverride(scope=OverrideScope.key, subject="low", policy=None, updated_at=now))
     assert h.policies.resolve("low", "gold").per_minute == 300
 
@@ -139,45 +137,45 @@ def decision(key: str, action: DecisionAction, version: int, until: float | None
     )
 
 
-async def test_operator_block_suppresses_automatic_decisions_and_unblock_pardons_the_window() -> None:
+def test_operator_block_suppresses_automatic_decisions_and_unblock_pardons_the_window() -> None:
     h = Harness()
-    await h.hit("k", 1)
+    h.hit("k", 1)
     h.engine.seen(decision("k", DecisionAction.block, 10**18, None, "operator"))
-    assert await h.hit("k", 200) == []  # operator block in force: nothing automatic
+    assert h.hit("k", 200) == []  # operator block in force: nothing automatic
     h.clock.now = T0 + 30
-    assert await h.engine.tick() == []
+    assert h.engine.tick() == []
     h.engine.seen(decision("k", DecisionAction.unblock, 10**18 + 1, None, "operator"))
-    assert await h.hit("k", 50) == []  # pardoned for the rest of this (exceeded) minute
+    assert h.hit("k", 50) == []  # pardoned for the rest of this (exceeded) minute
     h.clock.now = T0 + 61
-    assert await h.engine.tick() == []  # nothing held, nothing to unblock
-    [b] = await h.hit("k", 100)  # next window: limits apply again
+    assert h.engine.tick() == []  # nothing held, nothing to unblock
+    [b] = h.hit("k", 100)  # next window: limits apply again
     assert b.version > 10**18 + 1  # versions keep rising above what the topic showed
 
 
-async def test_rebuilt_block_from_previous_owner_is_not_republished_and_unblocks_at_its_end() -> None:
+def test_rebuilt_block_from_previous_owner_is_not_republished_and_unblocks_at_its_end() -> None:
     h = Harness()
     h.engine.assign(0, [("k", "acct", Window.minute, int(T0), 120)])
     h.engine.restore(decision("k", DecisionAction.block, 5, T0 + 60, "worker"))
-    assert await h.engine.evaluate_all([0]) == []
+    assert h.engine.evaluate_all([0]) == []
     h.clock.now = T0 + 60
-    [unblock] = await h.engine.tick()
+    [unblock] = h.engine.tick()
     assert unblock.action is DecisionAction.unblock
     assert unblock.version > 5
 
 
-async def test_rebuilt_counts_over_the_limit_without_a_block_publish_one() -> None:
+def test_rebuilt_counts_over_the_limit_without_a_block_publish_one() -> None:
     h = Harness()
     h.engine.assign(0, [("k", "acct", Window.minute, int(T0), 100), ("ok", "acct", Window.minute, int(T0), 3)])
-    [block] = await h.engine.evaluate_all([0])
+    [block] = h.engine.evaluate_all([0])
     assert (block.key_id, block.count) == ("k", 100)
 
 
-async def test_revoked_partition_forgets_its_keys() -> None:
+def test_revoked_partition_forgets_its_keys() -> None:
     h = Harness()
-    await h.hit("k", 10)
+    h.hit("k", 10)
     h.engine.revoke(0)
     assert h.engine.live_keys() == 0
-    assert await h.hit("k", 500) == []  # not ours any more: the new owner decides
+    assert h.hit("k", 500) == []  # not ours any more: the new owner decides
 
 
 def test_partition_of_matches_kafka_default_partitioner() -> None:
@@ -212,42 +210,29 @@ def test_counts_outside_their_window_read_as_zero(window: Window) -> None:
     assert kw.count(window, T0 + 86_401) == 0
 
 
-async def test_retracted_duplicates_leave_the_counters_and_a_published_block_stands() -> None:
-    h = Harness()
-    minute = int(T0) // 60 * 60
-    await h.hit("k", 60)
-    h.engine.retract({(0, "k", "acct", minute): 10})  # ten of them were stored duplicates
-    assert await h.hit("k", 49) == []  # 50 real + 49 = 99: still under
-    [block] = await h.hit("k", 1)
-    assert block.count == 100
-    h.engine.retract({(0, "k", "acct", minute): 5})
-    h.clock.now = T0 + 30
-    assert await h.engine.tick() == []  # no early unblock: it ends with its window
-
-
-async def test_an_expired_operator_block_no_longer_suppresses_automatic_blocks() -> None:
+def test_an_expired_operator_block_no_longer_suppresses_automatic_blocks() -> None:
     h = Harness()
     h.engine.seen(decision("k", DecisionAction.block, 10**18, T0 + 20, "operator"))
-    assert await h.hit("k", 100) == []  # the operator block is in force
+    assert h.hit("k", 100) == []  # the operator block is in force
     h.clock.now = T0 + 21
-    [block] = await h.hit("k", 1)  # it ran out: the limit applies again within the same minute
+    [block] = h.hit("k", 1)  # it ran out: the limit applies again within the same minute
     assert (block.window, block.count) == (Window.minute, 101)
 
 
-async def test_operator_blocks_survive_a_rebalance_and_the_rebuild() -> None:
+def test_operator_blocks_survive_a_rebalance_and_the_rebuild() -> None:
     h = Harness()
-    await h.hit("k", 1)
+    h.hit("k", 1)
     h.engine.seen(decision("k", DecisionAction.block, 10**18, None, "operator"))
     h.engine.revoke(0)
     h.engine.assign(0, [("k", "acct", Window.minute, int(T0), 150)])
     h.engine.restore(decision("k", DecisionAction.block, 10**18, None, "operator"))
-    assert await h.engine.evaluate_all([0]) == []  # no automatic block/unblock over the operator's
+    assert h.engine.evaluate_all([0]) == []  # no automatic block/unblock over the operator's
     h.clock.now = T0 + 61
-    assert await h.engine.tick() == []
+    assert h.engine.tick() == []
 
 
-async def test_events_stamped_in_a_minute_not_yet_begun_count_in_the_live_one() -> None:
+def test_events_stamped_in_a_minute_not_yet_begun_count_in_the_live_one() -> None:
     h = Harness()
-    assert await h.hit("k", 60, at=T0 + 65) == []  # a node clock 60 s ahead
-    [block] = await h.hit("k", 40)  # the live minute holds all 100
+    assert h.hit("k", 60, at=T0 + 65) == []  # a node clock 60 s ahead
+    [block] = h.hit("k", 40)  # the live minute holds all 100
     assert block.count == 100

@@ -130,7 +130,8 @@ def assert_error(resp: httpx.Response, status: int, error: str) -> dict[str, str
     assert resp.status_code == status
     assert resp.headers["content-type"] == "application/json"
     body = resp.json()
-    assert set(body) == {"error", "message", "request_id"}
+    refusal = {"window", "limit", "count", "refused_by", "version"} if status == 429 else set()
+    assert set(body) == {"error", "message", "request_id"} | refusal
     assert body["error"] == error
     assert body["message"]
     assert body["request_id"] == resp.headers["x-request-id"]
@@ -231,8 +232,8 @@ async def test_blocked_429(client: httpx.AsyncClient, reporter: FakeReporter, ca
         (Window.minute, 100, 0.2, "1", "100 requests per minute"),
         (Window.hour, 1000, 1799.01, "1800", "1000 requests per hour"),
         (Window.day, 5000, 40_000, "40000", "5000 requests per day"),
-        (Window.manual, None, 3600, "3600", "blocked by an operator: test"),
-        (Window.manual, None, None, "60", "blocked by an operator: test"),
+        (Window.manual, None, 3600, "3600", "blocked by an operator."),
+        (Window.manual, None, None, "60", "blocked by an operator."),
     ],
 )
 async def test_retry_after_per_window(
@@ -249,6 +250,8 @@ async def test_retry_after_per_window(
     body = assert_error(resp, 429, "rate_limited")
     assert resp.headers["retry-after"] == retry_after == resp.headers["ratelimit-reset"]
     assert words in body["message"]
+    assert "test" not in body["message"]  # an operator's reason stays in the audit
+    assert body["refused_by"] == "decision" and body["window"] == window.value and body["limit"] == limit
     assert ("ratelimit-limit" in resp.headers) is (limit is not None)
 
 
@@ -352,3 +355,26 @@ async def test_demo_app_wiring() -> None:
         health = (await c.get("/health")).json()
         assert health["status"] == "starting"
         assert health["reporter"]["buffered"] == 6
+
+
+async def test_one_node_alone_admits_exactly_the_limit_and_explains_the_refusal() -> None:
+    """The node's own guard: 300 requests of one key on one node, default 100/min -> 100 admitted."""
+    app = build_node_app(SETTINGS, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+    transport = httpx.ASGITransport(app=app)
+    carol = {"X-API-Key": RAW["carol"]}
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+        responses = [await c.get("/v0/rates", headers=carol) for _ in range(300)]
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == 100 and statuses.count(429) == 200
+    assert statuses[:100] == [200] * 100  # the first hundred, then none
+    first, last = responses[0], responses[99]
+    assert (first.headers["ratelimit-limit"], first.headers["ratelimit-remaining"]) == ("100", "99")
+    assert last.headers["ratelimit-remaining"] == "0"
+    refused = responses[100]
+    body = assert_error(refused, 429, "rate_limited")
+    assert (body["refused_by"], body["window"], body["limit"], body["count"]) == ("local_limit", "minute", 100, 100)
+    assert refused.headers["retry-after"] == "30"  # NOW is 12:00:30.25
+    # events carry the node's own counts; refusals count nothing
+    events = app.state.reporter._buffer
+    assert [e["node_counts"] for e in list(events)[:2]] == [[1, 1, 1], [2, 2, 2]]
+    assert list(events)[-1]["status"] == 429 and list(events)[-1]["node_counts"] == [100, 100, 100]
