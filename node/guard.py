@@ -110,6 +110,7 @@ class LocalGuard:
         state = self._keys.get(key_id)
         if state is None:
             return None
+        state.roll(now)
         policy = self.policies.resolve(key_id, state.account)
         best: Headroom | None = None
         for i, window in enumerate(_WINDOWS):
@@ -177,18 +178,22 @@ class LocalGuard:
         return state
 
     def _check(self, key_id: str, state: _KeyState, now: float) -> Refusal | None:
+        """The refusing window that ends last (waiting for an earlier end would only be refused
+        again), or None."""
         policy = self.policies.resolve(key_id, state.account)
+        refusal: Refusal | None = None
         for i, window in enumerate(_WINDOWS):
             limit = policy.limit(window)
             until = state.starts[i] + WINDOW_SECONDS[window]
             count = state.counts[i]
             if limit is not None and count >= limit:
-                return Refusal(RefusedBy.local_limit, window, limit, count, until)
+                refusal = Refusal(RefusedBy.local_limit, window, limit, count, until)
+                continue
             capped = self._cap(state, i, now)
             if capped is not None and count >= capped[0]:
                 cap, held, version = capped
-                return Refusal(RefusedBy.allowance, window, held.limit, held.count, until, version, cap)
-        return None
+                refusal = Refusal(RefusedBy.allowance, window, held.limit, held.count, until, version, cap)
+        return refusal
 
     def _cap(self, state: _KeyState, i: int, now: float) -> tuple[int, WindowAllowance, int] | None:
         """(this node's cap, the window's allowance, its version) if one holds for window ``i`` now."""

@@ -34,3 +34,14 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "setup: chromium not found (apt-get install chromium); the browser test will be skipped" >&2
   fi
 fi
+
+# The enforcement benchmark (bench/enforcement.py) drives the nodes with hey, Debian's HTTP load generator.
+if ! command -v hey >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's hey for the enforcement benchmark"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey >/dev/null \
+      || echo "setup: could not install hey; bench/enforcement.py will not run" >&2
+  else
+    echo "setup: hey not found (apt-get install hey); bench/enforcement.py will not run" >&2
+  fi
+fi

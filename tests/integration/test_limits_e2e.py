@@ -183,6 +183,10 @@ async def test_overrides_and_manual_block_unblock_reach_every_node(e2e_settings:
         # An internal key with no limit at all.
         await set_override(settings, OverrideScope.account, "acct-bob", LimitPolicy.unlimited(), "internal")
         await wait_for(lambda: worker.limits.policies.resolve(kid("bob"), "acct-bob").per_day is None, 10, "applied")
+        # Nodes follow the limits topic too: their own guard applies the override.
+        await wait_for(
+            lambda: a1.state.cache.guard.policies.resolve(kid("bob"), "acct-bob").per_day is None, 10, "on the node"
+        )
         for _ in range(120):
             assert (await c1.get("/v0/rates", headers={"X-API-Key": RAW["bob"]})).status_code == 200
 

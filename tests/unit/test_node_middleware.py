@@ -251,7 +251,7 @@ async def test_retry_after_per_window(
     assert resp.headers["retry-after"] == retry_after == resp.headers["ratelimit-reset"]
     assert words in body["message"]
     assert "test" not in body["message"]  # an operator's reason stays in the audit
-    assert body["refused_by"] == "decision" and body["window"] == window.value and body["limit"] == limit
+    assert (body["refused_by"], body["window"], body["limit"]) == ("decision", window.value, limit)
     assert ("ratelimit-limit" in resp.headers) is (limit is not None)
 
 
@@ -365,7 +365,7 @@ async def test_one_node_alone_admits_exactly_the_limit_and_explains_the_refusal(
     async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
         responses = [await c.get("/v0/rates", headers=carol) for _ in range(300)]
     statuses = [r.status_code for r in responses]
-    assert statuses.count(200) == 100 and statuses.count(429) == 200
+    assert (statuses.count(200), statuses.count(429)) == (100, 200)
     assert statuses[:100] == [200] * 100  # the first hundred, then none
     first, last = responses[0], responses[99]
     assert (first.headers["ratelimit-limit"], first.headers["ratelimit-remaining"]) == ("100", "99")
@@ -377,4 +377,4 @@ async def test_one_node_alone_admits_exactly_the_limit_and_explains_the_refusal(
     # events carry the node's own counts; refusals count nothing
     events = app.state.reporter._buffer
     assert [e["node_counts"] for e in list(events)[:2]] == [[1, 1, 1], [2, 2, 2]]
-    assert list(events)[-1]["status"] == 429 and list(events)[-1]["node_counts"] == [100, 100, 100]
+    assert (list(events)[-1]["status"], list(events)[-1]["node_counts"]) == (429, [100, 100, 100])

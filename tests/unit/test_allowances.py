@@ -1,0 +1,267 @@
+"""Dividing a hot key's remainder among nodes (pure ``divide``/``NodeUse``) and the engine's allowances."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+import pytest
+
+from schemas.allowances import Allowance
+from schemas.decisions import Window
+from schemas.limits import LimitPolicy, PolicyBook
+from worker.limits.allowances import NodeUse, divide
+from worker.limits.engine import AllowancePolicy, LimitEngine, NodeReport
+
+T0 = datetime(2026, 12, 1, 12, 0, 5, tzinfo=UTC).timestamp()
+MINUTE = int(T0) // 60 * 60  # 12:00:00
+TAU = 0.1
+LAG = 0.03
+
+
+# -- divide ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_one_node_alone_gets_exactly_the_limit(pooled: bool) -> None:
+    division = divide(100, 40, {"n1": (15, 50.0)}, LAG, pooled)
+    grant = division.grants["n1"]
+    assert grant.used == 15
+    assert grant.cap == 15 + 60  # used + everything that remains: exact for one node
+    assert division.others == 60 // 2
+
+
+def test_caps_are_absolute_used_plus_share() -> None:
+    division = divide(100, 40, {"n1": (25, 300.0), "n2": (10, 100.0)}, LAG, pooled=False)
+    # remaining 60, split 3:1 by rate -> shares 45 and 15, added to what each node used
+    assert division.grants["n1"].used == 25
+    assert division.grants["n1"].cap == 25 + 45
+    assert division.grants["n2"].used == 10
+    assert division.grants["n2"].cap == 10 + 15
+
+
+@pytest.mark.parametrize(
+    ("limit", "count", "rates"),
+    [
+        (100, 40, (3.0, 2.0, 1.0)),
+        (100, 90, (1.0, 1.0, 1.0)),  # 10 among 3: rounding must not hand out 12
+        (1000, 1, (7.0, 13.0, 0.5, 101.0)),
+        (100, 97, (5.0, 5.0, 5.0, 5.0, 5.0)),
+    ],
+)
+def test_unpooled_shares_add_up_to_at_most_the_remainder(limit: int, count: int, rates: tuple[float, ...]) -> None:
+    nodes = {f"n{i}": (i * 3, rate) for i, rate in enumerate(rates)}
+    division = divide(limit, count, nodes, LAG, pooled=False)
+    shares = [division.grants[n].cap - used for n, (used, _) in nodes.items()]
+    assert all(s >= 0 for s in shares)
+    assert sum(shares) <= limit - count
+    assert sum(shares) >= limit - count - len(nodes)  # only rounding is lost
+
+
+def test_unpooled_shares_follow_the_rates() -> None:
+    division = divide(100, 40, {"a": (0, 300.0), "b": (0, 200.0), "c": (0, 100.0)}, LAG, pooled=False)
+    assert {n: g.cap for n, g in division.grants.items()} == {"a": 30, "b": 20, "c": 10}
+
+
+def test_no_rate_at_all_splits_the_remainder_equally() -> None:
+    division = divide(100, 40, {"a": (1, 0.0), "b": (2, 0.0), "c": (3, 0.0)}, LAG, pooled=False)
+    assert {n: g.cap - g.used for n, g in division.grants.items()} == {"a": 20, "b": 20, "c": 20}
+
+
+def test_pooled_gives_the_active_node_what_the_idle_node_does_not_use() -> None:
+    nodes = {"a": (5, 0.0), "b": (30, 1000.0)}  # a is idle, b carries the traffic
+    pooled = divide(100, 50, nodes, LAG, pooled=True)
+    assert pooled.grants["b"].cap == 30 + 50  # used_B + all that remains
+    # The idle node may still take over: everything but b's in-flight admissions (1000/s x 30 ms).
+    assert pooled.grants["a"].cap == 5 + 50 - 30
+    unpooled = divide(100, 50, nodes, LAG, pooled=False)
+    assert unpooled.grants["a"].cap == 5  # proportional: an idle node gets nothing
+
+
+def test_pooled_lets_each_of_two_equal_nodes_use_nearly_everything() -> None:
+    nodes = {"a": (10, 100.0), "b": (10, 100.0)}  # each expected to admit 3 before it hears
+    assert {n: g.cap for n, g in divide(100, 50, nodes, LAG, pooled=False).grants.items()} == {"a": 35, "b": 35}
+    assert {n: g.cap for n, g in divide(100, 50, nodes, LAG, pooled=True).grants.items()} == {"a": 57, "b": 57}
+
+
+@pytest.mark.parametrize("n_nodes", [0, 1, 2, 3, 7])
+def test_others_is_an_equal_part_of_the_remainder(n_nodes: int) -> None:
+    nodes = {f"n{i}": (0, 1.0) for i in range(n_nodes)}
+    assert divide(100, 37, nodes, LAG).others == 63 // (n_nodes + 1)
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_nothing_remains_when_the_count_is_past_the_limit(pooled: bool) -> None:
+    division = divide(100, 130, {"a": (70, 10.0), "b": (60, 0.0)}, LAG, pooled)
+    assert division.others == 0
+    assert {n: (g.used, g.cap) for n, g in division.grants.items()} == {"a": (70, 70), "b": (60, 60)}
+
+
+# -- NodeUse -----------------------------------------------------------------------------
+
+
+def test_node_rate_decays_with_time() -> None:
+    use = NodeUse()
+    assert use.rate_at(T0, TAU) == 0.0
+    use.arrived(10, T0, TAU)
+    assert use.rate_at(T0, TAU) == pytest.approx(100.0)
+    assert use.rate_at(T0 + TAU, TAU) == pytest.approx(100.0 / math.e)
+    assert use.rate_at(T0 + 2.0, TAU) < 1e-6
+    assert use.rate_at(T0 - 1.0, TAU) == pytest.approx(100.0)  # no growth for a time before the last update
+    use.arrived(10, T0 + TAU, TAU)  # adds to what is left of the earlier rate
+    assert use.rate_at(T0 + TAU, TAU) == pytest.approx(100.0 / math.e + 100.0)
+
+
+def test_node_report_keeps_the_highest_count_of_the_newest_window() -> None:
+    use = NodeUse()
+    use.report(Window.minute, MINUTE, 5)
+    use.report(Window.minute, MINUTE, 3)  # an event that left the node earlier: counts only grow
+    assert use.used(Window.minute, MINUTE) == 5
+    use.report(Window.minute, MINUTE, 7)
+    assert use.used(Window.minute, MINUTE) == 7
+    use.report(Window.minute, MINUTE - 60, 100)  # a late event of the previous minute
+    assert use.used(Window.minute, MINUTE) == 7
+    use.report(Window.minute, MINUTE + 60, 1)  # a new minute starts again from its own count
+    assert use.used(Window.minute, MINUTE + 60) == 1
+
+
+def test_node_used_is_none_for_another_window() -> None:
+    use = NodeUse()
+    use.report(Window.minute, MINUTE, 5)
+    assert use.used(Window.minute, MINUTE - 60) is None
+    assert use.used(Window.minute, MINUTE + 60) is None
+    assert use.used(Window.hour, MINUTE) is None  # nothing reported for the hour
+
+
+# -- the engine's allowances -------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    def __init__(self, pooled: bool = False) -> None:
+        self.clock = Clock(T0)
+        self.engine = LimitEngine(
+            PolicyBook(LimitPolicy()), self.clock, AllowancePolicy(threshold=0.5, lag_s=LAG, pooled=pooled)
+        )
+        self.engine.assign(0, [])
+
+    def observe(self, n: int, reports: dict[str, NodeReport], key: str = "k") -> list[Allowance]:
+        counts = {(0, key, "acct", int(self.clock.now) // 60 * 60): n} if n else {}
+        return self.engine.observe(counts, {(0, key): reports}).allowances
+
+
+def report(arrivals: int, minute_count: int, at: float = T0) -> NodeReport:
+    return NodeReport(arrivals=arrivals, counts=(minute_count, minute_count, minute_count), epoch=at)
+
+
+def three_nodes() -> dict[str, NodeReport]:
+    return {"n1": report(30, 20), "n2": report(20, 20), "n3": report(10, 20)}
+
+
+def caps(allowance: Allowance) -> dict[str, int]:
+    [window] = allowance.windows
+    return {n: g.cap for n, g in window.grants.items()}
+
+
+def test_no_allowance_below_the_threshold() -> None:
+    h = Harness()
+    assert h.observe(30, {"n1": report(10, 15), "n2": report(10, 15)}) == []
+    assert h.observe(19, {"n1": report(10, 25), "n2": report(10, 24)}) == []  # 49 of 100
+    assert "k" not in h.engine.hot
+    assert h.engine.allowances_issued == 0
+
+
+def test_crossing_the_threshold_divides_the_minute_remainder_among_the_nodes() -> None:
+    h = Harness(pooled=False)
+    assert h.observe(49, {"n1": report(10, 20)}) == []
+    [allowance] = h.observe(11, three_nodes())  # 60 of 100: hot
+    assert allowance.key_id == "k"
+    assert allowance.version >= int(T0 * 1_000_000)
+    [window] = allowance.windows  # only the minute is hot (60 of 1000 in the hour)
+    assert window.window is Window.minute
+    assert (window.start, window.until) == (
+        datetime.fromtimestamp(MINUTE, UTC),
+        datetime.fromtimestamp(MINUTE + 60, UTC),
+    )
+    assert (window.limit, window.count) == (100, 60)
+    assert set(window.grants) == {"n1", "n2", "n3"}
+    assert all(g.used == 20 for g in window.grants.values())
+    assert sum(g.cap for g in window.grants.values()) <= 100
+    assert caps(allowance) == {"n1": 20 + 20, "n2": 20 + 13, "n3": 20 + 6}  # 40 left, 3:2:1
+    assert window.others == 40 // 4
+    assert "k" in h.engine.hot
+
+
+def test_a_node_heard_only_in_an_earlier_window_is_not_listed() -> None:
+    h = Harness()
+    [allowance] = h.observe(60, {"n1": report(10, 30), "old": report(10, 30, at=T0 - 60)})
+    assert set(allowance.windows[0].grants) == {"n1"}
+
+
+def test_unchanged_caps_are_not_published_again() -> None:
+    h = Harness(pooled=False)
+    [first] = h.observe(60, three_nodes())
+    assert h.observe(0, three_nodes()) == []  # same traffic, same shares: nothing new
+    assert h.engine.allowances_issued == 1
+    assert h.engine.allowance_versions["k"] == first.version
+
+
+def test_versions_strictly_increase() -> None:
+    h = Harness(pooled=False)
+    [first] = h.observe(60, three_nodes())
+    [second] = h.observe(5, three_nodes())  # same instant, the count moved
+    assert second.version > first.version
+    h.clock.now = T0 + 1
+    [third] = h.observe(5, three_nodes())
+    assert third.version > second.version
+    assert third.version >= int((T0 + 1) * 1_000_000)
+    h.engine.seen_allowance(third.model_copy(update={"version": third.version + 10**9}))  # a previous owner's
+    [fourth] = h.observe(5, three_nodes())
+    assert fourth.version > third.version + 10**9
+
+
+def test_refusals_alone_redivide_a_hot_key() -> None:
+    h = Harness(pooled=False)
+    [first] = h.observe(60, three_nodes())
+    h.clock.now = T0 + 0.05
+    # A batch of 429s only: nothing counted, but n3 now carries most of the traffic.
+    [second] = h.observe(0, {"n3": report(200, 20, at=T0 + 0.05)})
+    assert second.version > first.version
+    assert second.windows[0].count == 60  # refusals count nothing
+    assert caps(second)["n3"] > caps(first)["n3"]
+    assert caps(second)["n1"] < caps(first)["n1"]
+    assert sum(caps(second).values()) <= 100
+
+
+def test_refusals_of_a_key_that_is_not_hot_give_no_allowance() -> None:
+    h = Harness()
+    h.observe(10, {"n1": report(10, 10)})
+    assert h.observe(0, {"n1": report(500, 10)}) == []
+    assert "k" not in h.engine.hot
+
+
+def test_revoke_drops_the_hot_state() -> None:
+    h = Harness()
+    assert h.observe(60, three_nodes())
+    assert "k" in h.engine.hot
+    h.engine.revoke(0)
+    assert "k" not in h.engine.hot
+    assert h.observe(0, three_nodes()) == []  # not ours any more
+
+
+def test_tick_after_the_window_ends_drops_the_hot_key() -> None:
+    h = Harness()
+    assert h.observe(60, three_nodes())
+    h.clock.now = MINUTE + 59.9
+    h.engine.tick()
+    assert "k" in h.engine.hot
+    h.clock.now = MINUTE + 60
+    h.engine.tick()
+    assert "k" not in h.engine.hot

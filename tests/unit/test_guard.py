@@ -1,0 +1,265 @@
+"""The node's own guard: exact local limits, bounded memory, and the worker's allowances."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from node.guard import LocalGuard, RefusedBy
+from schemas.allowances import Allowance, NodeGrant, WindowAllowance
+from schemas.decisions import WINDOW_SECONDS, Window
+from schemas.limits import LimitPolicy, PolicyBook
+
+T0 = datetime(2026, 12, 1, 12, 0, 5, tzinfo=UTC).timestamp()
+MINUTE = int(T0) // 60 * 60  # 12:00:00
+HOUR = int(T0) // 3600 * 3600
+
+
+def dt(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def guard(policy: LimitPolicy | None = None, node: str = "n1", max_keys: int = 1000) -> LocalGuard:
+    return LocalGuard(PolicyBook(policy or LimitPolicy()), node, max_keys=max_keys)
+
+
+def allowance(
+    version: int,
+    grants: dict[str, tuple[int, int]],
+    others: int = 0,
+    start: int = MINUTE,
+    window: Window = Window.minute,
+    key: str = "k",
+) -> Allowance:
+    return Allowance(
+        key_id=key,
+        version=version,
+        decided_at=dt(T0),
+        windows=[
+            WindowAllowance(
+                window=window,
+                start=dt(start),
+                until=dt(start + WINDOW_SECONDS[window]),
+                limit=100,
+                count=60,
+                grants={n: NodeGrant(used=used, cap=cap) for n, (used, cap) in grants.items()},
+                others=others,
+            )
+        ],
+    )
+
+
+def minute_count(g: LocalGuard, at: float, key: str = "k") -> int:
+    counts = g.counts(key, at)
+    assert counts is not None
+    return counts[0]
+
+
+def admit_until_refused(g: LocalGuard, at: float, most: int = 1000, key: str = "k") -> int:
+    """How many requests ``g`` admits in a row at ``at`` before refusing one."""
+    for n in range(most):
+        if g.admit(key, "acct", at) is not None:
+            return n
+    raise AssertionError(f"admitted {most} without refusing")
+
+
+# -- local limits --------------------------------------------------------------------------
+
+
+def test_one_node_alone_admits_exactly_the_limit() -> None:
+    g = guard()
+    results = [g.admit("k", "acct", T0 + i * 0.1) for i in range(300)]
+    assert sum(r is None for r in results) == 100
+    assert all(r is None for r in results[:100])
+    refusal = results[100]
+    assert refusal is not None
+    assert (refusal.by, refusal.window, refusal.limit, refusal.count) == (
+        RefusedBy.local_limit,
+        Window.minute,
+        100,
+        100,
+    )
+    assert refusal.until == MINUTE + 60
+    assert (refusal.version, refusal.cap) == (None, None)
+    assert g.counts("k", T0 + 30) == [100, 100, 100]  # refused requests count nothing
+
+
+def test_a_new_minute_admits_again() -> None:
+    g = guard()
+    assert admit_until_refused(g, T0) == 100
+    assert g.admit("k", "acct", MINUTE + 59.999) is not None
+    assert g.admit("k", "acct", MINUTE + 60) is None
+    assert g.counts("k", MINUTE + 60) == [1, 101, 101]
+
+
+def test_every_window_is_checked_before_any_is_counted() -> None:
+    g = guard(LimitPolicy(per_minute=100, per_hour=150, per_day=5000))
+    assert admit_until_refused(g, T0) == 100
+    next_minute = MINUTE + 60
+    assert admit_until_refused(g, next_minute) == 50  # the hour binds at 150
+    refusal = g.admit("k", "acct", next_minute)
+    assert refusal is not None
+    assert (refusal.by, refusal.window, refusal.limit, refusal.count) == (RefusedBy.local_limit, Window.hour, 150, 150)
+    assert refusal.until == HOUR + 3600
+    assert g.counts("k", next_minute) == [50, 150, 150]  # the refused ones added to no window
+
+
+def test_record_counts_without_checking() -> None:
+    g = guard(LimitPolicy(per_minute=5))
+    assert admit_until_refused(g, T0) == 5
+    for _ in range(3):
+        g.record("k", "acct", T0)  # e.g. 403s: counted even at the limit
+    assert g.counts("k", T0) == [8, 8, 8]
+    g.record("fresh", "acct", T0)
+    assert g.counts("fresh", T0) == [1, 1, 1]
+
+
+def test_counts_are_minute_hour_day_and_none_for_an_unknown_key() -> None:
+    g = guard()
+    assert g.counts("k", T0) is None
+    for _ in range(3):
+        g.admit("k", "acct", T0)
+    g.admit("k", "acct", MINUTE + 60)
+    assert g.counts("k", MINUTE + 60) == [1, 4, 4]
+    assert g.counts("k", HOUR + 3600) == [0, 0, 4]  # a new hour, same day
+    assert g.counts("k", HOUR + 86400) == [0, 0, 0]
+
+
+def test_headroom_is_the_tightest_window() -> None:
+    g = guard(LimitPolicy(per_minute=100, per_hour=120, per_day=None))
+    assert g.headroom("k", T0) is None
+    for _ in range(30):
+        g.admit("k", "acct", T0)
+    room = g.headroom("k", T0)
+    assert room is not None
+    assert (room.window, room.limit, room.remaining, room.reset_s) == (Window.minute, 100, 70, 55)
+    later = MINUTE + 60 + 10
+    for _ in range(60):
+        g.admit("k", "acct", later)
+    room = g.headroom("k", later)  # minute: 40 left; hour: 120 - 90 = 30 left
+    assert room is not None
+    assert (room.window, room.limit, room.remaining) == (Window.hour, 120, 30)
+    assert room.reset_s == HOUR + 3600 - int(later)
+
+
+def test_headroom_counts_the_allowance_cap() -> None:
+    g = guard()
+    for _ in range(12):
+        g.admit("k", "acct", T0)
+    assert g.apply(allowance(1, {"n1": (10, 30)}), T0)
+    room = g.headroom("k", T0)
+    assert room is not None
+    assert (room.window, room.remaining) == (Window.minute, 30 - 12)
+
+
+def test_memory_is_bounded_by_forgetting_the_least_recently_seen_keys() -> None:
+    g = guard(max_keys=1000)
+    for i in range(5000):
+        g.admit(f"k{i}", "acct", T0)
+    assert len(g) == 1000
+    assert g.forgotten == 4000
+    assert g.counts("k0", T0) is None  # the oldest went first
+    assert g.counts("k4999", T0) == [1, 1, 1]
+
+
+def test_a_key_seen_again_is_not_the_next_forgotten() -> None:
+    g = guard(max_keys=3)
+    for key in ("a", "b", "c"):
+        g.admit(key, "acct", T0)
+    g.admit("a", "acct", T0)  # a is now the most recently seen
+    g.admit("d", "acct", T0)
+    assert g.counts("b", T0) is None
+    assert g.counts("a", T0) == [2, 2, 2]
+
+
+# -- allowances ----------------------------------------------------------------------------
+
+
+def test_a_listed_node_admits_until_its_own_count_reaches_its_cap() -> None:
+    g = guard()
+    assert g.apply(allowance(7, {"n1": (10, 30), "n2": (40, 60)}), T0)
+    assert g.allowances_applied == 1
+    assert minute_count(g, T0) == 10  # what the worker saw this node admit is charged to it
+    assert admit_until_refused(g, T0 + 1) == 20
+    refusal = g.admit("k", "acct", T0 + 1)
+    assert refusal is not None
+    assert (refusal.by, refusal.window, refusal.version, refusal.cap) == (RefusedBy.allowance, Window.minute, 7, 30)
+    assert (refusal.limit, refusal.count, refusal.until) == (100, 60, MINUTE + 60)
+    assert minute_count(g, T0 + 1) == 30
+
+
+def test_the_allowance_ends_with_its_window() -> None:
+    g = guard()
+    g.apply(allowance(7, {"n1": (10, 30)}), T0)
+    assert admit_until_refused(g, T0) == 20
+    assert g.admit("k", "acct", MINUTE + 60) is None  # a new minute: only the local limit holds
+
+
+def test_a_restarted_node_takes_its_count_back_from_the_allowance() -> None:
+    restarted = guard()
+    restarted.apply(allowance(7, {"n1": (25, 30)}), T0)
+    assert minute_count(restarted, T0) == 25
+    assert admit_until_refused(restarted, T0) == 5
+
+    ahead = guard()  # the node admitted more than the worker has heard of yet: its own count stands
+    for _ in range(28):
+        ahead.admit("k", "acct", T0)
+    ahead.apply(allowance(7, {"n1": (25, 30)}), T0)
+    assert ahead.counts("k", T0) == [28, 28, 28]
+    assert admit_until_refused(ahead, T0) == 2
+
+
+def test_an_older_or_equal_version_is_ignored() -> None:
+    g = guard()
+    assert g.apply(allowance(7, {"n1": (10, 30)}), T0)
+    assert not g.apply(allowance(6, {"n1": (10, 90)}), T0)
+    assert not g.apply(allowance(7, {"n1": (10, 90)}), T0)
+    assert g.allowances_stale == 2
+    held = g.allowance("k")
+    assert held is not None
+    assert held.version == 7
+    assert admit_until_refused(g, T0) == 20  # the cap of version 7 holds
+    assert g.apply(allowance(8, {"n1": (10, 35)}), T0)  # a newer one replaces it
+    assert admit_until_refused(g, T0) == 5
+
+
+def test_an_allowance_of_a_past_window_is_ignored() -> None:
+    g = guard()
+    assert not g.apply(allowance(7, {"n1": (0, 1)}, start=MINUTE - 60), T0)
+    assert g.allowance("k") is None
+    assert g.allowances_applied == 0
+    assert admit_until_refused(g, T0) == 100
+
+
+def test_an_unlisted_node_admits_others_more_from_when_it_first_held_the_allowance() -> None:
+    g = guard(node="n9")
+    for _ in range(5):
+        g.admit("k", "acct", T0)
+    assert g.apply(allowance(7, {"n1": (30, 40), "n2": (20, 30)}, others=10), T0)
+    assert g.counts("k", T0) == [5, 5, 5]  # nothing to take back: the worker has not heard of it
+    assert admit_until_refused(g, T0) == 10
+    refusal = g.admit("k", "acct", T0)
+    assert refusal is not None
+    assert (refusal.by, refusal.version, refusal.cap) == (RefusedBy.allowance, 7, 15)
+
+
+def test_a_later_unlisted_version_does_not_re_anchor() -> None:
+    g = guard(node="n9")
+    for _ in range(5):
+        g.admit("k", "acct", T0)
+    g.apply(allowance(7, {"n1": (30, 40)}, others=10), T0)
+    for _ in range(7):
+        assert g.admit("k", "acct", T0) is None  # 12 now
+    assert g.apply(allowance(8, {"n1": (35, 45)}, others=10), T0)
+    assert admit_until_refused(g, T0) == 3  # still counted from 5: 5 + 10
+    refusal = g.admit("k", "acct", T0)
+    assert refusal is not None
+    assert (refusal.by, refusal.version, refusal.cap) == (RefusedBy.allowance, 8, 15)
+
+
+def test_the_local_limit_still_applies_under_a_higher_cap() -> None:
+    g = guard()
+    g.apply(allowance(7, {"n1": (0, 500)}), T0)
+    assert admit_until_refused(g, T0) == 100
+    refusal = g.admit("k", "acct", T0)
+    assert refusal is not None
+    assert (refusal.by, refusal.window, refusal.limit) == (RefusedBy.local_limit, Window.minute, 100)
