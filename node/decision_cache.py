@@ -113,7 +113,7 @@ class DecisionCache:
         self.guard = guard
         self._on_allowance = on_allowance
         # The guard needs the overrides and the allowances as well; one consumer follows all.
-        self._topics = [self._topic] + ([settings.limits_topic, settings.allowances_topic] if guard else [])
+        self._topics = [self._topic] + ([settings.limits_topic, settings.allowances_topic] if guard is not None else [])
         self._now = now
         self._on_applied = on_applied
         self._poll_timeout_ms = poll_timeout_ms

@@ -142,7 +142,9 @@ def build_node_app(
     now: Callable[[], datetime] | None = None,
 ) -> Starlette:
     """The demo API behind the meter. Its lifespan starts and stops the reporter and the cache."""
-    reporter = reporter or UsageReporter(settings, max_buffer=settings.node_buffer_max)
+    reporter = reporter or UsageReporter(
+        settings, max_buffer=settings.node_buffer_max, linger_ms=settings.node_report_linger_ms
+    )
     if cache is None:
         guard = LocalGuard(PolicyBook(settings.default_policy()), settings.node_id, settings.node_guard_max_keys)
         cache = DecisionCache(settings, guard=guard, now=now) if now else DecisionCache(settings, guard=guard)

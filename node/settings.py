@@ -31,6 +31,9 @@ class NodeSettings(BaseSettings):
     node_secret: SecretStr = SecretStr("")  # HMAC key for key ids: the same on every node, never in code
     node_fail_open: bool = True  # admit requests when the meter is unreachable
     node_buffer_max: int = Field(default=100_000, ge=100)  # events a node buffers while Kafka is down
+    # How long the reporter waits to fill a batch: part of the delay before the worker counts a
+    # request (and so before a burst meets its allowance); longer = fewer, larger produces.
+    node_report_linger_ms: int = Field(default=2, ge=0, le=1_000)
     # Keys whose local counts a node keeps (least recently seen forgotten past it, ~250 B each)
     node_guard_max_keys: int = Field(default=200_000, ge=100)
     demo_seed: SecretStr = SecretStr("")  # derives the demo API's keys (demo and tests only)

@@ -72,6 +72,7 @@ def make_settings(kafka_bootstrap: str, chdb_dir: Path, unique: str) -> Callable
             "decisions_topic": f"t{unique}.decisions",
             "dlq_topic": f"t{unique}.dlq",
             "limits_topic": f"t{unique}.limits",
+            "allowances_topic": f"t{unique}.allowances",
             "consumer_group": f"g{unique}",
             "clickhouse_dsn": f"chdb://{chdb_dir}",
             "clickhouse_database": f"test_{unique}",
@@ -100,7 +101,13 @@ async def topics(settings: Settings) -> AsyncIterator[Settings]:
     await admin.start()
     try:
         await admin.delete_topics(
-            [settings.events_topic, settings.decisions_topic, settings.dlq_topic, settings.limits_topic]
+            [
+                settings.events_topic,
+                settings.decisions_topic,
+                settings.dlq_topic,
+                settings.limits_topic,
+                settings.allowances_topic,
+            ]
         )
     except Exception:  # best-effort cleanup
         pass

@@ -55,7 +55,7 @@ class Settings(NodeSettings):
     # Limits: the default policy is the node's (limit_per_minute|hour|day).
     # Allowances: a window is hot (its remainder divided among the nodes) from this fraction of
     # its limit. Lower: a burst meets the division earlier (less overshoot), more records.
-    allowance_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    allowance_threshold: float = Field(default=0.3, ge=0.0, le=1.0)
     # Expected time from a node's admission to that node holding a new cap (the fast lane's
     # propagation, measured by bench/decisions.py). Higher: less overshoot when several nodes
     # burst at once, more false refusals when traffic moves between nodes.

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
+import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from starlette.applications import Starlette
 
+from node.demo_api import build_node_app
+from node.keys import KeyStore
 from schemas.events import RequestEvent
+from worker.settings import Settings
 
 BucketCounts = Counter[tuple[str, str, int]]  # (level, key_id, bucket epoch) -> requests
 
@@ -92,3 +98,22 @@ async def group_caught_up(bootstrap: str, group: str, topic: str) -> bool:
     finally:
         await consumer.stop()
         await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def demo_node(
+    settings: Settings, node_id: str, keys: KeyStore
+) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    """One demo API node (reporter, decision cache, guard) on the real broker, served in-process."""
+    app = build_node_app(settings.model_copy(update={"node_id": node_id}), keys)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, client=("192.0.2.10", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
+            yield app, client
+
+
+async def until_fresh_minute(min_left: float = 25.0) -> None:
+    """Start a minute-window test with enough of the minute left to finish inside it."""
+    left = 60 - time.time() % 60
+    if left < min_left:
+        await asyncio.sleep(left + 0.5)

@@ -16,11 +16,11 @@ import pytest
 from pydantic import SecretStr
 from starlette.applications import Starlette
 
-from node.demo_api import build_node_app, demo_key_store, demo_keys
+from node.demo_api import demo_key_store, demo_keys
 from node.keys import derive_key_id
 from schemas.decisions import DecisionAction, Window
 from schemas.limits import LimitPolicy, OverrideScope
-from tests.integration.helpers import read_all, wait_for
+from tests.integration.helpers import demo_node, read_all, until_fresh_minute, wait_for
 from worker.app import WorkerRuntime
 from worker.limits.control import manual_decision, set_override
 from worker.settings import Settings
@@ -48,19 +48,8 @@ class Clock:
 
 @contextlib.asynccontextmanager
 async def node(settings: Settings, node_id: str) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
-    s = settings.model_copy(update={"node_id": node_id})
-    app = build_node_app(s, demo_key_store(RAW, SECRET.encode()))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, client=("192.0.2.10", 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
-            yield app, client
-
-
-async def until_fresh_minute(min_left: float = 25.0) -> None:
-    """Start a minute-window test with enough of the minute left to finish inside it."""
-    left = 60 - time.time() % 60
-    if left < min_left:
-        await asyncio.sleep(left + 0.5)
+    async with demo_node(settings, node_id, demo_key_store(RAW, SECRET.encode())) as served:
+        yield served
 
 
 async def blocked_everywhere(apps: list[Starlette], key_id: str, timeout: float = 10.0) -> float:

@@ -10,7 +10,7 @@ import pytest
 from schemas.allowances import Allowance
 from schemas.decisions import Window
 from schemas.limits import LimitPolicy, PolicyBook
-from worker.limits.allowances import NodeUse, divide
+from worker.limits.allowances import FIRST_SIGHT_S, IDLE_TAU_S, NodeUse, divide
 from worker.limits.engine import AllowancePolicy, LimitEngine, NodeReport
 
 T0 = datetime(2026, 12, 1, 12, 0, 5, tzinfo=UTC).timestamp()
@@ -100,16 +100,22 @@ def test_nothing_remains_when_the_count_is_past_the_limit(pooled: bool) -> None:
 # -- NodeUse -----------------------------------------------------------------------------
 
 
-def test_node_rate_decays_with_time() -> None:
+def test_node_rate_is_measured_on_event_time_and_fades_when_the_node_stops() -> None:
     use = NodeUse()
-    assert use.rate_at(T0, TAU) == 0.0
-    use.arrived(10, T0, TAU)
-    assert use.rate_at(T0, TAU) == pytest.approx(100.0)
-    assert use.rate_at(T0 + TAU, TAU) == pytest.approx(100.0 / math.e)
-    assert use.rate_at(T0 + 2.0, TAU) < 1e-6
-    assert use.rate_at(T0 - 1.0, TAU) == pytest.approx(100.0)  # no growth for a time before the last update
-    use.arrived(10, T0 + TAU, TAU)  # adds to what is left of the earlier rate
-    assert use.rate_at(T0 + TAU, TAU) == pytest.approx(100.0 / math.e + 100.0)
+    assert use.rate_at(T0) == 0.0
+    use.arrived(11, T0, T0 + 0.010, now=T0 + 0.030)  # 10 gaps in 10 ms of the node's clock
+    assert use.rate_at(T0 + 0.030) == pytest.approx(1000.0)
+    use.arrived(20, T0 + 0.011, T0 + 0.030, now=T0 + 0.050)  # 20 more over the next 20 ms
+    assert use.rate_at(T0 + 0.050) == pytest.approx(1000.0)
+    assert use.rate_at(T0 + 0.050 + IDLE_TAU_S) == pytest.approx(1000.0 / math.e, rel=1e-4)
+    assert use.rate_at(T0 + 1.0) < 1e-6  # silent for a second: its traffic has moved
+    assert use.rate_at(T0) == pytest.approx(1000.0)  # no growth for a time before the last batch
+
+
+def test_a_node_seen_once_gets_a_small_rate() -> None:
+    use = NodeUse()
+    use.arrived(1, T0, T0, now=T0)
+    assert use.rate_at(T0) == pytest.approx(1 / FIRST_SIGHT_S)
 
 
 def test_node_report_keeps_the_highest_count_of_the_newest_window() -> None:
@@ -158,7 +164,9 @@ class Harness:
 
 
 def report(arrivals: int, minute_count: int, at: float = T0) -> NodeReport:
-    return NodeReport(arrivals=arrivals, counts=(minute_count, minute_count, minute_count), epoch=at)
+    return NodeReport(
+        arrivals=arrivals, counts=(minute_count, minute_count, minute_count), epoch=at, first_ts=at, last_ts=at
+    )
 
 
 def three_nodes() -> dict[str, NodeReport]:
@@ -193,8 +201,9 @@ def test_crossing_the_threshold_divides_the_minute_remainder_among_the_nodes() -
     assert (window.limit, window.count) == (100, 60)
     assert set(window.grants) == {"n1", "n2", "n3"}
     assert all(g.used == 20 for g in window.grants.values())
-    assert sum(g.cap for g in window.grants.values()) <= 100
-    assert caps(allowance) == {"n1": 20 + 20, "n2": 20 + 13, "n3": 20 + 6}  # 40 left, 3:2:1
+    assert sum(g.cap for g in window.grants.values()) == 100  # the whole remainder, no more
+    # 40 left, 3:2:1 -> 20, 13.3, 6.7: the unit lost to rounding goes to the largest fraction
+    assert caps(allowance) == {"n1": 20 + 20, "n2": 20 + 13, "n3": 20 + 7}
     assert window.others == 40 // 4
     assert "k" in h.engine.hot
 
@@ -265,3 +274,8 @@ def test_tick_after_the_window_ends_drops_the_hot_key() -> None:
     h.clock.now = MINUTE + 60
     h.engine.tick()
     assert "k" not in h.engine.hot
+
+
+def test_the_last_request_of_the_remainder_is_not_stranded_by_rounding() -> None:
+    division = divide(100, 99, {"a": (33, 30.0), "b": (33, 30.0), "c": (33, 30.0)}, LAG, pooled=False)
+    assert sum(g.cap - g.used for g in division.grants.values()) == 1

@@ -24,23 +24,36 @@ from dataclasses import dataclass, field
 from schemas.allowances import NodeGrant
 from schemas.decisions import Window
 
+MIN_SPAN_S = 0.002  # shorter spans of event time give no usable rate
+FIRST_SIGHT_S = 0.1  # a node seen once: its requests are taken as spread over this long
+IDLE_TAU_S = 0.02  # how fast a silent node's rate (and so its reserve) fades
+
 
 @dataclass(slots=True)
 class NodeUse:
     """What the owner of a hot key knows of one node's traffic of that key."""
 
     counts: dict[Window, tuple[int, int]] = field(default_factory=dict)  # window -> (start, node's count)
-    rate: float = 0.0  # requests/s reaching the worker from this node (admitted or refused), decaying
-    at: float = 0.0  # when ``rate`` was last brought up to date
+    rate: float = 0.0  # requests/s of this key at this node (admitted or refused), from event times
+    at: float = 0.0  # worker time of the node's latest batch
+    last_ts: float = 0.0  # event time of its latest request
 
-    def arrived(self, n: int, now: float, tau: float) -> None:
-        self.rate = self.rate_at(now, tau) + n / tau
+    def arrived(self, n: int, first_ts: float, last_ts: float, now: float) -> None:
+        """``n`` requests stamped ``first_ts``..``last_ts`` by the node. The rate is measured on
+        the node's own clock (event times), so it is right from the first batch on, whatever
+        the batching and the lag between the node and the worker."""
+        since, between = (self.last_ts, n) if self.last_ts else (first_ts, n - 1)
+        span = last_ts - since
+        measured = between / span if span >= MIN_SPAN_S and between > 0 else n / FIRST_SIGHT_S
+        self.rate = measured if self.rate == 0.0 else (self.rate + measured) / 2
         self.at = now
+        self.last_ts = max(self.last_ts, last_ts)
 
-    def rate_at(self, now: float, tau: float) -> float:
+    def rate_at(self, now: float) -> float:
+        """The rate now: it fades quickly once the node stops sending (traffic has moved)."""
         if self.rate == 0.0:
             return 0.0
-        return self.rate * math.exp(-max(0.0, now - self.at) / tau)
+        return self.rate * math.exp(-max(0.0, now - self.at) / IDLE_TAU_S)
 
     def report(self, window: Window, start: int, count: int) -> None:
         """The node's own count in ``window`` from one of its events (counts only grow)."""
@@ -67,12 +80,22 @@ def divide(
     """Caps for the nodes ``{node_id: (used, rate)}`` of a key that has ``count`` of ``limit``."""
     remaining = max(0, limit - count)
     total_rate = sum(rate for _, rate in nodes.values())
-    reserve = {node: rate * lag_s for node, (_, rate) in nodes.items()}
+    # Whole requests: a fraction of one expected in flight holds nothing back.
+    reserve = {node: math.floor(rate * lag_s) for node, (_, rate) in nodes.items()}
     total_reserve = sum(reserve.values())
+    # Proportional parts in whole requests; the units lost to rounding go to the largest
+    # fractions, so the parts add up to the remainder exactly (none of it stranded).
+    exact = {
+        node: remaining * rate / total_rate if total_rate > 0 else remaining / len(nodes)
+        for node, (_, rate) in nodes.items()
+    }
+    parts = {node: math.floor(x) for node, x in exact.items()}
+    for node in sorted(exact, key=lambda n: exact[n] - parts[n], reverse=True)[: remaining - sum(parts.values())]:
+        parts[node] += 1
     grants: dict[str, NodeGrant] = {}
-    for node, (used, rate) in nodes.items():
-        share = remaining * rate / total_rate if total_rate > 0 else remaining / len(nodes)
+    for node, (used, _) in nodes.items():
+        share = parts[node]
         if pooled:
             share = max(share, remaining - (total_reserve - reserve[node]))
-        grants[node] = NodeGrant(used=used, cap=used + max(0, int(share)))
+        grants[node] = NodeGrant(used=used, cap=used + max(0, share))
     return Division(grants, remaining // (len(nodes) + 1))

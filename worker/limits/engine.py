@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 
 # (partition, key_id, account_id, minute epoch) -> requests
 LimitCounts = Mapping[tuple[int, str, str, int], int]
-# Time constant of a node's rate estimate: short, so traffic that moves is followed quickly.
-RATE_TAU_S = 0.1
 _NODE_WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of an event's node_counts
 
 
@@ -41,7 +40,7 @@ _NODE_WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of an even
 class AllowancePolicy:
     """How the owner divides a hot key's remainder (settings ``METER_ALLOWANCE_*``)."""
 
-    threshold: float = 0.5  # a window is hot from this fraction of its limit on
+    threshold: float = 0.3  # a window is hot from this fraction of its limit on
     lag_s: float = 0.03  # expected time from a node's admission to the node holding the new cap
     pooled: bool = True  # a node may use the remainder minus the others' expected admissions
 
@@ -53,6 +52,8 @@ class NodeReport:
     arrivals: int = 0  # events (admitted or refused)
     counts: tuple[int, int, int] | None = None  # the node's own minute/hour/day counts, latest event
     epoch: float = 0.0  # event time of that latest event
+    first_ts: float = math.inf  # event times of the first and last of the arrivals
+    last_ts: float = 0.0
 
 
 # (partition, key_id) -> node_id -> report
@@ -256,7 +257,7 @@ class LimitEngine:
             use = hk.nodes.get(node_id)
             if use is None:
                 use = hk.nodes[node_id] = NodeUse()
-            use.arrived(report.arrivals, now, RATE_TAU_S)
+            use.arrived(report.arrivals, report.first_ts, report.last_ts, now)
             if report.counts is not None:
                 for window, n in zip(_NODE_WINDOWS, report.counts, strict=True):
                     use.report(window, window_start(window, report.epoch), n)
@@ -264,7 +265,7 @@ class LimitEngine:
         for window, limit, count in hot_windows:
             start = kw.start(window)
             listed = {
-                node_id: (used, use.rate_at(now, RATE_TAU_S))
+                node_id: (used, use.rate_at(now))
                 for node_id, use in hk.nodes.items()
                 if (used := use.used(window, start)) is not None
             }

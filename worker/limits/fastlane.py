@@ -86,6 +86,8 @@ def group_batch(records: Sequence[KafkaRecord], validator: Validator, recent: Re
         if report is None:
             report = per_node[event["node_id"]] = NodeReport()
         report.arrivals += 1
+        report.first_ts = min(report.first_ts, epoch)
+        report.last_ts = max(report.last_ts, epoch)
         node_counts = event.get("node_counts")
         if node_counts is not None and epoch >= report.epoch:
             report.counts = (node_counts[0], node_counts[1], node_counts[2])
