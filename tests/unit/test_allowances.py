@@ -28,7 +28,8 @@ def test_one_node_alone_gets_exactly_the_limit(pooled: bool) -> None:
     grant = division.grants["n1"]
     assert grant.used == 15
     assert grant.cap == 15 + 60  # used + everything that remains: exact for one node
-    assert division.others == 60 // 2
+    # a node the traffic moves to: the remainder less n1's expected in-flight (50/s x 30 ms)
+    assert division.others == (60 - 1 if pooled else 60 // 2)
 
 
 def test_caps_are_absolute_used_plus_share() -> None:
@@ -85,9 +86,14 @@ def test_pooled_lets_each_of_two_equal_nodes_use_nearly_everything() -> None:
 
 
 @pytest.mark.parametrize("n_nodes", [0, 1, 2, 3, 7])
-def test_others_is_an_equal_part_of_the_remainder(n_nodes: int) -> None:
+def test_others_is_an_equal_part_of_the_remainder_when_not_pooled(n_nodes: int) -> None:
     nodes = {f"n{i}": (0, 1.0) for i in range(n_nodes)}
-    assert divide(100, 37, nodes, LAG).others == 63 // (n_nodes + 1)
+    assert divide(100, 37, nodes, LAG, pooled=False).others == 63 // (n_nodes + 1)
+
+
+def test_pooled_others_is_the_remainder_less_the_listed_nodes_in_flight() -> None:
+    nodes = {"busy": (10, 1000.0), "idle": (40, 0.0)}  # 1000/s x 30 ms = 30 expected in flight
+    assert divide(100, 50, nodes, LAG, pooled=True).others == 50 - 30
 
 
 @pytest.mark.parametrize("pooled", [True, False])

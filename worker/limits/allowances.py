@@ -12,7 +12,8 @@ Each node's share of the remainder is the larger of
   idea, every node answers from the owner's remaining count. This is what lets traffic move
   to another node, or a node that was idle take over, without false refusals.
 A node that is not listed (its traffic has not reached the worker since the key turned hot)
-may admit an equal part of the remainder, counted from when it first holds the allowance.
+may admit an equal part of the remainder (pooled: the remainder minus the listed nodes'
+expected admissions), counted from when it first holds the allowance.
 """
 
 from __future__ import annotations
@@ -98,4 +99,9 @@ def divide(
         if pooled:
             share = max(share, remaining - (total_reserve - reserve[node]))
         grants[node] = NodeGrant(used=used, cap=used + max(0, share))
-    return Division(grants, remaining // (len(nodes) + 1))
+    # A node not listed yet (traffic that just moved to it): an equal part, or when pooled,
+    # the remainder minus what the listed nodes are expected to admit meanwhile.
+    others = remaining // (len(nodes) + 1)
+    if pooled:
+        others = max(others, remaining - total_reserve)
+    return Division(grants, others)
