@@ -113,9 +113,13 @@ class WorkerRuntime:
         )
 
     async def _flush(self) -> None:
-        """Let the write in flight land (and be committed) before the consumer stops."""
+        """Let the write in flight land (and be committed) before the consumer stops, and stop
+        the limits while the broker can still publish (a decision being published when the
+        broker is gone would be retried for ever)."""
         if self.consumer is not None:
             await self.consumer.flush()
+        if self.limits is not None:
+            await self.limits.stop()
 
     async def _on_batch(self, body: Any, message: KafkaMessage) -> None:
         assert self.consumer is not None

@@ -138,10 +138,11 @@ class FastLane:
         self._task = asyncio.create_task(self._run(), name="limits-fast-lane")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     async def _run(self) -> None:
         delay = 0.2

@@ -82,10 +82,12 @@ class LimitService:
         self._ticker = asyncio.create_task(self._tick_forever(), name="limits-tick")
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
+        """Idempotent: the worker stops the limits before the broker, and again at the end."""
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+                await ticker
         await self.fast_lane.stop()
         await self.decisions.stop()
         await self.overrides.stop()
