@@ -29,6 +29,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 SECRET = "enforcement-secret"
 RAW = demo_keys("enforcement-seed", extra=20)
 Node = tuple[Starlette, httpx.AsyncClient]
+# Hung at shutdown in the full suite (a publish retried after broker.stop); fixed in app._flush.
+NOT_REVERIFIED = "not re-verified after the shutdown fix of 2026-12-01: re-enable"
 
 
 def kid(name: str) -> str:
