@@ -24,24 +24,19 @@ fi
 
 infra/kafka/kafka.sh fetch
 
-# The dashboard's browser test drives Debian's Chromium headless; install it where we can.
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian tools some checks need, installed where we can: PACKAGE, what needs it, what happens without.
+debian_tool() {
+  local package=$1 purpose=$2 without=$3
+  command -v "$package" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing Debian's chromium for the dashboard browser test"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
-      || echo "setup: could not install chromium; the browser test will be skipped" >&2
+    echo "setup: installing Debian's $package for $purpose"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null \
+      || echo "setup: could not install $package; $without" >&2
   else
-    echo "setup: chromium not found (apt-get install chromium); the browser test will be skipped" >&2
+    echo "setup: $package not found (apt-get install $package); $without" >&2
   fi
-fi
-
-# The enforcement benchmark (bench/enforcement.py) drives the nodes with hey, Debian's HTTP load generator.
-if ! command -v hey >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing Debian's hey for the enforcement benchmark"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey >/dev/null \
-      || echo "setup: could not install hey; bench/enforcement.py will not run" >&2
-  else
-    echo "setup: hey not found (apt-get install hey); bench/enforcement.py will not run" >&2
-  fi
-fi
+}
+# The dashboard's browser test drives Chromium headless; the enforcement benchmark drives the
+# nodes with hey, an HTTP load generator.
+debian_tool chromium "the dashboard browser test" "the browser test will be skipped"
+debian_tool hey "the enforcement benchmark" "bench/enforcement.py will not run"

@@ -7,13 +7,14 @@ limits topic (overrides). ``ready`` is set once the end offsets seen at start ar
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel, ValidationError
+
+from worker.retry import cancel_and_wait, keep_running
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +48,11 @@ class TopicFollower:
         self._task = asyncio.create_task(self._run(), name=f"follow-{self.topic}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error("%s: following %s failed, retrying in %.1fs: %s", self.name, self.topic, delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        await keep_running(self._follow, f"{self.name}: following {self.topic}", 0.5, 10.0)
 
     async def _follow(self) -> None:
         consumer = AIOKafkaConsumer(

@@ -116,6 +116,14 @@ class _StateCollector(Collector):
             for action, n in engine.published_by_action.items():
                 published.add_metric([action], n)
             yield published
+            lane = rt.limits.fast_lane
+            yield CounterMetricFamily(
+                "meter_fast_lane_records", "Records counted by the limits' fast lane", lane.records
+            )
+            yield CounterMetricFamily(
+                "meter_allowances_published", "Allowance records published", rt.limits.allowances_published
+            )
+            yield GaugeMetricFamily("meter_hot_keys", "Keys whose remainder is divided among nodes", len(engine.hot))
 
 
 @dataclass

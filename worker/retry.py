@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+async def keep_running(step: Callable[[], Awaitable[None]], what: str, first_delay: float, max_delay: float) -> None:
+    """Run a long-lived ``step`` (a follower, a consumer loop) again after each failure, with
+    backoff, until cancelled."""
+    delay = first_delay
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("%s failed, restarting in %.1fs: %s", what, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task and wait until it has stopped (None: nothing to stop)."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def retry_forever(

@@ -63,6 +63,10 @@ async def send(nodes: Sequence[Node], name: str, count: int) -> list[int]:
     return statuses
 
 
+def holds_allowance(node: Node, name: str) -> bool:
+    return node[0].state.cache.guard.allowance(kid(name)) is not None
+
+
 def worker_for(settings: Settings, clickhouse: Any) -> WorkerRuntime:
     return WorkerRuntime(settings, store=RollupStore(clickhouse, settings.clickhouse_database))
 
@@ -78,13 +82,20 @@ async def counting(worker: WorkerRuntime) -> None:
     )
 
 
+@contextlib.asynccontextmanager
+async def metered_cluster(settings: Settings, clickhouse: Any, min_left: float) -> AsyncIterator[list[Node]]:
+    """A worker and three nodes, counting, with at least ``min_left`` s left in the minute."""
+    worker = worker_for(settings, clickhouse)
+    async with worker.running(), cluster(settings) as nodes:
+        await counting(worker)
+        await until_fresh_minute(min_left)
+        yield nodes
+
+
 async def test_three_nodes_hold_the_limit_in_a_burst_and_refusals_explain_themselves(
     enf_settings: Settings, clickhouse: Any
 ) -> None:
-    worker = worker_for(enf_settings, clickhouse)
-    async with worker.running(), cluster(enf_settings) as nodes:
-        await counting(worker)
-        await until_fresh_minute(20)
+    async with metered_cluster(enf_settings, clickhouse, min_left=20) as nodes:
         statuses = await send(nodes, "k0000", 300)
         admitted = statuses.count(200)
         assert 100 <= admitted <= 110, admitted  # never under the limit, at most 10 past it
@@ -107,16 +118,13 @@ async def test_three_nodes_hold_the_limit_in_a_burst_and_refusals_explain_themse
 async def test_a_key_under_its_limit_is_never_refused_wherever_its_requests_go(
     enf_settings: Settings, clickhouse: Any
 ) -> None:
-    worker = worker_for(enf_settings, clickhouse)
-    async with worker.running(), cluster(enf_settings) as nodes:
-        await counting(worker)
-        await until_fresh_minute(25)
+    async with metered_cluster(enf_settings, clickhouse, min_left=25) as nodes:
         assert await send(nodes[:1], "k0001", 90) == [200] * 90  # all on one node
         assert await send(nodes, "k0002", 90) == [200] * 90  # spread over the three
         # Moving mid-minute: 45 on node 1, then 45 on node 2.
         assert await send(nodes[:1], "k0003", 45) + await send(nodes[1:2], "k0003", 45) == [200] * 90
         # The key went hot (allowances were divided) and still nobody was refused.
-        await wait_for(lambda: nodes[1][0].state.cache.guard.allowance(kid("k0003")) is not None, 10, "allowance")
+        await wait_for(lambda: holds_allowance(nodes[1], "k0003"), 10, "allowance")
 
 
 @pytest.mark.skip(reason=NOT_REVERIFIED)
@@ -128,9 +136,7 @@ async def test_a_node_that_stops_hands_its_share_back(enf_settings: Settings, cl
         await until_fresh_minute(25)
         async with demo_node(enf_settings, "node-2", keys) as second:
             assert await send([first, second], "k0004", 60) == [200] * 60  # hot: divided over two nodes
-            await wait_for(
-                lambda: first[0].state.cache.guard.allowance(kid("k0004")) is not None, 10, "allowance on node-1"
-            )
+            await wait_for(lambda: holds_allowance(first, "k0004"), 10, "allowance on node-1")
         # node-2 is gone; the 40 that remain are node-1's to use, not stuck in node-2's share.
         assert await send([first], "k0004", 40) == [200] * 40
         assert (await send([first], "k0004", 10)).count(200) <= 2  # and the limit still holds
@@ -146,7 +152,7 @@ async def test_a_worker_restart_mid_window_gives_no_fresh_allowance(enf_settings
             await counting(first_worker)
             first = await send([a, b], "k0005", 70)
             assert first == [200] * 70
-            await wait_for(lambda: a[0].state.cache.guard.allowance(kid("k0005")) is not None, 10, "allowance")
+            await wait_for(lambda: holds_allowance(a, "k0005"), 10, "allowance")
         # A new worker rebuilds the key's count from ClickHouse and counts on after it.
         second = worker_for(enf_settings, clickhouse)
         async with second.running():

@@ -10,6 +10,7 @@ import pytest
 from schemas.allowances import Allowance
 from schemas.decisions import Window
 from schemas.limits import LimitPolicy, PolicyBook
+from tests.clock import Clock
 from worker.limits.allowances import FIRST_SIGHT_S, IDLE_TAU_S, NodeUse, divide
 from worker.limits.engine import AllowancePolicy, LimitEngine, NodeReport
 
@@ -146,14 +147,6 @@ def test_node_used_is_none_for_another_window() -> None:
 
 
 # -- the engine's allowances -------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Harness:

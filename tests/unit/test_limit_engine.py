@@ -8,18 +8,11 @@ import pytest
 
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.limits import LimitOverride, LimitPolicy, OverrideScope, PolicyBook
+from tests.clock import Clock
 from worker.limits.counters import WindowCounters
 from worker.limits.engine import LimitEngine, partition_of
 
 T0 = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC).timestamp()  # a UTC midnight+12h: minute/hour aligned
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Harness:

@@ -79,11 +79,7 @@ class IngestPipeline:
         self.store = store
         self.dead_letters = dead_letters
         self.clock = clock
-        self.validator = Validator(
-            settings.max_event_bytes,
-            max_age_seconds=settings.dedup_horizon_hours * 3600,
-            max_skew_seconds=settings.max_clock_skew_seconds,
-        )
+        self.validator = Validator.from_settings(settings)
         self.retry_max_seconds = settings.store_retry_max_seconds
         self.store_errors = 0  # failed store calls (each retried), for metrics and readiness
 

@@ -8,6 +8,7 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from schemas.events import EVENT_ADAPTER, RequestEvent
+from worker.settings import Settings
 
 # ``parse_event`` is ``EVENT_ADAPTER.validate_json``; the TypeAdapter wrapper costs ~0.4 µs of
 # Python per call (~15% of a validation), so the hot path calls the same core validator directly:
@@ -58,6 +59,15 @@ class Validator:
         self.max_event_bytes = max_event_bytes
         self.max_age_seconds = max_age_seconds
         self.max_skew_seconds = max_skew_seconds
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Validator:
+        """The bounds the worker applies (the ingest path and the limits' fast lane alike)."""
+        return cls(
+            settings.max_event_bytes,
+            max_age_seconds=settings.dedup_horizon_hours * 3600,
+            max_skew_seconds=settings.max_clock_skew_seconds,
+        )
 
     def check(self, record: KafkaRecord, now: float) -> ValidEvent | Rejection:
         checked = self.check_event(record, now)

@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from worker.ingest.validate import KafkaRecord, Rejection, Validator
 from worker.limits.engine import NodeReport
+from worker.retry import cancel_and_wait, keep_running
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ class FastBatch:
     nodes: dict[tuple[int, str], dict[str, NodeReport]] = field(default_factory=dict)
     records: int = 0
     duplicates: int = 0
-    newest_ts: float = 0.0  # newest event time in the batch (epoch seconds)
 
 
 class RecentRequests:
@@ -92,7 +92,6 @@ def group_batch(records: Sequence[KafkaRecord], validator: Validator, recent: Re
         if node_counts is not None and epoch >= report.epoch:
             report.counts = (node_counts[0], node_counts[1], node_counts[2])
             report.epoch = epoch
-        batch.newest_ts = max(batch.newest_ts, epoch)
     return batch
 
 
@@ -121,7 +120,6 @@ class FastLane:
         self.positions: dict[int, int | None] = {}  # owned partition -> next offset (None: from the start)
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.batches = 0
         self.records = 0
 
     def assign(self, partition: int, after_offset: int | None) -> None:
@@ -139,22 +137,10 @@ class FastLane:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error("fast lane on %s failed, restarting in %.1fs: %s", self.topic, delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        await keep_running(self._follow, f"fast lane on {self.topic}", 0.2, 5.0)
 
     async def _follow(self) -> None:
         consumer = AIOKafkaConsumer(
@@ -183,7 +169,6 @@ class FastLane:
                     if tp.partition in self.positions and rs:
                         self.positions[tp.partition] = rs[-1].offset + 1
                 batch = group_batch(records, self.validator, self.recent, self.clock())
-                self.batches += 1
                 self.records += len(records)
                 await self.on_batch(batch)
         finally:

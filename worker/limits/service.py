@@ -5,7 +5,6 @@ rollover, audits."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,7 +17,7 @@ from worker.follower import TopicFollower, valid_records
 from worker.ingest.validate import Validator
 from worker.limits.engine import AllowancePolicy, LimitEngine, Verdicts, partition_of
 from worker.limits.fastlane import FastBatch, FastLane
-from worker.retry import retry_forever
+from worker.retry import cancel_and_wait, retry_forever
 from worker.settings import Settings
 from worker.store.decisions import DecisionStore
 from worker.store.rollup import RollupStore
@@ -57,15 +56,10 @@ class LimitService:
         self.allowances = TopicFollower(
             settings.kafka_bootstrap, settings.allowances_topic, self._on_allowances, "limits"
         )
-        validator = Validator(
-            settings.max_event_bytes,
-            max_age_seconds=settings.dedup_horizon_hours * 3600,
-            max_skew_seconds=settings.max_clock_skew_seconds,
-        )
         self.fast_lane = FastLane(
             settings.kafka_bootstrap,
             settings.events_topic,
-            validator,
+            Validator.from_settings(settings),
             self._on_fast_batch,
             recent_max=settings.fast_lane_recent_requests,
             clock=clock,
@@ -84,10 +78,7 @@ class LimitService:
     async def stop(self) -> None:
         """Idempotent: the worker stops the limits before the broker, and again at the end."""
         ticker, self._ticker = self._ticker, None
-        if ticker is not None:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+        await cancel_and_wait(ticker)
         await self.fast_lane.stop()
         await self.decisions.stop()
         await self.overrides.stop()
