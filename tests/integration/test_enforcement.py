@@ -29,8 +29,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 SECRET = "enforcement-secret"
 RAW = demo_keys("enforcement-seed", extra=20)
 Node = tuple[Starlette, httpx.AsyncClient]
-# Hung at shutdown in the full suite (a publish retried after broker.stop); fixed in app._flush.
-NOT_REVERIFIED = "not re-verified after the shutdown fix of 2026-12-01: re-enable"
 
 
 def kid(name: str) -> str:
@@ -127,7 +125,6 @@ async def test_a_key_under_its_limit_is_never_refused_wherever_its_requests_go(
         await wait_for(lambda: holds_allowance(nodes[1], "k0003"), 10, "allowance")
 
 
-@pytest.mark.skip(reason=NOT_REVERIFIED)
 async def test_a_node_that_stops_hands_its_share_back(enf_settings: Settings, clickhouse: Any) -> None:
     worker = worker_for(enf_settings, clickhouse)
     keys = demo_key_store(RAW, SECRET.encode())
@@ -142,7 +139,6 @@ async def test_a_node_that_stops_hands_its_share_back(enf_settings: Settings, cl
         assert (await send([first], "k0004", 10)).count(200) <= 2  # and the limit still holds
 
 
-@pytest.mark.skip(reason=NOT_REVERIFIED)
 async def test_a_worker_restart_mid_window_gives_no_fresh_allowance(enf_settings: Settings, clickhouse: Any) -> None:
     keys = demo_key_store(RAW, SECRET.encode())
     async with demo_node(enf_settings, "node-1", keys) as a, demo_node(enf_settings, "node-2", keys) as b:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 AssignedHook = Callable[[set[int]], Awaitable[None]]
 RevokedHook = Callable[[set[int]], Awaitable[None]]
 BatchHook = Callable[[BatchOutcome], Awaitable[None]]
+COMMIT_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -255,8 +256,13 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         if consumer is None or not offsets:
             return
         try:
-            await consumer.commit(
-                {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "") for p, o in offsets.items()}
+            # Bounded: aiokafka retries a commit until the group coordinator answers, and an
+            # advisory commit must not hold up the landing of later writes (or a shutdown).
+            await asyncio.wait_for(
+                consumer.commit(
+                    {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "") for p, o in offsets.items()}
+                ),
+                COMMIT_TIMEOUT_S,
             )
         except Exception as exc:  # advisory only: ClickHouse holds the offsets that matter
-            log.warning("kafka offset commit failed (stored offsets are authoritative): %s", exc)
+            log.warning("kafka offset commit failed (stored offsets are authoritative): %r", exc)
