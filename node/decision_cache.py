@@ -130,6 +130,7 @@ class DecisionCache:
         self._next_offsets: dict[TopicPartition, int] = {}  # next offset to read
 
         self._ready = asyncio.Event()
+        self._change = asyncio.Event()  # set (and replaced) whenever a decision or allowance applies
         self._connected = False
         self._applied = 0
         self._stale = 0
@@ -178,6 +179,7 @@ class DecisionCache:
         else:
             self._blocks.pop(decision.key_id, None)
         self._applied += 1
+        self._notify()
         received = time.monotonic() if received is None else received
         self._last_applied_at = received
         if self._on_applied is not None:
@@ -186,6 +188,16 @@ class DecisionCache:
             except Exception:  # a faulty hook must not stop the cache
                 log.exception("decision cache: on_applied hook failed")
         return True
+
+    async def wait_change(self, timeout_s: float) -> None:
+        """Return when the next decision or allowance is applied, or after ``timeout_s``."""
+        change = self._change
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(change.wait(), timeout_s)
+
+    def _notify(self) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
 
     def blocks(self) -> list[Block]:
         """Blocks in force now (for displays and health)."""
@@ -363,7 +375,10 @@ class DecisionCache:
             log.info("limit override %s: %s", override.topic_key, override.policy or "removed")
             return
         allowance = Allowance.model_validate_json(record.value)
-        if guard.apply(allowance, self._now().timestamp()) and self._on_allowance is not None:
+        applied = guard.apply(allowance, self._now().timestamp())
+        if applied:
+            self._notify()
+        if applied and self._on_allowance is not None:
             try:
                 self._on_allowance(allowance, received)
             except Exception:  # a faulty hook must not stop the cache

@@ -146,7 +146,12 @@ def build_node_app(
         settings, max_buffer=settings.node_buffer_max, linger_ms=settings.node_report_linger_ms
     )
     if cache is None:
-        guard = LocalGuard(PolicyBook(settings.default_policy()), settings.node_id, settings.node_guard_max_keys)
+        guard = LocalGuard(
+            PolicyBook(settings.default_policy()),
+            settings.node_id,
+            settings.node_guard_max_keys,
+            settings.node_burst_share,
+        )
         cache = DecisionCache(settings, guard=guard, now=now) if now else DecisionCache(settings, guard=guard)
 
     async def health(request: Request) -> JSONResponse:
@@ -213,6 +218,7 @@ def build_node_app(
                 guard=cache.guard,
                 route_scopes=ROUTE_SCOPES,
                 fail_open=fail_open,
+                burst_wait_s=settings.node_burst_wait_ms / 1000.0,
                 route_resolver=starlette_route_resolver(routes),
                 now=now,
             )

@@ -4,12 +4,18 @@ Pure and synchronous (no I/O, the caller passes the time). Every window of a key
 before any is counted (a request refused by one window uses up none). A node never admits
 past a key's limit on its own, whatever it has heard from the worker, so one node alone is
 exact; across nodes, the allowances the worker publishes cap what this node may take of the
-key's remainder. Memory is bounded: past ``max_keys`` the least recently seen key is
+key's remainder. Before the worker has divided a window (no allowance yet), a node admits only
+its ``burst_share`` of the limit on its own; past it the request *waits* (``RefusedBy.awaiting``:
+the caller holds it for the division, a few ms, then asks again), so a burst spread over many
+nodes cannot spend the limit several times over before the worker hears of it, while one node
+bursting alone is only delayed. An unlisted node that has used its ``others`` part waits too
+(the worker lists it once its requests arrive). Memory is bounded: past ``max_keys`` the least recently seen key is
 forgotten (its counts start again from zero here; the worker's count and blocks still hold).
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
@@ -24,6 +30,7 @@ _WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of an event's n
 class RefusedBy(StrEnum):
     local_limit = "local_limit"  # this node alone has admitted the limit
     allowance = "allowance"  # this node has used its share of what remains cluster-wide
+    awaiting = "awaiting"  # not final: wait for the worker's division, then ask again
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +57,14 @@ class Headroom:
 
 
 class _KeyState:
-    __slots__ = ("account", "allowance", "anchors", "counts", "starts")
+    __slots__ = ("account", "allowance", "anchors", "counts", "starts", "waived")
 
     def __init__(self, account: str) -> None:
         self.account = account
         self.starts = [0, 0, 0]  # window starts (epoch s) of minute, hour, day
         self.counts = [0, 0, 0]
         self.allowance: Allowance | None = None
+        self.waived = [0, 0, 0]  # windows (by start) where waiting gave up: no burst share there
         # (window index, window start) -> this node's count when it first held an allowance of
         # that window without being listed: ``others`` is counted from there.
         self.anchors: dict[tuple[int, int], int] | None = None
@@ -69,10 +77,11 @@ class _KeyState:
 
 
 class LocalGuard:
-    def __init__(self, policies: PolicyBook, node_id: str, max_keys: int = 200_000) -> None:
+    def __init__(self, policies: PolicyBook, node_id: str, max_keys: int = 200_000, burst_share: float = 1.0) -> None:
         self.policies = policies
         self.node_id = node_id
         self.max_keys = max_keys
+        self.burst_share = burst_share
         self._keys: OrderedDict[str, _KeyState] = OrderedDict()
         self.forgotten = 0
         self.allowances_applied = 0
@@ -83,10 +92,14 @@ class LocalGuard:
 
     # -- the request path ----------------------------------------------------------------
 
-    def admit(self, key_id: str, account: str, now: float) -> Refusal | None:
-        """Count one request of ``key_id`` if every window has room; else say which refused."""
+    def admit(self, key_id: str, account: str, now: float, final: bool = False) -> Refusal | None:
+        """Count one request of ``key_id`` if every window has room; else say which refused.
+
+        ``final``: the caller has waited for the division long enough: the burst share is
+        waived for the rest of the window (only the limit holds) and an unlisted node's used-up
+        part refuses."""
         state = self._state(key_id, account, now)
-        refusal = self._check(key_id, state, now)
+        refusal = self._check(key_id, state, now, final)
         if refusal is None:
             for i in range(3):
                 state.counts[i] += 1
@@ -177,23 +190,38 @@ class LocalGuard:
         state.roll(now)
         return state
 
-    def _check(self, key_id: str, state: _KeyState, now: float) -> Refusal | None:
-        """The refusing window that ends last (waiting for an earlier end would only be refused
-        again), or None."""
+    def _check(self, key_id: str, state: _KeyState, now: float, final: bool) -> Refusal | None:
+        """The final refusal whose window ends last (waiting for an earlier end would only be
+        refused again), else a reason to wait, else None."""
         policy = self.policies.resolve(key_id, state.account)
         refusal: Refusal | None = None
+        wait: Refusal | None = None
         for i, window in enumerate(_WINDOWS):
             limit = policy.limit(window)
+            if limit is None:
+                continue
             until = state.starts[i] + WINDOW_SECONDS[window]
             count = state.counts[i]
-            if limit is not None and count >= limit:
+            if count >= limit:
                 refusal = Refusal(RefusedBy.local_limit, window, limit, count, until)
                 continue
             capped = self._cap(state, i, now)
-            if capped is not None and count >= capped[0]:
+            if capped is not None:
                 cap, held, version = capped
-                refusal = Refusal(RefusedBy.allowance, window, held.limit, held.count, until, version, cap)
-        return refusal
+                if count >= cap:
+                    unlisted = self.node_id not in held.grants
+                    by = RefusedBy.awaiting if unlisted and not final else RefusedBy.allowance
+                    found = Refusal(by, window, held.limit, held.count, until, version, cap)
+                    if by is RefusedBy.awaiting:
+                        wait = found
+                    else:
+                        refusal = found
+            elif state.waived[i] != state.starts[i] and count >= math.ceil(self.burst_share * limit):
+                if final:
+                    state.waived[i] = state.starts[i]
+                else:
+                    wait = Refusal(RefusedBy.awaiting, window, limit, count, until)
+        return refusal or wait
 
     def _cap(self, state: _KeyState, i: int, now: float) -> tuple[int, WindowAllowance, int] | None:
         """(this node's cap, the window's allowance, its version) if one holds for window ``i`` now."""

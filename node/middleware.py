@@ -12,6 +12,7 @@ decision or allowance (version) that refused it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 from starlette.routing import BaseRoute, Match
 
 from node.decision_cache import Block
-from node.guard import Headroom, LocalGuard, Refusal
+from node.guard import Headroom, LocalGuard, Refusal, RefusedBy
 from node.keys import KeyIdDeriver, KeyRecord, KeyStore, is_well_formed
 from node.settings import NodeSettings
 from schemas.decisions import WINDOW_SECONDS
@@ -63,6 +64,8 @@ class BlockChecker(Protocol):
     def available(self) -> bool: ...
 
     def now(self) -> datetime: ...
+
+    async def wait_change(self, timeout_s: float) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,7 @@ class MeterMiddleware:
         guard: LocalGuard | None = None,
         route_scopes: Sequence[RouteScope] = (),
         fail_open: bool = True,
+        burst_wait_s: float = 0.25,
         exempt_paths: Collection[str] = ("/health",),
         route_resolver: RouteResolver | None = None,
         now: Callable[[], datetime] | None = None,
@@ -132,6 +136,7 @@ class MeterMiddleware:
         self._guard = guard
         self._route_scopes = tuple(route_scopes)
         self._fail_open = fail_open
+        self._burst_wait_s = burst_wait_s
         self._exempt = frozenset(exempt_paths)
         self._resolve = route_resolver
         # One clock for event time and Retry-After, by default the cache's, so that the
@@ -167,6 +172,8 @@ class MeterMiddleware:
         else:
             key_id = self._derive(raw_key)
             record, denial = self._authorize(raw_key, key_id, method, path, ts, epoch)
+            if denial is None and record is not None and self._guard is not None:
+                denial = await self._admit(self._guard, key_id, record.account_id, ts, epoch)
             if record is None:
                 key_id = INVALID_KEY_PREFIX + key_id[-2:]
         del raw_key  # nothing below needs it
@@ -244,11 +251,27 @@ class MeterMiddleware:
                 "Usage limits cannot be checked right now; retry shortly.",
                 ((b"retry-after", b"5"),),
             )
-        if self._guard is not None:
-            refusal = self._guard.admit(key_id, record.account_id, epoch)
-            if refusal is not None:
-                return record, _refused(refusal, epoch)
         return record, None
+
+    async def _admit(self, guard: LocalGuard, key_id: str, account: str, ts: datetime, epoch: float) -> _Denial | None:
+        """The node's guard; a request that must wait for the worker's division is held (no
+        remote call: it waits for the node's own follower to apply the next allowance or
+        decision) and asked again; after ``burst_wait_s`` the answer is final."""
+        refusal = guard.admit(key_id, account, epoch)
+        if refusal is not None and refusal.by is RefusedBy.awaiting:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._burst_wait_s
+            while refusal is not None and refusal.by is RefusedBy.awaiting:
+                left = deadline - loop.time()
+                if left <= 0:
+                    refusal = guard.admit(key_id, account, epoch, final=True)
+                    break
+                await self._cache.wait_change(left)
+                block = self._cache.check(key_id)
+                if block is not None:
+                    return self._rate_limited(block, ts)
+                refusal = guard.admit(key_id, account, epoch)
+        return _refused(refusal, epoch) if refusal is not None else None
 
     def _required_scope(self, method: str, path: str) -> str | None:
         for rule in self._route_scopes:

@@ -36,6 +36,12 @@ class NodeSettings(BaseSettings):
     node_report_linger_ms: int = Field(default=2, ge=0, le=1_000)
     # Keys whose local counts a node keeps (least recently seen forgotten past it, ~250 B each)
     node_guard_max_keys: int = Field(default=200_000, ge=100)
+    # Before the worker has divided a key's window among the nodes, a node admits this fraction
+    # of the limit on its own; past it a request waits (at most node_burst_wait_ms) for the
+    # division. About 1/number of nodes: lower = less overshoot when a burst hits every node at
+    # once, more requests delayed; 1 = no waiting (each node may admit the whole limit).
+    node_burst_share: float = Field(default=0.34, gt=0.0, le=1.0)
+    node_burst_wait_ms: int = Field(default=250, ge=0, le=10_000)
     demo_seed: SecretStr = SecretStr("")  # derives the demo API's keys (demo and tests only)
 
     log_level: str = "INFO"

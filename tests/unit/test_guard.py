@@ -239,7 +239,11 @@ def test_an_unlisted_node_admits_others_more_from_when_it_first_held_the_allowan
     assert admit_until_refused(g, T0) == 10
     refusal = g.admit("k", "acct", T0)
     assert refusal is not None
-    assert (refusal.by, refusal.version, refusal.cap) == (RefusedBy.allowance, 7, 15)
+    # not listed yet: wait for the worker to list this node; once the wait is over, refused
+    assert (refusal.by, refusal.version, refusal.cap) == (RefusedBy.awaiting, 7, 15)
+    final = g.admit("k", "acct", T0, final=True)
+    assert final is not None
+    assert (final.by, final.version, final.cap) == (RefusedBy.allowance, 7, 15)
 
 
 def test_a_later_unlisted_version_does_not_re_anchor() -> None:
@@ -253,7 +257,11 @@ def test_a_later_unlisted_version_does_not_re_anchor() -> None:
     assert admit_until_refused(g, T0) == 3  # still counted from 5: 5 + 10
     refusal = g.admit("k", "acct", T0)
     assert refusal is not None
-    assert (refusal.by, refusal.version, refusal.cap) == (RefusedBy.allowance, 8, 15)
+    # not listed yet: wait for the worker to list this node; once the wait is over, refused
+    assert (refusal.by, refusal.version, refusal.cap) == (RefusedBy.awaiting, 8, 15)
+    final = g.admit("k", "acct", T0, final=True)
+    assert final is not None
+    assert (final.by, final.version, final.cap) == (RefusedBy.allowance, 8, 15)
 
 
 def test_the_local_limit_still_applies_under_a_higher_cap() -> None:
@@ -263,3 +271,23 @@ def test_the_local_limit_still_applies_under_a_higher_cap() -> None:
     refusal = g.admit("k", "acct", T0)
     assert refusal is not None
     assert (refusal.by, refusal.window, refusal.limit) == (RefusedBy.local_limit, Window.minute, 100)
+
+
+def test_before_any_division_a_node_admits_its_burst_share_then_waits() -> None:
+    g = LocalGuard(PolicyBook(LimitPolicy()), "n1", burst_share=0.34)
+    assert admit_until_refused(g, T0) == 34
+    waiting = g.admit("k", "acct", T0)
+    assert waiting is not None
+    assert (waiting.by, waiting.window, waiting.limit, waiting.count) == (RefusedBy.awaiting, Window.minute, 100, 34)
+    # the wait is over without a division: the share is waived for this window, the limit holds
+    assert g.admit("k", "acct", T0, final=True) is None
+    assert admit_until_refused(g, T0) == 100 - 35
+    assert g.admit("k", "acct", T0 + 60) is None  # a new minute: the share applies again
+    assert admit_until_refused(g, T0 + 60) == 33
+
+
+def test_an_allowance_replaces_the_burst_share() -> None:
+    g = LocalGuard(PolicyBook(LimitPolicy()), "n1", burst_share=0.34)
+    assert admit_until_refused(g, T0) == 34
+    g.apply(allowance(version=3, grants={"n1": (34, 90)}), T0)
+    assert admit_until_refused(g, T0) == 90 - 34

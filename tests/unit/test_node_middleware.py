@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -18,6 +19,7 @@ from node.decision_cache import Block
 from node.demo_api import ROUTE_SCOPES, build_node_app, demo_key_store, demo_keys
 from node.keys import derive_key_id
 from node.middleware import MeterMiddleware, starlette_route_resolver
+from schemas.allowances import Allowance, NodeGrant, WindowAllowance
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.events import RequestEvent, dump_event
 from worker.settings import Settings
@@ -54,6 +56,9 @@ class FakeCache:
 
     def now(self) -> datetime:
         return self.clock
+
+    async def wait_change(self, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)  # nothing is ever applied here
 
     def block(
         self, name: str, window: Window = Window.minute, limit: int | None = 100, seconds: float | None = 29.75
@@ -378,3 +383,83 @@ async def test_one_node_alone_admits_exactly_the_limit_and_explains_the_refusal(
     events = app.state.reporter._buffer
     assert [e["node_counts"] for e in list(events)[:2]] == [[1, 1, 1], [2, 2, 2]]
     assert (list(events)[-1]["status"], list(events)[-1]["node_counts"]) == (429, [100, 100, 100])
+
+
+def minute_allowance(key_id: str, node_id: str, used: int, cap: int, version: int = 1) -> Allowance:
+    start = NOW.replace(second=0, microsecond=0)
+    window = WindowAllowance(
+        window=Window.minute,
+        start=start,
+        until=start + timedelta(minutes=1),
+        limit=100,
+        count=used,
+        grants={node_id: NodeGrant(used=used, cap=cap)},
+    )
+    return Allowance(key_id=key_id, version=version, decided_at=NOW, windows=[window])
+
+
+@pytest.fixture
+async def client_of() -> AsyncIterator[Callable[[Starlette], httpx.AsyncClient]]:
+    clients: list[httpx.AsyncClient] = []
+
+    def make(app: Starlette) -> httpx.AsyncClient:
+        clients.append(httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node"))
+        return clients[-1]
+
+    yield make
+    for c in clients:
+        await c.aclose()
+
+
+async def burst(client: httpx.AsyncClient, name: str, n: int) -> list[asyncio.Task[httpx.Response]]:
+    headers = {"X-API-Key": RAW[name]}
+    tasks = [asyncio.create_task(client.get("/v0/rates", headers=headers)) for _ in range(n)]
+    await asyncio.sleep(0.05)  # the requests past the burst share are now waiting
+    return tasks
+
+
+async def test_past_its_burst_share_a_request_waits_for_the_division_then_is_admitted(
+    client_of: Callable[[Starlette], httpx.AsyncClient],
+) -> None:
+    """One node bursting alone is delayed, not refused: it waits for the worker's allowance."""
+    settings = SETTINGS.model_copy(update={"node_burst_share": 0.34, "node_burst_wait_ms": 10_000})
+    app = build_node_app(settings, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+    tasks = await burst(client_of(app), "alice", 60)
+    assert sum(t.done() for t in tasks) == 34  # the share: ceil(0.34 x 100)
+    cache = app.state.cache
+    assert cache.guard.apply(minute_allowance(kid("alice"), "node-unit", used=34, cap=100), NOW.timestamp())
+    cache._notify()  # what the follower does after applying a record
+    statuses = [r.status_code for r in await asyncio.wait_for(asyncio.gather(*tasks), 5)]
+    assert statuses == [200] * 60
+
+
+async def test_a_block_arriving_while_requests_wait_refuses_them(
+    client_of: Callable[[Starlette], httpx.AsyncClient],
+) -> None:
+    settings = SETTINGS.model_copy(update={"node_burst_share": 0.34, "node_burst_wait_ms": 10_000})
+    app = build_node_app(settings, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+    tasks = await burst(client_of(app), "bob", 40)
+    app.state.cache.apply(
+        Decision(
+            key_id=kid("bob"),
+            action=DecisionAction.block,
+            window=Window.minute,
+            limit=100,
+            count=100,
+            until=NOW + timedelta(seconds=29),
+            version=1,
+            decided_at=NOW,
+        )
+    )
+    responses = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert [r.status_code for r in responses].count(429) == 6
+    assert {r.json()["refused_by"] for r in responses if r.status_code == 429} == {"decision"}
+
+
+async def test_without_any_word_from_the_worker_the_wait_ends_and_the_limit_still_holds() -> None:
+    settings = SETTINGS.model_copy(update={"node_burst_share": 0.34, "node_burst_wait_ms": 50})
+    app = build_node_app(settings, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+        statuses = [(await c.get("/v0/rates", headers={"X-API-Key": RAW["dave"]})).status_code for _ in range(120)]
+    assert (statuses.count(200), statuses.count(429)) == (100, 20)  # one wait, then the share is waived
