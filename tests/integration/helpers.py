@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -102,10 +103,11 @@ async def group_caught_up(bootstrap: str, group: str, topic: str) -> bool:
 
 @contextlib.asynccontextmanager
 async def demo_node(
-    settings: Settings, node_id: str, keys: KeyStore
+    settings: Settings, node_id: str, keys: KeyStore, now: Callable[[], datetime] | None = None
 ) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
-    """One demo API node (reporter, decision cache, guard) on the real broker, served in-process."""
-    app = build_node_app(settings.model_copy(update={"node_id": node_id}), keys)
+    """One demo API node (reporter, decision cache, guard) on the real broker, served in-process
+    (``now``: its clock, when a test moves time)."""
+    app = build_node_app(settings.model_copy(update={"node_id": node_id}), keys, now=now)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=("192.0.2.10", 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:

@@ -47,8 +47,11 @@ class Clock:
 
 
 @contextlib.asynccontextmanager
-async def node(settings: Settings, node_id: str) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
-    async with demo_node(settings, node_id, demo_key_store(RAW, SECRET.encode())) as served:
+async def node(
+    settings: Settings, node_id: str, clock: Clock | None = None
+) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    now = (lambda: datetime.fromtimestamp(clock(), UTC)) if clock is not None else None
+    async with demo_node(settings, node_id, demo_key_store(RAW, SECRET.encode()), now) as served:
         yield served
 
 
@@ -71,7 +74,8 @@ async def test_three_nodes_block_at_100_per_minute_and_unblock_at_rollover(
     clock = Clock()
     worker = WorkerRuntime(settings, store=RollupStore(clickhouse, settings.clickhouse_database), clock=clock)
     async with worker.running(), contextlib.AsyncExitStack() as stack:
-        nodes = [await stack.enter_async_context(node(settings, f"node-{i}")) for i in (1, 2, 3)]
+        # The nodes share the worker's clock: the rollover below moves time for all of them.
+        nodes = [await stack.enter_async_context(node(settings, f"node-{i}", clock)) for i in (1, 2, 3)]
         apps = [a for a, _ in nodes]
         clients = [c for _, c in nodes]
         await until_fresh_minute()
@@ -97,13 +101,15 @@ async def test_three_nodes_block_at_100_per_minute_and_unblock_at_rollover(
         assert (await clients[0].get("/v0/payments", headers={"X-API-Key": RAW["bob"]})).status_code == 200
 
         # A node that starts after the block bootstraps it from the compacted topic.
-        async with node(settings, "node-late") as (late_app, late_client):
+        async with node(settings, "node-late", clock) as (late_app, late_client):
             assert late_app.state.cache.check(kid("alice")) is not None
             assert (await late_client.get("/v0/payments", headers=headers)).status_code == 429
 
         # Rollover (the worker's clock moves to the next minute): one unblock, every node admits.
         clock.offset = 61 - time.time() % 60
         await wait_for(lambda: not any(a.state.cache.check(kid("alice")) for a in apps), 10, "unblock everywhere")
+        # (the nodes' clocks moved too, so the block is over for them by itself: wait for the unblock)
+        await wait_for(lambda: all(a.state.cache.state().applied >= 2 for a in apps), 10, "the unblock applied")
         for client in clients:
             assert (await client.get("/v0/payments", headers=headers)).status_code == 200
 
