@@ -8,9 +8,10 @@ key's remainder. Before the worker has divided a window (no allowance yet), a no
 its ``burst_share`` of the limit on its own; past it the request *waits* (``RefusedBy.awaiting``:
 the caller holds it for the division, a few ms, then asks again), so a burst spread over many
 nodes cannot spend the limit several times over before the worker hears of it, while one node
-bursting alone is only delayed. An unlisted node that has used its ``others`` part waits too
-(the worker lists it once its requests arrive). Memory is bounded: past ``max_keys`` the least recently seen key is
-forgotten (its counts start again from zero here; the worker's count and blocks still hold).
+bursting alone is only delayed. A node at a cap that may still grow (it is not listed yet, or
+part of the remainder was held back from it) waits too, for the next division. Memory is
+bounded: past ``max_keys`` the least recently seen key is forgotten (its counts start again
+from zero here; the worker's count and blocks still hold).
 """
 
 from __future__ import annotations
@@ -209,8 +210,12 @@ class LocalGuard:
             if capped is not None:
                 cap, held, version = capped
                 if count >= cap:
-                    unlisted = self.node_id not in held.grants
-                    by = RefusedBy.awaiting if unlisted and not final else RefusedBy.allowance
+                    # Not final while the next division may give more: this node is not listed
+                    # yet, or part of the remainder was held back from it (for other nodes'
+                    # requests in flight, or while the division settles).
+                    grant = held.grants.get(self.node_id)
+                    may_grow = grant is None or grant.cap < grant.used + held.limit - held.count
+                    by = RefusedBy.awaiting if may_grow and not final else RefusedBy.allowance
                     found = Refusal(by, window, held.limit, held.count, until, version, cap)
                     if by is RefusedBy.awaiting:
                         wait = found

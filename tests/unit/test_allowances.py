@@ -278,3 +278,35 @@ def test_tick_after_the_window_ends_drops_the_hot_key() -> None:
 def test_the_last_request_of_the_remainder_is_not_stranded_by_rounding() -> None:
     division = divide(100, 99, {"a": (33, 30.0), "b": (33, 30.0), "c": (33, 30.0)}, LAG, pooled=False)
     assert sum(g.cap - g.used for g in division.grants.values()) == 1
+
+
+def settling_engine(clock: Clock) -> LimitEngine:
+    policy = AllowancePolicy(threshold=0.3, lag_s=LAG, pooled=True, burst_share=0.34, settle_s=0.06)
+    engine = LimitEngine(PolicyBook(LimitPolicy()), clock, policy)
+    engine.assign(0, [])
+    engine.nodes_seen.update({"n1": T0, "n2": T0, "n3": T0})  # the cluster: three nodes
+    return engine
+
+
+def test_while_a_division_settles_the_silent_nodes_burst_shares_are_held_back() -> None:
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    [first] = engine.observe({(0, "k", "acct", minute): 30}, {(0, "k"): {"n1": report(30, 30)}}).allowances
+    # n2 and n3 may each have admitted 34 unseen: 100 - 30 - 68 = 2 left to give
+    assert caps(first) == {"n1": 32}
+    assert engine.hot["k"].held_back
+    clock.now = T0 + 0.1  # settled, and nobody else spoke: the rest is n1's after all
+    [second] = engine.redivide()
+    assert caps(second) == {"n1": 100}
+    assert second.version > first.version
+    assert engine.redivide() == []  # nothing held back any more, nothing changed
+
+
+def test_nodes_heard_from_are_not_held_back_for() -> None:
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    reports = {"n1": report(34, 34), "n2": report(34, 34), "n3": report(34, 34)}
+    [allowance] = engine.observe({(0, "k", "acct", minute): 102}, {(0, "k"): reports}).allowances
+    assert caps(allowance) == {"n1": 34, "n2": 34, "n3": 34}  # over the limit: nothing more for anyone

@@ -180,11 +180,24 @@ def test_a_listed_node_admits_until_its_own_count_reaches_its_cap() -> None:
     assert g.allowances_applied == 1
     assert minute_count(g, T0) == 10  # what the worker saw this node admit is charged to it
     assert admit_until_refused(g, T0 + 1) == 20
-    refusal = g.admit("k", "acct", T0 + 1)
+    # 40 remain and n1 holds 20 of them: the next division may give it more, so it waits first
+    waiting = g.admit("k", "acct", T0 + 1)
+    assert waiting is not None
+    assert waiting.by is RefusedBy.awaiting
+    refusal = g.admit("k", "acct", T0 + 1, final=True)
     assert refusal is not None
     assert (refusal.by, refusal.window, refusal.version, refusal.cap) == (RefusedBy.allowance, Window.minute, 7, 30)
     assert (refusal.limit, refusal.count, refusal.until) == (100, 60, MINUTE + 60)
     assert minute_count(g, T0 + 1) == 30
+
+
+def test_a_cap_that_holds_nothing_back_refuses_at_once() -> None:
+    g = guard()
+    assert g.apply(allowance(7, {"n1": (10, 50)}), T0)  # 40 remain, all of them n1's
+    assert admit_until_refused(g, T0 + 1) == 40
+    refusal = g.admit("k", "acct", T0 + 1)
+    assert refusal is not None
+    assert refusal.by is RefusedBy.allowance
 
 
 def test_the_allowance_ends_with_its_window() -> None:

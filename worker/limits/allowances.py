@@ -76,10 +76,18 @@ class Division:
 
 
 def divide(
-    limit: int, count: int, nodes: Mapping[str, tuple[int, float]], lag_s: float, pooled: bool = True
+    limit: int,
+    count: int,
+    nodes: Mapping[str, tuple[int, float]],
+    lag_s: float,
+    pooled: bool = True,
+    unseen: int = 0,
 ) -> Division:
-    """Caps for the nodes ``{node_id: (used, rate)}`` of a key that has ``count`` of ``limit``."""
-    remaining = max(0, limit - count)
+    """Caps for the nodes ``{node_id: (used, rate)}`` of a key that has ``count`` of ``limit``.
+
+    ``unseen``: what nodes not heard from yet may have admitted that the count does not hold
+    (their burst shares, while the division settles): held back from every part."""
+    remaining = max(0, limit - count - unseen)
     total_rate = sum(rate for _, rate in nodes.values())
     # Whole requests: a fraction of one expected in flight holds nothing back.
     reserve = {node: math.floor(rate * lag_s) for node, (_, rate) in nodes.items()}

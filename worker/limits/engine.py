@@ -43,6 +43,13 @@ class AllowancePolicy:
     threshold: float = 0.3  # a window is hot from this fraction of its limit on
     lag_s: float = 0.03  # expected time from a node's admission to the node holding the new cap
     pooled: bool = True  # a node may use the remainder minus the others' expected admissions
+    # What a node admits on its own before any division (METER_NODE_BURST_SHARE): for as long
+    # as a window's division settles (``settle_s`` after it turned hot), every known node not
+    # heard from on the key may hold that much unseen, so it is held back from the others.
+    burst_share: float = 1.0
+    settle_s: float = 0.06
+    # A node is known (a member of the cluster) while it sent anything within this long.
+    node_ttl_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -74,6 +81,8 @@ class HotKey:
     nodes: dict[str, NodeUse] = field(default_factory=dict)
     until: float = 0.0  # end of the latest hot window
     last: tuple[object, ...] = ()  # caps of the last allowance returned (to skip unchanged ones)
+    since: dict[tuple[Window, int], float] = field(default_factory=dict)  # (window, start) -> turned hot
+    held_back: bool = False  # the last division kept part of the remainder from every node
 
 
 def partition_of(key_id: str, partitions: int) -> int:
@@ -99,6 +108,7 @@ class LimitEngine:
         self.clock = clock
         self.allowance = allowance or AllowancePolicy()
         self.hot: dict[str, HotKey] = {}
+        self.nodes_seen: dict[str, float] = {}  # node id -> last time it sent anything (cluster members)
         self.allowance_versions: dict[str, int] = {}
         self.allowances_issued = 0
         self.partitions: dict[int, WindowCounters] = {}
@@ -147,6 +157,9 @@ class LimitEngine:
             if d := self._evaluate(key_id, kw, now):
                 verdicts.decisions.append(d)
         # Refused requests count nothing but say where the traffic is: they re-divide too.
+        for reports in (nodes or {}).values():
+            for node_id in reports:
+                self.nodes_seen[node_id] = now
         for (partition, key_id), reports in (nodes or {}).items():
             found = touched.get(key_id) or self._in(partition, key_id)
             if found is not None and (a := self._allot(key_id, found, reports, now)):
@@ -182,12 +195,27 @@ class LimitEngine:
             del self.pardons[key_id]
         for key_id in [k for k, hk in self.hot.items() if hk.until <= now]:
             del self.hot[key_id]  # its hot windows are over; nodes drop its allowances at their end
+        ttl = self.allowance.node_ttl_s
+        for node_id in [n for n, t in self.nodes_seen.items() if t < now - ttl]:
+            del self.nodes_seen[node_id]
         self._log(Verdicts(decisions))
         return decisions
 
     def expire_idle(self) -> int:
         now = self.clock()
         return sum(c.expire(now) for c in self.partitions.values())
+
+    def redivide(self) -> list[Allowance]:
+        """Divide again the hot keys whose last division held part of the remainder back (a
+        division settling, or reserves for nodes whose traffic may have stopped): nodes waiting
+        at such a cap get the part that is no longer needed elsewhere."""
+        now = self.clock()
+        allowances = []
+        for key_id in [k for k, hk in self.hot.items() if hk.held_back]:
+            kw = self._find(key_id)
+            if kw is not None and (a := self._allot(key_id, kw, {}, now)):
+                allowances.append(a)
+        return allowances
 
     def seen_allowance(self, allowance: Allowance) -> None:
         """An allowance on the topic (ours or a previous owner's): versions keep rising."""
@@ -262,6 +290,7 @@ class LimitEngine:
                 for window, n in zip(_NODE_WINDOWS, report.counts, strict=True):
                     use.report(window, window_start(window, report.epoch), n)
         windows = []
+        hk.held_back = False
         for window, limit, count in hot_windows:
             start = kw.start(window)
             listed = {
@@ -269,7 +298,14 @@ class LimitEngine:
                 for node_id, use in hk.nodes.items()
                 if (used := use.used(window, start)) is not None
             }
-            division = divide(limit, count, listed, self.allowance.lag_s, self.allowance.pooled)
+            unseen = 0
+            for over in [k for k in hk.since if k[1] + WINDOW_SECONDS[k[0]] <= now]:
+                del hk.since[over]
+            if now - hk.since.setdefault((window, start), now) < self.allowance.settle_s:
+                silent = sum(1 for node_id in self.nodes_seen if node_id not in listed)
+                unseen = silent * math.ceil(self.allowance.burst_share * limit)
+            division = divide(limit, count, listed, self.allowance.lag_s, self.allowance.pooled, unseen)
+            hk.held_back |= any(g.cap < g.used + limit - count for g in division.grants.values())
             end = start + WINDOW_SECONDS[window]
             hk.until = max(hk.until, end)
             windows.append(

@@ -48,7 +48,11 @@ class LimitService:
         self.stored_offsets = stored_offsets
         self.policies = PolicyBook(settings.default_policy())
         allowance = AllowancePolicy(
-            settings.allowance_threshold, settings.allowance_lag_ms / 1000.0, settings.allowance_pooled
+            settings.allowance_threshold,
+            settings.allowance_lag_ms / 1000.0,
+            settings.allowance_pooled,
+            burst_share=settings.node_burst_share,
+            settle_s=2 * settings.allowance_lag_ms / 1000.0,
         )
         self.engine = LimitEngine(self.policies, clock, allowance)
         self.decisions = TopicFollower(settings.kafka_bootstrap, settings.decisions_topic, self._on_decisions, "limits")
@@ -65,6 +69,7 @@ class LimitService:
             clock=clock,
         )
         self._ticker: asyncio.Task[None] | None = None
+        self._redivider: asyncio.Task[None] | None = None
         self._latest: dict[str, Decision] = {}  # newest decision per key seen on the topic
         self.allowances_published = 0
 
@@ -74,11 +79,14 @@ class LimitService:
         await self.allowances.start()
         await self.fast_lane.start()
         self._ticker = asyncio.create_task(self._tick_forever(), name="limits-tick")
+        self._redivider = asyncio.create_task(self._redivide_forever(), name="limits-redivide")
 
     async def stop(self) -> None:
         """Idempotent: the worker stops the limits before the broker, and again at the end."""
         ticker, self._ticker = self._ticker, None
         await cancel_and_wait(ticker)
+        redivider, self._redivider = self._redivider, None
+        await cancel_and_wait(redivider)
         await self.fast_lane.stop()
         await self.decisions.stop()
         await self.overrides.stop()
@@ -180,6 +188,16 @@ class LimitService:
                 "decisions/limits/allowances topics not caught up in %.0fs; evaluating with what is known",
                 FOLLOWERS_READY_TIMEOUT,
             )
+
+    async def _redivide_forever(self) -> None:
+        """Every propagation lag: hand out what a division held back and no longer needs to."""
+        interval = max(0.005, self.settings.allowance_lag_ms / 1000.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._publish(Verdicts(allowances=self.engine.redivide()))
+            except Exception:
+                log.exception("re-division failed")
 
     async def _tick_forever(self) -> None:
         idle_check = 0
