@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from node.settings import NodeSettings
@@ -64,6 +64,11 @@ class Settings(NodeSettings):
     # only its share in proportion to its rate; exact under steady traffic, refuses more when
     # traffic moves).
     allowance_pooled: bool = True
+    # How long a hot window's first division holds back the burst shares of the nodes not heard
+    # from yet (they may have admitted that much unseen). Longer: bursts over many nodes are
+    # held closer to the limit under load; a node bursting alone waits that much longer (keep it
+    # below METER_NODE_BURST_WAIT_MS, or its waiting requests are refused).
+    allowance_settle_ms: float = Field(default=120.0, ge=0.0, le=10_000.0)
     fast_lane_recent_requests: int = Field(default=500_000, ge=1_000)  # request hashes it remembers
 
     # HTTP (metrics, health, query API)
@@ -72,3 +77,12 @@ class Settings(NodeSettings):
     ready_unassigned_grace_seconds: float = Field(default=60.0, ge=0)  # no partitions this long: not ready
     ready_stall_seconds: float = Field(default=60.0, gt=0)  # lag but no batch written this long: not ready
     admin_api_key: SecretStr = SecretStr("")
+
+    @model_validator(mode="after")
+    def _settle_within_the_burst_wait(self) -> Settings:
+        if self.allowance_settle_ms >= self.node_burst_wait_ms > 0:
+            raise ValueError(
+                f"METER_ALLOWANCE_SETTLE_MS ({self.allowance_settle_ms:g}) must be below METER_NODE_BURST_WAIT_MS "
+                f"({self.node_burst_wait_ms}): requests waiting for a settling division would be refused"
+            )
+        return self

@@ -55,3 +55,8 @@ def test_identifiers_and_dsn_redaction() -> None:
         quote_identifier("bad`name")
     assert redact_dsn("http://user:secret@host:8123/db") == "http://user:***@host:8123/db"
     assert redact_dsn("chdb:///tmp/x") == "chdb:///tmp/x"
+
+
+def test_a_settle_time_past_the_burst_wait_is_refused_with_a_clear_message() -> None:
+    with pytest.raises(ValueError, match="METER_ALLOWANCE_SETTLE_MS .* must be below METER_NODE_BURST_WAIT_MS"):
+        Settings(allowance_settle_ms=300, node_burst_wait_ms=250)

@@ -52,7 +52,7 @@ class LimitService:
             settings.allowance_lag_ms / 1000.0,
             settings.allowance_pooled,
             burst_share=settings.node_burst_share,
-            settle_s=2 * settings.allowance_lag_ms / 1000.0,
+            settle_s=settings.allowance_settle_ms / 1000.0,
         )
         self.engine = LimitEngine(self.policies, clock, allowance)
         self.decisions = TopicFollower(settings.kafka_bootstrap, settings.decisions_topic, self._on_decisions, "limits")
