@@ -58,5 +58,5 @@ def test_identifiers_and_dsn_redaction() -> None:
 
 
 def test_a_settle_time_past_the_burst_wait_is_refused_with_a_clear_message() -> None:
-    with pytest.raises(ValueError, match="METER_ALLOWANCE_SETTLE_MS .* must be below METER_NODE_BURST_WAIT_MS"):
+    with pytest.raises(ValueError, match=r"METER_ALLOWANCE_SETTLE_MS .* must be below METER_NODE_BURST_WAIT_MS"):
         Settings(allowance_settle_ms=300, node_burst_wait_ms=250)
