@@ -16,6 +16,7 @@ from schemas.limits import LimitPolicy, OverrideScope
 from schemas.usage import Granularity, UsagePoint
 from worker.analytics.cli import add_analytics_commands
 from worker.cli_args import parse_time
+from worker.follower import TopicUnavailable
 from worker.logs import setup_logging
 from worker.settings import Settings
 
@@ -316,6 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args, settings)
+    except TopicUnavailable as exc:
+        print(
+            f"meter {args.command}: {exc} (is Kafka up at METER_KAFKA_BOOTSTRAP? `meter topics` creates the topics)",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         return 130
 

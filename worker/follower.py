@@ -61,8 +61,8 @@ class TopicFollower:
             fetch_max_wait_ms=50,
             isolation_level="read_committed",
         )
-        await consumer.start()
         try:
+            await consumer.start()
             consumer._client.add_topic(self.topic)
             await consumer._client.force_metadata_update()
             parts = sorted(consumer._client.cluster.partitions_for_topic(self.topic) or set())
@@ -95,17 +95,33 @@ class TopicFollower:
         log.log(level, "%s: caught up with %s (%d records)", self.name, self.topic, self.records_seen)
 
 
-async def read_to_end(bootstrap: str, topic: str) -> list[Any]:
-    """Every record of ``topic`` up to its end now (for one-shot readers such as the CLI)."""
+class TopicUnavailable(Exception):
+    """A one-shot read could not reach a topic (missing, or the broker is unreachable)."""
+
+
+async def read_to_end(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Any]:
+    """Every record of ``topic`` up to its end now (for one-shot readers such as the CLI).
+
+    One attempt, no retries: a missing topic or an unreachable broker is ``TopicUnavailable``
+    at once (or after ``timeout_s``), for the caller to say in one line."""
     records: list[Any] = []
 
     async def collect(batch: list[Any]) -> None:
         records.extend(batch)
 
     follower = TopicFollower(bootstrap, topic, collect, "reader", quiet=True)
-    await follower.start()
+    reading = asyncio.create_task(follower._follow())
+    caught_up = asyncio.create_task(follower.ready.wait())
     try:
-        await asyncio.wait_for(follower.ready.wait(), 30)
+        await asyncio.wait({reading, caught_up}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        read = caught_up.done()
+        failure = reading.exception() if reading.done() else None
     finally:
-        await follower.stop()
-    return records
+        for task in (reading, caught_up):
+            if not task.done():
+                await cancel_and_wait(task)
+    if read:
+        return records
+    raise TopicUnavailable(
+        f"cannot read topic {topic} on {bootstrap}: {failure or f'not caught up within {timeout_s:g}s'}"
+    )

@@ -1,0 +1,53 @@
+"""``meter why`` on the real broker: what the topics hold for a key, in plain words; a topic that
+cannot be read is one line and exit code 2, not a traceback after a 30 s wait."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from worker.cli import main
+from worker.limits.control import set_override
+from worker.settings import Settings
+
+pytestmark = [pytest.mark.kafka]
+
+
+def use_settings(monkeypatch: pytest.MonkeyPatch, settings: Settings, **extra: str) -> None:
+    for name in ("kafka_bootstrap", "decisions_topic", "limits_topic", "allowances_topic"):
+        monkeypatch.setenv(f"METER_{name.upper()}", str(getattr(settings, name)))
+    for name, value in extra.items():
+        monkeypatch.setenv(name, value)
+
+
+async def test_why_names_the_override_and_says_nothing_refuses_yet(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from schemas.limits import LimitPolicy, OverrideScope
+
+    await set_override(topics, OverrideScope.key, "cfxk_why", LimitPolicy(per_minute=7), "trial")
+    use_settings(monkeypatch, topics)
+    assert await _run(["why", "cfxk_why"]) == 0
+    out = capsys.readouterr().out
+    assert "limits 7/min, 1000/h, 5000/day (key override cfxk_why)" in out
+    assert "no allowance in force" in out
+
+
+async def test_an_unreadable_topic_is_one_line_and_exit_code_2(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_settings(monkeypatch, topics, METER_ALLOWANCES_TOPIC=f"missing-{time.time_ns()}")
+    started = time.monotonic()
+    assert await _run(["why", "cfxk_why"]) == 2
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("meter why: cannot read topic missing-")]
+    assert not any("Traceback" in line for line in err)
+
+
+async def _run(argv: list[str]) -> int:
+    import asyncio
+
+    # The CLI runs its own event loop: keep it off the test's.
+    return await asyncio.to_thread(main, argv)
