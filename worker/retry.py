@@ -15,16 +15,8 @@ log = logging.getLogger(__name__)
 async def keep_running(step: Callable[[], Awaitable[None]], what: str, first_delay: float, max_delay: float) -> None:
     """Run a long-lived ``step`` (a follower, a consumer loop) again after each failure, with
     backoff, until cancelled."""
-    delay = first_delay
     while True:
-        try:
-            await step()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.error("%s failed, restarting in %.1fs: %s", what, delay, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_delay)
+        await retry_forever(step, what, first_delay, max_delay)
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:

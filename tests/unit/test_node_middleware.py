@@ -411,6 +411,12 @@ async def client_of() -> AsyncIterator[Callable[[Starlette], httpx.AsyncClient]]
         await c.aclose()
 
 
+def burst_node(wait_ms: int) -> Starlette:
+    """A node (real guard and cache, not started: nothing arrives unless a test applies it)."""
+    settings = SETTINGS.model_copy(update={"node_burst_share": 0.34, "node_burst_wait_ms": wait_ms})
+    return build_node_app(settings, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+
+
 async def burst(client: httpx.AsyncClient, name: str, n: int) -> list[asyncio.Task[httpx.Response]]:
     headers = {"X-API-Key": RAW[name]}
     tasks = [asyncio.create_task(client.get("/v0/rates", headers=headers)) for _ in range(n)]
@@ -422,8 +428,7 @@ async def test_past_its_burst_share_a_request_waits_for_the_division_then_is_adm
     client_of: Callable[[Starlette], httpx.AsyncClient],
 ) -> None:
     """One node bursting alone is delayed, not refused: it waits for the worker's allowance."""
-    settings = SETTINGS.model_copy(update={"node_burst_share": 0.34, "node_burst_wait_ms": 10_000})
-    app = build_node_app(settings, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+    app = burst_node(wait_ms=10_000)
     tasks = await burst(client_of(app), "alice", 60)
     assert sum(t.done() for t in tasks) == 34  # the share: ceil(0.34 x 100)
     cache = app.state.cache
@@ -436,8 +441,7 @@ async def test_past_its_burst_share_a_request_waits_for_the_division_then_is_adm
 async def test_a_block_arriving_while_requests_wait_refuses_them(
     client_of: Callable[[Starlette], httpx.AsyncClient],
 ) -> None:
-    settings = SETTINGS.model_copy(update={"node_burst_share": 0.34, "node_burst_wait_ms": 10_000})
-    app = build_node_app(settings, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+    app = burst_node(wait_ms=10_000)
     tasks = await burst(client_of(app), "bob", 40)
     app.state.cache.apply(
         Decision(
@@ -457,8 +461,7 @@ async def test_a_block_arriving_while_requests_wait_refuses_them(
 
 
 async def test_without_any_word_from_the_worker_the_wait_ends_and_the_limit_still_holds() -> None:
-    settings = SETTINGS.model_copy(update={"node_burst_share": 0.34, "node_burst_wait_ms": 50})
-    app = build_node_app(settings, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+    app = burst_node(wait_ms=50)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
         statuses = [(await c.get("/v0/rates", headers={"X-API-Key": RAW["dave"]})).status_code for _ in range(120)]
