@@ -29,6 +29,7 @@ from schemas.usage import Granularity
 from worker.analytics.queries import key_points
 from worker.app import WorkerRuntime
 from worker.settings import Settings
+from worker.store.client import redact_dsn
 from worker.store.decisions import DecisionStore
 
 
@@ -206,6 +207,11 @@ async def _wait_for_enter() -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
 
+def startup_line(settings: Settings) -> str:
+    """What the demo says once the worker is up (the DSN redacted: it may carry a password)."""
+    return f"demo: worker up (Kafka {settings.kafka_bootstrap}, ClickHouse {redact_dsn(settings.clickhouse_dsn)})"
+
+
 async def run_live_demo(
     settings: Settings, duration: float, nodes: int, base_port: int, dashboard_port: int = 8095
 ) -> int:
@@ -226,7 +232,7 @@ async def run_live_demo(
     runtime = WorkerRuntime(settings)
     tty = sys.stdout.isatty()
     async with runtime.running(), _dashboard(runtime, settings, dashboard_port) as dashboard_url:
-        print(f"demo: worker up (Kafka {settings.kafka_bootstrap}, ClickHouse {settings.clickhouse_dsn})")
+        print(startup_line(settings))
         if dashboard_url:
             print(f"demo: dashboard at {dashboard_url} (admin key: the METER_ADMIN_API_KEY printed above)")
         cache = DecisionCache(settings, on_applied=on_applied)

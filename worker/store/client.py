@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -13,6 +15,9 @@ from clickhouse_connect.driver.client import Client
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
+# Query parameters whose value is a secret (clickhouse-connect takes ``?password=``,
+# ``?access_token=``, ...): any name mentioning one of these words, case-insensitive.
+_SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|credential|auth|(^|_)key$", re.IGNORECASE)
 
 
 def is_embedded(dsn: str) -> bool:
@@ -47,13 +52,25 @@ def quote_identifier(name: str) -> str:
 
 
 def redact_dsn(dsn: str) -> str:
-    """A DSN fit for logs: the password, if any, replaced."""
-    if "@" not in dsn or "://" not in dsn:
-        return dsn
-    scheme, rest = dsn.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    """A DSN fit for logs: the password of ``user:password@`` and secret query values replaced.
+
+    Parsed as clickhouse-connect parses it (``urlsplit``; query values become client
+    arguments, ``password`` among them). Use it wherever a DSN is printed or logged.
+    """
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:  # e.g. an unclosed "[" in the host: no telling where the password is
+        return "<unparsable DSN>"
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, host = netloc.rsplit("@", 1)
+        netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = "&".join(
+        f"{name}=***" if sep and _SECRET_PARAMETER.search(name) else f"{name}{sep}{value}"
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
+    )
+    # Replaced in place: urlunsplit would turn ``chdb:///dir`` into ``chdb:/dir``.
+    return dsn.replace(parts.netloc, netloc, 1).replace(f"?{parts.query}", f"?{query}", 1)
 
 
 def settings_for_insert(token: str) -> dict[str, Any]:
