@@ -21,7 +21,7 @@ fi
 export METER_NODE_SECRET="${METER_NODE_SECRET:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(16))')}"
 export METER_DEMO_SEED="${METER_DEMO_SEED:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(16))')}"
 if [ -z "${METER_ADMIN_API_KEY:-}" ]; then
-  METER_ADMIN_API_KEY="$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(18))')"
+  METER_ADMIN_API_KEY="$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))')"
   export METER_ADMIN_API_KEY
   echo "demo: admin key for the dashboard (this run only): $METER_ADMIN_API_KEY"
 fi

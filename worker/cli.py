@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from schemas.limits import LimitPolicy, OverrideScope
 from schemas.usage import Granularity, UsagePoint
-from worker.analytics.cli import add_analytics_commands
+from worker.analytics.cli import add_analytics_commands, printable
 from worker.cli_args import parse_time
 from worker.follower import TopicUnavailable
 from worker.logs import setup_logging
@@ -175,7 +175,7 @@ def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
         allowances.get(args.key),
         time.time(),
     )
-    print("\n".join(lines))
+    print("\n".join(printable(line) for line in lines))
     return 0
 
 
@@ -199,7 +199,7 @@ def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{'scope':8} {'subject':34} {'per_minute':>10} {'per_hour':>9} {'per_day':>8}  note")
         for sc, su, p, n in rows:
             cells = [("unlimited" if v is None else str(v)) for v in (p.per_minute, p.per_hour, p.per_day)]
-            print(f"{sc:8} {su:34} {cells[0]:>10} {cells[1]:>9} {cells[2]:>8}  {n}")
+            print(f"{sc:8} {printable(su):34} {cells[0]:>10} {cells[1]:>9} {cells[2]:>8}  {printable(n)}")
         return 0
     if not (args.key or args.account):
         print(f"meter limits {args.action}: give --key KEY_ID or --account ACCOUNT_ID", file=sys.stderr)

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from node.settings import NodeSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MIN_ADMIN_KEY_BYTES = 32  # a guess is then hopeless, throttled or not
 
 
 class Settings(NodeSettings):
-    model_config = SettingsConfigDict(env_prefix="METER_", env_file=".env", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="METER_", env_file=".env", frozen=True, extra="ignore", hide_input_in_errors=True
+    )
 
     # Kafka
     dlq_topic: str = "usage.events.dlq"
@@ -76,7 +79,24 @@ class Settings(NodeSettings):
     http_port: int = Field(default=8090, ge=0, le=65535)  # worker /metrics and /health/*; 0 = off
     ready_unassigned_grace_seconds: float = Field(default=60.0, ge=0)  # no partitions this long: not ready
     ready_stall_seconds: float = Field(default=60.0, gt=0)  # lag but no batch written this long: not ready
+    # The query API's admin key (X-API-Key): unset = API off; else at least MIN_ADMIN_KEY_BYTES.
     admin_api_key: SecretStr = SecretStr("")
+    # Failed admin logins (401s) per client address (an IPv6 /64): this many in a row, then one
+    # more per 60 / refill seconds; past it every request of that client gets 429 + Retry-After.
+    admin_login_burst: int = Field(default=20, ge=1, le=10_000)
+    admin_login_refill_per_minute: float = Field(default=12.0, gt=0.0, le=6_000.0)
+
+    @field_validator("admin_api_key")
+    @classmethod
+    def _admin_key_long_enough(cls, key: SecretStr) -> SecretStr:
+        size = len(key.get_secret_value().encode())
+        if 0 < size < MIN_ADMIN_KEY_BYTES:
+            raise ValueError(
+                f"METER_ADMIN_API_KEY is {size} bytes; it must be at least {MIN_ADMIN_KEY_BYTES} bytes "
+                "(generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return key
+
 
     @model_validator(mode="after")
     def _settle_within_the_burst_wait(self) -> Settings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import secrets
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,7 @@ pytestmark = [pytest.mark.clickhouse, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = REPO_ROOT / "test-artifacts"
-ADMIN = "browser-test-admin-key"
+ADMIN = secrets.token_urlsafe(32)  # generated per run: the query API wants >= 32 bytes
 FLAGS = [
     "--headless",
     "--no-sandbox",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,7 +14,7 @@ from worker.analytics.sample import ABUSED_KEY, MANUAL_KEY, PROBER_KEY, STORM_IP
 from worker.settings import Settings
 
 pytestmark = pytest.mark.clickhouse
-ADMIN = "test-admin-key-0123456789"
+ADMIN = secrets.token_urlsafe(32)  # generated per run: the query API wants >= 32 bytes
 
 
 @pytest.fixture(scope="module")

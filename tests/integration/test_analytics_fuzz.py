@@ -3,6 +3,7 @@ and every error is the JSON {"error", "message", "request_id"} body."""
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +17,7 @@ from worker.analytics.sample import seed_sample
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.faults]
-ADMIN = "fuzz-admin-key-0123456789"
+ADMIN = secrets.token_urlsafe(32)  # generated per run: the query API wants >= 32 bytes
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -42,6 +44,7 @@ from schemas.analytics import (
 from schemas.limits import LimitPolicy
 from schemas.usage import Granularity
 from worker.analytics import queries, signals
+from worker.analytics.throttle import LoginThrottle, client_key
 from worker.cli_args import EARLIEST, LATEST
 from worker.settings import Settings
 
@@ -57,6 +60,7 @@ _ERROR_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     422: "invalid_request",
+    429: "rate_limited",
     500: "internal_error",
     503: "unavailable",
 }
@@ -89,6 +93,14 @@ def _storable(value: datetime | None) -> datetime | None:
 StorableTime = Annotated[AwareDatetime | None, AfterValidator(_storable)]
 Since = Annotated[StorableTime, Query(description="RFC 3339 start, with offset (default: one span back)")]
 Until = Annotated[StorableTime, Query(description="RFC 3339 end, exclusive (default: now)")]
+TopGroups = Annotated[
+    int,
+    Query(
+        ge=1,
+        le=queries.MAX_SERIES_GROUPS,
+        description="with a breakdown: this many biggest groups, the rest summed into one 'other' group",
+    ),
+]
 WindowParam = Annotated[
     str | None,
     Query(pattern=_WINDOW_PATTERN, description="a span ending now, e.g. 15m, 1h, 24h, 7d (instead of since/until)"),
@@ -141,21 +153,40 @@ def build_query_app(
         redoc_url=None,
     )
 
-    def require_admin(api_key: Annotated[str | None, Security(_KEY_HEADER)]) -> None:
+    throttle = LoginThrottle(settings.admin_login_burst, settings.admin_login_refill_per_minute / 60)
+
+    async def require_admin(request: Request, api_key: Annotated[str | None, Security(_KEY_HEADER)]) -> None:
+        """The admin key, or 401; a client with too many 401s gets 429 before its key is even looked at."""
         if not admin_key:
             raise HTTPException(403, "The query API is disabled: no admin key is configured (METER_ADMIN_API_KEY).")
+        client, now = client_key(request.client.host if request.client else None), time.monotonic()
+        wait = throttle.retry_after(client, now)
+        if wait > 0:
+            seconds = math.ceil(wait)
+            raise HTTPException(
+                429,
+                f"Too many failed logins from your address; retry in {seconds} s.",
+                headers={"Retry-After": str(seconds)},
+            )
         if not api_key:
+            throttle.failed(client, now)
             raise HTTPException(401, "Missing API key: send the admin key in the X-API-Key header.")
         if not hmac.compare_digest(api_key.encode(), admin_key):
+            throttle.failed(client, now)
+            if throttle.retry_after(client, now) > 0:
+                log.warning("query API: %s throttled after repeated invalid admin keys", client)
             raise HTTPException(401, "Invalid API key.")
 
     def run(query: Callable[[], T]) -> T:
-        """Run one query under the client lock; a refused input (ValueError) becomes a 400."""
+        """Run one query under the client lock; a refused input (ValueError) becomes a 400, a time
+        the store cannot hold (OutOfRange) a 422."""
         try:
             with lock:
                 return query()
         except ValidationError:
             raise
+        except queries.OutOfRange as exc:
+            raise HTTPException(422, str(exc)) from None
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
 
@@ -213,11 +244,12 @@ def build_query_app(
         until: Until = None,
         granularity: Granularity = Granularity.minute,
         breakdown: Breakdown = Breakdown.none,
+        top: TopGroups = queries.DEFAULT_SERIES_GROUPS,
     ) -> UsageSeries:
         """Requests of one key per minute / hour / day bucket, optionally by endpoint or status class."""
         return run(
             lambda: queries.series(
-                client, database, Subject.key, key_id, granularity, since, until, breakdown, now=clock()
+                client, database, Subject.key, key_id, granularity, since, until, breakdown, now=clock(), top=top
             )
         )
 
@@ -228,11 +260,21 @@ def build_query_app(
         until: Until = None,
         granularity: Granularity = Granularity.hour,
         breakdown: Breakdown = Breakdown.none,
+        top: TopGroups = queries.DEFAULT_SERIES_GROUPS,
     ) -> UsageSeries:
         """Requests of all keys of one account per bucket."""
         return run(
             lambda: queries.series(
-                client, database, Subject.account, account_id, granularity, since, until, breakdown, now=clock()
+                client,
+                database,
+                Subject.account,
+                account_id,
+                granularity,
+                since,
+                until,
+                breakdown,
+                now=clock(),
+                top=top,
             )
         )
 
@@ -242,10 +284,13 @@ def build_query_app(
         until: Until = None,
         granularity: Granularity = Granularity.hour,
         breakdown: Breakdown = Breakdown.status_class,
+        top: TopGroups = queries.DEFAULT_SERIES_GROUPS,
     ) -> UsageSeries:
         """All traffic per bucket (default: the last 24 hours by status class)."""
         return run(
-            lambda: queries.series(client, database, None, "", granularity, since, until, breakdown, now=clock())
+            lambda: queries.series(
+                client, database, None, "", granularity, since, until, breakdown, now=clock(), top=top
+            )
         )
 
     @app.get("/v1/top", dependencies=v1, tags=["usage"])

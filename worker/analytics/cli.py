@@ -32,6 +32,29 @@ def _span(text: str) -> timedelta:
 
 # -- output ---------------------------------------------------------------------------------
 
+_NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control (C0, C1), bidi (U+061C, U+200E/F, U+202A-E,
+    U+2066-9) and other non-printable characters escaped as ``\\xNN`` / ``\\uNNNN``, a backslash
+    doubled (so an escape shown is always one).
+
+    Stored strings may predate the contract's refusal of controls; a table never prints them raw.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_escape(c) for c in text)
+
 
 def _cell(value: Any) -> str:
     if value is None:
@@ -66,7 +89,7 @@ def emit(
         for row in rows:
             writer.writerow([_cell(row.get(c)) for c in columns])
         return
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    cells = [[printable(_cell(row.get(c))) for c in columns] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
     for r in cells:
@@ -118,7 +141,7 @@ def cmd_top(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _series(args: argparse.Namespace, settings: Settings, subject: Subject, subject_id: str, name: str) -> int:
-    from worker.analytics.queries import series
+    from worker.analytics.queries import DEFAULT_SERIES_GROUPS, series
 
     try:
         result = series(
@@ -130,6 +153,7 @@ def _series(args: argparse.Namespace, settings: Settings, subject: Subject, subj
             args.since,
             args.until,
             Breakdown(args.breakdown),
+            top=DEFAULT_SERIES_GROUPS if args.top is None else args.top,
         )
     except ValueError as exc:
         return _refused(name, exc)
@@ -202,7 +226,7 @@ def cmd_key_state(args: argparse.Namespace, settings: Settings) -> int:
     if args.format == "table":
         until = state.blocked_until.isoformat() if state.blocked_until else "until an operator unblocks"
         print(
-            f"\nkey {state.key_id} (account {state.account_id or '-'}): "
+            f"\nkey {printable(state.key_id)} (account {printable(state.account_id or '-')}): "
             + (f"BLOCKED {until}" if state.blocked else "not blocked")
         )
         print("\ndecisions, newest first:")
@@ -234,7 +258,8 @@ def cmd_signals(args: argparse.Namespace, settings: Settings) -> int:
     rows = [{**s.model_dump(exclude={"evidence"}), "subject": s.key_id or s.client_ip} for s in report.signals]
     if args.format == "table":
         for s in report.signals:
-            print(f"[{s.severity.value:6}] {s.kind.value:18} {s.key_id or s.client_ip}\n         {s.explanation}")
+            subject, explanation = printable(s.key_id or s.client_ip or ""), printable(s.explanation)
+            print(f"[{s.severity.value:6}] {s.kind.value:18} {subject}\n         {explanation}")
         if not report.signals:
             print("no abuse signals")
         return 0
@@ -318,6 +343,12 @@ def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
         p.add_argument(target, required=True)
         p.add_argument("--granularity", choices=[g.value for g in Granularity], default="hour")
         p.add_argument("--breakdown", choices=[b.value for b in Breakdown], default="none")
+        p.add_argument(
+            "--top",
+            type=int,
+            metavar="N",
+            help="with a breakdown: the N biggest groups, the rest summed as 'other' (default 10, at most 50)",
+        )
         _range(p)
         p.add_argument("--sparse", action="store_true", help="omit empty buckets")
         _fmt(p)

@@ -30,12 +30,19 @@ from schemas.analytics import (
 from schemas.decisions import DecisionAction, Window
 from schemas.limits import LimitPolicy
 from schemas.usage import Granularity, UsagePoint
+from worker.cli_args import EARLIEST, LATEST
 from worker.store.client import quote_identifier
 from worker.store.decisions import DecisionStore
 from worker.store.rollup import rollup_table
-from worker.store.usage import STEP_SECONDS, default_range, floor_to
+from worker.store.usage import DEFAULT_SPAN, STEP_SECONDS, default_range, floor_to
 
 MAX_TOP_N = 1_000
+# A breakdown returns its biggest groups (by requests) and sums the rest into OTHER_GROUP; the
+# values of a series (groups x buckets) are capped so that no query holds more in memory.
+DEFAULT_SERIES_GROUPS = 10
+MAX_SERIES_GROUPS = 50
+MAX_SERIES_VALUES = 200_000
+OTHER_GROUP = "other"  # no endpoint (they start with "/") or status class ("2xx") is called that
 MAX_TOP_SPAN = timedelta(days=93)
 # Up to this span a window is counted from minute rows (exact to the minute); longer
 # windows from hour rows, then day rows — fewer rows to read, same totals on whole buckets.
@@ -85,9 +92,29 @@ def window_level(since: datetime, until: datetime) -> tuple[Granularity, datetim
     return level, floor_to(since, level)
 
 
+class OutOfRange(ValueError):
+    """A time the store cannot hold (ClickHouse ``DateTime``: 1970-01-01 .. 2106-02-07 UTC)."""
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_storable(since: datetime, until: datetime) -> None:
+    """Refuse a range reaching outside what ClickHouse stores (it would fail there, as a 500)."""
+    if since < EARLIEST:
+        raise OutOfRange(
+            f"the range starts at {_iso(since)}, before {_iso(EARLIEST)} (the earliest time stored); "
+            f"give a since at or after {_iso(EARLIEST)}, or a later until"
+        )
+    if until > LATEST:
+        raise OutOfRange(f"the range ends at {_iso(until)}, after {_iso(LATEST)} (the latest time stored)")
+
+
 def check_window(since: datetime, until: datetime, max_span: timedelta = MAX_TOP_SPAN) -> None:
     if since.tzinfo is None or until.tzinfo is None:
         raise ValueError("times need a UTC offset (for example 2026-11-27T12:00:00Z)")
+    check_storable(since, until)
     if since >= until:
         raise ValueError(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
     if until - since > max_span:
@@ -107,31 +134,62 @@ def series(
     until: datetime | None = None,
     breakdown: Breakdown = Breakdown.none,
     now: datetime | None = None,
+    top: int = DEFAULT_SERIES_GROUPS,
 ) -> UsageSeries:
     """Requests per bucket of one key, one account, or (``subject=None``) all traffic.
 
-    Gaps are zeros; one group per endpoint / status class with a breakdown. Raises
-    ``ValueError`` for an empty or oversized range (more than 50,000 buckets). Only the
-    non-empty buckets cross from ClickHouse; the columns are filled here.
+    Gaps are zeros. With a breakdown: one group per endpoint / status class, the ``top``
+    biggest by requests, the rest summed into one ``OTHER_GROUP`` (last). Raises
+    ``OutOfRange`` for times the store cannot hold and ``ValueError`` for an empty or
+    oversized range (more than 50,000 buckets, or groups x buckets over MAX_SERIES_VALUES).
+    Only the non-empty buckets cross from ClickHouse; the columns are filled here.
     """
-    start, end = default_range(granularity, since, until, now)
+    if not 1 <= top <= MAX_SERIES_GROUPS:
+        raise ValueError(f"top must be between 1 and {MAX_SERIES_GROUPS}")
+    end = until or now or datetime.now(UTC)
+    start = since or end - DEFAULT_SPAN[granularity]
+    check_storable(start, end)
+    start, end = default_range(granularity, start, end)
     step = STEP_SECONDS[granularity]
     first = int(start.timestamp())
     count = -(-(int(end.timestamp()) - first) // step)  # buckets starting in [start, end)
     where_subject = f"AND {_SUBJECT_COLUMN[subject]} = {{id:String}} " if subject else ""
-    result = client.query(
-        f"SELECT {_GROUP_EXPR[breakdown]} AS grp, intDiv(toUInt32(bucket) - {{first:UInt32}}, {{step:UInt32}}), "
-        f"sum(requests), sumIf(requests, status >= 400), sum(bytes_out) FROM {rollup_table(database)} "
+    table, group = rollup_table(database), _GROUP_EXPR[breakdown]
+    where = (
         "WHERE level = {level:String} AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
-        f"{where_subject}GROUP BY grp, bucket",
-        parameters={
-            "level": granularity.value,
-            "id": subject_id,
-            "since": start,
-            "until": end,
-            "first": first,
-            "step": step,
-        },
+        f"{where_subject}"
+    )
+    parameters: dict[str, Any] = {
+        "level": granularity.value,
+        "id": subject_id,
+        "since": start,
+        "until": end,
+        "first": first,
+        "step": step,
+    }
+    groups = 1
+    if breakdown is not Breakdown.none:
+        # The biggest groups first (one row each), so that what follows is bounded before it is read.
+        ranked = client.query(
+            f"SELECT {group} AS grp FROM {table} {where}"
+            "GROUP BY grp ORDER BY sum(requests) DESC, grp LIMIT {n:UInt32}",
+            parameters={**parameters, "n": top + 1},
+        ).result_rows
+        keep = [str(name) for (name,) in ranked[:top]]
+        groups = len(keep) + (len(ranked) > top)
+        if len(ranked) > top:
+            group = f"if({group} IN {{keep:Array(String)}}, {group}, '{OTHER_GROUP}')"
+            parameters["keep"] = keep
+    if groups * count > MAX_SERIES_VALUES:
+        raise ValueError(
+            f"breakdown by {breakdown.value} gives {groups} groups x {count:,} {granularity.value} buckets = "
+            f"{groups * count:,} values, over the cap of {MAX_SERIES_VALUES:,} per query: "
+            "narrow the range, use a coarser granularity or ask for fewer groups (top)"
+        )
+    result = client.query(
+        f"SELECT {group} AS grp, intDiv(toUInt32(bucket) - {{first:UInt32}}, {{step:UInt32}}), "
+        f"sum(requests), sumIf(requests, status >= 400), sum(bytes_out) FROM {table} {where}GROUP BY grp, bucket",
+        parameters=parameters,
         # One key's rows are read in (level, key_id, bucket) order: aggregate them as they stream.
         settings={"optimize_aggregation_in_order": 1} if subject is Subject.key else None,
     )
@@ -156,11 +214,11 @@ def series(
                 cols[0][i], cols[1][i], cols[2][i] = n, errors, bytes_out
     if not columns and breakdown is Breakdown.none:
         columns["all"] = ([0] * count, [0] * count, [0] * count)
-    groups = [
+    lines = [
         SeriesGroup(group=str(grp), total_requests=sum(req), requests=req, errors=err, bytes_out=out)
         for grp, (req, err, out) in columns.items()
     ]
-    groups.sort(key=lambda g: (-g.total_requests, g.group))
+    lines.sort(key=lambda g: (g.group == OTHER_GROUP, -g.total_requests, g.group))
     return UsageSeries(
         subject=subject,
         id=subject_id if subject else None,
@@ -170,7 +228,7 @@ def series(
         until=end,
         step_seconds=step,
         buckets=count,
-        groups=groups,
+        groups=lines,
     )
 
 
