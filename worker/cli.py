@@ -61,16 +61,16 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
     from worker.analytics.queries import key_points
     from worker.store.client import connect
-    from worker.store.usage import default_range
 
     granularity = Granularity(args.granularity)
-    try:
-        since, until = default_range(granularity, args.since, args.until)
+    client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
+    try:  # the range is checked (order, size, 1970..2106) before anything is read
+        points = key_points(
+            client, settings.clickhouse_database, args.key, granularity, args.since, args.until, args.sparse
+        )
     except ValueError as exc:
         print(f"meter usage: {exc}", file=sys.stderr)
         return 2
-    client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
-    points = key_points(client, settings.clickhouse_database, args.key, granularity, since, until, args.sparse)
     print_points(points, args.format)
     return 0
 

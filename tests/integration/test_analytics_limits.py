@@ -198,6 +198,19 @@ def test_the_cli_refuses_a_range_before_1970_in_one_line(meter: Callable[..., tu
     assert "1970-01-01T00:00:00Z" in err
 
 
+def test_meter_usage_refuses_a_range_before_1970_in_one_line(
+    settings: Settings, clickhouse: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.cli import build_parser, cmd_usage
+
+    args = build_parser().parse_args(["usage", "--key", "x", "--until", "1970-01-01T00:30:00Z"])
+    assert cmd_usage(args, settings) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meter usage: ")
+    assert err.count("\n") == 1
+    assert "1970-01-01T00:00:00Z" in err
+
+
 # -- item 14: failed admin logins are throttled ----------------------------------------------------
 
 
