@@ -15,6 +15,7 @@ COPY pyproject.toml ./
 COPY schemas/ schemas/
 COPY worker/ worker/
 COPY node/ node/
+COPY common/ common/
 RUN pip install .
 
 # -- runtime -------------------------------------------------------------------------------

@@ -61,10 +61,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import TopicPartition
 
 from bench.common import machine, now_utc, replace_block, versions
+from common import kafka_clients
 from node.decision_cache import DecisionCache
 from node.reporter import UsageReporter
 from node.settings import NodeSettings
@@ -353,8 +353,8 @@ def loadavg() -> str:
 class LagProbe:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+        self.admin = kafka_clients.admin(settings, request_timeout_ms=10_000)
+        self.consumer = kafka_clients.consumer(settings, enable_auto_commit=False)
         self.tps = [TopicPartition(settings.events_topic, p) for p in range(settings.events_partitions)]
 
     async def __aenter__(self) -> LagProbe:
@@ -614,7 +614,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def delete_topics(settings: Settings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
+    admin = kafka_clients.admin(settings, request_timeout_ms=10_000)
     with contextlib.suppress(Exception):
         await admin.start()
         await admin.delete_topics(

@@ -331,9 +331,9 @@ class Stack:
 
 
 async def delete_topics(bootstrap: str, topics: list[str]) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
+    from common import kafka_clients
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = kafka_clients.admin(bootstrap, request_timeout_ms=10_000)
     await admin.start()
     try:
         await admin.delete_topics(topics)

@@ -47,11 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.partitioner import murmur2
 
 from bench.common import BENCH_DIR, machine, now_utc, peak_rss_bytes, replace_block, reset_peak_rss, rss_bytes, versions
+from common import kafka_clients
+from common.kafka_clients import KafkaTarget
 from schemas.events import dump_event, parse_event
 from worker.app import WorkerRuntime
 from worker.ingest.validate import KafkaRecord
@@ -156,11 +157,11 @@ def check_wire_format(preload: Preload, sample: int = 2000) -> None:
                 raise SystemExit(f"generated event differs from dump_event (partition {part}): {value!r}")
 
 
-async def produce(bootstrap: str, topic: str, preload: Preload) -> float:
+async def produce(kafka: KafkaTarget, topic: str, preload: Preload) -> float:
     """Pre-load the topic: pre-built record batches of ~900 KB, many in flight, acks=1, no compression."""
     started = time.perf_counter()
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+    producer = kafka_clients.producer(
+        kafka,
         acks=1,
         linger_ms=0,
         max_batch_size=900_000,
@@ -216,10 +217,10 @@ class _MarkAssigned(ConsumerRebalanceListener):  # type: ignore[misc]
             self.at = time.perf_counter()
 
 
-async def drain_bare(bootstrap: str, topic: str, n: int, group: str, stall_seconds: float = 60.0) -> Drain:
+async def drain_bare(kafka: KafkaTarget, topic: str, n: int, group: str, stall_seconds: float = 60.0) -> Drain:
     """Time from partition assignment (consumption can start) to the last record in hand."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+    consumer = kafka_clients.consumer(
+        kafka,
         group_id=group,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
@@ -481,8 +482,8 @@ def verify(store: RollupStore, topic: str, counted: int, last_offsets: Mapping[i
 # Orchestration -------------------------------------------------------------------------------
 
 
-async def delete_topics(bootstrap: str, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def delete_topics(kafka: KafkaTarget, names: list[str]) -> None:
+    admin = kafka_clients.admin(kafka)
     await admin.start()
     try:
         await admin.delete_topics(names)
@@ -570,12 +571,12 @@ async def main_async(args: argparse.Namespace) -> int:
             f"  {pre.seconds:.1f}s, mean {pre.mean_size:.0f} bytes, {pre.active_keys:,} active keys; producing ...",
             flush=True,
         )
-        produced_s = await produce(bootstrap, settings.events_topic, pre)
+        produced_s = await produce(settings, settings.events_topic, pre)
         print(f"  produced in {produced_s:.1f}s ({args.events / produced_s:,.0f}/s)", flush=True)
         last_offsets = {p: len(r) - 1 for p, r in pre.partitions.items() if r}
         pre.partitions.clear()  # the worker's memory is measured next: drop the pre-built values
 
-        bare = await drain_bare(bootstrap, settings.events_topic, args.events, f"bench-bare-{run}")
+        bare = await drain_bare(settings, settings.events_topic, args.events, f"bench-bare-{run}")
         print(f"bare aiokafka consumer: {bare.records:,} in {bare.seconds:.2f}s = {fmt_rate(bare.rate)} events/s")
 
         worker = await drain_worker(settings, args.events, args.profile, args.gc, args.gc_gen0)
@@ -608,7 +609,7 @@ async def main_async(args: argparse.Namespace) -> int:
         return 0
     finally:
         if not args.keep_topic:
-            await delete_topics(bootstrap, topics)
+            await delete_topics(settings, topics)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

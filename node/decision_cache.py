@@ -25,9 +25,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 
+from common import kafka_clients
 from node.errors import NodeError, describe
 from node.guard import LocalGuard
 from node.settings import NodeSettings
@@ -285,7 +285,7 @@ class DecisionCache:
     async def _partitions(self) -> list[TopicPartition]:
         # The admin client answers for a topic the consumer has not yet seen, and does not
         # auto-create it.
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka_bootstrap, request_timeout_ms=10_000)
+        admin = kafka_clients.admin(self._settings, request_timeout_ms=10_000)
         await admin.start()
         try:
             described = await admin.describe_topics(self._topics)
@@ -300,8 +300,9 @@ class DecisionCache:
 
     async def _follow(self) -> None:
         tps = await self._partitions()
-        consumer = self._consumer_factory(
-            bootstrap_servers=self._settings.kafka_bootstrap,
+        consumer = kafka_clients.consumer(
+            self._settings,
+            factory=self._consumer_factory,
             client_id=f"meter-node-{self._settings.node_id}-decisions",
             group_id=None,
             enable_auto_commit=False,

@@ -22,6 +22,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.codec import has_lz4
 
+from common import kafka_clients
 from node.errors import describe
 from node.settings import NodeSettings
 from schemas.events import RequestEvent, dump_event
@@ -205,8 +206,9 @@ class UsageReporter:
     async def _ensure_producer(self) -> Any:
         if self._producer is not None:
             return self._producer
-        producer = self._producer_factory(
-            bootstrap_servers=self._settings.kafka_bootstrap,
+        producer = kafka_clients.producer(
+            self._settings,
+            factory=self._producer_factory,
             client_id=f"meter-node-{self._settings.node_id}",
             enable_idempotence=True,
             acks="all",

@@ -6,14 +6,24 @@ node never imports the worker.
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.kafka_clients import security_errors
 from schemas.limits import LimitPolicy
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class NodeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="METER_", env_file=".env", frozen=True, extra="ignore")
+    # hide_input_in_errors: a validation error must not print the environment (it holds secrets)
+    model_config = SettingsConfigDict(
+        env_prefix="METER_", env_file=".env", frozen=True, extra="ignore", hide_input_in_errors=True
+    )
 
     # Kafka: the node writes events and follows decisions, overrides and allowances
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -21,6 +31,16 @@ class NodeSettings(BaseSettings):
     decisions_topic: str = "usage.decisions"
     limits_topic: str = "usage.limits"  # compacted: operators' per-key / per-account overrides
     allowances_topic: str = "usage.allowances"  # compacted: each hot key's per-node caps
+    # How every client (node, worker, CLI) authenticates to Kafka: see docs/operations.md,
+    # "Security model". PLAINTEXT is for a development broker only.
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism = "PLAIN"  # with SASL_PLAINTEXT / SASL_SSL
+    kafka_sasl_username: str = Field(default="", max_length=256)
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_cafile: Path | None = None  # with SSL / SASL_SSL; None: the system's CAs
+    kafka_ssl_certfile: Path | None = None  # client certificate (mutual TLS), PEM
+    kafka_ssl_keyfile: Path | None = None  # its private key, PEM (None: inside the certfile)
+    kafka_ssl_keyfile_password: SecretStr = SecretStr("")
 
     # The default policy of the metered API (overrides come from the limits topic)
     limit_per_minute: int = Field(default=100, ge=0)
@@ -46,6 +66,20 @@ class NodeSettings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _kafka_security_consistent(self) -> NodeSettings:
+        # Contradictions fail at start: credentials or TLS files that would be silently
+        # ignored, a SASL protocol without its user and password, a missing file.
+        errors = security_errors(self)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
     def default_policy(self) -> LimitPolicy:
         return LimitPolicy(per_minute=self.limit_per_minute, per_hour=self.limit_per_hour, per_day=self.limit_per_day)

@@ -18,7 +18,16 @@ if [ -z "${METER_KAFKA_BOOTSTRAP:-}" ]; then
   fi
   export METER_KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
 fi
-cleanup() { if [ "$started_here" = 1 ] && [ "${KEEP_KAFKA:-0}" != 1 ]; then infra/kafka/kafka.sh stop >/dev/null; fi; }
+# The secured broker (KAFKA_SECURITY=sasl, port 19192) is started and stopped by
+# tests/integration/test_kafka_security.py; if pytest dies first, it is stopped here.
+secured() { KAFKA_SECURITY=sasl KAFKA_PORT=19192 infra/kafka/kafka.sh "$@"; }
+secured_running=0
+if secured status >/dev/null 2>&1; then secured_running=1; fi
+cleanup() {
+  if [ "${KEEP_KAFKA:-0}" = 1 ]; then return 0; fi
+  if [ "$started_here" = 1 ]; then infra/kafka/kafka.sh stop >/dev/null; fi
+  if [ "$secured_running" = 0 ]; then secured stop >/dev/null 2>&1 || true; fi
+}
 trap cleanup EXIT
 
 echo "test: lint and types"

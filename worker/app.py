@@ -14,10 +14,10 @@ from typing import Any
 import uvicorn
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from faststream import AckPolicy, FastStream
-from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.message import FAKE_CONSUMER, KafkaAckableMessage
 
+from common import kafka_clients
 from worker.ingest.consumer import IngestConsumer
 from worker.ingest.pipeline import IngestPipeline
 from worker.ingest.recent_hashes import RecentHashes
@@ -61,7 +61,7 @@ class WorkerRuntime:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.broker = KafkaBroker(settings.kafka_bootstrap, logger=log, log_level=logging.DEBUG)
+        self.broker = kafka_clients.broker(settings, logger=log, log_level=logging.DEBUG)
         self._store = store
         self.consumer: IngestConsumer | None = None
         self.limits: LimitService | None = None
@@ -210,7 +210,7 @@ class WorkerRuntime:
         await asyncio.to_thread(self.open)
         log.info(
             "worker starting: kafka %s, topic %s, group %s, clickhouse %s/%s",
-            s.kafka_bootstrap,
+            kafka_clients.describe(s),
             s.events_topic,
             s.consumer_group,
             redact_dsn(s.clickhouse_dsn),

@@ -17,6 +17,7 @@ from schemas.usage import Granularity, UsagePoint
 from worker.analytics.cli import add_analytics_commands, printable
 from worker.cli_args import parse_time
 from worker.follower import TopicUnavailable
+from worker.kafka_acls import Role
 from worker.logs import setup_logging
 from worker.settings import Settings
 
@@ -45,6 +46,27 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         print(f"schema up to date on {where}")
+    return 0
+
+
+def cmd_kafka_acls(args: argparse.Namespace, settings: Settings) -> int:
+    from common.kafka_clients import describe
+    from worker.kafka_acls import apply_acls, default_principal, kafka_acls_commands, role_acls
+
+    roles = [Role(args.role)] if args.role else list(Role)
+    if args.principal and len(roles) != 1:
+        print("meter kafka-acls: --principal needs --role", file=sys.stderr)
+        return 2
+    for role in roles:
+        principal = args.principal or default_principal(role)
+        acls = role_acls(role, settings)
+        if args.apply:
+            count = asyncio.run(apply_acls(settings, principal, acls))
+            print(f"{role.value:9} {principal}: {count} ACL(s) applied on {describe(settings)}")
+            continue
+        print(f"# {role.value} ({principal}): " + ("no Kafka access" if not acls else f"{len(acls)} ACL(s)"))
+        for line in kafka_acls_commands(principal, acls, settings.kafka_bootstrap):
+            print(line)
     return 0
 
 
@@ -244,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("topics", help="create the Kafka topics (events, decisions compacted, DLQ)")
     p.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser(
+        "kafka-acls", help="print (or --apply, as an admin principal) the Kafka ACLs of each role (docs/operations.md)"
+    )
+    p.add_argument("--role", choices=[r.value for r in Role])
+    p.add_argument("--principal", help="the role's principal (default User:<role>)")
+    p.add_argument("--apply", action="store_true", help="create them through METER_KAFKA_* (idempotent)")
+    p.set_defaults(func=cmd_kafka_acls)
 
     p = sub.add_parser("usage", help="print the usage series of one key")
     p.add_argument("--key", required=True, help="the key id (as shown by the API node, never the raw key)")

@@ -11,9 +11,11 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from pydantic import BaseModel, ValidationError
 
+from common import kafka_clients
+from common.kafka_clients import KafkaTarget
 from worker.retry import cancel_and_wait, keep_running
 
 log = logging.getLogger(__name__)
@@ -34,9 +36,9 @@ def valid_records(records: Iterable[Any], model: type[M]) -> Iterator[M]:
 
 
 class TopicFollower:
-    def __init__(self, bootstrap: str, topic: str, on_records: OnRecords, name: str, quiet: bool = False) -> None:
+    def __init__(self, kafka: KafkaTarget, topic: str, on_records: OnRecords, name: str, quiet: bool = False) -> None:
         self.quiet = quiet
-        self.bootstrap = bootstrap
+        self.kafka = kafka
         self.topic = topic
         self.on_records = on_records
         self.name = name
@@ -55,8 +57,8 @@ class TopicFollower:
         await keep_running(self._follow, f"{self.name}: following {self.topic}", 0.5, 10.0)
 
     async def _follow(self) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+        consumer = kafka_clients.consumer(
+            self.kafka,
             enable_auto_commit=False,
             fetch_max_wait_ms=50,
             isolation_level="read_committed",
@@ -66,6 +68,8 @@ class TopicFollower:
             consumer._client.add_topic(self.topic)
             await consumer._client.force_metadata_update()
             parts = sorted(consumer._client.cluster.partitions_for_topic(self.topic) or set())
+            if not parts and self.topic in consumer._client.cluster.unauthorized_topics:
+                raise RuntimeError(f"topic {self.topic}: not authorized for this principal (Kafka ACLs)")
             if not parts:
                 raise RuntimeError(f"topic {self.topic} not found")
             tps = [TopicPartition(self.topic, p) for p in parts]
@@ -99,7 +103,7 @@ class TopicUnavailable(Exception):
     """A one-shot read could not reach a topic (missing, or the broker is unreachable)."""
 
 
-async def read_to_end(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Any]:
+async def read_to_end(kafka: KafkaTarget, topic: str, timeout_s: float = 30.0) -> list[Any]:
     """Every record of ``topic`` up to its end now (for one-shot readers such as the CLI).
 
     One attempt, no retries: a missing topic or an unreachable broker is ``TopicUnavailable``
@@ -109,7 +113,7 @@ async def read_to_end(bootstrap: str, topic: str, timeout_s: float = 30.0) -> li
     async def collect(batch: list[Any]) -> None:
         records.extend(batch)
 
-    follower = TopicFollower(bootstrap, topic, collect, "reader", quiet=True)
+    follower = TopicFollower(kafka, topic, collect, "reader", quiet=True)
     reading = asyncio.create_task(follower._follow())
     caught_up = asyncio.create_task(follower.ready.wait())
     try:
@@ -122,6 +126,5 @@ async def read_to_end(bootstrap: str, topic: str, timeout_s: float = 30.0) -> li
                 await cancel_and_wait(task)
     if read:
         return records
-    raise TopicUnavailable(
-        f"cannot read topic {topic} on {bootstrap}: {failure or f'not caught up within {timeout_s:g}s'}"
-    )
+    where = kafka_clients.bootstrap(kafka)
+    raise TopicUnavailable(f"cannot read topic {topic} on {where}: {failure or f'not caught up within {timeout_s:g}s'}")

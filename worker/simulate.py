@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from aiokafka import AIOKafkaProducer
-
+from common import kafka_clients
+from common.kafka_clients import KafkaTarget
 from schemas.events import RequestEvent, dump_event, make_event
 
 ENDPOINTS = ("/v0/payments", "/v0/payments/{id}", "/v0/rates", "/v0/wallets", "/v0/invoices")
@@ -56,10 +56,10 @@ def generate(count: int, traffic: Traffic = Traffic(), end: datetime | None = No
         )
 
 
-async def publish(bootstrap: str, topic: str, events: Sequence[RequestEvent] | Iterator[RequestEvent]) -> int:
+async def publish(kafka: KafkaTarget, topic: str, events: Sequence[RequestEvent] | Iterator[RequestEvent]) -> int:
     """Publish events keyed by key_id with an idempotent producer; returns how many were sent."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5, max_batch_size=256 * 1024
+    producer = kafka_clients.producer(
+        kafka, enable_idempotence=True, acks="all", linger_ms=5, max_batch_size=256 * 1024
     )
     await producer.start()
     sent = 0

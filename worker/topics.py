@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from common import kafka_clients
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create the missing topics; return the names created now."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15_000)
+    admin = kafka_clients.admin(settings, request_timeout_ms=15_000)
     await admin.start()
     created: list[str] = []
     try:

@@ -8,14 +8,27 @@
 #
 # Environment: KAFKA_PORT (default 9092; the controller uses KAFKA_PORT+1),
 #              KAFKA_DATA_DIR (default <repo>/.data/kafka-$KAFKA_PORT),
-#              KAFKA_LIB_DIR (default <repo>/.data/kafka-lib), KAFKA_HEAP (default 512m).
+#              KAFKA_LIB_DIR (default <repo>/.data/kafka-lib), KAFKA_HEAP (default 512m),
+#              KAFKA_SECURITY=sasl: a secured broker instead (below; default plaintext).
+#
+# KAFKA_SECURITY=sasl (development and tests only): one SASL_PLAINTEXT listener with the PLAIN
+# mechanism, ACLs enforced (KRaft StandardAuthorizer, nothing allowed without an ACL,
+# super user User:admin). Users admin, node, worker, operator and analytics, each with the
+# password in KAFKA_SASL_<USER>_PASSWORD (default "<user>-secret"). Default port 9192 and
+# data folder <repo>/.data/kafka-sasl-$KAFKA_PORT, so it runs next to the plain broker.
+# Apply the project's ACLs per role with `meter kafka-acls --apply` as admin.
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-port="${KAFKA_PORT:-9092}"
+security="${KAFKA_SECURITY:-plaintext}"
+case "$security" in
+  plaintext) port="${KAFKA_PORT:-9092}"; data_dir="${KAFKA_DATA_DIR:-$repo/.data/kafka-${KAFKA_PORT:-9092}}" ;;
+  sasl) port="${KAFKA_PORT:-9192}"; data_dir="${KAFKA_DATA_DIR:-$repo/.data/kafka-sasl-${KAFKA_PORT:-9192}}" ;;
+  *) echo "kafka.sh: KAFKA_SECURITY must be plaintext or sasl, not '$security'" >&2; exit 2 ;;
+esac
 controller_port=$((port + 1))
-data_dir="${KAFKA_DATA_DIR:-$repo/.data/kafka-$port}"
 lib_dir="${KAFKA_LIB_DIR:-$repo/.data/kafka-lib}"
 heap="${KAFKA_HEAP:-512m}"
 pid_file="$data_dir/broker.pid"
@@ -55,17 +68,59 @@ answers() {
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && grep -q "Kafka Server started\|\[KafkaRaftServer nodeId=1\] Kafka Server started" "$log_file" 2>/dev/null
 }
 
-write_config() {
-  mkdir -p "$data_dir/logs"
-  cat > "$config" <<PROPS
-process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:$controller_port
+sasl_password() {
+  # KAFKA_SASL_<USER>_PASSWORD, else "<user>-secret" (a development broker's password)
+  local var; var="KAFKA_SASL_$(echo "$1" | tr '[:lower:]' '[:upper:]')_PASSWORD"
+  local value="${!var:-$1-secret}"
+  case "$value" in *'"'*|*'\\'*|*' '*) die "$var must not contain quotes, backslashes or spaces" ;; esac
+  echo "$value"
+}
+
+listener_config() {
+  if [ "$security" = plaintext ]; then
+    cat <<PROPS
 listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
 advertised.listeners=PLAINTEXT://127.0.0.1:$port
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+PROPS
+    return 0
+  fi
+  # Clients, the broker itself and the controller all authenticate; the broker and the
+  # controller as admin, the only super user. No ACL, no access.
+  local users="" user admin_password
+  admin_password="$(sasl_password admin)"
+  for user in admin node worker operator analytics; do
+    users="$users user_$user=\"$(sasl_password "$user")\""
+  done
+  local jaas="org.apache.kafka.common.security.plain.PlainLoginModule required username=\"admin\" password=\"$admin_password\"$users;"
+  cat <<PROPS
+listeners=SASL_PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
+advertised.listeners=SASL_PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=SASL_PLAINTEXT
+listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT
+sasl.enabled.mechanisms=PLAIN
+sasl.mechanism.inter.broker.protocol=PLAIN
+sasl.mechanism.controller.protocol=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=$jaas
+listener.name.controller.plain.sasl.jaas.config=$jaas
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:admin
+allow.everyone.if.no.acl.found=false
+PROPS
+}
+
+write_config() {
+  mkdir -p "$data_dir/logs"
+  local listeners; listeners="$(listener_config)"
+  ( umask 077; : > "$config" )  # the secured broker's file holds its users' passwords
+  cat > "$config" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$controller_port
+$listeners
 log.dirs=$data_dir/logs
 num.partitions=6
 offsets.topic.replication.factor=1
@@ -102,7 +157,7 @@ start() {
   echo $! > "$pid_file"
   for _ in $(seq 1 120); do
     if answers; then
-      echo "kafka.sh: broker up on 127.0.0.1:$port (pid $(cat "$pid_file"), data $data_dir)"
+      echo "kafka.sh: broker up on 127.0.0.1:$port ($security, pid $(cat "$pid_file"), data $data_dir)"
       return 0
     fi
     running || { tail -n 30 "$data_dir/stdout.log" "$log_file" >&2; die "broker exited during start"; }
@@ -129,5 +184,5 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) if running; then echo "running (pid $(cat "$pid_file"), 127.0.0.1:$port)"; else echo "stopped"; exit 1; fi ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -1,5 +1,6 @@
-"""Imports point down: ``node/`` (embedded in API nodes) never imports the worker, and the
-contracts in ``schemas/`` import nothing of ours but each other."""
+"""Imports point down: ``node/`` (embedded in API nodes) never imports the worker, the neutral
+``common/`` (the Kafka client factory) imports only the contracts, and the contracts in
+``schemas/`` import nothing of ours but each other."""
 
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ def imported_packages(package: str) -> set[tuple[str, str]]:
     return found
 
 
-@pytest.mark.parametrize(("package", "allowed"), [("node", {"node", "schemas"}), ("schemas", {"schemas"})])
+@pytest.mark.parametrize(
+    ("package", "allowed"),
+    [("node", {"node", "schemas", "common"}), ("common", {"common", "schemas"}), ("schemas", {"schemas"})],
+)
 def test_imports_point_down(package: str, allowed: set[str]) -> None:
-    ours = {"node", "schemas", "worker", "bench", "tests"}
+    ours = {"node", "schemas", "common", "worker", "bench", "tests"}
     wrong = sorted((f, top) for f, top in imported_packages(package) if top in ours and top not in allowed)
     assert wrong == []

@@ -276,7 +276,7 @@ def cmd_serve_api(args: argparse.Namespace, settings: Settings) -> int:
         print("meter serve-api: set METER_ADMIN_API_KEY first (every /v1 request must carry it)", file=sys.stderr)
         return 2
     book = _policy_book(settings)
-    follower = TopicFollower(settings.kafka_bootstrap, settings.limits_topic, _applier(book), "query-api")
+    follower = TopicFollower(settings, settings.limits_topic, _applier(book), "query-api")
     app = build_query_app(settings, _client(settings), policy_for=book.resolve)
     # Keep following the overrides while serving, so the key state shows the limits in force.
     app.router.on_startup.append(follower.start)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from aiokafka import AIOKafkaProducer
-
+from common import kafka_clients
 from schemas.allowances import Allowance
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
@@ -16,7 +15,7 @@ from worker.settings import Settings
 
 
 async def _send(settings: Settings, topic: str, key: str, value: bytes | None) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True, acks="all")
+    producer = kafka_clients.producer(settings, enable_idempotence=True, acks="all")
     await producer.start()
     try:
         await producer.send_and_wait(topic, value, key=key.encode())
@@ -62,14 +61,14 @@ async def set_override(
 async def current_overrides(settings: Settings) -> dict[str, LimitOverride]:
     """The overrides in force: the latest record per scope:subject on the limits topic."""
     latest: dict[str, LimitOverride] = {}
-    for override in valid_records(await read_to_end(settings.kafka_bootstrap, settings.limits_topic), LimitOverride):
+    for override in valid_records(await read_to_end(settings, settings.limits_topic), LimitOverride):
         latest[override.topic_key] = override
     return {k: v for k, v in latest.items() if v.policy is not None}
 
 
 async def latest_decisions(settings: Settings) -> dict[str, Decision]:
     latest: dict[str, Decision] = {}
-    for decision in valid_records(await read_to_end(settings.kafka_bootstrap, settings.decisions_topic), Decision):
+    for decision in valid_records(await read_to_end(settings, settings.decisions_topic), Decision):
         if decision.key_id not in latest or latest[decision.key_id].version < decision.version:
             latest[decision.key_id] = decision
     return latest
@@ -77,7 +76,7 @@ async def latest_decisions(settings: Settings) -> dict[str, Decision]:
 
 async def latest_allowances(settings: Settings) -> dict[str, Allowance]:
     latest: dict[str, Allowance] = {}
-    records = await read_to_end(settings.kafka_bootstrap, settings.allowances_topic)
+    records = await read_to_end(settings, settings.allowances_topic)
     for allowance in valid_records(records, Allowance):
         if allowance.key_id not in latest or latest[allowance.key_id].version < allowance.version:
             latest[allowance.key_id] = allowance

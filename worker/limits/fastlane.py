@@ -24,6 +24,8 @@ from typing import Any
 import xxhash
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from common import kafka_clients
+from common.kafka_clients import KafkaTarget
 from worker.ingest.validate import KafkaRecord, Rejection, Validator
 from worker.limits.engine import NodeReport
 from worker.retry import cancel_and_wait, keep_running
@@ -101,7 +103,7 @@ OnBatch = Callable[[FastBatch], Awaitable[None]]
 class FastLane:
     def __init__(
         self,
-        bootstrap: str,
+        kafka: KafkaTarget,
         topic: str,
         validator: Validator,
         on_batch: OnBatch,
@@ -110,7 +112,7 @@ class FastLane:
         clock: Callable[[], float] = time.time,
         consumer_options: dict[str, Any] | None = None,
     ) -> None:
-        self.bootstrap = bootstrap
+        self.kafka = kafka
         self.topic = topic
         self.validator = validator
         self.on_batch = on_batch
@@ -143,8 +145,8 @@ class FastLane:
         await keep_running(self._follow, f"fast lane on {self.topic}", 0.2, 5.0)
 
     async def _follow(self) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+        consumer = kafka_clients.consumer(
+            self.kafka,
             enable_auto_commit=False,
             group_id=None,
             fetch_max_wait_ms=100,

@@ -55,13 +55,11 @@ class LimitService:
             settle_s=settings.allowance_settle_ms / 1000.0,
         )
         self.engine = LimitEngine(self.policies, clock, allowance)
-        self.decisions = TopicFollower(settings.kafka_bootstrap, settings.decisions_topic, self._on_decisions, "limits")
-        self.overrides = TopicFollower(settings.kafka_bootstrap, settings.limits_topic, self._on_overrides, "limits")
-        self.allowances = TopicFollower(
-            settings.kafka_bootstrap, settings.allowances_topic, self._on_allowances, "limits"
-        )
+        self.decisions = TopicFollower(settings, settings.decisions_topic, self._on_decisions, "limits")
+        self.overrides = TopicFollower(settings, settings.limits_topic, self._on_overrides, "limits")
+        self.allowances = TopicFollower(settings, settings.allowances_topic, self._on_allowances, "limits")
         self.fast_lane = FastLane(
-            settings.kafka_bootstrap,
+            settings,
             settings.events_topic,
             Validator.from_settings(settings),
             self._on_fast_batch,

@@ -1,0 +1,2 @@
+"""Code shared by the API-node side and the worker that belongs to neither: the Kafka client
+factory. Imports nothing of ours but ``schemas`` (and itself), so ``node`` may import it."""
