@@ -20,6 +20,7 @@ from worker.follower import TopicUnavailable
 from worker.kafka_acls import Role
 from worker.logs import setup_logging
 from worker.settings import Settings
+from worker.topics import TopicsRefused
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -347,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args, settings)
+    except TopicsRefused as exc:
+        print(f"meter {args.command}: {exc}", file=sys.stderr)
+        return 2
     except TopicUnavailable as exc:
         print(
             f"meter {args.command}: {exc} (is Kafka up at METER_KAFKA_BOOTSTRAP? `meter topics` creates the topics)",

@@ -31,6 +31,10 @@ class Settings(NodeSettings):
     consumer_heartbeat_interval_ms: int = Field(default=2_000, ge=100)
     events_partitions: int = Field(default=6, ge=1)
     decisions_partitions: int = Field(default=3, ge=1)
+    # Replication of the topics the worker creates. The defaults fit one development broker;
+    # production: 3 and 2 (the worker refuses replication 1 on a cluster of several brokers).
+    kafka_replication_factor: int = Field(default=1, ge=1, le=32)
+    kafka_min_insync_replicas: int = Field(default=1, ge=1, le=32)
 
     # ClickHouse: chdb:///dir (embedded engine) or http(s)://user:pass@host:8123/db (server)
     clickhouse_dsn: str = f"chdb://{REPO_ROOT / '.data' / 'clickhouse'}"
@@ -97,6 +101,14 @@ class Settings(NodeSettings):
             )
         return key
 
+    @model_validator(mode="after")
+    def _min_insync_within_replication(self) -> Settings:
+        if self.kafka_min_insync_replicas > self.kafka_replication_factor:
+            raise ValueError(
+                f"METER_KAFKA_MIN_INSYNC_REPLICAS ({self.kafka_min_insync_replicas}) must not be above "
+                f"METER_KAFKA_REPLICATION_FACTOR ({self.kafka_replication_factor}): no write could be acknowledged"
+            )
+        return self
 
     @model_validator(mode="after")
     def _settle_within_the_burst_wait(self) -> Settings:

@@ -1,4 +1,10 @@
-"""Topic definitions and their creation: explicit partition counts, the decisions topic compacted."""
+"""Topic definitions and their creation: explicit partition counts, the decisions topic compacted,
+the replication factor and ``min.insync.replicas`` from the settings.
+
+Replication 1 is for a single development broker: on a cluster of several brokers the worker
+refuses to create topics with it (one broker lost = those topics lost), and it always warns
+when it creates topics with it.
+"""
 
 from __future__ import annotations
 
@@ -46,21 +52,83 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
 
 
+class TopicsRefused(Exception):
+    """The worker will not create the topics with these settings (the message says why, in one line)."""
+
+
+@dataclass(frozen=True)
+class ReplicationVerdict:
+    refuse: str | None  # why the topics must not be created, or None
+    warn: str | None  # what to log when creating them, or None
+
+
+def replication_verdict(replication_factor: int, min_insync_replicas: int, brokers: int) -> ReplicationVerdict:
+    """Whether topics may be created with this replication on a cluster of ``brokers`` brokers."""
+    if min_insync_replicas > replication_factor:
+        return ReplicationVerdict(
+            f"METER_KAFKA_MIN_INSYNC_REPLICAS={min_insync_replicas} is above METER_KAFKA_REPLICATION_FACTOR="
+            f"{replication_factor}: no write could ever be acknowledged",
+            None,
+        )
+    if replication_factor > brokers:
+        return ReplicationVerdict(
+            f"METER_KAFKA_REPLICATION_FACTOR={replication_factor} but the cluster has {brokers} broker(s)", None
+        )
+    if replication_factor == 1 and brokers > 1:
+        return ReplicationVerdict(
+            f"refusing to create topics with replication factor 1 on a cluster of {brokers} brokers (one lost "
+            "broker loses them): set METER_KAFKA_REPLICATION_FACTOR=3 and METER_KAFKA_MIN_INSYNC_REPLICAS=2",
+            None,
+        )
+    if replication_factor == 1:
+        return ReplicationVerdict(
+            None,
+            "creating topics with replication factor 1 (METER_KAFKA_REPLICATION_FACTOR=1): for a single "
+            "development broker only; production: 3 with METER_KAFKA_MIN_INSYNC_REPLICAS=2",
+        )
+    if min_insync_replicas < 2:
+        return ReplicationVerdict(
+            None,
+            f"creating topics with METER_KAFKA_MIN_INSYNC_REPLICAS={min_insync_replicas}: an acknowledged write "
+            "may be held by one replica only (production: 2 with replication factor 3)",
+        )
+    return ReplicationVerdict(None, None)
+
+
 async def ensure_topics(settings: Settings) -> list[str]:
-    """Create the missing topics; return the names created now."""
+    """Create the missing topics; return the names created now.
+
+    Raises ``TopicsRefused`` (nothing created) when the replication settings do not fit the
+    cluster: see ``replication_verdict``."""
     admin = kafka_clients.admin(settings, request_timeout_ms=15_000)
     await admin.start()
     created: list[str] = []
     try:
         existing = set(await admin.list_topics())
         missing = [spec for spec in topic_specs(settings) if spec.name not in existing]
+        if not missing:
+            return created
+        rf, min_isr = settings.kafka_replication_factor, settings.kafka_min_insync_replicas
+        brokers = len((await admin.describe_cluster())["brokers"])
+        verdict = replication_verdict(rf, min_isr, brokers)
+        if verdict.refuse is not None:
+            raise TopicsRefused(verdict.refuse)
+        if verdict.warn is not None:
+            log.warning("%s; topics %s", verdict.warn, ", ".join(spec.name for spec in missing))
         for spec in missing:
+            config = {**spec.config, "min.insync.replicas": str(min_isr)}
             try:
                 await admin.create_topics(
-                    [NewTopic(spec.name, spec.partitions, replication_factor=1, topic_configs=spec.config)]
+                    [NewTopic(spec.name, spec.partitions, replication_factor=rf, topic_configs=config)]
                 )
                 created.append(spec.name)
-                log.info("created topic %s (%d partitions)", spec.name, spec.partitions)
+                log.info(
+                    "created topic %s (%d partitions, replication %d, min.insync.replicas %d)",
+                    spec.name,
+                    spec.partitions,
+                    rf,
+                    min_isr,
+                )
             except TopicAlreadyExistsError:
                 pass
     finally:

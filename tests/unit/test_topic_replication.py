@@ -1,0 +1,124 @@
+"""Topic replication (issue 9, item 7): the replication factor and min.insync.replicas come from
+the settings, and the worker never silently creates production topics with replication 1.
+
+Before: every topic was created with replication factor 1, on any cluster, without a word."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from common import kafka_clients
+from worker.settings import Settings
+from worker.topics import TopicsRefused, ensure_topics, replication_verdict, topic_specs
+
+
+def test_defaults_fit_one_development_broker() -> None:
+    s = Settings()
+    assert (s.kafka_replication_factor, s.kafka_min_insync_replicas) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("rf", "min_isr", "brokers", "refused", "warned"),
+    [
+        (1, 1, 1, None, "replication factor 1"),  # the dev broker: allowed, with a warning
+        (1, 1, 3, "METER_KAFKA_REPLICATION_FACTOR=3", None),  # never RF 1 on a real cluster
+        (1, 1, 2, "cluster of 2 brokers", None),
+        (3, 2, 1, "METER_KAFKA_REPLICATION_FACTOR=3 but the cluster has 1 broker", None),
+        (3, 2, 3, None, None),  # production
+        (3, 2, 5, None, None),
+        (3, 1, 3, None, "METER_KAFKA_MIN_INSYNC_REPLICAS=1"),
+        (2, 3, 3, "above METER_KAFKA_REPLICATION_FACTOR=2", None),
+    ],
+)
+def test_replication_verdict(rf: int, min_isr: int, brokers: int, refused: str | None, warned: str | None) -> None:
+    verdict = replication_verdict(rf, min_isr, brokers)
+    if refused is None:
+        assert verdict.refuse is None
+    else:
+        assert verdict.refuse is not None
+        assert refused in verdict.refuse
+        assert "\n" not in verdict.refuse  # one line
+    if warned is None:
+        assert verdict.warn is None
+    else:
+        assert verdict.warn is not None
+        assert warned in verdict.warn
+
+
+def test_min_insync_above_replication_is_refused_at_start() -> None:
+    with pytest.raises(ValidationError, match="METER_KAFKA_MIN_INSYNC_REPLICAS"):
+        Settings(kafka_replication_factor=2, kafka_min_insync_replicas=3)
+
+
+class FakeAdmin:
+    """An admin client of a cluster of ``brokers`` brokers holding ``existing`` topics."""
+
+    def __init__(self, brokers: int, existing: set[str] | None = None) -> None:
+        self.brokers = brokers
+        self.existing = existing or set()
+        self.created: list[Any] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def list_topics(self) -> list[str]:
+        return sorted(self.existing)
+
+    async def describe_cluster(self) -> dict[str, Any]:
+        return {"brokers": [{"node_id": i} for i in range(self.brokers)], "controller_id": 0}
+
+    async def create_topics(self, topics: list[Any]) -> None:
+        self.created += topics
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> list[FakeAdmin]:
+    admins: list[FakeAdmin] = []
+
+    def admin(kafka: Any, **options: Any) -> FakeAdmin:
+        return admins[0]
+
+    monkeypatch.setattr(kafka_clients, "admin", admin)
+    return admins
+
+
+async def test_production_settings_create_replicated_topics(cluster: list[FakeAdmin]) -> None:
+    cluster.append(FakeAdmin(brokers=3))
+    s = Settings(kafka_replication_factor=3, kafka_min_insync_replicas=2)
+    created = await ensure_topics(s)
+    assert created == [spec.name for spec in topic_specs(s)]
+    for topic in cluster[0].created:
+        assert topic.replication_factor == 3
+        assert topic.topic_configs["min.insync.replicas"] == "2"
+
+
+async def test_replication_1_is_refused_on_a_cluster(cluster: list[FakeAdmin]) -> None:
+    cluster.append(FakeAdmin(brokers=3))
+    with pytest.raises(TopicsRefused, match="METER_KAFKA_REPLICATION_FACTOR"):
+        await ensure_topics(Settings())
+    assert cluster[0].created == []
+
+
+async def test_replication_1_on_one_broker_is_created_with_a_warning(
+    cluster: list[FakeAdmin], caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster.append(FakeAdmin(brokers=1))
+    with caplog.at_level(logging.WARNING, logger="worker.topics"):
+        created = await ensure_topics(Settings())
+    assert len(created) == len(cluster[0].created) > 0
+    assert all(t.replication_factor == 1 and t.topic_configs["min.insync.replicas"] == "1" for t in cluster[0].created)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("replication factor 1" in w for w in warnings), warnings
+
+
+async def test_existing_topics_are_left_alone(cluster: list[FakeAdmin]) -> None:
+    s = Settings()
+    cluster.append(FakeAdmin(brokers=3, existing={spec.name for spec in topic_specs(s)}))
+    assert await ensure_topics(s) == []  # nothing to create: nothing refused either
