@@ -22,6 +22,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka.errors import (
@@ -36,9 +38,12 @@ from node.reporter import UsageReporter
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.events import make_event
 from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
+from worker.app import WorkerRuntime
 from worker.follower import TopicUnavailable, read_to_end, valid_records
 from worker.limits.control import manual_decision, set_override
 from worker.settings import REPO_ROOT, Settings
+from worker.simulate import Traffic, generate, publish
+from worker.store.client import connect, quote_identifier
 from worker.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka
@@ -92,14 +97,14 @@ async def as_role(secured_bootstrap: str) -> Callable[..., Settings]:
         "consumer_group": f"sec{run}-workers",
     }
 
-    def build(user: str, secret: str | None = None) -> Settings:
+    def build(user: str, secret: str | None = None, **overrides: Any) -> Settings:
         return Settings(
             kafka_bootstrap=secured_bootstrap,
             kafka_security_protocol="SASL_PLAINTEXT",
             kafka_sasl_mechanism="PLAIN",
             kafka_sasl_username=user,
             kafka_sasl_password=password(user) if secret is None else secret,
-            **names,  # type: ignore[arg-type]
+            **{**names, **overrides},
         )
 
     await ensure_topics(build("admin"))
@@ -259,6 +264,40 @@ async def test_worker_cannot_change_limits_nor_use_another_group(as_role: Callab
 
     with pytest.raises(GroupAuthorizationFailedError):
         await consume()
+
+
+@pytest.mark.clickhouse
+async def test_the_whole_loop_runs_on_the_acls_alone(as_role: Callable[..., Settings], chdb_dir: Path) -> None:
+    """Node events -> the real worker (ingest group, fast lane, followers, FastStream publishes)
+    -> a block decision -> the node's decision cache, each process with its own principal."""
+    database = f"sec_{uuid.uuid4().hex[:8]}"
+    limits = {"limit_per_minute": 5, "limit_per_hour": 1_000, "limit_per_day": 5_000}
+    node = as_role("node", **limits)
+    worker = as_role(
+        "worker",
+        clickhouse_dsn=f"chdb://{chdb_dir}",
+        clickhouse_database=database,
+        http_port=0,
+        batch_timeout_ms=50,
+        **limits,
+    )
+    events = list(generate(12, Traffic(keys=1, nodes=1, spread=timedelta(seconds=5), seed=9)))
+    key_id = events[0]["key_id"]
+    await publish(node, node.events_topic, events)  # as the node principal
+
+    runtime = WorkerRuntime(worker)
+    cache = DecisionCache(node)
+    try:
+        async with runtime.running():
+            await eventually(lambda: runtime.consumer is not None and runtime.consumer.stats.consumed >= 12, 60)
+            await cache.start()
+            assert await cache.wait_ready(30), cache.state().last_error
+            await eventually(lambda: cache.check(key_id) is not None, 30)
+    finally:
+        await cache.stop()
+        connect(worker.clickhouse_dsn, database).command(f"DROP DATABASE IF EXISTS {quote_identifier(database)}")
+    assert runtime.consumer is not None
+    assert runtime.consumer.stats.counted == 12
 
 
 async def test_analytics_reads_nothing_on_kafka(as_role: Callable[..., Settings]) -> None:
