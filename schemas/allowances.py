@@ -10,34 +10,29 @@ it admitted before the allowance arrived are charged to it). A node not listed m
 
 from __future__ import annotations
 
-from typing import Annotated
+from pydantic import BaseModel, ConfigDict, Field
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
-
+from schemas.bounds import Count, Identifier, Timestamp, Version
 from schemas.decisions import Window
-
-MAX_COUNT = 10**12  # far above any real window count; bounds what a bad record can claim
-_Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
-_NodeId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
 class NodeGrant(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    used: _Count  # the node's own count in the window, as its latest event reported it
-    cap: _Count  # the node admits while its own count is below this
+    used: Count  # the node's own count in the window, as its latest event reported it
+    cap: Count  # the node admits while its own count is below this
 
 
 class WindowAllowance(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     window: Window
-    start: AwareDatetime
-    until: AwareDatetime  # the window's end: the allowance is void after it
-    limit: _Count
-    count: _Count  # the key's count in the window as the worker has seen it
-    grants: dict[_NodeId, NodeGrant] = Field(default_factory=dict, max_length=1024)
-    others: _Count = 0
+    start: Timestamp
+    until: Timestamp  # the window's end: the allowance is void after it
+    limit: Count
+    count: Count  # the key's count in the window as the worker has seen it
+    grants: dict[Identifier, NodeGrant] = Field(default_factory=dict, max_length=1024)
+    others: Count = 0
 
 
 class Allowance(BaseModel):
@@ -45,9 +40,9 @@ class Allowance(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    key_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    version: Annotated[int, Field(ge=1, lt=2**63)]
-    decided_at: AwareDatetime
+    key_id: Identifier
+    version: Version
+    decided_at: Timestamp
     windows: list[WindowAllowance] = Field(default_factory=list, max_length=3)
 
     def for_window(self, window: Window) -> WindowAllowance | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict
+
+from schemas.bounds import Count, Identifier, Note, Timestamp, Version
 
 
 class Window(StrEnum):
@@ -41,16 +43,16 @@ class Decision(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    key_id: str
+    key_id: Identifier
     action: DecisionAction
     window: Window
-    limit: int | None = None
-    count: int | None = None
-    until: AwareDatetime | None = None
-    reason: str = ""
-    version: int
-    decided_at: AwareDatetime
-    source: str = "worker"
+    limit: Count | None = None
+    count: Count | None = None
+    until: Timestamp | None = None
+    reason: Note = ""  # operators' reasons stay in the audit; clients get a generic message
+    version: Version
+    decided_at: Timestamp
+    source: Identifier = "worker"
 
     def retry_after_seconds(self, now: datetime) -> int:
         if self.until is None:

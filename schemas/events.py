@@ -13,11 +13,15 @@ from typing import Annotated, Any, NotRequired
 from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints, TypeAdapter
 from typing_extensions import TypedDict
 
+from schemas.bounds import CONTROL_CHARACTERS, PRINTABLE, Identifier, Label
+
 EVENT_SCHEMA_VERSION = 1
 
 # Bounds keep one bad producer from bloating rows or memory; values past them are refused.
-_Text = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-_Id = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+_Text = Label
+_Id = Identifier
+# A path starts with "/" and, like every text field, carries no control characters.
+_PATH = f"^/[^{CONTROL_CHARACTERS}]*$"
 
 
 class RequestEvent(TypedDict):
@@ -31,11 +35,11 @@ class RequestEvent(TypedDict):
     request_id: _Text
     key_id: _Id
     node_id: _Id
-    method: Annotated[str, StringConstraints(min_length=1, max_length=16)]
-    endpoint: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^/")]
+    method: Annotated[str, StringConstraints(min_length=1, max_length=16, pattern=PRINTABLE)]
+    endpoint: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=_PATH)]
     status: Annotated[int, Field(ge=100, le=599)]
     ts: AwareDatetime
-    account_id: NotRequired[Annotated[str, StringConstraints(max_length=64)] | None]
+    account_id: NotRequired[Annotated[str, StringConstraints(max_length=64, pattern=PRINTABLE)] | None]
     latency_ms: NotRequired[Annotated[float, Field(ge=0, le=3_600_000)] | None]
     client_ip: NotRequired[Annotated[str, StringConstraints(max_length=45)] | None]
     bytes_out: NotRequired[Annotated[int, Field(ge=0, le=1 << 40)] | None]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
+from schemas.bounds import Count, Identifier, Note, Timestamp
 from schemas.decisions import Window
 
 
@@ -14,9 +15,9 @@ class LimitPolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    per_minute: int | None = Field(default=100, ge=0)
-    per_hour: int | None = Field(default=1_000, ge=0)
-    per_day: int | None = Field(default=5_000, ge=0)
+    per_minute: Count | None = 100
+    per_hour: Count | None = 1_000
+    per_day: Count | None = 5_000
 
     @classmethod
     def unlimited(cls) -> LimitPolicy:
@@ -50,10 +51,10 @@ class LimitOverride(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     scope: OverrideScope
-    subject: str = Field(min_length=1, max_length=64)
+    subject: Identifier
     policy: LimitPolicy | None
-    updated_at: AwareDatetime
-    note: str = ""
+    updated_at: Timestamp
+    note: Note = ""
 
     @property
     def topic_key(self) -> str:

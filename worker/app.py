@@ -19,6 +19,7 @@ from faststream.kafka.message import FAKE_CONSUMER, KafkaAckableMessage
 
 from common import kafka_clients
 from worker.ingest.consumer import IngestConsumer
+from worker.ingest.dlq import dead_letter_key, refused_by_broker
 from worker.ingest.pipeline import IngestPipeline
 from worker.ingest.recent_hashes import RecentHashes
 from worker.ingest.validate import Rejection
@@ -65,6 +66,7 @@ class WorkerRuntime:
         self._store = store
         self.consumer: IngestConsumer | None = None
         self.limits: LimitService | None = None
+        self.dead_letters_dropped = 0  # records the DLQ refused (logged with their place)
         self._http_server: uvicorn.Server
         self.subscriber = self.broker.subscriber(
             settings.events_topic,
@@ -126,13 +128,24 @@ class WorkerRuntime:
         await self.consumer.handle(message.raw_message)
 
     async def _dead_letter(self, rejection: Rejection, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        # Bad input is never dropped silently: if the DLQ cannot be written, wait for it.
-        await retry_forever(
-            lambda: self.broker.publish(
-                value, self.settings.dlq_topic, key=rejection.key, headers={k: v.decode() for k, v in headers}
-            ),
-            f"dead-lettering {rejection.topic}[{rejection.partition}]@{rejection.offset}",
-        )
+        # Bad input is never dropped silently: if the DLQ cannot be written, wait for it. A
+        # record the broker will never take (too large even truncated) is logged and skipped:
+        # retrying it would stall the partition here and on every next owner.
+        place = f"{rejection.topic}[{rejection.partition}]@{rejection.offset}"
+        try:
+            await retry_forever(
+                lambda: self.broker.publish(
+                    value,
+                    self.settings.dlq_topic,
+                    key=dead_letter_key(rejection),
+                    headers={k: v.decode() for k, v in headers},
+                ),
+                f"dead-lettering {place}",
+                permanent=refused_by_broker,
+            )
+        except Exception as exc:
+            self.dead_letters_dropped += 1
+            log.error("record %s (%s) could not be dead-lettered and is skipped: %s", place, rejection.reason, exc)
 
     async def _send(self, topic: str, key: str, value: bytes) -> None:
         await self.broker.publish(value, topic, key=key.encode())

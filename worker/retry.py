@@ -27,11 +27,23 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
             await task
 
 
+def transient_only(exc: Exception) -> bool:
+    """Never give up: every failure is taken as transient."""
+    return False
+
+
 async def retry_forever(
-    call: Callable[[], Awaitable[T]], what: str, first_delay: float = 0.2, max_delay: float = 10.0
+    call: Callable[[], Awaitable[T]],
+    what: str,
+    first_delay: float = 0.2,
+    max_delay: float = 10.0,
+    permanent: Callable[[Exception], bool] = transient_only,
 ) -> T:
     """Await ``call()`` until it succeeds. For steps that must not be skipped (the store or the
-    broker is down: waiting is right, dropping the work would lose it)."""
+    broker is down: waiting is right, dropping the work would lose it).
+
+    A failure ``permanent`` says retrying cannot fix (a record too large, a value out of a
+    column's range) is raised at once: retrying it would wedge the caller forever."""
     delay = first_delay
     while True:
         try:
@@ -39,6 +51,8 @@ async def retry_forever(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if permanent(exc):
+                raise
             log.error("%s failed (retry in %.1fs): %s", what, delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay)

@@ -131,9 +131,9 @@ def test_on_applied_hook(clock: Clock) -> None:
     cache = DecisionCache(
         Settings(node_secret="s"), now=clock, on_applied=lambda d, t: seen.append((d.key_id, d.version, t))
     )
-    cache.apply(block("k1", 1), received=123.5)
-    cache.apply(unblock("k1", 0))  # stale: no callback
-    assert seen == [("k1", 1, 123.5)]
+    cache.apply(block("k1", 2), received=123.5)
+    cache.apply(unblock("k1", 1))  # stale: no callback
+    assert seen == [("k1", 2, 123.5)]
 
 
 def test_failing_hook_does_not_break_apply(clock: Clock) -> None:

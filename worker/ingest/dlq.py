@@ -1,36 +1,98 @@
-"""Dead-letter records: the reason, where it came from, and the original bytes."""
+"""Dead-letter records: the reason, where it came from, and the original bytes.
+
+A DLQ record always fits the broker: the original is kept up to ``MAX_ORIGINAL_BYTES``
+(base64 inside JSON grows it by a third), the rest is cut and the record says so, with the
+full original's size and SHA-256. Each record carries a stable ``id`` (its source topic,
+partition and offset): a worker killed after dead-lettering a batch but before writing it
+dead-letters the same records again, and readers collapse them by that id.
+"""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
 from worker.ingest.validate import Rejection
 
 # (topic, key, value, headers) -> awaitable publish; the worker passes its broker's publish.
 Publish = Callable[[bytes | None, bytes, list[tuple[str, bytes]]], Awaitable[None]]
 
+# 512 KiB of original -> ~700 KB of base64: well under the 1 MiB producer / broker limit.
+MAX_ORIGINAL_BYTES = 512 * 1024
+MAX_KEY_BYTES = 256
+MAX_DETAIL_CHARS = 2_000
+
+
+def record_id(topic: str, partition: int, offset: int) -> str:
+    """The stable id of the DLQ record for one source record."""
+    return f"{topic}[{partition}]@{offset}"
+
 
 def dead_letter(rejection: Rejection, now: datetime | None = None) -> tuple[bytes, list[tuple[str, bytes]]]:
     """The DLQ message value and headers for one rejected record."""
     original = rejection.value or b""
+    kept = original[:MAX_ORIGINAL_BYTES]
+    rid = record_id(rejection.topic, rejection.partition, rejection.offset)
     body = {
+        "id": rid,
         "reason": rejection.reason,
-        "detail": rejection.detail,
+        "detail": rejection.detail[:MAX_DETAIL_CHARS],
         "source_topic": rejection.topic,
         "source_partition": rejection.partition,
         "source_offset": rejection.offset,
-        "original_b64": base64.b64encode(original).decode(),
+        "original_b64": base64.b64encode(kept).decode(),
         "original_size": len(original),
+        "truncated": len(kept) < len(original),
+        "original_sha256": hashlib.sha256(original).hexdigest(),
         "rejected_at": (now or datetime.now(UTC)).isoformat(),
     }
-    headers = [
-        ("dlq.reason", rejection.reason.encode()),
-        ("dlq.source", f"{rejection.topic}[{rejection.partition}]@{rejection.offset}".encode()),
-    ]
+    headers = [("dlq.reason", rejection.reason.encode()), ("dlq.source", rid.encode())]
     return json.dumps(body).encode(), headers
+
+
+def refused_by_broker(exc: Exception) -> bool:
+    """A publish failure no retry can fix: the record itself is refused for its size."""
+    return isinstance(exc, MessageSizeTooLargeError | RecordTooLargeError)
+
+
+def dead_letter_key(rejection: Rejection) -> bytes | None:
+    """The DLQ record's key: the original key (replay keeps the partitioning), bounded."""
+    return rejection.key[:MAX_KEY_BYTES] if rejection.key is not None else None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One DLQ record as read back (for ``meter dlq`` and replay)."""
+
+    id: str
+    reason: str
+    detail: str
+    key: bytes | None
+    original: bytes
+    truncated: bool
+    rejected_at: str
+    dlq_offset: int
+
+    @classmethod
+    def parse(cls, key: bytes | None, value: bytes, dlq_offset: int) -> DeadLetter:
+        body: dict[str, Any] = json.loads(value)
+        return cls(
+            id=body.get("id") or record_id(body["source_topic"], body["source_partition"], body["source_offset"]),
+            reason=body["reason"],
+            detail=body.get("detail", ""),
+            key=key,
+            original=base64.b64decode(body["original_b64"]),
+            truncated=bool(body.get("truncated", False)),
+            rejected_at=body.get("rejected_at", ""),
+            dlq_offset=dlq_offset,
+        )
 
 
 def original_bytes(dlq_value: bytes) -> bytes:

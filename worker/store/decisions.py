@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DataError
 
 from schemas.decisions import Decision
 from worker.store.client import quote_identifier
+
+log = logging.getLogger(__name__)
 
 COLUMNS = [
     "key_id",
@@ -29,11 +33,23 @@ class DecisionStore:
         self._client = client
         self._table = f"{quote_identifier(database)}.decisions"
 
-    def record(self, decisions: Sequence[Decision]) -> None:
-        """Insert; recording the same (key_id, version) twice collapses on merge and in reads."""
+    def record(self, decisions: Sequence[Decision]) -> list[Decision]:
+        """Insert; recording the same (key_id, version) twice collapses on merge and in reads.
+
+        A decision whose values the table cannot hold is a data error, not an outage: it is
+        logged and skipped (returned), the others recorded. Store failures are raised, for the
+        caller to retry."""
         if not decisions:
-            return
-        self._client.insert(self._table, [_row(d) for d in decisions], column_names=COLUMNS)
+            return []
+        try:
+            self._client.insert(self._table, [_row(d) for d in decisions], column_names=COLUMNS)
+            return []
+        except DataError:
+            if len(decisions) == 1:
+                log.error("decision %s v%s cannot be audited and is skipped", decisions[0].key_id, decisions[0].version)
+                return list(decisions)
+        # Some decision of the batch is unstorable: record them one by one to find which.
+        return [bad for d in decisions for bad in self.record([d])]
 
     def history(self, key_id: str, limit: int = 50) -> list[Decision]:
         result = self._client.query(
