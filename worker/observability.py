@@ -124,6 +124,12 @@ class _StateCollector(Collector):
                 "meter_allowances_published", "Allowance records published", rt.limits.allowances_published
             )
             yield GaugeMetricFamily("meter_hot_keys", "Keys whose remainder is divided among nodes", len(engine.hot))
+            yield CounterMetricFamily(
+                "meter_key_account_changes", "Keys whose events named another account", engine.account_changes
+            )
+        yield CounterMetricFamily(
+            "meter_dead_letters_dropped", "Rejected records the DLQ refused (logged, skipped)", rt.dead_letters_dropped
+        )
 
 
 @dataclass

@@ -229,3 +229,49 @@ def test_events_stamped_in_a_minute_not_yet_begun_count_in_the_live_one() -> Non
     assert h.hit("k", 60, at=T0 + 65) == []  # a node clock 60 s ahead
     [block] = h.hit("k", 40)  # the live minute holds all 100
     assert block.count == 100
+
+
+NOW = datetime.fromtimestamp(T0, UTC)
+
+
+def _vip_unlimited(h: Harness) -> None:
+    h.policies.apply(
+        LimitOverride(scope=OverrideScope.account, subject="vip", policy=LimitPolicy.unlimited(), updated_at=NOW)
+    )
+
+
+def test_one_event_claiming_another_account_does_not_pin_the_key_to_it() -> None:
+    h = Harness()
+    _vip_unlimited(h)
+    assert h.hit("k", 1, account="vip") == []  # forged (or stale) first: the key now reads as vip's
+    [block] = h.hit("k", 99, account="acct")  # its own nodes say acct: acct's limits count
+    assert (block.window, block.count) == (Window.minute, 100)
+    [change] = h.engine.take_account_changes()
+    assert (change.key_id, change.before, change.after) == ("k", "vip", "acct")
+    assert h.engine.account_changes == 1
+    assert h.engine.take_account_changes() == []
+
+
+def test_a_late_event_does_not_move_the_account_back() -> None:
+    h = Harness()
+    _vip_unlimited(h)
+    h.hit("k", 1, account="acct")
+    h.clock.now = T0 + 65
+    h.hit("k", 1, account="acct")
+    h.hit("k", 1, at=T0 + 5, account="vip")  # a minute behind the live one
+    assert h.engine.partitions[0].keys["k"].account == "acct"
+    assert h.engine.take_account_changes() == []
+
+
+def test_rebuild_keeps_the_account_of_the_most_recent_window() -> None:
+    h = Harness()
+    h.engine.assign(
+        1,
+        [
+            ("k", "old", Window.minute, int(T0), 5),
+            ("k", "new", Window.hour, int(T0), 50),
+            ("k", "older", Window.day, int(T0) - int(T0) % 86400, 500),
+        ],
+    )
+    # Rows of one key may name several accounts when it moved today: the minute's is current.
+    assert h.engine.partitions[1].keys["k"].account == "old"

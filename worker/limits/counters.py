@@ -51,6 +51,10 @@ class WindowCounters:
         kw = self.keys.get(key_id)
         if kw is None:
             kw = self.keys[key_id] = KeyWindows(sys.intern(account))
+        elif account != kw.account and minute >= kw.minute:
+            # The node's key store owns a key's account; the newest event says what it is now
+            # (a late event does not move it back, and no single event pins it).
+            kw.account = sys.intern(account)
         hour = minute - minute % 3600
         day = minute - minute % 86400
         if minute > kw.minute:
@@ -72,8 +76,7 @@ class WindowCounters:
         kw = self.keys.get(key_id)
         if kw is None:
             kw = self.keys[key_id] = KeyWindows(sys.intern(account))
-        if account and not kw.account:
-            kw.account = sys.intern(account)
+        kw.account = sys.intern(account)  # rows come longest window first: the newest wins
         if window is Window.minute:
             kw.minute, kw.minute_n = self._shared(start), n
         elif window is Window.hour:

@@ -76,6 +76,14 @@ class Verdicts:
         return bool(self.decisions or self.allowances)
 
 
+@dataclass(frozen=True, slots=True)
+class AccountChange:
+    key_id: str
+    before: str
+    after: str
+    partition: int
+
+
 @dataclass(slots=True)
 class HotKey:
     nodes: dict[str, NodeUse] = field(default_factory=dict)
@@ -117,13 +125,18 @@ class LimitEngine:
         self.versions: dict[str, int] = {}
         self._expiry: list[tuple[float, str]] = []
         self.decisions_published = 0
+        # Keys whose events changed their account (a move, or a node that disagrees): for the
+        # caller to report (``take_account_changes``) and for the metrics.
+        self.account_changes = 0
+        self.changed_accounts: list[AccountChange] = []
         self.published_by_action: dict[str, int] = {"block": 0, "unblock": 0}
 
     # -- ownership ---------------------------------------------------------------------
     def assign(self, partition: int, counts: Iterable[tuple[str, str, Window, int, int]]) -> None:
         """Own ``partition`` with counts rebuilt from ClickHouse: (key, account, window, start, n)."""
         counters = self.partitions.setdefault(partition, WindowCounters())
-        for key_id, account, window, start, n in counts:
+        # Day, then hour, then minute: the account of the most recent window is kept.
+        for key_id, account, window, start, n in sorted(counts, key=lambda c: -WINDOW_SECONDS[c[2]]):
             counters.set(key_id, account, window, start, n)
 
     def revoke(self, partition: int) -> None:
@@ -134,6 +147,10 @@ class LimitEngine:
                 held = self.blocks.get(key_id)
                 if held is not None and not held.operator:  # operator blocks hold whoever owns the key
                     del self.blocks[key_id]
+
+    def take_account_changes(self) -> list[AccountChange]:
+        changes, self.changed_accounts = self.changed_accounts, []
+        return changes
 
     def live_keys(self) -> int:
         return sum(len(c) for c in self.partitions.values())
@@ -151,7 +168,12 @@ class LimitEngine:
             # A node clock a little ahead stamps events into a minute that has not begun:
             # count them in the live one, or they would move the window early and the
             # current minute's requests would escape the limit.
-            touched[key_id] = counters.add(key_id, account, min(minute, this_minute), n)
+            held = counters.keys.get(key_id)
+            before = held.account if held is not None else account
+            kw = touched[key_id] = counters.add(key_id, account, min(minute, this_minute), n)
+            if kw.account != before:
+                self.account_changes += 1
+                self.changed_accounts.append(AccountChange(key_id, before, kw.account, partition))
         verdicts = Verdicts()
         for key_id, kw in touched.items():
             if d := self._evaluate(key_id, kw, now):

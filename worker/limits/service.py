@@ -29,6 +29,9 @@ Send = Callable[[str, str, bytes], Awaitable[Any]]
 FOLLOWERS_READY_TIMEOUT = 30.0
 
 
+ACCOUNT_CHANGES_LOGGED = 10  # per batch: a flood of changes must not flood the log
+
+
 class LimitService:
     def __init__(
         self,
@@ -134,8 +137,24 @@ class LimitService:
     # the fast lane ---------------------------------------------------------------------
     async def _on_fast_batch(self, batch: FastBatch) -> None:
         verdicts = self.engine.observe(batch.counts, batch.nodes)
+        self._report_account_changes()
         if verdicts:
             await self._publish(verdicts)
+
+    def _report_account_changes(self) -> None:
+        """A key's events naming another account: a move in the key store, or nodes that
+        disagree (a stale key store, a forged event). Either way an operator should see it."""
+        changes = self.engine.take_account_changes()
+        for c in changes[:ACCOUNT_CHANGES_LOGGED]:
+            log.warning(
+                "key %s: events now name account %r (was %r; partition %d); its limits follow the new account",
+                c.key_id,
+                c.after,
+                c.before,
+                c.partition,
+            )
+        if len(changes) > ACCOUNT_CHANGES_LOGGED:
+            log.warning("%d more keys changed account in the same batch", len(changes) - ACCOUNT_CHANGES_LOGGED)
 
     # topics ----------------------------------------------------------------------------
     async def _on_decisions(self, records: list[Any]) -> None:
