@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from schemas.limits import LimitPolicy, OverrideScope
 from schemas.usage import Granularity, UsagePoint
 from worker.analytics.cli import add_analytics_commands, printable
-from worker.cli_args import parse_time
+from worker.cli_args import parse_duration, parse_time
+from worker.dlq_cli import add_dlq_commands
 from worker.follower import TopicUnavailable
 from worker.kafka_acls import Role
 from worker.logs import setup_logging
@@ -123,18 +124,6 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     asyncio.run(run_node(settings, args.port, demo_seed=seed, extra_keys=args.extra_keys, host=args.host))
     return 0
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90s``, ``15m``, ``2h``, ``1d``."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        value, unit = float(text[:-1]), units[text[-1]]
-    except (KeyError, ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 90s, 15m, 2h, 1d)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
-    return timedelta(seconds=value * unit)
 
 
 def parse_limit(text: str) -> int | None:
@@ -333,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_node)
 
     add_analytics_commands(sub)
+    add_dlq_commands(sub)
     return parser
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 # ClickHouse DateTime covers 1970-01-01 .. 2106-02-07 UTC; times outside cannot be stored or queried.
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -22,3 +22,15 @@ def parse_time(text: str) -> datetime:
     if not EARLIEST <= value < LATEST:
         raise argparse.ArgumentTypeError(f"time out of range (1970-01-01 .. 2106-02-06): {text!r}")
     return value
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``15m``, ``2h``, ``1d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value, unit = float(text[:-1]), units[text[-1]]
+    except (KeyError, ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 90s, 15m, 2h, 1d)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
+    return timedelta(seconds=value * unit)

@@ -1,0 +1,99 @@
+"""``meter dlq show`` / ``meter dlq replay`` on the real broker and chDB: repeated copies of a
+dead letter collapse, a replay re-validates and re-publishes only what now passes, and the
+replayed events are counted once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from tests.integration.helpers import db_counts, expected_counts, read_all, wait_for
+from worker.app import WorkerRuntime
+from worker.cli import main
+from worker.settings import Settings
+from worker.simulate import Traffic, generate, publish
+from worker.store.rollup import RollupStore
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
+
+
+def use_settings(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    for name in ("kafka_bootstrap", "events_topic", "dlq_topic", "decisions_topic", "limits_topic"):
+        monkeypatch.setenv(f"METER_{name.upper()}", str(getattr(settings, name)))
+
+
+async def _run(argv: list[str]) -> int:
+    return await asyncio.to_thread(main, argv)  # the CLI runs its own event loop
+
+
+async def _consume_all(settings: Settings, clickhouse: Any, total: int) -> None:
+    runtime = WorkerRuntime(settings, store=RollupStore(clickhouse, settings.clickhouse_database))
+    async with runtime.running():
+        await wait_for(
+            lambda: runtime.consumer is not None and runtime.consumer.stats.consumed >= total, 60, f"{total} records"
+        )
+
+
+async def test_dlq_show_collapses_copies_and_replay_counts_what_now_passes(
+    topics: Settings,
+    clickhouse: Any,
+    make_settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s = topics
+    now = datetime.now(UTC)
+    small = list(generate(20, Traffic(keys=3, seed=11), end=now))
+    # Long paths: over a strict METER_MAX_EVENT_BYTES of 400 ("oversized"), fine under the default.
+    large = [e | {"endpoint": "/v0/" + "p" * 200} for e in generate(8, Traffic(keys=3, seed=12), end=now)]
+    await publish(s.kafka_bootstrap, s.events_topic, small + large)
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap)
+    await producer.start()
+    try:
+        for i in range(3):
+            await producer.send_and_wait(s.events_topic, b"not json %d" % i, key=b"k")
+    finally:
+        await producer.stop()
+
+    strict = s.model_copy(update={"max_event_bytes": 400})
+    await _consume_all(strict, clickhouse, 31)
+    dlq = await read_all(s.kafka_bootstrap, s.dlq_topic)
+    assert len(dlq) == 11
+    # A worker killed after dead-lettering a batch but before writing it dead-letters it again:
+    # the same records, re-published with the same ids.
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap)
+    await producer.start()
+    try:
+        for record in dlq[:4]:
+            await producer.send_and_wait(s.dlq_topic, record.value, key=record.key)
+    finally:
+        await producer.stop()
+
+    use_settings(monkeypatch, s)
+    capsys.readouterr()
+    assert await _run(["dlq", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "11 dead letters (4 repeated copies collapsed)" in out
+    assert "oversized        8" in out
+    assert "invalid_json     3" in out
+    assert await _run(["dlq", "show", "--reason", "invalid_json", "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [row["original"] for row in shown] == [f"not json {i}" for i in range(3)]
+
+    assert await _run(["dlq", "replay", "--reason", "invalid_json"]) == 0
+    out = capsys.readouterr().out
+    assert "re-published 0" in out
+    assert "still rejected as invalid_json: 3" in out
+    assert await _run(["dlq", "replay", "--reason", "oversized", "--dry-run"]) == 0
+    assert "would re-publish 8" in capsys.readouterr().out
+    assert await _run(["dlq", "replay", "--reason", "oversized"]) == 0
+    assert "re-published 8" in capsys.readouterr().out
+
+    # The default bound takes them now; the 31 records before are already written (skipped).
+    await _consume_all(s, clickhouse, 8)
+    assert db_counts(clickhouse, s.clickhouse_database) == expected_counts(small + large)

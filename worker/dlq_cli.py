@@ -1,0 +1,85 @@
+"""``meter dlq show`` and ``meter dlq replay``: the dead-letter topic for operators."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from worker.analytics.cli import printable
+from worker.cli_args import parse_duration
+from worker.ingest.replay import describe, read_dead_letters, republish, select, triage
+from worker.ingest.validate import Validator
+from worker.settings import Settings
+
+
+def _since(args: argparse.Namespace) -> datetime | None:
+    return datetime.now(UTC) - args.since if args.since else None
+
+
+def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
+    letters, copies = asyncio.run(read_dead_letters(settings))
+    chosen = select(letters, args.reason, _since(args))
+    if args.format == "json":
+        print(json.dumps([describe(letter) for letter in chosen[-args.limit :]]))
+        return 0
+    print(
+        f"{settings.dlq_topic}: {len(letters)} dead letters"
+        + (f" ({copies} repeated copies collapsed)" if copies else "")
+        + (f", {len(chosen)} selected" if len(chosen) != len(letters) else "")
+    )
+    for reason, n in Counter(letter.reason for letter in chosen).most_common():
+        print(f"  {reason:16} {n}")
+    if chosen and args.limit:
+        print(f"\nlatest {min(args.limit, len(chosen))}:")
+        for letter in chosen[-args.limit :]:
+            row = describe(letter)
+            flag = " [truncated]" if letter.truncated else ""
+            print(f"{letter.rejected_at[:19]}  {printable(letter.id)}  {letter.reason}{flag}")
+            print(f"    {printable(str(row['detail']))[:160]}")
+            print(f"    {printable(str(row['original']))[:160]}")
+    return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
+    letters, copies = asyncio.run(read_dead_letters(settings))
+    chosen = select(letters, args.reason, _since(args))
+    good, report = triage(chosen, Validator.from_settings(settings), time.time())
+    if not args.dry_run:
+        report.republished = asyncio.run(republish(settings, good))
+    verb = "would re-publish" if args.dry_run else "re-published"
+    print(
+        f"{len(chosen)} dead letters with reason {args.reason}: {verb} {len(good)} to {settings.events_topic}"
+        + (f" ({copies} repeated copies collapsed first)" if copies else "")
+    )
+    for reason, n in report.still_rejected.most_common():
+        print(f"  still rejected as {reason}: {n} (left in the DLQ, not re-published)")
+    if report.truncated:
+        print(f"  truncated originals: {report.truncated} (cannot be replayed; see their size and SHA-256)")
+    return 0
+
+
+def add_dlq_commands(sub: Any) -> None:
+    dlq = sub.add_parser("dlq", help="show or replay the dead-letter topic (rejected events and why)")
+    actions = dlq.add_subparsers(dest="dlq_action", required=True, metavar="ACTION")
+
+    p = actions.add_parser("show", help="count dead letters by reason and print the latest")
+    p.add_argument("--reason", help="only this reason (e.g. schema_violation, ts_in_future)")
+    p.add_argument("--since", type=parse_duration, help="only letters rejected in this span back from now, e.g. 7d")
+    p.add_argument("--limit", type=int, default=10, help="how many of the latest to print (default 10)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_dlq_show)
+
+    p = actions.add_parser(
+        "replay",
+        help="validate the originals again and re-publish those that pass to the events topic "
+        "(with their original key; events already counted are dropped by the worker's dedup)",
+    )
+    p.add_argument("--reason", required=True, help="replay the letters of this reason only")
+    p.add_argument("--since", type=parse_duration, help="only letters rejected in this span back from now")
+    p.add_argument("--dry-run", action="store_true", help="say what would be re-published, publish nothing")
+    p.set_defaults(func=cmd_dlq_replay)
