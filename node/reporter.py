@@ -3,9 +3,9 @@
 ``report()`` only appends to a bounded in-memory buffer; a background task drains it into an
 idempotent, batching aiokafka producer keyed by key id (so every event of a key lands on one
 partition and is counted by one worker). If Kafka is down the node keeps serving: events stay
-buffered up to the bound and are resent with backoff; past the bound they are dropped, counted
-and logged — never silently. A resend may duplicate an event in Kafka; the worker dedups by
-``request_id``.
+buffered up to the bound and are resent with backoff (``common.retry``); past the bound they
+are dropped, counted and logged — never silently. A resend may duplicate an event in Kafka;
+the worker dedups by ``request_id``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.codec import has_lz4
 
 from common import kafka_clients
-from node.errors import describe
+from common.retry import describe_error, retry_forever
 from node.settings import NodeSettings
 from schemas.events import RequestEvent, dump_event
 
@@ -180,7 +180,6 @@ class UsageReporter:
     # -- background drain ---------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = self._backoff_initial_s
         while True:
             if not self._buffer:
                 if self._stopping:
@@ -189,19 +188,27 @@ class UsageReporter:
                 await self._wakeup.wait()
                 continue
             try:
-                producer = await self._ensure_producer()
-                await self._send_chunk(producer)
-                backoff = self._backoff_initial_s
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any Kafka failure: keep buffering, retry
-                self._on_failure(exc, backoff)
-                if self._stopping:
-                    return  # stop() should not wait out retries against a dead broker
-                with contextlib.suppress(TimeoutError):
-                    # Sleep the backoff, but wake at once if stop() is called meanwhile.
-                    await asyncio.wait_for(self._stop_requested.wait(), backoff)
-                backoff = min(backoff * 2, self._backoff_max_s)
+                # Any Kafka failure: keep buffering, retry with backoff.
+                await retry_forever(
+                    self._send_next,
+                    "usage reporter",
+                    self._backoff_initial_s,
+                    self._backoff_max_s,
+                    # stop() should not wait out retries against a dead broker
+                    permanent=lambda exc: self._stopping,
+                    on_failure=self._on_failure,
+                    sleep=self._sleep_unless_stopped,
+                )
+            except Exception:
+                return  # stopping: what is unsent stays counted as such
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        """Sleep the backoff, but wake at once if stop() is called meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_requested.wait(), seconds)
+
+    async def _send_next(self) -> None:
+        await self._send_chunk(await self._ensure_producer())
 
     async def _ensure_producer(self) -> Any:
         if self._producer is not None:
@@ -290,8 +297,8 @@ class UsageReporter:
         self._retried += len(events)
         self._buffer.extendleft(reversed(events))
 
-    def _on_failure(self, exc: Exception, backoff: float) -> None:
-        message = describe(exc)
+    def _on_failure(self, exc: Exception, attempt: int, backoff: float) -> None:
+        message = describe_error(exc)
         if self._connected or message != self._last_error:
             log.warning(
                 "usage reporter: kafka %s unreachable (%s); %d events buffered, retry in %.1fs",

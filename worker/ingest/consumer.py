@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
+from common.retry import retry_forever
 from worker.ingest.pipeline import BatchAbandoned, BatchOutcome, IngestPipeline, PreparedBatch
 from worker.ingest.validate import KafkaRecord
-from worker.retry import retry_forever
 from worker.store.rollup import RollupStore
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from common import kafka_clients
-from worker.follower import read_to_end
+from common.follower import read_to_end
 from worker.ingest.dlq import DeadLetter
 from worker.ingest.validate import Rejection, Validator
 from worker.settings import Settings

@@ -7,10 +7,10 @@ import time
 from datetime import UTC, datetime
 
 from common import kafka_clients
+from common.follower import read_to_end, valid_records
 from schemas.allowances import Allowance
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
-from worker.follower import read_to_end, valid_records
 from worker.settings import Settings
 
 

@@ -26,9 +26,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from common import kafka_clients
 from common.kafka_clients import KafkaTarget
+from common.retry import cancel_and_wait, keep_running
 from worker.ingest.validate import KafkaRecord, Rejection, Validator
 from worker.limits.engine import NodeReport
-from worker.retry import cancel_and_wait, keep_running
 
 log = logging.getLogger(__name__)
 

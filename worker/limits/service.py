@@ -10,14 +10,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from common.follower import TopicFollower, valid_records
+from common.retry import cancel_and_wait, retry_forever
 from schemas.allowances import Allowance
 from schemas.decisions import Decision, Window
 from schemas.limits import LimitOverride, PolicyBook
-from worker.follower import TopicFollower, valid_records
 from worker.ingest.validate import Validator
 from worker.limits.engine import AllowancePolicy, LimitEngine, Verdicts, partition_of
 from worker.limits.fastlane import FastBatch, FastLane
-from worker.retry import cancel_and_wait, retry_forever
 from worker.settings import Settings
 from worker.store.decisions import DecisionStore
 from worker.store.rollup import RollupStore

@@ -1,0 +1,273 @@
+"""Read topics from the beginning without a consumer group, then follow them: the one follower.
+
+The worker follows the decisions, limits and allowances topics with it (audit, operator
+blocks, overrides, versions), the node's decision cache follows the same topics, and the
+CLI reads a topic to its end once (``read_to_end``).
+
+Every partition is assigned by hand. The partitions are asked of the cluster with the admin
+client's metadata request (public API; it never creates a missing topic and tells a missing
+topic from one the principal may not read). ``ready`` is set once the end offsets seen at the
+first connection are reached. After a failure the follower reconnects with backoff
+(``common.retry``) and resumes after the last record it handed over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import BaseModel, ValidationError
+
+from common import kafka_clients
+from common.kafka_clients import KafkaTarget
+from common.retry import cancel_and_wait, describe_error, retry_forever
+
+log = logging.getLogger(__name__)
+
+# The records of one partition, in offset order (tombstones included).
+OnRecords = Callable[[list[Any]], Awaitable[None]]
+M = TypeVar("M", bound=BaseModel)
+
+# Kafka error codes a topic's metadata may carry, in words.
+_TOPIC_ERRORS = {3: "not found", 29: "not authorized for this principal (Kafka ACLs)"}
+
+
+class TopicUnavailable(Exception):
+    """A topic cannot be read: missing, not authorized, or the broker is unreachable."""
+
+
+def valid_records(records: Iterable[Any], model: type[M]) -> Iterator[M]:
+    """The records' values as ``model``: tombstones skipped, bad ones logged with where they are."""
+    for record in records:
+        if record.value is None:
+            continue
+        try:
+            yield model.model_validate_json(record.value)
+        except ValidationError as exc:
+            log.error("bad %s at %s[%d]@%d: %s", model.__name__, record.topic, record.partition, record.offset, exc)
+
+
+async def topic_partitions(kafka: KafkaTarget, topics: Sequence[str]) -> list[TopicPartition]:
+    """Every partition of ``topics``; ``TopicUnavailable`` if one is missing or not readable."""
+    admin = kafka_clients.admin(kafka, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        described = await admin.describe_topics(list(topics))
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    found = {d["topic"]: d for d in described}
+    tps: list[TopicPartition] = []
+    for topic in topics:
+        desc = found.get(topic)
+        code = desc["error_code"] if desc is not None else 3
+        if code or desc is None or not desc["partitions"]:
+            raise TopicUnavailable(f"topic {topic} {_TOPIC_ERRORS.get(code, f'not available (error {code})')}")
+        tps += [TopicPartition(topic, p["partition"]) for p in desc["partitions"]]
+    return sorted(tps)
+
+
+class TopicFollower:
+    """Reads ``topics`` from the beginning, hands every record to ``on_records``, then follows.
+
+    State for health checks: ``ready`` (bootstrap read done), ``connected`` (in touch with the
+    broker), ``last_error``, ``lag`` (records behind, known when ``probe_interval_s`` is set)
+    and ``positions`` (next offset per partition read so far).
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaTarget,
+        topics: str | Sequence[str],
+        on_records: OnRecords,
+        name: str,
+        *,
+        quiet: bool = False,
+        first_delay: float = 0.5,
+        max_delay: float = 10.0,
+        poll_timeout_ms: int = 100,
+        fetch_max_wait_ms: int = 50,
+        max_records: int = 5_000,
+        probe_interval_s: float | None = None,
+        client_id: str | None = None,
+        consumer_factory: Callable[..., Any] = AIOKafkaConsumer,
+    ) -> None:
+        """``probe_interval_s``: ask for the end offsets this often, since ``getmany()`` does
+        not fail when the broker is gone (``connected`` and ``lag`` then stay current)."""
+        self.kafka = kafka
+        self.topics = [topics] if isinstance(topics, str) else list(topics)
+        self.on_records = on_records
+        self.name = name
+        self.quiet = quiet
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self.poll_timeout_ms = poll_timeout_ms
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.max_records = max_records
+        self.probe_interval_s = probe_interval_s
+        self.client_id = client_id
+        self.consumer_factory = consumer_factory
+
+        self.ready = asyncio.Event()
+        self.connected = False
+        self.last_error: str | None = None
+        self.lag: int | None = None
+        self.positions: dict[TopicPartition, int] = {}
+        self.records_seen = 0
+        self.bootstrap_s: float | None = None
+        self._started_at = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{', '.join(self.topics)} on {kafka_clients.bootstrap(self.kafka)}"
+
+    async def start(self) -> None:
+        """Follow in the background until ``stop()``; ``ready`` tells when the bootstrap is read."""
+        if self._task is None:
+            self._started_at = time.monotonic()
+            self._task = asyncio.create_task(self._run(), name=f"follow-{self.topics[0]}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+        self.connected = False
+
+    async def _run(self) -> None:
+        while True:  # follow() only ever ends by raising
+            await retry_forever(
+                self.follow,
+                f"{self.name}: following {self.where}",
+                self.first_delay,
+                self.max_delay,
+                on_failure=self._failed,
+            )
+
+    def _failed(self, exc: Exception, attempt: int, delay: float) -> None:
+        message = describe_error(exc)
+        if message != self.last_error:  # once per distinct failure, not once per retry
+            log.warning("%s: following %s failed (%s); retry in %.1fs", self.name, self.where, message, delay)
+        self.connected = False
+        self.last_error = message
+
+    async def follow(self) -> None:
+        """One connection: assign every partition, read from where this follower is, follow.
+
+        Never returns; raises on the first failure (``TopicUnavailable``, a Kafka error)."""
+        tps = await topic_partitions(self.kafka, self.topics)
+        consumer = kafka_clients.consumer(
+            self.kafka,
+            factory=self.consumer_factory,
+            **({"client_id": self.client_id} if self.client_id else {}),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            # Only records of committed transactions; costs nothing for plain producers.
+            isolation_level="read_committed",
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
+        )
+        try:
+            await consumer.start()
+            await self._seek(consumer, tps)
+            await self._read(consumer, tps)
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def _seek(self, consumer: Any, tps: list[TopicPartition]) -> None:
+        """Resume where this follower was after a reconnect; from the beginning otherwise."""
+        consumer.assign(tps)
+        fresh = [tp for tp in tps if tp not in self.positions]
+        for tp in tps:
+            if tp in self.positions:
+                consumer.seek(tp, self.positions[tp])
+        if fresh:
+            await consumer.seek_to_beginning(*fresh)
+
+    async def _read(self, consumer: Any, tps: list[TopicPartition]) -> None:
+        # Partitions still to read up to their end at start (none once ready).
+        pending: dict[TopicPartition, int] = {}
+        if not self.ready.is_set():
+            pending = {tp: end for tp, end in (await consumer.end_offsets(tps)).items() if end > 0}
+        self.connected = True
+        self.last_error = None
+        next_probe = math.inf if self.probe_interval_s is None else time.monotonic() + self.probe_interval_s
+        while True:
+            if not pending and not self.ready.is_set():
+                self._mark_ready()
+            batches = await consumer.getmany(timeout_ms=self.poll_timeout_ms, max_records=self.max_records)
+            for tp, records in batches.items():
+                if not records:
+                    continue
+                self.records_seen += len(records)
+                await self.on_records(records)
+                self.positions[tp] = records[-1].offset + 1
+                if tp in pending and records[-1].offset + 1 >= pending[tp]:
+                    del pending[tp]
+            if pending and not batches:
+                # A compacted or transactional topic may end past its last record.
+                pending = {tp: end for tp, end in pending.items() if await consumer.position(tp) < end}
+            if time.monotonic() >= next_probe:
+                await self._probe(consumer, tps)
+                next_probe = time.monotonic() + (self.probe_interval_s or math.inf)
+
+    async def _probe(self, consumer: Any, tps: list[TopicPartition]) -> None:
+        """Ask for the end offsets: whether the broker answers, and how far behind we are."""
+        try:
+            end = await asyncio.wait_for(consumer.end_offsets(tps), self.probe_interval_s)
+        except Exception as exc:  # broker unreachable: keep following, say so
+            if self.connected:
+                log.warning("%s: broker of %s unreachable (%s)", self.name, self.where, describe_error(exc))
+            self.connected = False
+            self.last_error = describe_error(exc)
+            return
+        if not self.connected:
+            log.info("%s: broker of %s reachable again", self.name, self.where)
+        self.connected = True
+        self.last_error = None
+        self.lag = sum([max(0, off - await consumer.position(tp)) for tp, off in end.items()])
+
+    def _mark_ready(self) -> None:
+        self.bootstrap_s = time.monotonic() - self._started_at
+        self.ready.set()
+        log.log(
+            logging.DEBUG if self.quiet else logging.INFO,
+            "%s: caught up with %s in %.3fs (%d records)",
+            self.name,
+            ", ".join(self.topics),
+            self.bootstrap_s,
+            self.records_seen,
+        )
+
+
+async def read_to_end(kafka: KafkaTarget, topic: str, timeout_s: float = 30.0) -> list[Any]:
+    """Every record of ``topic`` up to its end now (for one-shot readers such as the CLI).
+
+    One attempt, no retries: a missing topic or an unreachable broker is ``TopicUnavailable``
+    at once (or after ``timeout_s``), for the caller to say in one line."""
+    records: list[Any] = []
+
+    async def collect(batch: list[Any]) -> None:
+        records.extend(batch)
+
+    follower = TopicFollower(kafka, topic, collect, "reader", quiet=True)
+    reading = asyncio.create_task(follower.follow())
+    caught_up = asyncio.create_task(follower.ready.wait())
+    try:
+        await asyncio.wait({reading, caught_up}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        read = caught_up.done()
+        failure = reading.exception() if reading.done() else None
+    finally:
+        for task in (reading, caught_up):
+            if not task.done():
+                await cancel_and_wait(task)
+    if read:
+        return records
+    where = kafka_clients.bootstrap(kafka)
+    raise TopicUnavailable(f"cannot read topic {topic} on {where}: {failure or f'not caught up within {timeout_s:g}s'}")

@@ -1,0 +1,92 @@
+"""The one way to retry: exponential backoff, every failure reported, and a give-up condition.
+
+Every backoff loop of the node and the worker goes through ``retry_forever`` (the store calls
+of a batch, the followers of the control topics, the node's reporter and decision cache), so
+the delays, the logging and the way out are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# (the failure, the attempt that failed (1 = first), the delay before the next attempt)
+OnFailure = Callable[[Exception, int, float], None]
+Sleep = Callable[[float], Awaitable[Any]]
+
+
+def transient_only(exc: Exception) -> bool:
+    """Never give up: every failure is taken as transient."""
+    return False
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` once (aiokafka's errors already start with their type name)."""
+    name, text = type(exc).__name__, str(exc)
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
+
+
+async def retry_forever(
+    call: Callable[[], Awaitable[T]],
+    what: str,
+    first_delay: float = 0.2,
+    max_delay: float = 10.0,
+    permanent: Callable[[Exception], bool] = transient_only,
+    *,
+    on_failure: OnFailure | None = None,
+    sleep: Sleep = asyncio.sleep,
+) -> T:
+    """Await ``call()`` until it succeeds, doubling the delay after each failure up to ``max_delay``.
+
+    For steps that must not be skipped (the store or the broker is down: waiting is right,
+    dropping the work would lose it). ``permanent`` is the give-up condition: a failure it
+    says retrying cannot fix (a record too large, a value out of a column's range) or must not
+    retry any more (the batch's partitions moved to another worker, the caller is stopping) is
+    raised at once; retrying it would wedge the caller forever.
+
+    Each other failure is logged (``what`` failed, the attempt, the delay), or handed to
+    ``on_failure`` instead when the caller reports failures its own way. ``sleep`` waits out
+    the delay (a caller that must wake early on shutdown passes its own).
+    """
+    delay = first_delay
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            result = await call()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if permanent(exc):
+                raise
+            if on_failure is not None:
+                on_failure(exc, attempt, delay)
+            else:
+                log.error("%s failed (attempt %d, retry in %.1fs): %s", what, attempt, delay, describe_error(exc))
+            await sleep(delay)
+            delay = min(delay * 2, max_delay)
+        else:
+            if attempt > 1:
+                log.warning("%s succeeded after %d attempts", what, attempt)
+            return result
+
+
+async def keep_running(step: Callable[[], Awaitable[None]], what: str, first_delay: float, max_delay: float) -> None:
+    """Run a long-lived ``step`` (a follower, a consumer loop) again after each failure, with
+    backoff, until cancelled."""
+    while True:
+        await retry_forever(step, what, first_delay, max_delay)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task and wait until it has stopped (None: nothing to stop)."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
