@@ -1,8 +1,10 @@
 """A small Cryptofuse-like API behind the meter, for the demo, the tests and the benchmark.
 
 Routes: ``GET /v0/payments``, ``GET /v0/payments/{payment_id}``, ``POST /v0/payments``,
-``GET /v0/rates`` (metered), ``GET /health`` (not metered). Demo keys are derived from a
-seed, so nodes and the load generator agree on them without any key written in code.
+``GET /v0/rates`` (metered), ``GET /health`` (public: up and ready, nothing else) and
+``GET /health/details`` (the caches' and reporter's state, behind ``METER_NODE_HEALTH_TOKEN``;
+neither is metered). Demo keys are derived from a seed, so nodes and the load generator agree
+on them without any key written in code.
 """
 
 from __future__ import annotations
@@ -155,6 +157,25 @@ def build_node_app(
         cache = DecisionCache(settings, guard=guard, now=now) if now else DecisionCache(settings, guard=guard)
 
     async def health(request: Request) -> JSONResponse:
+        # Not ready until the block table is bootstrapped: a load balancer must not send
+        # traffic that this node could not yet limit. Nothing more in public: fail-open and
+        # the brokers' addresses in errors tell an attacker when and where to push.
+        ready = cache.state().ready
+        return JSONResponse({"status": "ok" if ready else "starting"}, status_code=200 if ready else 503)
+
+    async def health_details(request: Request) -> JSONResponse:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        token = settings.node_health_token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token):
+            return JSONResponse(
+                {
+                    "error": "unauthorized",
+                    "message": "Send the node's health token as 'Authorization: Bearer <token>'.",
+                    "request_id": request.state.request_id,
+                },
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         cache_state = cache.state()
         reporter_state = reporter.state()
         if not cache_state.ready:
@@ -176,8 +197,6 @@ def build_node_app(
                 "forgotten": cache.guard.forgotten,
                 "allowances_applied": cache.guard.allowances_applied,
             }
-        # Not ready until the block table is bootstrapped: a load balancer must not send
-        # traffic that this node could not yet limit.
         return JSONResponse(body, status_code=200 if cache_state.ready else 503)
 
     routes = [
@@ -187,6 +206,8 @@ def build_node_app(
         Route("/v0/rates", get_rates, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
+    if settings.node_health_token.get_secret_value():  # no token: no details route at all
+        routes.append(Route("/health/details", health_details, methods=["GET"]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -255,6 +276,9 @@ async def run_node(
         port=port,
         lifespan="on",
         access_log=False,  # every request is already an event; the meter is the access log
+        # The middleware reads X-Forwarded-For from METER_NODE_TRUSTED_PROXIES only; uvicorn's
+        # own handling would believe it from loopback (its default) before the middleware runs.
+        proxy_headers=False,
         log_level=settings.log_level.lower(),
     )
     server = uvicorn.Server(config)

@@ -10,3 +10,6 @@ class NodeError(Exception):
 class MissingSecretError(NodeError, ValueError):
     """No node secret configured: key ids would be unkeyed hashes, guessable from the raw keys."""
 
+
+class WeakSecretError(NodeError, ValueError):
+    """A secret too short to resist brute force (one leaked key id and its raw key suffice to try)."""

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from node.errors import MissingSecretError
+from node.errors import MissingSecretError, WeakSecretError
 
 # 24 hex chars = 96 bits: collision-free for any realistic number of keys, short in rows.
 _HASH_HEX_CHARS = 24
@@ -29,6 +29,19 @@ _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 MIN_KEY_LEN = 8
 MAX_KEY_LEN = 256
 _WELL_FORMED = re.compile(rf"[\x21-\x7e]{{{MIN_KEY_LEN},{MAX_KEY_LEN}}}")
+
+# Anyone holding one key id and its raw key (their own key, a demo key) can try secrets
+# offline; 32 bytes (of random hex: 128 bits and more) puts that out of reach.
+MIN_SECRET_BYTES = 32
+
+
+def check_secret(secret: bytes, setting: str = "METER_NODE_SECRET") -> None:
+    """Raise ``WeakSecretError`` for a secret under ``MIN_SECRET_BYTES``, saying how to make one."""
+    if len(secret) < MIN_SECRET_BYTES:
+        raise WeakSecretError(
+            f"{setting} must be at least {MIN_SECRET_BYTES} bytes (got {len(secret)}); generate one with "
+            "python3 -c 'import secrets; print(secrets.token_hex(32))'"
+        )
 
 
 def display_prefix(raw_key: str) -> str:
@@ -53,6 +66,7 @@ class KeyIdDeriver:
             raise MissingSecretError(
                 "node secret is empty: set METER_NODE_SECRET (the same value on every node) so key ids are keyed hashes"
             )
+        check_secret(secret)
         self._mac = hmac.new(secret, digestmod=hashlib.sha256)
 
     def __call__(self, raw_key: str) -> str:

@@ -8,11 +8,17 @@ here, or this node's allowance used up). Every request, allowed or not, is repor
 event carrying this node's own counts of the key; the raw key never reaches an event, a log
 line, a response or the wrapped app. Every 429 names the window, the limit, the count and the
 decision or allowance (version) that refused it.
+
+Security: permissions are matched on the path the router routes on (relative to ``root_path``,
+so a mount prefix cannot hide a route from its rule) and a route no rule covers is refused
+unless declared public; events name the route template, or ``UNMATCHED_ENDPOINT``, never a raw
+path; ``X-Forwarded-For`` is believed only from ``node_trusted_proxies``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
@@ -46,7 +52,13 @@ ANONYMOUS_KEY_ID = "anonymous"
 # per guess, yet "one client tried many different keys" stays visible to the abuse signals.
 INVALID_KEY_PREFIX = "invalid-"
 _KEY_HEADER = b"x-api-key"
+_FORWARDED_HEADER = b"x-forwarded-for"
 _MAX_ENDPOINT = 256
+# What a request no route matched (404s, denials of made-up paths) is recorded under: raw paths
+# would make a rollup row per unique path, kept for years, and some carry tokens.
+UNMATCHED_ENDPOINT = "/{unmatched}"
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class UsageSink(Protocol):
@@ -70,10 +82,11 @@ class BlockChecker(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RouteScope:
-    """Requests under ``prefix`` (and of ``methods``, if given) need ``scope`` on the key."""
+    """Requests under ``prefix`` (and of ``methods``, if given) need ``scope`` on the key;
+    ``scope=None`` declares the prefix public: any valid key may call it."""
 
     prefix: str
-    scope: str
+    scope: str | None
     methods: frozenset[str] | None = None
 
     def matches(self, method: str, path: str) -> bool:
@@ -90,6 +103,42 @@ class _Denial:
     message: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
     details: tuple[tuple[str, object], ...] = ()  # extra fields of the JSON body
+
+
+def route_path(scope: Scope) -> str:
+    """The path relative to ``root_path`` (a ``Mount`` prefix or ``--root-path``), as routers
+    match it; ASGI servers put the root path in ``path`` too, older ones did not."""
+    path: str = scope["path"]
+    root = scope.get("root_path") or ""
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
+def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
+    """The client's address: the peer's, unless the peer is a trusted proxy; then the nearest
+    ``X-Forwarded-For`` hop (from the right) that is not one, since a client may write anything
+    to the left. None when unknown or a hop is not an address."""
+    client = scope.get("client")
+    ip = _ip(client[0]) if isinstance(client, (tuple, list)) and client else None
+    if ip is None or not trusted:
+        return str(ip) if ip is not None else None
+    headers = scope.get("headers", ())
+    hops = [h for k, v in headers if k == _FORWARDED_HEADER for h in bytes(v).split(b",") if h.strip()]
+    while hops and any(ip in net for net in trusted):
+        ip = _ip(hops.pop().strip().decode("latin-1"))
+        if ip is None:
+            return None
+    return str(ip)
+
+
+def _ip(text: str) -> IPAddress | None:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return mapped or ip
 
 
 def starlette_route_resolver(routes: Sequence[BaseRoute]) -> RouteResolver:
@@ -121,7 +170,7 @@ class MeterMiddleware:
         route_scopes: Sequence[RouteScope] = (),
         fail_open: bool = True,
         burst_wait_s: float = 0.25,
-        exempt_paths: Collection[str] = ("/health",),
+        exempt_paths: Collection[str] = ("/health", "/health/details"),
         route_resolver: RouteResolver | None = None,
         now: Callable[[], datetime] | None = None,
         open_block_retry_after_s: int = 60,
@@ -134,7 +183,8 @@ class MeterMiddleware:
         self._reporter = reporter
         self._cache = cache
         self._guard = guard
-        self._route_scopes = tuple(route_scopes)
+        self._route_scopes = (*route_scopes, *(RouteScope(p, None) for p in settings.node_public_routes))
+        self._trusted: tuple[IPNetwork, ...] = tuple(settings.node_trusted_proxies)
         self._fail_open = fail_open
         self._burst_wait_s = burst_wait_s
         self._exempt = frozenset(exempt_paths)
@@ -153,14 +203,15 @@ class MeterMiddleware:
         # able to make its requests collide.
         request_id = uuid.uuid4().hex
         rid_header = (b"x-request-id", request_id.encode())
-        if scope["path"] in self._exempt:
-            await self.app(scope, receive, _adding_header(send, rid_header))
+        path = route_path(scope)
+        if path in self._exempt:
+            state = {**(scope.get("state") or {}), "request_id": request_id}
+            await self.app({**scope, "state": state}, receive, _adding_header(send, rid_header))
             return
 
         started = time.perf_counter()
         ts = self._now()
         method: str = scope.get("method", "GET")
-        path: str = scope["path"]
         raw_key = _header(scope, _KEY_HEADER)
 
         key_id = ANONYMOUS_KEY_ID
@@ -209,11 +260,11 @@ class MeterMiddleware:
                 key_id=key_id,
                 account_id=record.account_id if record else None,
                 method=method,
-                endpoint=self._endpoint(inner, path),
+                endpoint=self._endpoint(inner, scope),
                 status=status,
                 ts=ts,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
-                client=scope.get("client"),
+                client_ip=client_ip(scope, self._trusted),
                 bytes_out=bytes_out,
                 node_counts=(
                     self._guard.counts(key_id, epoch) if self._guard is not None and record is not None else None
@@ -231,15 +282,15 @@ class MeterMiddleware:
             return None, invalid
         if not record.active:
             return record, invalid  # a revoked key still in use is worth seeing under its own id
-        required = self._required_scope(method, path)
-        if not record.allows(required):
+        rule = self._rule(method, path)
+        if rule is None or not record.allows(rule.scope):
             if self._guard is not None:  # the worker counts it against the key: so does the node
                 self._guard.record(key_id, record.account_id, epoch)
+            # The path is not echoed: callers sometimes paste secrets into URLs.
+            if rule is None:  # fail closed: a route added without a rule is not open to every key
+                return record, _Denial(403, "forbidden", "This route is not open to API keys.")
             return record, _Denial(
-                # The path is not echoed: callers sometimes paste secrets into URLs.
-                403,
-                "forbidden",
-                f"This API key lacks the '{required}' permission this route requires.",
+                403, "forbidden", f"This API key lacks the '{rule.scope}' permission this route requires."
             )
         block = self._cache.check(key_id)
         if block is not None:
@@ -273,10 +324,10 @@ class MeterMiddleware:
                 refusal = guard.admit(key_id, account, epoch)
         return _refused(refusal, epoch) if refusal is not None else None
 
-    def _required_scope(self, method: str, path: str) -> str | None:
+    def _rule(self, method: str, path: str) -> RouteScope | None:
         for rule in self._route_scopes:
             if rule.matches(method, path):
-                return rule.scope
+                return rule
         return None
 
     def _rate_limited(self, block: Block, now: datetime) -> _Denial:
@@ -315,12 +366,13 @@ class MeterMiddleware:
         inner["state"] = state
         return inner
 
-    def _endpoint(self, scope: Scope, path: str) -> str:
+    def _endpoint(self, scope: Scope, outer: Scope) -> str:
+        # A route already in the scope before the app ran is a Mount above us, not our route.
         route = scope.get("route")
-        template = getattr(route, "path", None) if route is not None else None
+        template = getattr(route, "path", None) if route is not outer.get("route") else None
         if not isinstance(template, str) and self._resolve is not None:
             template = self._resolve(scope)
-        endpoint = template if isinstance(template, str) and template else path
+        endpoint = template if isinstance(template, str) and template else UNMATCHED_ENDPOINT
         if not endpoint.startswith("/"):
             endpoint = "/" + endpoint
         return endpoint[:_MAX_ENDPOINT]
@@ -336,11 +388,10 @@ class MeterMiddleware:
         status: int,
         ts: datetime,
         latency_ms: float,
-        client: Any,
+        client_ip: str | None,
         bytes_out: int,
         node_counts: list[int] | None,
     ) -> None:
-        client_ip = client[0] if isinstance(client, (tuple, list)) and client else None
         try:
             event = make_event(
                 request_id=request_id,
@@ -352,7 +403,7 @@ class MeterMiddleware:
                 ts=ts,
                 account_id=account_id,
                 latency_ms=latency_ms,
-                client_ip=client_ip if isinstance(client_ip, str) and len(client_ip) <= 45 else None,
+                client_ip=client_ip,
                 bytes_out=bytes_out,
                 node_counts=node_counts,
             )

@@ -6,13 +6,15 @@ node never imports the worker.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.kafka_clients import security_errors
+from node.keys import check_secret
 from schemas.limits import LimitPolicy
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -48,7 +50,8 @@ class NodeSettings(BaseSettings):
     limit_per_day: int = Field(default=5_000, ge=0)
 
     node_id: str = Field(default="node-1", min_length=1, max_length=64)
-    node_secret: SecretStr = SecretStr("")  # HMAC key for key ids: the same on every node, never in code
+    # HMAC key for key ids: the same on every node, never in code, at least 32 bytes
+    node_secret: SecretStr = SecretStr("")
     node_fail_open: bool = True  # admit requests when the meter is unreachable
     node_buffer_max: int = Field(default=100_000, ge=100)  # events a node buffers while Kafka is down
     # How long the reporter waits to fill a batch: part of the delay before the worker counts a
@@ -63,6 +66,15 @@ class NodeSettings(BaseSettings):
     node_burst_share: float = Field(default=0.34, gt=0.0, le=1.0)
     node_burst_wait_ms: int = Field(default=250, ge=0, le=10_000)
     demo_seed: SecretStr = SecretStr("")  # derives the demo API's keys (demo and tests only)
+    # Route prefixes any valid key may call without a scope. A route no rule covers and not
+    # listed here is refused (403): a route added without a rule fails closed.
+    node_public_routes: Annotated[tuple[str, ...], NoDecode] = ()
+    # Proxies (CIDRs, comma-separated) whose X-Forwarded-For is believed. Empty: none, loopback
+    # neither, so a client cannot choose the address it is recorded under.
+    node_trusted_proxies: Annotated[tuple[IPvAnyNetwork, ...], NoDecode] = ()
+    # Bearer token of GET /health/details (broker errors, fail-open, counters), >= 32 bytes;
+    # empty: not served. The public /health says only whether the node is up and ready.
+    node_health_token: SecretStr = SecretStr("")
 
     log_level: str = "INFO"
     log_json: bool = False
@@ -80,6 +92,32 @@ class NodeSettings(BaseSettings):
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    @field_validator("node_secret", "node_health_token")
+    @classmethod
+    def _strong(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        if value.get_secret_value():  # empty: not configured (a node refuses to run without its secret)
+            check_secret(value.get_secret_value().encode(), f"METER_{str(info.field_name).upper()}")
+        return value
+
+    @field_validator("node_public_routes", "node_trusted_proxies", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return (
+                json.loads(value)
+                if value.lstrip().startswith("[")
+                else [v.strip() for v in value.split(",") if v.strip()]
+            )
+        return value
+
+    @field_validator("node_public_routes")
+    @classmethod
+    def _route_prefixes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in value:
+            if not prefix.startswith("/") or any(c in prefix for c in "?# ") or not prefix.isprintable():
+                raise ValueError(f"{prefix!r} is not a path prefix (e.g. /v0/status)")
+        return value
 
     def default_policy(self) -> LimitPolicy:
         return LimitPolicy(per_minute=self.limit_per_minute, per_hour=self.limit_per_hour, per_day=self.limit_per_day)

@@ -18,6 +18,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.containers import docker_kafka
+from tests.node_secret import NODE_SECRET
 from worker.settings import REPO_ROOT, Settings
 
 TEST_KAFKA_PORT = 19092
@@ -78,6 +79,7 @@ def make_settings(kafka_bootstrap: str, chdb_dir: Path, unique: str) -> Callable
             "clickhouse_database": f"test_{unique}",
             "batch_timeout_ms": 50,
             "http_port": 0,  # tests that need /metrics pick a free port
+            "node_secret": NODE_SECRET,  # generated per run; nodes refuse one under 32 bytes
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

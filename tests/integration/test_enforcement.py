@@ -20,13 +20,14 @@ from node.demo_api import demo_key_store, demo_keys
 from node.keys import derive_key_id
 from schemas.allowances import Allowance
 from tests.integration.helpers import demo_node, until_fresh_minute, wait_for
+from tests.node_secret import NODE_SECRET
 from worker.app import WorkerRuntime
 from worker.settings import Settings
 from worker.store.rollup import RollupStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
-SECRET = "enforcement-secret"
+SECRET = NODE_SECRET
 RAW = demo_keys("enforcement-seed", extra=20)
 Node = tuple[Starlette, httpx.AsyncClient]
 

@@ -21,6 +21,7 @@ from node.keys import derive_key_id
 from schemas.decisions import DecisionAction, Window
 from schemas.limits import LimitPolicy, OverrideScope
 from tests.integration.helpers import demo_node, read_all, until_fresh_minute, wait_for
+from tests.node_secret import NODE_SECRET
 from worker.app import WorkerRuntime
 from worker.limits.control import manual_decision, set_override
 from worker.settings import Settings
@@ -28,7 +29,7 @@ from worker.store.rollup import RollupStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
-SECRET = "e2e-node-secret"
+SECRET = NODE_SECRET
 RAW = demo_keys("e2e-seed")
 
 

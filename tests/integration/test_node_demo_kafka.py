@@ -22,11 +22,12 @@ from node.demo_api import build_node_app, demo_key_store, demo_keys, run_node
 from node.keys import derive_key_id
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.events import parse_event
+from tests.node_secret import NODE_SECRET
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
 
-SECRET = "it-node-secret"
+SECRET = NODE_SECRET
 RAW = demo_keys("integration-seed")
 
 
@@ -151,7 +152,8 @@ def free_port() -> int:
 
 
 async def test_run_node_serves_over_http(topics: Settings, make_settings: Callable[..., Settings]) -> None:
-    settings = make_settings(node_id="node-http", node_secret=SECRET)
+    token = NODE_SECRET[::-1]
+    settings = make_settings(node_id="node-http", node_secret=SECRET, node_health_token=token)
     port = free_port()
     task = asyncio.create_task(run_node(settings, port, demo_seed="integration-seed"))
     try:
@@ -166,8 +168,12 @@ async def test_run_node_serves_over_http(topics: Settings, make_settings: Callab
                     pass
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
-            assert health.json()["cache"]["ready"] is True
-            resp = await client.get("/v0/rates", headers={"X-API-Key": RAW["carol"]})
+            assert health.json() == {"status": "ok"}
+            details = await client.get("/health/details", headers={"Authorization": f"Bearer {token}"})
+            assert details.json()["cache"]["ready"] is True
+            # uvicorn must not honour X-Forwarded-For from loopback on its own: no proxy is trusted
+            forged = {"X-API-Key": RAW["carol"], "X-Forwarded-For": "198.51.100.99"}
+            resp = await client.get("/v0/rates", headers=forged)
             assert resp.status_code == 200
             assert resp.headers["x-request-id"]
             assert (await client.get("/v0/rates")).json()["error"] == "missing_api_key"
@@ -175,3 +181,6 @@ async def test_run_node_serves_over_http(topics: Settings, make_settings: Callab
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    records = await read_topic(topics, topics.events_topic, topics.events_partitions, 2)
+    events = sorted((e["status"], e.get("client_ip")) for e in map(parse_event, (r.value for r in records)))
+    assert events == [(200, "127.0.0.1"), (401, "127.0.0.1")]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -62,3 +63,22 @@ def test_contract_violations_are_refused(field: str, value: object) -> None:
 def test_required_fields(missing: str) -> None:
     with pytest.raises(ValidationError):
         make_event(**{k: v for k, v in BASE.items() if k != missing})
+
+
+@pytest.mark.parametrize(
+    "ip", ["not-an-ip", "999.1.1.1", "01.2.3.4", "1.2.3.4\x1b[31m", "1.2.3.4, 5.6.7.8", "", "2001:db8::1::2"]
+)
+def test_client_ip_must_be_an_ip_address(ip: str) -> None:
+    with pytest.raises(ValidationError, match="client_ip"):
+        make_event(**BASE, client_ip=ip)
+    wire = dump_event(make_event(**BASE))[:-1] + b',"client_ip":' + json.dumps(ip).encode() + b"}"
+    with pytest.raises(ValidationError, match="client_ip"):
+        parse_event(wire)
+
+
+@pytest.mark.parametrize(
+    ("ip", "stored"),
+    [("203.0.113.7", "203.0.113.7"), ("2001:DB8:0::7", "2001:db8::7"), ("::ffff:192.0.2.1", "192.0.2.1")],
+)
+def test_client_ip_is_stored_in_its_canonical_form(ip: str, stored: str) -> None:
+    assert make_event(**BASE, client_ip=ip)["client_ip"] == stored

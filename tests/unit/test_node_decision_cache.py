@@ -59,7 +59,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def cache(clock: Clock) -> DecisionCache:
-    return DecisionCache(Settings(node_secret="s"), now=clock)
+    return DecisionCache(Settings(), now=clock)
 
 
 def test_block_then_unblock(cache: DecisionCache) -> None:
@@ -128,9 +128,7 @@ def test_manual_block_without_until_lasts_until_unblock(cache: DecisionCache, cl
 
 def test_on_applied_hook(clock: Clock) -> None:
     seen: list[tuple[str, int, float]] = []
-    cache = DecisionCache(
-        Settings(node_secret="s"), now=clock, on_applied=lambda d, t: seen.append((d.key_id, d.version, t))
-    )
+    cache = DecisionCache(Settings(), now=clock, on_applied=lambda d, t: seen.append((d.key_id, d.version, t)))
     cache.apply(block("k1", 2), received=123.5)
     cache.apply(unblock("k1", 1))  # stale: no callback
     assert seen == [("k1", 2, 123.5)]
@@ -140,7 +138,7 @@ def test_failing_hook_does_not_break_apply(clock: Clock) -> None:
     def boom(d: Decision, t: float) -> None:
         raise RuntimeError("hook bug")
 
-    cache = DecisionCache(Settings(node_secret="s"), now=clock, on_applied=boom)
+    cache = DecisionCache(Settings(), now=clock, on_applied=boom)
     assert cache.apply(block("k1", 1))
     assert cache.check("k1") is not None
 

@@ -11,11 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from node.demo_api import DEMO_KEY_SPECS, demo_key_store, demo_keys
-from node.errors import MissingSecretError
+from node.errors import MissingSecretError, WeakSecretError
 from node.keys import InMemoryKeyStore, KeyIdDeriver, KeyRecord, derive_key_id, display_prefix, is_well_formed
 from schemas.events import make_event
+from tests.node_secret import NODE_SECRET
 
-SECRET = b"node-secret-for-tests"
+SECRET = NODE_SECRET.encode()
 KEY_ID = re.compile(r"^(?:[A-Za-z0-9]{6}|short)_[0-9a-f]{24}$")
 
 
@@ -31,7 +32,7 @@ def test_stable_and_shaped() -> None:
 
 def test_keyed_by_the_secret() -> None:
     raw = "sk_live_4f9a8b7c6d5e4f3a2b1c0d9e"
-    assert derive_key_id(raw, SECRET) != derive_key_id(raw, b"another-secret")
+    assert derive_key_id(raw, SECRET) != derive_key_id(raw, NODE_SECRET[::-1].encode())
     # and not the plain hash of the key: without the secret nobody can match key ids to keys
     assert hashlib.sha256(raw.encode()).hexdigest()[:24] not in derive_key_id(raw, SECRET)
 
@@ -61,6 +62,14 @@ def test_empty_secret_refused() -> None:
         derive_key_id("sk_live_4f9a8b7c6d5e4f3a2b1c0d9e", b"")
     with pytest.raises(MissingSecretError):
         KeyIdDeriver(b"")
+
+
+@pytest.mark.parametrize("secret", [b"x", b"s" * 31, "é".encode() * 15])
+def test_short_secret_refused(secret: bytes) -> None:
+    """A short HMAC key can be brute-forced from one leaked key id and its known demo key."""
+    with pytest.raises(WeakSecretError, match=r"METER_NODE_SECRET.*at least 32 bytes"):
+        KeyIdDeriver(secret)
+    assert KeyIdDeriver(b"s" * 32)("sk_live_4f9a8b7c6d5e4f3a2b1c0d9e")
 
 
 def test_empty_key_refused() -> None:

@@ -9,22 +9,24 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from node.decision_cache import Block
 from node.demo_api import ROUTE_SCOPES, build_node_app, demo_key_store, demo_keys
 from node.keys import derive_key_id
-from node.middleware import MeterMiddleware, starlette_route_resolver
+from node.middleware import UNMATCHED_ENDPOINT, MeterMiddleware, RouteScope, starlette_route_resolver
 from schemas.allowances import Allowance, NodeGrant, WindowAllowance
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.events import RequestEvent, dump_event
+from tests.node_secret import NODE_SECRET
 from worker.settings import Settings
 
-SECRET = "unit-node-secret"
+SECRET = NODE_SECRET
 SETTINGS = Settings(node_secret=SECRET, node_id="node-unit", kafka_bootstrap="127.0.0.1:1")
 RAW = demo_keys("unit-seed")
 NOW = datetime(2025, 3, 1, 12, 0, 30, 250_000, tzinfo=UTC)
@@ -92,21 +94,24 @@ ROUTES = [
     Route("/v0/payments/{payment_id}", payment),
     Route("/v0/rates", ok),
     Route("/v0/boom", boom),
+    Route("/v0/status", ok),  # no RouteScope covers it
     Route("/health", health),
 ]
 
 
-def make_app(reporter: FakeReporter, cache: FakeCache, *, fail_open: bool = True) -> Starlette:
+def make_app(
+    reporter: FakeReporter, cache: FakeCache, *, fail_open: bool = True, settings: Settings = SETTINGS
+) -> Starlette:
     return Starlette(
         routes=ROUTES,
         middleware=[
             Middleware(
                 MeterMiddleware,
-                settings=SETTINGS,
+                settings=settings,
                 keys=demo_key_store(RAW, SECRET.encode()),
                 reporter=reporter,
                 cache=cache,
-                route_scopes=ROUTE_SCOPES,
+                route_scopes=(*ROUTE_SCOPES, RouteScope("/v0/boom", None)),  # public in code
                 fail_open=fail_open,
                 route_resolver=starlette_route_resolver(ROUTES),
             )
@@ -212,8 +217,24 @@ async def test_templated_endpoint_allowed_and_denied(client: httpx.AsyncClient, 
     assert [e["endpoint"] for e in reporter.events] == [
         "/v0/payments/{payment_id}",
         "/v0/payments/{payment_id}",
-        "/v0/unknown/route",
+        UNMATCHED_ENDPOINT,
     ]
+
+
+async def test_unmatched_paths_are_recorded_under_one_constant(
+    client: httpx.AsyncClient, reporter: FakeReporter
+) -> None:
+    """No raw path reaches an event: each would be a rollup row kept for years, and some carry tokens."""
+    alice = {"X-API-Key": RAW["alice"]}
+    responses = [
+        await client.get("/v0/payments/pay_1/refunds/tok_live_a1b2c3", headers=alice),  # covered, no route: 404
+        await client.get("/v0/password-reset/tok_live_d4e5f6", headers=alice),  # no rule: 403
+        await client.get("/v0/password-reset/tok_live_g7h8i9"),  # no key: 401
+        await client.delete("/v0/rates", headers=alice),  # a route, not this method: its template
+    ]
+    assert [r.status_code for r in responses] == [404, 403, 401, 405]
+    assert [e["endpoint"] for e in reporter.events] == [UNMATCHED_ENDPOINT] * 3 + ["/v0/rates"]
+    assert "tok_live" not in repr(reporter.events)
 
 
 async def test_blocked_429(client: httpx.AsyncClient, reporter: FakeReporter, cache: FakeCache) -> None:
@@ -330,7 +351,9 @@ async def test_raw_key_never_leaves(
 
 async def test_demo_app_wiring() -> None:
     """build_node_app with the real reporter and cache (not started: no broker involved)."""
-    app = build_node_app(SETTINGS, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+    token = NODE_SECRET[::-1]
+    settings = SETTINGS.model_copy(update={"node_health_token": SecretStr(token)})
+    app = build_node_app(settings, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
         assert (await c.get("/health")).status_code == 503  # cache not bootstrapped
@@ -357,7 +380,7 @@ async def test_demo_app_wiring() -> None:
         resp = await c.get("/v0/rates", headers=alice)
         assert resp.status_code == 429
         assert resp.headers["retry-after"] == "30"
-        health = (await c.get("/health")).json()
+        health = (await c.get("/health/details", headers={"Authorization": f"Bearer {token}"})).json()
         assert health["status"] == "starting"
         assert health["reporter"]["buffered"] == 6
 
@@ -466,3 +489,114 @@ async def test_without_any_word_from_the_worker_the_wait_ends_and_the_limit_stil
     async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
         statuses = [(await c.get("/v0/rates", headers={"X-API-Key": RAW["dave"]})).status_code for _ in range(120)]
     assert (statuses.count(200), statuses.count(429)) == (100, 20)  # one wait, then the share is waived
+
+
+@pytest.mark.parametrize("served", ["mount", "root_path"])
+async def test_scopes_hold_under_a_root_path(reporter: FakeReporter, cache: FakeCache, served: str) -> None:
+    """Rules match the path the router routes on, not the raw path: under /api a read-only key
+    still cannot create a payment."""
+    inner = make_app(reporter, cache)
+    if served == "mount":
+        transport = httpx.ASGITransport(app=Starlette(routes=[Mount("/api", app=inner)]))
+    else:  # uvicorn --root-path /api
+        transport = httpx.ASGITransport(app=inner, root_path="/api")
+    reader, alice = {"X-API-Key": RAW["reader"]}, {"X-API-Key": RAW["alice"]}
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+        body = assert_error(await c.post("/api/v0/payments", headers=reader, json={}), 403, "forbidden")
+        assert "payments:write" in body["message"]
+        assert (await c.get("/api/v0/payments", headers=reader)).status_code == 200
+        assert (await c.post("/api/v0/payments", headers=alice, json={})).status_code == 200
+        assert (await c.get("/api/health")).status_code == 200  # exempt under the prefix as well
+    assert [(e["endpoint"], e["status"]) for e in reporter.events] == [
+        ("/v0/payments", 403),
+        ("/v0/payments", 200),
+        ("/v0/payments", 200),
+    ]
+
+
+async def test_a_route_no_rule_covers_is_closed_unless_public(reporter: FakeReporter, cache: FakeCache) -> None:
+    alice = {"X-API-Key": RAW["alice"]}  # every scope there is
+    transport = httpx.ASGITransport(app=make_app(reporter, cache))
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+        assert_error(await c.get("/v0/status", headers=alice), 403, "forbidden")
+        assert_error(await c.get("//v0/payments", headers=alice), 403, "forbidden")  # no prefix trick
+    public = SETTINGS.model_copy(update={"node_public_routes": ("/v0/status",)})
+    transport = httpx.ASGITransport(app=make_app(reporter, cache, settings=public))
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+        assert (await c.get("/v0/status", headers=alice)).status_code == 200
+        assert (await c.get("/v0/status", headers={"X-API-Key": RAW["reader"]})).status_code == 200
+        assert_error(await c.get("/v0/status"), 401, "missing_api_key")  # public = any valid key
+    assert [e["status"] for e in reporter.events] == [403, 403, 200, 200, 401]
+
+
+@pytest.mark.parametrize(
+    ("trusted", "peer", "forwarded", "recorded"),
+    [
+        ((), "127.0.0.1", "198.51.100.1", "127.0.0.1"),  # default: no proxy is trusted, loopback neither
+        (("127.0.0.0/8",), "127.0.0.1", "198.51.100.1", "198.51.100.1"),
+        # the client prepends what it likes: the first address from the right that is not ours counts
+        (("127.0.0.0/8", "10.0.0.0/8"), "127.0.0.1", "6.6.6.6, 203.0.113.50, 10.1.2.3", "203.0.113.50"),
+        (("127.0.0.0/8",), "203.0.113.7", "198.51.100.1", "203.0.113.7"),  # not a proxy of ours
+        (("127.0.0.0/8",), "127.0.0.1", "198.51.100.1, not-an-ip", None),  # garbage: unknown, not the proxy
+        (("127.0.0.0/8",), "127.0.0.1", None, "127.0.0.1"),
+        (("::1/128",), "::1", "2001:DB8::7", "2001:db8::7"),
+        ((), "not-an-ip", None, None),
+    ],
+)
+async def test_forwarded_for_only_from_trusted_proxies(
+    reporter: FakeReporter,
+    cache: FakeCache,
+    trusted: tuple[str, ...],
+    peer: str,
+    forwarded: str | None,
+    recorded: str | None,
+) -> None:
+    settings = SETTINGS.model_copy(
+        update={"node_trusted_proxies": Settings(node_trusted_proxies=trusted).node_trusted_proxies}
+    )
+    transport = httpx.ASGITransport(app=make_app(reporter, cache, settings=settings), client=(peer, 40000))
+    headers = {"X-API-Key": RAW["bob"]} | ({"X-Forwarded-For": forwarded} if forwarded else {})
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+        assert (await c.get("/v0/rates", headers=headers)).status_code == 200
+    (event,) = reporter.events
+    assert event.get("client_ip") == recorded
+
+
+OPERATOR_REASON = "fraud team FR-991: chargeback ring, do not tell customer"
+
+
+@pytest.mark.parametrize(
+    ("window", "limit"), [(Window.manual, None), (Window.manual, 100), (Window.minute, 100), (Window.day, 5000)]
+)
+async def test_an_operator_reason_never_reaches_the_client(
+    client: httpx.AsyncClient, cache: FakeCache, window: Window, limit: int | None
+) -> None:
+    until = NOW + timedelta(hours=1)
+    cache.blocks[kid("dave")] = Block(kid("dave"), window, limit, limit, until, OPERATOR_REASON, 7, "operator")
+    resp = await client.get("/v0/rates", headers={"X-API-Key": RAW["dave"]})
+    assert_error(resp, 429, "rate_limited")
+    assert (resp.json()["refused_by"], resp.json()["version"]) == ("decision", 7)
+    text = resp.text + repr(resp.headers)
+    assert "FR-991" not in text
+    assert "customer" not in text
+
+
+async def test_public_health_is_liveness_only_details_need_the_token() -> None:
+    token = NODE_SECRET[::-1]  # generated for this run, like the node secret
+    settings = SETTINGS.model_copy(update={"node_health_token": SecretStr(token)})
+    app = build_node_app(settings, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 5555))
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+        public = await c.get("/health")
+        assert (public.status_code, public.json()) == (503, {"status": "starting"})  # cache not bootstrapped
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}, {"X-API-Key": RAW["alice"]}):
+            assert_error(await c.get("/health/details", headers=headers), 401, "unauthorized")
+        details = await c.get("/health/details", headers={"Authorization": f"Bearer {token}"})
+        assert details.status_code == 503
+        assert {"status", "node_id", "fail_open", "cache", "reporter", "guard"} <= set(details.json())
+        assert details.json()["status"] == "starting"
+    assert list(app.state.reporter._buffer) == []  # health is not metered
+    # without a token configured the details route is not served at all
+    app = build_node_app(SETTINGS, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as c:
+        assert (await c.get("/health/details", headers={"Authorization": "Bearer "})).status_code == 404

@@ -15,7 +15,7 @@ from node.reporter import UsageReporter
 from schemas.events import RequestEvent, make_event, parse_event
 from worker.settings import Settings
 
-DEAD = Settings(node_secret="s", kafka_bootstrap="127.0.0.1:1", events_topic="ev")
+DEAD = Settings(kafka_bootstrap="127.0.0.1:1", events_topic="ev")
 
 
 def event(i: int, key: str = "short_000000000000000000000000") -> RequestEvent:
