@@ -35,7 +35,7 @@ Scenarios (default limits 100/min, 1,000/h, 5,000/day; DESIGN.md "Targets"):
   ``--per-hour unlimited --per-day 100``), sent once the worker and all 3 nodes logged the
   override: 90 × 200; f-hour300 — 300 spread as fast as possible under the hour override: ≤ 120.
 
-Per scenario the bench also reads each node's ``/health`` before and 0.5 s after: how many
+Per scenario the bench also reads each node's ``/health/details`` before and 0.5 s after: how many
 allowances its guard and how many block/unblock decisions its cache applied meanwhile. An override
 scenario whose override some node never logged is marked ``yes*`` (met, but proves nothing).
 
@@ -219,7 +219,8 @@ class Stack:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-enforcement-"))
         self.log_dir = log_dir or (self.tmp / "logs")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.secret = secrets.token_hex(16)
+        self.secret = secrets.token_hex(32)
+        self.health_token = secrets.token_hex(32)  # the nodes' /health/details
         self.seed = secrets.token_hex(16)
         self.worker_port = free_port()
         self.topics = {
@@ -237,6 +238,7 @@ class Stack:
                 "METER_CONSUMER_GROUP": f"bench-enf-{self.tag}",
                 "METER_CLICKHOUSE_DSN": f"chdb://{self.tmp / 'chdb'}",
                 "METER_NODE_SECRET": self.secret,
+                "METER_NODE_HEALTH_TOKEN": self.health_token,
                 "METER_DEMO_SEED": self.seed,
                 "METER_LIMIT_PER_MINUTE": str(LIMIT_MINUTE),
                 "METER_LIMIT_PER_HOUR": str(LIMIT_HOUR),
@@ -365,9 +367,10 @@ def wait_healthy(child: Child, url: str, timeout: float) -> None:
     raise TimeoutError(f"{child.name}: {url} not 200 after {timeout:.0f} s:\n{tail(child.log())}")
 
 
-def get_json(url: str) -> Any:
+def get_json(url: str, token: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=3) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=3) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:  # 503 still carries the body
         return json.loads(exc.read() or b"null")
@@ -540,10 +543,10 @@ def apply_override(stack: Stack, key_id: str, which: Override, timeout: float = 
 
 
 def node_counters(stack: Stack) -> list[tuple[int, int]]:
-    """Per node: (allowances applied by its guard, decisions applied by its cache), from /health."""
+    """Per node: (allowances applied by its guard, decisions applied by its cache), from /health/details."""
     out = []
     for port in stack.ports:
-        h = get_json(f"http://127.0.0.1:{port}/health")
+        h = get_json(f"http://127.0.0.1:{port}/health/details", stack.health_token)
         h = h if isinstance(h, dict) else {}
         guard, cache = h.get("guard") or {}, h.get("cache") or {}
         out.append((int(guard.get("allowances_applied") or 0), int(cache.get("applied") or 0)))
@@ -673,10 +676,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def snapshot(stack: Stack) -> dict[str, Any]:
-    """Nodes' /health and a few worker metrics after the run."""
+    """Nodes' /health/details and a few worker metrics after the run."""
     nodes = {}
     for child, port in zip(stack.nodes, stack.ports, strict=True):
-        h = get_json(f"http://127.0.0.1:{port}/health")
+        h = get_json(f"http://127.0.0.1:{port}/health/details", stack.health_token)
         if isinstance(h, dict):
             cache = h.get("cache") or {}
             reporter = h.get("reporter") or {}
@@ -908,7 +911,7 @@ hey's status distribution. Each scenario uses a fresh demo key and starts only w
 in the UTC minute. e3 runs the two hey processes one after the other with no pause. f-*: the
 override is set with `meter limits set` and the scenario starts once the worker and all three
 nodes logged it (10 s at most). "Allowances / decisions applied per node" = the growth of each
-node's `/health` counters `guard.allowances_applied` and `cache.applied` from just before the
+node's `/health/details` counters `guard.allowances_applied` and `cache.applied` from just before the
 scenario to 0.5 s after it: whether the cluster mechanisms took part at all."""
 
 

@@ -16,9 +16,9 @@ if [ -z "${METER_KAFKA_BOOTSTRAP:-}" ]; then
   fi
   export METER_KAFKA_BOOTSTRAP="127.0.0.1:$port"
 fi
-# Secrets never live in code: a random node secret and demo-key seed for this demo run,
-# unless you set your own.
-export METER_NODE_SECRET="${METER_NODE_SECRET:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(16))')}"
+# Secrets never live in code: a random node secret (nodes refuse one under 32 bytes) and
+# demo-key seed for this demo run, unless you set your own.
+export METER_NODE_SECRET="${METER_NODE_SECRET:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(32))')}"
 export METER_DEMO_SEED="${METER_DEMO_SEED:-$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(16))')}"
 if [ -z "${METER_ADMIN_API_KEY:-}" ]; then
   METER_ADMIN_API_KEY="$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))')"
