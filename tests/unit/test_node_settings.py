@@ -23,6 +23,11 @@ def test_a_node_with_a_weak_secret_refuses_to_start(
 ) -> None:
     monkeypatch.setenv("METER_NODE_SECRET", "x")
     monkeypatch.setenv("METER_DEMO_SEED", NODE_SECRET)
+
+    async def served(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the node started")  # instead of serving until the test times out
+
+    monkeypatch.setattr("node.demo_api.run_node", served)
     assert main(["node", "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert "METER_NODE_SECRET must be at least 32 bytes" in err
