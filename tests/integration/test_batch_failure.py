@@ -24,7 +24,7 @@ async def test_a_batch_failing_before_its_write_is_read_again(topics: Settings, 
     async with runtime.running():
         assert runtime.consumer is not None
         validator = runtime.consumer.pipeline.validator
-        original = validator.check_event
+        original = validator.check
         calls = {"n": 0}
 
         def flaky(record: Any, now: float) -> Any:
@@ -34,7 +34,7 @@ async def test_a_batch_failing_before_its_write_is_read_again(topics: Settings, 
                 raise RuntimeError("injected failure before the write")
             return original(record, now)
 
-        validator.check_event = flaky  # type: ignore[method-assign]
+        validator.check = flaky  # type: ignore[method-assign]
         await publish(settings.kafka_bootstrap, settings.events_topic, events)
         await wait_for(
             lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),

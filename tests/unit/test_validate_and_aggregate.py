@@ -4,14 +4,15 @@ import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import pyarrow as pa
 import pytest
 
 from schemas.events import dump_event, make_event
-from worker.ingest.aggregate import request_hash
 from worker.ingest.pipeline import IngestPipeline, PreparedBatch
-from worker.ingest.validate import Rejection, Validator, ValidEvent
 from worker.limits.fastlane import RecentRequests, group_batch
+from worker.records import Rejection, Validator, request_hash
 from worker.settings import Settings
+from worker.store import rollup
 from worker.store.rollup import LEVELS, ROLLUP_SCHEMA
 
 NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)
@@ -48,14 +49,16 @@ def rec(**over: object) -> Rec:
 VALIDATOR = Validator(max_event_bytes=2048, max_age_seconds=24 * 3600, max_skew_seconds=300)
 
 
-def check(r: Rec) -> ValidEvent | Rejection:
+def check(r: Rec) -> tuple[object, float] | Rejection:
     return VALIDATOR.check(r, NOW.timestamp())
 
 
 def test_valid_record() -> None:
     result = check(rec())
-    assert isinstance(result, ValidEvent)
-    assert result.epoch == (NOW - timedelta(seconds=30)).timestamp()
+    assert not isinstance(result, Rejection)
+    event, epoch = result
+    assert event["key_id"] == "k1"
+    assert epoch == (NOW - timedelta(seconds=30)).timestamp()
 
 
 @pytest.mark.parametrize(
@@ -80,7 +83,7 @@ def test_rejections_name_their_reason(record: Rec, reason: str) -> None:
 
 
 def test_clock_skew_within_bound_is_accepted() -> None:
-    assert isinstance(check(rec(ts=NOW + timedelta(minutes=4))), ValidEvent)
+    assert not isinstance(check(rec(ts=NOW + timedelta(minutes=4))), Rejection)
 
 
 def test_request_hash_is_stable_and_key_scoped() -> None:
@@ -161,6 +164,27 @@ def test_aggregate_rolls_minutes_into_hours_and_days() -> None:
     assert prepared.token == "events|3:10-20"
     assert prepared.outcome.rejected == {"invalid_json": 1}
     assert sum(r["bytes_out"] for r in rows if r["level"] == LEVELS["day"]) == 400
+
+
+def test_rollup_columns_are_filled_by_name_whatever_the_schema_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reordered ROLLUP_SCHEMA gets the same values under each column name: same-typed
+    columns swapped (where a positional build would misalign silently), the rest reversed."""
+    records = [
+        record(1, i, request_id=f"r{i}", ts=NOW - timedelta(minutes=i), endpoint=f"/v0/e{i % 3}", bytes_out=10 * i)
+        for i in range(12)
+    ]
+    records += [record(1, 12, request_id="r0"), Rec(b"{not json", b"k1", partition=2, offset=5)]
+    before = prepare(records).rows
+    assert before is not None
+    names = ROLLUP_SCHEMA.names
+    swapped = {"endpoint": "node_id", "node_id": "endpoint", "requests": "bytes_out", "bytes_out": "requests"}
+    order = [swapped.get(name, name) for name in reversed(names)]
+    reordered = pa.schema([ROLLUP_SCHEMA.field(name) for name in order])
+    monkeypatch.setattr(rollup, "ROLLUP_SCHEMA", reordered)
+    after = prepare(records).rows
+    assert after is not None
+    assert after.schema == reordered
+    assert after.select(names).to_pylist() == before.to_pylist()
 
 
 def test_the_fast_lane_counts_without_429s_or_duplicates_and_reads_node_counts() -> None:

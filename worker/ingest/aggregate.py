@@ -3,211 +3,24 @@ the dedup memory of the batch and the offsets it covers, as one Arrow table."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import xxhash
 
-from worker.store.rollup import LEVELS, ROLLUP_SCHEMA
+from schemas.decisions import WINDOW_SECONDS, Window
+from schemas.events import RequestEvent
+from worker.store import rollup
 
-# The dimensions of each level (columns of the per-event table built by ``_event_table``).
-_MINUTE_DIMS = ["key_id", "account_id", "minute", "endpoint", "status"]
-_HOUR_DIMS = ["key_id", "account_id", "hour", "endpoint", "status", "node_id"]
-_DAY_DIMS = ["key_id", "account_id", "day", "endpoint", "status", "node_id"]
-_CLIENT_DIMS = ["key_id", "account_id", "hour", "status", "client_ip"]
-_SUMS = [("requests", "sum"), ("bytes_out", "sum"), ("latency_ms", "sum")]
+_MINUTE = WINDOW_SECONDS[Window.minute]
+_HOUR = WINDOW_SECONDS[Window.hour]
+_DAY = WINDOW_SECONDS[Window.day]
 
-_xxh3 = xxhash.xxh3_64_intdigest
-
-
-def request_hash(key_id: str, request_id: str) -> int:
-    """Stable 64-bit identity of a request for the dedup memory (the pipeline inlines it)."""
-    return int(_xxh3(f"{key_id}\x00{request_id}".encode()))
-
-
-class BatchAggregate:
-    """Accumulates events; ``to_arrow`` renders every level's rows for one atomic insert.
-
-    The events are kept column-wise as they come (plain lists the pipeline appends to
-    directly, one pass per event) and grouped per level in Arrow (C++) when the batch is
-    rendered: one row per distinct (key, account, bucket, endpoint, status[, node]) at the
-    minute, hour and day levels and per (key, account, hour, status, client IP) for client
-    IPs, with the sums of requests, bytes out and latency. The dedup rows (hashes per
-    partition and minute) and the limit counts come from the same table.
-    """
-
-    def __init__(self) -> None:
-        # One list per column, index = event (see ``columns``).
-        self.partition: list[int] = []
-        self.key_id: list[str] = []
-        self.account_id: list[str] = []
-        self.minute: list[int] = []
-        self.endpoint: list[str] = []
-        self.status: list[int] = []
-        self.node_id: list[str] = []
-        self.client_ip: list[str] = []
-        self.bytes_out: list[int] = []
-        self.latency_ms: list[float] = []
-        self.hashes: list[int] = []
-        self._table: pa.Table | None = None
-        self._levels: dict[str, pa.Table] | None = None
-        self.offsets: dict[int, int] = {}  # partition -> last offset of this batch
-        self.first_offsets: dict[int, int] = {}
-
-    @property
-    def events(self) -> int:
-        return len(self.hashes)
-
-    def changed(self) -> None:
-        """Forget rendered tables (after appending to the column lists directly)."""
-        self._table = None
-        self._levels = None
-
-    def token(self, topic: str) -> str:
-        """Deterministic identity of the batch: the same records give the same token."""
-        spans = ",".join(f"{p}:{self.first_offsets[p]}-{o}" for p, o in sorted(self.offsets.items()))
-        return f"{topic}|{spans}"
-
-    def minutes_by_partition(self) -> dict[int, set[int]]:
-        out: dict[int, set[int]] = {}
-        if not self.hashes:
-            return out
-        pairs = self._table_or_build().group_by(["partition", "minute"], use_threads=False).aggregate([])
-        for p, m in zip(pairs.column("partition").to_pylist(), pairs.column("minute").to_pylist(), strict=True):
-            out.setdefault(p, set()).add(m)
-        return out
-
-    def drop(self, hashes: Collection[int]) -> int:
-        """Remove the events whose hash is in ``hashes`` (found in the dedup memory); returns how many."""
-        if not hashes or not self.hashes:
-            return 0
-        keep = [h not in hashes for h in self.hashes]
-        dropped = keep.count(False)
-        if dropped:
-            for name in _COLUMN_LISTS:
-                column = getattr(self, name)
-                column[:] = [v for v, k in zip(column, keep, strict=True) if k]
-            self.changed()
-        return dropped
-
-    def _table_or_build(self) -> pa.Table:
-        if self._table is None:
-            self._table = self._event_table()
-        return self._table
-
-    def _event_table(self) -> pa.Table:
-        """One row per event with the dimensions of every level (absent optionals as ''/0)."""
-        minute = pa.array(self.minute, pa.int64())
-        return pa.table(
-            {
-                "partition": pa.array(self.partition, pa.int64()),
-                "key_id": pa.array(self.key_id, pa.string()),
-                "account_id": pa.array(self.account_id, pa.string()),
-                "minute": minute,
-                "hour": pc.multiply(pc.divide(minute, 3600), 3600),  # buckets are >= 0: truncation is floor
-                "day": pc.multiply(pc.divide(minute, 86400), 86400),
-                "endpoint": pa.array(self.endpoint, pa.string()),
-                "status": pa.array(self.status, pa.int64()),
-                "node_id": pa.array(self.node_id, pa.string()),
-                "client_ip": pa.array(self.client_ip, pa.string()),
-                "requests": pa.repeat(pa.scalar(1, pa.int64()), len(self.hashes)),
-                "bytes_out": pa.array(self.bytes_out, pa.int64()),
-                "latency_ms": pa.array(self.latency_ms, pa.float64()),
-                "hash": pa.array(self.hashes, pa.uint64()),
-            }
-        )
-
-    def _grouped(self) -> dict[str, pa.Table]:
-        if self._levels is None:
-            table = self._table_or_build()
-            with_ip = table.filter(pc.not_equal(table.column("client_ip"), ""))
-            self._levels = {
-                "minute": table.group_by(_MINUTE_DIMS, use_threads=False).aggregate(_SUMS),
-                "hour": table.group_by(_HOUR_DIMS, use_threads=False).aggregate(_SUMS),
-                "day": table.group_by(_DAY_DIMS, use_threads=False).aggregate(_SUMS),
-                "client_hour": with_ip.group_by(_CLIENT_DIMS, use_threads=False).aggregate(_SUMS),
-            }
-        return self._levels
-
-    def to_arrow(self, topic: str) -> pa.Table:
-        # Columns in ROLLUP_SCHEMA order, each assembled from one piece per level (rows of a
-        # level dimension it lacks hold '' / 0), then the dedup rows and the offset rows.
-        parts: list[list[pa.Array]] = []
-        no_hashes = pa.array([], pa.uint64())
-        grouped = self._grouped() if self.hashes else {}
-        bucket_of = {"minute": "minute", "hour": "hour", "day": "day", "client_hour": "hour"}
-        for name, rows in grouped.items():
-            n = rows.num_rows
-            if n == 0:
-                continue
-
-            def col(column: str, rows: pa.Table = rows, n: int = n) -> pa.Array:
-                if column in rows.column_names:
-                    return rows.column(column).combine_chunks()
-                return pa.repeat(pa.scalar("", pa.string()), n)
-
-            parts.append(
-                [
-                    pa.repeat(pa.scalar(LEVELS[name], pa.int8()), n),
-                    col("key_id"),
-                    rows.column(bucket_of[name]).combine_chunks().cast(pa.uint32()),
-                    col("endpoint") if name != "client_hour" else col(""),
-                    rows.column("status").combine_chunks().cast(pa.uint16()),
-                    col("node_id") if name in ("hour", "day") else col(""),
-                    col("client_ip") if name == "client_hour" else col(""),
-                    col("account_id"),
-                    pa.repeat(pa.scalar(0, pa.uint16()), n),
-                    rows.column("requests_sum").combine_chunks().cast(pa.uint64()),
-                    rows.column("bytes_out_sum").combine_chunks().cast(pa.uint64()),
-                    rows.column("latency_ms_sum").combine_chunks(),
-                    pa.repeat(pa.scalar(0, pa.int64()), n),
-                    pa.ListArray.from_arrays(pa.repeat(pa.scalar(0, pa.int32()), n + 1), no_hashes),
-                ]
-            )
-
-        # The dedup memory: one row per (partition, minute) holding the hashes counted there.
-        if self.hashes:
-            table = self._table_or_build()
-            dedup = table.group_by(["partition", "minute"], use_threads=False).aggregate([("hash", "list")])
-            d_part = dedup.column("partition").combine_chunks().cast(pa.uint16())
-            d_minute = dedup.column("minute").combine_chunks().cast(pa.uint32())
-            d_hashes = dedup.column("hash_list").combine_chunks().cast(pa.list_(pa.uint64()))
-        else:
-            d_part = pa.array([], pa.uint16())
-            d_minute = pa.array([], pa.uint32())
-            d_hashes = pa.array([], pa.list_(pa.uint64()))
-        nd = len(d_part)
-        offset_parts = list(self.offsets)
-        no = len(offset_parts)
-        n = nd + no
-        blank = pa.repeat(pa.scalar("", pa.string()), n)
-        parts.append(
-            [
-                pa.array([LEVELS["dedup"]] * nd + [LEVELS["offset"]] * no, pa.int8()),
-                pa.array([""] * nd + [topic] * no, pa.string()),
-                pa.concat_arrays([d_minute, pa.repeat(pa.scalar(0, pa.uint32()), no)]),
-                blank,
-                pa.repeat(pa.scalar(0, pa.uint16()), n),
-                blank,
-                blank,
-                blank,
-                pa.concat_arrays([d_part, pa.array(offset_parts, pa.uint16())]),
-                pa.repeat(pa.scalar(0, pa.uint64()), n),
-                pa.repeat(pa.scalar(0, pa.uint64()), n),
-                pa.repeat(pa.scalar(0.0, pa.float64()), n),
-                pa.array([0] * nd + [self.offsets[p] for p in offset_parts], pa.int64()),
-                pa.concat_arrays([d_hashes, pa.array([[]] * no, pa.list_(pa.uint64()))]),
-            ]
-        )
-        # One chunk per column: the insert must be one block (one part, atomic).
-        return pa.Table.from_arrays(
-            [pa.concat_arrays([p[i] for p in parts]) for i in range(len(ROLLUP_SCHEMA))],
-            schema=ROLLUP_SCHEMA,
-        )
-
-
-_COLUMN_LISTS = (
+# One event as the batch keeps it: a plain tuple (cheapest to build once per event) whose
+# fields are named, in order, by EVENT_FIELDS; ``event_row`` is the only place that builds one.
+EventRow = tuple[int, str, str, int, str, int, str, str, int, float, int]
+EVENT_FIELDS = (
     "partition",
     "key_id",
     "account_id",
@@ -218,5 +31,200 @@ _COLUMN_LISTS = (
     "client_ip",
     "bytes_out",
     "latency_ms",
-    "hashes",
+    "hash",
 )
+_EVENT_TYPES = {
+    "partition": pa.int64(),
+    "key_id": pa.string(),
+    "account_id": pa.string(),
+    "minute": pa.int64(),
+    "endpoint": pa.string(),
+    "status": pa.int64(),
+    "node_id": pa.string(),
+    "client_ip": pa.string(),
+    "bytes_out": pa.int64(),
+    "latency_ms": pa.float64(),
+    "hash": pa.uint64(),
+}
+_HASH = EVENT_FIELDS.index("hash")
+
+# The rollup levels: the dimensions each groups by (columns of the per-event table) and the
+# one that is its bucket. Each dimension but the bucket is the rollup column of that name.
+_LEVELS: dict[str, tuple[list[str], str]] = {
+    "minute": (["key_id", "account_id", "minute", "endpoint", "status"], "minute"),
+    "hour": (["key_id", "account_id", "hour", "endpoint", "status", "node_id"], "hour"),
+    "day": (["key_id", "account_id", "day", "endpoint", "status", "node_id"], "day"),
+    "client_hour": (["key_id", "account_id", "hour", "status", "client_ip"], "hour"),
+}
+# Sums of each level: per-event column -> its sum's rollup column.
+_SUMS = {"requests": "requests", "bytes_out": "bytes_out", "latency_ms": "latency_ms_sum"}
+
+
+def event_row(partition: int, event: RequestEvent, epoch: float, digest: int) -> EventRow:
+    """One counted event (absent optionals as ''/0), bucketed into its UTC minute."""
+    return (
+        partition,
+        event["key_id"],
+        event.get("account_id") or "",
+        int(epoch) // _MINUTE * _MINUTE,
+        event["endpoint"],
+        event["status"],
+        event["node_id"],
+        event.get("client_ip") or "",
+        event.get("bytes_out") or 0,
+        event.get("latency_ms") or 0.0,
+        digest,
+    )
+
+
+class BatchAggregate:
+    """The counted events of one batch and the offsets it covers; ``to_arrow`` renders every
+    level's rows for one atomic insert.
+
+    Events are grouped per level in Arrow (C++) when the batch is rendered: one row per
+    distinct (key, account, bucket, endpoint, status[, node]) at the minute, hour and day
+    levels and per (key, account, hour, status, client IP) for client IPs, with the sums of
+    requests, bytes out and latency. The dedup rows (hashes per partition and minute) and the
+    offset rows (last offset per partition) go into the same insert.
+    """
+
+    def __init__(self, rows: list[EventRow], offsets: dict[int, int], first_offsets: dict[int, int]) -> None:
+        """``offsets`` / ``first_offsets``: last and first offset per partition of the records
+        the batch covers (dead-lettered ones included: they are done with too)."""
+        self._rows = rows
+        self.offsets = offsets
+        self.first_offsets = first_offsets
+        self._columns: dict[str, Sequence[Any]] | None = None
+        self._table: pa.Table | None = None
+        self._levels: dict[str, pa.Table] | None = None
+
+    @property
+    def events(self) -> int:
+        return len(self._rows)
+
+    @property
+    def empty(self) -> bool:
+        """No record at all: nothing to write, not even offsets."""
+        return not self.offsets
+
+    def token(self, topic: str) -> str:
+        """Deterministic identity of the batch: the same records give the same token."""
+        spans = ",".join(f"{p}:{self.first_offsets[p]}-{o}" for p, o in sorted(self.offsets.items()))
+        return f"{topic}|{spans}"
+
+    def column(self, name: str) -> Sequence[Any]:
+        """One field of every event, in event order (see ``EVENT_FIELDS``)."""
+        if self._columns is None:
+            transposed = list(zip(*self._rows, strict=True)) if self._rows else [() for _ in EVENT_FIELDS]
+            self._columns = dict(zip(EVENT_FIELDS, transposed, strict=True))
+        return self._columns[name]
+
+    def dedup_keys(self) -> tuple[Sequence[int], Sequence[int], Sequence[int]]:
+        """(partitions, minutes, hashes) of the events, for the recent-hash cache."""
+        return self.column("partition"), self.column("minute"), self.column("hash")
+
+    def minutes_by_partition(self) -> dict[int, set[int]]:
+        out: dict[int, set[int]] = {}
+        for p, m in zip(self.column("partition"), self.column("minute"), strict=True):
+            out.setdefault(p, set()).add(m)
+        return out
+
+    def drop(self, hashes: Collection[int]) -> int:
+        """Remove the events whose hash is in ``hashes`` (found in the dedup memory); returns how many."""
+        if not hashes or not self._rows:
+            return 0
+        kept = [row for row in self._rows if row[_HASH] not in hashes]
+        dropped = len(self._rows) - len(kept)
+        if dropped:
+            self._rows = kept
+            self._columns = self._table = self._levels = None
+        return dropped
+
+    def _event_table(self) -> pa.Table:
+        """One row per event with the dimensions of every level."""
+        if self._table is None:
+            columns = {name: pa.array(self.column(name), _EVENT_TYPES[name]) for name in EVENT_FIELDS}
+            minute = columns["minute"]
+            columns["hour"] = pc.multiply(pc.divide(minute, _HOUR), _HOUR)  # buckets are >= 0: truncation is floor
+            columns["day"] = pc.multiply(pc.divide(minute, _DAY), _DAY)
+            columns["requests"] = pa.repeat(pa.scalar(1, pa.int64()), self.events)
+            self._table = pa.table(columns)
+        return self._table
+
+    def _grouped(self) -> dict[str, pa.Table]:
+        if self._levels is None:
+            table = self._event_table()
+            with_ip = table.filter(pc.not_equal(table.column("client_ip"), ""))
+            sums = [(column, "sum") for column in _SUMS]
+            self._levels = {
+                level: (with_ip if level == "client_hour" else table).group_by(dims, use_threads=False).aggregate(sums)
+                for level, (dims, _) in _LEVELS.items()
+            }
+        return self._levels
+
+    def to_arrow(self, topic: str) -> pa.Table:
+        """The batch's one insert: every level's rows, the dedup rows and the offset rows, each
+        column assembled by name in ``ROLLUP_SCHEMA`` (a column a row kind lacks is ''/0)."""
+        parts = [self._level_part(level, rows) for level, rows in self._grouped().items()] if self._rows else []
+        parts.append(self._dedup_part())
+        parts.append(self._offset_part(topic))
+        return _assemble([p for p in parts if p[0]])
+
+    def _level_part(self, level: str, rows: pa.Table) -> tuple[int, dict[str, pa.Array]]:
+        dims, bucket = _LEVELS[level]
+        columns = {dim: rows.column(dim) for dim in dims if dim != bucket}
+        columns["bucket"] = rows.column(bucket)
+        columns.update({total: rows.column(f"{column}_sum") for column, total in _SUMS.items()})
+        columns["level"] = pa.repeat(pa.scalar(rollup.LEVELS[level], pa.int8()), rows.num_rows)
+        return rows.num_rows, columns
+
+    def _dedup_part(self) -> tuple[int, dict[str, pa.Array]]:
+        """The dedup memory: one row per (partition, minute) holding the hashes counted there."""
+        if not self._rows:
+            return 0, {}
+        dedup = self._event_table().group_by(["partition", "minute"], use_threads=False).aggregate([("hash", "list")])
+        n = dedup.num_rows
+        return n, {
+            "level": pa.repeat(pa.scalar(rollup.LEVELS["dedup"], pa.int8()), n),
+            "kafka_partition": dedup.column("partition"),
+            "bucket": dedup.column("minute"),
+            "request_hashes": dedup.column("hash_list"),
+        }
+
+    def _offset_part(self, topic: str) -> tuple[int, dict[str, pa.Array]]:
+        """The offsets the batch covers: one row per partition, keyed by the topic."""
+        partitions = list(self.offsets)
+        n = len(partitions)
+        return n, {
+            "level": pa.repeat(pa.scalar(rollup.LEVELS["offset"], pa.int8()), n),
+            "key_id": pa.repeat(pa.scalar(topic, pa.string()), n),
+            "kafka_partition": pa.array(partitions, pa.int64()),
+            "last_offset": pa.array([self.offsets[p] for p in partitions], pa.int64()),
+        }
+
+
+def _assemble(parts: list[tuple[int, dict[str, pa.Array]]]) -> pa.Table:
+    """One table in ``ROLLUP_SCHEMA``: each column by its name, from every part in order (cast
+    to the column's type; '' / 0 / [] where a part has no such column), in one chunk per
+    column so the insert is one block (one part, atomic)."""
+    schema = rollup.ROLLUP_SCHEMA
+    columns = []
+    for field in schema:
+        pieces = []
+        for n, part in parts:
+            given = part.get(field.name)
+            if given is None:
+                pieces.append(_blank(field.type, n))
+            else:
+                if isinstance(given, pa.ChunkedArray):
+                    given = given.combine_chunks()
+                pieces.append(given.cast(field.type))
+        columns.append(pa.concat_arrays(pieces) if pieces else pa.array([], field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _blank(kind: pa.DataType, n: int) -> pa.Array:
+    """``n`` empty values of a rollup column's type: '' for text, 0 for numbers, [] for lists."""
+    if pa.types.is_list(kind):
+        return pa.ListArray.from_arrays(pa.repeat(pa.scalar(0, pa.int32()), n + 1), pa.array([], kind.value_type))
+    return pa.repeat(pa.scalar("" if pa.types.is_string(kind) else 0, kind), n)

@@ -18,7 +18,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from common.retry import retry_forever
 from worker.ingest.pipeline import BatchAbandoned, BatchOutcome, IngestPipeline, PreparedBatch
-from worker.ingest.validate import KafkaRecord
+from worker.records import KafkaRecord
 from worker.store.rollup import RollupStore
 
 log = logging.getLogger(__name__)

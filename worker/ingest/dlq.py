@@ -19,7 +19,7 @@ from typing import Any
 
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
-from worker.ingest.validate import Rejection
+from worker.records import Rejection
 
 # (topic, key, value, headers) -> awaitable publish; the worker passes its broker's publish.
 Publish = Callable[[bytes | None, bytes, list[tuple[str, bytes]]], Awaitable[None]]

@@ -13,22 +13,22 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 import pyarrow as pa
-import xxhash
 
-from worker.ingest.aggregate import BatchAggregate
+from common.retry import retry_forever
+from worker.ingest.aggregate import BatchAggregate, EventRow, event_row
 from worker.ingest.dlq import dead_letter
 from worker.ingest.recent_hashes import RecentHashes
-from worker.ingest.validate import KafkaRecord, Rejection, Validator
+from worker.records import KafkaRecord, Rejection, Validator, request_hash
 from worker.settings import Settings
 from worker.store.rollup import RollupStore
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_xxh3 = xxhash.xxh3_64_intdigest
 
 DeadLetterSink = Callable[[Rejection, bytes, list[tuple[str, bytes]]], Awaitable[None]]
 StillOwned = Callable[[int], bool]
@@ -48,7 +48,7 @@ class BatchOutcome:
     rejected: dict[str, int] = field(default_factory=dict)
     offsets: dict[int, int] = field(default_factory=dict)
     write_seconds: float = 0.0
-    written: bool = False
+    written: bool = False  # the insert landed (False: nothing new to write)
 
 
 @dataclass
@@ -63,10 +63,70 @@ class PreparedBatch:
     hashes: Collection[int]
     # (partitions, minutes, hashes) of the events counted: the recent-hash cache takes them
     # once the write has landed.
-    entries: tuple[list[int], list[int], list[int]]
+    entries: tuple[Sequence[int], Sequence[int], Sequence[int]]
+
+
+@dataclass
+class ScannedBatch:
+    """One pass over a batch's records (no I/O): what is new, what is not, what is refused."""
+
+    aggregate: BatchAggregate
+    rejections: list[Rejection]
+    duplicates: int  # repeated within the batch or in the write still in flight
+    replayed: int  # at or before the partition's stored offset: written already
+    hashes: set[int]  # request hashes of the events kept
+
+
+def scan(
+    records: Sequence[KafkaRecord],
+    validator: Validator,
+    written: Mapping[int, int],
+    in_flight: Collection[int],
+    now: float,
+) -> ScannedBatch:
+    """Sort every record of a batch: replayed, refused, duplicate, or counted (into the
+    aggregate). ``written``: last stored offset per partition; ``in_flight``: request hashes
+    of the write that has not landed yet (not in the stored dedup memory for sure)."""
+    check = validator.check  # looked up once: this loop runs once per event
+    last: dict[int, int] = {}
+    first: dict[int, int] = {}
+    rows: list[EventRow] = []
+    rejections: list[Rejection] = []
+    seen: set[int] = set()
+    duplicates = replayed = 0
+    for record in records:
+        partition = record.partition
+        offset = record.offset
+        if offset <= written.get(partition, -1):
+            replayed += 1
+            continue
+        if offset > last.get(partition, -1):
+            last[partition] = offset
+        if offset < first.get(partition, offset + 1):
+            first[partition] = offset
+        checked = check(record, now)
+        if isinstance(checked, Rejection):
+            rejections.append(checked)
+            continue
+        event, epoch = checked
+        digest = request_hash(event["key_id"], event["request_id"])
+        if digest in seen or digest in in_flight:
+            duplicates += 1
+            continue
+        seen.add(digest)
+        rows.append(event_row(partition, event, epoch, digest))
+    return ScannedBatch(BatchAggregate(rows, last, first), rejections, duplicates, replayed, seen)
 
 
 class IngestPipeline:
+    """One batch of the events topic to one atomic insert, in two calls the consumer sequences.
+
+    ``prepare``: sort the records (``scan``, no I/O), then the two waits of a batch: its
+    dead letters are published, and its request hashes are checked against the stored dedup
+    memory (unless the recent-hash cache can answer) while its rows are rendered.
+    ``write``: the insert, retried until it lands or the batch's partitions move away.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -83,12 +143,6 @@ class IngestPipeline:
         self.retry_max_seconds = settings.store_retry_max_seconds
         self.store_errors = 0  # failed store calls (each retried), for metrics and readiness
 
-    async def process(
-        self, records: Sequence[KafkaRecord], written: Mapping[int, int], still_owned: StillOwned
-    ) -> BatchOutcome:
-        """Prepare and write one batch (no overlap with anything else)."""
-        return await self.write(await self.prepare(records, written, still_owned), still_owned)
-
     async def prepare(
         self,
         records: Sequence[KafkaRecord],
@@ -96,98 +150,57 @@ class IngestPipeline:
         still_owned: StillOwned,
         in_flight: Collection[int] = (),
     ) -> PreparedBatch:
-        """Everything up to the insert: validate, dedup, aggregate, render rows.
+        """Everything up to the insert: sort, dead-letter, dedup against the store, render rows.
 
         ``written``: last stored offset per partition; records at or before it are replays.
         ``in_flight``: request hashes of the batch whose write has not landed yet; they are
         not in the stored dedup memory for sure, so they are checked here as well (a retry
         split across two consecutive batches is counted once).
         """
-        outcome = BatchOutcome()
-        batch = BatchAggregate()
-        now = self.clock()
-        check = self.validator.check_event
-        written_get = written.get
-        last, first = batch.offsets, batch.first_offsets
-        rejections: list[Rejection] = []
-        seen_in_batch: set[int] = set()
-        seen_add = seen_in_batch.add
-        # One pass per record, appending straight to the batch's column lists.
-        c_part, c_key, c_account, c_minute = batch.partition, batch.key_id, batch.account_id, batch.minute
-        c_endpoint, c_status, c_node, c_ip = batch.endpoint, batch.status, batch.node_id, batch.client_ip
-        c_bytes, c_latency, c_hash = batch.bytes_out, batch.latency_ms, batch.hashes
-        duplicates = skipped = 0
-        for record in records:
-            partition = record.partition
-            offset = record.offset
-            if offset <= written_get(partition, -1):
-                skipped += 1
-                continue
-            if offset > last.get(partition, -1):
-                last[partition] = offset
-            if offset < first.get(partition, offset + 1):
-                first[partition] = offset
-            checked = check(record, now)
-            if isinstance(checked, Rejection):
-                rejections.append(checked)
-                continue
-            event, epoch = checked
-            key_id = event["key_id"]
-            digest = _xxh3(f"{key_id}\x00{event['request_id']}".encode())  # = request_hash(), inlined
-            if digest in seen_in_batch or digest in in_flight:
-                duplicates += 1
-                continue
-            seen_add(digest)
-            c_part.append(partition)
-            c_key.append(key_id)
-            c_account.append(event.get("account_id") or "")
-            c_minute.append(int(epoch) // 60 * 60)
-            c_endpoint.append(event["endpoint"])
-            c_status.append(event["status"])
-            c_node.append(event["node_id"])
-            c_ip.append(event.get("client_ip") or "")
-            c_bytes.append(event.get("bytes_out") or 0)
-            c_latency.append(event.get("latency_ms") or 0.0)
-            c_hash.append(digest)
-        batch.changed()
-        outcome.duplicates = duplicates
-        outcome.skipped_replayed = skipped
-        for rejection in rejections:
+        scanned = scan(records, self.validator, written, in_flight, self.clock())
+        outcome = BatchOutcome(duplicates=scanned.duplicates, skipped_replayed=scanned.replayed)
+        for rejection in scanned.rejections:
             outcome.rejected[rejection.reason] = outcome.rejected.get(rejection.reason, 0) + 1
+        await self._dead_letter(scanned.rejections)
+        batch = scanned.aggregate
+        if batch.empty:
+            return PreparedBatch(outcome, None, "", scanned.hashes, ((), (), ()))
+        rows, stored = await self._render_new(batch, still_owned)
+        outcome.duplicates += stored
+        outcome.counted = batch.events
+        outcome.offsets = dict(batch.offsets)
+        return PreparedBatch(outcome, rows, batch.token(self.topic), scanned.hashes, batch.dedup_keys())
+
+    async def _dead_letter(self, rejections: list[Rejection]) -> None:
+        for rejection in rejections:
             value, headers = dead_letter(rejection)
             await self.dead_letters(rejection, value, headers)
 
-        if not batch.offsets:
-            return PreparedBatch(outcome, None, "", seen_in_batch, ([], [], []))
+    async def _render_new(self, batch: BatchAggregate, still_owned: StillOwned) -> tuple[pa.Table, int]:
+        """The batch's rows without the events the dedup memory holds already, and how many
+        those were. The store lookup (for what the recent-hash cache cannot answer) runs in a
+        thread while the rows are rendered; they are rendered again only if it finds any."""
+        if self.recent is not None:
+            # Minutes this worker wrote from scratch are answered from memory; only the
+            # others (stored before it owned the partition, or forgotten) go to the store.
+            known, minutes, hashes = self.recent.split(*batch.dedup_keys())
+        else:
+            known, minutes, hashes = set(), batch.minutes_by_partition(), list(batch.column("hash"))
         lookup: asyncio.Task[set[int]] | None = None
-        seen_here: set[int] = set()
-        if batch.hashes:
-            if self.recent is not None:
-                # Minutes this worker wrote from scratch are answered from memory; only the
-                # others (stored before it owned the partition, or forgotten) go to the store.
-                seen_here, minutes, hashes = self.recent.split(batch.partition, batch.minute, batch.hashes)
-            else:
-                minutes, hashes = batch.minutes_by_partition(), list(batch.hashes)
-            if hashes:
-                lookup = asyncio.create_task(
-                    self._retry(lambda: self.store.seen_hashes(minutes, hashes), batch.offsets, still_owned)
-                )
-                await asyncio.sleep(0)  # let the lookup reach its thread before the CPU work below
+        if hashes:
+            call = partial(self.store.seen_hashes, minutes, hashes)
+            lookup = asyncio.create_task(self._store_call(call, "dedup lookup", batch.offsets, still_owned))
+            await asyncio.sleep(0)  # let the lookup reach its thread before the CPU work below
         try:
-            # Rendered while the lookup runs; re-rendered only if it finds stored duplicates.
             rows = batch.to_arrow(self.topic)
-            seen = seen_here | (await lookup if lookup is not None else set())
+            stored = known | (await lookup if lookup is not None else set())
         finally:
             if lookup is not None and not lookup.done():
                 lookup.cancel()
-        dropped = batch.drop(seen)
+        dropped = batch.drop(stored)
         if dropped:
-            outcome.duplicates += dropped
             rows = batch.to_arrow(self.topic)
-        outcome.counted = batch.events
-        outcome.offsets = dict(batch.offsets)
-        entries = (list(batch.partition), list(batch.minute), list(batch.hashes))
-        return PreparedBatch(outcome, rows, batch.token(self.topic), seen_in_batch, entries)
+        return rows, dropped
 
     async def write(self, prepared: PreparedBatch, still_owned: StillOwned) -> BatchOutcome:
         """The one atomic insert of a prepared batch, retried until it lands (or is abandoned)."""
@@ -197,32 +210,36 @@ class IngestPipeline:
             return outcome
         token = prepared.token
         started = time.perf_counter()
-        await self._retry(lambda: self.store.write(rows, token), outcome.offsets, still_owned)
+        await self._store_call(partial(self.store.write, rows, token), f"insert {token}", outcome.offsets, still_owned)
         outcome.written = True
         outcome.write_seconds = time.perf_counter() - started
         return outcome
 
-    async def _retry(self, call: Callable[[], T], offsets: Mapping[int, int], still_owned: StillOwned) -> T:
-        """Run a store call in a thread, retrying with backoff until it succeeds.
+    async def _store_call(
+        self, call: Callable[[], T], what: str, partitions: Collection[int], still_owned: StillOwned
+    ) -> T:
+        """Run a store call in a thread until it succeeds (``common.retry``).
 
         The batch is given up (``BatchAbandoned``) only when one of its partitions was
         revoked meanwhile: the new owner resumes from the stored offsets, and writing our
         copy as well would count the batch twice.
         """
-        delay = 0.2
-        attempt = 0
-        while True:
-            attempt += 1
+
+        def lost() -> list[int]:
+            return sorted(p for p in partitions if not still_owned(p))
+
+        async def attempt() -> T:
             try:
-                result = await asyncio.to_thread(call)
-                if attempt > 1:
-                    log.warning("clickhouse call succeeded after %d attempts", attempt)
-                return result
-            except Exception as exc:  # any store failure is retried, never skipped
+                return await asyncio.to_thread(call)
+            except Exception:
                 self.store_errors += 1
-                lost = sorted(p for p in offsets if not still_owned(p))
-                if lost:
-                    raise BatchAbandoned(f"partitions {lost} were revoked while the store was failing") from exc
-                log.error("clickhouse call failed (attempt %d, retry in %.1fs): %s", attempt, delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_seconds)
+                raise
+
+        try:
+            return await retry_forever(
+                attempt, f"clickhouse {what}", 0.2, self.retry_max_seconds, permanent=lambda exc: bool(lost())
+            )
+        except Exception as exc:
+            if lost():
+                raise BatchAbandoned(f"partitions {lost()} were revoked while the store was failing") from exc
+            raise

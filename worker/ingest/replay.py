@@ -16,7 +16,7 @@ from datetime import datetime
 from common import kafka_clients
 from common.follower import read_to_end
 from worker.ingest.dlq import DeadLetter
-from worker.ingest.validate import Rejection, Validator
+from worker.records import Rejection, Validator
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def triage(letters: Iterable[DeadLetter], validator: Validator, now: float) -> t
         if letter.truncated:
             report.truncated += 1
             continue
-        checked = validator.check_event(_Original("replay", 0, letter.dlq_offset, letter.key, letter.original), now)
+        checked = validator.check(_Original("replay", 0, letter.dlq_offset, letter.key, letter.original), now)
         if isinstance(checked, Rejection):
             report.still_rejected[checked.reason] += 1
             continue

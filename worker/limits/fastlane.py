@@ -21,18 +21,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import xxhash
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from common import kafka_clients
 from common.kafka_clients import KafkaTarget
 from common.retry import cancel_and_wait, keep_running
-from worker.ingest.validate import KafkaRecord, Rejection, Validator
 from worker.limits.engine import NodeReport
+from worker.records import KafkaRecord, Rejection, Validator, request_hash
 
 log = logging.getLogger(__name__)
 
-_xxh3 = xxhash.xxh3_64_intdigest
 REFUSED = 429  # refused by the limits: counts nothing, but shows where the traffic is
 
 
@@ -69,14 +67,14 @@ class RecentRequests:
 def group_batch(records: Sequence[KafkaRecord], validator: Validator, recent: RecentRequests, now: float) -> FastBatch:
     batch = FastBatch(records=len(records))
     counts = batch.counts
-    check = validator.check_event
+    check = validator.check
     for record in records:
         checked = check(record, now)
         if isinstance(checked, Rejection):
             continue  # the ingest path dead-letters it
         event, epoch = checked
         key_id = event["key_id"]
-        if not recent.add(_xxh3(f"{key_id}\x00{event['request_id']}".encode())):
+        if not recent.add(request_hash(key_id, event["request_id"])):
             batch.duplicates += 1
             continue
         partition = record.partition

@@ -15,9 +15,9 @@ from common.retry import cancel_and_wait, retry_forever
 from schemas.allowances import Allowance
 from schemas.decisions import Decision, Window
 from schemas.limits import LimitOverride, PolicyBook
-from worker.ingest.validate import Validator
 from worker.limits.engine import AllowancePolicy, LimitEngine, Verdicts, partition_of
 from worker.limits.fastlane import FastBatch, FastLane
+from worker.records import Validator
 from worker.settings import Settings
 from worker.store.decisions import DecisionStore
 from worker.store.rollup import RollupStore
