@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,14 +17,17 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from faststream import AckPolicy, FastStream
 from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.message import FAKE_CONSUMER, KafkaAckableMessage
+from starlette.routing import Mount
 
 from common import kafka_clients
+from worker.analytics.api import build_query_app
 from worker.ingest.consumer import IngestConsumer
 from worker.ingest.dlq import dead_letter_key, refused_by_broker
 from worker.ingest.pipeline import IngestPipeline
 from worker.ingest.recent_hashes import RecentHashes
 from worker.ingest.validate import Rejection
 from worker.limits.service import LimitService
+from worker.listening import WorkerEndpoint, announce, withdraw
 from worker.observability import HealthCheck, WorkerMetrics, build_health_app
 from worker.retry import retry_forever
 from worker.settings import Settings
@@ -184,11 +188,19 @@ class WorkerRuntime:
         self.consumer.on_batch.append(self.metrics.observe)
 
     async def _serve_http(self) -> asyncio.Task[None] | None:
-        """/metrics and /health/* on METER_HTTP_HOST:METER_HTTP_PORT (0 = not served)."""
+        """/metrics and /health/* on METER_HTTP_HOST:METER_HTTP_PORT (0 = not served), and the
+        query API and dashboard when an admin key is configured: on the embedded store no other
+        process can read the data while the worker holds it."""
         s = self.settings
         if not s.http_port:
             return None
         app = build_health_app(self, self.metrics, self.health)
+        serves_api = bool(s.admin_api_key.get_secret_value())
+        if serves_api:
+            assert self.limits is not None
+            # Its own client: queries run in threads beside the inserts, never on their client.
+            queries = await asyncio.to_thread(connect, s.clickhouse_dsn, s.clickhouse_database)
+            app.router.routes.append(Mount("", app=build_query_app(s, queries, self.limits.policies.resolve)))
         server = uvicorn.Server(
             uvicorn.Config(
                 app, host=s.http_host, port=s.http_port, log_level="warning", access_log=False, lifespan="off"
@@ -202,7 +214,16 @@ class WorkerRuntime:
             await asyncio.sleep(0.05)
         if task.done():
             raise RuntimeError(f"cannot serve /metrics on {s.http_host}:{s.http_port}: {task.exception()}")
-        log.info("metrics and health on http://%s:%d (/metrics, /health/live, /health/ready)", s.http_host, s.http_port)
+        url = f"http://{_local_host(s.http_host)}:{_bound_port(server, s.http_port)}"
+        announce(s.clickhouse_dsn, WorkerEndpoint(os.getpid(), url, serves_api))
+        if serves_api:
+            log.info("query API on %s/v1, dashboard %s/dashboard, metrics and health beside them", url, url)
+        else:
+            log.info(
+                "metrics and health on %s (/metrics, /health/live, /health/ready); no query API: "
+                "METER_ADMIN_API_KEY is not set",
+                url,
+            )
         return task
 
     @asynccontextmanager
@@ -238,6 +259,7 @@ class WorkerRuntime:
         finally:
             await self._flush()  # a write still in flight after the consumer stopped
             if http is not None:
+                withdraw(s.clickhouse_dsn)
                 self._http_server.should_exit = True
                 await http
             await self.limits.stop()
@@ -247,6 +269,18 @@ class WorkerRuntime:
                     self.consumer.stats.summary(),
                     self.limits.engine.decisions_published,
                 )
+
+
+def _local_host(host: str) -> str:
+    """How a process on this machine reaches a listener bound to ``host``."""
+    return "127.0.0.1" if host in ("", "0.0.0.0") else "[::1]" if host == "::" else host
+
+
+def _bound_port(server: uvicorn.Server, configured: int) -> int:
+    for listener in getattr(server, "servers", []):
+        for sock in listener.sockets:
+            return int(sock.getsockname()[1])
+    return configured
 
 
 class _DeferredListener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -14,14 +14,13 @@ from pydantic import ValidationError
 
 from schemas.limits import LimitPolicy, OverrideScope
 from schemas.usage import Granularity, UsagePoint
-from worker.analytics.cli import add_analytics_commands, printable
+from worker.analytics.cli import add_analytics_commands, add_api_argument, printable
 from worker.cli_args import parse_duration, parse_time
+from worker.cli_errors import one_line, quiet_client_logs
 from worker.dlq_cli import add_dlq_commands
-from worker.follower import TopicUnavailable
 from worker.kafka_acls import Role
 from worker.logs import setup_logging
 from worker.settings import Settings
-from worker.topics import TopicsRefused
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -83,19 +82,16 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.analytics.queries import key_points
-    from worker.store.client import connect
+    from schemas.analytics import Breakdown, Subject
+    from worker.analytics.queries import points_of
+    from worker.analytics.source import open_analytics
 
-    granularity = Granularity(args.granularity)
-    client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
-    try:  # the range is checked (order, size, 1970..2106) before anything is read
-        points = key_points(
-            client, settings.clickhouse_database, args.key, granularity, args.since, args.until, args.sparse
-        )
-    except ValueError as exc:
-        print(f"meter usage: {exc}", file=sys.stderr)
-        return 2
-    print_points(points, args.format)
+    source = open_analytics(settings, args.api)
+    # The range is checked (order, size, 1970..2106) before anything is read.
+    series = source.series(
+        Subject.key, args.key, Granularity(args.granularity), args.since, args.until, Breakdown.none, 1
+    )
+    print_points(points_of(series, args.sparse), args.format)
     return 0
 
 
@@ -272,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=parse_time, help="RFC 3339 end, exclusive (default: now)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--sparse", action="store_true", help="omit empty buckets instead of printing zeros")
+    add_api_argument(p)
     p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("block", help="block a key on every node now (operator decision)")
@@ -332,23 +329,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"meter: invalid settings:\n{exc}", file=sys.stderr)
+        problems = "; ".join(
+            f"METER_{'_'.join(str(p) for p in e['loc']).upper() or '?'}: {e['msg']}" for e in exc.errors()
+        )
+        print(f"meter: invalid settings: {problems}", file=sys.stderr)
         return 2
-    setup_logging(args.log_level or settings.log_level, settings.log_json)
+    level = args.log_level or settings.log_level
+    setup_logging(level, settings.log_json)
+    quiet_client_logs(args.command, level)
+    return run_command(args, settings, debug=level.upper() == "DEBUG")
+
+
+def run_command(args: argparse.Namespace, settings: Settings, debug: bool = False) -> int:
+    """Run a parsed command; an expected failure is one line on stderr and exit code 2, anything
+    else one line and exit code 1 (the traceback only with ``debug``)."""
     func: Command = args.func
+    name = " ".join(filter(None, [args.command, getattr(args, "dlq_action", None)]))
     try:
         return func(args, settings)
-    except TopicsRefused as exc:
-        print(f"meter {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except TopicUnavailable as exc:
-        print(
-            f"meter {args.command}: {exc} (is Kafka up at METER_KAFKA_BOOTSTRAP? `meter topics` creates the topics)",
-            file=sys.stderr,
-        )
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if debug:
+            raise
+        line = one_line(exc, settings)
+        if line is None:  # not an expected situation: still one line, and how to see more
+            line = f"failed: {type(exc).__name__}: {str(exc)[:300]} (--log-level DEBUG shows the traceback)"
+            print(f"meter {name}: {line}", file=sys.stderr)
+            return 1
+        print(f"meter {name}: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

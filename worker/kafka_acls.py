@@ -117,8 +117,8 @@ async def apply_acls(kafka: kafka_clients.KafkaTarget, principal: str, acls: lis
 
     aiokafka's admin client has no create_acls, so this sends Kafka's CreateAcls request."""
     admin: Any = kafka_clients.admin(kafka, request_timeout_ms=15_000)
-    await admin.start()
     try:
+        await admin.start()  # inside: a failed start must still close the client
         for acl in acls:
             request = CreateAclsRequest(
                 int(acl.resource), acl.name, _LITERAL, principal, "*", int(acl.operation), _ALLOW

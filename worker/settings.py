@@ -89,6 +89,9 @@ class Settings(NodeSettings):
     # more per 60 / refill seconds; past it every request of that client gets 429 + Retry-After.
     admin_login_burst: int = Field(default=20, ge=1, le=10_000)
     admin_login_refill_per_minute: float = Field(default=12.0, gt=0.0, le=6_000.0)
+    # Where the CLI's read commands ask instead of opening the store (a worker's or a
+    # `meter serve-api`'s base URL, e.g. http://127.0.0.1:8090); --api overrides it.
+    query_api_url: str = ""
 
     @field_validator("admin_api_key")
     @classmethod

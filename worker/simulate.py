@@ -61,9 +61,9 @@ async def publish(kafka: KafkaTarget, topic: str, events: Sequence[RequestEvent]
     producer = kafka_clients.producer(
         kafka, enable_idempotence=True, acks="all", linger_ms=5, max_batch_size=256 * 1024
     )
-    await producer.start()
     sent = 0
     try:
+        await producer.start()  # inside: a failed start must still stop the producer
         pending = []
         for event in events:
             pending.append(await producer.send(topic, dump_event(event), key=event["key_id"].encode()))

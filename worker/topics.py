@@ -101,9 +101,9 @@ async def ensure_topics(settings: Settings) -> list[str]:
     Raises ``TopicsRefused`` (nothing created) when the replication settings do not fit the
     cluster: see ``replication_verdict``."""
     admin = kafka_clients.admin(settings, request_timeout_ms=15_000)
-    await admin.start()
     created: list[str] = []
     try:
+        await admin.start()  # inside: a failed start must still close the client
         existing = set(await admin.list_topics())
         missing = [spec for spec in topic_specs(settings) if spec.name not in existing]
         if not missing:

@@ -7,6 +7,7 @@ drills into the abused key, and keeps screenshots under ``test-artifacts/``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import secrets
@@ -52,12 +53,6 @@ if CHROMIUM is None:
 websockets_sync = pytest.importorskip("websockets.sync.client", reason="needs the websockets package (dev extra)")
 
 
-@pytest.fixture(scope="module")
-def kafka_bootstrap() -> str:
-    """No broker needed here: keep conftest from starting one."""
-    return "127.0.0.1:1"
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,28 +60,65 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture
-def server(clickhouse: Any, make_settings: Any, settings: Settings) -> Iterator[tuple[str, SampleFacts]]:
-    """The query API on a free port in this process (chDB is one engine per process), real clock."""
+@pytest.fixture(params=["serve-api", "worker"])
+def server(
+    request: pytest.FixtureRequest, clickhouse: Any, make_settings: Any, settings: Settings
+) -> Iterator[tuple[str, SampleFacts]]:
+    """The dashboard as `meter serve-api` serves it, and as a running worker serves it next to
+    /metrics (on the embedded store the worker is the one process that can read the data).
+    Both in this process (chDB is one engine per process), real clock."""
+    facts = seed_sample(clickhouse, settings.clickhouse_database)
+    database = settings.clickhouse_database
+    served = make_settings(admin_api_key=ADMIN, clickhouse_database=database, http_port=_free_port())
+    serve = _serve_worker if request.param == "worker" else _serve_query_api
+    with serve(served, clickhouse) as base:
+        yield base, facts
+
+
+@contextlib.contextmanager
+def _serve_query_api(served: Settings, clickhouse: Any) -> Iterator[str]:
     import uvicorn
 
     from worker.analytics.api import build_query_app
 
-    facts = seed_sample(clickhouse, settings.clickhouse_database)
-    app = build_query_app(
-        make_settings(admin_api_key=ADMIN, clickhouse_database=settings.clickhouse_database), clickhouse
-    )
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    app = build_query_app(served, clickhouse)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=served.http_port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not srv.started:
         assert time.monotonic() < deadline, "query API did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", facts
+    yield f"http://127.0.0.1:{served.http_port}"
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def _serve_worker(served: Settings, clickhouse: Any) -> Iterator[str]:
+    """A whole worker (real broker, its own topics) in a thread with its own event loop."""
+    import asyncio
+
+    from worker.app import WorkerRuntime
+    from worker.store.rollup import RollupStore
+
+    started, stop = threading.Event(), threading.Event()
+
+    async def run() -> None:
+        runtime = WorkerRuntime(served, store=RollupStore(clickhouse, served.clickhouse_database))
+        async with runtime.running():
+            started.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    assert started.wait(60), "the worker did not start"
+    try:
+        yield f"http://127.0.0.1:{served.http_port}"
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 class Browser:

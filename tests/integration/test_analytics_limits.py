@@ -18,6 +18,7 @@ from schemas.usage import Granularity
 from worker.analytics import queries
 from worker.analytics.api import build_query_app
 from worker.analytics.cli import add_analytics_commands
+from worker.cli import run_command
 from worker.settings import Settings
 from worker.store.rollup import rollup_table
 
@@ -68,7 +69,7 @@ def meter(settings: Settings, capsys: pytest.CaptureFixture[str]) -> Callable[..
 
     def run(*argv: str) -> tuple[int, str, str]:
         args = parser.parse_args(argv)
-        code = args.func(args, settings)
+        code = run_command(args, settings)
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 
@@ -201,10 +202,10 @@ def test_the_cli_refuses_a_range_before_1970_in_one_line(meter: Callable[..., tu
 def test_meter_usage_refuses_a_range_before_1970_in_one_line(
     settings: Settings, clickhouse: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from worker.cli import build_parser, cmd_usage
+    from worker.cli import build_parser
 
     args = build_parser().parse_args(["usage", "--key", "x", "--until", "1970-01-01T00:30:00Z"])
-    assert cmd_usage(args, settings) == 2
+    assert run_command(args, settings) == 2
     err = capsys.readouterr().err
     assert err.startswith("meter usage: ")
     assert err.count("\n") == 1

@@ -19,6 +19,7 @@ from worker.analytics import queries
 from worker.analytics.cli import add_analytics_commands
 from worker.analytics.sample import ABUSED_KEY, MANUAL_KEY, NORMAL_KEY, PROBER_KEY, STORM_IP, SampleFacts, seed_sample
 from worker.analytics.signals import SignalThresholds, abuse_signals
+from worker.cli import run_command
 from worker.settings import Settings
 
 pytestmark = pytest.mark.clickhouse
@@ -276,7 +277,7 @@ def meter(settings: Settings, capsys: pytest.CaptureFixture[str]) -> Callable[..
 
     def run(*argv: str) -> tuple[int, str]:
         args = parser.parse_args(argv)
-        code = args.func(args, settings)
+        code = run_command(args, settings)
         captured = capsys.readouterr()
         stderr.append(captured.err)
         return code, captured.out

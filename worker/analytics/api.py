@@ -322,6 +322,7 @@ def build_query_app(
         key_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
         recent: Annotated[str, Query(pattern=_WINDOW_PATTERN, description="window of rate signals")] = "1h",
         lookback: Annotated[str, Query(pattern=_WINDOW_PATTERN, description="window of IP/block signals")] = "24h",
+        as_of: Annotated[StorableTime, Query(description="RFC 3339: the signals as of then (default: now)")] = None,
     ) -> SignalReport:
         """Abuse signals, strongest first, each with its numbers and a plain-words explanation."""
         recent_span, lookback_span = parse_window(recent), parse_window(lookback)
@@ -330,7 +331,7 @@ def build_query_app(
         thresholds = signals.SignalThresholds(recent=recent_span, lookback=lookback_span)
         return run(
             lambda: signals.abuse_signals(
-                client, database, clock(), thresholds, set(kind) if kind else None, key_id=key_id
+                client, database, as_of or clock(), thresholds, set(kind) if kind else None, key_id=key_id
             )
         )
 

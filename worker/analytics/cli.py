@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from schemas.analytics import Breakdown, Subject, TopDimension, TopMetric
 from schemas.limits import LimitOverride, PolicyBook
 from schemas.usage import Granularity
+from worker.analytics.source import Analytics, open_analytics
 from worker.cli_args import parse_time
 from worker.follower import TopicFollower, valid_records
 from worker.settings import Settings
@@ -102,31 +103,18 @@ def _client(settings: Settings) -> Any:
     return connect(settings.clickhouse_dsn, settings.clickhouse_database)
 
 
-def _refused(command: str, exc: ValueError) -> int:
-    print(f"meter {command}: {exc}", file=sys.stderr)
-    return 2
+def _source(args: argparse.Namespace, settings: Settings) -> Analytics:
+    """The store, or the query API of --api / the worker holding the embedded store."""
+    return open_analytics(settings, args.api, lambda: _policy_book(settings).resolve)
 
 
 # -- handlers -------------------------------------------------------------------------------
 
 
 def cmd_top(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.analytics.queries import top
-
     until = args.until or datetime.now(UTC)
     since = args.since or until - args.window
-    try:
-        result = top(
-            _client(settings),
-            settings.clickhouse_database,
-            TopDimension(args.by),
-            TopMetric(args.metric),
-            since,
-            until,
-            args.n,
-        )
-    except ValueError as exc:
-        return _refused("top", exc)
+    result = _source(args, settings).top(TopDimension(args.by), TopMetric(args.metric), since, until, args.n)
     columns = [
         "rank",
         "id",
@@ -140,23 +128,18 @@ def cmd_top(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _series(args: argparse.Namespace, settings: Settings, subject: Subject, subject_id: str, name: str) -> int:
-    from worker.analytics.queries import DEFAULT_SERIES_GROUPS, series
+def _series(args: argparse.Namespace, settings: Settings, subject: Subject, subject_id: str) -> int:
+    from worker.analytics.queries import DEFAULT_SERIES_GROUPS
 
-    try:
-        result = series(
-            _client(settings),
-            settings.clickhouse_database,
-            subject,
-            subject_id,
-            Granularity(args.granularity),
-            args.since,
-            args.until,
-            Breakdown(args.breakdown),
-            top=DEFAULT_SERIES_GROUPS if args.top is None else args.top,
-        )
-    except ValueError as exc:
-        return _refused(name, exc)
+    result = _source(args, settings).series(
+        subject,
+        subject_id,
+        Granularity(args.granularity),
+        args.since,
+        args.until,
+        Breakdown(args.breakdown),
+        DEFAULT_SERIES_GROUPS if args.top is None else args.top,
+    )
     rows = [
         {
             "bucket": result.bucket_start(i),
@@ -174,11 +157,11 @@ def _series(args: argparse.Namespace, settings: Settings, subject: Subject, subj
 
 
 def cmd_key_usage(args: argparse.Namespace, settings: Settings) -> int:
-    return _series(args, settings, Subject.key, args.key, "key-usage")
+    return _series(args, settings, Subject.key, args.key)
 
 
 def cmd_account_usage(args: argparse.Namespace, settings: Settings) -> int:
-    return _series(args, settings, Subject.account, args.account, "account-usage")
+    return _series(args, settings, Subject.account, args.account)
 
 
 def _answers(bootstrap: str) -> bool:
@@ -214,10 +197,7 @@ def _policy_book(settings: Settings) -> PolicyBook:
 
 
 def cmd_key_state(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.analytics.queries import key_state
-
-    book = _policy_book(settings)
-    state = key_state(_client(settings), settings.clickhouse_database, args.key, book.resolve, history=args.history)
+    state = _source(args, settings).key_state(args.key, args.history)
     if args.format == "json":
         emit([], [], "json", state)
         return 0
@@ -238,9 +218,7 @@ def cmd_key_state(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_blocked(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.analytics.queries import blocked_keys
-
-    keys = blocked_keys(_client(settings), settings.clickhouse_database, n=args.n)
+    keys = _source(args, settings).blocked(args.n)
     columns = ["key_id", "window", "count", "limit", "until", "decided_at", "source", "reason"]
     emit([k.model_dump() for k in keys], columns, args.format, keys)
     return 0
@@ -248,13 +226,9 @@ def cmd_blocked(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_signals(args: argparse.Namespace, settings: Settings) -> int:
     from schemas.analytics import SignalKind
-    from worker.analytics.signals import SignalThresholds, abuse_signals
 
-    thresholds = SignalThresholds(recent=args.recent, lookback=args.lookback)
     kinds = {SignalKind(k) for k in args.kind} if args.kind else None
-    report = abuse_signals(
-        _client(settings), settings.clickhouse_database, args.as_of, thresholds=thresholds, kinds=kinds, key_id=args.key
-    )
+    report = _source(args, settings).signals(args.as_of, args.recent, args.lookback, kinds, args.key)
     rows = [{**s.model_dump(exclude={"evidence"}), "subject": s.key_id or s.client_ip} for s in report.signals]
     if args.format == "table":
         for s in report.signals:
@@ -311,6 +285,16 @@ def cmd_analytics_sample(args: argparse.Namespace, settings: Settings) -> int:
 
 def _fmt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=FORMATS, default="table")
+    add_api_argument(p)
+
+
+def add_api_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api",
+        metavar="URL",
+        help="ask this query API (a worker's or `meter serve-api`'s base URL) instead of opening the store "
+        "(default: METER_QUERY_API_URL; with neither, the store, or the API of the worker holding it)",
+    )
 
 
 def _range(p: argparse.ArgumentParser) -> None:

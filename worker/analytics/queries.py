@@ -242,11 +242,15 @@ def key_points(
     sparse: bool = False,
 ) -> list[UsagePoint]:
     """One key's buckets as points (the ``meter usage`` shape), from the same query as ``series``."""
-    s = series(client, database, Subject.key, key_id, granularity, since, until)
+    return points_of(series(client, database, Subject.key, key_id, granularity, since, until), sparse)
+
+
+def points_of(s: UsageSeries, sparse: bool = False) -> list[UsagePoint]:
+    """A series without breakdown as points (empty buckets left out when ``sparse``)."""
     (all_,) = s.groups
     points = (
         UsagePoint(
-            bucket=s.since + timedelta(seconds=i * s.step_seconds),
+            bucket=s.bucket_start(i),
             requests=all_.requests[i],
             errors=all_.errors[i],
             bytes_out=all_.bytes_out[i],

@@ -106,8 +106,8 @@ async def republish(settings: Settings, letters: list[DeadLetter]) -> int:
     if not letters:
         return 0
     producer = kafka_clients.producer(settings, enable_idempotence=True, acks="all")
-    await producer.start()
     try:
+        await producer.start()  # inside: a failed start must still stop the producer
         for letter in letters:
             await producer.send(settings.events_topic, letter.original, key=letter.key)
         await producer.flush()

@@ -16,8 +16,8 @@ from worker.settings import Settings
 
 async def _send(settings: Settings, topic: str, key: str, value: bytes | None) -> None:
     producer = kafka_clients.producer(settings, enable_idempotence=True, acks="all")
-    await producer.start()
     try:
+        await producer.start()  # inside: a failed start must still stop the producer
         await producer.send_and_wait(topic, value, key=key.encode())
     finally:
         await producer.stop()

@@ -1,0 +1,291 @@
+"""Where the CLI's read commands get their answers: the store itself, or a query API.
+
+On the embedded default (chDB, one process per data directory) a running worker holds the
+store; it serves the same ``/v1`` API, so a read command asks it instead and prints the same
+tables. Both sources return the same result models, so output does not depend on the source.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import httpx
+from pydantic import TypeAdapter, ValidationError
+
+from schemas.analytics import (
+    BlockedKey,
+    Breakdown,
+    KeyState,
+    SignalKind,
+    SignalReport,
+    Subject,
+    TopDimension,
+    TopList,
+    TopMetric,
+    UsageSeries,
+)
+from schemas.limits import LimitPolicy
+from schemas.usage import Granularity
+from worker.listening import running_worker
+from worker.settings import Settings
+from worker.store.client import StoreUnavailable, connect, is_embedded
+
+T = TypeVar("T")
+PolicyLookup = Callable[[str, str], LimitPolicy]
+
+
+class QueryRefused(Exception):
+    """The question cannot be answered as asked (a range out of bounds, a cap): say it, exit 2."""
+
+
+class SourceUnavailable(Exception):
+    """No source can answer: the message names what failed and the ways out."""
+
+
+class Analytics(Protocol):
+    def top(self, dimension: TopDimension, metric: TopMetric, since: datetime, until: datetime, n: int) -> TopList: ...
+
+    def series(
+        self,
+        subject: Subject | None,
+        subject_id: str,
+        granularity: Granularity,
+        since: datetime | None,
+        until: datetime | None,
+        breakdown: Breakdown,
+        top: int,
+    ) -> UsageSeries: ...
+
+    def key_state(self, key_id: str, history: int) -> KeyState: ...
+
+    def blocked(self, n: int) -> list[BlockedKey]: ...
+
+    def signals(
+        self,
+        as_of: datetime | None,
+        recent: timedelta,
+        lookback: timedelta,
+        kinds: set[SignalKind] | None,
+        key_id: str | None,
+    ) -> SignalReport: ...
+
+
+class StoreAnalytics:
+    """Queries on an open ClickHouse client (``policies`` is asked only for the key state)."""
+
+    def __init__(self, client: Any, database: str, policies: Callable[[], PolicyLookup]) -> None:
+        self.client = client
+        self.database = database
+        self.policies = policies
+
+    def _run(self, query: Callable[[], T]) -> T:
+        try:
+            return query()
+        except ValueError as exc:  # the queries refuse what they cannot answer with ValueError
+            raise QueryRefused(str(exc)) from None
+
+    def top(self, dimension: TopDimension, metric: TopMetric, since: datetime, until: datetime, n: int) -> TopList:
+        from worker.analytics import queries
+
+        return self._run(lambda: queries.top(self.client, self.database, dimension, metric, since, until, n))
+
+    def series(
+        self,
+        subject: Subject | None,
+        subject_id: str,
+        granularity: Granularity,
+        since: datetime | None,
+        until: datetime | None,
+        breakdown: Breakdown,
+        top: int,
+    ) -> UsageSeries:
+        from worker.analytics import queries
+
+        return self._run(
+            lambda: queries.series(
+                self.client, self.database, subject, subject_id, granularity, since, until, breakdown, top=top
+            )
+        )
+
+    def key_state(self, key_id: str, history: int) -> KeyState:
+        from worker.analytics import queries
+
+        lookup = self.policies()
+        return self._run(lambda: queries.key_state(self.client, self.database, key_id, lookup, history=history))
+
+    def blocked(self, n: int) -> list[BlockedKey]:
+        from worker.analytics import queries
+
+        return self._run(lambda: queries.blocked_keys(self.client, self.database, n=n))
+
+    def signals(
+        self,
+        as_of: datetime | None,
+        recent: timedelta,
+        lookback: timedelta,
+        kinds: set[SignalKind] | None,
+        key_id: str | None,
+    ) -> SignalReport:
+        from worker.analytics.signals import SignalThresholds, abuse_signals
+
+        thresholds = SignalThresholds(recent=recent, lookback=lookback)
+        return self._run(
+            lambda: abuse_signals(self.client, self.database, as_of, thresholds=thresholds, kinds=kinds, key_id=key_id)
+        )
+
+
+def _span(value: timedelta) -> str:
+    """A span as the API takes it (15m, 2h, 7d)."""
+    minutes = int(value.total_seconds() // 60)
+    if minutes % 1440 == 0:
+        return f"{minutes // 1440}d"
+    return f"{minutes // 60}h" if minutes % 60 == 0 else f"{minutes}m"
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        out[name] = value.isoformat() if isinstance(value, datetime) else getattr(value, "value", value)
+    return out
+
+
+class ApiAnalytics:
+    """The same questions asked of a worker's (or ``meter serve-api``'s) ``/v1`` API."""
+
+    def __init__(self, base_url: str, admin_key: str, timeout_s: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers={"X-API-Key": admin_key}, timeout=timeout_s)
+
+    def _get(self, path: str, adapter: TypeAdapter[T], **params: Any) -> T:
+        try:
+            response = self._http.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise SourceUnavailable(f"the query API at {self.base_url} does not answer ({exc})") from None
+        if response.status_code == 401:
+            raise SourceUnavailable(f"the query API at {self.base_url} refused the admin key (METER_ADMIN_API_KEY)")
+        if response.status_code == 404 and not path.startswith("/v1/keys/"):
+            raise SourceUnavailable(f"{self.base_url} serves no query API (is METER_ADMIN_API_KEY set on the worker?)")
+        if 400 <= response.status_code < 500:
+            raise QueryRefused(_message(response))
+        if response.status_code >= 500:
+            raise SourceUnavailable(f"the query API at {self.base_url} failed: {_message(response)}")
+        try:
+            return adapter.validate_json(response.content)
+        except ValidationError as exc:
+            raise SourceUnavailable(f"the query API at {self.base_url} answered something else: {exc}") from None
+
+    def top(self, dimension: TopDimension, metric: TopMetric, since: datetime, until: datetime, n: int) -> TopList:
+        params = _params(dimension=dimension, metric=metric, since=since, until=until, n=n)
+        return self._get("/v1/top", TypeAdapter(TopList), **params)
+
+    def series(
+        self,
+        subject: Subject | None,
+        subject_id: str,
+        granularity: Granularity,
+        since: datetime | None,
+        until: datetime | None,
+        breakdown: Breakdown,
+        top: int,
+    ) -> UsageSeries:
+        path = (
+            "/v1/traffic"
+            if subject is None
+            else f"/v1/{'keys' if subject is Subject.key else 'accounts'}/{_segment(subject_id)}/usage"
+        )
+        params = _params(since=since, until=until, granularity=granularity, breakdown=breakdown, top=top)
+        return self._get(path, TypeAdapter(UsageSeries), **params)
+
+    def key_state(self, key_id: str, history: int) -> KeyState:
+        return self._get(f"/v1/keys/{_segment(key_id)}/state", TypeAdapter(KeyState), history=history)
+
+    def blocked(self, n: int) -> list[BlockedKey]:
+        return self._get("/v1/blocked", TypeAdapter(list[BlockedKey]), n=n)
+
+    def signals(
+        self,
+        as_of: datetime | None,
+        recent: timedelta,
+        lookback: timedelta,
+        kinds: set[SignalKind] | None,
+        key_id: str | None,
+    ) -> SignalReport:
+        params = _params(as_of=as_of, recent=_span(recent), lookback=_span(lookback), key_id=key_id)
+        if kinds:
+            params["kind"] = sorted(k.value for k in kinds)
+        return self._get("/v1/signals", TypeAdapter(SignalReport), **params)
+
+
+def _segment(value: str) -> str:
+    return httpx.URL("/" + value).raw_path.decode()[1:].replace("/", "%2F")
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("message") or response.text)[:500]
+    except ValueError:
+        return response.text[:500] or f"HTTP {response.status_code}"
+
+
+def _api_answers(url: str) -> bool:
+    try:
+        return httpx.get(url.rstrip("/") + "/health/live", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+WAYS_OUT = (
+    "ask a running worker's (or `meter serve-api`'s) query API with --api URL (or METER_QUERY_API_URL), "
+    "or use a ClickHouse server (METER_CLICKHOUSE_DSN=http://...)"
+)
+
+
+def open_analytics(
+    settings: Settings, api_url: str | None, policies: Callable[[], PolicyLookup] | None = None
+) -> Analytics:
+    """The store if it can be opened; else the API of the worker holding it (said in one line on
+    stderr); else ``SourceUnavailable`` naming the ways out. ``policies`` gives the limits the
+    key state compares with when read from the store (default: the settings' limits)."""
+    if policies is None:
+        default = settings.default_policy()
+        policies = lambda: lambda _key, _account: default  # noqa: E731
+    admin_key = settings.admin_api_key.get_secret_value()
+    url = api_url or settings.query_api_url
+    if url:
+        if not admin_key:
+            raise SourceUnavailable(f"set METER_ADMIN_API_KEY (the query API's admin key) to ask {url}")
+        return ApiAnalytics(url, admin_key)
+    try:
+        client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
+        return StoreAnalytics(client, settings.clickhouse_database, policies)
+    except StoreUnavailable as exc:
+        if not is_embedded(settings.clickhouse_dsn):
+            raise SourceUnavailable(str(exc)) from None
+        worker = running_worker(settings.clickhouse_dsn)
+        if worker is None:
+            raise SourceUnavailable(f"{exc}; {WAYS_OUT}") from None
+        if not worker.api:
+            raise SourceUnavailable(
+                f"the embedded store is held by a running worker (pid {worker.pid}) that serves no query API: "
+                f"restart it with METER_ADMIN_API_KEY set, or {WAYS_OUT}"
+            ) from None
+        if not admin_key:
+            raise SourceUnavailable(
+                f"the embedded store is held by a running worker (pid {worker.pid}); "
+                f"set METER_ADMIN_API_KEY to ask its API at {worker.url}"
+            ) from None
+        if not _api_answers(worker.url):
+            raise SourceUnavailable(
+                f"the embedded store is held by a running worker (pid {worker.pid}) whose API at {worker.url} "
+                f"does not answer; {WAYS_OUT}"
+            ) from None
+        print(
+            f"note: the embedded store is held by a running worker (pid {worker.pid}); asking its API at {worker.url}",
+            file=sys.stderr,
+        )
+        return ApiAnalytics(worker.url, admin_key)
