@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
@@ -29,10 +28,6 @@ def window_start(window: Window, epoch: float) -> int:
     return int(epoch) // step * step
 
 
-def window_end(window: Window, epoch: float) -> int:
-    return window_start(window, epoch) + WINDOW_SECONDS[window]
-
-
 class DecisionAction(StrEnum):
     block = "block"
     unblock = "unblock"
@@ -53,8 +48,3 @@ class Decision(BaseModel):
     version: Version
     decided_at: Timestamp
     source: Identifier = "worker"
-
-    def retry_after_seconds(self, now: datetime) -> int:
-        if self.until is None:
-            return 0
-        return max(0, int((self.until - now).total_seconds() + 0.999))

@@ -8,7 +8,6 @@ Unknown extra fields are ignored, so producers may add fields before consumers k
 from __future__ import annotations
 
 import ipaddress
-from datetime import datetime
 from functools import lru_cache
 from typing import Annotated, Any, NotRequired
 
@@ -86,6 +85,3 @@ def dump_event(event: RequestEvent) -> bytes:
         {k: v for k, v in event.items() if v is not None},  # type: ignore[arg-type]
     )
 
-
-def event_time(event: RequestEvent) -> datetime:
-    return event["ts"]

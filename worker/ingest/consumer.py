@@ -31,28 +31,35 @@ COMMIT_TIMEOUT_S = 5.0
 
 @dataclass
 class IngestStats:
+    """Running totals of the batches one worker handled (metrics, health, the shutdown line)."""
+
     batches: int = 0
     consumed: int = 0
     counted: int = 0
     duplicates: int = 0
-    replayed_skipped: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    abandoned_batches: int = 0
-    last_batch_at: float = 0.0
-    last_write_seconds: float = 0.0
-    started_at: float = field(default_factory=time.monotonic)
+    skipped_replayed: int = 0  # at or before the stored offset: written already
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> records dead-lettered
+    abandoned_batches: int = 0  # handed over: their partitions moved to another worker first
+    last_batch_at: float = 0.0  # monotonic time the last batch landed (readiness: progress)
 
     def summary(self) -> str:
         dlq = sum(self.rejected.values())
         return (
             f"{self.batches} batches, {self.consumed} records: {self.counted} counted, "
             f"{self.duplicates} duplicates, {dlq} dead-lettered {dict(self.rejected) or ''}, "
-            f"{self.replayed_skipped} already-written skipped, {self.abandoned_batches} batches handed over"
+            f"{self.skipped_replayed} already-written skipped, {self.abandoned_batches} batches handed over"
         )
 
 
 class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Rebalance listener and batch handler of one consumer-group member."""
+    """The ingest side of one consumer-group member: not a consumer itself (FastStream's
+    aiokafka consumer reads), but its rebalance listener and the sequencer of its writes.
+
+    On assignment it seeks each partition to the offset stored in ClickHouse; each batch is
+    prepared by the ``IngestPipeline`` while the previous batch's insert is in flight, and
+    written after it; ``written`` (last stored offset per partition) and the Kafka commit
+    advance when an insert lands, in batch order.
+    """
 
     def __init__(
         self,
@@ -231,16 +238,15 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         return True
 
     def _account(self, consumed: int, outcome: BatchOutcome) -> None:
-        s = self.stats
-        s.batches += 1
-        s.consumed += consumed
-        s.counted += outcome.counted
-        s.duplicates += outcome.duplicates
-        s.replayed_skipped += outcome.skipped_replayed
+        stats = self.stats
+        stats.batches += 1
+        stats.consumed += consumed
+        stats.counted += outcome.counted
+        stats.duplicates += outcome.duplicates
+        stats.skipped_replayed += outcome.skipped_replayed
         for reason, n in outcome.rejected.items():
-            s.rejected[reason] = s.rejected.get(reason, 0) + n
-        s.last_batch_at = time.monotonic()
-        s.last_write_seconds = outcome.write_seconds
+            stats.rejected[reason] = stats.rejected.get(reason, 0) + n
+        stats.last_batch_at = time.monotonic()
         if outcome.rejected:
             log.warning("dead-lettered %s", outcome.rejected)
         log.debug(

@@ -80,13 +80,13 @@ class ScannedBatch:
 def scan(
     records: Sequence[KafkaRecord],
     validator: Validator,
-    written: Mapping[int, int],
+    stored_offsets: Mapping[int, int],
     in_flight: Collection[int],
     now: float,
 ) -> ScannedBatch:
     """Sort every record of a batch: replayed, refused, duplicate, or counted (into the
-    aggregate). ``written``: last stored offset per partition; ``in_flight``: request hashes
-    of the write that has not landed yet (not in the stored dedup memory for sure)."""
+    aggregate). ``stored_offsets``: last stored offset per partition; ``in_flight``: request
+    hashes of the write that has not landed yet (not in the stored dedup memory for sure)."""
     check = validator.check  # looked up once: this loop runs once per event
     last: dict[int, int] = {}
     first: dict[int, int] = {}
@@ -97,7 +97,7 @@ def scan(
     for record in records:
         partition = record.partition
         offset = record.offset
-        if offset <= written.get(partition, -1):
+        if offset <= stored_offsets.get(partition, -1):
             replayed += 1
             continue
         if offset > last.get(partition, -1):
@@ -146,18 +146,18 @@ class IngestPipeline:
     async def prepare(
         self,
         records: Sequence[KafkaRecord],
-        written: Mapping[int, int],
+        stored_offsets: Mapping[int, int],
         still_owned: StillOwned,
         in_flight: Collection[int] = (),
     ) -> PreparedBatch:
         """Everything up to the insert: sort, dead-letter, dedup against the store, render rows.
 
-        ``written``: last stored offset per partition; records at or before it are replays.
+        ``stored_offsets``: last stored offset per partition; records at or before it are replays.
         ``in_flight``: request hashes of the batch whose write has not landed yet; they are
         not in the stored dedup memory for sure, so they are checked here as well (a retry
         split across two consecutive batches is counted once).
         """
-        scanned = scan(records, self.validator, written, in_flight, self.clock())
+        scanned = scan(records, self.validator, stored_offsets, in_flight, self.clock())
         outcome = BatchOutcome(duplicates=scanned.duplicates, skipped_replayed=scanned.replayed)
         for rejection in scanned.rejections:
             outcome.rejected[rejection.reason] = outcome.rejected.get(rejection.reason, 0) + 1

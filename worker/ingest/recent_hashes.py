@@ -16,6 +16,9 @@ from collections.abc import Iterable, Sequence
 
 
 class RecentHashes:
+    """Request hashes per (partition, minute) of the minutes this worker wrote from scratch,
+    up to ``max_hashes`` (least recently written forgotten first)."""
+
     def __init__(self, max_hashes: int) -> None:
         self.max_hashes = max_hashes
         self._sets: OrderedDict[tuple[int, int], set[int]] = OrderedDict()  # least recently written first

@@ -67,6 +67,8 @@ async def read_dead_letters(settings: Settings) -> tuple[list[DeadLetter], int]:
 
 @dataclass
 class ReplayReport:
+    """What a replay did: records re-published, and those left in the DLQ and why."""
+
     republished: int = 0
     still_rejected: Counter[str] = field(default_factory=Counter)  # reason -> records left in the DLQ
     truncated: int = 0  # originals cut to fit the DLQ: cannot be replayed

@@ -71,6 +71,8 @@ class NodeUse:
 
 @dataclass(frozen=True, slots=True)
 class Division:
+    """One division of a window's remainder: each listed node's grant, and what others get."""
+
     grants: dict[str, NodeGrant]
     others: int
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from schemas.decisions import Window
+from schemas.decisions import WINDOW_SECONDS, Window, window_start
+
+_MINUTE = WINDOW_SECONDS[Window.minute]
+_HOUR = WINDOW_SECONDS[Window.hour]
+_DAY = WINDOW_SECONDS[Window.day]
 
 
 class KeyWindows:
@@ -24,10 +28,10 @@ class KeyWindows:
     def count(self, window: Window, now: float) -> int:
         """Requests in the window containing ``now`` (0 if the counter is for another window)."""
         if window is Window.minute:
-            return self.minute_n if self.minute <= now < self.minute + 60 else 0
+            return self.minute_n if self.minute <= now < self.minute + _MINUTE else 0
         if window is Window.hour:
-            return self.hour_n if self.hour <= now < self.hour + 3600 else 0
-        return self.day_n if self.day <= now < self.day + 86400 else 0
+            return self.hour_n if self.hour <= now < self.hour + _HOUR else 0
+        return self.day_n if self.day <= now < self.day + _DAY else 0
 
     def start(self, window: Window) -> int:
         return self.minute if window is Window.minute else self.hour if window is Window.hour else self.day
@@ -55,8 +59,8 @@ class WindowCounters:
             # The node's key store owns a key's account; the newest event says what it is now
             # (a late event does not move it back, and no single event pins it).
             kw.account = sys.intern(account)
-        hour = minute - minute % 3600
-        day = minute - minute % 86400
+        hour = minute - minute % _HOUR
+        day = minute - minute % _DAY
         if minute > kw.minute:
             kw.minute, kw.minute_n = self._shared(minute), n
         elif minute == kw.minute:
@@ -86,7 +90,7 @@ class WindowCounters:
 
     def expire(self, now: float) -> int:
         """Forget keys with nothing in today's window; returns how many were dropped."""
-        today = int(now) - int(now) % 86400
+        today = window_start(Window.day, now)
         stale = [k for k, kw in self.keys.items() if kw.day < today]
         for k in stale:
             del self.keys[k]

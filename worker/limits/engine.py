@@ -19,15 +19,15 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from aiokafka.partitioner import murmur2
 
 from schemas.allowances import Allowance, WindowAllowance
-from schemas.decisions import WINDOW_SECONDS, Decision, DecisionAction, Window
+from schemas.decisions import AUTOMATIC_WINDOWS, WINDOW_SECONDS, Decision, DecisionAction, Window, window_start
 from schemas.limits import PolicyBook
 from worker.limits.allowances import NodeUse, divide
 from worker.limits.counters import KeyWindows, WindowCounters
-from worker.limits.windows import AUTOMATIC_WINDOWS, to_datetime, window_start
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ NodeReports = Mapping[tuple[int, str], Mapping[str, NodeReport]]
 
 @dataclass(slots=True)
 class Verdicts:
+    """What the engine returns for its caller to publish: decisions and allowances."""
+
     decisions: list[Decision] = field(default_factory=list)
     allowances: list[Allowance] = field(default_factory=list)
 
@@ -78,6 +80,8 @@ class Verdicts:
 
 @dataclass(frozen=True, slots=True)
 class AccountChange:
+    """A key whose events now name another account (its limits follow the new one)."""
+
     key_id: str
     before: str
     after: str
@@ -86,6 +90,8 @@ class AccountChange:
 
 @dataclass(slots=True)
 class HotKey:
+    """A key past the allowance threshold in some window: the nodes carrying its traffic."""
+
     nodes: dict[str, NodeUse] = field(default_factory=dict)
     until: float = 0.0  # end of the latest hot window
     last: tuple[object, ...] = ()  # caps of the last allowance returned (to skip unchanged ones)
@@ -98,14 +104,23 @@ def partition_of(key_id: str, partitions: int) -> int:
     return int(murmur2(key_id.encode()) & 0x7FFFFFFF) % partitions
 
 
+def to_datetime(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
 @dataclass(slots=True)
 class ActiveBlock:
+    """A block in force on a key this worker owns (or one an operator set)."""
+
     window: Window
     until: float  # epoch seconds; inf for an open-ended operator block
     operator: bool = False
 
 
 class LimitEngine:
+    """Window counters, policies, blocks and allowances of the keys this worker owns; pure:
+    ``observe`` / ``tick`` / ``evaluate_all`` return ``Verdicts``, the caller publishes them."""
+
     def __init__(
         self,
         policies: PolicyBook,
@@ -159,7 +174,7 @@ class LimitEngine:
     def observe(self, counts: LimitCounts, nodes: NodeReports | None = None) -> Verdicts:
         """Add a batch's counts; return the blocks they trigger and the allowances of hot keys."""
         now = self.clock()
-        this_minute = int(now) // 60 * 60
+        this_minute = window_start(Window.minute, now)
         touched: dict[str, KeyWindows] = {}
         for (partition, key_id, account, minute), n in counts.items():
             counters = self.partitions.get(partition)

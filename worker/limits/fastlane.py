@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from common import kafka_clients
 from common.kafka_clients import KafkaTarget
 from common.retry import cancel_and_wait, keep_running
+from schemas.decisions import Window, window_start
 from worker.limits.engine import NodeReport
 from worker.records import KafkaRecord, Rejection, Validator, request_hash
 
@@ -79,7 +80,7 @@ def group_batch(records: Sequence[KafkaRecord], validator: Validator, recent: Re
             continue
         partition = record.partition
         if event["status"] != REFUSED:
-            slot = (partition, key_id, event.get("account_id") or "", int(epoch) // 60 * 60)
+            slot = (partition, key_id, event.get("account_id") or "", window_start(Window.minute, epoch))
             counts[slot] = counts.get(slot, 0) + 1
         per_node = batch.nodes.setdefault((partition, key_id), {})
         report = per_node.get(event["node_id"])
@@ -99,6 +100,9 @@ OnBatch = Callable[[FastBatch], Awaitable[None]]
 
 
 class FastLane:
+    """Its own consumer on the owned partitions of the events topic, for the limits only
+    (see the module docstring); ``assign`` / ``revoke`` follow the ingest group."""
+
     def __init__(
         self,
         kafka: KafkaTarget,

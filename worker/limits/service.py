@@ -33,6 +33,13 @@ ACCOUNT_CHANGES_LOGGED = 10  # per batch: a flood of changes must not flood the 
 
 
 class LimitService:
+    """The limit side of one worker: wires the ``LimitEngine`` to Kafka and ClickHouse.
+
+    Follows the decisions, limits and allowances topics; rebuilds the counters of assigned
+    partitions from ClickHouse; counts the fast lane's batches; publishes what the engine
+    decides (and records decisions for audit); unblocks at rollover on a timer.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -177,9 +184,9 @@ class LimitService:
             self.engine.seen_allowance(allowance)
 
     async def _publish(self, verdicts: Verdicts) -> None:
-        s = self.settings
-        records = [(s.decisions_topic, d.key_id, d.model_dump_json().encode()) for d in verdicts.decisions]
-        records += [(s.allowances_topic, a.key_id, a.model_dump_json().encode()) for a in verdicts.allowances]
+        topics = self.settings
+        records = [(topics.decisions_topic, d.key_id, d.model_dump_json().encode()) for d in verdicts.decisions]
+        records += [(topics.allowances_topic, a.key_id, a.model_dump_json().encode()) for a in verdicts.allowances]
         if not records:
             return
         # A decision the nodes never hear of would leave a key unlimited: wait for the broker.

@@ -29,6 +29,8 @@ COLUMNS = [
 
 
 class DecisionStore:
+    """The audit of every decision published (``decisions`` table): writes and reads."""
+
     def __init__(self, client: Client, database: str) -> None:
         self._client = client
         self._table = f"{quote_identifier(database)}.decisions"

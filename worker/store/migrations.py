@@ -19,6 +19,8 @@ _FILE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 
 @dataclass(frozen=True)
 class Migration:
+    """One ``NNN_name.sql`` file of the shipped migrations."""
+
     version: int
     name: str
     path: Path

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
+from schemas.decisions import Window, window_start
 from worker.store.client import quote_identifier, settings_for_insert
 
 LEVELS = {"offset": 0, "minute": 1, "hour": 2, "day": 3, "dedup": 4, "client_hour": 5}
@@ -85,8 +86,8 @@ class RollupStore:
         if not pairs or not hashes:
             return set()
         # The hashes go as one comma-separated String parameter split in SQL: clickhouse-connect
-        # formats a list parameter element by element in Python (~7 µs per hash, most of the
-        # lookup), and ClickHouse parses an Array(UInt64) parameter as 20k literals (~50 ms).
+        # formats a list parameter element by element in Python, and ClickHouse parses an
+        # Array(UInt64) parameter as that many literals (both slow: see bench/results.md).
         # int.__repr__ refuses anything but ints, so nothing else can reach the text.
         with self._shared:
             result = self._lookup.query(
@@ -122,7 +123,7 @@ class RollupStore:
 
         Used to rebuild the live limit counters when partitions are assigned.
         """
-        minute = int(now) // 60 * 60
+        starts = {window: window_start(window, now) for window in (Window.minute, Window.hour, Window.day)}
         result = self._client.query(
             f"SELECT key_id, any(account_id), toString(level), toUInt32(bucket), sum(requests) FROM {self._table} "
             # 429s are refused by the limiter: as in the live counters, they use up nothing.
@@ -130,6 +131,6 @@ class RollupStore:
             "OR (level = 'hour' AND bucket = toDateTime({h:UInt32}, 'UTC')) "
             "OR (level = 'day' AND bucket = toDateTime({d:UInt32}, 'UTC'))) "
             "GROUP BY key_id, level, bucket",
-            parameters={"m": minute, "h": minute - minute % 3600, "d": minute - minute % 86400},
+            parameters={"m": starts[Window.minute], "h": starts[Window.hour], "d": starts[Window.day]},
         )
         return [(str(k), str(a), str(lv), int(b), int(n)) for k, a, lv, b, n in result.result_rows]

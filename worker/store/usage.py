@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from schemas.decisions import WINDOW_SECONDS, Window
 from schemas.usage import Granularity
 
-STEP_SECONDS = {Granularity.minute: 60, Granularity.hour: 3600, Granularity.day: 86400}
+# The buckets are the limit windows (one table of lengths: schemas.decisions.WINDOW_SECONDS).
+STEP_SECONDS = {g: WINDOW_SECONDS[Window(g.value)] for g in Granularity}
 DEFAULT_SPAN = {
     Granularity.minute: timedelta(hours=1),
     Granularity.hour: timedelta(days=1),
