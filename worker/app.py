@@ -13,14 +13,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from faststream import AckPolicy, FastStream
 from faststream.kafka.annotations import KafkaMessage
-from faststream.kafka.message import FAKE_CONSUMER, KafkaAckableMessage
 from starlette.routing import Mount
 
 from common import kafka_clients
 from worker.analytics.api import build_query_app
+from worker.faststream_batch import raw_batch_parser, raw_decoder
 from worker.ingest.consumer import IngestConsumer
 from worker.ingest.dlq import dead_letter_key, refused_by_broker
 from worker.ingest.pipeline import IngestPipeline
@@ -53,11 +53,6 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-async def _raw_decoder(msg: Any) -> Any:
-    # The pipeline validates the raw bytes itself; skip FastStream's per-message JSON decode.
-    return None
-
-
 class WorkerRuntime:
     """Everything one worker process holds; built once from settings."""
 
@@ -81,8 +76,8 @@ class WorkerRuntime:
             auto_offset_reset="earliest",
             ack_policy=AckPolicy.MANUAL,
             listener=_DeferredListener(self),
-            decoder=_raw_decoder,
-            parser=self._parse_batch,
+            decoder=raw_decoder,
+            parser=raw_batch_parser(self.kafka_consumer),
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             max_poll_interval_ms=600_000,
@@ -100,23 +95,6 @@ class WorkerRuntime:
 
     def kafka_consumer(self) -> AIOKafkaConsumer | None:
         return getattr(self.subscriber, "consumer", None)
-
-    async def _parse_batch(self, records: tuple[ConsumerRecord, ...]) -> KafkaAckableMessage:
-        """FastStream's batch parser without its per-record work (a body list and a headers
-        dict per record, ~1 µs each): the handler reads ``raw_message``, the records as
-        aiokafka returned them. Headers and ids are the first record's, as FastStream's."""
-        first, last = records[0], records[-1]
-        headers = {k: v.decode() for k, v in first.headers}
-        return KafkaAckableMessage(
-            raw_message=records,
-            body=b"",
-            headers=headers,
-            reply_to=headers.get("reply_to", ""),
-            content_type=headers.get("content-type"),
-            message_id=f"{first.offset}-{last.offset}-{first.timestamp}",
-            correlation_id=headers.get("correlation_id"),
-            consumer=self.kafka_consumer() or FAKE_CONSUMER,
-        )
 
     async def _flush(self) -> None:
         """Let the write in flight land (and be committed) before the consumer stops, and stop

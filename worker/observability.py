@@ -10,9 +10,9 @@ import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -21,10 +21,31 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from worker.ingest.consumer import IngestConsumer
 from worker.ingest.pipeline import BatchOutcome
+from worker.limits.service import LimitService
+from worker.settings import Settings
+from worker.store.rollup import RollupStore
 
-if TYPE_CHECKING:
-    from worker.app import WorkerRuntime
+
+class WorkerRuntime(Protocol):
+    """What metrics and health read of a running worker (``worker.app.WorkerRuntime``): read
+    only, and declared here so this module does not import the app that wires it."""
+
+    settings: Settings
+    dead_letters_dropped: int
+
+    @property
+    def consumer(self) -> IngestConsumer | None: ...
+
+    @property
+    def limits(self) -> LimitService | None: ...
+
+    @property
+    def store(self) -> RollupStore: ...
+
+    def kafka_consumer(self) -> AIOKafkaConsumer | None: ...
+
 
 CLICKHOUSE_CHECK_INTERVAL = 5.0
 
