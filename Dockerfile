@@ -26,14 +26,12 @@ RUN groupadd --system --gid 10001 meter \
     && mkdir -p /app /data \
     && chown meter:meter /data
 
+# The package brings its SQL migrations and dashboard files (package data).
 COPY --from=build /opt/venv /opt/venv
-# SQL migrations (read from METER_MIGRATIONS_DIR) and the infra files they belong to.
-COPY infra/ /app/infra/
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    METER_MIGRATIONS_DIR=/app/infra/clickhouse/migrations \
     METER_HTTP_HOST=0.0.0.0 \
     METER_LOG_JSON=true \
     METER_CLICKHOUSE_DSN=chdb:///data/clickhouse

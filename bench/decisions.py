@@ -63,17 +63,18 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from bench.common import machine, now_utc, replace_block, versions
+from bench.common import BENCH_DIR, machine, now_utc, replace_block, versions
 from common import kafka_clients
 from node.decision_cache import DecisionCache
 from node.reporter import UsageReporter
 from node.settings import NodeSettings
 from schemas.decisions import Decision, DecisionAction
 from schemas.events import make_event
-from worker.settings import REPO_ROOT, Settings
+from worker.settings import Settings
 from worker.topics import ensure_topics
 
 log = logging.getLogger("bench.decisions")
+REPO_ROOT = BENCH_DIR.parent
 
 LIMIT = 100  # the default per-minute limit the hot keys cross
 NODES = 3

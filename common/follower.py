@@ -5,9 +5,10 @@ blocks, overrides, versions), the node's decision cache follows the same topics,
 CLI reads a topic to its end once (``read_to_end``).
 
 Every partition is assigned by hand. The partitions are asked of the cluster with the admin
-client's metadata request (public API; it never creates a missing topic and tells a missing
-topic from one the principal may not read). ``ready`` is set once the end offsets seen at the
-first connection are reached. After a failure the follower reconnects with backoff
+client (public API), and only for topics the cluster lists: a metadata request naming a
+missing topic would create it on a broker with ``auto.create.topics.enable`` (Kafka's
+default), with the wrong partitions and no compaction. ``ready`` is set once the end offsets
+seen at the first connection are reached. After a failure the follower reconnects with backoff
 (``common.retry``) and resumes after the last record it handed over.
 """
 
@@ -36,6 +37,8 @@ M = TypeVar("M", bound=BaseModel)
 
 # Kafka error codes a topic's metadata may carry, in words.
 _TOPIC_ERRORS = {3: "not found", 29: "not authorized for this principal (Kafka ACLs)"}
+# A topic the cluster does not list: it does not exist, or the principal may not see it.
+_NOT_LISTED = "not found, or not authorized for this principal (Kafka ACLs)"
 
 
 class TopicUnavailable(Exception):
@@ -54,10 +57,15 @@ def valid_records(records: Iterable[Any], model: type[M]) -> Iterator[M]:
 
 
 async def topic_partitions(kafka: KafkaTarget, topics: Sequence[str]) -> list[TopicPartition]:
-    """Every partition of ``topics``; ``TopicUnavailable`` if one is missing or not readable."""
+    """Every partition of ``topics``; ``TopicUnavailable`` if one is missing or not readable.
+    Never creates a topic (see the module docstring)."""
     admin = kafka_clients.admin(kafka, request_timeout_ms=10_000)
     try:
         await admin.start()
+        listed = set(await admin.list_topics())
+        for topic in topics:
+            if topic not in listed:
+                raise TopicUnavailable(f"topic {topic} {_NOT_LISTED}")
         described = await admin.describe_topics(list(topics))
     finally:
         with contextlib.suppress(Exception):

@@ -18,8 +18,9 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.containers import docker_kafka
+from tests.integration.helpers import DEAD_BOOTSTRAP, REPO_ROOT
 from tests.node_secret import NODE_SECRET
-from worker.settings import REPO_ROOT, Settings
+from worker.settings import Settings
 
 TEST_KAFKA_PORT = 19092
 
@@ -63,8 +64,14 @@ def unique() -> str:
 
 
 @pytest.fixture
-def make_settings(kafka_bootstrap: str, chdb_dir: Path, unique: str) -> Callable[..., Settings]:
-    """Settings for one test: unique topics and group, a random database, the session's chDB."""
+def make_settings(request: pytest.FixtureRequest, chdb_dir: Path, unique: str) -> Callable[..., Settings]:
+    """Settings for one test: unique topics and group, a random database, the session's chDB.
+
+    A test marked ``no_kafka`` gets an address where nothing listens (and no broker is started)."""
+    if request.node.get_closest_marker("no_kafka"):
+        kafka_bootstrap = DEAD_BOOTSTRAP
+    else:
+        kafka_bootstrap = request.getfixturevalue("kafka_bootstrap")
 
     def build(**overrides: object) -> Settings:
         values: dict[str, object] = {

@@ -14,7 +14,6 @@ from pydantic_settings import SettingsConfigDict
 
 from node.settings import NodeSettings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MIN_ADMIN_KEY_BYTES = 32  # a guess is then hopeless, throttled or not
 
 
@@ -36,10 +35,13 @@ class Settings(NodeSettings):
     kafka_replication_factor: int = Field(default=1, ge=1, le=32)
     kafka_min_insync_replicas: int = Field(default=1, ge=1, le=32)
 
-    # ClickHouse: chdb:///dir (embedded engine) or http(s)://user:pass@host:8123/db (server)
-    clickhouse_dsn: str = f"chdb://{REPO_ROOT / '.data' / 'clickhouse'}"
+    # ClickHouse: chdb:///dir (embedded engine) or http(s)://user:pass@host:8123/db (server).
+    # Default: an embedded store in .data/clickhouse under the directory the command starts in.
+    clickhouse_dsn: str = Field(default_factory=lambda: f"chdb://{Path.cwd() / '.data' / 'clickhouse'}")
     clickhouse_database: str = "meter"
-    migrations_dir: Path = REPO_ROOT / "infra" / "clickhouse" / "migrations"
+    # Unset: the migrations shipped with the package (worker/store/sql); a directory of
+    # NNN_name.sql files replaces them.
+    migrations_dir: Path | None = None
 
     # Retention of each rollup level, in days (applied by `meter migrate`)
     ttl_minute_days: int = Field(default=7, ge=1)

@@ -12,7 +12,6 @@ import itertools
 import json
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -26,9 +25,10 @@ import pytest
 
 from schemas.analytics import Breakdown
 from schemas.usage import Granularity
+from tests.integration.helpers import REPO_ROOT, free_port
 from worker.analytics.queries import series
 from worker.analytics.sample import ABUSED_KEY, MANUAL_KEY, SampleFacts, seed_sample
-from worker.settings import REPO_ROOT, Settings
+from worker.settings import Settings
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.slow]
 
@@ -53,13 +53,6 @@ if CHROMIUM is None:
 websockets_sync = pytest.importorskip("websockets.sync.client", reason="needs the websockets package (dev extra)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(params=["serve-api", "worker"])
 def server(
     request: pytest.FixtureRequest, clickhouse: Any, make_settings: Any, settings: Settings
@@ -69,7 +62,7 @@ def server(
     Both in this process (chDB is one engine per process), real clock."""
     facts = seed_sample(clickhouse, settings.clickhouse_database)
     database = settings.clickhouse_database
-    served = make_settings(admin_api_key=ADMIN, clickhouse_database=database, http_port=_free_port())
+    served = make_settings(admin_api_key=ADMIN, clickhouse_database=database, http_port=free_port())
     serve = _serve_worker if request.param == "worker" else _serve_query_api
     with serve(served, clickhouse) as base:
         yield base, facts

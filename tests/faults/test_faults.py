@@ -23,10 +23,10 @@ from node.decision_cache import DecisionCache
 from node.reporter import UsageReporter
 from schemas.decisions import Decision, DecisionAction
 from schemas.events import RequestEvent, make_event
-from tests.integration.helpers import db_counts, expected_counts, group_caught_up, read_all, wait_for
+from tests.integration.helpers import REPO_ROOT, db_counts, expected_counts, group_caught_up, read_topic, wait_for
 from tests.report import record
 from worker.app import WorkerRuntime
-from worker.settings import REPO_ROOT, Settings
+from worker.settings import Settings
 from worker.simulate import Traffic, generate, publish
 from worker.store.rollup import RollupStore
 
@@ -234,7 +234,7 @@ async def test_consumers_join_and_leave_2_3_2_counts_and_decisions_stay_right(
 
     decisions = [
         Decision.model_validate_json(r.value)
-        for r in await read_all(settings.kafka_bootstrap, settings.decisions_topic)
+        for r in await read_topic(settings.kafka_bootstrap, settings.decisions_topic)
     ]
     for key in hot_keys:
         mine = sorted((d for d in decisions if d.key_id == key), key=lambda d: d.version)

@@ -1,24 +1,34 @@
-"""Helpers for the integration tests: independent expectations, ClickHouse totals, Kafka reads."""
+"""The tests' one helpers module (unit tests use it too): where the repository is, addresses,
+polling until a condition holds, reading a topic, independent expectations and ClickHouse
+totals, a demo node."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from starlette.applications import Starlette
 
+from common.follower import TopicUnavailable, read_to_end, topic_partitions
+from common.kafka_clients import KafkaTarget
 from node.demo_api import build_node_app
 from node.keys import KeyStore
 from schemas.events import RequestEvent
 from worker.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Nothing listens here: the address of tests that must not reach (or start) a broker.
+DEAD_BOOTSTRAP = "127.0.0.1:1"
 
 BucketCounts = Counter[tuple[str, str, int]]  # (level, key_id, bucket epoch) -> requests
 
@@ -43,7 +53,8 @@ def db_counts(client: Any, database: str) -> BucketCounts:
     return Counter({(lv, k, int(b)): int(n) for lv, k, b, n in rows if n})
 
 
-async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> None:
+async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``cond`` (plain or async) until it is true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = cond()
@@ -51,38 +62,31 @@ async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float, w
             result = await result
         if result:
             return
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    # A consumer learns a topic's partitions only once it asks for that topic's metadata.
-    cluster = consumer._client.cluster
-    consumer._client.add_topic(topic)
-    await consumer._client.force_metadata_update()
-    return [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or set())]
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-async def read_all(bootstrap: str, topic: str, timeout: float = 10.0) -> list[Any]:
-    """Every record currently in ``topic`` (all partitions, from the beginning)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        parts = await partitions_of(consumer, topic)
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        end = await consumer.end_offsets(parts)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout
-        while [tp for tp in parts if await consumer.position(tp) < end[tp]]:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"could not read {topic} to its end in {timeout}s")
-            batch = await consumer.getmany(timeout_ms=200)
-            for recs in batch.values():
-                records.extend(recs)
-        return records
-    finally:
-        await consumer.stop()
+async def read_topic(kafka: KafkaTarget, topic: str, at_least: int = 0, timeout: float = 20.0) -> list[Any]:
+    """Every record in ``topic`` (all partitions, from the beginning, to the end), once it
+    holds at least ``at_least`` of them; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = await read_to_end(kafka, topic, timeout_s=max(1.0, deadline - time.monotonic()))
+        except TopicUnavailable as exc:
+            raise AssertionError(f"could not read {topic}: {exc}") from exc
+        if len(records) >= at_least:
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{topic} holds {len(records)} records, not {at_least}, after {timeout}s")
+        await asyncio.sleep(0.1)
 
 
 async def group_caught_up(bootstrap: str, group: str, topic: str) -> bool:
@@ -93,7 +97,7 @@ async def group_caught_up(bootstrap: str, group: str, topic: str) -> bool:
     await consumer.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)
-        parts = await partitions_of(consumer, topic)
+        parts = await topic_partitions(bootstrap, [topic])
         end = await consumer.end_offsets(parts)
         return all(tp in committed and committed[tp].offset >= end[tp] for tp in parts if end[tp] > 0)
     finally:

@@ -13,14 +13,8 @@ from worker.analytics.api import build_query_app
 from worker.analytics.sample import ABUSED_KEY, MANUAL_KEY, PROBER_KEY, STORM_IP, SampleFacts, seed_sample
 from worker.settings import Settings
 
-pytestmark = pytest.mark.clickhouse
+pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
 ADMIN = secrets.token_urlsafe(32)  # generated per run: the query API wants >= 32 bytes
-
-
-@pytest.fixture(scope="module")
-def kafka_bootstrap() -> str:
-    """These tests need no broker: keep conftest from starting one."""
-    return "127.0.0.1:1"
 
 
 @pytest.fixture

@@ -16,14 +16,8 @@ from worker.analytics.api import build_query_app
 from worker.analytics.sample import seed_sample
 from worker.settings import Settings
 
-pytestmark = [pytest.mark.clickhouse, pytest.mark.faults]
+pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka, pytest.mark.faults]
 ADMIN = secrets.token_urlsafe(32)  # generated per run: the query API wants >= 32 bytes
-
-
-@pytest.fixture(scope="module")
-def kafka_bootstrap() -> str:
-    """No broker needed here: keep conftest from starting one."""
-    return "127.0.0.1:1"
 
 
 def test_query_api_never_fails_with_a_server_error(clickhouse: Any, make_settings: Any, settings: Settings) -> None:

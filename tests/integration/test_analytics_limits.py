@@ -22,16 +22,10 @@ from worker.cli import run_command
 from worker.settings import Settings
 from worker.store.rollup import rollup_table
 
-pytestmark = pytest.mark.clickhouse
+pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
 ADMIN = secrets.token_urlsafe(32)  # generated per run, like every secret
 KEY = "cf_liv_many0000000000001"
 ENDPOINTS = 30  # endpoint i gets i + 1 requests a minute
-
-
-@pytest.fixture(scope="module")
-def kafka_bootstrap() -> str:
-    """These tests need no broker: keep conftest from starting one."""
-    return "127.0.0.1:1"
 
 
 @pytest.fixture

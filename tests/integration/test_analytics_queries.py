@@ -22,13 +22,7 @@ from worker.analytics.signals import SignalThresholds, abuse_signals
 from worker.cli import run_command
 from worker.settings import Settings
 
-pytestmark = pytest.mark.clickhouse
-
-
-@pytest.fixture(scope="module")
-def kafka_bootstrap() -> str:
-    """These tests need no broker: keep conftest from starting one."""
-    return "127.0.0.1:1"
+pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
 
 
 @pytest.fixture

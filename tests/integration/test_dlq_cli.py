@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from tests.integration.helpers import db_counts, expected_counts, read_all, wait_for
+from tests.integration.helpers import db_counts, expected_counts, read_topic, wait_for
 from worker.app import WorkerRuntime
 from worker.cli import main
 from worker.settings import Settings
@@ -62,7 +62,7 @@ async def test_dlq_show_collapses_copies_and_replay_counts_what_now_passes(
 
     strict = s.model_copy(update={"max_event_bytes": 400})
     await _consume_all(strict, clickhouse, 31)
-    dlq = await read_all(s.kafka_bootstrap, s.dlq_topic)
+    dlq = await read_topic(s.kafka_bootstrap, s.dlq_topic)
     assert len(dlq) == 11
     # A worker killed after dead-lettering a batch but before writing it dead-letters it again:
     # the same records, re-published with the same ids.

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from schemas.events import dump_event
 from tests.fuzz_strategies import bad_messages
-from tests.integration.helpers import db_counts, expected_counts, read_all, wait_for
+from tests.integration.helpers import db_counts, expected_counts, read_topic, wait_for
 from worker.app import WorkerRuntime
 from worker.settings import Settings
 from worker.simulate import Traffic, generate
@@ -64,7 +64,7 @@ async def test_fuzzed_bad_input_all_dead_lettered_good_input_counted(
             60,
             "the worker to get through the fuzzed stream",
         )
-        dlq = await read_all(s.kafka_bootstrap, s.dlq_topic)
+        dlq = await read_topic(s.kafka_bootstrap, s.dlq_topic)
 
     bodies = [json.loads(r.value) for r in dlq]
     assert {(b["source_partition"], b["source_offset"]) for b in bodies} == sent_bad

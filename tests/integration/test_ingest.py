@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from schemas.events import RequestEvent, dump_event
-from tests.integration.helpers import db_counts, expected_counts, read_all, wait_for
+from tests.integration.helpers import db_counts, expected_counts, read_topic, wait_for
 from worker.app import WorkerRuntime
 from worker.ingest.dlq import original_bytes
 from worker.settings import Settings
@@ -174,7 +174,7 @@ async def test_bad_input_goes_to_dlq_with_reason_and_good_events_still_count(top
     runtime = WorkerRuntime(settings, store=RollupStore(clickhouse, settings.clickhouse_database))
     async with runtime.running():
         await run_until_consumed(runtime, len(good) + len(sent_bad))
-        dlq = await read_all(settings.kafka_bootstrap, settings.dlq_topic)
+        dlq = await read_topic(settings.kafka_bootstrap, settings.dlq_topic)
 
     got = {}
     for rec in dlq:

@@ -38,10 +38,11 @@ from node.reporter import UsageReporter
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.events import make_event
 from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
+from tests.integration.helpers import REPO_ROOT, wait_for
 from worker.app import WorkerRuntime
 from worker.follower import TopicUnavailable, read_to_end, valid_records
 from worker.limits.control import manual_decision, set_override
-from worker.settings import REPO_ROOT, Settings
+from worker.settings import Settings
 from worker.simulate import Traffic, generate, publish
 from worker.store.client import connect, quote_identifier
 from worker.topics import ensure_topics
@@ -148,13 +149,6 @@ def a_block(key_id: str, version: int) -> Decision:
     )
 
 
-async def eventually(cond: Callable[[], bool], within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_node_writes_events_and_reads_decisions_and_limits(as_role: Callable[..., Settings]) -> None:
     node, operator = as_role("node"), as_role("operator")
     # The operator's real commands write the control topics ...
@@ -166,7 +160,7 @@ async def test_node_writes_events_and_reads_decisions_and_limits(as_role: Callab
     await cache.start()
     try:
         assert await cache.wait_ready(30), cache.state().last_error
-        await eventually(lambda: cache.check("key-ops") is not None)
+        await wait_for(lambda: cache.check("key-ops") is not None, 20)
     finally:
         await cache.stop()
     overrides = list(valid_records(await read_to_end(node, node.limits_topic), LimitOverride))
@@ -188,7 +182,7 @@ async def test_node_writes_events_and_reads_decisions_and_limits(as_role: Callab
             )
         )
     try:
-        await eventually(lambda: reporter.state().sent == 5)
+        await wait_for(lambda: reporter.state().sent == 5, 20)
     finally:
         await reporter.stop()
     assert reporter.state().last_error is None
@@ -289,10 +283,10 @@ async def test_the_whole_loop_runs_on_the_acls_alone(as_role: Callable[..., Sett
     cache = DecisionCache(node)
     try:
         async with runtime.running():
-            await eventually(lambda: runtime.consumer is not None and runtime.consumer.stats.consumed >= 12, 60)
+            await wait_for(lambda: runtime.consumer is not None and runtime.consumer.stats.consumed >= 12, 60)
             await cache.start()
             assert await cache.wait_ready(30), cache.state().last_error
-            await eventually(lambda: cache.check(key_id) is not None, 30)
+            await wait_for(lambda: cache.check(key_id) is not None, 30)
     finally:
         await cache.stop()
         connect(worker.clickhouse_dsn, database).command(f"DROP DATABASE IF EXISTS {quote_identifier(database)}")

@@ -20,7 +20,7 @@ from node.demo_api import demo_key_store, demo_keys
 from node.keys import derive_key_id
 from schemas.decisions import DecisionAction, Window
 from schemas.limits import LimitPolicy, OverrideScope
-from tests.integration.helpers import demo_node, read_all, until_fresh_minute, wait_for
+from tests.integration.helpers import demo_node, read_topic, until_fresh_minute, wait_for
 from tests.node_secret import NODE_SECRET
 from worker.app import WorkerRuntime
 from worker.limits.control import manual_decision, set_override
@@ -114,7 +114,7 @@ async def test_three_nodes_block_at_100_per_minute_and_unblock_at_rollover(
         for client in clients:
             assert (await client.get("/v0/payments", headers=headers)).status_code == 200
 
-        decisions = [d for d in await read_all(settings.kafka_bootstrap, settings.decisions_topic)]
+        decisions = [d for d in await read_topic(settings.kafka_bootstrap, settings.decisions_topic)]
 
     from schemas.decisions import Decision
 
@@ -124,7 +124,7 @@ async def test_three_nodes_block_at_100_per_minute_and_unblock_at_rollover(
     assert mine[1].version > mine[0].version
 
     # The raw API keys appear in no Kafka message, no ClickHouse row and no log line.
-    events = await read_all(settings.kafka_bootstrap, settings.events_topic)
+    events = await read_topic(settings.kafka_bootstrap, settings.events_topic)
     assert len(events) >= 106
     kafka_bytes = b"".join((r.key or b"") + (r.value or b"") for r in events + decisions)
     db = settings.clickhouse_database

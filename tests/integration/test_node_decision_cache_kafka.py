@@ -3,7 +3,6 @@ order, and three caches converging on one block (propagation delay measured)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import statistics
 import time
@@ -13,9 +12,11 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from node.decision_cache import DecisionCache
 from schemas.decisions import Decision, DecisionAction, Window
+from tests.integration.helpers import wait_for
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -49,13 +50,6 @@ async def publish(topics: Settings) -> AsyncIterator[Callable[..., Awaitable[Non
 
     yield send
     await producer.stop()
-
-
-async def eventually(cond: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 async def test_bootstraps_from_compacted_topic(topics: Settings, publish: Callable[..., Awaitable[None]]) -> None:
@@ -96,13 +90,17 @@ async def test_empty_topic_is_ready_at_once(topics: Settings) -> None:
     try:
         assert await cache.wait_ready(20)
         assert cache.state().keys_known == 0
-        await eventually(lambda: cache.available, within=5)
+        await wait_for(lambda: cache.available, 5)
     finally:
         await cache.stop()
 
 
-async def test_missing_topic_not_ready(make_settings: Callable[..., Settings]) -> None:
-    cache = DecisionCache(make_settings(decisions_topic="does-not-exist-topic"), backoff_max_s=0.2)
+async def test_missing_topic_not_ready_and_not_created(make_settings: Callable[..., Settings], unique: str) -> None:
+    """Whatever the broker's auto.create.topics.enable: the cache says the topic is missing,
+    and following it does not create it (with the wrong partitions and no compaction)."""
+    missing = f"missing-{unique}"
+    settings = make_settings(decisions_topic=missing)
+    cache = DecisionCache(settings, backoff_max_s=0.2)
     await cache.start()
     try:
         assert not await cache.wait_ready(1.0)
@@ -110,9 +108,15 @@ async def test_missing_topic_not_ready(make_settings: Callable[..., Settings]) -
         assert not state.ready
         assert not state.available
         assert state.last_error is not None
-        assert "does-not-exist-topic" in state.last_error
+        assert missing in state.last_error
     finally:
         await cache.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        assert missing not in await admin.list_topics()
+    finally:
+        await admin.close()
 
 
 async def test_follows_live_decisions_and_ignores_older(
@@ -123,18 +127,18 @@ async def test_follows_live_decisions_and_ignores_older(
     try:
         assert await cache.wait_ready(20)
         await publish(decision("k1", DecisionAction.block, 10))
-        await eventually(lambda: cache.check("k1") is not None)
+        await wait_for(lambda: cache.check("k1") is not None, 10)
         await publish(decision("k1", DecisionAction.unblock, 9))  # older
         await publish(decision("sentinel", DecisionAction.block, 1))  # same-partition order not needed:
-        await eventually(lambda: cache.check("sentinel") is not None)  # wait until both applied
-        await eventually(lambda: cache.state().stale_ignored == 1)
+        await wait_for(lambda: cache.check("sentinel") is not None, 10)  # wait until both applied
+        await wait_for(lambda: cache.state().stale_ignored == 1, 10)
         assert cache.check("k1") is not None
         await publish(decision("k1", DecisionAction.unblock, 11))
-        await eventually(lambda: cache.check("k1") is None)
+        await wait_for(lambda: cache.check("k1") is None, 10)
         await publish(b := decision("k2", DecisionAction.block, 1, until_s=0.5))
-        await eventually(lambda: cache.check("k2") is not None)
+        await wait_for(lambda: cache.check("k2") is not None, 10)
         assert b.until is not None
-        await eventually(lambda: cache.check("k2") is None, within=3)  # expired, no unblock sent
+        await wait_for(lambda: cache.check("k2") is None, 3)  # expired, no unblock sent
         assert datetime.now(UTC) >= b.until
     finally:
         await cache.stop()
@@ -162,7 +166,7 @@ async def test_three_caches_see_one_block(topics: Settings, publish: Callable[..
             key = f"key-{r}"
             sent_at = time.monotonic()
             await publish(decision(key, DecisionAction.block, r + 1))
-            await eventually(lambda: all(c.check(key) is not None for c in caches), within=5)  # noqa: B023
+            await wait_for(lambda: all(c.check(key) is not None for c in caches), 5)  # noqa: B023
             # the block is visible on the slowest of the three nodes at the latest arrival
             delays.append(max(applied[(i, key)] for i in range(3)) - sent_at)
         delays.sort()
@@ -195,9 +199,9 @@ async def test_unreachable_broker_is_reported_and_blocks_kept(
     try:
         assert await cache.wait_ready(20)
         await publish(decision("kb", DecisionAction.block, 1))
-        await eventually(lambda: cache.check("kb") is not None)
+        await wait_for(lambda: cache.check("kb") is not None, 10)
         broken = True
-        await eventually(lambda: not cache.available, within=5)
+        await wait_for(lambda: not cache.available, 5)
         state = cache.state()
         assert state.ready
         assert not state.connected
@@ -205,7 +209,7 @@ async def test_unreachable_broker_is_reported_and_blocks_kept(
         assert "broker gone" in state.last_error
         assert cache.check("kb") is not None  # known blocks still enforced
         broken = False
-        await eventually(lambda: cache.available, within=5)
+        await wait_for(lambda: cache.available, 5)
         assert cache.state().lag == 0
     finally:
         await cache.stop()

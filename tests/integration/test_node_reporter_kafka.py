@@ -9,10 +9,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from node.reporter import UsageReporter
 from schemas.events import RequestEvent, dump_event, make_event, parse_event
+from tests.integration.helpers import read_topic
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -38,26 +39,6 @@ def events(n: int, keys: int = 37) -> list[RequestEvent]:
     ]
 
 
-async def read_all(settings: Settings, expected: int, within: float = 30.0) -> list[Any]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(settings.events_topic, p) for p in range(settings.events_partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        records: list[Any] = []
-        deadline = time.monotonic() + within
-        while len(records) < expected and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records.extend(batch)
-        # a little longer: anything beyond `expected` would be a duplicate
-        for batch in (await consumer.getmany(timeout_ms=500)).values():
-            records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
-
-
 async def test_delivers_every_event_as_produced(topics: Settings) -> None:
     produced = events(5_000)
     reporter = UsageReporter(topics)
@@ -66,7 +47,7 @@ async def test_delivers_every_event_as_produced(topics: Settings) -> None:
     for ev in produced:
         reporter.report(ev)
     assert time.perf_counter() - t0 < 1.0  # report() is only an append
-    records = await read_all(topics, len(produced))
+    records = await read_topic(topics, topics.events_topic, len(produced), timeout=30)
     await reporter.stop()
 
     assert len(records) == len(produced)
@@ -102,7 +83,7 @@ async def test_buffers_through_an_outage_then_delivers(topics: Settings) -> None
     assert reporter.state().buffered == 200
     for ev in produced[200:]:
         reporter.report(ev)
-    records = await read_all(topics, len(produced))
+    records = await read_topic(topics, topics.events_topic, len(produced), timeout=30)
     await reporter.stop()
     assert attempts == 4
     assert sorted(r.value for r in records) == sorted(dump_event(e) for e in produced)
@@ -116,5 +97,5 @@ async def test_stop_flushes_pending(make_settings: Any, topics: Settings) -> Non
         reporter.report(ev)
     await reporter.stop()  # must not lose what was queued
     assert reporter.state().sent == 1_000
-    records = await read_all(topics, len(produced), within=10)
+    records = await read_topic(topics, topics.events_topic, len(produced), timeout=10)
     assert len(records) == 1_000

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import free_port, wait_for
 from worker.app import WorkerRuntime
 from worker.settings import Settings
 from worker.simulate import generate, publish
 from worker.store.rollup import RollupStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

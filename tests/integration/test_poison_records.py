@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas.decisions import DecisionAction
 from schemas.events import dump_event
-from tests.integration.helpers import db_counts, expected_counts, read_all, wait_for
+from tests.integration.helpers import db_counts, expected_counts, read_topic, wait_for
 from worker.app import WorkerRuntime
 from worker.ingest.dlq import MAX_ORIGINAL_BYTES, DeadLetter
 from worker.limits.control import manual_decision
@@ -54,7 +54,7 @@ async def test_an_event_near_the_size_limit_is_dead_lettered_truncated_and_the_p
             60,
             "the worker to get past the oversized record",
         )
-        dlq = await read_all(s.kafka_bootstrap, s.dlq_topic)
+        dlq = await read_topic(s.kafka_bootstrap, s.dlq_topic)
 
     assert db_counts(clickhouse, s.clickhouse_database) == expected_counts(before + after)
     [record] = dlq

@@ -44,6 +44,7 @@ def test_migrations_render_from_settings_only() -> None:
     settings = Settings(clickhouse_database="m_test", ttl_minute_days=3)
     migrations = discover(settings.migrations_dir)
     assert [m.version for m in migrations] == sorted(m.version for m in migrations)
+    assert migrations, "the package ships its migrations"
     statements = render(migrations[0].path.read_text(), settings)
     assert any("`m_test`.usage_rollup" in s and "INTERVAL 3 DAY" in s for s in statements)
     assert all("{" not in s.split("SETTINGS")[0] for s in statements)

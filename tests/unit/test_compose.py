@@ -20,7 +20,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,8 +30,9 @@ from packaging.requirements import Requirement
 from pydantic import SecretStr, ValidationError
 
 from tests import containers
+from tests.integration.helpers import REPO_ROOT
 from worker.cli import build_parser
-from worker.settings import REPO_ROOT, Settings
+from worker.settings import Settings
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -56,7 +57,7 @@ USES_CLICKHOUSE = {"worker", "migrate", "usage", "serve-api", "top", "key-usage"
 ROLE_REQUIRED: dict[str, set[str]] = {
     "worker": {"METER_KAFKA_BOOTSTRAP", "METER_CLICKHOUSE_DSN", "METER_HTTP_HOST", "METER_HTTP_PORT"},
     "topics": {"METER_KAFKA_BOOTSTRAP"},
-    "migrate": {"METER_CLICKHOUSE_DSN", "METER_MIGRATIONS_DIR"},
+    "migrate": {"METER_CLICKHOUSE_DSN"},
     "node": {"METER_KAFKA_BOOTSTRAP", "METER_NODE_SECRET", "METER_DEMO_SEED", "METER_NODE_ID"},
     "serve-api": {"METER_CLICKHOUSE_DSN", "METER_ADMIN_API_KEY", "METER_HTTP_HOST", "METER_HTTP_PORT"},
 }
@@ -487,28 +488,24 @@ def test_dockerfile_builds_the_meter_image() -> None:
     assert image.user.split(":")[0] not in ("root", "0"), "the image must run as a non-root user"
 
 
-def test_dockerfile_copies_the_packages_and_migrations() -> None:
+def test_dockerfile_copies_the_packages_and_they_bring_their_migrations() -> None:
     text = DOCKERFILE.read_text()
     packages = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     for pattern in packages:
         package = pattern.rstrip("*")
         assert re.search(rf"COPY\s+{package}/?\s", text), f"the build does not copy {package}/"
-    copies = dockerfile().copies()
-    infra = [dest for sources, dest in copies if any(s.rstrip("/") == "infra" for s in sources)]
-    assert infra, "the image must COPY infra/"
-    migrations = PurePosixPath(dockerfile().env["METER_MIGRATIONS_DIR"])
-    dest = PurePosixPath(infra[0])
-    assert migrations.is_relative_to(dest), f"METER_MIGRATIONS_DIR {migrations} is not under {dest}"
-    local = REPO_ROOT / "infra" / migrations.relative_to(dest)
-    assert list(local.glob("*.sql")), f"{local} holds no migrations"
+    package_data = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["package-data"]["worker"]
+    assert "store/sql/*.sql" in package_data, "the migrations must ship as package data"
+    assert list((REPO_ROOT / "worker" / "store" / "sql").glob("*.sql")), "no migrations in worker/store/sql"
     ignored = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines()}
-    assert not ignored & {"infra", "pyproject.toml", *(p.rstrip("*") for p in packages)}, ".dockerignore hides sources"
+    assert not ignored & {"pyproject.toml", *(p.rstrip("*") for p in packages)}, ".dockerignore hides sources"
 
 
-def test_compose_migrations_dir_is_the_images(services: dict[str, dict[str, Any]]) -> None:
-    expected = dockerfile().env["METER_MIGRATIONS_DIR"]
+def test_no_service_points_the_migrations_elsewhere(services: dict[str, dict[str, Any]]) -> None:
+    """The image runs the migrations it was built with (package data), not a copy beside it."""
+    assert "METER_MIGRATIONS_DIR" not in dockerfile().env
     for name, svc in meter_services(services).items():
-        assert environment(svc).get("METER_MIGRATIONS_DIR", expected) == expected, name
+        assert "METER_MIGRATIONS_DIR" not in environment(svc), name
 
 
 def _package_files() -> Iterator[Path]:

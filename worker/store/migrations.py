@@ -1,11 +1,14 @@
-"""Versioned, idempotent DDL migrations from ``infra/clickhouse/migrations/NNN_name.sql``."""
+"""Versioned, idempotent DDL migrations: ``NNN_name.sql`` files shipped with the package
+(``worker/store/sql/``, read through ``importlib.resources``, so an installed package has
+them wherever it is installed), or from ``METER_MIGRATIONS_DIR`` when that is set."""
 
 from __future__ import annotations
 
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.abc import Traversable
+from importlib.resources import files
 
 from clickhouse_connect.driver.client import Client
 
@@ -23,12 +26,19 @@ class Migration:
 
     version: int
     name: str
-    path: Path
+    path: Traversable
 
 
-def discover(directory: Path) -> list[Migration]:
+def shipped() -> Traversable:
+    """The migrations that come with the package."""
+    return files("worker.store").joinpath("sql")
+
+
+def discover(directory: Traversable | None = None) -> list[Migration]:
+    """The migrations in ``directory`` (default: the shipped ones), in version order."""
+    directory = shipped() if directory is None else directory
     found = []
-    for path in sorted(directory.glob("*.sql")):
+    for path in sorted((p for p in directory.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name):
         match = _FILE.match(path.name)
         if not match:
             raise ValueError(f"migration file name must look like 001_name.sql: {path}")
@@ -66,7 +76,7 @@ def migrate(client: Client, settings: Settings) -> list[Migration]:
     for migration in discover(settings.migrations_dir):
         if migration.version in done:
             continue
-        for statement in render(migration.path.read_text(), settings):
+        for statement in render(migration.path.read_text(encoding="utf-8"), settings):
             client.command(statement)
         client.insert(
             f"{db}.schema_migrations", [[migration.version, migration.name]], column_names=["version", "name"]
