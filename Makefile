@@ -15,8 +15,8 @@ test:            ## the whole test suite against a real Kafka broker and chDB (w
 test-fast:       ## unit tests only (no broker needed)
 	scripts/setup.sh && .venv/bin/pytest tests/unit -q
 
-lint:            ## ruff + mypy
-	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
+lint:            ## ruff + mypy + import contracts (lint-imports)
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy && .venv/bin/lint-imports
 
 format:          ## apply ruff formatting and safe fixes
 	.venv/bin/ruff check --fix . && .venv/bin/ruff format .

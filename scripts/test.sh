@@ -30,10 +30,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "test: lint and types"
+echo "test: lint, types and import contracts"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+.venv/bin/lint-imports  # the import layers in pyproject.toml ([tool.importlinter])
 
 echo "test: pytest against Kafka at $METER_KAFKA_BOOTSTRAP and embedded ClickHouse (chDB)"
 rm -f test-artifacts/faults.jsonl
