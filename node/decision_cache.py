@@ -58,10 +58,11 @@ class Block:
     reason: str
     version: int
     source: str
+    shadow: bool = False  # a shadow policy's block: noted, never refused on
 
     @classmethod
     def from_decision(cls, d: Decision) -> Block:
-        return cls(d.key_id, d.window, d.limit, d.count, d.until, d.reason, d.version, d.source)
+        return cls(d.key_id, d.window, d.limit, d.count, d.until, d.reason, d.version, d.source, d.shadow)
 
     def seconds_left(self, now: datetime) -> int | None:
         """Whole seconds until ``until``, rounded up and at least 1; None if open-ended."""

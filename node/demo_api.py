@@ -33,7 +33,6 @@ from node.keys import InMemoryKeyStore, KeyIdDeriver, KeyStore
 from node.middleware import MeterMiddleware, RouteScope, starlette_route_resolver
 from node.reporter import UsageReporter
 from node.settings import NodeSettings
-from schemas.limits import PolicyBook
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ def build_node_app(
     )
     if cache is None:
         guard = LocalGuard(
-            PolicyBook(settings.default_policy()),
+            settings.policy_book(),
             settings.node_id,
             settings.node_guard_max_keys,
             settings.node_burst_share,
@@ -196,6 +195,7 @@ def build_node_app(
                 "keys": len(cache.guard),
                 "forgotten": cache.guard.forgotten,
                 "allowances_applied": cache.guard.allowances_applied,
+                "shadow_refusals": cache.guard.shadow_refusals,
             }
         return JSONResponse(body, status_code=200 if cache_state.ready else 503)
 

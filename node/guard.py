@@ -16,6 +16,7 @@ from zero here; the worker's count and blocks still hold).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from enum import StrEnum
 
 from schemas.allowances import Allowance, WindowAllowance
 from schemas.decisions import WINDOW_SECONDS, Window, window_start
-from schemas.limits import PolicyBook
+from schemas.limits import LimitPolicy, PolicyBook
 
 _WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of an event's node_counts
 
@@ -45,6 +46,7 @@ class Refusal:
     until: float  # epoch seconds: the window's end
     version: int | None = None  # the allowance's version
     cap: int | None = None  # the node's cap from that allowance
+    shadow: bool = False  # the policy is a dry run: the request is admitted (and counted) anyway
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ class LocalGuard:
         self.node_id = node_id
         self.max_keys = max_keys
         self.burst_share = burst_share
+        self.shadow_refusals = 0  # requests a shadow policy would have refused, served all the same
         self._keys: OrderedDict[str, _KeyState] = OrderedDict()
         self.forgotten = 0
         self.allowances_applied = 0
@@ -100,10 +103,15 @@ class LocalGuard:
         waived for the rest of the window (only the limit holds) and an unlisted node's used-up
         part refuses."""
         state = self._state(key_id, account, now)
-        refusal = self._check(key_id, state, now, final)
-        if refusal is None:
+        policy = self.policies.resolve(key_id, state.account)
+        shadow = self.policies.is_shadow(policy)
+        # A dry run never makes a request wait: the first answer is the final one.
+        refusal = self._check(policy, state, now, final or shadow)
+        if refusal is None or shadow:
             for i in range(3):
                 state.counts[i] += 1
+        if refusal is not None and shadow:
+            return dataclasses.replace(refusal, shadow=True)
         return refusal
 
     def record(self, key_id: str, account: str, now: float) -> None:
@@ -191,10 +199,9 @@ class LocalGuard:
         state.roll(now)
         return state
 
-    def _check(self, key_id: str, state: _KeyState, now: float, final: bool) -> Refusal | None:
+    def _check(self, policy: LimitPolicy, state: _KeyState, now: float, final: bool) -> Refusal | None:
         """The final refusal whose window ends last (waiting for an earlier end would only be
         refused again), else a reason to wait, else None."""
-        policy = self.policies.resolve(key_id, state.account)
         refusal: Refusal | None = None
         wait: Refusal | None = None
         for i, window in enumerate(_WINDOWS):

@@ -103,6 +103,7 @@ class _Denial:
     message: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
     details: tuple[tuple[str, object], ...] = ()  # extra fields of the JSON body
+    shadow: bool = False  # from a shadow policy: not sent, the request is served and counted
 
 
 def route_path(scope: Scope) -> str:
@@ -223,8 +224,10 @@ class MeterMiddleware:
         else:
             key_id = self._derive(raw_key)
             record, denial = self._authorize(raw_key, key_id, method, path, ts, epoch)
-            if denial is None and record is not None and self._guard is not None:
-                denial = await self._admit(self._guard, key_id, record.account_id, ts, epoch)
+            if (denial is None or denial.shadow) and record is not None and self._guard is not None:
+                admitted = await self._admit(self._guard, key_id, record.account_id, ts, epoch)
+                if admitted is not None and (denial is None or not admitted.shadow):
+                    denial = admitted
             if record is None:
                 key_id = INVALID_KEY_PREFIX + key_id[-2:]
         del raw_key  # nothing below needs it
@@ -232,6 +235,11 @@ class MeterMiddleware:
         status = 500
         bytes_out = 0
         extra_headers = [rid_header]
+        if denial is not None and denial.shadow:  # a dry run: served, and counted as refused
+            if self._guard is not None:
+                self._guard.shadow_refusals += 1
+            extra_headers.append((b"x-ratelimit-shadow", _shadow_note(denial)))
+            denial = None
         if denial is None and record is not None and self._guard is not None:
             room = self._guard.headroom(key_id, epoch)
             if room is not None:
@@ -293,7 +301,7 @@ class MeterMiddleware:
                 403, "forbidden", f"This API key lacks the '{rule.scope}' permission this route requires."
             )
         block = self._cache.check(key_id)
-        if block is not None:
+        if block is not None and not block.shadow:
             return record, self._rate_limited(block, now)
         if not self._fail_open and not self._cache.available:
             return record, _Denial(
@@ -302,7 +310,7 @@ class MeterMiddleware:
                 "Usage limits cannot be checked right now; retry shortly.",
                 ((b"retry-after", b"5"),),
             )
-        return record, None
+        return record, self._rate_limited(block, now) if block is not None else None  # shadow: noted only
 
     async def _admit(self, guard: LocalGuard, key_id: str, account: str, ts: datetime, epoch: float) -> _Denial | None:
         """The node's guard; a request that must wait for the worker's division is held (no
@@ -319,7 +327,7 @@ class MeterMiddleware:
                     break
                 await self._cache.wait_change(left)
                 block = self._cache.check(key_id)
-                if block is not None:
+                if block is not None and not block.shadow:
                     return self._rate_limited(block, ts)
                 refusal = guard.admit(key_id, account, epoch)
         return _refused(refusal, epoch) if refusal is not None else None
@@ -353,7 +361,7 @@ class MeterMiddleware:
         else:
             # Operators' reasons stay in the audit; the client gets a generic message.
             message = f"API key blocked by an operator. Retry after {seconds} seconds."
-        return _Denial(429, "rate_limited", message, tuple(headers), details)
+        return _Denial(429, "rate_limited", message, tuple(headers), details, shadow=block.shadow)
 
     def _inner_scope(self, scope: Scope, request_id: str, key_id: str, record: KeyRecord | None) -> Scope:
         """The scope the app sees: the key header removed (nothing downstream can log it) and the
@@ -462,7 +470,13 @@ def _refused(refusal: Refusal, now: float) -> _Denial:
         ("refused_by", refusal.by.value),
         ("version", refusal.version),
     )
-    return _Denial(429, "rate_limited", message, headers, details)
+    return _Denial(429, "rate_limited", message, headers, details, shadow=refusal.shadow)
+
+
+def _shadow_note(denial: _Denial) -> bytes:
+    """What a shadow policy would have answered, for the client and the operator to see."""
+    fields = dict(denial.details)
+    return f"would-refuse; window={fields.get('window')}; limit={fields.get('limit')}".encode()
 
 
 async def _send_error(send: Send, denial: _Denial, request_id: str) -> None:

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.kafka_clients import security_errors
 from node.keys import check_secret
-from schemas.limits import LimitPolicy
+from schemas.limits import LimitPolicy, PolicyBook
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -48,6 +48,9 @@ class NodeSettings(BaseSettings):
     limit_per_minute: int = Field(default=100, ge=0)
     limit_per_hour: int = Field(default=1_000, ge=0)
     limit_per_day: int = Field(default=5_000, ge=0)
+    # A global dry run: the worker decides and audits as usual, nodes refuse nothing and count
+    # (and mark with X-RateLimit-Shadow) what they would have refused. Per policy: --shadow.
+    limits_shadow: bool = False
 
     node_id: str = Field(default="node-1", min_length=1, max_length=64)
     # HMAC key for key ids: the same on every node, never in code, at least 32 bytes
@@ -121,3 +124,7 @@ class NodeSettings(BaseSettings):
 
     def default_policy(self) -> LimitPolicy:
         return LimitPolicy(per_minute=self.limit_per_minute, per_hour=self.limit_per_hour, per_day=self.limit_per_day)
+
+    def policy_book(self) -> PolicyBook:
+        """The default policy, every override applied later; all in shadow when METER_LIMITS_SHADOW."""
+        return PolicyBook(self.default_policy(), shadow_all=self.limits_shadow)

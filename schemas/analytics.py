@@ -115,8 +115,9 @@ class KeyState(_Frozen):
     windows: list[WindowState]
     blocked: bool
     blocked_until: AwareDatetime | None  # None while blocked: until an operator unblocks
-    active_block: Decision | None
+    active_block: Decision | None  # the block in force, shadow ones included
     history: list[Decision]
+    shadow_blocked: bool = False  # a shadow policy's block: nodes serve the key, counting it as refused
 
 
 class BlockedKey(_Frozen):
@@ -129,6 +130,7 @@ class BlockedKey(_Frozen):
     source: str
     decided_at: AwareDatetime
     version: int
+    shadow: bool = False  # a shadow policy's block: the key is served, the refusals only counted
 
 
 class SignalKind(StrEnum):

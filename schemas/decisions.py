@@ -48,3 +48,5 @@ class Decision(BaseModel):
     version: Version
     decided_at: Timestamp
     source: Identifier = "worker"
+    # From a shadow policy: nodes never refuse on it, they count what they would have refused.
+    shadow: bool = False

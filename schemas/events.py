@@ -84,4 +84,3 @@ def dump_event(event: RequestEvent) -> bytes:
     return EVENT_ADAPTER.dump_json(
         {k: v for k, v in event.items() if v is not None},  # type: ignore[arg-type]
     )
-

@@ -18,6 +18,9 @@ class LimitPolicy(BaseModel):
     per_minute: Count | None = 100
     per_hour: Count | None = 1_000
     per_day: Count | None = 5_000
+    # Shadow (dry run): evaluated, decided and audited as usual, but nodes never refuse on it;
+    # they count the requests they would have refused.
+    shadow: bool = False
 
     @classmethod
     def unlimited(cls) -> LimitPolicy:
@@ -68,8 +71,9 @@ class PolicyBook:
     key's limits.
     """
 
-    def __init__(self, default: LimitPolicy) -> None:
+    def __init__(self, default: LimitPolicy, shadow_all: bool = False) -> None:
         self.default = default
+        self.shadow_all = shadow_all  # every policy in shadow: a global dry run
         self.by_key: dict[str, LimitPolicy] = {}
         self.by_account: dict[str, LimitPolicy] = {}
         self.version = 0  # bumps on every change, so callers can re-check what they cached
@@ -87,6 +91,9 @@ class PolicyBook:
         if policy is None and account_id:
             policy = self.by_account.get(account_id)
         return policy or self.default
+
+    def is_shadow(self, policy: LimitPolicy) -> bool:
+        return self.shadow_all or policy.shadow
 
     def source(self, key_id: str, account_id: str = "") -> str:
         if key_id in self.by_key:

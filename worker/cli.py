@@ -161,7 +161,6 @@ def cmd_unblock(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from schemas.limits import PolicyBook
     from worker.limits.control import current_overrides, latest_allowances, latest_decisions
     from worker.limits.explain import explain
 
@@ -171,7 +170,7 @@ def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
         )
 
     overrides, decisions, allowances = asyncio.run(gather())
-    book = PolicyBook(settings.default_policy())
+    book = settings.policy_book()
     for override in overrides.values():
         book.apply(override)
     account = args.account or ""
@@ -204,10 +203,11 @@ def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
         if args.format == "json":
             print(json.dumps([{"scope": sc, "subject": su, **p.model_dump(), "note": n} for sc, su, p, n in rows]))
             return 0
-        print(f"{'scope':8} {'subject':34} {'per_minute':>10} {'per_hour':>9} {'per_day':>8}  note")
+        print(f"{'scope':8} {'subject':34} {'per_minute':>10} {'per_hour':>9} {'per_day':>8} {'mode':8} note")
         for sc, su, p, n in rows:
             cells = [("unlimited" if v is None else str(v)) for v in (p.per_minute, p.per_hour, p.per_day)]
-            print(f"{sc:8} {printable(su):34} {cells[0]:>10} {cells[1]:>9} {cells[2]:>8}  {printable(n)}")
+            mode = "shadow" if p.shadow or (sc == "default" and settings.limits_shadow) else "enforce"
+            print(f"{sc:8} {printable(su):34} {cells[0]:>10} {cells[1]:>9} {cells[2]:>8} {mode:8} {printable(n)}")
         return 0
     if not (args.key or args.account):
         print(f"meter limits {args.action}: give --key KEY_ID or --account ACCOUNT_ID", file=sys.stderr)
@@ -224,10 +224,14 @@ def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
     else:
         values = {k: (base.model_dump()[k] if v is _UNSET else v) for k, v in given.items()}
         policy = LimitPolicy(**values)
+    if args.shadow:
+        policy = policy.model_copy(update={"shadow": True})
     asyncio.run(set_override(settings, scope, subject, policy, args.note))
     print(
         f"{scope.value} {subject}: {policy.per_minute}/min, {policy.per_hour}/h, {policy.per_day}/day "
-        "(None = unlimited); workers apply it within a second"
+        "(None = unlimited)"
+        + (" in SHADOW: decided and audited, nodes refuse nothing" if policy.shadow else "")
+        + "; workers apply it within a second"
     )
     return 0
 
@@ -292,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("minute", "hour", "day"):
         p.add_argument(f"--per-{name}", type=parse_limit, default=_UNSET, help="count or 'unlimited'")
     p.add_argument("--unlimited", action="store_true", help="no limit in any window (internal keys)")
+    p.add_argument(
+        "--shadow",
+        action="store_true",
+        help="dry run: decided and audited as usual, nodes refuse nothing and count what they would have "
+        "refused (X-RateLimit-Shadow header); set again without --shadow to enforce",
+    )
     p.add_argument("--note", default="", help="why (kept with the override)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_limits)

@@ -304,3 +304,20 @@ def test_an_allowance_replaces_the_burst_share() -> None:
     assert admit_until_refused(g, T0) == 34
     g.apply(allowance(version=3, grants={"n1": (34, 90)}), T0)
     assert admit_until_refused(g, T0) == 90 - 34
+
+
+def test_a_shadow_policy_never_refuses_or_waits_but_says_what_it_would_have_refused() -> None:
+    book = PolicyBook(LimitPolicy(per_minute=3, per_hour=None, per_day=None, shadow=True))
+    guard = LocalGuard(book, "node-1", burst_share=0.34)  # a burst share would make it wait
+    answers = [guard.admit("k", "", T0 + i * 0.01) for i in range(5)]
+    assert answers[:3] == [None, None, None]
+    assert all(a is not None and a.shadow and a.by is RefusedBy.local_limit for a in answers[3:])
+    assert guard.counts("k", T0 + 1) == [5, 5, 5]  # served, so counted
+
+
+def test_a_global_shadow_turns_every_policy_into_a_dry_run() -> None:
+    guard = LocalGuard(PolicyBook(LimitPolicy(per_minute=1), shadow_all=True), "node-1")
+    assert guard.admit("k", "", T0) is None
+    refusal = guard.admit("k", "", T0 + 0.1)
+    assert refusal is not None
+    assert refusal.shadow

@@ -275,3 +275,21 @@ def test_rebuild_keeps_the_account_of_the_most_recent_window() -> None:
     )
     # Rows of one key may name several accounts when it moved today: the minute's is current.
     assert h.engine.partitions[1].keys["k"].account == "old"
+
+
+def test_a_shadow_override_decides_and_unblocks_marked_shadow_and_divides_nothing() -> None:
+    h = Harness()
+    h.policies.apply(
+        LimitOverride(
+            scope=OverrideScope.key, subject="k", policy=LimitPolicy(per_minute=10, shadow=True), updated_at=NOW
+        )
+    )
+    verdicts = h.engine.observe({(0, "k", "acct", int(T0)): 9})
+    assert verdicts.allowances == []  # nodes refuse nothing under it: no caps to divide
+    [block] = h.hit("k", 1)
+    assert (block.action, block.count, block.shadow) == (DecisionAction.block, 10, True)
+    assert "shadow" in block.reason
+    h.clock.now = T0 + 60
+    [unblock] = h.engine.tick()
+    assert (unblock.action, unblock.shadow) == (DecisionAction.unblock, True)
+    assert h.hit("other", 100)[0].shadow is False  # the enforced default is unchanged

@@ -182,7 +182,7 @@ def _policy_book(settings: Settings) -> PolicyBook:
 
     from worker.limits.control import current_overrides
 
-    book = PolicyBook(settings.default_policy())
+    book = settings.policy_book()
     if not _answers(settings.kafka_bootstrap):
         print(f"note: Kafka at {settings.kafka_bootstrap} does not answer; showing default limits", file=sys.stderr)
         return book
@@ -207,19 +207,27 @@ def cmd_key_state(args: argparse.Namespace, settings: Settings) -> int:
         until = state.blocked_until.isoformat() if state.blocked_until else "until an operator unblocks"
         print(
             f"\nkey {printable(state.key_id)} (account {printable(state.account_id or '-')}): "
-            + (f"BLOCKED {until}" if state.blocked else "not blocked")
+            + (
+                f"BLOCKED {until}"
+                if state.blocked
+                else f"SHADOW BLOCK {until} (dry run: nodes serve it and count the refusals)"
+                if state.shadow_blocked
+                else "not blocked"
+            )
         )
         print("\ndecisions, newest first:")
     rows = [d.model_dump() for d in state.history]
     emit(
-        rows, ["version", "decided_at", "action", "window", "count", "limit", "until", "source", "reason"], args.format
+        rows,
+        ["version", "decided_at", "action", "shadow", "window", "count", "limit", "until", "source", "reason"],
+        args.format,
     )
     return 0
 
 
 def cmd_blocked(args: argparse.Namespace, settings: Settings) -> int:
     keys = _source(args, settings).blocked(args.n)
-    columns = ["key_id", "window", "count", "limit", "until", "decided_at", "source", "reason"]
+    columns = ["key_id", "shadow", "window", "count", "limit", "until", "decided_at", "source", "reason"]
     emit([k.model_dump() for k in keys], columns, args.format, keys)
     return 0
 

@@ -390,10 +390,11 @@ def key_state(
         account_id=str(account) or None,
         as_of=as_of,
         windows=windows,
-        blocked=active is not None,
+        blocked=active is not None and not active.shadow,
         blocked_until=active.until if active else None,
         active_block=active,
         history=decisions,
+        shadow_blocked=active is not None and active.shadow,
     )
 
 
@@ -404,7 +405,7 @@ def blocked_keys(client: Client, database: str, now: datetime | None = None, n: 
         "SELECT key_id, argMax(toString(action), version) AS act, argMax(toString(window), version), "
         "argMax(limit_value, version), argMax(count_value, version), argMax(until, version) AS last_until, "
         "argMax(reason, version), argMax(toString(source), version), argMax(decided_at, version) AS at, "
-        f"max(version) FROM {quote_identifier(database)}.decisions "
+        f"max(version), argMax(shadow, version) FROM {quote_identifier(database)}.decisions "
         "GROUP BY key_id HAVING act = 'block' AND (last_until IS NULL OR last_until > {now:DateTime64(3, 'UTC')}) "
         "ORDER BY at DESC, key_id LIMIT {n:UInt32}",
         parameters={"now": as_of, "n": n},
@@ -420,8 +421,9 @@ def blocked_keys(client: Client, database: str, now: datetime | None = None, n: 
             source=str(source),
             decided_at=utc(at),
             version=int(version),
+            shadow=bool(shadow),
         )
-        for key, _act, window, limit, count, until, reason, source, at, version in result.result_rows
+        for key, _act, window, limit, count, until, reason, source, at, version, shadow in result.result_rows
     ]
 
 

@@ -115,6 +115,7 @@ class ActiveBlock:
     window: Window
     until: float  # epoch seconds; inf for an open-ended operator block
     operator: bool = False
+    shadow: bool = False  # decided under a shadow policy: nodes note it, refuse nothing
 
 
 class LimitEngine:
@@ -227,7 +228,8 @@ class LimitEngine:
             del self.blocks[key_id]
             kw = self._find(key_id)
             follow_up = self._evaluate(key_id, kw, now) if kw is not None else None
-            decisions.append(follow_up or self._decision(key_id, DecisionAction.unblock, block.window, now))
+            unblock = self._decision(key_id, DecisionAction.unblock, block.window, now, shadow=block.shadow)
+            decisions.append(follow_up or unblock)
         for key_id in [k for k, t in self.pardons.items() if t <= now]:
             del self.pardons[key_id]
         for key_id in [k for k, hk in self.hot.items() if hk.until <= now]:
@@ -294,7 +296,7 @@ class LimitEngine:
         held = self.blocks.get(key_id)
         if decision.action is DecisionAction.block:
             if until > self.clock() and (held is None or held.until < until):
-                self._hold(key_id, ActiveBlock(decision.window, until))
+                self._hold(key_id, ActiveBlock(decision.window, until, shadow=decision.shadow))
         elif held is not None and not held.operator:
             del self.blocks[key_id]
 
@@ -308,6 +310,9 @@ class LimitEngine:
         policy = self.policies.resolve(key_id, kw.account)
         threshold = self.allowance.threshold
         hot_windows = []
+        if self.policies.is_shadow(policy):  # nodes refuse nothing under it: nothing to divide
+            self.hot.pop(key_id, None)
+            return None
         for window in AUTOMATIC_WINDOWS:
             limit = policy.limit(window)
             if limit is not None and (count := kw.count(window, now)) >= threshold * limit:
@@ -410,7 +415,8 @@ class LimitEngine:
             return None  # already blocked at least that long (an operator block while it lasts)
         if self.pardons.get(key_id, 0.0) >= until:
             return None  # an operator lifted this block for the rest of the window
-        self._hold(key_id, ActiveBlock(window, until))
+        shadow = self.policies.is_shadow(self.policies.resolve(key_id, kw.account))
+        self._hold(key_id, ActiveBlock(window, until, shadow=shadow))
         return self._decision(
             key_id,
             DecisionAction.block,
@@ -420,7 +426,8 @@ class LimitEngine:
             count=count,
             until=until,
             reason=f"{count} requests in the current {window.value} >= limit {limit} "
-            f"({self.policies.source(key_id, kw.account)})",
+            f"({self.policies.source(key_id, kw.account)}{', shadow: nodes do not refuse' if shadow else ''})",
+            shadow=shadow,
         )
 
     def _hold(self, key_id: str, block: ActiveBlock) -> None:
@@ -437,6 +444,7 @@ class LimitEngine:
         count: int | None = None,
         until: float | None = None,
         reason: str = "",
+        shadow: bool = False,
     ) -> Decision:
         version = max(int(now * 1_000_000), self.versions.get(key_id, 0) + 1)
         self.versions[key_id] = version
@@ -451,6 +459,7 @@ class LimitEngine:
             version=version,
             decided_at=to_datetime(now),
             source="worker",
+            shadow=shadow,
         )
 
     def _log(self, verdicts: Verdicts) -> None:

@@ -14,7 +14,7 @@ from common.follower import TopicFollower, valid_records
 from common.retry import cancel_and_wait, retry_forever
 from schemas.allowances import Allowance
 from schemas.decisions import Decision, Window
-from schemas.limits import LimitOverride, PolicyBook
+from schemas.limits import LimitOverride
 from worker.limits.engine import AllowancePolicy, LimitEngine, Verdicts, partition_of
 from worker.limits.fastlane import FastBatch, FastLane
 from worker.records import Validator
@@ -56,7 +56,7 @@ class LimitService:
         self.send = send
         self.partition_count = partition_count
         self.stored_offsets = stored_offsets
-        self.policies = PolicyBook(settings.default_policy())
+        self.policies = settings.policy_book()
         allowance = AllowancePolicy(
             settings.allowance_threshold,
             settings.allowance_lag_ms / 1000.0,

@@ -25,6 +25,7 @@ COLUMNS = [
     "reason",
     "source",
     "decided_at",
+    "shadow",
 ]
 
 
@@ -60,7 +61,8 @@ class DecisionStore:
             parameters={"key": key_id, "n": limit},
         )
         out = []
-        for key, version, action, window, limit_v, count_v, until, reason, source, decided_at in result.result_rows:
+        for row in result.result_rows:
+            key, version, action, window, limit_v, count_v, until, reason, source, decided_at, shadow = row
             out.append(
                 Decision(
                     key_id=key,
@@ -73,6 +75,7 @@ class DecisionStore:
                     reason=reason,
                     source=source,
                     decided_at=_utc(decided_at),
+                    shadow=bool(shadow),
                 )
             )
         return out
@@ -90,6 +93,7 @@ def _row(d: Decision) -> list[object]:
         d.reason,
         d.source,
         d.decided_at,
+        d.shadow,
     ]
 
 

@@ -84,7 +84,7 @@
     const svg = stackedSeries($("traffic-chart"), traffic);
     $("traffic-total").textContent = `${fmt(svg.dataset.total)} requests`;
     $("top-window").textContent = `(${win}, from ${topList.level} rollups)`;
-    const blockedIds = new Set(blocked.map((b) => b.key_id));
+    const blockedIds = new Set(blocked.filter((b) => !b.shadow).map((b) => b.key_id));
     horizontalBars(
       $("top-chart"),
       topList.entries.map((e) => ({
@@ -101,8 +101,10 @@
     for (const b of blocked) {
       const tr = document.createElement("tr");
       tr.dataset.keyId = b.key_id;
+      tr.dataset.shadow = String(Boolean(b.shadow));
       cell(tr, "", "key").append(keyLink(b.key_id));
-      cell(tr, b.window);
+      // A shadow policy's block: the key is served; the nodes only count the refusals.
+      cell(tr, b.shadow ? `${b.window} (shadow)` : b.window);
       cell(tr, pair(b.count, b.limit));
       cell(tr, b.until ? time(b.until) : "until unblocked");
       cell(tr, b.reason);
@@ -135,9 +137,12 @@
       const head = document.createElement("div");
       head.className = "limit";
       head.dataset.blocked = String(state.blocked);
+      const until = state.blocked_until ? "until " + time(state.blocked_until) + " UTC" : "until an operator unblocks";
       head.textContent = state.blocked
-        ? `BLOCKED ${state.blocked_until ? "until " + time(state.blocked_until) + " UTC" : "until an operator unblocks"}`
-        : "not blocked";
+        ? `BLOCKED ${until}`
+        : state.shadow_blocked
+          ? `SHADOW BLOCK ${until} (dry run: served, refusals counted)`
+          : "not blocked";
       if (state.blocked) head.className = "limit blocked-badge";
       limits.append(head);
       for (const w of state.windows) {
@@ -163,7 +168,7 @@
         tr.dataset.action = d.action;
         cell(tr, d.version);
         cell(tr, time(d.decided_at));
-        cell(tr, d.action);
+        cell(tr, d.shadow ? `${d.action} (shadow)` : d.action);
         cell(tr, d.window);
         cell(tr, pair(d.count, d.limit));
         cell(tr, d.until ? time(d.until) : "—");
