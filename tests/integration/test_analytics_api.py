@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from worker.analytics.api import build_query_app
-from worker.analytics.sample import ABUSED_KEY, MANUAL_KEY, PROBER_KEY, STORM_IP, SampleFacts, seed_sample
+from worker.analytics.sample import ABUSED_KEY, MANUAL_KEY, PROBER_KEY, STORM_IP, SampleFacts
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
 ADMIN = secrets.token_urlsafe(32)  # generated per run: the query API wants >= 32 bytes
-
-
-@pytest.fixture
-def now() -> datetime:
-    return datetime.now(UTC).replace(minute=59, second=30, microsecond=0)
-
-
-@pytest.fixture
-def sample(clickhouse: Any, settings: Settings, now: datetime) -> SampleFacts:
-    return seed_sample(clickhouse, settings.clickhouse_database, now)
 
 
 @pytest.fixture
