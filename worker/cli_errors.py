@@ -20,7 +20,7 @@ from worker.store.client import StoreUnavailable, redact_dsn
 from worker.topics import TopicsRefused
 
 # Commands that keep running and log as they go; the others answer once and print only that.
-LONG_RUNNING = frozenset({"worker", "node", "demo", "serve-api"})
+LONG_RUNNING = frozenset({"worker", "node", "demo", "serve-api", "notify"})
 
 
 def quiet_client_logs(command: str, level: str) -> None:
@@ -46,7 +46,10 @@ def one_line(exc: BaseException, settings: Settings) -> str | None:
         where = kafka_clients.describe(settings)
         return f"Kafka at {where} failed: {_first_line(exc)} (is it up, and are METER_KAFKA_* right?)"
     if isinstance(exc, ClickHouseError):
-        return f"ClickHouse at {redact_dsn(settings.clickhouse_dsn)} failed: {_first_line(exc)}"
+        where = f"{redact_dsn(settings.clickhouse_dsn)} (database {settings.clickhouse_database})"
+        if "UNKNOWN_TABLE" in str(exc) or "Unknown table" in str(exc):
+            return f"the store at {where} has no meter tables yet: run `meter migrate`, or start a worker"
+        return f"ClickHouse at {where} failed: {_first_line(exc)}"
     if isinstance(exc, ConnectionError | TimeoutError):
         return f"{_first_line(exc)} (is the service it names up?)"
     return None

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +54,10 @@ COMMANDS: list[list[str]] = [
 ]
 LONG_RUNNING = {"worker", "node", "demo", "serve-api"}
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ")
-RUNS_FOR_S = 12.0  # a long-running command still up after this did not fail
+RUNS_FOR_S = 12.0
+FRESH = (
+    "fresh"  # placeholder: a new embedded store per command  # a long-running command still up after this did not fail
+)
 
 
 @dataclass
@@ -92,7 +97,27 @@ def held_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     holder.wait()
 
 
-def _run(argv: list[str], failure: str, env: dict[str, str]) -> Outcome:
+@pytest.fixture(scope="module")
+def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store as a user has it after a first worker run: migrated, no process holding it."""
+    path = tmp_path_factory.mktemp("template") / "clickhouse"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "migrate"],
+        env=env | {"METER_CLICKHOUSE_DSN": f"chdb://{path}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def _run(argv: list[str], failure: str, env: dict[str, str], template: Path) -> Outcome:
+    if env["METER_CLICKHOUSE_DSN"] == FRESH:  # each command its own copy: none holds another's
+        copy = Path(tempfile.mkdtemp(prefix="meter-cli-")) / "clickhouse"
+        shutil.copytree(template, copy)
+        env = env | {"METER_CLICKHOUSE_DSN": f"chdb://{copy}"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", *argv],
         env=env,
@@ -114,7 +139,9 @@ def _run(argv: list[str], failure: str, env: dict[str, str]) -> Outcome:
         return Outcome(argv, failure, None, err)
 
 
-def test_every_command_fails_in_one_line_without_a_traceback(topics: Settings, held_store: str, tmp_path: Path) -> None:
+def test_every_command_fails_in_one_line_without_a_traceback(
+    topics: Settings, held_store: str, migrated_store: Path
+) -> None:
     s = topics
     base = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
     base |= {
@@ -125,7 +152,7 @@ def test_every_command_fails_in_one_line_without_a_traceback(topics: Settings, h
         "METER_ALLOWANCES_TOPIC": s.allowances_topic,
         "METER_DLQ_TOPIC": s.dlq_topic,
         "METER_CONSUMER_GROUP": s.consumer_group,
-        "METER_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'fresh'}",
+        "METER_CLICKHOUSE_DSN": FRESH,
         "METER_HTTP_PORT": "0",
         "METER_NODE_SECRET": secrets.token_urlsafe(32),
         "METER_DEMO_SEED": secrets.token_urlsafe(16),
@@ -138,7 +165,7 @@ def test_every_command_fails_in_one_line_without_a_traceback(topics: Settings, h
     }
     jobs = [(argv, name, base | extra) for name, extra in failures.items() for argv in COMMANDS]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        outcomes = list(pool.map(lambda job: _run(*job), jobs))
+        outcomes = list(pool.map(lambda job: _run(job[0], job[1], job[2], migrated_store), jobs))
 
     problems = []
     for o in outcomes:

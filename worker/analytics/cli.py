@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,8 @@ from worker.analytics.source import Analytics, open_analytics
 from worker.cli_args import parse_time
 from worker.follower import TopicFollower, valid_records
 from worker.settings import Settings
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 FORMATS = ("table", "json", "csv")
@@ -184,12 +187,12 @@ def _policy_book(settings: Settings) -> PolicyBook:
 
     book = settings.policy_book()
     if not _answers(settings.kafka_bootstrap):
-        print(f"note: Kafka at {settings.kafka_bootstrap} does not answer; showing default limits", file=sys.stderr)
+        log.warning("Kafka at %s does not answer; showing default limits", settings.kafka_bootstrap)
         return book
     try:
         overrides = asyncio.run(asyncio.wait_for(current_overrides(settings), 15))
     except Exception as exc:  # analytics still works without Kafka: say so, use the defaults
-        print(f"note: limit overrides not read from Kafka ({exc}); showing default limits", file=sys.stderr)
+        log.warning("limit overrides not read from Kafka (%s); showing default limits", exc)
         return book
     for override in overrides.values():
         book.apply(override)
