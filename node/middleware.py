@@ -360,7 +360,8 @@ class MeterMiddleware:
             )
         else:
             # Operators' reasons stay in the audit; the client gets a generic message.
-            message = f"API key blocked by an operator. Retry after {seconds} seconds."
+            blocked_by = "by abuse protection" if block.source == "guard" else "by an operator"
+            message = f"API key blocked {blocked_by}. Retry after {seconds} seconds."
         return _Denial(429, "rate_limited", message, tuple(headers), details, shadow=block.shadow)
 
     def _inner_scope(self, scope: Scope, request_id: str, key_id: str, record: KeyRecord | None) -> Scope:

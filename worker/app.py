@@ -26,6 +26,8 @@ from worker.ingest.dlq import dead_letter_key, refused_by_broker
 from worker.ingest.pipeline import IngestPipeline
 from worker.ingest.recent_hashes import RecentHashes
 from worker.ingest.validate import Rejection
+from worker.limits.guard_runner import GuardRunner
+from worker.limits.guards import GuardRules
 from worker.limits.service import LimitService
 from worker.listening import WorkerEndpoint, announce, withdraw
 from worker.observability import HealthCheck, WorkerMetrics, build_health_app
@@ -65,6 +67,7 @@ class WorkerRuntime:
         self._store = store
         self.consumer: IngestConsumer | None = None
         self.limits: LimitService | None = None
+        self.guards: GuardRunner | None = None
         self.dead_letters_dropped = 0  # records the DLQ refused (logged with their place)
         self._http_server: uvicorn.Server
         self.subscriber = self.broker.subscriber(
@@ -102,6 +105,8 @@ class WorkerRuntime:
         broker is gone would be retried for ever)."""
         if self.consumer is not None:
             await self.consumer.flush()
+        if self.guards is not None:
+            await self.guards.stop()  # they publish through the limits
         if self.limits is not None:
             await self.limits.stop()
 
@@ -164,6 +169,18 @@ class WorkerRuntime:
         self.metrics = WorkerMetrics(self)
         self.health = HealthCheck(self)
         self.consumer.on_batch.append(self.metrics.observe)
+        rules = GuardRules.from_settings(s)
+        self.guards = GuardRunner(
+            rules,
+            self.limits.engine,
+            # Its own client: the guards' reads run in a thread beside the inserts.
+            connect(s.clickhouse_dsn, s.clickhouse_database) if rules.enabled else self.store.client,
+            s.clickhouse_database,
+            self.limits.latest_decision,
+            self.limits.publish_decisions,
+            s.guard_interval_seconds,
+            self.clock,
+        )
 
     async def _serve_http(self) -> asyncio.Task[None] | None:
         """/metrics and /health/* on METER_HTTP_HOST:METER_HTTP_PORT (0 = not served), and the
@@ -230,6 +247,8 @@ class WorkerRuntime:
         )
         assert self.limits is not None
         await self.limits.start()
+        assert self.guards is not None
+        await self.guards.start()
         http = await self._serve_http()
         tune_gc()
         try:
@@ -240,6 +259,7 @@ class WorkerRuntime:
                 withdraw(s.clickhouse_dsn)
                 self._http_server.should_exit = True
                 await http
+            await self.guards.stop()
             await self.limits.stop()
             if self.consumer is not None:
                 log.info(

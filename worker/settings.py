@@ -80,6 +80,14 @@ class Settings(NodeSettings):
     allowance_settle_ms: float = Field(default=120.0, ge=0.0, le=10_000.0)
     fast_lane_recent_requests: int = Field(default=500_000, ge=1_000)  # request hashes it remembers
 
+    # Abuse guards (worker/limits/guards.py): off until a threshold is set; shadow first.
+    guard_max_client_ips_per_hour: int = Field(default=0, ge=0, le=1_000_000)
+    guard_max_auth_failures: int = Field(default=0, ge=0, le=1_000_000_000)
+    guard_auth_failures_minutes: int = Field(default=10, ge=1, le=1_440)
+    guard_block_minutes: int = Field(default=60, ge=1, le=10_080)
+    guard_shadow: bool = True
+    guard_interval_seconds: float = Field(default=30.0, ge=0.1, le=3_600.0)
+
     # HTTP (metrics, health, query API)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8090, ge=0, le=65535)  # worker /metrics and /health/*; 0 = off

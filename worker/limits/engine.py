@@ -430,6 +430,18 @@ class LimitEngine:
             shadow=shadow,
         )
 
+    def guard_block(self, key_id: str, until: float, reason: str, shadow: bool) -> Decision | None:
+        """An abuse guard's block of a key this worker owns (``worker.limits.guards``), unless a
+        block is already in force on it (a guard's block is not extended while it lasts)."""
+        now = self.clock()
+        held = self.blocks.get(key_id)
+        if self._find(key_id) is None or (held is not None and held.until > now):
+            return None
+        self._hold(key_id, ActiveBlock(Window.manual, until, shadow=shadow))
+        return self._decision(
+            key_id, DecisionAction.block, Window.manual, now, until=until, reason=reason, shadow=shadow, source="guard"
+        )
+
     def _hold(self, key_id: str, block: ActiveBlock) -> None:
         self.blocks[key_id] = block
         heapq.heappush(self._expiry, (block.until, key_id))
@@ -445,6 +457,7 @@ class LimitEngine:
         until: float | None = None,
         reason: str = "",
         shadow: bool = False,
+        source: str = "worker",
     ) -> Decision:
         version = max(int(now * 1_000_000), self.versions.get(key_id, 0) + 1)
         self.versions[key_id] = version
@@ -458,7 +471,7 @@ class LimitEngine:
             reason=reason or ("window rolled over" if action is DecisionAction.unblock else ""),
             version=version,
             decided_at=to_datetime(now),
-            source="worker",
+            source=source,
             shadow=shadow,
         )
 

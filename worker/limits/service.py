@@ -183,6 +183,14 @@ class LimitService:
         for allowance in valid_records(records, Allowance):
             self.engine.seen_allowance(allowance)
 
+    def latest_decision(self, key_id: str) -> Decision | None:
+        """The newest decision of ``key_id`` seen on the decisions topic."""
+        return self._latest.get(key_id)
+
+    async def publish_decisions(self, decisions: list[Decision]) -> None:
+        """Publish decisions made outside the engine's own evaluation (the abuse guards')."""
+        await self._publish(Verdicts(decisions))
+
     async def _publish(self, verdicts: Verdicts) -> None:
         topics = self.settings
         records = [(topics.decisions_topic, d.key_id, d.model_dump_json().encode()) for d in verdicts.decisions]
