@@ -55,7 +55,7 @@ from common import kafka_clients
 from common.kafka_clients import KafkaTarget
 from schemas.events import dump_event, parse_event
 from worker.app import WorkerRuntime
-from worker.ingest.validate import KafkaRecord
+from worker.records import KafkaRecord
 from worker.settings import Settings
 from worker.simulate import key_ids
 from worker.store.client import connect

@@ -33,6 +33,7 @@ from aiokafka.errors import (
 )
 
 from common import kafka_clients
+from common.follower import TopicUnavailable, read_to_end, valid_records
 from node.decision_cache import DecisionCache
 from node.reporter import UsageReporter
 from schemas.decisions import Decision, DecisionAction, Window
@@ -40,7 +41,6 @@ from schemas.events import make_event
 from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
 from tests.integration.helpers import REPO_ROOT, wait_for
 from worker.app import WorkerRuntime
-from worker.follower import TopicUnavailable, read_to_end, valid_records
 from worker.limits.control import manual_decision, set_override
 from worker.settings import Settings
 from worker.simulate import Traffic, generate, publish

@@ -1,10 +1,10 @@
-"""Re-exports ``worker.records`` for ``worker/app.py`` and ``worker/dlq_cli.py`` (and
-``bench/ingest.py``), which still import it from here.
+"""Re-exports ``worker.records`` for ``worker/app.py`` and ``worker/dlq_cli.py``, which still
+import it from here.
 
 Validation moved to ``worker.records`` so the limits' fast lane shares it without importing
 the ingest package; delete this module once those files import it from there (issue 12).
 """
 
-from worker.records import KafkaRecord, Rejection, Validator
+from worker.records import Rejection, Validator
 
-__all__ = ["KafkaRecord", "Rejection", "Validator"]
+__all__ = ["Rejection", "Validator"]
