@@ -19,6 +19,7 @@ from schemas.allowances import Allowance
 from schemas.decisions import Decision
 from schemas.events import EVENT_ADAPTER
 from schemas.limits import LimitOverride
+from schemas.notifications import Notification
 
 # name -> (the record's type, where it travels: topic setting, message key, what else to know)
 CONTRACTS: dict[str, tuple[type[BaseModel] | TypeAdapter[Any], str]] = {
@@ -43,6 +44,12 @@ CONTRACTS: dict[str, tuple[type[BaseModel] | TypeAdapter[Any], str]] = {
         LimitOverride,
         "Topic METER_LIMITS_TOPIC (default usage.limits), compacted, message key = "
         '"{scope}:{subject}". policy = null removes the override.',
+    ),
+    "notification": (
+        Notification,
+        "Topic METER_NOTIFICATIONS_TOPIC (default usage.notifications), not compacted, message key = "
+        "key_id; also the JSON body of each webhook (signed: X-Meter-Signature). One per key, window "
+        "start and threshold; `id` is the same for every copy of one crossing: deduplicate on it.",
     ),
 }
 

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict
 
 from schemas.bounds import Count, Identifier, Note, Timestamp
 from schemas.decisions import Window
+from schemas.notifications import NotifyThresholds
 
 
 class LimitPolicy(BaseModel):
@@ -18,6 +19,9 @@ class LimitPolicy(BaseModel):
     per_minute: Count | None = 100
     per_hour: Count | None = 1_000
     per_day: Count | None = 5_000
+    # Threshold notifications of keys under this policy (None: the worker's global thresholds,
+    # METER_NOTIFY_THRESHOLDS_*). Nodes ignore it; records without it parse as before.
+    notify: NotifyThresholds | None = None
     # Shadow (dry run): evaluated, decided and audited as usual, but nodes never refuse on it;
     # they count the requests they would have refused.
     shadow: bool = False

@@ -30,6 +30,7 @@ from worker.limits.guard_runner import GuardRunner
 from worker.limits.guards import GuardRules
 from worker.limits.service import LimitService
 from worker.listening import WorkerEndpoint, announce, withdraw
+from worker.notify.deliver import WebhookDeliverer
 from worker.observability import HealthCheck, WorkerMetrics, build_health_app
 from worker.retry import retry_forever
 from worker.settings import Settings
@@ -249,12 +250,18 @@ class WorkerRuntime:
         await self.limits.start()
         assert self.guards is not None
         await self.guards.start()
+        # The webhook deliverer beside the worker (METER_NOTIFY_IN_WORKER; else `meter notify`).
+        notifier = WebhookDeliverer(s) if s.notify_in_worker else None
+        if notifier is not None:
+            await notifier.start()
         http = await self._serve_http()
         tune_gc()
         try:
             yield
         finally:
             await self._flush()  # a write still in flight after the consumer stopped
+            if notifier is not None:
+                await notifier.stop()
             if http is not None:
                 withdraw(s.clickhouse_dsn)
                 self._http_server.should_exit = True

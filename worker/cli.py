@@ -122,6 +122,16 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.notify.deliver import run_deliverer
+
+    if not settings.notify_webhook_urls:
+        print("meter notify: set METER_NOTIFY_WEBHOOK_URLS (and METER_NOTIFY_WEBHOOK_SECRET)", file=sys.stderr)
+        return 2
+    asyncio.run(run_deliverer(settings))
+    return 0
+
+
 def parse_limit(text: str) -> int | None:
     """A non-negative count, or ``none`` / ``unlimited``."""
     if text.lower() in ("none", "unlimited"):
@@ -327,6 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--extra-keys", type=int, default=0, metavar="N", help="also accept N demo keys k0000.. (load tests)"
     )
     p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser(
+        "notify",
+        help="deliver threshold notifications to webhooks (signed, retried, dead-lettered)",
+        description="Consume the notifications topic (METER_NOTIFICATIONS_TOPIC, default usage.notifications) "
+        "in the consumer group METER_NOTIFY_CONSUMER_GROUP and POST each notification as JSON to every URL of "
+        "METER_NOTIFY_WEBHOOK_URLS, signed in the header X-Meter-Signature: t=<unix>,v1=<HMAC-SHA-256 of "
+        "'<t>.<body>' with METER_NOTIFY_WEBHOOK_SECRET>. Timeouts, connection errors, 408/425/429 and 5xx are "
+        "retried with exponential backoff and full jitter (METER_NOTIFY_MAX_ATTEMPTS, "
+        "METER_NOTIFY_RETRY_FIRST_DELAY_S, METER_NOTIFY_RETRY_MAX_DELAY_S); what an endpoint never accepts goes "
+        "to METER_NOTIFICATIONS_DLQ_TOPIC. Offsets are committed once delivered or dead-lettered: at-least-once, "
+        "receivers deduplicate on the notification id. Thresholds: METER_NOTIFY_THRESHOLDS_PERCENT (default "
+        "80,100) and METER_NOTIFY_THRESHOLDS_PER_MINUTE|HOUR|DAY; METER_NOTIFY_IN_WORKER=true runs this inside "
+        "`meter worker` instead. See docs/operations.md, 'Threshold notifications'.",
+        epilog="example: METER_NOTIFY_WEBHOOK_URLS=https://hooks.example.com/meter "
+        "METER_NOTIFY_WEBHOOK_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))') meter notify",
+    )
+    p.set_defaults(func=cmd_notify)
 
     add_analytics_commands(sub)
     add_dlq_commands(sub)

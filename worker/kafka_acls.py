@@ -6,7 +6,10 @@ So each principal gets exactly what its role does (DESIGN.md, "Security model"):
 - node: writes events; reads decisions, allowances and limits (no consumer group: it assigns
   partitions by hand).
 - worker: reads events (its consumer group) and limits, decisions and allowances (it follows
-  them); writes decisions, allowances and the DLQ; creates its topics when they are missing.
+  them); writes decisions, allowances, notifications and the DLQ; creates its topics when they
+  are missing. With the webhook deliverer inside (``METER_NOTIFY_IN_WORKER``) it also needs
+  the notifier's ACLs: give its principal both roles.
+- notifier (``meter notify``): reads notifications (its consumer group), writes their DLQ.
 - operator: writes and reads limits and decisions (``meter block``, ``meter limits``), reads
   allowances (``meter why``).
 - analytics: nothing on Kafka (ClickHouse only).
@@ -32,6 +35,7 @@ from worker.settings import Settings
 class Role(StrEnum):
     node = "node"
     worker = "worker"
+    notifier = "notifier"
     operator = "operator"
     analytics = "analytics"
 
@@ -81,7 +85,15 @@ def role_acls(role: Role, s: Settings) -> list[Acl]:
             *_topic(s.allowances_topic, r, w, d, c),
             *_topic(s.limits_topic, r, d, c),
             *_topic(s.dlq_topic, w, d, c),
+            *_topic(s.notifications_topic, w, d, c),
+            *_topic(s.notifications_dlq_topic, w, d, c),
             Acl(Resource.group, s.consumer_group, r),
+        ]
+    if role is Role.notifier:
+        return [
+            *_topic(s.notifications_topic, r, d),
+            *_topic(s.notifications_dlq_topic, w, d),
+            Acl(Resource.group, s.notify_consumer_group, r),
         ]
     if role is Role.operator:
         return [

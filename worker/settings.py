@@ -8,13 +8,17 @@ policy), so one environment configures the worker and the nodes alike.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from node.settings import NodeSettings
+from schemas.notifications import MAX_THRESHOLDS, NotifyThresholds, Percent, Threshold
 
 MIN_ADMIN_KEY_BYTES = 32  # a guess is then hopeless, throttled or not
+MAX_WEBHOOK_URLS = MAX_THRESHOLDS
 
 
 class Settings(NodeSettings):
@@ -88,6 +92,32 @@ class Settings(NodeSettings):
     guard_shadow: bool = True
     guard_interval_seconds: float = Field(default=30.0, ge=0.1, le=3_600.0)
 
+    # Threshold notifications (docs/operations.md, "Threshold notifications"): the worker
+    # publishes one per key, window start and threshold crossed; the deliverer posts them.
+    notifications_topic: str = "usage.notifications"
+    notifications_dlq_topic: str = "usage.notifications.dlq"  # what no endpoint accepted
+    notifications_partitions: int = Field(default=3, ge=1)
+    # Percentages of each window's limit, comma-separated ("" = none). A policy's own
+    # thresholds (LimitPolicy.notify, set per override) replace all of these.
+    notify_thresholds_percent: Annotated[tuple[Percent, ...], NoDecode] = (80.0, 100.0)
+    # Absolute counts per window, comma-separated (e.g. METER_NOTIFY_THRESHOLDS_PER_DAY=4000).
+    notify_thresholds_per_minute: Annotated[tuple[Threshold, ...], NoDecode] = ()
+    notify_thresholds_per_hour: Annotated[tuple[Threshold, ...], NoDecode] = ()
+    notify_thresholds_per_day: Annotated[tuple[Threshold, ...], NoDecode] = ()
+    # Webhook deliverer (`meter notify`, or inside the worker with notify_in_worker):
+    # endpoints, comma-separated http(s) URLs, each gets every notification.
+    notify_webhook_urls: Annotated[tuple[str, ...], NoDecode] = ()
+    notify_webhook_secret: SecretStr = SecretStr("")  # HMAC-SHA-256 key of the signature, >= 32 bytes
+    notify_webhook_timeout_s: float = Field(default=5.0, gt=0.0, le=120.0)  # per attempt
+    # Attempts per endpoint before the notification is dead-lettered; the delays between them
+    # double from the first to the max, each drawn at random below it (full jitter).
+    notify_max_attempts: int = Field(default=8, ge=1, le=100)
+    notify_retry_first_delay_s: float = Field(default=1.0, gt=0.0, le=3_600.0)
+    notify_retry_max_delay_s: float = Field(default=60.0, gt=0.0, le=3_600.0)
+    notify_concurrency_per_endpoint: int = Field(default=4, ge=1, le=256)  # requests in flight
+    notify_consumer_group: str = "usage-meter-notify"
+    notify_in_worker: bool = False  # run the deliverer inside the worker (else: `meter notify`)
+
     # HTTP (metrics, health, query API)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8090, ge=0, le=65535)  # worker /metrics and /health/*; 0 = off
@@ -103,13 +133,14 @@ class Settings(NodeSettings):
     # `meter serve-api`'s base URL, e.g. http://127.0.0.1:8090); --api overrides it.
     query_api_url: str = ""
 
-    @field_validator("admin_api_key")
+    @field_validator("admin_api_key", "notify_webhook_secret")
     @classmethod
-    def _admin_key_long_enough(cls, key: SecretStr) -> SecretStr:
+    def _admin_key_long_enough(cls, key: SecretStr, info: ValidationInfo) -> SecretStr:
         size = len(key.get_secret_value().encode())
         if 0 < size < MIN_ADMIN_KEY_BYTES:
             raise ValueError(
-                f"METER_ADMIN_API_KEY is {size} bytes; it must be at least {MIN_ADMIN_KEY_BYTES} bytes "
+                f"METER_{str(info.field_name).upper()} is {size} bytes; "
+                f"it must be at least {MIN_ADMIN_KEY_BYTES} bytes "
                 "(generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
         return key
@@ -122,6 +153,51 @@ class Settings(NodeSettings):
                 f"METER_KAFKA_REPLICATION_FACTOR ({self.kafka_replication_factor}): no write could be acknowledged"
             )
         return self
+
+    @field_validator(
+        "notify_thresholds_percent",
+        "notify_thresholds_per_minute",
+        "notify_thresholds_per_hour",
+        "notify_thresholds_per_day",
+        "notify_webhook_urls",
+        mode="before",
+    )
+    @classmethod
+    def _notify_lists(cls, value: object) -> object:
+        return NodeSettings._comma_separated(value)
+
+    @field_validator("notify_webhook_urls")
+    @classmethod
+    def _webhook_urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        if len(urls) > MAX_WEBHOOK_URLS:
+            raise ValueError(f"at most {MAX_WEBHOOK_URLS} webhook URLs")
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048 or not url.isprintable():
+                raise ValueError("each webhook URL must be an http:// or https:// URL with a host")
+        if len(set(urls)) != len(urls):
+            raise ValueError("a webhook URL is listed twice")
+        return urls
+
+    @model_validator(mode="after")
+    def _notify_consistent(self) -> Settings:
+        self.notify_thresholds()  # bounds: each list at most MAX_THRESHOLDS values in range
+        if self.notify_webhook_urls and not self.notify_webhook_secret.get_secret_value():
+            raise ValueError("METER_NOTIFY_WEBHOOK_URLS needs METER_NOTIFY_WEBHOOK_SECRET (receivers verify it)")
+        if self.notify_in_worker and not self.notify_webhook_urls:
+            raise ValueError("METER_NOTIFY_IN_WORKER needs METER_NOTIFY_WEBHOOK_URLS")
+        if self.notify_retry_max_delay_s < self.notify_retry_first_delay_s:
+            raise ValueError("METER_NOTIFY_RETRY_MAX_DELAY_S must not be below METER_NOTIFY_RETRY_FIRST_DELAY_S")
+        return self
+
+    def notify_thresholds(self) -> NotifyThresholds:
+        """The global notification thresholds (a policy with its own ``notify`` replaces them)."""
+        return NotifyThresholds(
+            percent=self.notify_thresholds_percent,
+            per_minute=self.notify_thresholds_per_minute,
+            per_hour=self.notify_thresholds_per_hour,
+            per_day=self.notify_thresholds_per_day,
+        )
 
     @model_validator(mode="after")
     def _settle_within_the_burst_wait(self) -> Settings:

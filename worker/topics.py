@@ -1,4 +1,4 @@
-"""Topic definitions and their creation: explicit partition counts, the decisions topic compacted,
+"""Topic definitions and their creation: explicit partition counts, the control topics compacted,
 the replication factor and ``min.insync.replicas`` from the settings.
 
 Replication 1 is for a single development broker: on a cluster of several brokers the worker
@@ -49,6 +49,12 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             settings.decisions_partitions,
             {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1", "segment.ms": str(3_600_000)},
         ),
+        # Not compacted: every crossing is delivered, even when a key crosses several
+        # thresholds before the deliverer reads them.
+        TopicSpec(
+            settings.notifications_topic, settings.notifications_partitions, {"retention.ms": str(7 * 86_400_000)}
+        ),
+        TopicSpec(settings.notifications_dlq_topic, 1, {"retention.ms": str(30 * 86_400_000)}),
     ]
 
 

@@ -14,6 +14,7 @@ from schemas.decisions import Decision, DecisionAction, Window
 from schemas.events import dump_event, make_event
 from schemas.json_schemas import CONTRACTS, json_schema, render
 from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
+from schemas.notifications import Notification
 from tests.integration.helpers import REPO_ROOT
 
 CONTRACTS_DIR = REPO_ROOT / "docs" / "contracts"
@@ -58,6 +59,21 @@ def _samples() -> dict[str, tuple[bytes, bytes]]:
     )
     allowance = Allowance(key_id="k1", version=3, decided_at=NOW, windows=[window])
     override = LimitOverride(scope=OverrideScope.key, subject="k1", policy=LimitPolicy(per_minute=5), updated_at=NOW)
+    start = NOW.replace(second=0)
+    notification = Notification(
+        id="ntf_0123456789abcdef0123456789abcdef",
+        key_id="k1",
+        window=Window.minute,
+        window_start=start,
+        window_end=start + timedelta(minutes=1),
+        threshold="80%",
+        threshold_percent=80,
+        threshold_count=80,
+        limit=100,
+        count=81,
+        version=9,
+        decided_at=NOW,
+    )
 
     def bad(record: bytes, **change: Any) -> bytes:
         return json.dumps({**json.loads(record), **change}).encode()
@@ -67,6 +83,7 @@ def _samples() -> dict[str, tuple[bytes, bytes]]:
         "decision": (wire := decision.model_dump_json().encode(), bad(wire, version=0)),
         "allowance": (wire := allowance.model_dump_json().encode(), bad(wire, key_id="")),
         "limit-override": (wire := override.model_dump_json().encode(), bad(wire, scope="planet")),
+        "notification": (wire := notification.model_dump_json().encode(), bad(wire, count=-1)),
     }
 
 

@@ -9,6 +9,9 @@ the exceeded windows. Versions rise per key: max(now in µs, last known version 
 Allowances: once a key's count in a window passes ``threshold`` × its limit, the key is hot
 and each batch that touches it re-divides what remains among the nodes carrying its traffic
 (``worker.limits.allowances``); a new version is returned only when a cap changed.
+
+Threshold notifications (with a ``ThresholdTracker``): each threshold of a key's window fires
+once per window start (``worker.notify.thresholds``), returned beside the decisions.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from aiokafka.partitioner import murmur2
 from schemas.allowances import Allowance, WindowAllowance
 from schemas.decisions import AUTOMATIC_WINDOWS, WINDOW_SECONDS, Decision, DecisionAction, Window, window_start
 from schemas.limits import PolicyBook
+from schemas.notifications import Notification
 from worker.limits.allowances import NodeUse, divide
 from worker.limits.counters import KeyWindows, WindowCounters
+from worker.notify.thresholds import ThresholdTracker
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +74,14 @@ NodeReports = Mapping[tuple[int, str], Mapping[str, NodeReport]]
 
 @dataclass(slots=True)
 class Verdicts:
-    """What the engine returns for its caller to publish: decisions and allowances."""
+    """What the engine returns for its caller to publish: decisions, allowances, notifications."""
 
     decisions: list[Decision] = field(default_factory=list)
     allowances: list[Allowance] = field(default_factory=list)
+    notifications: list[Notification] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.decisions or self.allowances)
+        return bool(self.decisions or self.allowances or self.notifications)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +133,10 @@ class LimitEngine:
         policies: PolicyBook,
         clock: Callable[[], float] = time.time,
         allowance: AllowancePolicy | None = None,
+        thresholds: ThresholdTracker | None = None,
     ) -> None:
         self.policies = policies
+        self.thresholds = thresholds  # threshold notifications (None: none)
         self.clock = clock
         self.allowance = allowance or AllowancePolicy()
         self.hot: dict[str, HotKey] = {}
@@ -158,6 +166,8 @@ class LimitEngine:
     def revoke(self, partition: int) -> None:
         counters = self.partitions.pop(partition, None)
         if counters is not None:
+            if self.thresholds is not None:
+                self.thresholds.forget(counters.keys)
             for key_id in counters.keys:
                 self.hot.pop(key_id, None)
                 held = self.blocks.get(key_id)
@@ -194,6 +204,7 @@ class LimitEngine:
         for key_id, kw in touched.items():
             if d := self._evaluate(key_id, kw, now):
                 verdicts.decisions.append(d)
+        verdicts.notifications = self._notifications(touched.items(), now)
         # Refused requests count nothing but say where the traffic is: they re-divide too.
         for reports in (nodes or {}).values():
             for node_id in reports:
@@ -215,6 +226,12 @@ class LimitEngine:
                     decisions.append(d)
         self._log(Verdicts(decisions))
         return decisions
+
+    def notify_all(self, partitions: Iterable[int]) -> list[Notification]:
+        """After a rebuild (and the tracker's ``restore``): thresholds the keys of ``partitions``
+        are past and that were not notified yet."""
+        keys = [kv for p in partitions for kv in self.partitions.get(p, WindowCounters()).keys.items()]
+        return self._notifications(keys, self.clock())
 
     def tick(self) -> list[Decision]:
         """Unblock (or re-block for a longer window) the keys whose block has run out."""
@@ -242,6 +259,8 @@ class LimitEngine:
 
     def expire_idle(self) -> int:
         now = self.clock()
+        if self.thresholds is not None:
+            self.thresholds.expire(now)
         return sum(c.expire(now) for c in self.partitions.values())
 
     def redivide(self) -> list[Allowance]:
@@ -371,6 +390,12 @@ class LimitEngine:
         self.allowance_versions[key_id] = version
         self.allowances_issued += 1
         return Allowance(key_id=key_id, version=version, decided_at=to_datetime(now), windows=windows)
+
+    def _notifications(self, keys: Iterable[tuple[str, KeyWindows]], now: float) -> list[Notification]:
+        if self.thresholds is None:
+            return []
+        crossed, resolve = self.thresholds.crossed, self.policies.resolve
+        return [n for key_id, kw in keys for n in crossed(key_id, kw, resolve(key_id, kw.account), now)]
 
     def _find(self, key_id: str) -> KeyWindows | None:
         for counters in self.partitions.values():

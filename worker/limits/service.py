@@ -15,11 +15,14 @@ from common.retry import cancel_and_wait, retry_forever
 from schemas.allowances import Allowance
 from schemas.decisions import Decision, Window
 from schemas.limits import LimitOverride
+from schemas.notifications import Notification
 from worker.limits.engine import AllowancePolicy, LimitEngine, Verdicts, partition_of
 from worker.limits.fastlane import FastBatch, FastLane
+from worker.notify.thresholds import ThresholdTracker
 from worker.records import Validator
 from worker.settings import Settings
 from worker.store.decisions import DecisionStore
+from worker.store.notifications import NotificationStore
 from worker.store.rollup import RollupStore
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,9 @@ log = logging.getLogger(__name__)
 # (topic, message key, value): one record to publish
 Send = Callable[[str, str, bytes], Awaitable[Any]]
 FOLLOWERS_READY_TIMEOUT = 30.0
+# How long a revoke or a stop waits for the queued notifications to be published and recorded
+# (the next owner reads the record; what is not in it yet may be notified again, same id).
+NOTIFICATIONS_FLUSH_TIMEOUT = 10.0
 
 
 ACCOUNT_CHANGES_LOGGED = 10  # per batch: a flood of changes must not flood the log
@@ -64,7 +70,7 @@ class LimitService:
             burst_share=settings.node_burst_share,
             settle_s=settings.allowance_settle_ms / 1000.0,
         )
-        self.engine = LimitEngine(self.policies, clock, allowance)
+        self.engine = LimitEngine(self.policies, clock, allowance, ThresholdTracker(settings.notify_thresholds()))
         self.decisions = TopicFollower(settings, settings.decisions_topic, self._on_decisions, "limits")
         self.overrides = TopicFollower(settings, settings.limits_topic, self._on_overrides, "limits")
         self.allowances = TopicFollower(settings, settings.allowances_topic, self._on_allowances, "limits")
@@ -80,6 +86,14 @@ class LimitService:
         self._redivider: asyncio.Task[None] | None = None
         self._latest: dict[str, Decision] = {}  # newest decision per key seen on the topic
         self.allowances_published = 0
+        # Notifications wait here for their own task: publishing and recording them never holds
+        # up the fast lane's decisions.
+        self._outbox: list[Notification] = []
+        self._outbox_ready = asyncio.Event()
+        self._outbox_lock = asyncio.Lock()
+        self._notifier: asyncio.Task[None] | None = None
+        self._notification_store: NotificationStore | None = None
+        self.notifications_published = 0
 
     async def start(self) -> None:
         await self.decisions.start()
@@ -88,6 +102,7 @@ class LimitService:
         await self.fast_lane.start()
         self._ticker = asyncio.create_task(self._tick_forever(), name="limits-tick")
         self._redivider = asyncio.create_task(self._redivide_forever(), name="limits-redivide")
+        self._notifier = asyncio.create_task(self._notify_forever(), name="limits-notify")
 
     async def stop(self) -> None:
         """Idempotent: the worker stops the limits before the broker, and again at the end."""
@@ -95,6 +110,10 @@ class LimitService:
         await cancel_and_wait(ticker)
         redivider, self._redivider = self._redivider, None
         await cancel_and_wait(redivider)
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            await self._flush_notifications_within(NOTIFICATIONS_FLUSH_TIMEOUT)
+        await cancel_and_wait(notifier)
         await self.fast_lane.stop()
         await self.decisions.stop()
         await self.overrides.stop()
@@ -121,6 +140,13 @@ class LimitService:
                 mine[p].append((key_id, account, Window(level), start, n))
         for p, rows in mine.items():
             self.engine.assign(p, rows)
+        # Thresholds notified in the current windows (by a previous owner too) do not fire again.
+        fired = await retry_forever(
+            lambda: asyncio.to_thread(self._notifications_audit().fired, self.engine.clock()),
+            f"reading the notified thresholds of partitions {sorted(partitions)}",
+        )
+        if self.engine.thresholds is not None:
+            self.engine.thresholds.restore(f for f in fired if partition_of(f[0], total) in mine)
         stored = self.stored_offsets()
         for p in partitions:
             self.fast_lane.assign(p, stored.get(p))
@@ -128,7 +154,7 @@ class LimitService:
         for decision in self._latest.values():
             self.engine.restore(decision)
         published = self.engine.evaluate_all(partitions)
-        await self._publish(Verdicts(published))
+        await self._publish(Verdicts(published, notifications=self.engine.notify_all(partitions)))
         log.info(
             "limit counters rebuilt for partitions %s: %d keys live, %d blocks issued on rebuild",
             sorted(partitions),
@@ -140,6 +166,8 @@ class LimitService:
         self.fast_lane.revoke(partitions)
         for p in partitions:
             self.engine.revoke(p)
+        # The next owner learns from the audit what was notified: record it before letting go.
+        await self._flush_notifications_within(NOTIFICATIONS_FLUSH_TIMEOUT)
 
     # the fast lane ---------------------------------------------------------------------
     async def _on_fast_batch(self, batch: FastBatch) -> None:
@@ -192,6 +220,9 @@ class LimitService:
         await self._publish(Verdicts(decisions))
 
     async def _publish(self, verdicts: Verdicts) -> None:
+        if verdicts.notifications:
+            self._outbox += verdicts.notifications
+            self._outbox_ready.set()
         topics = self.settings
         records = [(topics.decisions_topic, d.key_id, d.model_dump_json().encode()) for d in verdicts.decisions]
         records += [(topics.allowances_topic, a.key_id, a.model_dump_json().encode()) for a in verdicts.allowances]
@@ -207,6 +238,59 @@ class LimitService:
         if decisions:  # the audit must not be lost: retry until the store is back
             await retry_forever(
                 lambda: asyncio.to_thread(self.audit.record, decisions), f"recording {len(decisions)} decisions"
+            )
+
+    # notifications ---------------------------------------------------------------------
+    def _notifications_audit(self) -> NotificationStore:
+        if self._notification_store is None:
+            self._notification_store = NotificationStore(self.rollups.client, self.settings.clickhouse_database)
+        return self._notification_store
+
+    async def _notify_forever(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            try:
+                await self._flush_notifications()
+            except Exception:
+                log.exception("publishing notifications failed; they stay queued")
+                await asyncio.sleep(1.0)
+
+    async def _flush_notifications(self) -> None:
+        """Publish the queued notifications (keyed by key id), then record them for audit and
+        for the next owner of their keys. Published before recorded: a crash in between makes
+        the next owner publish them again (same id), never lose them."""
+        async with self._outbox_lock:
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, []
+            if not batch:
+                return
+            topic = self.settings.notifications_topic
+            try:
+                await retry_forever(
+                    lambda: asyncio.gather(*(self.send(topic, n.key_id, n.model_dump_json().encode()) for n in batch)),
+                    f"publishing {len(batch)} notifications",
+                )
+            except BaseException:
+                self._outbox[:0] = batch  # not (all) published: keep them, in order, for the next try
+                self._outbox_ready.set()
+                raise
+            self.notifications_published += len(batch)
+            for n in batch:
+                log.debug("notified %s: %s %s of %s >= %s", n.key_id, n.window.value, n.count, n.limit, n.threshold)
+            await retry_forever(
+                lambda: asyncio.to_thread(self._notifications_audit().record, batch),
+                f"recording {len(batch)} notifications",
+            )
+
+    async def _flush_notifications_within(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._flush_notifications(), timeout)
+        except TimeoutError:
+            log.warning(
+                "notifications not published and recorded within %.0fs (%d queued): the next owner of "
+                "their keys may publish them again (same id)",
+                timeout,
+                len(self._outbox),
             )
 
     async def _followers_ready(self) -> None:

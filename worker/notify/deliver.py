@@ -1,0 +1,340 @@
+"""The webhook deliverer: the notifications topic, posted to every configured endpoint.
+
+A consumer group (``METER_NOTIFY_CONSUMER_GROUP``) reads the notifications topic; each
+notification is POSTed as JSON to every URL of ``METER_NOTIFY_WEBHOOK_URLS``, signed
+(``worker.notify.signature``). An attempt succeeds on a 2xx answer. A timeout, a connection
+failure, 408, 425, 429 or 5xx is retried: the delay before attempt n+1 is drawn at random in
+[0, min(first × 2^(n-1), max)] (exponential backoff, full jitter; a ``Retry-After`` within
+the max is honoured), up to ``METER_NOTIFY_MAX_ATTEMPTS`` attempts. Any other answer (3xx,
+4xx) is final. What an endpoint never accepted goes to the dead-letter topic with the reason
+and the endpoint.
+
+Offsets are committed only after every notification of a fetch has been delivered or
+dead-lettered at every endpoint: nothing is lost, and a crash or a rebalance before the
+commit delivers again (at-least-once; receivers deduplicate on the notification's ``id``, sent
+as ``X-Meter-Notification-Id`` too). Within this process a notification already delivered to
+an endpoint is not sent to it again (a worker may publish a crossing twice, same id).
+Notifications of one key are posted in order, one at a time; different keys concurrently, at
+most ``METER_NOTIFY_CONCURRENCY_PER_ENDPOINT`` requests in flight per endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import ValidationError
+
+from common import kafka_clients
+from common.follower import topic_partitions
+from common.retry import cancel_and_wait, describe_error, keep_running, retry_forever
+from schemas.notifications import Notification, UndeliveredNotification
+from worker.notify.signature import HEADER, sign
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "usage-meter-notify/1"
+RETRIED_STATUSES = frozenset({408, 425, 429})  # and every 5xx
+FETCH_MAX_RECORDS = 200
+REMEMBERED_DELIVERIES = 100_000  # (notification, endpoint) pairs done, to skip a duplicate
+_MAX_POLL_INTERVAL_MS = 86_400_000
+
+Sleep = Callable[[float], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    label: str  # for logs and the dead-letter topic: never the path or query (they may hold a token)
+    slots: asyncio.Semaphore  # requests in flight to this endpoint
+
+
+def endpoint_label(url: str) -> str:
+    """``scheme://host[:port]`` plus a short hash of the whole URL: which endpoint, without the
+    path and query string, where services put their tokens."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    more = "/…" if parts.path.strip("/") or parts.query else ""
+    return f"{parts.scheme}://{host}{port}{more} #{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+
+
+class Failure(Exception):
+    """An attempt the endpoint did not accept."""
+
+    def __init__(self, reason: str, *, final: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.final = final  # retrying cannot help (e.g. 404): dead-letter now
+        self.retry_after = retry_after
+
+
+@dataclass
+class DeliveryStats:
+    delivered: int = 0  # (notification, endpoint) pairs accepted
+    attempts: int = 0
+    retries: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0  # skipped: already delivered or dead-lettered by this process
+    invalid: int = 0  # records that are not notifications (logged with their place)
+
+    def summary(self) -> str:
+        return (
+            f"{self.delivered} delivered, {self.attempts} attempts ({self.retries} retried), "
+            f"{self.dead_lettered} dead-lettered, {self.duplicates} duplicates skipped, {self.invalid} invalid"
+        )
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None or not value.strip().isdigit():
+        return None  # an HTTP date is rare on webhooks: the backoff decides
+    return float(value.strip())
+
+
+def _clean(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)[:500]
+
+
+class WebhookDeliverer:
+    """Consumes the notifications topic and posts each notification to every endpoint (see the
+    module docstring). ``start`` / ``stop`` inside a running loop (the worker), or ``run``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Sleep = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not settings.notify_webhook_urls:
+            raise ValueError("no webhook endpoints: set METER_NOTIFY_WEBHOOK_URLS")
+        self.settings = settings
+        self.clock = clock
+        self.sleep = sleep
+        self.jitter = jitter
+        self.secret = settings.notify_webhook_secret.get_secret_value().encode()
+        per_endpoint = settings.notify_concurrency_per_endpoint
+        self.endpoints = [
+            Endpoint(u, endpoint_label(u), asyncio.Semaphore(per_endpoint)) for u in settings.notify_webhook_urls
+        ]
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.notify_webhook_timeout_s),
+            limits=httpx.Limits(max_connections=per_endpoint * len(self.endpoints)),
+            follow_redirects=False,
+            transport=transport,
+            headers={"User-Agent": USER_AGENT},
+        )
+        self.stats = DeliveryStats()
+        self._done: dict[tuple[str, str], None] = {}  # (notification id, url), oldest first
+        self._producer: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="notify-deliverer")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+        await self.client.aclose()
+        log.info("notify stopped: %s", self.stats.summary())
+
+    async def run(self) -> None:
+        s = self.settings
+        log.info(
+            "notify: delivering %s (group %s) on %s to %s",
+            s.notifications_topic,
+            s.notify_consumer_group,
+            kafka_clients.describe(s),
+            ", ".join(e.label for e in self.endpoints),
+        )
+        await keep_running(self._consume, f"notify: consuming {s.notifications_topic}", 0.5, 10.0)
+
+    # -- consuming -------------------------------------------------------------------------
+    def _max_poll_interval_ms(self) -> int:
+        """Longer than a fetch can take to deliver (every attempt of every notification of one
+        key timing out), so the group does not take the partitions away meanwhile."""
+        s = self.settings
+        per_notification = s.notify_max_attempts * (s.notify_webhook_timeout_s + s.notify_retry_max_delay_s)
+        return int(min(_MAX_POLL_INTERVAL_MS, max(300_000, 1000 * 1.2 * FETCH_MAX_RECORDS * per_notification)))
+
+    async def _consume(self) -> None:
+        """One connection: never returns; raises on a failure (``keep_running`` reconnects)."""
+        s = self.settings
+        # Both topics must exist (the worker creates them): a consumer or producer naming a missing
+        # topic would have it auto-created with the broker's defaults.
+        await topic_partitions(s, [s.notifications_topic, s.notifications_dlq_topic])
+        producer = kafka_clients.producer(s, enable_idempotence=True, acks="all")
+        consumer = kafka_clients.consumer(
+            s,
+            s.notifications_topic,
+            group_id=s.notify_consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_interval_ms=self._max_poll_interval_ms(),
+            session_timeout_ms=s.consumer_session_timeout_ms,
+            heartbeat_interval_ms=s.consumer_heartbeat_interval_ms,
+        )
+        try:
+            await producer.start()
+            self._producer = producer
+            await consumer.start()
+            while True:
+                batches = await consumer.getmany(timeout_ms=500, max_records=FETCH_MAX_RECORDS)
+                if not batches:
+                    continue
+                by_key: dict[tuple[Any, bytes | None], list[Any]] = {}
+                for tp, records in batches.items():
+                    for record in records:
+                        by_key.setdefault((tp, record.key), []).append(record)
+                await asyncio.gather(*(self._deliver_in_order(records) for records in by_key.values()))
+                # Everything fetched is delivered or dead-lettered: only now move on.
+                await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+        finally:
+            self._producer = None
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+    async def _deliver_in_order(self, records: list[Any]) -> None:
+        for record in records:
+            if record.value is None:
+                continue
+            try:
+                notification = Notification.model_validate_json(record.value)
+            except ValidationError as exc:
+                self.stats.invalid += 1
+                log.error(
+                    "not a notification at %s[%d]@%d, skipped: %s", record.topic, record.partition, record.offset, exc
+                )
+                continue
+            body = notification.model_dump_json().encode()
+            await asyncio.gather(*(self._deliver(e, notification, body, record) for e in self.endpoints))
+
+    # -- delivering ------------------------------------------------------------------------
+    async def _deliver(self, endpoint: Endpoint, n: Notification, body: bytes, record: Any) -> None:
+        """Deliver ``n`` to ``endpoint``, retrying; dead-letter it if the endpoint never accepts it."""
+        done = (n.id, endpoint.url)
+        if done in self._done:
+            self.stats.duplicates += 1
+            return
+        s = self.settings
+        attempts = 0
+        last: Failure | None = None
+
+        async def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+            await self._post(endpoint, n, body, attempts)
+
+        def give_up(exc: Exception) -> bool:
+            return not isinstance(exc, Failure) or exc.final or attempts >= s.notify_max_attempts
+
+        def failed(exc: Exception, attempt: int, delay: float) -> None:
+            nonlocal last
+            last = exc if isinstance(exc, Failure) else None
+            self.stats.retries += 1
+            log.warning("notification %s to %s: attempt %d failed (%s)", n.id, endpoint.label, attempt, exc)
+
+        async def backoff(delay: float) -> None:
+            wait = self.jitter() * delay  # full jitter
+            if last is not None and last.retry_after is not None:
+                wait = max(wait, min(last.retry_after, s.notify_retry_max_delay_s))
+            await self.sleep(wait)
+
+        try:
+            await retry_forever(
+                attempt,
+                f"notification {n.id} to {endpoint.label}",
+                s.notify_retry_first_delay_s,
+                s.notify_retry_max_delay_s,
+                permanent=give_up,
+                on_failure=failed,
+                sleep=backoff,
+            )
+            self.stats.delivered += 1
+        except Failure as exc:
+            await self._dead_letter(endpoint, n, exc.reason, attempts, record)
+        self._remember(done)
+
+    async def _post(self, endpoint: Endpoint, n: Notification, body: bytes, attempt: int) -> None:
+        headers = {
+            "Content-Type": "application/json",
+            HEADER: sign(self.secret, body, int(self.clock())),  # signed anew: a fresh timestamp
+            "X-Meter-Notification-Id": n.id,
+            "X-Meter-Delivery-Attempt": str(attempt),
+        }
+        async with endpoint.slots:
+            self.stats.attempts += 1
+            try:
+                async with asyncio.timeout(self.settings.notify_webhook_timeout_s):
+                    # The answer's body is never read: only its status matters.
+                    async with self.client.stream("POST", endpoint.url, content=body, headers=headers) as response:
+                        status = response.status_code
+                        retry_after = _retry_after(response.headers.get("Retry-After"))
+            except (TimeoutError, httpx.TimeoutException):
+                raise Failure(f"no answer within {self.settings.notify_webhook_timeout_s:g}s") from None
+            except httpx.HTTPError as exc:
+                raise Failure(_clean(describe_error(exc))) from None
+        if 200 <= status < 300:
+            return
+        final = not (status >= 500 or status in RETRIED_STATUSES)
+        raise Failure(f"HTTP {status}", final=final, retry_after=retry_after)
+
+    async def _dead_letter(self, endpoint: Endpoint, n: Notification, reason: str, attempts: int, record: Any) -> None:
+        letter = UndeliveredNotification(
+            notification=n,
+            endpoint=endpoint.label,
+            reason=_clean(reason),
+            attempts=attempts,
+            failed_at=datetime.fromtimestamp(self.clock(), UTC),
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+        )
+        producer = self._producer
+        await retry_forever(  # not lost: wait for the broker
+            lambda: producer.send_and_wait(
+                self.settings.notifications_dlq_topic, letter.model_dump_json().encode(), key=n.id.encode()
+            ),
+            f"dead-lettering notification {n.id}",
+        )
+        self.stats.dead_lettered += 1
+        log.error(
+            "notification %s (%s) dead-lettered for %s after %d attempt(s): %s",
+            n.id,
+            n.key_id,
+            endpoint.label,
+            attempts,
+            letter.reason,
+        )
+
+    def _remember(self, done: tuple[str, str]) -> None:
+        self._done[done] = None
+        if len(self._done) > REMEMBERED_DELIVERIES:
+            del self._done[next(iter(self._done))]
+
+
+async def run_deliverer(settings: Settings) -> None:
+    """``meter notify``: deliver until interrupted."""
+    deliverer = WebhookDeliverer(settings)
+    try:
+        await deliverer.run()
+    finally:
+        await deliverer.stop()
