@@ -30,7 +30,7 @@ from schemas.notifications import (
 from worker.limits.counters import KeyWindows
 
 WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of a key's ``fired`` slots
-_PLANS_MAX = 10_000  # distinct (limits, thresholds) combinations remembered
+_PLANS_MAX = 10_000  # policies whose plan is remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +47,9 @@ class Plan:
     """The thresholds of one policy, per window (ascending), and the lowest of each window."""
 
     marks: tuple[tuple[Mark, ...], tuple[Mark, ...], tuple[Mark, ...]]
-    floor: tuple[float, float, float]  # inf: no threshold in that window
+    floor_minute: float  # the lowest threshold of each window (inf: none)
+    floor_hour: float
+    floor_day: float
 
 
 def plan(policy: LimitPolicy, thresholds: NotifyThresholds) -> Plan:
@@ -59,8 +61,8 @@ def plan(policy: LimitPolicy, thresholds: NotifyThresholds) -> Plan:
             marks += [Mark(percent_count(p, limit), percent_label(p), p) for p in thresholds.percent]
         per_window.append(tuple(sorted(marks, key=lambda m: m.at)))
     m, h, d = per_window
-    floors = tuple(float(w[0].at) if w else math.inf for w in per_window)
-    return Plan((m, h, d), (floors[0], floors[1], floors[2]))
+    fm, fh, fd = (float(w[0].at) if w else math.inf for w in per_window)
+    return Plan((m, h, d), fm, fh, fd)
 
 
 class ThresholdTracker:
@@ -71,15 +73,16 @@ class ThresholdTracker:
         # key_id -> [minute start, fired bits, hour start, fired bits, day start, fired bits]
         self.fired: dict[str, list[int]] = {}
         self._bits: dict[str, int] = {}  # threshold label -> its bit
-        self._plans: dict[tuple[object, ...], Plan] = {}
+        self._plans: dict[int, tuple[LimitPolicy, Plan]] = {}  # id(policy) -> (policy, its plan)
         self._version = 0
         self.notified = 0
 
     def crossed(self, key_id: str, kw: KeyWindows, policy: LimitPolicy, now: float) -> list[Notification]:
         """The notifications of thresholds ``kw``'s counts reached that have not fired yet."""
-        p = self._plan(policy)
-        if kw.minute_n < p.floor[0] and kw.hour_n < p.floor[1] and kw.day_n < p.floor[2]:
-            return []  # the common key: below every threshold
+        cached = self._plans.get(id(policy))
+        p = cached[1] if cached is not None and cached[0] is policy else self._plan(policy)
+        if kw.minute_n < p.floor_minute and kw.hour_n < p.floor_hour and kw.day_n < p.floor_day:
+            return []  # the common key: below every threshold (raw counts: a past window's are higher)
         out: list[Notification] = []
         for i, window in enumerate(WINDOWS):
             marks = p.marks[i]
@@ -130,14 +133,14 @@ class ThresholdTracker:
         return len(stale)
 
     def _plan(self, policy: LimitPolicy) -> Plan:
-        thresholds = policy.notify or self.default
-        key = (policy.per_minute, policy.per_hour, policy.per_day, thresholds)
-        found = self._plans.get(key)
-        if found is None:
-            if len(self._plans) >= _PLANS_MAX:
-                self._plans.clear()
-            found = self._plans[key] = plan(policy, thresholds)
-        return found
+        """Make and remember ``policy``'s plan. Cached by identity (hashing a policy costs more
+        than the rest of the check): the entry holds the policy, so its id is not reused while
+        cached; ``crossed`` looks it up inline."""
+        if len(self._plans) >= _PLANS_MAX:
+            self._plans.clear()
+        made = plan(policy, policy.notify or self.default)
+        self._plans[id(policy)] = (policy, made)
+        return made
 
     def _bit(self, label: str) -> int:
         bit = self._bits.get(label)
