@@ -46,6 +46,9 @@ class Settings(NodeSettings):
     # Unset: the migrations shipped with the package (worker/store/sql); a directory of
     # NNN_name.sql files replaces them.
     migrations_dir: Path | None = None
+    # A ClickHouse cluster (remote_servers name): the migrations create every table ON CLUSTER
+    # with Replicated engines (docs/scaling.md). Empty: one server or the embedded engine.
+    clickhouse_cluster: str = Field(default="", max_length=128, pattern=r"^[A-Za-z0-9_.-]*$")
 
     # Retention of each rollup level, in days (applied by `meter migrate`)
     ttl_minute_days: int = Field(default=7, ge=1)

@@ -59,17 +59,47 @@ def render(sql: str, settings: Settings) -> list[str]:
         dedup_ttl_hours=settings.dedup_horizon_hours + 1,
     )
     lines = [line for line in text.splitlines() if not line.strip().startswith("--")]
-    return [stmt.strip() for stmt in "\n".join(lines).split(";") if stmt.strip()]
+    statements = [stmt.strip() for stmt in "\n".join(lines).split(";") if stmt.strip()]
+    return (
+        [for_cluster(stmt, settings.clickhouse_cluster) for stmt in statements]
+        if settings.clickhouse_cluster
+        else statements
+    )
+
+
+# DDL that names a table or a database: where ``ON CLUSTER`` goes (after the name).
+_DDL_TARGET = re.compile(
+    r"^(CREATE\s+(?:TABLE|VIEW|DATABASE)\s+IF\s+NOT\s+EXISTS\s+\S+|ALTER\s+TABLE\s+\S+)", re.IGNORECASE
+)
+_ENGINE = re.compile(r"\bENGINE\s*=\s*(ReplacingMergeTree|AggregatingMergeTree|MergeTree)\b")
+
+
+def for_cluster(statement: str, cluster: str) -> str:
+    """The statement for every server of ``cluster``: ``ON CLUSTER``, and Replicated engines
+    (their ZooKeeper path and replica name from the servers' ``default_replica_path`` and
+    ``default_replica_name``). Each worker still inserts into the table on its own server:
+    one insert is one part there, replicated as a whole, and its deduplication token is
+    checked by the replicated table (``replicated_deduplication_window``)."""
+    if not cluster:
+        return statement
+    on_cluster = f"ON CLUSTER {quote_identifier(cluster)}"
+    statement = _DDL_TARGET.sub(lambda m: f"{m.group(1)} {on_cluster}", statement, count=1)
+    statement = _ENGINE.sub(lambda m: f"ENGINE = Replicated{m.group(1)}", statement)
+    return statement.replace("non_replicated_deduplication_window", "replicated_deduplication_window")
 
 
 def migrate(client: Client, settings: Settings) -> list[Migration]:
     """Apply every migration not yet recorded; return those applied now."""
     db = quote_identifier(settings.clickhouse_database)
-    client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+    cluster = settings.clickhouse_cluster
+    client.command(for_cluster(f"CREATE DATABASE IF NOT EXISTS {db}", cluster))
     client.command(
-        f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations "
-        "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) "
-        "ENGINE = ReplacingMergeTree ORDER BY version"
+        for_cluster(
+            f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations "
+            "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) "
+            "ENGINE = ReplacingMergeTree ORDER BY version",
+            cluster,
+        )
     )
     done = {row[0] for row in client.query(f"SELECT version FROM {db}.schema_migrations").result_rows}
     applied = []
