@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections import Counter
@@ -123,3 +124,18 @@ async def until_fresh_minute(min_left: float = 25.0) -> None:
     left = 60 - time.time() % 60
     if left < min_left:
         await asyncio.sleep(left + 0.5)
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a ``meter`` subprocess on the test's broker and topics (no METER_*
+    of the test process leaks in); ``extra``: more METER_* variables."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
+    names = ("kafka_bootstrap", "events_topic", "decisions_topic", "limits_topic", "allowances_topic", "dlq_topic")
+    return (
+        base
+        | {f"METER_{n.upper()}": str(getattr(settings, n)) for n in names}
+        | {
+            "METER_CONSUMER_GROUP": settings.consumer_group,
+            **extra,
+        }
+    )

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import cli_env
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
@@ -142,22 +143,14 @@ def _run(argv: list[str], failure: str, env: dict[str, str], template: Path) -> 
 def test_every_command_fails_in_one_line_without_a_traceback(
     topics: Settings, held_store: str, migrated_store: Path
 ) -> None:
-    s = topics
-    base = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
-    base |= {
-        "METER_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-        "METER_EVENTS_TOPIC": s.events_topic,
-        "METER_DECISIONS_TOPIC": s.decisions_topic,
-        "METER_LIMITS_TOPIC": s.limits_topic,
-        "METER_ALLOWANCES_TOPIC": s.allowances_topic,
-        "METER_DLQ_TOPIC": s.dlq_topic,
-        "METER_CONSUMER_GROUP": s.consumer_group,
-        "METER_CLICKHOUSE_DSN": FRESH,
-        "METER_HTTP_PORT": "0",
-        "METER_NODE_SECRET": secrets.token_urlsafe(32),
-        "METER_DEMO_SEED": secrets.token_urlsafe(16),
-        "METER_ADMIN_API_KEY": secrets.token_urlsafe(32),
-    }
+    base = cli_env(
+        topics,
+        METER_CLICKHOUSE_DSN=FRESH,
+        METER_HTTP_PORT="0",
+        METER_NODE_SECRET=secrets.token_urlsafe(32),
+        METER_DEMO_SEED=secrets.token_urlsafe(16),
+        METER_ADMIN_API_KEY=secrets.token_urlsafe(32),
+    )
     failures = {
         "store locked": {"METER_CLICKHOUSE_DSN": held_store},
         "store down": {"METER_CLICKHOUSE_DSN": "http://127.0.0.1:1"},

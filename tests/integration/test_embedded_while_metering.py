@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,20 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import cli_env, free_port, wait_for
 from worker.settings import Settings
 from worker.simulate import Traffic, generate, publish
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
 ADMIN = secrets.token_urlsafe(32)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _until_hour_has_left(seconds: float) -> None:
@@ -45,22 +37,14 @@ def _until_hour_has_left(seconds: float) -> None:
 
 @pytest.fixture
 def env(topics: Settings, tmp_path: Path) -> dict[str, str]:
-    s = topics
-    base = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
-    return base | {
-        "METER_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-        "METER_EVENTS_TOPIC": s.events_topic,
-        "METER_DECISIONS_TOPIC": s.decisions_topic,
-        "METER_LIMITS_TOPIC": s.limits_topic,
-        "METER_ALLOWANCES_TOPIC": s.allowances_topic,
-        "METER_DLQ_TOPIC": s.dlq_topic,
-        "METER_CONSUMER_GROUP": s.consumer_group,
+    return cli_env(
+        topics,
         # Not the session's chDB directory: this test process holds that one.
-        "METER_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'clickhouse'}",
-        "METER_HTTP_PORT": str(_free_port()),
-        "METER_ADMIN_API_KEY": ADMIN,
-        "METER_BATCH_TIMEOUT_MS": "50",
-    }
+        METER_CLICKHOUSE_DSN=f"chdb://{tmp_path / 'clickhouse'}",
+        METER_HTTP_PORT=str(free_port()),
+        METER_ADMIN_API_KEY=ADMIN,
+        METER_BATCH_TIMEOUT_MS="50",
+    )
 
 
 @pytest.fixture
