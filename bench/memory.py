@@ -18,7 +18,6 @@ import time
 import tracemalloc
 
 from bench.common import machine, now_utc, replace_block, rss_bytes
-from schemas.decisions import Decision
 from schemas.limits import LimitPolicy, PolicyBook
 from worker.limits.engine import LimitEngine, partition_of
 
@@ -29,12 +28,9 @@ BATCH = 20_000
 async def feed(keys: int, traced: bool) -> tuple[float, float, int]:
     """(bytes per key, seconds, live keys): traced = tracemalloc's count, else RSS growth."""
 
-    async def publish(decisions: list[Decision]) -> None:
-        return None
-
     now = time.time()
     minute = int(now) // 60 * 60
-    engine = LimitEngine(PolicyBook(LimitPolicy()), publish, clock=lambda: now)
+    engine = LimitEngine(PolicyBook(LimitPolicy()), clock=lambda: now)
     for p in range(PARTITIONS):
         engine.assign(p, [])
     gc.collect()
@@ -48,7 +44,7 @@ async def feed(keys: int, traced: bool) -> tuple[float, float, int]:
         for i in range(start, min(start + BATCH, keys)):
             key_id = f"cfxliv_{i:024x}"  # 31 chars, the shape of a node-derived key id
             counts[(partition_of(key_id, PARTITIONS), key_id, f"acct-{i % 50_000}", minute)] = 1 + i % 7
-        await engine.observe(counts)
+        engine.observe(counts)
         del counts
     elapsed = time.perf_counter() - started
     gc.collect()

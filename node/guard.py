@@ -12,6 +12,12 @@ bursting alone is only delayed. A node at a cap that may still grow (it is not l
 part of the remainder was held back from it) waits too, for the next division. Memory is
 bounded: past ``max_keys`` the least recently seen key is forgotten (its counts start again
 from zero here; the worker's count and blocks still hold).
+
+The calendar month (a quota, ``LimitPolicy.per_month``) is a fourth window of this node's own
+count, checked like the others, but never divided into allowances and never subject to the
+burst share (the worker does not divide it): across nodes, the worker's block decision
+enforces it. A node's month count starts from zero when it restarts or forgets the key, so
+it only ever refuses later than the cluster-wide count would.
 """
 
 from __future__ import annotations
@@ -23,10 +29,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from schemas.allowances import Allowance, WindowAllowance
-from schemas.decisions import WINDOW_SECONDS, Window, window_start
+from schemas.decisions import Window, month_bounds, window_end, window_seconds, window_start
 from schemas.limits import LimitPolicy, PolicyBook
 
-_WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of an event's node_counts
+# The windows a node counts: the first three in the order of an event's node_counts (and the
+# only ones divided into allowances), then the calendar month.
+_WINDOWS = (Window.minute, Window.hour, Window.day, Window.month)
+_DIVIDED = 3  # _WINDOWS[:_DIVIDED]: reported in node_counts, divided into allowances
+_MONTH = 3
 
 
 class RefusedBy(StrEnum):
@@ -57,6 +67,7 @@ class Headroom:
     remaining: int
     reset_s: int
     window: Window
+    window_s: int = 0  # the window's length (a month's varies): RateLimit-Policy's w=
 
 
 class _KeyState:
@@ -64,19 +75,22 @@ class _KeyState:
 
     def __init__(self, account: str) -> None:
         self.account = account
-        self.starts = [0, 0, 0]  # window starts (epoch s) of minute, hour, day
-        self.counts = [0, 0, 0]
+        self.starts = [0, 0, 0, 0]  # window starts (epoch s) of minute, hour, day, month
+        self.counts = [0, 0, 0, 0]
         self.allowance: Allowance | None = None
-        self.waived = [0, 0, 0]  # windows (by start) where waiting gave up: no burst share there
+        self.waived = [0, 0, 0, 0]  # windows (by start) where waiting gave up: no burst share there
         # (window index, window start) -> this node's count when it first held an allowance of
         # that window without being listed: ``others`` is counted from there.
         self.anchors: dict[tuple[int, int], int] | None = None
 
     def roll(self, now: float) -> None:
-        for i, window in enumerate(_WINDOWS):
-            start = window_start(window, now)
+        for i in range(_DIVIDED):
+            start = window_start(_WINDOWS[i], now)
             if self.starts[i] != start:
                 self.starts[i], self.counts[i] = start, 0
+        month = month_bounds(now)[0]  # cached: no calendar arithmetic within a month
+        if self.starts[_MONTH] != month:
+            self.starts[_MONTH], self.counts[_MONTH] = month, 0
 
 
 class LocalGuard:
@@ -108,7 +122,7 @@ class LocalGuard:
         # A dry run never makes a request wait: the first answer is the final one.
         refusal = self._check(policy, state, now, final or shadow)
         if refusal is None or shadow:
-            for i in range(3):
+            for i in range(4):
                 state.counts[i] += 1
         if refusal is not None and shadow:
             return dataclasses.replace(refusal, shadow=True)
@@ -117,7 +131,7 @@ class LocalGuard:
     def record(self, key_id: str, account: str, now: float) -> None:
         """Count a request that is not subject to the check (e.g. a 403: the worker counts it too)."""
         state = self._state(key_id, account, now)
-        for i in range(3):
+        for i in range(4):
             state.counts[i] += 1
 
     def counts(self, key_id: str, now: float) -> list[int] | None:
@@ -126,7 +140,7 @@ class LocalGuard:
         if state is None:
             return None
         state.roll(now)
-        return list(state.counts)
+        return state.counts[:_DIVIDED]
 
     def headroom(self, key_id: str, now: float) -> Headroom | None:
         state = self._keys.get(key_id)
@@ -143,9 +157,9 @@ class LocalGuard:
             capped = self._cap(state, i, now)
             if capped is not None:
                 room = min(room, capped[0] - state.counts[i])
-            reset = max(1, int(state.starts[i] + WINDOW_SECONDS[window] - now + 0.999))
+            reset = max(1, int(window_end(window, state.starts[i]) - now + 0.999))
             if best is None or room < best.remaining:
-                best = Headroom(limit, max(0, room), reset, window)
+                best = Headroom(limit, max(0, room), reset, window, window_seconds(window, state.starts[i]))
         return best
 
     # -- allowances ----------------------------------------------------------------------
@@ -165,6 +179,8 @@ class LocalGuard:
         state.allowance = allowance
         self.allowances_applied += 1
         for w in live:
+            if w.window not in _WINDOWS[:_DIVIDED]:
+                continue  # the worker divides minute, hour and day only
             i = _WINDOWS.index(w.window)
             if int(w.start.timestamp()) != state.starts[i]:
                 continue
@@ -208,7 +224,7 @@ class LocalGuard:
             limit = policy.limit(window)
             if limit is None:
                 continue
-            until = state.starts[i] + WINDOW_SECONDS[window]
+            until = window_end(window, state.starts[i])
             count = state.counts[i]
             if count >= limit:
                 refusal = Refusal(RefusedBy.local_limit, window, limit, count, until)
@@ -228,7 +244,7 @@ class LocalGuard:
                         wait = found
                     else:
                         refusal = found
-            elif state.waived[i] != state.starts[i] and count >= math.ceil(self.burst_share * limit):
+            elif i < _DIVIDED and state.waived[i] != state.starts[i] and count >= math.ceil(self.burst_share * limit):
                 if final:
                     state.waived[i] = state.starts[i]
                 else:
@@ -238,7 +254,7 @@ class LocalGuard:
     def _cap(self, state: _KeyState, i: int, now: float) -> tuple[int, WindowAllowance, int] | None:
         """(this node's cap, the window's allowance, its version) if one holds for window ``i`` now."""
         allowance = state.allowance
-        if allowance is None:
+        if allowance is None or i >= _DIVIDED:
             return None
         held = allowance.for_window(_WINDOWS[i])
         if held is None or int(held.start.timestamp()) != state.starts[i] or held.until.timestamp() <= now:

@@ -34,7 +34,7 @@ from node.decision_cache import Block
 from node.guard import Headroom, LocalGuard, Refusal, RefusedBy
 from node.keys import KeyIdDeriver, KeyRecord, KeyStore, is_well_formed
 from node.settings import NodeSettings
-from schemas.decisions import WINDOW_SECONDS
+from schemas.decisions import WINDOW_SECONDS, Window, window_seconds
 from schemas.events import RequestEvent, make_event
 
 log = logging.getLogger(__name__)
@@ -345,6 +345,8 @@ class MeterMiddleware:
             headers.append((b"ratelimit-limit", str(block.limit).encode()))
         headers += [(b"ratelimit-remaining", b"0"), (b"ratelimit-reset", str(seconds).encode())]
         window_s = WINDOW_SECONDS.get(block.window)
+        if block.window is Window.month and block.until is not None:  # Retry-After is to the month end
+            window_s = window_seconds(Window.month, block.until.timestamp() - 1)
         details: tuple[tuple[str, object], ...] = (
             ("window", block.window.value),
             ("limit", block.limit),
@@ -442,7 +444,7 @@ def _ratelimit_headers(room: Headroom) -> list[tuple[bytes, bytes]]:
         (b"ratelimit-limit", str(room.limit).encode()),
         (b"ratelimit-remaining", str(room.remaining).encode()),
         (b"ratelimit-reset", str(room.reset_s).encode()),
-        (b"ratelimit-policy", f"{room.limit};w={WINDOW_SECONDS[room.window]}".encode()),
+        (b"ratelimit-policy", f"{room.limit};w={room.window_s or WINDOW_SECONDS[room.window]}".encode()),
     ]
 
 
@@ -462,7 +464,7 @@ def _refused(refusal: Refusal, now: float) -> _Denial:
         (b"ratelimit-limit", str(refusal.limit).encode()),
         (b"ratelimit-remaining", b"0"),
         (b"ratelimit-reset", str(seconds).encode()),
-        (b"ratelimit-policy", f"{refusal.limit};w={WINDOW_SECONDS[refusal.window]}".encode()),
+        (b"ratelimit-policy", f"{refusal.limit};w={window_seconds(refusal.window, refusal.until - 1)}".encode()),
     )
     details: tuple[tuple[str, object], ...] = (
         ("window", window),

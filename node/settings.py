@@ -48,6 +48,9 @@ class NodeSettings(BaseSettings):
     limit_per_minute: int = Field(default=100, ge=0)
     limit_per_hour: int = Field(default=1_000, ge=0)
     limit_per_day: int = Field(default=5_000, ge=0)
+    # A quota per UTC calendar month (unset: none). Enforced by the worker's block decisions and
+    # each node's own count; not divided into allowances (see README, "Calendar-month quotas").
+    limit_per_month: int | None = Field(default=None, ge=0)
     # A global dry run: the worker decides and audits as usual, nodes refuse nothing and count
     # (and mark with X-RateLimit-Shadow) what they would have refused. Per policy: --shadow.
     limits_shadow: bool = False
@@ -123,7 +126,12 @@ class NodeSettings(BaseSettings):
         return value
 
     def default_policy(self) -> LimitPolicy:
-        return LimitPolicy(per_minute=self.limit_per_minute, per_hour=self.limit_per_hour, per_day=self.limit_per_day)
+        return LimitPolicy(
+            per_minute=self.limit_per_minute,
+            per_hour=self.limit_per_hour,
+            per_day=self.limit_per_day,
+            per_month=self.limit_per_month,
+        )
 
     def policy_book(self) -> PolicyBook:
         """The default policy, every override applied later; all in shadow when METER_LIMITS_SHADOW."""

@@ -19,6 +19,8 @@ class LimitPolicy(BaseModel):
     per_minute: Count | None = 100
     per_hour: Count | None = 1_000
     per_day: Count | None = 5_000
+    # A quota per UTC calendar month (None: none, the default; records without it parse as before).
+    per_month: Count | None = None
     # Threshold notifications of keys under this policy (None: the worker's global thresholds,
     # METER_NOTIFY_THRESHOLDS_*). Nodes ignore it; records without it parse as before.
     notify: NotifyThresholds | None = None
@@ -41,6 +43,8 @@ class LimitPolicy(BaseModel):
             return self.per_hour
         if window is Window.day:
             return self.per_day
+        if window is Window.month:
+            return self.per_month
         return None
 
 

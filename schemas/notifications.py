@@ -87,7 +87,7 @@ class Notification(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Notification:
-        if self.window is Window.manual:
+        if self.window not in WINDOW_SECONDS:  # manual, or the calendar month (no thresholds there yet)
             raise ValueError("a notification is for a minute, hour or day window")
         if (self.window_end - self.window_start).total_seconds() != WINDOW_SECONDS[self.window]:
             raise ValueError(f"window_end must be window_start + one {self.window.value}")

@@ -27,7 +27,16 @@ from datetime import UTC, datetime
 from aiokafka.partitioner import murmur2
 
 from schemas.allowances import Allowance, WindowAllowance
-from schemas.decisions import AUTOMATIC_WINDOWS, WINDOW_SECONDS, Decision, DecisionAction, Window, window_start
+from schemas.decisions import (
+    AUTOMATIC_WINDOWS,
+    WINDOW_SECONDS,
+    Decision,
+    DecisionAction,
+    Window,
+    month_bounds,
+    window_end,
+    window_start,
+)
 from schemas.limits import PolicyBook
 from schemas.notifications import Notification
 from worker.limits.allowances import NodeUse, divide
@@ -39,6 +48,12 @@ log = logging.getLogger(__name__)
 # (partition, key_id, account_id, minute epoch) -> requests
 LimitCounts = Mapping[tuple[int, str, str, int], int]
 _NODE_WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of an event's node_counts
+# Windows divided into allowances, longest first. Not the calendar month: a monthly quota is
+# enforced by block decisions (and each node's own count), see docs in README "Limits".
+_ALLOWANCE_WINDOWS = (Window.day, Window.hour, Window.minute)
+# Rebuild rows: day, then hour, then minute (the account of the most recent window is kept),
+# the month last (it never moves the account).
+_REBUILD_ORDER = {Window.day: 0, Window.hour: 1, Window.minute: 2, Window.month: 3}
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +174,10 @@ class LimitEngine:
     def assign(self, partition: int, counts: Iterable[tuple[str, str, Window, int, int]]) -> None:
         """Own ``partition`` with counts rebuilt from ClickHouse: (key, account, window, start, n)."""
         counters = self.partitions.setdefault(partition, WindowCounters())
-        # Day, then hour, then minute: the account of the most recent window is kept.
-        for key_id, account, window, start, n in sorted(counts, key=lambda c: -WINDOW_SECONDS[c[2]]):
+        for key_id, account, window, start, n in sorted(counts, key=lambda c: _REBUILD_ORDER[c[2]]):
+            # A key with month rows only (idle today) is live only if a monthly quota applies to it.
+            if window is Window.month and key_id not in counters.keys and not self._has_month(key_id, account):
+                continue
             counters.set(key_id, account, window, start, n)
 
     def revoke(self, partition: int) -> None:
@@ -258,10 +275,19 @@ class LimitEngine:
         return decisions
 
     def expire_idle(self) -> int:
+        """Forget keys idle today, except those with a monthly quota and a count this month."""
         now = self.clock()
         if self.thresholds is not None:
             self.thresholds.expire(now)
-        return sum(c.expire(now) for c in self.partitions.values())
+        month = month_bounds(now)[0]
+
+        def keep(key_id: str, kw: KeyWindows) -> bool:
+            return kw.month == month and kw.month_n > 0 and self._has_month(key_id, kw.account)
+
+        return sum(c.expire(now, keep) for c in self.partitions.values())
+
+    def _has_month(self, key_id: str, account: str) -> bool:
+        return self.policies.resolve(key_id, account).per_month is not None
 
     def redivide(self) -> list[Allowance]:
         """Divide again the hot keys whose last division held part of the remainder back (a
@@ -332,7 +358,7 @@ class LimitEngine:
         if self.policies.is_shadow(policy):  # nodes refuse nothing under it: nothing to divide
             self.hot.pop(key_id, None)
             return None
-        for window in AUTOMATIC_WINDOWS:
+        for window in _ALLOWANCE_WINDOWS:
             limit = policy.limit(window)
             if limit is not None and (count := kw.count(window, now)) >= threshold * limit:
                 hot_windows.append((window, limit, count))
@@ -410,11 +436,12 @@ class LimitEngine:
         # Fast path for the common key far from its limits: a counter holds the count of its
         # window (or of an older one, which ``count`` reads as 0), so raw counts all below
         # their limits mean no current window is exceeded either.
-        per_minute, per_hour, per_day = policy.per_minute, policy.per_hour, policy.per_day
+        per_minute, per_hour, per_day, per_month = policy.per_minute, policy.per_hour, policy.per_day, policy.per_month
         if (
             (per_minute is None or kw.minute_n < per_minute)
             and (per_hour is None or kw.hour_n < per_hour)
             and (per_day is None or kw.day_n < per_day)
+            and (per_month is None or kw.month_n < per_month)
         ):
             return None
         for window in AUTOMATIC_WINDOWS:  # longest first
@@ -423,7 +450,7 @@ class LimitEngine:
                 continue
             count = kw.count(window, now)
             if count >= limit:
-                return window, limit, count, kw.start(window) + WINDOW_SECONDS[window]
+                return window, limit, count, window_end(window, kw.start(window))
         return None
 
     def _exceeded_until(self, key_id: str, kw: KeyWindows, now: float) -> float | None:

@@ -14,6 +14,8 @@ def _limits(policy: LimitPolicy) -> str:
     cells = [
         f"{'unlimited' if v is None else v}/{u}" for v, u in zip(policy.limit_tuple(), ("min", "h", "day"), strict=True)
     ]
+    if policy.per_month is not None:
+        cells.append(f"{policy.per_month}/month")
     return ", ".join(cells)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
-from schemas.decisions import Window, window_start
+from schemas.decisions import Window, month_bounds, window_start
 from worker.store.client import quote_identifier, settings_for_insert
 
 LEVELS = {"offset": 0, "minute": 1, "hour": 2, "day": 3, "dedup": 4, "client_hour": 5}
@@ -121,16 +121,31 @@ class RollupStore:
     def current_window_counts(self, now: float) -> list[tuple[str, str, str, int, int]]:
         """(key_id, account_id, level, bucket epoch, requests) of the windows containing ``now``.
 
-        Used to rebuild the live limit counters when partitions are assigned.
+        Used to rebuild the live limit counters when partitions are assigned. The calendar
+        month (level ``'month'``, bucket = the month's first second) is the sum of the key's
+        day rows of the month: there is no month level in the table (see README, "Calendar-month
+        quotas": day rows are kept 3 years, and a month is at most 31 of them per key).
         """
         starts = {window: window_start(window, now) for window in (Window.minute, Window.hour, Window.day)}
+        month, month_end = month_bounds(now)
         result = self._client.query(
             f"SELECT key_id, any(account_id), toString(level), toUInt32(bucket), sum(requests) FROM {self._table} "
             # 429s are refused by the limiter: as in the live counters, they use up nothing.
             "WHERE status != 429 AND ((level = 'minute' AND bucket = toDateTime({m:UInt32}, 'UTC')) "
             "OR (level = 'hour' AND bucket = toDateTime({h:UInt32}, 'UTC')) "
             "OR (level = 'day' AND bucket = toDateTime({d:UInt32}, 'UTC'))) "
-            "GROUP BY key_id, level, bucket",
-            parameters={"m": starts[Window.minute], "h": starts[Window.hour], "d": starts[Window.day]},
+            "GROUP BY key_id, level, bucket "
+            "UNION ALL "
+            f"SELECT key_id, any(account_id), 'month', {{mo:UInt32}}, sum(requests) FROM {self._table} "
+            "WHERE level = 'day' AND status != 429 AND bucket >= toDateTime({mo:UInt32}, 'UTC') "
+            "AND bucket < toDateTime({me:UInt32}, 'UTC') "
+            "GROUP BY key_id",
+            parameters={
+                "m": starts[Window.minute],
+                "h": starts[Window.hour],
+                "d": starts[Window.day],
+                "mo": month,
+                "me": month_end,
+            },
         )
         return [(str(k), str(a), str(lv), int(b), int(n)) for k, a, lv, b, n in result.result_rows]
