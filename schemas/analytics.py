@@ -13,9 +13,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from schemas.bounds import Count, Identifier
 from schemas.decisions import Decision, Window
+from schemas.limits import LimitPolicy
 from schemas.usage import Granularity
 
 
@@ -166,3 +168,119 @@ class Signal(_Frozen):
 class SignalReport(_Frozen):
     as_of: AwareDatetime
     signals: list[Signal]
+
+
+# -- backtest of a candidate limit policy -----------------------------------------------------
+
+
+class BacktestScope(StrEnum):
+    """Where the candidate would be set: one key, one account (its keys), or the default (all keys)."""
+
+    key = "key"
+    account = "account"
+    all = "all"
+
+
+class BacktestRequest(_Frozen):
+    """A candidate policy, whom it would apply to and the span to replay it on (``POST /v1/limits/backtest``).
+
+    Each limit must be given; ``null`` is unlimited. ``span`` (instead of ``since``) counts back
+    from ``until`` on the answering side's clock; neither: everything the minute level holds.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    per_minute: Count | None
+    per_hour: Count | None
+    per_day: Count | None
+    scope: BacktestScope = BacktestScope.all
+    subject: Identifier | None = Field(default=None, description="the key id or account id of scope key / account")
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = Field(default=None, description="exclusive (default: now)")
+    span: timedelta | None = Field(default=None, gt=timedelta(0), le=timedelta(days=3660))
+    top: int = Field(default=20, ge=0, le=1000, description="how many of the most refused keys to list")
+    windows_per_key: int = Field(default=10, ge=0, le=1000, description="refused windows listed per listed key")
+    ignore_overrides: bool = Field(
+        default=False, description="the candidate applies to every key of the scope, even where an override holds"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BacktestRequest:
+        if (self.scope is BacktestScope.all) != (self.subject is None):
+            raise ValueError("give a subject with scope key or account, and none with scope all")
+        if self.since is not None and self.span is not None:
+            raise ValueError("give since or span, not both")
+        return self
+
+
+class BacktestWindow(_Frozen):
+    """Refusals charged to one window kind (minute, hour or day) under one policy."""
+
+    window: Window
+    keys: int  # keys this window refused at least once
+    buckets: int  # (key, window bucket) pairs with a refusal charged to this window
+    refused: int  # requests refused, charged to this window
+
+
+class BacktestOutcome(_Frozen):
+    """What one policy would have refused in the span."""
+
+    keys_refused: int
+    refused: int
+    windows: list[BacktestWindow]  # minute, hour, day
+
+
+class RefusedWindow(_Frozen):
+    """One window bucket of one key with refusals charged to it."""
+
+    window: Window
+    start: AwareDatetime
+    requests: int  # all requests of the key in that bucket (what it asked for)
+    refused: int  # of them refused, charged to this window
+
+
+class BacktestKey(_Frozen):
+    key_id: str
+    account_id: str | None  # the newest account of the key in the span
+    requests: int  # in the span, 429s included
+    observed_refused: int  # stored 429s: what the limiter in force actually refused
+    refused: int  # under the candidate
+    refused_minute: int
+    refused_hour: int
+    refused_day: int
+    first_refused: AwareDatetime | None  # the minute of the first refusal under the candidate
+    windows_refused: int  # window buckets with refusals under the candidate (listed: ``windows``)
+    in_force_refused: int  # the same replay under the policy in force
+    candidate: LimitPolicy  # the limits replayed for this key
+    candidate_applies: bool  # False: an override of narrower scope keeps the key's own limits
+    in_force: LimitPolicy
+    in_force_source: str  # "default policy", "key override <key>" or "account override <account>"
+    windows: list[RefusedWindow]  # the most refused window buckets, most refused first
+
+
+class BacktestResult(_Frozen):
+    """A candidate policy replayed on the minute rollups of [since, until), beside the policy in force.
+
+    ``keys`` / ``requests`` / ``observed_refused``: every key of the scope with requests in the span.
+    ``top``: the keys most refused under the candidate (then under the policy in force).
+    ``notes``: what bounds the figures (a first day partly beyond the minute level, ...).
+    """
+
+    scope: BacktestScope
+    subject: str | None
+    policy: LimitPolicy
+    ignore_overrides: bool
+    since: AwareDatetime  # first minute replayed (a whole minute)
+    until: AwareDatetime  # exclusive, a whole minute
+    counted_from: AwareDatetime  # hour and day windows count requests from here (before since: warm-up)
+    minute_level_from: AwareDatetime  # the oldest minute the minute level holds (METER_TTL_MINUTE_DAYS)
+    keys: int
+    requests: int  # demand: every stored request, 429s included
+    observed_refused: int  # stored 429s
+    candidate: BacktestOutcome
+    in_force: BacktestOutcome
+    newly_refused_keys: int  # refused under the candidate, not under the policy in force
+    no_longer_refused_keys: int  # refused under the policy in force, not under the candidate
+    top: list[BacktestKey]
+    semantics: str
+    notes: list[str]
