@@ -213,11 +213,18 @@ def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
         if args.format == "json":
             print(json.dumps([{"scope": sc, "subject": su, **p.model_dump(), "note": n} for sc, su, p, n in rows]))
             return 0
-        print(f"{'scope':8} {'subject':34} {'per_minute':>10} {'per_hour':>9} {'per_day':>8} {'mode':8} note")
+        print(
+            f"{'scope':8} {'subject':34} {'per_minute':>10} {'per_hour':>9} {'per_day':>8} {'per_month':>10} "
+            f"{'mode':8} note"
+        )
         for sc, su, p, n in rows:
             cells = [("unlimited" if v is None else str(v)) for v in (p.per_minute, p.per_hour, p.per_day)]
+            month = "-" if p.per_month is None else str(p.per_month)  # no monthly quota
             mode = "shadow" if p.shadow or (sc == "default" and settings.limits_shadow) else "enforce"
-            print(f"{sc:8} {printable(su):34} {cells[0]:>10} {cells[1]:>9} {cells[2]:>8} {mode:8} {printable(n)}")
+            print(
+                f"{sc:8} {printable(su):34} {cells[0]:>10} {cells[1]:>9} {cells[2]:>8} {month:>10} {mode:8} "
+                f"{printable(n)}"
+            )
         return 0
     if not (args.key or args.account):
         print(f"meter limits {args.action}: give --key KEY_ID or --account ACCOUNT_ID", file=sys.stderr)
@@ -228,7 +235,12 @@ def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{scope.value} {subject}: override removed, the default policy applies")
         return 0
     base = settings.default_policy()
-    given = {"per_minute": args.per_minute, "per_hour": args.per_hour, "per_day": args.per_day}
+    given = {
+        "per_minute": args.per_minute,
+        "per_hour": args.per_hour,
+        "per_day": args.per_day,
+        "per_month": args.per_month,
+    }
     if args.unlimited:
         policy = LimitPolicy.unlimited()
     else:
@@ -238,8 +250,9 @@ def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
         policy = policy.model_copy(update={"shadow": True})
     asyncio.run(set_override(settings, scope, subject, policy, args.note))
     print(
-        f"{scope.value} {subject}: {policy.per_minute}/min, {policy.per_hour}/h, {policy.per_day}/day "
-        "(None = unlimited)"
+        f"{scope.value} {subject}: {policy.per_minute}/min, {policy.per_hour}/h, {policy.per_day}/day"
+        + (f", {policy.per_month}/calendar month (UTC)" if policy.per_month is not None else "")
+        + " (None = unlimited)"
         + (" in SHADOW: decided and audited, nodes refuse nothing" if policy.shadow else "")
         + "; workers apply it within a second"
     )
@@ -254,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="meter",
         description="Usage meter for a multi-node HTTP API. Settings come from METER_* environment "
         "variables (or .env): METER_KAFKA_BOOTSTRAP, METER_CLICKHOUSE_DSN, METER_EVENTS_TOPIC, ...",
+        epilog="Calendar-month quota (UTC month, blocked until the 1st 00:00 UTC): "
+        "`meter limits set --key KEY_ID --per-month 100000` (default for every key: METER_LIMIT_PER_MONTH).",
     )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: METER_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -305,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--account", help="account id")
     for name in ("minute", "hour", "day"):
         p.add_argument(f"--per-{name}", type=parse_limit, default=_UNSET, help="count or 'unlimited'")
+    p.add_argument(
+        "--per-month",
+        type=parse_limit,
+        default=_UNSET,
+        help="quota per UTC calendar month, blocks until the 1st 00:00 UTC (count or 'unlimited' = none; "
+        "set only: backtest ignores it), e.g. `meter limits set --key K --per-month 100000`",
+    )
     p.add_argument("--unlimited", action="store_true", help="no limit in any window (internal keys)")
     p.add_argument(
         "--shadow",

@@ -39,7 +39,7 @@ from node.reporter import UsageReporter
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.events import make_event
 from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
-from tests.integration.helpers import REPO_ROOT, wait_for
+from tests.integration.helpers import REPO_ROOT, until_fresh_minute, wait_for
 from worker.app import WorkerRuntime
 from worker.limits.control import manual_decision, set_override
 from worker.settings import Settings
@@ -275,7 +275,10 @@ async def test_the_whole_loop_runs_on_the_acls_alone(as_role: Callable[..., Sett
         batch_timeout_ms=50,
         **limits,
     )
-    events = list(generate(12, Traffic(keys=1, nodes=1, spread=timedelta(seconds=5), seed=9)))
+    # All in the current minute with time to spare: a block is only for the live window (under
+    # load the worker may start late; events of a minute already over block nothing).
+    await until_fresh_minute(45)
+    events = list(generate(12, Traffic(keys=1, nodes=1, spread=timedelta(seconds=1), seed=9)))
     key_id = events[0]["key_id"]
     await publish(node, node.events_topic, events)  # as the node principal
 

@@ -217,3 +217,20 @@ def test_month_refusal_and_block_headers_point_to_the_month_end() -> None:
     assert headers[b"ratelimit-policy"] == f"10;w={28 * 86400}".encode()
     block = Block("k", Window.month, 10, 10, datetime(2027, 3, 1, tzinfo=UTC), "", 1, "worker", False)
     assert block.seconds_left(datetime.fromtimestamp(now, UTC)) == 2 * 86400
+
+
+def test_cli_sets_a_monthly_quota() -> None:
+    from worker.cli import build_parser
+
+    args = build_parser().parse_args(["limits", "set", "--key", "k", "--per-month", "100000"])
+    assert args.per_month == 100_000
+    assert build_parser().parse_args(["limits", "set", "--key", "k", "--per-month", "unlimited"]).per_month is None
+
+
+def test_month_setting_defaults_to_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    from node.settings import NodeSettings
+
+    monkeypatch.delenv("METER_LIMIT_PER_MONTH", raising=False)
+    assert NodeSettings().default_policy().per_month is None
+    monkeypatch.setenv("METER_LIMIT_PER_MONTH", "250000")
+    assert NodeSettings().default_policy().per_month == 250_000

@@ -27,7 +27,7 @@ from schemas.analytics import (
     UsageSeries,
     WindowState,
 )
-from schemas.decisions import DecisionAction, Window
+from schemas.decisions import DecisionAction, Window, month_bounds
 from schemas.limits import LimitPolicy
 from schemas.usage import Granularity, UsagePoint
 from worker.cli_args import EARLIEST, LATEST
@@ -336,35 +336,42 @@ def key_state(
     now: datetime | None = None,
     history: int = 50,
 ) -> KeyState:
-    """Counts of ``key_id`` in the current minute / hour / day against ``policy``, plus its decisions.
+    """Counts of ``key_id`` in the current minute / hour / day / UTC calendar month against ``policy``
+    (the month: the sum of its day rows, as the workers rebuild it), plus its decisions.
 
     The active block is the newest decision if it is a block whose ``until`` is still ahead
     (or has no ``until``: a manual block holds until an operator unblocks).
     """
     as_of = utc(now or datetime.now(UTC))
     bounds = {w: window_bounds(w, as_of) for w in (Window.minute, Window.hour, Window.day)}
+    month_start, month_end = month_bounds(as_of.timestamp())
+    bounds[Window.month] = (datetime.fromtimestamp(month_start, UTC), datetime.fromtimestamp(month_end, UTC))
     result = client.query(
         # 429s are refused by the limiter and, as in the workers, do not use up the allowance.
         "SELECT sumIf(requests, level = 'minute' AND bucket = {m:DateTime('UTC')} AND status != 429), "
         "sumIf(requests, level = 'hour' AND bucket = {h:DateTime('UTC')} AND status != 429), "
         "sumIf(requests, level = 'day' AND bucket = {d:DateTime('UTC')} AND status != 429), "
+        "sumIf(requests, level = 'day' AND bucket >= {mo:DateTime('UTC')} AND bucket < {me:DateTime('UTC')} "
+        "AND status != 429), "
         f"anyIf(account_id, account_id != '') FROM {rollup_table(database)} "
-        "WHERE level IN ('minute', 'hour', 'day') AND key_id = {key:String} AND bucket >= {d:DateTime('UTC')}",
+        "WHERE level IN ('minute', 'hour', 'day') AND key_id = {key:String} "
+        "AND (bucket >= {d:DateTime('UTC')} OR (level = 'day' AND bucket >= {mo:DateTime('UTC')}))",
         parameters={
             "key": key_id,
             "m": bounds[Window.minute][0],
             "h": bounds[Window.hour][0],
             "d": bounds[Window.day][0],
+            "mo": bounds[Window.month][0],
+            "me": bounds[Window.month][1],
         },
     )
-    minute_n, hour_n, day_n, account = result.result_rows[0] if result.result_rows else (0, 0, 0, "")
+    minute_n, hour_n, day_n, month_n, account = result.result_rows[0] if result.result_rows else (0, 0, 0, 0, "")
     if callable(policy):  # per-key / per-account overrides need the key's account
         policy = policy(key_id, str(account))
-    limits = {Window.minute: policy.per_minute, Window.hour: policy.per_hour, Window.day: policy.per_day}
-    counts = {Window.minute: int(minute_n), Window.hour: int(hour_n), Window.day: int(day_n)}
+    counts = {Window.minute: minute_n, Window.hour: hour_n, Window.day: day_n, Window.month: month_n}
     windows = []
     for window, (start, end) in bounds.items():
-        limit, count = limits[window], counts[window]
+        limit, count = policy.limit(window), int(counts[window])
         windows.append(
             WindowState(
                 window=window,
