@@ -14,7 +14,13 @@ from pydantic import ValidationError
 
 from schemas.limits import LimitPolicy, OverrideScope
 from schemas.usage import Granularity, UsagePoint
-from worker.analytics.cli import add_analytics_commands, add_api_argument, printable
+from worker.analytics.cli import (
+    add_analytics_commands,
+    add_api_argument,
+    add_backtest_arguments,
+    cmd_limits_backtest,
+    printable,
+)
 from worker.cli_args import parse_duration, parse_time
 from worker.cli_errors import one_line, quiet_client_logs
 from worker.dlq_cli import add_dlq_commands
@@ -203,6 +209,11 @@ def _subject(args: argparse.Namespace) -> tuple[OverrideScope, str]:
 def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
     from worker.limits.control import current_overrides, set_override
 
+    if args.action == "backtest":
+        return cmd_limits_backtest(args, settings)
+    if args.format == "csv" or args.all:
+        print(f"meter limits {args.action}: --format csv and --all are for backtest", file=sys.stderr)
+        return 2
     if args.action == "show":
         overrides = asyncio.run(current_overrides(settings))
         rows = [("default", "*", settings.default_policy(), "")]
@@ -268,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Usage meter for a multi-node HTTP API. Settings come from METER_* environment "
         "variables (or .env): METER_KAFKA_BOOTSTRAP, METER_CLICKHOUSE_DSN, METER_EVENTS_TOPIC, ...",
         epilog="Calendar-month quota (UTC month, blocked until the 1st 00:00 UTC): "
-        "`meter limits set --key KEY_ID --per-month 100000` (default for every key: METER_LIMIT_PER_MONTH).",
+        "`meter limits set --key KEY_ID --per-month 100000` (default for every key: METER_LIMIT_PER_MONTH). "
+        "What a candidate policy would have refused in the last 7 days, beside the limits in force: "
+        "`meter limits backtest --per-minute 50 --per-hour 600 --all --since 7d`.",
     )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: METER_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -313,8 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="", help="shown in the audit trail")
     p.set_defaults(func=cmd_unblock)
 
-    p = sub.add_parser("limits", help="show, set or reset per-key / per-account limit overrides")
-    p.add_argument("action", choices=["show", "set", "reset"])
+    p = sub.add_parser(
+        "limits",
+        help="show, set or reset per-key / per-account limit overrides; backtest a candidate policy",
+        description="backtest: what a candidate policy would have refused, replayed on the minute rollups "
+        "(exact at minute granularity) beside the limits in force, e.g. "
+        "`meter limits backtest --per-minute 50 --per-hour 600 --all --since 7d`; a limit not given is "
+        "the default's, as with set.",
+    )
+    p.add_argument("action", choices=["show", "set", "reset", "backtest"])
     who = p.add_mutually_exclusive_group()
     who.add_argument("--key", help="key id")
     who.add_argument("--account", help="account id")
@@ -335,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
         "refused (X-RateLimit-Shadow header); set again without --shadow to enforce",
     )
     p.add_argument("--note", default="", help="why (kept with the override)")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="csv: backtest only")
+    add_backtest_arguments(p, who)
     p.set_defaults(func=cmd_limits)
 
     p = sub.add_parser("why", help="why a key is (not) refused now: its limits, block decision and per-node allowances")

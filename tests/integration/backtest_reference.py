@@ -16,10 +16,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from schemas.analytics import BacktestScope
 from schemas.limits import LimitPolicy, PolicyBook
+from worker.settings import Settings
+from worker.store.rollup import rollup_table
 
 MINUTE = timedelta(minutes=1)
+CANDIDATE = {"per_minute": 50, "per_hour": 600, "per_day": 3_000}
 VIP = "acct-vip"
 LOW_KEY = "cf_liv_bt_low"
 
@@ -248,3 +253,18 @@ def expect(
 def utc_now_for_tests() -> datetime:
     """Half past the current hour: the data set ends before it, the minute level holds all of it."""
     return datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
+
+
+# Fixtures of the backtest tests (imported by them as *_fixture): the data set in the test's database.
+
+
+@pytest.fixture(name="now")
+def now_fixture() -> datetime:
+    return utc_now_for_tests()
+
+
+@pytest.fixture(name="rows")
+def rows_fixture(clickhouse: Any, settings: Settings, now: datetime) -> list[Row]:
+    data = seed_rows(now)
+    insert(clickhouse, rollup_table(settings.clickhouse_database), data)
+    return data

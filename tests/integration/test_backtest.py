@@ -12,38 +12,24 @@ import pytest
 from schemas.analytics import BacktestRequest, BacktestResult, BacktestScope
 from schemas.decisions import Window
 from schemas.limits import LimitPolicy, PolicyBook
-from tests.integration.backtest_reference import (
+from tests.integration.backtest_reference import (  # noqa: F401 (the fixtures now and rows)
+    CANDIDATE,
     LOW_KEY,
     VIP,
     KeyExpectation,
     Row,
     day_of,
     expect,
-    insert,
+    now_fixture,
     overrides,
-    seed_rows,
+    rows_fixture,
     utc_now_for_tests,
 )
 from worker.analytics.backtest import BeyondMinuteLevel, backtest
 from worker.analytics.queries import OutOfRange
 from worker.settings import Settings
-from worker.store.rollup import rollup_table
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
-
-CANDIDATE = {"per_minute": 50, "per_hour": 600, "per_day": 3_000}
-
-
-@pytest.fixture
-def now() -> datetime:
-    return utc_now_for_tests()
-
-
-@pytest.fixture
-def rows(clickhouse: Any, settings: Settings, now: datetime) -> list[Row]:
-    data = seed_rows(now)
-    insert(clickhouse, rollup_table(settings.clickhouse_database), data)
-    return data
 
 
 def check(result: BacktestResult, expected: dict[str, KeyExpectation], top: int, per_key: int) -> None:

@@ -30,6 +30,8 @@ from pydantic import AfterValidator, AwareDatetime, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.analytics import (
+    BacktestRequest,
+    BacktestResult,
     BlockedKey,
     Breakdown,
     KeyState,
@@ -41,9 +43,9 @@ from schemas.analytics import (
     TopMetric,
     UsageSeries,
 )
-from schemas.limits import LimitPolicy
+from schemas.limits import LimitPolicy, PolicyBook
 from schemas.usage import Granularity
-from worker.analytics import queries, signals
+from worker.analytics import backtest, queries, signals
 from worker.analytics.throttle import LoginThrottle, client_key
 from worker.cli_args import EARLIEST, LATEST
 from worker.settings import Settings
@@ -118,6 +120,13 @@ def default_policy(settings: Settings) -> PolicyLookup:
     return lambda _key_id, _account_id: policy
 
 
+def book_of(settings: Settings, policy_for: PolicyLookup | None) -> PolicyBook:
+    """The book behind ``policy_for`` when it is a book's ``resolve`` (as the worker and ``meter
+    serve-api`` pass it: followed live), else the settings' default without overrides."""
+    owner = getattr(policy_for, "__self__", None)
+    return owner if isinstance(owner, PolicyBook) else PolicyBook(settings.default_policy())
+
+
 def error_body(status: int, message: str, request_id: str, error: str | None = None) -> dict[str, str]:
     return {"error": error or _ERROR_CODES.get(status, "error"), "message": message, "request_id": request_id}
 
@@ -131,15 +140,18 @@ def build_query_app(
     client: Client,
     policy_for: PolicyLookup | None = None,
     now: Callable[[], datetime] | None = None,
+    policy_book: PolicyBook | None = None,
 ) -> FastAPI:
     """The query API and dashboard as an ASGI app over an open ClickHouse ``client``.
 
     ``policy_for(key_id, account_id)`` gives a key's limits (default: the settings' limits);
-    ``now`` is the clock (tests pin it).
+    ``policy_book``: the policies in force the backtest compares with (default: the book whose
+    ``resolve`` is ``policy_for``, else the settings' limits); ``now`` is the clock (tests pin it).
     """
     database = settings.clickhouse_database
     admin_key = settings.admin_api_key.get_secret_value().encode()
     lookup = policy_for or default_policy(settings)
+    book = policy_book if policy_book is not None else book_of(settings, policy_for)
     clock = now or (lambda: datetime.now(UTC))
     # One client is not safe to share between threads (and chDB is one engine per process).
     lock = threading.Lock()
@@ -315,6 +327,13 @@ def build_query_app(
     def blocked(n: Annotated[int, Query(ge=1, le=queries.MAX_TOP_N)] = 100) -> list[BlockedKey]:
         """Keys blocked right now (newest decision is a block still in force)."""
         return run(lambda: queries.blocked_keys(client, database, clock(), n))
+
+    @app.post("/v1/limits/backtest", dependencies=v1, tags=["limits"])
+    def limits_backtest(body: BacktestRequest) -> BacktestResult:
+        """What a candidate policy would have refused, replayed on the minute rollups (exact at minute
+        granularity), beside the policy in force. A span reaching before the oldest minute the minute
+        level holds (METER_TTL_MINUTE_DAYS) is a 422 naming that bound."""
+        return run(lambda: backtest.backtest(client, database, body, book, settings.ttl_minute_days, clock()))
 
     @app.get("/v1/signals", dependencies=v1, tags=["abuse"])
     def abuse_signals(

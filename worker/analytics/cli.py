@@ -11,13 +11,22 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from schemas.analytics import Breakdown, Subject, TopDimension, TopMetric
-from schemas.limits import LimitOverride, PolicyBook
+from schemas.analytics import (
+    BacktestKey,
+    BacktestRequest,
+    BacktestResult,
+    BacktestScope,
+    Breakdown,
+    Subject,
+    TopDimension,
+    TopMetric,
+)
+from schemas.limits import LimitOverride, LimitPolicy, PolicyBook
 from schemas.usage import Granularity
-from worker.analytics.source import Analytics, open_analytics
-from worker.cli_args import parse_time
+from worker.analytics.source import Analytics, QueryRefused, open_analytics
+from worker.cli_args import parse_duration, parse_time
 from worker.follower import TopicFollower, valid_records
 from worker.settings import Settings
 
@@ -108,7 +117,14 @@ def _client(settings: Settings) -> Any:
 
 def _source(args: argparse.Namespace, settings: Settings) -> Analytics:
     """The store, or the query API of --api / the worker holding the embedded store."""
-    return open_analytics(settings, args.api, lambda: _policy_book(settings).resolve)
+    read: list[PolicyBook] = []
+
+    def book() -> PolicyBook:  # read from Kafka once, when a query needs it
+        if not read:
+            read.append(_policy_book(settings))
+        return read[0]
+
+    return open_analytics(settings, args.api, lambda: book().resolve, book)
 
 
 # -- handlers -------------------------------------------------------------------------------
@@ -252,6 +268,177 @@ def cmd_signals(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _limits(policy: LimitPolicy) -> str:
+    return ", ".join(
+        f"{'unlimited' if v is None else f'{v:,}'}/{w}"
+        for v, w in ((policy.per_minute, "min"), (policy.per_hour, "h"), (policy.per_day, "day"))
+    )
+
+
+def _since(text: str) -> timedelta | datetime:
+    """``7d``, ``36h`` (back from --until), or an RFC 3339 time."""
+    try:
+        return parse_duration(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        return parse_time(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"not a span or a time: {text!r} (examples: 7d, 36h, 2026-11-27T00:00:00Z)"
+        ) from None
+
+
+def backtest_request(args: argparse.Namespace, default: LimitPolicy) -> BacktestRequest:
+    """The request of ``meter limits backtest``: a limit not given is the default policy's, as with
+    ``meter limits set`` (``unlimited`` drops it); ``--unlimited`` drops all three."""
+    given = {"per_minute": args.per_minute, "per_hour": args.per_hour, "per_day": args.per_day}
+    limits = {
+        # Not given: the parser's "unset" sentinel (neither a count nor None).
+        name: None if args.unlimited else value if value is None or isinstance(value, int) else getattr(default, name)
+        for name, value in given.items()
+    }
+    scope, subject = (
+        (BacktestScope.key, args.key)
+        if args.key
+        else (BacktestScope.account, args.account)
+        if args.account
+        else (BacktestScope.all, None)
+    )
+    try:
+        return _backtest_request(limits, scope, subject, args)
+    except ValidationError as exc:  # --top 5000, a key id too long, ...: one line, exit 2
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
+        raise QueryRefused(problems) from None
+
+
+def _backtest_request(
+    limits: dict[str, Any], scope: BacktestScope, subject: str | None, args: argparse.Namespace
+) -> BacktestRequest:
+    return BacktestRequest(
+        **limits,
+        scope=scope,
+        subject=subject,
+        since=args.since if isinstance(args.since, datetime) else None,
+        span=args.since if isinstance(args.since, timedelta) else None,
+        until=args.until,
+        top=args.top,
+        windows_per_key=args.windows,
+        ignore_overrides=args.ignore_overrides,
+    )
+
+
+_BACKTEST_KEY_COLUMNS = [
+    "key_id",
+    "account_id",
+    "requests",
+    "refused",
+    "refused_minute",
+    "refused_hour",
+    "refused_day",
+    "in_force_refused",
+    "observed_refused",
+    "first_refused",
+    "windows_refused",
+    "candidate",
+    "in_force",
+    "in_force_source",
+]
+
+
+def _key_row(k: BacktestKey) -> dict[str, Any]:
+    row = k.model_dump(include=set(_BACKTEST_KEY_COLUMNS))
+    kept = "" if k.candidate_applies else " (override kept)"
+    return {**row, "candidate": _limits(k.candidate) + kept, "in_force": _limits(k.in_force)}
+
+
+def cmd_limits_backtest(args: argparse.Namespace, settings: Settings) -> int:
+    """``meter limits backtest``: a summary, the most refused keys and their most refused windows."""
+    request = backtest_request(args, settings.default_policy())
+    result = _source(args, settings).backtest(request)
+    if args.format == "json":
+        emit([], [], "json", result)
+        return 0
+    if args.format == "csv":
+        emit([_key_row(k) for k in result.top], _BACKTEST_KEY_COLUMNS, "csv")
+        return 0
+    print_backtest(result)
+    return 0
+
+
+def print_backtest(result: BacktestResult, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    who = {
+        BacktestScope.all: "all keys (as the default; keys and accounts with an override keep it)",
+        BacktestScope.account: f"the keys of account {printable(result.subject or '')} "
+        "(keys with their own override keep it)",
+        BacktestScope.key: f"key {printable(result.subject or '')}",
+    }[result.scope]
+    if result.ignore_overrides:
+        who = who.split(" (")[0] + " (overrides ignored)"
+    span = f"{_cell(result.since)} .. {_cell(result.until)}"
+    lines = [
+        f"backtest of {_limits(result.policy)} on {who}",
+        f"span {span} from the minute rollups (exact at minute granularity); 429s count as demand",
+        f"{result.keys:,} keys, {result.requests:,} requests, of which {result.observed_refused:,} were refused "
+        "(429) by the limits in force",
+        *(f"note: {printable(n)}" for n in result.notes),
+        "",
+    ]
+    out.write("\n".join(lines) + "\n")
+    rows: list[dict[str, Any]] = []
+    for name, outcome in (("candidate", result.candidate), ("in force", result.in_force)):
+        for w in outcome.windows:
+            rows.append(
+                {"policy": name, "window": w.window.value, "keys": w.keys, "buckets": w.buckets, "refused": w.refused}
+            )
+        rows.append(
+            {
+                "policy": name,
+                "window": "total",
+                "keys": outcome.keys_refused,
+                "buckets": None,
+                "refused": outcome.refused,
+            }
+        )
+    emit(rows, ["policy", "window", "keys", "buckets", "refused"], "table", out=out)
+    out.write(
+        f"\nkeys refused under the candidate and not under the limits in force: {result.newly_refused_keys:,}; "
+        f"the reverse: {result.no_longer_refused_keys:,}\n"
+    )
+    if not result.top:
+        out.write("\nno key would have been refused\n")
+        return
+    out.write("\nmost refused keys (candidate), with the same replay under the limits in force:\n")
+    emit([_key_row(k) for k in result.top], _BACKTEST_KEY_COLUMNS, "table", out=out)
+    windows = [{"key_id": k.key_id, **w.model_dump()} for k in result.top for w in k.windows]
+    if windows:
+        out.write("\ntheir most refused windows (candidate; a refusal goes to the longest window at its limit):\n")
+        emit(windows, ["key_id", "window", "start", "requests", "refused"], "table", out=out)
+
+
+def add_backtest_arguments(p: argparse.ArgumentParser, who: argparse._MutuallyExclusiveGroup) -> None:
+    """The options of ``meter limits backtest`` on the ``limits`` parser (``who`` holds --key / --account)."""
+    who.add_argument("--all", action="store_true", help="backtest: every key (the default)")
+    p.add_argument(
+        "--since",
+        type=_since,
+        help="backtest: a span back from --until (7d, 36h) or an RFC 3339 time "
+        "(default: all the minute level holds, METER_TTL_MINUTE_DAYS)",
+    )
+    p.add_argument("--until", type=parse_time, help="backtest: RFC 3339 end, exclusive (default: now)")
+    p.add_argument("--top", type=int, default=20, metavar="N", help="backtest: list the N most refused keys")
+    p.add_argument(
+        "--windows", type=int, default=3, metavar="N", help="backtest: list each listed key's N most refused windows"
+    )
+    p.add_argument(
+        "--ignore-overrides",
+        action="store_true",
+        help="backtest: the candidate applies to every key of the scope, even keys or accounts with an override",
+    )
+    add_api_argument(p)
+
+
 def cmd_serve_api(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
@@ -262,7 +449,7 @@ def cmd_serve_api(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     book = _policy_book(settings)
     follower = TopicFollower(settings, settings.limits_topic, _applier(book), "query-api")
-    app = build_query_app(settings, _client(settings), policy_for=book.resolve)
+    app = build_query_app(settings, _client(settings), policy_for=book.resolve, policy_book=book)
     # Keep following the overrides while serving, so the key state shows the limits in force.
     app.router.on_startup.append(follower.start)
     app.router.on_shutdown.append(follower.stop)

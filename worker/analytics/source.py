@@ -16,6 +16,8 @@ import httpx
 from pydantic import TypeAdapter, ValidationError
 
 from schemas.analytics import (
+    BacktestRequest,
+    BacktestResult,
     BlockedKey,
     Breakdown,
     KeyState,
@@ -27,7 +29,7 @@ from schemas.analytics import (
     TopMetric,
     UsageSeries,
 )
-from schemas.limits import LimitPolicy
+from schemas.limits import LimitPolicy, PolicyBook
 from schemas.usage import Granularity
 from worker.listening import running_worker
 from worker.settings import Settings
@@ -72,14 +74,27 @@ class Analytics(Protocol):
         key_id: str | None,
     ) -> SignalReport: ...
 
+    def backtest(self, request: BacktestRequest) -> BacktestResult: ...
+
 
 class StoreAnalytics:
-    """Queries on an open ClickHouse client (``policies`` is asked only for the key state)."""
+    """Queries on an open ClickHouse client (``policies`` is asked only for the key state, ``book``
+    - the default and the overrides in force - only for a backtest; ``minute_days``: how long the
+    minute level keeps its rows, METER_TTL_MINUTE_DAYS)."""
 
-    def __init__(self, client: Any, database: str, policies: Callable[[], PolicyLookup]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        database: str,
+        policies: Callable[[], PolicyLookup],
+        book: Callable[[], PolicyBook] | None = None,
+        minute_days: int = 7,
+    ) -> None:
         self.client = client
         self.database = database
         self.policies = policies
+        self.book = book or (lambda: PolicyBook(LimitPolicy()))
+        self.minute_days = minute_days
 
     def _run(self, query: Callable[[], T]) -> T:
         try:
@@ -136,6 +151,12 @@ class StoreAnalytics:
             lambda: abuse_signals(self.client, self.database, as_of, thresholds=thresholds, kinds=kinds, key_id=key_id)
         )
 
+    def backtest(self, request: BacktestRequest) -> BacktestResult:
+        from worker.analytics.backtest import backtest
+
+        book = self.book()
+        return self._run(lambda: backtest(self.client, self.database, request, book, self.minute_days))
+
 
 def _span(value: timedelta) -> str:
     """A span as the API takes it (15m, 2h, 7d)."""
@@ -162,8 +183,11 @@ class ApiAnalytics:
         self._http = httpx.Client(base_url=self.base_url, headers={"X-API-Key": admin_key}, timeout=timeout_s)
 
     def _get(self, path: str, adapter: TypeAdapter[T], **params: Any) -> T:
+        return self._ask("GET", path, adapter, params=params)
+
+    def _ask(self, method: str, path: str, adapter: TypeAdapter[T], **request: Any) -> T:
         try:
-            response = self._http.get(path, params=params)
+            response = self._http.request(method, path, **request)
         except httpx.HTTPError as exc:
             raise SourceUnavailable(f"the query API at {self.base_url} does not answer ({exc})") from None
         if response.status_code == 401:
@@ -220,6 +244,12 @@ class ApiAnalytics:
             params["kind"] = sorted(k.value for k in kinds)
         return self._get("/v1/signals", TypeAdapter(SignalReport), **params)
 
+    def backtest(self, request: BacktestRequest) -> BacktestResult:
+        body = request.model_dump(mode="json", exclude_none=True)
+        for name in ("per_minute", "per_hour", "per_day"):  # null is "unlimited": always sent
+            body[name] = getattr(request, name)
+        return self._ask("POST", "/v1/limits/backtest", TypeAdapter(BacktestResult), json=body)
+
 
 def _segment(value: str) -> str:
     return httpx.URL("/" + value).raw_path.decode()[1:].replace("/", "%2F")
@@ -246,14 +276,20 @@ WAYS_OUT = (
 
 
 def open_analytics(
-    settings: Settings, api_url: str | None, policies: Callable[[], PolicyLookup] | None = None
+    settings: Settings,
+    api_url: str | None,
+    policies: Callable[[], PolicyLookup] | None = None,
+    book: Callable[[], PolicyBook] | None = None,
 ) -> Analytics:
     """The store if it can be opened; else the API of the worker holding it (said in one line on
     stderr); else ``SourceUnavailable`` naming the ways out. ``policies`` gives the limits the
-    key state compares with when read from the store (default: the settings' limits)."""
+    key state compares with when read from the store (default: the settings' limits); ``book``
+    the default and overrides a backtest compares with (default: the settings' limits only)."""
     if policies is None:
         default = settings.default_policy()
         policies = lambda: lambda _key, _account: default  # noqa: E731
+    if book is None:
+        book = lambda: PolicyBook(settings.default_policy())  # noqa: E731
     admin_key = settings.admin_api_key.get_secret_value()
     url = api_url or settings.query_api_url
     if url:
@@ -262,7 +298,7 @@ def open_analytics(
         return ApiAnalytics(url, admin_key)
     try:
         client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
-        return StoreAnalytics(client, settings.clickhouse_database, policies)
+        return StoreAnalytics(client, settings.clickhouse_database, policies, book, settings.ttl_minute_days)
     except StoreUnavailable as exc:
         if not is_embedded(settings.clickhouse_dsn):
             raise SourceUnavailable(str(exc)) from None
