@@ -29,9 +29,9 @@ from schemas.notifications import (
 from tests.clock import Clock
 from worker.kafka_acls import Operation, Resource, Role, role_acls
 from worker.limits.engine import LimitEngine
+from worker.limits.thresholds import ThresholdTracker
 from worker.notify.deliver import Endpoint, WebhookDeliverer, endpoint_label
 from worker.notify.signature import sign, verify
-from worker.notify.thresholds import ThresholdTracker
 from worker.settings import Settings
 from worker.topics import topic_specs
 

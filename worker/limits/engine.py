@@ -11,7 +11,7 @@ and each batch that touches it re-divides what remains among the nodes carrying 
 (``worker.limits.allowances``); a new version is returned only when a cap changed.
 
 Threshold notifications (with a ``ThresholdTracker``): each threshold of a key's window fires
-once per window start (``worker.notify.thresholds``), returned beside the decisions.
+once per window start (``worker.limits.thresholds``), returned beside the decisions.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from schemas.limits import PolicyBook
 from schemas.notifications import Notification
 from worker.limits.allowances import NodeUse, divide
 from worker.limits.counters import KeyWindows, WindowCounters
-from worker.notify.thresholds import ThresholdTracker
+from worker.limits.thresholds import ThresholdTracker
 
 log = logging.getLogger(__name__)
 

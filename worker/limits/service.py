@@ -18,7 +18,7 @@ from schemas.limits import LimitOverride
 from schemas.notifications import Notification
 from worker.limits.engine import AllowancePolicy, LimitEngine, Verdicts, partition_of
 from worker.limits.fastlane import FastBatch, FastLane
-from worker.notify.thresholds import ThresholdTracker
+from worker.limits.thresholds import ThresholdTracker
 from worker.records import Validator
 from worker.settings import Settings
 from worker.store.decisions import DecisionStore
