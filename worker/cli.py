@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.limits import LimitPolicy, OverrideScope
+from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
 from schemas.usage import Granularity, UsagePoint
 from worker.analytics.cli import (
     add_analytics_commands,
@@ -206,6 +206,29 @@ def _subject(args: argparse.Namespace) -> tuple[OverrideScope, str]:
     return (OverrideScope.key, args.key) if args.key else (OverrideScope.account, args.account)
 
 
+def _show_limits(args: argparse.Namespace, settings: Settings, overrides: dict[str, LimitOverride]) -> int:
+    rows = [("default", "*", settings.default_policy(), "")]
+    rows += [(o.scope.value, o.subject, o.policy, o.note) for o in overrides.values() if o.policy is not None]
+    if args.key or args.account:
+        scope, subject = _subject(args)
+        rows = [r for r in rows if r[0] == "default" or (r[0] == scope.value and r[1] == subject)]
+    if args.format == "json":
+        print(json.dumps([{"scope": sc, "subject": su, **p.model_dump(), "note": n} for sc, su, p, n in rows]))
+        return 0
+    print(
+        f"{'scope':8} {'subject':34} {'per_minute':>10} {'per_hour':>9} {'per_day':>8} {'per_month':>10} "
+        f"{'mode':8} note"
+    )
+    for sc, su, p, n in rows:
+        cells = [("unlimited" if v is None else str(v)) for v in (p.per_minute, p.per_hour, p.per_day)]
+        month = "-" if p.per_month is None else str(p.per_month)  # no monthly quota
+        mode = "shadow" if p.shadow or (sc == "default" and settings.limits_shadow) else "enforce"
+        print(
+            f"{sc:8} {printable(su):34} {cells[0]:>10} {cells[1]:>9} {cells[2]:>8} {month:>10} {mode:8} {printable(n)}"
+        )
+    return 0
+
+
 def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
     from worker.limits.control import current_overrides, set_override
 
@@ -215,28 +238,7 @@ def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
         print(f"meter limits {args.action}: --format csv and --all are for backtest", file=sys.stderr)
         return 2
     if args.action == "show":
-        overrides = asyncio.run(current_overrides(settings))
-        rows = [("default", "*", settings.default_policy(), "")]
-        rows += [(o.scope.value, o.subject, o.policy, o.note) for o in overrides.values() if o.policy is not None]
-        if args.key or args.account:
-            scope, subject = _subject(args)
-            rows = [r for r in rows if r[0] == "default" or (r[0] == scope.value and r[1] == subject)]
-        if args.format == "json":
-            print(json.dumps([{"scope": sc, "subject": su, **p.model_dump(), "note": n} for sc, su, p, n in rows]))
-            return 0
-        print(
-            f"{'scope':8} {'subject':34} {'per_minute':>10} {'per_hour':>9} {'per_day':>8} {'per_month':>10} "
-            f"{'mode':8} note"
-        )
-        for sc, su, p, n in rows:
-            cells = [("unlimited" if v is None else str(v)) for v in (p.per_minute, p.per_hour, p.per_day)]
-            month = "-" if p.per_month is None else str(p.per_month)  # no monthly quota
-            mode = "shadow" if p.shadow or (sc == "default" and settings.limits_shadow) else "enforce"
-            print(
-                f"{sc:8} {printable(su):34} {cells[0]:>10} {cells[1]:>9} {cells[2]:>8} {month:>10} {mode:8} "
-                f"{printable(n)}"
-            )
-        return 0
+        return _show_limits(args, settings, asyncio.run(current_overrides(settings)))
     if not (args.key or args.account):
         print(f"meter limits {args.action}: give --key KEY_ID or --account ACCOUNT_ID", file=sys.stderr)
         return 2
