@@ -35,7 +35,17 @@ def canonical_ip(text: str) -> str:
     return str(mapped or ip)
 
 
-_ClientIp = Annotated[str, StringConstraints(max_length=45), AfterValidator(canonical_ip)]
+# Dotted-quad IPv4 in canonical form (no leading zeros), checked in the validator's native code:
+# most clients are IPv4, and parsing each in Python tripled an event's validation time
+# (1.5 -> 4.8 µs with many distinct clients). Anything else is parsed (and canonicalized) by
+# ``ipaddress``: IPv6, IPv4-mapped IPv6, and what is no address at all (refused).
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = rf"^{_OCTET}(\.{_OCTET}){{3}}$"
+_ClientIp = Annotated[
+    Annotated[str, StringConstraints(max_length=15, pattern=_IPV4)]
+    | Annotated[str, StringConstraints(max_length=45), AfterValidator(canonical_ip)],
+    Field(union_mode="left_to_right"),  # the native check first; Python only when it fails
+]
 
 
 class RequestEvent(TypedDict):

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import ipaddress
 import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from schemas.events import dump_event, make_event, parse_event
@@ -82,3 +85,19 @@ def test_client_ip_must_be_an_ip_address(ip: str) -> None:
 )
 def test_client_ip_is_stored_in_its_canonical_form(ip: str, stored: str) -> None:
     assert make_event(**BASE, client_ip=ip)["client_ip"] == stored
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 300), min_size=4, max_size=4), st.lists(st.booleans(), min_size=4, max_size=4))
+def test_the_native_ipv4_check_agrees_with_ipaddress(octets: list[int], zero_padded: list[bool]) -> None:
+    """The dotted-quad fast path accepts exactly what ``ipaddress`` accepts, already canonical."""
+    text = ".".join(f"0{o}" if pad else str(o) for o, pad in zip(octets, zero_padded, strict=True))
+    try:
+        expected: str | None = str(ipaddress.ip_address(text))
+    except ValueError:
+        expected = None
+    try:
+        got: str | None = make_event(**(BASE | {"client_ip": text}))["client_ip"]
+    except ValidationError:
+        got = None
+    assert got == expected
