@@ -91,7 +91,7 @@ def worker_child() -> int:
     publish, ClickHouse write, offset commit). Calls are timed on their own, not attributed to a
     batch, so the figures stay right when the worker overlaps a write with the next batch."""
     from worker.app import WorkerRuntime
-    from worker.ingest.consumer import IngestConsumer
+    from worker.ingest.consumer import PartitionWriter
     from worker.limits.service import LimitService
     from worker.logs import setup_logging
     from worker.store.rollup import RollupStore
@@ -135,9 +135,9 @@ def worker_child() -> int:
         if original is not None:  # the worker's code moves on: time what exists
             setattr(owner, attr, make(name, original))
 
-    orig_handle = IngestConsumer.handle
+    orig_handle = PartitionWriter.handle
 
-    async def handle(self: IngestConsumer, records: Sequence[Any]) -> Any:
+    async def handle(self: PartitionWriter, records: Sequence[Any]) -> Any:
         t0 = time.perf_counter()
         wall = time.time()
         ages = [wall - r.timestamp / 1000.0 for r in records] if records else [0.0]
@@ -158,8 +158,8 @@ def worker_child() -> int:
             )
             last_end[0] = t1
 
-    IngestConsumer.handle = handle  # type: ignore[method-assign]
-    patch(IngestConsumer, "_commit", timed_async, "commit")
+    PartitionWriter.handle = handle  # type: ignore[method-assign]
+    patch(PartitionWriter, "_commit", timed_async, "commit")
     patch(RollupStore, "seen_hashes", timed_sync, "dedup")
     patch(RollupStore, "write", timed_sync, "write")
     patch(LimitService, "before_write", timed_async, "limits")

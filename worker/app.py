@@ -19,20 +19,20 @@ from faststream.kafka.annotations import KafkaMessage
 from starlette.routing import Mount
 
 from common import kafka_clients
+from common.retry import retry_forever
 from worker.analytics.api import build_query_app
 from worker.faststream_batch import raw_batch_parser, raw_decoder
-from worker.ingest.consumer import IngestConsumer
+from worker.ingest.consumer import PartitionWriter
 from worker.ingest.dlq import dead_letter_key, refused_by_broker
 from worker.ingest.pipeline import IngestPipeline
 from worker.ingest.recent_hashes import RecentHashes
-from worker.ingest.validate import Rejection
 from worker.limits.guard_runner import GuardRunner
 from worker.limits.guards import GuardRules
 from worker.limits.service import LimitService
 from worker.listening import WorkerEndpoint, announce, withdraw
 from worker.notify.deliver import WebhookDeliverer
 from worker.observability import HealthCheck, WorkerMetrics, build_health_app
-from worker.retry import retry_forever
+from worker.records import Rejection
 from worker.settings import Settings
 from worker.store.client import connect, redact_dsn
 from worker.store.decisions import DecisionStore
@@ -66,7 +66,7 @@ class WorkerRuntime:
         self.clock = clock
         self.broker = kafka_clients.broker(settings, logger=log, log_level=logging.DEBUG)
         self._store = store
-        self.consumer: IngestConsumer | None = None
+        self.consumer: PartitionWriter | None = None
         self.limits: LimitService | None = None
         self.guards: GuardRunner | None = None
         self.dead_letters_dropped = 0  # records the DLQ refused (logged with their place)
@@ -139,7 +139,7 @@ class WorkerRuntime:
         await self.broker.publish(value, topic, key=key.encode())
 
     def _stored_offsets(self) -> dict[int, int]:
-        return dict(self.consumer.written) if self.consumer is not None else {}
+        return dict(self.consumer.stored_offsets) if self.consumer is not None else {}
 
     def _partition_count(self) -> int:
         consumer = self.kafka_consumer()
@@ -162,7 +162,7 @@ class WorkerRuntime:
         pipeline = IngestPipeline(s, self.store, self._dead_letter, clock=self.clock)
         if s.dedup_cache_max_hashes:
             pipeline.recent = RecentHashes(s.dedup_cache_max_hashes)
-        self.consumer = IngestConsumer(
+        self.consumer = PartitionWriter(
             s.events_topic, pipeline, self.store, self.kafka_consumer, s.dedup_horizon_hours * 3600
         )
         self.consumer.on_assigned.append(self.limits.on_assigned)

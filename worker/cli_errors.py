@@ -13,8 +13,8 @@ from aiokafka.errors import KafkaError
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from common import kafka_clients
+from common.follower import TopicUnavailable
 from worker.analytics.source import QueryRefused, SourceUnavailable
-from worker.follower import TopicUnavailable
 from worker.settings import Settings
 from worker.store.client import StoreUnavailable, redact_dsn
 from worker.topics import TopicsRefused

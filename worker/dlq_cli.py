@@ -13,7 +13,7 @@ from typing import Any
 from worker.analytics.cli import printable
 from worker.cli_args import parse_duration
 from worker.ingest.replay import describe, read_dead_letters, republish, select, triage
-from worker.ingest.validate import Validator
+from worker.records import Validator
 from worker.settings import Settings
 
 

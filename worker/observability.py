@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from worker.ingest.consumer import IngestConsumer
+from worker.ingest.consumer import PartitionWriter
 from worker.ingest.pipeline import BatchOutcome
 from worker.limits.service import LimitService
 from worker.settings import Settings
@@ -36,7 +36,7 @@ class WorkerRuntime(Protocol):
     dead_letters_dropped: int
 
     @property
-    def consumer(self) -> IngestConsumer | None: ...
+    def consumer(self) -> PartitionWriter | None: ...
 
     @property
     def limits(self) -> LimitService | None: ...
@@ -90,7 +90,7 @@ def consumer_lag(runtime: WorkerRuntime) -> dict[int, int]:
     for p in sorted(ingest.owned):
         high = consumer.highwater(TopicPartition(runtime.settings.events_topic, p))
         if high is not None:
-            lag[p] = max(0, high - (ingest.written.get(p, -1) + 1))
+            lag[p] = max(0, high - (ingest.stored_offsets.get(p, -1) + 1))
     return lag
 
 
@@ -119,7 +119,7 @@ class _StateCollector(Collector):
         yield dlq
         yield counter("meter_batches", "Batches processed", s.batches)
         yield counter(
-            "meter_batches_handed_over", "Batches given up after losing their partitions", s.abandoned_batches
+            "meter_batches_handed_over", "Batches given up after losing their partitions", s.handed_over_batches
         )
         yield counter("meter_store_errors", "Failed ClickHouse calls (each retried)", ingest.pipeline.store_errors)
         lag = GaugeMetricFamily("meter_consumer_lag", "Records not yet written, per partition", labels=["partition"])

@@ -26,10 +26,10 @@ class FakeKafka:
         return self.high
 
 
-def runtime(owned: set[int], written: dict[int, int], high: int, last_batch_at: float) -> Any:
+def runtime(owned: set[int], stored_offsets: dict[int, int], high: int, last_batch_at: float) -> Any:
     stats = IngestStats()
     stats.last_batch_at = last_batch_at
-    consumer = SimpleNamespace(owned=owned, written=written, stats=stats)
+    consumer = SimpleNamespace(owned=owned, stored_offsets=stored_offsets, stats=stats)
     store = SimpleNamespace(client=SimpleNamespace(command=lambda sql: 1))
     settings = Settings(ready_unassigned_grace_seconds=60, ready_stall_seconds=30)
     rt = SimpleNamespace(settings=settings, consumer=consumer, store=store)

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, ValidationError
 
+from common.follower import TopicFollower, valid_records
 from schemas.analytics import (
     BacktestKey,
     BacktestRequest,
@@ -27,7 +28,6 @@ from schemas.limits import LimitOverride, LimitPolicy, PolicyBook
 from schemas.usage import Granularity
 from worker.analytics.source import Analytics, QueryRefused, open_analytics
 from worker.cli_args import parse_duration, parse_time
-from worker.follower import TopicFollower, valid_records
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)

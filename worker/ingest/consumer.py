@@ -39,7 +39,7 @@ class IngestStats:
     duplicates: int = 0
     skipped_replayed: int = 0  # at or before the stored offset: written already
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> records dead-lettered
-    abandoned_batches: int = 0  # handed over: their partitions moved to another worker first
+    handed_over_batches: int = 0  # handed over: their partitions moved to another worker first
     last_batch_at: float = 0.0  # monotonic time the last batch landed (readiness: progress)
 
     def summary(self) -> str:
@@ -47,17 +47,17 @@ class IngestStats:
         return (
             f"{self.batches} batches, {self.consumed} records: {self.counted} counted, "
             f"{self.duplicates} duplicates, {dlq} dead-lettered {dict(self.rejected) or ''}, "
-            f"{self.skipped_replayed} already-written skipped, {self.abandoned_batches} batches handed over"
+            f"{self.skipped_replayed} already-written skipped, {self.handed_over_batches} batches handed over"
         )
 
 
-class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
+class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
     """The ingest side of one consumer-group member: not a consumer itself (FastStream's
     aiokafka consumer reads), but its rebalance listener and the sequencer of its writes.
 
     On assignment it seeks each partition to the offset stored in ClickHouse; each batch is
     prepared by the ``IngestPipeline`` while the previous batch's insert is in flight, and
-    written after it; ``written`` (last stored offset per partition) and the Kafka commit
+    written after it; ``stored_offsets`` (last stored offset per partition) and the Kafka commit
     advance when an insert lands, in batch order.
     """
 
@@ -74,7 +74,7 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         self.pipeline = pipeline
         self.store = store
         self.get_consumer = get_consumer
-        self.written: dict[int, int] = {}
+        self.stored_offsets: dict[int, int] = {}
         self.owned: set[int] = set()
         self.stats = IngestStats()
         self.on_assigned: list[AssignedHook] = []
@@ -104,7 +104,7 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             self._revoking -= parts
             for p in parts:
                 self.owned.discard(p)
-                self.written.pop(p, None)
+                self.stored_offsets.pop(p, None)
                 if self.pipeline.recent is not None:
                     self.pipeline.recent.revoke(p)
             if parts:
@@ -125,7 +125,7 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             for p in sorted(parts):
                 if p in stored and consumer is not None:
                     consumer.seek(TopicPartition(self.topic, p), stored[p] + 1)
-                    self.written[p] = stored[p]
+                    self.stored_offsets[p] = stored[p]
             self.owned |= parts
             log.info(
                 "assigned partitions %s of %s; resuming after stored offsets %s",
@@ -168,9 +168,11 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             if not mine:
                 return None
             try:
-                prepared = await self.pipeline.prepare(mine, self.written, self._still_owned, self._in_flight_hashes)
+                prepared = await self.pipeline.prepare(
+                    mine, self.stored_offsets, self._still_owned, self._in_flight_hashes
+                )
             except BatchAbandoned as exc:
-                self.stats.abandoned_batches += 1
+                self.stats.handed_over_batches += 1
                 log.warning("batch handed over to the new owner: %s", exc)
                 return None
             except Exception:
@@ -181,7 +183,7 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                 return None
             if not await self._land():
                 # The batch before was given up; this one was deduplicated against it.
-                self.stats.abandoned_batches += 1
+                self.stats.handed_over_batches += 1
                 log.warning("batch handed over to the new owner: the batch before it was")
                 return None
             self._in_flight_hashes = prepared.hashes
@@ -197,7 +199,7 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             first[r.partition] = min(first.get(r.partition, r.offset), r.offset)
         for p, offset in first.items():
             if self._still_owned(p):
-                consumer.seek(TopicPartition(self.topic, p), self.written.get(p, offset - 1) + 1)
+                consumer.seek(TopicPartition(self.topic, p), self.stored_offsets.get(p, offset - 1) + 1)
 
     async def flush(self) -> None:
         """Wait for the write in flight, if any, to land (shutdown)."""
@@ -221,14 +223,14 @@ class IngestConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             outcome = await self.pipeline.write(prepared, self._still_owned)
         except BatchAbandoned as exc:
-            self.stats.abandoned_batches += 1
+            self.stats.handed_over_batches += 1
             log.warning("batch handed over to the new owner: %s", exc)
             return False
         self._account(consumed, outcome)
         if outcome.written:
             if self.pipeline.recent is not None:
                 self.pipeline.recent.add(*prepared.entries)
-            self.written.update(outcome.offsets)
+            self.stored_offsets.update(outcome.offsets)
             await self._commit(outcome.offsets)
         for hook in self.on_batch:
             try:
