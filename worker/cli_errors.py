@@ -14,7 +14,8 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from common import kafka_clients
 from common.follower import TopicUnavailable
-from worker.analytics.source import QueryRefused, SourceUnavailable
+from worker.analytics.source import SourceUnavailable
+from worker.refusals import QueryRefused
 from worker.settings import Settings
 from worker.store.client import StoreUnavailable, redact_dsn
 from worker.topics import TopicsRefused

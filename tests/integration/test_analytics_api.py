@@ -98,8 +98,10 @@ def test_key_usage_and_state(api: TestClient, sample: SampleFacts) -> None:
     state = api.get(f"/v1/keys/{ABUSED_KEY}/state", params={"history": 3}).json()
     assert state["blocked"] is True
     assert len(state["history"]) == 3
-    assert {w["window"]: w["count"] for w in state["windows"]} == {"minute": 30, "hour": 1800, "day": 1800}
-    assert {w["window"]: w["limit"] for w in state["windows"]} == {"minute": 100, "hour": 1000, "day": 5000}
+    counts = {"minute": 30, "hour": 1800, "day": 1800, "month": 1800}
+    assert {w["window"]: w["count"] for w in state["windows"]} == counts
+    limits = {"minute": 100, "hour": 1000, "day": 5000, "month": None}  # no monthly quota by default
+    assert {w["window"]: w["limit"] for w in state["windows"]} == limits
 
 
 def test_account_usage_traffic_blocked_and_signals(api: TestClient, sample: SampleFacts) -> None:

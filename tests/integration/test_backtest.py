@@ -26,7 +26,7 @@ from tests.integration.backtest_reference import (  # noqa: F401 (the fixtures n
     utc_now_for_tests,
 )
 from worker.analytics.backtest import BeyondMinuteLevel, backtest
-from worker.analytics.queries import OutOfRange
+from worker.refusals import OutOfRange
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]

@@ -11,10 +11,11 @@ import pytest
 
 from schemas.analytics import Severity, TopDimension, TopEntry, TopList, TopMetric
 from schemas.usage import Granularity
-from worker.analytics.api import error_body, parse_window
-from worker.analytics.cli import _span, emit
+from worker.analytics.api import error_body
+from worker.analytics.cli import emit
 from worker.analytics.queries import check_window, window_level
 from worker.analytics.signals import _fmt_span, severity
+from worker.cli_args import parse_duration
 from worker.cli_args import parse_time as _time
 
 NOW = datetime(2026, 11, 27, 12, 34, 56, tzinfo=UTC)
@@ -47,12 +48,14 @@ def test_check_window_refuses_naive_reversed_and_oversized() -> None:
 
 
 def test_window_and_time_parsing() -> None:
-    assert parse_window("15m") == timedelta(minutes=15)
-    assert parse_window("7d") == timedelta(days=7)
-    assert _span("24h") == timedelta(hours=24)
-    for bad in ("0h", "h", "1y", "-1h", "1.5h"):
+    # One duration parser for the CLI and the query API.
+    assert parse_duration("15m") == timedelta(minutes=15)
+    assert parse_duration("7d") == timedelta(days=7)
+    assert parse_duration("24h") == timedelta(hours=24)
+    assert parse_duration("1.5h") == timedelta(minutes=90)
+    for bad in ("0h", "h", "1y", "-1h"):
         with pytest.raises(argparse.ArgumentTypeError):
-            _span(bad)
+            parse_duration(bad)
     assert _time("2026-11-27T12:00:00+02:00") == datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
     with pytest.raises(argparse.ArgumentTypeError, match="offset"):
         _time("2026-11-27T12:00:00")

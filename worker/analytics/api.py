@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
-from pydantic import AfterValidator, AwareDatetime, ValidationError
+from pydantic import AfterValidator, AwareDatetime
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.analytics import (
@@ -47,7 +47,8 @@ from schemas.limits import LimitPolicy, PolicyBook
 from schemas.usage import Granularity
 from worker.analytics import backtest, queries, signals
 from worker.analytics.throttle import LoginThrottle, client_key
-from worker.cli_args import EARLIEST, LATEST
+from worker.cli_args import EARLIEST, LATEST, parse_duration
+from worker.refusals import OutOfRange, QueryRefused
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -109,13 +110,9 @@ WindowParam = Annotated[
 ]
 
 
-def parse_window(text: str) -> timedelta:
-    unit = {"m": "minutes", "h": "hours", "d": "days"}[text[-1]]
-    return timedelta(**{unit: int(text[:-1])})
-
-
-def default_policy(settings: Settings) -> PolicyLookup:
-    """Every key gets the settings' limits (until per-key / per-account overrides are plugged in)."""
+def settings_limits(settings: Settings) -> PolicyLookup:
+    """Every key gets the settings' limits: what a caller that follows no overrides passes (the
+    worker and ``meter serve-api`` pass their live book's ``resolve``)."""
     policy = settings.default_policy()
     return lambda _key_id, _account_id: policy
 
@@ -150,7 +147,7 @@ def build_query_app(
     """
     database = settings.clickhouse_database
     admin_key = settings.admin_api_key.get_secret_value().encode()
-    lookup = policy_for or default_policy(settings)
+    lookup = policy_for or settings_limits(settings)
     book = policy_book if policy_book is not None else book_of(settings, policy_for)
     clock = now or (lambda: datetime.now(UTC))
     # One client is not safe to share between threads (and chDB is one engine per process).
@@ -190,16 +187,15 @@ def build_query_app(
             raise HTTPException(401, "Invalid API key.")
 
     def run(query: Callable[[], T]) -> T:
-        """Run one query under the client lock; a refused input (ValueError) becomes a 400, a time
-        the store cannot hold (OutOfRange) a 422."""
+        """Run one query under the client lock: a time the store cannot hold (``OutOfRange``)
+        becomes a 422, any other refused question (``QueryRefused``) a 400; anything else is a
+        bug and stays a 500."""
         try:
             with lock:
                 return query()
-        except ValidationError:
-            raise
-        except queries.OutOfRange as exc:
+        except OutOfRange as exc:
             raise HTTPException(422, str(exc)) from None
-        except ValueError as exc:
+        except QueryRefused as exc:
             raise HTTPException(400, str(exc)) from None
 
     def window_of(
@@ -208,7 +204,7 @@ def build_query_app(
         if window is not None and (since is not None or until is not None):
             raise HTTPException(400, "Give either window or since/until, not both.")
         end = until or clock()
-        start = since or end - parse_window(window or default)
+        start = since or end - parse_duration(window or default)
         if start >= end:
             raise HTTPException(400, f"since ({start.isoformat()}) must be before until ({end.isoformat()}).")
         if end - start > MAX_WINDOW:
@@ -344,7 +340,7 @@ def build_query_app(
         as_of: Annotated[StorableTime, Query(description="RFC 3339: the signals as of then (default: now)")] = None,
     ) -> SignalReport:
         """Abuse signals, strongest first, each with its numbers and a plain-words explanation."""
-        recent_span, lookback_span = parse_window(recent), parse_window(lookback)
+        recent_span, lookback_span = parse_duration(recent), parse_duration(lookback)
         if recent_span > queries.MINUTE_LEVEL_MAX_SPAN or lookback_span > timedelta(days=7):
             raise HTTPException(400, "recent may span at most 48h and lookback at most 7d.")
         thresholds = signals.SignalThresholds(recent=recent_span, lookback=lookback_span)

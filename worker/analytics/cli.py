@@ -26,21 +26,15 @@ from schemas.analytics import (
 )
 from schemas.limits import LimitOverride, LimitPolicy, PolicyBook
 from schemas.usage import Granularity
-from worker.analytics.source import Analytics, QueryRefused, open_analytics
+from worker.analytics.source import Analytics, open_analytics
 from worker.cli_args import parse_duration, parse_time
+from worker.refusals import QueryRefused
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 FORMATS = ("table", "json", "csv")
-
-
-def _span(text: str) -> timedelta:
-    units = {"m": "minutes", "h": "hours", "d": "days"}
-    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit() or int(text[:-1]) < 1:
-        raise argparse.ArgumentTypeError(f"not a span: {text!r} (examples: 15m, 1h, 24h, 7d)")
-    return timedelta(**{units[text[-1]]: int(text[:-1])})
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -512,7 +506,9 @@ def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
         help="errors = status >= 400; auth_failures = 401 + 403; rate_limited = 429",
     )
     p.add_argument("-n", type=int, default=20, help="how many (1-1000)")
-    p.add_argument("--window", type=_span, default=timedelta(hours=1), help="span ending at --until (default 1h)")
+    p.add_argument(
+        "--window", type=parse_duration, default=timedelta(hours=1), help="span ending at --until (default 1h)"
+    )
     _range(p)
     _fmt(p)
     p.set_defaults(func=cmd_top)
@@ -555,9 +551,14 @@ def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     )
     p.add_argument("--key", help="only this key's signals")
     p.add_argument("--as-of", type=parse_time, help="RFC 3339: look at the signals as they were then (default: now)")
-    p.add_argument("--recent", type=_span, default=timedelta(hours=1), help="window of the rate signals (default 1h)")
     p.add_argument(
-        "--lookback", type=_span, default=timedelta(hours=24), help="window of IP / block signals (default 24h)"
+        "--recent", type=parse_duration, default=timedelta(hours=1), help="window of the rate signals (default 1h)"
+    )
+    p.add_argument(
+        "--lookback",
+        type=parse_duration,
+        default=timedelta(hours=24),
+        help="window of IP / block signals (default 24h)",
     )
     _fmt(p)
     p.set_defaults(func=cmd_signals)

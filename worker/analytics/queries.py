@@ -31,6 +31,7 @@ from schemas.decisions import DecisionAction, Window, month_bounds
 from schemas.limits import LimitPolicy
 from schemas.usage import Granularity, UsagePoint
 from worker.cli_args import EARLIEST, LATEST
+from worker.refusals import OutOfRange, QueryRefused
 from worker.store.client import quote_identifier
 from worker.store.decisions import DecisionStore
 from worker.store.rollup import rollup_table
@@ -92,10 +93,6 @@ def window_level(since: datetime, until: datetime) -> tuple[Granularity, datetim
     return level, floor_to(since, level)
 
 
-class OutOfRange(ValueError):
-    """A time the store cannot hold (ClickHouse ``DateTime``: 1970-01-01 .. 2106-02-07 UTC)."""
-
-
 def _iso(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -113,12 +110,12 @@ def check_storable(since: datetime, until: datetime) -> None:
 
 def check_window(since: datetime, until: datetime, max_span: timedelta = MAX_TOP_SPAN) -> None:
     if since.tzinfo is None or until.tzinfo is None:
-        raise ValueError("times need a UTC offset (for example 2026-11-27T12:00:00Z)")
+        raise QueryRefused("times need a UTC offset (for example 2026-11-27T12:00:00Z)")
     check_storable(since, until)
     if since >= until:
-        raise ValueError(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
+        raise QueryRefused(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
     if until - since > max_span:
-        raise ValueError(f"window spans {until - since}; at most {max_span.days} days per query")
+        raise QueryRefused(f"window spans {until - since}; at most {max_span.days} days per query")
 
 
 # -- usage series ---------------------------------------------------------------------------
@@ -140,12 +137,12 @@ def series(
 
     Gaps are zeros. With a breakdown: one group per endpoint / status class, the ``top``
     biggest by requests, the rest summed into one ``OTHER_GROUP`` (last). Raises
-    ``OutOfRange`` for times the store cannot hold and ``ValueError`` for an empty or
+    ``OutOfRange`` for times the store cannot hold and ``QueryRefused`` for an empty or
     oversized range (more than 50,000 buckets, or groups x buckets over MAX_SERIES_VALUES).
     Only the non-empty buckets cross from ClickHouse; the columns are filled here.
     """
     if not 1 <= top <= MAX_SERIES_GROUPS:
-        raise ValueError(f"top must be between 1 and {MAX_SERIES_GROUPS}")
+        raise QueryRefused(f"top must be between 1 and {MAX_SERIES_GROUPS}")
     end = until or now or datetime.now(UTC)
     start = since or end - DEFAULT_SPAN[granularity]
     check_storable(start, end)
@@ -181,7 +178,7 @@ def series(
             group = f"if({group} IN {{keep:Array(String)}}, {group}, '{OTHER_GROUP}')"
             parameters["keep"] = keep
     if groups * count > MAX_SERIES_VALUES:
-        raise ValueError(
+        raise QueryRefused(
             f"breakdown by {breakdown.value} gives {groups} groups x {count:,} {granularity.value} buckets = "
             f"{groups * count:,} values, over the cap of {MAX_SERIES_VALUES:,} per query: "
             "narrow the range, use a coarser granularity or ask for fewer groups (top)"
@@ -279,7 +276,7 @@ def top(
     """
     check_window(since, until)
     if not 1 <= n <= MAX_TOP_N:
-        raise ValueError(f"n must be between 1 and {MAX_TOP_N}")
+        raise QueryRefused(f"n must be between 1 and {MAX_TOP_N}")
     level, start = window_level(since, until)
     column = _DIMENSION_COLUMN[dimension]
     metric_column = _METRIC_COLUMN[metric]

@@ -32,15 +32,12 @@ from schemas.analytics import (
 from schemas.limits import LimitPolicy, PolicyBook
 from schemas.usage import Granularity
 from worker.listening import running_worker
+from worker.refusals import QueryRefused
 from worker.settings import Settings
 from worker.store.client import StoreUnavailable, connect, is_embedded
 
 T = TypeVar("T")
 PolicyLookup = Callable[[str, str], LimitPolicy]
-
-
-class QueryRefused(Exception):
-    """The question cannot be answered as asked (a range out of bounds, a cap): say it, exit 2."""
 
 
 class SourceUnavailable(Exception):
@@ -96,16 +93,10 @@ class StoreAnalytics:
         self.book = book or (lambda: PolicyBook(LimitPolicy()))
         self.minute_days = minute_days
 
-    def _run(self, query: Callable[[], T]) -> T:
-        try:
-            return query()
-        except ValueError as exc:  # the queries refuse what they cannot answer with ValueError
-            raise QueryRefused(str(exc)) from None
-
     def top(self, dimension: TopDimension, metric: TopMetric, since: datetime, until: datetime, n: int) -> TopList:
         from worker.analytics import queries
 
-        return self._run(lambda: queries.top(self.client, self.database, dimension, metric, since, until, n))
+        return queries.top(self.client, self.database, dimension, metric, since, until, n)
 
     def series(
         self,
@@ -119,22 +110,20 @@ class StoreAnalytics:
     ) -> UsageSeries:
         from worker.analytics import queries
 
-        return self._run(
-            lambda: queries.series(
-                self.client, self.database, subject, subject_id, granularity, since, until, breakdown, top=top
-            )
+        return queries.series(
+            self.client, self.database, subject, subject_id, granularity, since, until, breakdown, top=top
         )
 
     def key_state(self, key_id: str, history: int) -> KeyState:
         from worker.analytics import queries
 
         lookup = self.policies()
-        return self._run(lambda: queries.key_state(self.client, self.database, key_id, lookup, history=history))
+        return queries.key_state(self.client, self.database, key_id, lookup, history=history)
 
     def blocked(self, n: int) -> list[BlockedKey]:
         from worker.analytics import queries
 
-        return self._run(lambda: queries.blocked_keys(self.client, self.database, n=n))
+        return queries.blocked_keys(self.client, self.database, n=n)
 
     def signals(
         self,
@@ -147,15 +136,13 @@ class StoreAnalytics:
         from worker.analytics.signals import SignalThresholds, abuse_signals
 
         thresholds = SignalThresholds(recent=recent, lookback=lookback)
-        return self._run(
-            lambda: abuse_signals(self.client, self.database, as_of, thresholds=thresholds, kinds=kinds, key_id=key_id)
-        )
+        return abuse_signals(self.client, self.database, as_of, thresholds=thresholds, kinds=kinds, key_id=key_id)
 
     def backtest(self, request: BacktestRequest) -> BacktestResult:
         from worker.analytics.backtest import backtest
 
         book = self.book()
-        return self._run(lambda: backtest(self.client, self.database, request, book, self.minute_days))
+        return backtest(self.client, self.database, request, book, self.minute_days)
 
 
 def _span(value: timedelta) -> str:

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from schemas.decisions import WINDOW_SECONDS, Window
 from schemas.usage import Granularity
+from worker.refusals import QueryRefused
 
 # The buckets are the limit windows (one table of lengths: schemas.decisions.WINDOW_SECONDS).
 STEP_SECONDS = {g: WINDOW_SECONDS[Window(g.value)] for g in Granularity}
@@ -29,9 +30,9 @@ def default_range(
     end = until or (now or datetime.now(UTC))
     start = since or end - DEFAULT_SPAN[granularity]
     if start >= end:
-        raise ValueError(f"--since ({start.isoformat()}) must be before --until ({end.isoformat()})")
+        raise QueryRefused(f"--since ({start.isoformat()}) must be before --until ({end.isoformat()})")
     start = floor_to(start, granularity)
     points = (end - start).total_seconds() / STEP_SECONDS[granularity]
     if points > MAX_POINTS:
-        raise ValueError(f"range has {points:.0f} {granularity.value} buckets; at most {MAX_POINTS} per query")
+        raise QueryRefused(f"range has {points:.0f} {granularity.value} buckets; at most {MAX_POINTS} per query")
     return start, end
