@@ -7,6 +7,7 @@ with ``KAFKA_PORT=19092 infra/kafka/kafka.sh stop``).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -23,6 +24,21 @@ from tests.node_secret import NODE_SECRET
 from worker.settings import Settings
 
 TEST_KAFKA_PORT = 19092
+# Loggers the CLI tunes (worker.logs, worker.cli_errors): put back after each test.
+_TUNED_LOGGERS = ("", "aiokafka", "kafka", "asyncio", "urllib3", "clickhouse_connect", "httpx", "httpcore")
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A test that runs ``meter`` in-process (``main()``) installs a handler on the stream pytest
+    captured for that test, and tunes client loggers: without this, later tests log into a
+    closed stream ("Logging error ... I/O operation on closed file") and miss client logs."""
+    loggers = [logging.getLogger(name) for name in _TUNED_LOGGERS]
+    saved = [(lg, lg.handlers[:], lg.level) for lg in loggers]
+    yield
+    for lg, handlers, level in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
 
 
 def _answers(bootstrap: str) -> bool:
