@@ -177,7 +177,7 @@ def cmd_unblock(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from worker.limits.control import current_overrides, latest_allowances, latest_decisions
+    from worker.control_topics import current_overrides, latest_allowances, latest_decisions
     from worker.limits.explain import explain
 
     async def gather() -> tuple[Any, Any, Any]:
@@ -230,7 +230,8 @@ def _show_limits(args: argparse.Namespace, settings: Settings, overrides: dict[s
 
 
 def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.limits.control import current_overrides, set_override
+    from worker.control_topics import current_overrides
+    from worker.limits.control import set_override
 
     if args.action == "backtest":
         return cmd_limits_backtest(args, settings)

@@ -126,8 +126,8 @@ def test_limits_show_escapes_the_subject_and_note(
     from datetime import UTC, datetime
 
     from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
+    from worker import control_topics as control
     from worker.cli import build_parser, cmd_limits
-    from worker.limits import control
 
     # model_construct: a record written before the contract refused controls.
     override = LimitOverride.model_construct(

@@ -193,7 +193,7 @@ def _policy_book(settings: Settings) -> PolicyBook:
     """The default policy plus the overrides in force on the limits topic (if Kafka answers)."""
     import asyncio
 
-    from worker.limits.control import current_overrides
+    from worker.control_topics import current_overrides
 
     book = settings.policy_book()
     if not _answers(settings.kafka_bootstrap):

@@ -7,10 +7,9 @@ import time
 from datetime import UTC, datetime
 
 from common import kafka_clients
-from common.follower import read_to_end, valid_records
-from schemas.allowances import Allowance
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
+from worker.control_topics import latest_decisions
 from worker.settings import Settings
 
 
@@ -56,28 +55,3 @@ async def set_override(
     override = LimitOverride(scope=scope, subject=subject, policy=policy, updated_at=datetime.now(UTC), note=note)
     await _send(settings, settings.limits_topic, override.topic_key, override.model_dump_json().encode())
     return override
-
-
-async def current_overrides(settings: Settings) -> dict[str, LimitOverride]:
-    """The overrides in force: the latest record per scope:subject on the limits topic."""
-    latest: dict[str, LimitOverride] = {}
-    for override in valid_records(await read_to_end(settings, settings.limits_topic), LimitOverride):
-        latest[override.topic_key] = override
-    return {k: v for k, v in latest.items() if v.policy is not None}
-
-
-async def latest_decisions(settings: Settings) -> dict[str, Decision]:
-    latest: dict[str, Decision] = {}
-    for decision in valid_records(await read_to_end(settings, settings.decisions_topic), Decision):
-        if decision.key_id not in latest or latest[decision.key_id].version < decision.version:
-            latest[decision.key_id] = decision
-    return latest
-
-
-async def latest_allowances(settings: Settings) -> dict[str, Allowance]:
-    latest: dict[str, Allowance] = {}
-    records = await read_to_end(settings, settings.allowances_topic)
-    for allowance in valid_records(records, Allowance):
-        if allowance.key_id not in latest or latest[allowance.key_id].version < allowance.version:
-            latest[allowance.key_id] = allowance
-    return latest
