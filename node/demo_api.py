@@ -132,6 +132,7 @@ async def get_rates(request: Request) -> JSONResponse:
     return JSONResponse({"data": _RATES})
 
 
+# long: the demo API's routes, health and lifespan in one place
 def build_node_app(
     settings: NodeSettings,
     keys: KeyStore,

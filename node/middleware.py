@@ -196,6 +196,7 @@ class MeterMiddleware:
         self._open_block_retry_after_s = open_block_retry_after_s
         self._strip_key_header = strip_key_header
 
+    # long: the request path in its order (auth, scope, limits, the app, the event): split, the order hides
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)

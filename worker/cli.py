@@ -276,6 +276,7 @@ def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
 _UNSET: object = object()
 
 
+# long: argparse registration: a flat list of subcommands and their options
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meter",

@@ -18,16 +18,6 @@ REASON = "# long:"
 # beside them there, then drop the entry (an entry for a function no longer long fails).
 PENDING = {
     "worker/analytics/backtest.py::backtest": "new (issue 10, item 5); analytics rework (item 5)",
-    "worker/analytics/cli.py::add_analytics_commands": "argparse subcommands; analytics rework (item 5)",
-    "worker/analytics/queries.py::series": "analytics rework (item 5)",
-    "worker/analytics/queries.py::key_state": "analytics rework (item 5)",
-    "worker/analytics/sample.py::seed_sample": "analytics rework (item 5)",
-    "worker/analytics/signals.py::rate_jumps": "analytics rework (item 5)",
-    "worker/analytics/signals.py::many_sources": "analytics rework (item 5)",
-    "worker/cli.py::build_parser": "one flat argparse builder; worker/cli.py is being reworked",
-    "worker/limits/engine.py::_allot": "the limit engine is reworked in the enforcement issue",
-    "node/demo_api.py::build_node_app": "node/ is reworked in the enforcement issue",
-    "node/middleware.py::__call__": "node/ is reworked in the enforcement issue",
 }
 
 

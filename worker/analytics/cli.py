@@ -494,6 +494,7 @@ def _range(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", type=parse_time, help="RFC 3339 end, exclusive (default: now)")
 
 
+# long: argparse registration of every read command: a flat list of options
 def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``top``, ``key-usage``, ``account-usage``, ``key-state``, ``blocked``, ``signals``,
     ``serve-api`` and ``analytics-sample`` on the ``meter`` parser."""

@@ -121,6 +121,7 @@ def check_window(since: datetime, until: datetime, max_span: timedelta = MAX_TOP
 # -- usage series ---------------------------------------------------------------------------
 
 
+# long: one query and the zero-filled grid it fills: the steps share the bucket arithmetic
 def series(
     client: Client,
     database: str,
@@ -325,6 +326,7 @@ def window_bounds(window: Window, now: datetime) -> tuple[datetime, datetime]:
     return start, start + timedelta(seconds=STEP_SECONDS[granularity])
 
 
+# long: the windows of one key, its block and history, read and assembled in one pass
 def key_state(
     client: Client,
     database: str,

@@ -93,6 +93,7 @@ class _Rows:
         return [[*cell, int(v[0]), int(v[1]), float(v[2])] for cell, v in self.cells.items()]
 
 
+# long: the sample data set written out as data, one scenario after another
 def seed_sample(client: Client, database: str, now: datetime | None = None) -> SampleFacts:
     """Write the sample around ``now`` (default: the current time) and return its facts."""
     now = (now or datetime.now(UTC)).astimezone(UTC)

@@ -85,6 +85,7 @@ def recent_counts(client: Client, database: str, now: datetime, th: SignalThresh
     return [(str(k), str(a), int(n), int(auth), int(lim), int(n401)) for k, a, n, auth, lim, n401 in rows]
 
 
+# long: one signal's query and its plain-words explanation read best together
 def rate_jumps(
     client: Client,
     database: str,
@@ -217,6 +218,7 @@ def error_bursts(
     return _cap(out, th)
 
 
+# long: one signal's two queries and its plain-words explanation read best together
 def many_sources(client: Client, database: str, now: datetime, th: SignalThresholds) -> list[Signal]:
     """Keys seen from unusually many client IPs (or nodes): the key is probably shared or leaked."""
     since = floor_to(now - th.lookback, Granularity.hour)

@@ -350,6 +350,7 @@ class LimitEngine:
         counters = self.partitions.get(partition)
         return counters.keys.get(key_id) if counters is not None else None
 
+    # long: the division of one hot key step by step, in the order the docstring gives
     def _allot(self, key_id: str, kw: KeyWindows, reports: Mapping[str, NodeReport], now: float) -> Allowance | None:
         """The key's allowance if it is hot and a cap changed since the last one, else None."""
         policy = self.policies.resolve(key_id, kw.account)
