@@ -39,7 +39,7 @@ is under every limit they could meet skip the replay. Inputs reach SQL only as p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -135,19 +135,28 @@ def _segment_total(running: str, ends: str) -> str:
     return f"arrayReverseFill((v, f) -> f, {running}, {ends})"
 
 
-def _replay(p: str) -> str:
-    """The limiter with limits ``{p}m``, ``{p}h``, ``{p}d`` over the elements ``b`` (minute), ``x`` (requests).
+def _replayed(source: str, policies: tuple[str, ...]) -> str:
+    """``source`` (rows with the elements ``b`` - minutes - and ``x`` - requests -, see _ELEMENTS)
+    with the limiter replayed for each policy ``p`` of ``policies`` (limits ``{p}m``, ``{p}h``,
+    ``{p}d``): ``{p}_sh`` / ``{p}_sd`` are the hour and day running sums of what the smaller
+    windows let through (a window's limit is reached at an element when its sum is at or over
+    it), ``{p}_r`` what is refused of each element from since on.
 
-    ``{p}_sh`` / ``{p}_sd``: hour and day running sums of what the smaller windows let through;
-    the hour (day) limit is reached at an element when that sum is at or over it.
-    """
-    return f"""
-        {_admitted(_segment_sum("x", "sm"), "x", f"{p}m")} AS {p}_a1,
-        {_segment_sum(f"{p}_a1", "sh")} AS {p}_sh,
-        {_admitted(f"{p}_sh", f"{p}_a1", f"{p}h")} AS {p}_a2,
-        {_segment_sum(f"{p}_a2", "sd")} AS {p}_sd,
-        {_admitted(f"{p}_sd", f"{p}_a2", f"{p}d")} AS {p}_a3,
-        arrayMap((v, a, bb) -> if(bb >= since_s, v - a, 0), x, {p}_a3, b) AS {p}_r"""
+    One subquery a step: each step names the last one's columns, so the expressions stay the
+    size they are written (nested inline, every step would repeat the ones before it)."""
+    steps: list[Callable[[str], str]] = [
+        lambda p: f"{_admitted(_segment_sum('x', 'sm'), 'x', f'{p}m')} AS {p}_a1",
+        lambda p: f"{_segment_sum(f'{p}_a1', 'sh')} AS {p}_sh",
+        lambda p: f"{_admitted(f'{p}_sh', f'{p}_a1', f'{p}h')} AS {p}_a2",
+        lambda p: f"{_segment_sum(f'{p}_a2', 'sd')} AS {p}_sd",
+        lambda p: (
+            f"arrayMap((v, a, bb) -> if(bb >= since_s, v - a, 0), x, "
+            f"{_admitted(f'{p}_sd', f'{p}_a2', f'{p}d')}, b) AS {p}_r"
+        ),
+    ]
+    for step in steps:
+        source = f"SELECT *, {', '.join(step(p) for p in policies)} FROM ({source})"
+    return source
 
 
 def _outcome(p: str) -> str:
@@ -219,32 +228,41 @@ _ELEMENTS = """
 """
 
 _SUMMARY = ", ".join(
-    f"countIf({p}_refused > 0) OVER () AS s_{p}_keys, sum({p}_refused) OVER () AS s_{p}_refused, "
+    f"countIf({p}_refused > 0) AS s_{p}_keys, sum({p}_refused) AS s_{p}_refused, "
     + ", ".join(
-        f"countIf({p}_{w} > 0) OVER () AS s_{p}_{w}_keys, sum({p}_n{'min' if w == 'minute' else w}) OVER () "
-        f"AS s_{p}_{w}_buckets, sum({p}_{w}) OVER () AS s_{p}_{w}_refused"
+        f"countIf({p}_{w} > 0) AS s_{p}_{w}_keys, sum({p}_n{'min' if w == 'minute' else w}) AS s_{p}_{w}_buckets, "
+        f"sum({p}_{w}) AS s_{p}_{w}_refused"
         for w in ("minute", "hour", "day")
     )
     for p in ("c", "f")
 )
 
+# What is listed of each of the most refused keys (SQL, name), in ranking order: the first
+# three sort them.
+_TOP = (
+    ("-c_refused", "rank_c"),
+    ("-f_refused", "rank_f"),
+    ("key_id", "key_id"),
+    ("total", "total"),
+    ("observed", "observed"),
+    ("applies", "applies"),
+    ("c_refused", "c_refused"),
+    ("c_minute", "c_minute"),
+    ("c_hour", "c_hour"),
+    ("c_day", "c_day"),
+    ("c_nmin + c_nhour + c_nday", "c_windows"),
+    ("c_first", "c_first"),
+    ("f_refused", "f_refused"),
+)
+_TOP_FIELDS = ", ".join(sql for sql, _ in _TOP)
+
 # The totals count every key of the scope; only the keys that could be refused go on to the
 # replay: a key that asked for no more than its smallest limit in the whole scan cannot be.
 # LEFT ARRAY JOIN keeps one (empty) row when none could, so the totals still come back.
-_MAIN = f"""
-SELECT key_id, total, observed, applies, cm, ch, cd, fm, fh, fd,
-    c_refused, c_minute, c_hour, c_day, c_nmin + c_nhour + c_nday AS c_windows, c_first, f_refused,
-    all_keys, all_requests, all_observed,
-    {_SUMMARY},
-    countIf(c_refused > 0 AND f_refused = 0) OVER () AS s_newly,
-    countIf(f_refused > 0 AND c_refused = 0) OVER () AS s_no_longer
-FROM (
-    SELECT key_id, total, observed, applies, cm, ch, cd, fm, fh, fd, all_keys, all_requests, all_observed,
-        {_ELEMENTS}, {_replay("c")}, {_replay("f")}, {_outcome("c")}, {_outcome("f")},
-        arrayFirst((k, v) -> v > 0, b, c_r) AS c_first
-    FROM (
-        SELECT all_keys, all_requests, all_observed, k.1 AS key_id, k.2 AS total, k.3 AS observed, k.4 AS applies,
-            k.5 AS cm, k.6 AS ch, k.7 AS cd, k.8 AS fm, k.9 AS fh, k.10 AS fd, k.11 AS bs, k.12 AS xs
+_COLLECTED = f"""
+    SELECT *, {_ELEMENTS} FROM (
+        SELECT all_keys, all_requests, all_observed, k.1 AS key_id, k.2 AS total, k.3 AS observed,
+            k.4 AS applies, k.5 AS cm, k.6 AS ch, k.7 AS cd, k.8 AS fm, k.9 AS fh, k.10 AS fd, k.11 AS bs, k.12 AS xs
         FROM (
             SELECT countIf(total > 0) AS all_keys, sum(total) AS all_requests, sum(observed) AS all_observed,
                 groupArrayIf((key_id, total, observed, applies, cm, ch, cd, fm, fh, fd, bs, xs),
@@ -253,9 +271,21 @@ FROM (
         )
         LEFT ARRAY JOIN keys AS k
     )
+"""
+
+# One row: the totals, each policy's refusals by window, and the most refused keys (sorted, at
+# most n, kept in memory n at a time).
+_MAIN = f"""
+SELECT any(all_keys) AS all_keys, any(all_requests) AS all_requests, any(all_observed) AS all_observed,
+    {_SUMMARY},
+    countIf(c_refused > 0 AND f_refused = 0) AS s_newly,
+    countIf(f_refused > 0 AND c_refused = 0) AS s_no_longer,
+    groupArraySortedIf({{n:UInt32}})(({_TOP_FIELDS}), c_refused > 0 OR f_refused > 0) AS top
+FROM (
+    SELECT key_id, total, observed, applies, all_keys, all_requests, all_observed,
+        {_outcome("c")}, {_outcome("f")}, arrayFirst((k, v) -> v > 0, b, c_r) AS c_first
+    FROM ({_replayed(_COLLECTED, ("c", "f"))})
 )
-ORDER BY c_refused DESC, f_refused DESC, key_id
-LIMIT {{n:UInt32}}
 """
 
 # The listed keys again (by primary key): their newest account and most refused windows.
@@ -268,15 +298,10 @@ FROM (
                 h >= ch, ('hour', intDiv(k, 3600) * 3600, ht, v),
                 ('minute', k, mt, v)),
             b, c_r, c_sh, c_sd,
-            {_segment_total(_segment_sum("x", "sm"), "em")},
-            {_segment_total(_segment_sum("x", "sh"), "eh")},
-            {_segment_total(_segment_sum("x", "sd"), "ed")}))) AS w
-    FROM (
-        SELECT key_id, cm, ch, cd, {_ELEMENTS}, {_replay("c")},
-            arrayPopFront(arrayPushBack(sm, 1)) AS em, arrayPopFront(arrayPushBack(sh, 1)) AS eh,
-            arrayPopFront(arrayPushBack(sd, 1)) AS ed
-        FROM ({_PER_KEY})
-    )
+            {_segment_total(_segment_sum("x", "sm"), "arrayPopFront(arrayPushBack(sm, 1))")},
+            {_segment_total(_segment_sum("x", "sh"), "arrayPopFront(arrayPushBack(sh, 1))")},
+            {_segment_total(_segment_sum("x", "sd"), "arrayPopFront(arrayPushBack(sd, 1))")}))) AS w
+    FROM ({_replayed("SELECT *, " + _ELEMENTS + " FROM (" + _PER_KEY + ")", ("c",))})
 )
 GROUP BY key_id, kind, start
 ORDER BY key_id, refused DESC, start, kind
@@ -366,12 +391,12 @@ def backtest(
         "n": max(request.top, 1),
     }
     result = client.query(_sql(_MAIN, table, request.scope, params), parameters=params)
-    rows = [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
-    listed = [r for r in rows if r["c_refused"] > 0 or r["f_refused"] > 0][: request.top]
+    first = dict(zip(result.column_names, result.result_rows[0], strict=True)) if result.result_rows else None
+    top = first["top"] if first else []
+    listed = [dict(zip((name for _, name in _TOP), entry, strict=True)) for entry in top][: request.top]
     keys = [str(r["key_id"]) for r in listed]
     accounts = _accounts(client, table, params, keys)
     windows = _refused_windows(client, table, params, keys, request.windows_per_key)
-    first = rows[0] if rows else None
     notes = []
     day_start = since.replace(hour=0, minute=0, second=0, microsecond=0)
     if start > day_start:
