@@ -397,23 +397,7 @@ def backtest(
     keys = [str(r["key_id"]) for r in listed]
     accounts = _accounts(client, table, params, keys)
     windows = _refused_windows(client, table, params, keys, request.windows_per_key)
-    notes = []
-    day_start = since.replace(hour=0, minute=0, second=0, microsecond=0)
-    if start > day_start:
-        notes.append(
-            f"the day of since ({_iso(day_start)}) began before the oldest minute the minute level holds "
-            f"({_iso(start)}): hour and day windows of that day count from {_iso(start)}, so their refusals "
-            "are a lower bound"
-        )
-    policies = [book.default, *dict(book.by_key).values(), *dict(book.by_account).values()]
-    if any(p.per_month is not None for p in policies):
-        notes.append(
-            f"calendar-month quotas (per_month) in force are not replayed: the minute level holds {minute_days} days"
-        )
-    if book.shadow_all or any(p.shadow for p in policies):
-        notes.append(
-            "some policies in force are in shadow (dry run: live they refuse nothing); they are replayed as if enforced"
-        )
+    notes = _notes(book, since, start, minute_days)
     return BacktestResult(
         scope=request.scope,
         subject=request.subject,
@@ -437,6 +421,28 @@ def backtest(
         semantics=SEMANTICS,
         notes=notes,
     )
+
+
+def _notes(book: PolicyBook, since: datetime, start: datetime, minute_days: int) -> list[str]:
+    """What bounds the figures: a first day cut by the retention, what the replay leaves out."""
+    notes = []
+    day_start = since.replace(hour=0, minute=0, second=0, microsecond=0)
+    if start > day_start:
+        notes.append(
+            f"the day of since ({_iso(day_start)}) began before the oldest minute the minute level holds "
+            f"({_iso(start)}): hour and day windows of that day count from {_iso(start)}, so their refusals "
+            "are a lower bound"
+        )
+    policies = [book.default, *dict(book.by_key).values(), *dict(book.by_account).values()]
+    if any(p.per_month is not None for p in policies):
+        notes.append(
+            f"calendar-month quotas (per_month) in force are not replayed: the minute level holds {minute_days} days"
+        )
+    if book.shadow_all or any(p.shadow for p in policies):
+        notes.append(
+            "some policies in force are in shadow (dry run: live they refuse nothing); they are replayed as if enforced"
+        )
+    return notes
 
 
 def _summary(row: dict[str, Any] | None, p: str) -> BacktestOutcome:
