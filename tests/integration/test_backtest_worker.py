@@ -6,12 +6,9 @@ the same answer."""
 from __future__ import annotations
 
 import json
-import secrets
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,52 +16,34 @@ import httpx
 import pytest
 
 from schemas.analytics import BacktestResult
-from tests.integration.helpers import cli_env, free_port
+from tests.integration import test_embedded_while_metering as embedded
 from worker.analytics.sample import ABUSED_KEY
-from worker.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
-ADMIN = secrets.token_urlsafe(32)
-
-
-def meter(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *argv], env=env, capture_output=True, text=True, timeout=120
-    )
-
-
-@pytest.fixture
-def env(topics: Settings, tmp_path: Path) -> dict[str, str]:
-    return cli_env(
-        topics,
-        # Not the session's chDB directory: this test process holds that one.
-        METER_CLICKHOUSE_DSN=f"chdb://{tmp_path / 'clickhouse'}",
-        METER_HTTP_PORT=str(free_port()),
-        METER_ADMIN_API_KEY=ADMIN,
-    )
+# The embedded-store test's fixtures and helper: env (a meter subprocess environment with its own
+# chDB directory, listener port and admin key), worker (a meter worker process on it), meter.
+ADMIN = embedded.ADMIN
+env = embedded.env
+worker = embedded.worker
+meter = embedded.meter
 
 
 @pytest.fixture
-def worker(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    seeded = meter(env, "analytics-sample")  # the store, before the worker holds it
-    assert seeded.returncode == 0, seeded.stderr
-    overridden = meter(
+def seeded(env: dict[str, str]) -> None:
+    """The sample in the store and an override of acct-b on the limits topic, before the worker
+    starts (the test asks for this fixture before ``worker``; the worker then holds the store)."""
+    done = meter(env, "analytics-sample")
+    assert done.returncode == 0, done.stderr
+    done = meter(
         env, "limits", "set", "--account", "acct-b", "--per-minute", "45", "--per-hour", "unlimited",
         "--per-day", "unlimited", "--note", "backtest test",
     )  # fmt: skip
-    assert overridden.returncode == 0, overridden.stderr
-    log = (tmp_path / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env, stdout=log, stderr=log)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    log.close()
+    assert done.returncode == 0, done.stderr
 
 
 def test_backtest_through_the_worker_and_from_the_store(
-    env: dict[str, str], worker: subprocess.Popen[bytes], tmp_path: Path
+    env: dict[str, str], seeded: None, worker: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
     url = f"http://127.0.0.1:{env['METER_HTTP_PORT']}"
     until = (datetime.now(UTC) + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
