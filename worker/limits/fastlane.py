@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from common import kafka_clients
 from common.kafka_clients import KafkaTarget
+from common.recent_set import RecentSet
 from common.retry import cancel_and_wait, keep_running
 from schemas.decisions import WINDOW_SECONDS, Window
 from worker.limits.engine import NodeReport
@@ -46,24 +47,8 @@ class FastBatch:
     duplicates: int = 0
 
 
-class RecentRequests:
-    """Request hashes seen lately, oldest forgotten past ``max_size`` (dicts keep insertion order)."""
-
-    def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        self._seen: dict[int, None] = {}
-
-    def add(self, digest: int) -> bool:
-        """True if new."""
-        if digest in self._seen:
-            return False
-        self._seen[digest] = None
-        if len(self._seen) > self.max_size:
-            del self._seen[next(iter(self._seen))]
-        return True
-
-    def __len__(self) -> int:
-        return len(self._seen)
+class RecentRequests(RecentSet[int]):
+    """Request hashes seen lately, oldest forgotten past ``max_size``: ``add`` is True if new."""
 
 
 def group_batch(records: Sequence[KafkaRecord], validator: Validator, recent: RecentRequests, now: float) -> FastBatch:

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 
 from common import kafka_clients
 from common.follower import topic_partitions
+from common.recent_set import RecentSet
 from common.retry import cancel_and_wait, describe_error, keep_running, retry_forever
 from schemas.notifications import Notification, UndeliveredNotification
 from worker.notify.signature import HEADER, sign
@@ -139,7 +140,7 @@ class WebhookDeliverer:
             headers={"User-Agent": USER_AGENT},
         )
         self.stats = DeliveryStats()
-        self._done: dict[tuple[str, str], None] = {}  # (notification id, url), oldest first
+        self._done: RecentSet[tuple[str, str]] = RecentSet(REMEMBERED_DELIVERIES)  # (notification id, url)
         self._producer: Any = None
         self._task: asyncio.Task[None] | None = None
 
@@ -326,9 +327,7 @@ class WebhookDeliverer:
         )
 
     def _remember(self, done: tuple[str, str]) -> None:
-        self._done[done] = None
-        if len(self._done) > REMEMBERED_DELIVERIES:
-            del self._done[next(iter(self._done))]
+        self._done.add(done)
 
 
 async def run_deliverer(settings: Settings) -> None:
