@@ -36,3 +36,9 @@ def _in_range(value: datetime) -> datetime:
 
 
 Timestamp = Annotated[AwareDatetime, AfterValidator(_in_range)]
+
+
+def next_version(last: int, now: float) -> int:
+    """The version after ``last``: the clock in microseconds, or ``last + 1`` if that is not
+    newer (a clock behind, or two in one microsecond). Readers apply only a newer version."""
+    return max(int(now * 1_000_000), last + 1)

@@ -31,6 +31,8 @@ from schemas.analytics import (
 )
 from schemas.limits import LimitPolicy, PolicyBook
 from schemas.usage import Granularity
+from worker.analytics import backtest, queries
+from worker.analytics.signals import SignalThresholds, abuse_signals
 from worker.listening import running_worker
 from worker.refusals import QueryRefused
 from worker.settings import Settings
@@ -94,8 +96,6 @@ class StoreAnalytics:
         self.minute_days = minute_days
 
     def top(self, dimension: TopDimension, metric: TopMetric, since: datetime, until: datetime, n: int) -> TopList:
-        from worker.analytics import queries
-
         return queries.top(self.client, self.database, dimension, metric, since, until, n)
 
     def series(
@@ -108,21 +108,15 @@ class StoreAnalytics:
         breakdown: Breakdown,
         top: int,
     ) -> UsageSeries:
-        from worker.analytics import queries
-
         return queries.series(
             self.client, self.database, subject, subject_id, granularity, since, until, breakdown, top=top
         )
 
     def key_state(self, key_id: str, history: int) -> KeyState:
-        from worker.analytics import queries
-
         lookup = self.policies()
         return queries.key_state(self.client, self.database, key_id, lookup, history=history)
 
     def blocked(self, n: int) -> list[BlockedKey]:
-        from worker.analytics import queries
-
         return queries.blocked_keys(self.client, self.database, n=n)
 
     def signals(
@@ -133,16 +127,12 @@ class StoreAnalytics:
         kinds: set[SignalKind] | None,
         key_id: str | None,
     ) -> SignalReport:
-        from worker.analytics.signals import SignalThresholds, abuse_signals
-
         thresholds = SignalThresholds(recent=recent, lookback=lookback)
         return abuse_signals(self.client, self.database, as_of, thresholds=thresholds, kinds=kinds, key_id=key_id)
 
     def backtest(self, request: BacktestRequest) -> BacktestResult:
-        from worker.analytics.backtest import backtest
-
         book = self.book()
-        return backtest(self.client, self.database, request, book, self.minute_days)
+        return backtest.backtest(self.client, self.database, request, book, self.minute_days)
 
 
 def _span(value: timedelta) -> str:
@@ -160,6 +150,15 @@ def _params(**values: Any) -> dict[str, Any]:
             continue
         out[name] = value.isoformat() if isinstance(value, datetime) else getattr(value, "value", value)
     return out
+
+
+# Built once: a TypeAdapter builds its validator when made.
+_AS_TOPLIST = TypeAdapter(TopList)
+_AS_USAGESERIES = TypeAdapter(UsageSeries)
+_AS_KEYSTATE = TypeAdapter(KeyState)
+_AS_BLOCKEDKEYS = TypeAdapter(list[BlockedKey])
+_AS_SIGNALREPORT = TypeAdapter(SignalReport)
+_AS_BACKTESTRESULT = TypeAdapter(BacktestResult)
 
 
 class ApiAnalytics:
@@ -192,7 +191,7 @@ class ApiAnalytics:
 
     def top(self, dimension: TopDimension, metric: TopMetric, since: datetime, until: datetime, n: int) -> TopList:
         params = _params(dimension=dimension, metric=metric, since=since, until=until, n=n)
-        return self._get("/v1/top", TypeAdapter(TopList), **params)
+        return self._get("/v1/top", _AS_TOPLIST, **params)
 
     def series(
         self,
@@ -210,13 +209,13 @@ class ApiAnalytics:
             else f"/v1/{'keys' if subject is Subject.key else 'accounts'}/{_segment(subject_id)}/usage"
         )
         params = _params(since=since, until=until, granularity=granularity, breakdown=breakdown, top=top)
-        return self._get(path, TypeAdapter(UsageSeries), **params)
+        return self._get(path, _AS_USAGESERIES, **params)
 
     def key_state(self, key_id: str, history: int) -> KeyState:
-        return self._get(f"/v1/keys/{_segment(key_id)}/state", TypeAdapter(KeyState), history=history)
+        return self._get(f"/v1/keys/{_segment(key_id)}/state", _AS_KEYSTATE, history=history)
 
     def blocked(self, n: int) -> list[BlockedKey]:
-        return self._get("/v1/blocked", TypeAdapter(list[BlockedKey]), n=n)
+        return self._get("/v1/blocked", _AS_BLOCKEDKEYS, n=n)
 
     def signals(
         self,
@@ -229,13 +228,13 @@ class ApiAnalytics:
         params = _params(as_of=as_of, recent=_span(recent), lookback=_span(lookback), key_id=key_id)
         if kinds:
             params["kind"] = sorted(k.value for k in kinds)
-        return self._get("/v1/signals", TypeAdapter(SignalReport), **params)
+        return self._get("/v1/signals", _AS_SIGNALREPORT, **params)
 
     def backtest(self, request: BacktestRequest) -> BacktestResult:
         body = request.model_dump(mode="json", exclude_none=True)
         for name in ("per_minute", "per_hour", "per_day"):  # null is "unlimited": always sent
             body[name] = getattr(request, name)
-        return self._ask("POST", "/v1/limits/backtest", TypeAdapter(BacktestResult), json=body)
+        return self._ask("POST", "/v1/limits/backtest", _AS_BACKTESTRESULT, json=body)
 
 
 def _segment(value: str) -> str:

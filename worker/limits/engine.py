@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from aiokafka.partitioner import murmur2
 
 from schemas.allowances import Allowance, WindowAllowance
+from schemas.bounds import next_version
 from schemas.decisions import (
     AUTOMATIC_WINDOWS,
     WINDOW_SECONDS,
@@ -413,7 +414,7 @@ class LimitEngine:
         if caps == hk.last:
             return None
         hk.last = caps
-        version = max(int(now * 1_000_000), self.allowance_versions.get(key_id, 0) + 1)
+        version = next_version(self.allowance_versions.get(key_id, 0), now)
         self.allowance_versions[key_id] = version
         self.allowances_issued += 1
         return Allowance(key_id=key_id, version=version, decided_at=to_datetime(now), windows=windows)
@@ -512,7 +513,7 @@ class LimitEngine:
         shadow: bool = False,
         source: str = "worker",
     ) -> Decision:
-        version = max(int(now * 1_000_000), self.versions.get(key_id, 0) + 1)
+        version = next_version(self.versions.get(key_id, 0), now)
         self.versions[key_id] = version
         return Decision(
             key_id=key_id,

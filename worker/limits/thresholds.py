@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from schemas.bounds import next_version
 from schemas.decisions import WINDOW_SECONDS, Window
 from schemas.limits import LimitPolicy
 from schemas.notifications import (
@@ -160,7 +161,7 @@ class ThresholdTracker:
         now: float,
     ) -> Notification:
         # Rises with every notification of this worker (and with the clock across workers).
-        self._version = max(int(now * 1_000_000), self._version + 1)
+        self._version = next_version(self._version, now)
         self.notified += 1
         return Notification(
             id=notification_id(key_id, window, start, mark.label),
