@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,53 +98,82 @@ class Preload:
         return self.bytes / self.events if self.events else 0.0
 
 
+class EventMaker:
+    """Realistic events over ``n_keys`` keys, as wire bytes identical to ``schemas.events.dump_event``.
+
+    Built once (the per-key parts: Zipf-like popularity, a primary and a secondary endpoint,
+    an account, one client IP, the partition of the key), then drawn from as often as needed.
+    """
+
+    def __init__(self, n_keys: int, partitions: int, seed: int) -> None:
+        rng = self.rng = random.Random(seed)
+        keys = key_ids(n_keys)
+        self.key_bytes = [k.encode() for k in keys]
+        self.key_part = [(murmur2(k) & 0x7FFFFFFF) % partitions for k in self.key_bytes]  # aiokafka's partitioner
+        # per key: a primary and a secondary endpoint, an account, one client IP
+        self.primary = [rng.randrange(len(ENDPOINTS)) for _ in range(n_keys)]
+        self.secondary = [rng.randrange(len(ENDPOINTS)) for _ in range(n_keys)]
+        accounts = [f"acct-{rng.randrange(max(1, n_keys // 4)):06d}" for _ in range(n_keys)]
+        ips = [f"{10 + i % 200}.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255 or 1}" for i in range(n_keys)]
+        # per key, the JSON fragments that never change
+        self.head = [f'"key_id":"{k}"' for k in keys]
+        self.tail_account = [f'"account_id":"{a}"' for a in accounts]
+        self.tail_ip = [f'"client_ip":"{ip}"' for ip in ips]
+        # Zipf-like popularity (s = 1): the top key sends ~8% of the traffic, the tail one event or none
+        self.cum: list[float] = []
+        total = 0.0
+        for i in range(n_keys):
+            total += 1.0 / (i + 1)
+            self.cum.append(total)
+        self.total = total
+        # a random permutation so that heavy keys are spread over partitions
+        self.order = list(range(n_keys))
+        rng.shuffle(self.order)
+        self.seen_keys: set[int] = set()
+
+    def events(self, n: int, seconds: Sequence[str]) -> Iterator[tuple[int, bytes, bytes]]:
+        """``n`` events as (partition, key, value), each at a random one of ``seconds``
+        (``%Y-%m-%dT%H:%M:%S`` in UTC) plus random microseconds."""
+        rng, cum, total, order, seen_keys = self.rng, self.cum, self.total, self.order, self.seen_keys
+        primary, secondary, head, tail_account, tail_ip = (
+            self.primary,
+            self.secondary,
+            self.head,
+            self.tail_account,
+            self.tail_ip,
+        )
+        rand, randrange, expo, getbits = rng.random, rng.randrange, rng.expovariate, rng.getrandbits
+        n_endpoints, n_seconds = len(ENDPOINTS), len(seconds)
+        for _ in range(n):
+            i = order[bisect.bisect_left(cum, rand() * total)]
+            seen_keys.add(i)
+            r = rand()
+            e = primary[i] if r < 0.8 else secondary[i] if r < 0.97 else randrange(n_endpoints)
+            endpoint, method = ENDPOINTS[e]
+            value = (
+                f'{{"v":1,"request_id":"{getbits(128):032x}",{head[i]},"node_id":"{NODES[randrange(3)]}",'
+                f'"method":"{method}","endpoint":"{endpoint}","status":{STATUSES[randrange(100)]},'
+                f'"ts":"{seconds[randrange(n_seconds)]}.{randrange(1_000_000):06d}Z",{tail_account[i]},'
+                f'"latency_ms":{round(expo(0.025), 2)!r},{tail_ip[i]},"bytes_out":{randrange(200, 4000)}}}'
+            ).encode()
+            yield self.key_part[i], self.key_bytes[i], value
+
+
+def utc_seconds(start: int, count: int) -> list[str]:
+    """``count`` consecutive seconds from epoch ``start``, formatted as events carry them."""
+    return [datetime.fromtimestamp(start + s, UTC).strftime("%Y-%m-%dT%H:%M:%S") for s in range(count)]
+
+
 def generate(n: int, n_keys: int, partitions: int, seed: int, now: float) -> Preload:
-    """Wire bytes of ``n`` events, identical to ``schemas.events.dump_event`` of the same event."""
+    """Wire bytes of ``n`` events within the ``SPREAD_SECONDS`` before ``now`` (``EventMaker``)."""
     started = time.perf_counter()
-    rng = random.Random(seed)
-    keys = key_ids(n_keys)
-    key_bytes = [k.encode() for k in keys]
-    key_part = [(murmur2(k) & 0x7FFFFFFF) % partitions for k in key_bytes]  # aiokafka's default partitioner
-    # per key: a primary and a secondary endpoint, an account, one client IP
-    primary = [rng.randrange(len(ENDPOINTS)) for _ in range(n_keys)]
-    secondary = [rng.randrange(len(ENDPOINTS)) for _ in range(n_keys)]
-    accounts = [f"acct-{rng.randrange(max(1, n_keys // 4)):06d}" for _ in range(n_keys)]
-    ips = [f"{10 + i % 200}.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255 or 1}" for i in range(n_keys)]
-    # per key, the JSON fragments that never change
-    head = [f'"key_id":"{k}"' for k in keys]
-    tail_account = [f'"account_id":"{a}"' for a in accounts]
-    tail_ip = [f'"client_ip":"{ip}"' for ip in ips]
-    # Zipf-like popularity (s = 1): the top key sends ~8% of the traffic, the tail one event or none
-    cum: list[float] = []
-    total = 0.0
-    for i in range(n_keys):
-        total += 1.0 / (i + 1)
-        cum.append(total)
-    # a random permutation so that heavy keys are spread over partitions
-    order = list(range(n_keys))
-    rng.shuffle(order)
-    base = int(now) - SPREAD_SECONDS
-    seconds = [datetime.fromtimestamp(base + s, UTC).strftime("%Y-%m-%dT%H:%M:%S") for s in range(SPREAD_SECONDS)]
+    maker = EventMaker(n_keys, partitions, seed)
     out: dict[int, list[tuple[bytes, bytes]]] = {p: [] for p in range(partitions)}
     nbytes = 0
-    seen_keys: set[int] = set()
-    rand, randrange, expo, getbits = rng.random, rng.randrange, rng.expovariate, rng.getrandbits
-    n_endpoints = len(ENDPOINTS)
-    for _ in range(n):
-        i = order[bisect.bisect_left(cum, rand() * total)]
-        seen_keys.add(i)
-        r = rand()
-        e = primary[i] if r < 0.8 else secondary[i] if r < 0.97 else randrange(n_endpoints)
-        endpoint, method = ENDPOINTS[e]
-        value = (
-            f'{{"v":1,"request_id":"{getbits(128):032x}",{head[i]},"node_id":"{NODES[randrange(3)]}",'
-            f'"method":"{method}","endpoint":"{endpoint}","status":{STATUSES[randrange(100)]},'
-            f'"ts":"{seconds[randrange(SPREAD_SECONDS)]}.{randrange(1_000_000):06d}Z",{tail_account[i]},'
-            f'"latency_ms":{round(expo(0.025), 2)!r},{tail_ip[i]},"bytes_out":{randrange(200, 4000)}}}'
-        ).encode()
+    for part, key, value in maker.events(n, utc_seconds(int(now) - SPREAD_SECONDS, SPREAD_SECONDS)):
         nbytes += len(value)
-        out[key_part[i]].append((key_bytes[i], value))
-    return Preload(out, n, nbytes, len(seen_keys), time.perf_counter() - started)
+        out[part].append((key, value))
+    return Preload(out, n, nbytes, len(maker.seen_keys), time.perf_counter() - started)
 
 
 def check_wire_format(preload: Preload, sample: int = 2000) -> None:
