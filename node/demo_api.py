@@ -41,8 +41,12 @@ WRITE_PAYMENTS = "payments:write"
 READ_RATES = "rates:read"
 ALL_SCOPES = frozenset({READ_PAYMENTS, WRITE_PAYMENTS, READ_RATES})
 
-# First match wins: the POST rule must precede the general payments rule.
+# First match wins: the POST rule must precede the general payments rule. A statement is an
+# expensive export: it spends 10 of the key's limits and counts against the "statements" route
+# limit (METER_ROUTE_LIMITS='{"statements": {"per_minute": 5}}'; none by default).
+STATEMENT_COST = 10
 ROUTE_SCOPES = (
+    RouteScope("/v0/payments/statement", READ_PAYMENTS, cost=STATEMENT_COST, route="statements"),
     RouteScope("/v0/payments", WRITE_PAYMENTS, frozenset({"POST"})),
     RouteScope("/v0/payments", READ_PAYMENTS),
     RouteScope("/v0/rates", READ_RATES),
@@ -128,6 +132,11 @@ async def create_payment(request: Request) -> JSONResponse:
     return JSONResponse(payment, status_code=201)
 
 
+async def get_statement(request: Request) -> JSONResponse:
+    account = request.state.account_id
+    return JSONResponse({"account_id": account, "period": "current-month", "payments": 3, "total": "60"})
+
+
 async def get_rates(request: Request) -> JSONResponse:
     return JSONResponse({"data": _RATES})
 
@@ -203,6 +212,7 @@ def build_node_app(
     routes = [
         Route("/v0/payments", list_payments, methods=["GET"]),
         Route("/v0/payments", create_payment, methods=["POST"]),
+        Route("/v0/payments/statement", get_statement, methods=["GET"]),
         Route("/v0/payments/{payment_id}", get_payment, methods=["GET"]),
         Route("/v0/rates", get_rates, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

@@ -18,6 +18,11 @@ count, checked like the others, but never divided into allowances and never subj
 burst share (the worker does not divide it): across nodes, the worker's block decision
 enforces it. A node's month count starts from zero when it restarts or forgets the key, so
 it only ever refuses later than the cluster-wide count would.
+
+Counts are sums of cost: a request spends its route's cost (default 1) of every window. A
+route with limits of its own (``PolicyBook``: key x route) is a second subject, ``key@route``,
+counted here beside the key: checked like the month, on this node's own count only (no
+allowances, no burst share); across nodes, the worker's block decision on the subject holds.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from enum import StrEnum
 
 from schemas.allowances import Allowance, WindowAllowance
 from schemas.decisions import Window, month_bounds, window_end, window_seconds, window_start
-from schemas.limits import LimitPolicy, PolicyBook
+from schemas.limits import LimitPolicy, PolicyBook, route_subject
 
 # The windows a node counts: the first three in the order of an event's node_counts (and the
 # only ones divided into allowances), then the calendar month.
@@ -57,6 +62,7 @@ class Refusal:
     version: int | None = None  # the allowance's version
     cap: int | None = None  # the node's cap from that allowance
     shadow: bool = False  # the policy is a dry run: the request is admitted (and counted) anyway
+    route: str | None = None  # a route limit refused (the key's own limits admitted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +116,11 @@ class LocalGuard:
 
     # -- the request path ----------------------------------------------------------------
 
-    def admit(self, key_id: str, account: str, now: float, final: bool = False) -> Refusal | None:
-        """Count one request of ``key_id`` if every window has room; else say which refused.
+    def admit(
+        self, key_id: str, account: str, now: float, final: bool = False, cost: int = 1, route: str | None = None
+    ) -> Refusal | None:
+        """Count one request of ``key_id`` (``cost`` in every window; its route's too, if the
+        route has limits) if every window has room; else say which refused.
 
         ``final``: the caller has waited for the division long enough: the burst share is
         waived for the rest of the window (only the limit holds) and an unlisted node's used-up
@@ -120,10 +129,26 @@ class LocalGuard:
         policy = self.policies.resolve(key_id, state.account)
         shadow = self.policies.is_shadow(policy)
         # A dry run never makes a request wait: the first answer is the final one.
-        refusal = self._check(policy, state, now, final or shadow)
-        if refusal is None or shadow:
-            for i in range(4):
-                state.counts[i] += 1
+        refusal = self._check(policy, state, now, final or shadow, cost)
+        if refusal is not None and not shadow:
+            return refusal
+        on_route: _KeyState | None = None
+        if route is not None:
+            subject = route_subject(key_id, route)
+            route_policy = self.policies.resolve(subject, state.account)
+            if _limited(route_policy):
+                on_route = self._state(subject, state.account, now)
+                # Checked on this node's count alone (``on_route`` never holds an allowance).
+                by_route = self._check(route_policy, on_route, now, True, cost)
+                if by_route is not None:
+                    by_route = dataclasses.replace(by_route, route=route)
+                    if not self.policies.is_shadow(route_policy):
+                        return by_route  # refused: counts nothing, the key's windows neither
+                    refusal = refusal or dataclasses.replace(by_route, shadow=True)
+        for counted in (state, on_route):
+            if counted is not None:
+                for i in range(4):
+                    counted.counts[i] += cost
         if refusal is not None and shadow:
             return dataclasses.replace(refusal, shadow=True)
         return refusal
@@ -215,9 +240,9 @@ class LocalGuard:
         state.roll(now)
         return state
 
-    def _check(self, policy: LimitPolicy, state: _KeyState, now: float, final: bool) -> Refusal | None:
-        """The final refusal whose window ends last (waiting for an earlier end would only be
-        refused again), else a reason to wait, else None."""
+    def _check(self, policy: LimitPolicy, state: _KeyState, now: float, final: bool, cost: int) -> Refusal | None:
+        """The final refusal (for a request of ``cost``) whose window ends last (waiting for an
+        earlier end would only be refused again), else a reason to wait, else None."""
         refusal: Refusal | None = None
         wait: Refusal | None = None
         for i, window in enumerate(_WINDOWS):
@@ -226,13 +251,13 @@ class LocalGuard:
                 continue
             until = window_end(window, state.starts[i])
             count = state.counts[i]
-            if count >= limit:
+            if count + cost > limit:
                 refusal = Refusal(RefusedBy.local_limit, window, limit, count, until)
                 continue
             capped = self._cap(state, i, now)
             if capped is not None:
                 cap, held, version = capped
-                if count >= cap:
+                if count + cost > cap:
                     # Not final while the next division may give more: this node is not listed
                     # yet, or part of the remainder was held back from it (for other nodes'
                     # requests in flight, or while the division settles).
@@ -244,12 +269,16 @@ class LocalGuard:
                         wait = found
                     else:
                         refusal = found
-            elif i < _DIVIDED and state.waived[i] != state.starts[i] and count >= math.ceil(self.burst_share * limit):
+            elif i < _DIVIDED and state.waived[i] != state.starts[i] and count + cost > self._share(limit):
                 if final:
                     state.waived[i] = state.starts[i]
                 else:
                     wait = Refusal(RefusedBy.awaiting, window, limit, count, until)
         return refusal or wait
+
+    def _share(self, limit: int) -> int:
+        """What this node admits of ``limit`` on its own before the worker divides the window."""
+        return math.ceil(self.burst_share * limit)
 
     def _cap(self, state: _KeyState, i: int, now: float) -> tuple[int, WindowAllowance, int] | None:
         """(this node's cap, the window's allowance, its version) if one holds for window ``i`` now."""
@@ -264,3 +293,13 @@ class LocalGuard:
             return grant.cap, held, allowance.version
         base = state.anchors.get((i, state.starts[i]), state.counts[i]) if state.anchors else state.counts[i]
         return base + held.others, held, allowance.version
+
+
+def _limited(policy: LimitPolicy) -> bool:
+    """Whether ``policy`` limits any window (a route without limits is not counted apart)."""
+    return (
+        policy.per_minute is not None
+        or policy.per_hour is not None
+        or policy.per_day is not None
+        or policy.per_month is not None
+    )

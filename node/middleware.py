@@ -21,6 +21,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
@@ -35,7 +36,8 @@ from node.guard import Headroom, LocalGuard, Refusal, RefusedBy
 from node.keys import KeyIdDeriver, KeyRecord, KeyStore, is_well_formed
 from node.settings import NodeSettings
 from schemas.decisions import WINDOW_SECONDS, Window, window_seconds
-from schemas.events import RequestEvent, make_event
+from schemas.events import MAX_COST, RequestEvent, make_event
+from schemas.limits import ROUTE_NAME_PATTERN, route_subject, split_subject
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ INVALID_KEY_PREFIX = "invalid-"
 _KEY_HEADER = b"x-api-key"
 _FORWARDED_HEADER = b"x-forwarded-for"
 _MAX_ENDPOINT = 256
+_ROUTE_NAME = re.compile(ROUTE_NAME_PATTERN)
 # What a request no route matched (404s, denials of made-up paths) is recorded under: raw paths
 # would make a rollup row per unique path, kept for years, and some carry tokens.
 UNMATCHED_ENDPOINT = "/{unmatched}"
@@ -83,11 +86,24 @@ class BlockChecker(Protocol):
 @dataclass(frozen=True, slots=True)
 class RouteScope:
     """Requests under ``prefix`` (and of ``methods``, if given) need ``scope`` on the key;
-    ``scope=None`` declares the prefix public: any valid key may call it."""
+    ``scope=None`` declares the prefix public: any valid key may call it.
+
+    The node's route configuration: ``cost`` is what a served request spends of its key's
+    limits (an expensive route more than a cheap one); ``route`` names the route limit its
+    requests also count against (limits per key x route: ``METER_ROUTE_LIMITS`` and overrides)."""
 
     prefix: str
     scope: str | None
     methods: frozenset[str] | None = None
+    cost: int = 1
+    route: str | None = None
+
+    def __post_init__(self) -> None:
+        # The event contract's bounds, checked at start-up rather than on each request's event.
+        if not 1 <= self.cost <= MAX_COST:
+            raise ValueError(f"route {self.prefix}: cost {self.cost} is not within 1..{MAX_COST}")
+        if self.route is not None and not _ROUTE_NAME.fullmatch(self.route):
+            raise ValueError(f"route {self.prefix}: route name {self.route!r} must match {_ROUTE_NAME.pattern}")
 
     def matches(self, method: str, path: str) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -218,15 +234,17 @@ class MeterMiddleware:
 
         key_id = ANONYMOUS_KEY_ID
         record: KeyRecord | None = None
+        rule: RouteScope | None = None
         denial: _Denial | None
         epoch = ts.timestamp()
         if raw_key is None or not raw_key.strip():
             denial = _Denial(401, "missing_api_key", "Missing API key: send it in the X-API-Key header.")
         else:
             key_id = self._derive(raw_key)
-            record, denial = self._authorize(raw_key, key_id, method, path, ts, epoch)
+            rule = self._rule(method, path)
+            record, denial = self._authorize(raw_key, key_id, rule, ts, epoch)
             if (denial is None or denial.shadow) and record is not None and self._guard is not None:
-                admitted = await self._admit(self._guard, key_id, record.account_id, ts, epoch)
+                admitted = await self._admit(self._guard, key_id, record.account_id, ts, epoch, rule)
                 if admitted is not None and (denial is None or not admitted.shadow):
                     denial = admitted
             if record is None:
@@ -255,6 +273,8 @@ class MeterMiddleware:
                 bytes_out += len(message.get("body", b""))
             await send(message)
 
+        # Only a served request spends its route's cost and counts against its route limit.
+        served = rule if denial is None and record is not None else None
         inner = scope
         try:
             if denial is not None:
@@ -278,10 +298,12 @@ class MeterMiddleware:
                 node_counts=(
                     self._guard.counts(key_id, epoch) if self._guard is not None and record is not None else None
                 ),
+                cost=served.cost if served is not None else 1,
+                route=served.route if served is not None else None,
             )
 
     def _authorize(
-        self, raw_key: str, key_id: str, method: str, path: str, now: datetime, epoch: float
+        self, raw_key: str, key_id: str, rule: RouteScope | None, now: datetime, epoch: float
     ) -> tuple[KeyRecord | None, _Denial | None]:
         invalid = _Denial(401, "invalid_api_key", "Invalid API key: it is unknown, malformed or revoked.")
         if not is_well_formed(raw_key):
@@ -291,7 +313,6 @@ class MeterMiddleware:
             return None, invalid
         if not record.active:
             return record, invalid  # a revoked key still in use is worth seeing under its own id
-        rule = self._rule(method, path)
         if rule is None or not record.allows(rule.scope):
             if self._guard is not None:  # the worker counts it against the key: so does the node
                 self._guard.record(key_id, record.account_id, epoch)
@@ -301,7 +322,7 @@ class MeterMiddleware:
             return record, _Denial(
                 403, "forbidden", f"This API key lacks the '{rule.scope}' permission this route requires."
             )
-        block = self._cache.check(key_id)
+        block = self._block(key_id, rule)
         if block is not None and not block.shadow:
             return record, self._rate_limited(block, now)
         if not self._fail_open and not self._cache.available:
@@ -313,24 +334,34 @@ class MeterMiddleware:
             )
         return record, self._rate_limited(block, now) if block is not None else None  # shadow: noted only
 
-    async def _admit(self, guard: LocalGuard, key_id: str, account: str, ts: datetime, epoch: float) -> _Denial | None:
+    def _block(self, key_id: str, rule: RouteScope) -> Block | None:
+        """The key's block, else (on a route with a route limit) the block of the key on the route."""
+        block = self._cache.check(key_id)
+        if block is None and rule.route is not None:
+            block = self._cache.check(route_subject(key_id, rule.route))
+        return block
+
+    async def _admit(
+        self, guard: LocalGuard, key_id: str, account: str, ts: datetime, epoch: float, rule: RouteScope | None
+    ) -> _Denial | None:
         """The node's guard; a request that must wait for the worker's division is held (no
         remote call: it waits for the node's own follower to apply the next allowance or
         decision) and asked again; after ``burst_wait_s`` the answer is final."""
-        refusal = guard.admit(key_id, account, epoch)
+        cost, route = (rule.cost, rule.route) if rule is not None else (1, None)
+        refusal = guard.admit(key_id, account, epoch, cost=cost, route=route)
         if refusal is not None and refusal.by is RefusedBy.awaiting:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self._burst_wait_s
             while refusal is not None and refusal.by is RefusedBy.awaiting:
                 left = deadline - loop.time()
                 if left <= 0:
-                    refusal = guard.admit(key_id, account, epoch, final=True)
+                    refusal = guard.admit(key_id, account, epoch, final=True, cost=cost, route=route)
                     break
                 await self._cache.wait_change(left)
-                block = self._cache.check(key_id)
+                block = self._block(key_id, rule) if rule is not None else self._cache.check(key_id)
                 if block is not None and not block.shadow:
                     return self._rate_limited(block, ts)
-                refusal = guard.admit(key_id, account, epoch)
+                refusal = guard.admit(key_id, account, epoch, cost=cost, route=route)
         return _refused(refusal, epoch) if refusal is not None else None
 
     def _rule(self, method: str, path: str) -> RouteScope | None:
@@ -348,17 +379,19 @@ class MeterMiddleware:
         window_s = WINDOW_SECONDS.get(block.window)
         if block.window is Window.month and block.until is not None:  # Retry-After is to the month end
             window_s = window_seconds(Window.month, block.until.timestamp() - 1)
+        route = split_subject(block.key_id)[1]
         details: tuple[tuple[str, object], ...] = (
             ("window", block.window.value),
             ("limit", block.limit),
             ("count", block.count),
             ("refused_by", "decision"),
             ("version", block.version),
+            *((("route", route),) if route else ()),
         )
         if block.limit is not None and window_s is not None:
             headers.append((b"ratelimit-policy", f"{block.limit};w={window_s}".encode()))
             message = (
-                f"Rate limit exceeded: {block.limit} requests per {block.window.value} "
+                f"Rate limit exceeded{_on_route(route)}: {block.limit} requests per {block.window.value} "
                 f"({block.count} counted; block decision {block.version}). Retry after {seconds} seconds."
             )
         else:
@@ -403,6 +436,8 @@ class MeterMiddleware:
         client_ip: str | None,
         bytes_out: int,
         node_counts: list[int] | None,
+        cost: int,
+        route: str | None,
     ) -> None:
         try:
             event = make_event(
@@ -418,6 +453,8 @@ class MeterMiddleware:
                 client_ip=client_ip,
                 bytes_out=bytes_out,
                 node_counts=node_counts,
+                cost=cost,
+                route=route,
             )
             self._reporter.report(event)
         except Exception:  # reporting must never fail a request
@@ -453,7 +490,10 @@ def _refused(refusal: Refusal, now: float) -> _Denial:
     seconds = max(1, int(refusal.until - now + 0.999))
     window = refusal.window.value
     if refusal.version is None:
-        message = f"Rate limit exceeded: {refusal.limit} requests per {window} reached. Retry after {seconds} seconds."
+        message = (
+            f"Rate limit exceeded{_on_route(refusal.route)}: {refusal.limit} requests per {window} reached. "
+            f"Retry after {seconds} seconds."
+        )
     else:
         message = (
             f"Rate limit exceeded: the key has made {refusal.count} of {refusal.limit} requests this {window} "
@@ -473,8 +513,14 @@ def _refused(refusal: Refusal, now: float) -> _Denial:
         ("count", refusal.count),
         ("refused_by", refusal.by.value),
         ("version", refusal.version),
+        *((("route", refusal.route),) if refusal.route else ()),
     )
     return _Denial(429, "rate_limited", message, headers, details, shadow=refusal.shadow)
+
+
+def _on_route(route: str | None) -> str:
+    """Names the route limit that refused (the key's own limits say nothing more)."""
+    return f" on route '{route}'" if route else ""
 
 
 def _shadow_note(denial: _Denial) -> bytes:

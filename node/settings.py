@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.kafka_clients import security_errors
 from node.keys import check_secret
-from schemas.limits import LimitPolicy, PolicyBook
+from schemas.limits import LimitPolicy, PolicyBook, RouteName
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -54,6 +54,12 @@ class NodeSettings(BaseSettings):
     # A global dry run: the worker decides and audits as usual, nodes refuse nothing and count
     # (and mark with X-RateLimit-Shadow) what they would have refused. Per policy: --shadow.
     limits_shadow: bool = False
+    # Route limits: route name -> its default limits per key, e.g.
+    # METER_ROUTE_LIMITS='{"reports": {"per_minute": 10, "per_hour": 100}}'
+    # (a window left out is not limited for the route: the key's own limits still hold). A route gets its name
+    # (and its cost) in the node's route configuration (RouteScope). Overrides per key or account:
+    # `meter limits set --key K --route reports ...`.
+    route_limits: dict[RouteName, dict[str, int | None]] = Field(default_factory=dict)
 
     node_id: str = Field(default="node-1", min_length=1, max_length=64)
     # HMAC key for key ids: the same on every node, never in code, at least 32 bytes
@@ -133,6 +139,24 @@ class NodeSettings(BaseSettings):
             per_month=self.limit_per_month,
         )
 
+    @field_validator("route_limits")
+    @classmethod
+    def _route_policies(cls, value: dict[str, dict[str, int | None]]) -> dict[str, dict[str, int | None]]:
+        for route, windows in value.items():
+            _route_policy(windows)  # refused at start, naming the route, if off
+            unknown = set(windows) - {"per_minute", "per_hour", "per_day", "per_month", "shadow"}
+            if unknown:
+                raise ValueError(f"route {route!r}: unknown field(s) {sorted(unknown)} (per_minute, per_hour, ...)")
+        return value
+
+    def route_policies(self) -> dict[str, LimitPolicy]:
+        return {route: _route_policy(windows) for route, windows in self.route_limits.items()}
+
     def policy_book(self) -> PolicyBook:
         """The default policy, every override applied later; all in shadow when METER_LIMITS_SHADOW."""
-        return PolicyBook(self.default_policy(), shadow_all=self.limits_shadow)
+        return PolicyBook(self.default_policy(), shadow_all=self.limits_shadow, routes=self.route_policies())
+
+
+def _route_policy(windows: dict[str, int | None]) -> LimitPolicy:
+    """A route's policy: only the windows it names are limited."""
+    return LimitPolicy.model_validate({"per_minute": None, "per_hour": None, "per_day": None, **windows})

@@ -15,8 +15,13 @@ from pydantic import AfterValidator, AwareDatetime, ConfigDict, Field, StringCon
 from typing_extensions import TypedDict
 
 from schemas.bounds import CONTROL_CHARACTERS, PRINTABLE, Identifier, Label
+from schemas.limits import RouteName
 
-EVENT_SCHEMA_VERSION = 1
+# 2: ``cost`` and ``route`` (route limits). A version-1 event (neither) counts 1 against the key
+# only. A worker refuses versions it does not know (dead-lettered, replayable once upgraded):
+# upgrade workers before nodes.
+EVENT_SCHEMA_VERSION = 2
+MAX_COST = 1_000_000  # what one request may spend of a limit (e.g. tokens, rows): bounded like every field
 
 # Bounds keep one bad producer from bloating rows or memory; values past them are refused.
 _Text = Label
@@ -73,6 +78,11 @@ class RequestEvent(TypedDict):
     node_counts: NotRequired[
         Annotated[list[Annotated[int, Field(ge=0, le=10**12)]], Field(min_length=3, max_length=3)] | None
     ]
+    # What the request spends of its key's limits (the node's route configuration; absent: 1).
+    # Windows, node_counts and allowances are sums of cost.
+    cost: NotRequired[Annotated[int, Field(ge=1, le=MAX_COST)]]
+    # The route limit the request also counts against (key x route), if its route has one.
+    route: NotRequired[RouteName | None]
 
 
 EVENT_ADAPTER: TypeAdapter[RequestEvent] = TypeAdapter(RequestEvent)

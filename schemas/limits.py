@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from schemas.bounds import Count, Identifier, Note, Timestamp
 from schemas.decisions import Window
 from schemas.notifications import NotifyThresholds
+
+# A route limit's name (the node's route configuration gives routes one): short, lower-case,
+# never containing ``ROUTE_MARK``, so "key@route" always splits one way.
+ROUTE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
+RouteName = Annotated[str, StringConstraints(pattern=ROUTE_NAME_PATTERN)]
+# Joins a key id and a route name into the subject of a route limit. Key ids are
+# ``{prefix}_{hex}`` (alphanumerics and "_": see node.keys), so the mark never occurs in one.
+ROUTE_MARK = "@"
+
+
+def route_subject(key_id: str, route: str) -> str:
+    """What a route limit counts and decides on: one key on one route (``key_id@route``)."""
+    return f"{key_id}{ROUTE_MARK}{route}"
+
+
+def split_subject(subject: str) -> tuple[str, str | None]:
+    """(key id, route) of a limit subject; route None for a key's own limits."""
+    key_id, mark, route = subject.partition(ROUTE_MARK)
+    return (key_id, route) if mark else (subject, None)
 
 
 class LimitPolicy(BaseModel):
@@ -54,9 +75,11 @@ class OverrideScope(StrEnum):
 
 
 class LimitOverride(BaseModel):
-    """An operator's override for one key or one account, on the compacted limits topic.
+    """An operator's override for one key or one account, on the compacted limits topic; with
+    ``route``, for that key's (or account's keys') requests to that route only.
 
-    Message key = ``"{scope}:{subject}"``; ``policy=None`` removes the override (reset).
+    Message key = ``"{scope}:{subject}"`` (``"…@{route}"`` with a route); ``policy=None``
+    removes the override (reset).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -66,46 +89,78 @@ class LimitOverride(BaseModel):
     policy: LimitPolicy | None
     updated_at: Timestamp
     note: Note = ""
+    route: RouteName | None = None  # records without it parse as before: the key's own limits
 
     @property
     def topic_key(self) -> str:
-        return f"{self.scope.value}:{self.subject}"
+        base = f"{self.scope.value}:{self.subject}"
+        return route_subject(base, self.route) if self.route else base
+
+
+UNLIMITED = LimitPolicy.unlimited()
 
 
 class PolicyBook:
-    """Which limits apply to a key: per-key override, else per-account override, else the default.
+    """Which limits apply to a subject. A key (``key_id``): per-key override, else per-account
+    override, else the default. A key on a route (``key_id@route``, see ``route_subject``): the
+    key's override for the route, else its account's, else the route's default
+    (``METER_ROUTE_LIMITS``), else none (the route is limited by the key's own limits only).
 
     The worker and every node resolve policies with this one rule, so both sides agree on a
     key's limits.
     """
 
-    def __init__(self, default: LimitPolicy, shadow_all: bool = False) -> None:
+    def __init__(
+        self, default: LimitPolicy, shadow_all: bool = False, routes: Mapping[str, LimitPolicy] | None = None
+    ) -> None:
         self.default = default
         self.shadow_all = shadow_all  # every policy in shadow: a global dry run
-        self.by_key: dict[str, LimitPolicy] = {}
+        self.routes = dict(routes or {})  # route name -> its default limits per key
+        self.by_key: dict[str, LimitPolicy] = {}  # key id or key@route -> override
         self.by_account: dict[str, LimitPolicy] = {}
+        self.by_account_route: dict[tuple[str, str], LimitPolicy] = {}
         self.version = 0  # bumps on every change, so callers can re-check what they cached
 
     def apply(self, override: LimitOverride) -> None:
-        table = self.by_key if override.scope is OverrideScope.key else self.by_account
-        if override.policy is None:
-            table.pop(override.subject, None)
+        table: dict[str, LimitPolicy] | dict[tuple[str, str], LimitPolicy]
+        slot: str | tuple[str, str]
+        if override.scope is OverrideScope.key:
+            table = self.by_key
+            slot = route_subject(override.subject, override.route) if override.route else override.subject
+        elif override.route:
+            table, slot = self.by_account_route, (override.subject, override.route)
         else:
-            table[override.subject] = override.policy
+            table, slot = self.by_account, override.subject
+        if override.policy is None:
+            table.pop(slot, None)  # type: ignore[arg-type]
+        else:
+            table[slot] = override.policy  # type: ignore[index]
         self.version += 1
 
-    def resolve(self, key_id: str, account_id: str = "") -> LimitPolicy:
-        policy = self.by_key.get(key_id)
-        if policy is None and account_id:
+    def resolve(self, subject: str, account_id: str = "") -> LimitPolicy:
+        policy = self.by_key.get(subject)
+        if policy is not None:
+            return policy
+        if ROUTE_MARK in subject:
+            route = split_subject(subject)[1] or ""
+            held = self.by_account_route.get((account_id, route)) if account_id else None
+            return held or self.routes.get(route) or UNLIMITED
+        if account_id:
             policy = self.by_account.get(account_id)
         return policy or self.default
 
     def is_shadow(self, policy: LimitPolicy) -> bool:
         return self.shadow_all or policy.shadow
 
-    def source(self, key_id: str, account_id: str = "") -> str:
-        if key_id in self.by_key:
-            return f"key override {key_id}"
+    def source(self, subject: str, account_id: str = "") -> str:
+        key_id, route = split_subject(subject)
+        on = f" on route {route}" if route else ""
+        if subject in self.by_key:
+            return f"key override {key_id}{on}"
+        if route is not None:
+            if account_id and (account_id, route) in self.by_account_route:
+                return f"account override {account_id}{on}"
+            return f"route default{on}" if route in self.routes else f"no limit{on}"
         if account_id and account_id in self.by_account:
             return f"account override {account_id}"
         return "default policy"

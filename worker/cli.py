@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -12,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
+from schemas.limits import ROUTE_NAME_PATTERN, LimitOverride, LimitPolicy, OverrideScope
 from schemas.usage import Granularity, UsagePoint
 from worker.analytics.cli import (
     add_analytics_commands,
@@ -138,6 +139,13 @@ def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def route_name(text: str) -> str:
+    """A route limit's name as the nodes' route configuration gives it."""
+    if not re.fullmatch(ROUTE_NAME_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"not a route name: {text!r} (lower case letters, digits, '_', '.', '-')")
+    return text
+
+
 def parse_limit(text: str) -> int | None:
     """A non-negative count, or ``none`` / ``unlimited``."""
     if text.lower() in ("none", "unlimited"):
@@ -208,10 +216,17 @@ def _subject(args: argparse.Namespace) -> tuple[OverrideScope, str]:
 
 def _show_limits(args: argparse.Namespace, settings: Settings, overrides: dict[str, LimitOverride]) -> int:
     rows = [("default", "*", settings.default_policy(), "")]
-    rows += [(o.scope.value, o.subject, o.policy, o.note) for o in overrides.values() if o.policy is not None]
+    rows += [("route", f"*@{r}", p, "METER_ROUTE_LIMITS") for r, p in settings.route_policies().items()]
+    rows += [
+        (o.scope.value, f"{o.subject}@{o.route}" if o.route else o.subject, o.policy, o.note)
+        for o in overrides.values()
+        if o.policy is not None
+    ]
     if args.key or args.account:
         scope, subject = _subject(args)
-        rows = [r for r in rows if r[0] == "default" or (r[0] == scope.value and r[1] == subject)]
+        rows = [
+            r for r in rows if r[0] in ("default", "route") or (r[0] == scope.value and r[1].split("@")[0] == subject)
+        ]
     if args.format == "json":
         print(json.dumps([{"scope": sc, "subject": su, **p.model_dump(), "note": n} for sc, su, p, n in rows]))
         return 0
@@ -244,11 +259,16 @@ def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
         print(f"meter limits {args.action}: give --key KEY_ID or --account ACCOUNT_ID", file=sys.stderr)
         return 2
     scope, subject = _subject(args)
+    on = f" on route {args.route}" if args.route else ""
     if args.action == "reset":
-        asyncio.run(set_override(settings, scope, subject, None, args.note))
-        print(f"{scope.value} {subject}: override removed, the default policy applies")
+        asyncio.run(set_override(settings, scope, subject, None, args.note, args.route))
+        fallback = "the route's default" if args.route else "the default policy"
+        print(f"{scope.value} {subject}{on}: override removed, {fallback} applies")
         return 0
-    base = settings.default_policy()
+    # A window not given keeps the default's number: the route's default for a route override.
+    base = (
+        settings.route_policies().get(args.route, LimitPolicy.unlimited()) if args.route else settings.default_policy()
+    )
     given = {
         "per_minute": args.per_minute,
         "per_hour": args.per_hour,
@@ -262,9 +282,9 @@ def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
         policy = LimitPolicy(**values)
     if args.shadow:
         policy = policy.model_copy(update={"shadow": True})
-    asyncio.run(set_override(settings, scope, subject, policy, args.note))
+    asyncio.run(set_override(settings, scope, subject, policy, args.note, args.route))
     print(
-        f"{scope.value} {subject}: {policy.per_minute}/min, {policy.per_hour}/h, {policy.per_day}/day"
+        f"{scope.value} {subject}{on}: {policy.per_minute}/min, {policy.per_hour}/h, {policy.per_day}/day"
         + (f", {policy.per_month}/calendar month (UTC)" if policy.per_month is not None else "")
         + " (None = unlimited)"
         + (" in SHADOW: decided and audited, nodes refuse nothing" if policy.shadow else "")
@@ -350,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_UNSET,
         help="quota per UTC calendar month, blocks until the 1st 00:00 UTC (count or 'unlimited' = none; "
         "set only: backtest ignores it), e.g. `meter limits set --key K --per-month 100000`",
+    )
+    p.add_argument(
+        "--route",
+        type=route_name,
+        help="the override is for the key's (account's) requests to this route limit only (routes get "
+        "their names and costs in the nodes' route configuration; defaults: METER_ROUTE_LIMITS), e.g. "
+        "`meter limits set --key K --route statements --per-minute 5`",
     )
     p.add_argument("--unlimited", action="store_true", help="no limit in any window (internal keys)")
     p.add_argument(

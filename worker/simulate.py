@@ -15,6 +15,9 @@ from schemas.events import RequestEvent, dump_event, make_event
 ENDPOINTS = ("/v0/payments", "/v0/payments/{id}", "/v0/rates", "/v0/wallets", "/v0/invoices")
 STATUSES = (200,) * 90 + (201,) * 4 + (400, 401, 403, 404, 429, 500)
 METHODS = {"/v0/payments": "POST", "/v0/rates": "GET"}
+# An expensive route: spends 5 of its key's limits and counts against the "invoices" route limit.
+ROUTE_COSTS = {"/v0/invoices": (5, "invoices")}
+LEGACY_KEYS = 5  # every 5th key's node is not upgraded yet: version-1 events, no cost (count 1)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ def generate(count: int, traffic: Traffic = Traffic(), end: datetime | None = No
     for _ in range(count):
         i = rng.choices(range(len(keys)), weights)[0]
         endpoint = ENDPOINTS[i % 3] if rng.random() < 0.9 else rng.choice(ENDPOINTS)
+        cost, route = ROUTE_COSTS.get(endpoint, (1, None))
+        priced = {"v": 1} if i % LEGACY_KEYS == LEGACY_KEYS - 1 else {"cost": cost, "route": route}
         yield make_event(
             request_id=uuid.UUID(int=rng.getrandbits(128)).hex,
             key_id=keys[i],
@@ -53,6 +58,7 @@ def generate(count: int, traffic: Traffic = Traffic(), end: datetime | None = No
             latency_ms=round(rng.expovariate(1 / 40), 2),
             client_ip=f"198.51.100.{i % 250 + 1}",
             bytes_out=rng.randrange(200, 4000),
+            **priced,
         )
 
 

@@ -36,19 +36,23 @@ BucketCounts = Counter[tuple[str, str, int]]  # (level, key_id, bucket epoch) ->
 STEP = {"minute": 60, "hour": 3600, "day": 86400}
 
 
-def expected_counts(events: Iterable[RequestEvent]) -> BucketCounts:
-    """What the rollups must hold, computed without any of the worker's code."""
+def expected_counts(events: Iterable[RequestEvent], measure: str = "requests") -> BucketCounts:
+    """What the rollups must hold (``measure``: requests, or their cost: 1 without one),
+    computed without any of the worker's code."""
     out: BucketCounts = Counter()
     for e in events:
         epoch = int(e["ts"].timestamp())
+        n = 1 if measure == "requests" else e.get("cost", 1)
         for level, step in STEP.items():
-            out[(level, e["key_id"], epoch - epoch % step)] += 1
+            out[(level, e["key_id"], epoch - epoch % step)] += n
     return out
 
 
-def db_counts(client: Any, database: str) -> BucketCounts:
+def db_counts(client: Any, database: str, measure: str = "requests") -> BucketCounts:
+    """Sums of ``measure`` (requests or cost) per level, key and bucket in the rollups."""
+    column = {"requests": "requests", "cost": "cost"}[measure]
     rows = client.query(
-        f"SELECT toString(level), key_id, toUInt32(bucket), sum(requests) FROM `{database}`.usage_rollup "
+        f"SELECT toString(level), key_id, toUInt32(bucket), sum({column}) FROM `{database}`.usage_rollup "
         "WHERE level IN ('minute', 'hour', 'day') GROUP BY level, key_id, bucket"
     ).result_rows
     return Counter({(lv, k, int(b)): int(n) for lv, k, b, n in rows if n})

@@ -32,7 +32,7 @@ from worker.store.client import connect
 from tests.report import record
 from tests.integration.helpers import db_counts
 client = connect(sys.argv[1], sys.argv[2])
-print(json.dumps([[*k, v] for k, v in db_counts(client, sys.argv[2]).items()]))
+print(json.dumps([[*k, v] for k, v in db_counts(client, sys.argv[2], sys.argv[3]).items()]))
 """
 
 
@@ -61,10 +61,10 @@ def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]
     )
 
 
-def totals_in(chdb_path: Path, database: str) -> BucketCounts:
+def totals_in(chdb_path: Path, database: str, measure: str = "requests") -> BucketCounts:
     """Read the worker's chDB directory from a separate process (chDB: one path per process)."""
     out = subprocess.run(
-        [sys.executable, "-c", READ_TOTALS, f"chdb://{chdb_path}", database],
+        [sys.executable, "-c", READ_TOTALS, f"chdb://{chdb_path}", database, measure],
         check=True,
         capture_output=True,
         text=True,
@@ -132,6 +132,9 @@ async def test_ten_kill_9_at_random_moments_under_load_count_exactly(topics: Set
     assert not producer.exception()
     totals = totals_in(chdb_path, settings.clickhouse_database)
     expected = expected_counts(events)
+    # Cost-weighted: the simulated traffic has an expensive route (cost 5) and version-1 events
+    # without a cost (count 1): every bucket's sum of cost is exact too.
+    costs = totals_in(chdb_path, settings.clickhouse_database, "cost")
     record(
         "kill -9 x10 under load",
         events_produced=len(events),
@@ -139,8 +142,11 @@ async def test_ten_kill_9_at_random_moments_under_load_count_exactly(topics: Set
         kills=kills,
         counted_minute_level=sum(n for (lv, _, _), n in totals.items() if lv == "minute"),
         buckets_equal=totals == expected,
+        cost_buckets_equal=costs == expected_counts(events, "cost"),
     )
     assert totals == expected
+    assert costs == expected_counts(events, "cost")
+    assert costs != totals  # the load does carry costs other than 1
     assert "worker stopped:" in final_log.read_text()  # SIGTERM: graceful, with a summary line
 
 
@@ -182,3 +188,6 @@ async def test_two_consumers_through_rebalances_no_loss_no_double_count(topics: 
         buckets_equal=totals == expected_counts(events),
     )
     assert totals == expected_counts(events)
+    costs = db_counts(clickhouse, settings.clickhouse_database, "cost")
+    assert costs == expected_counts(events, "cost")
+    assert costs != totals  # the load does carry costs other than 1

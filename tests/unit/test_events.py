@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas.events import dump_event, make_event, parse_event
+from schemas.events import EVENT_SCHEMA_VERSION, MAX_COST, dump_event, make_event, parse_event
 
 BASE = {
     "request_id": "req-1",
@@ -31,8 +31,23 @@ def test_round_trip_keeps_every_field_and_drops_none() -> None:
 
 def test_version_field_defaults_and_unknown_fields_are_ignored() -> None:
     event = parse_event(dump_event(make_event(**BASE))[:-1] + b',"future_field":{"x":1}}')
-    assert event["v"] == 1
+    assert event["v"] == EVENT_SCHEMA_VERSION
     assert "future_field" not in event
+
+
+def test_a_version_1_event_without_cost_or_route_is_still_accepted() -> None:
+    """Events of nodes not yet upgraded: no cost (counted 1 by the worker), no route."""
+    wire = dump_event(make_event(**BASE, v=1))
+    event = parse_event(wire)
+    assert event["v"] == 1
+    assert "cost" not in event
+    assert "route" not in event
+
+
+@pytest.mark.parametrize(("cost", "route"), [(1, None), (10, "statements"), (MAX_COST, "a.b-c_9")])
+def test_cost_and_route_round_trip(cost: int, route: str | None) -> None:
+    event = make_event(**BASE, cost=cost, route=route)
+    assert parse_event(dump_event(event)) == {k: v for k, v in event.items() if v is not None}
 
 
 def test_offset_timestamps_are_normalised_to_the_same_instant() -> None:
@@ -54,7 +69,12 @@ def test_offset_timestamps_are_normalised_to_the_same_instant() -> None:
         ("request_id", "x" * 129),
         ("key_id", "k" * 65),
         ("method", ""),
-        ("v", 2),  # a version this build does not know
+        ("v", EVENT_SCHEMA_VERSION + 1),  # a version this build does not know
+        ("cost", 0),
+        ("cost", MAX_COST + 1),
+        ("route", "Reports"),  # route names are lower case
+        ("route", "a@b"),  # the mark that joins key and route never occurs in one
+        ("route", "r" * 33),
     ],
 )
 def test_contract_violations_are_refused(field: str, value: object) -> None:

@@ -19,7 +19,7 @@ _DAY = WINDOW_SECONDS[Window.day]
 
 # One event as the batch keeps it: a plain tuple (cheapest to build once per event) whose
 # fields are named, in order, by EVENT_FIELDS; ``event_row`` is the only place that builds one.
-EventRow = tuple[int, str, str, int, str, int, str, str, int, float, int]
+EventRow = tuple[int, str, str, int, str, int, str, str, int, float, int, int, str]
 EVENT_FIELDS = (
     "partition",
     "key_id",
@@ -32,6 +32,8 @@ EVENT_FIELDS = (
     "bytes_out",
     "latency_ms",
     "hash",
+    "cost",
+    "route",
 )
 _EVENT_TYPES = {
     "partition": pa.int64(),
@@ -45,23 +47,26 @@ _EVENT_TYPES = {
     "bytes_out": pa.int64(),
     "latency_ms": pa.float64(),
     "hash": pa.uint64(),
+    "cost": pa.int64(),
+    "route": pa.string(),
 }
 _HASH = EVENT_FIELDS.index("hash")
 
 # The rollup levels: the dimensions each groups by (columns of the per-event table) and the
 # one that is its bucket. Each dimension but the bucket is the rollup column of that name.
+# ``route`` follows from the endpoint (the nodes' route configuration): grouping by it adds no row.
 _LEVELS: dict[str, tuple[list[str], str]] = {
-    "minute": (["key_id", "account_id", "minute", "endpoint", "status"], "minute"),
-    "hour": (["key_id", "account_id", "hour", "endpoint", "status", "node_id"], "hour"),
-    "day": (["key_id", "account_id", "day", "endpoint", "status", "node_id"], "day"),
+    "minute": (["key_id", "account_id", "minute", "endpoint", "status", "route"], "minute"),
+    "hour": (["key_id", "account_id", "hour", "endpoint", "status", "node_id", "route"], "hour"),
+    "day": (["key_id", "account_id", "day", "endpoint", "status", "node_id", "route"], "day"),
     "client_hour": (["key_id", "account_id", "hour", "status", "client_ip"], "hour"),
 }
 # Sums of each level: per-event column -> its sum's rollup column.
-_SUMS = {"requests": "requests", "bytes_out": "bytes_out", "latency_ms": "latency_ms_sum"}
+_SUMS = {"requests": "requests", "bytes_out": "bytes_out", "latency_ms": "latency_ms_sum", "cost": "cost"}
 
 
 def event_row(partition: int, event: RequestEvent, epoch: float, digest: int) -> EventRow:
-    """One counted event (absent optionals as ''/0), bucketed into its UTC minute."""
+    """One counted event (absent optionals as ''/0; no cost: 1), bucketed into its UTC minute."""
     return (
         partition,
         event["key_id"],
@@ -74,6 +79,8 @@ def event_row(partition: int, event: RequestEvent, epoch: float, digest: int) ->
         event.get("bytes_out") or 0,
         event.get("latency_ms") or 0.0,
         digest,
+        event.get("cost", 1),
+        event.get("route") or "",
     )
 
 

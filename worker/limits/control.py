@@ -50,8 +50,15 @@ async def _latest_version(settings: Settings, key_id: str) -> int:
 
 
 async def set_override(
-    settings: Settings, scope: OverrideScope, subject: str, policy: LimitPolicy | None, note: str = ""
+    settings: Settings,
+    scope: OverrideScope,
+    subject: str,
+    policy: LimitPolicy | None,
+    note: str = "",
+    route: str | None = None,
 ) -> LimitOverride:
-    override = LimitOverride(scope=scope, subject=subject, policy=policy, updated_at=datetime.now(UTC), note=note)
+    override = LimitOverride(
+        scope=scope, subject=subject, policy=policy, updated_at=datetime.now(UTC), note=note, route=route
+    )
     await _send(settings, settings.limits_topic, override.topic_key, override.model_dump_json().encode())
     return override

@@ -38,7 +38,7 @@ from schemas.decisions import (
     window_end,
     window_start,
 )
-from schemas.limits import PolicyBook
+from schemas.limits import ROUTE_MARK, PolicyBook
 from schemas.notifications import Notification
 from worker.limits.allowances import NodeUse, divide
 from worker.limits.counters import KeyWindows, WindowCounters
@@ -46,7 +46,8 @@ from worker.limits.thresholds import ThresholdTracker
 
 log = logging.getLogger(__name__)
 
-# (partition, key_id, account_id, minute epoch) -> requests
+# (partition, subject, account_id, minute epoch) -> cost: a subject is a key id, or a key on a
+# route (``schemas.limits.route_subject``) that the policy book gives route limits
 LimitCounts = Mapping[tuple[int, str, str, int], int]
 _NODE_WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of an event's node_counts
 # Windows divided into allowances, longest first. Not the calendar month: a monthly quota is
@@ -121,8 +122,10 @@ class HotKey:
     held_back: bool = False  # the last division kept part of the remainder from every node
 
 
-def partition_of(key_id: str, partitions: int) -> int:
-    """Kafka's default partitioner (murmur2 of the key), as the nodes' producers use it."""
+def partition_of(subject: str, partitions: int) -> int:
+    """Kafka's default partitioner (murmur2 of the key), as the nodes' producers use it; a key
+    on a route lives in its key's partition."""
+    key_id = subject.partition(ROUTE_MARK)[0]
     return int(murmur2(key_id.encode()) & 0x7FFFFFFF) % partitions
 
 
@@ -354,6 +357,8 @@ class LimitEngine:
     # long: the division of one hot key step by step, in the order the docstring gives
     def _allot(self, key_id: str, kw: KeyWindows, reports: Mapping[str, NodeReport], now: float) -> Allowance | None:
         """The key's allowance if it is hot and a cap changed since the last one, else None."""
+        if ROUTE_MARK in key_id:  # route limits are not divided: nodes count them on their own
+            return None
         policy = self.policies.resolve(key_id, kw.account)
         threshold = self.allowance.threshold
         hot_windows = []

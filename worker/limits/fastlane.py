@@ -28,6 +28,7 @@ from common.kafka_clients import KafkaTarget
 from common.recent_set import RecentSet
 from common.retry import cancel_and_wait, keep_running
 from schemas.decisions import WINDOW_SECONDS, Window
+from schemas.limits import route_subject
 from worker.limits.engine import NodeReport
 from worker.records import KafkaRecord, Rejection, Validator, request_hash
 
@@ -41,6 +42,7 @@ REFUSED = 429  # refused by the limits: counts nothing, but shows where the traf
 class FastBatch:
     """One fetch, grouped: what the limit engine needs."""
 
+    # (partition, subject, account, minute) -> cost: subject = key id, or key@route (route limits)
     counts: dict[tuple[int, str, str, int], int] = field(default_factory=dict)
     nodes: dict[tuple[int, str], dict[str, NodeReport]] = field(default_factory=dict)
     records: int = 0
@@ -66,8 +68,15 @@ def group_batch(records: Sequence[KafkaRecord], validator: Validator, recent: Re
             continue
         partition = record.partition
         if event["status"] != REFUSED:
-            slot = (partition, key_id, event.get("account_id") or "", int(epoch) // _MINUTE * _MINUTE)
-            counts[slot] = counts.get(slot, 0) + 1
+            account = event.get("account_id") or ""
+            minute = int(epoch) // _MINUTE * _MINUTE
+            cost = event.get("cost", 1)
+            slot = (partition, key_id, account, minute)
+            counts[slot] = counts.get(slot, 0) + cost
+            route = event.get("route")
+            if route:  # the key on its route: a subject of its own (route limits)
+                slot = (partition, route_subject(key_id, route), account, minute)
+                counts[slot] = counts.get(slot, 0) + cost
         per_node = batch.nodes.setdefault((partition, key_id), {})
         report = per_node.get(event["node_id"])
         if report is None:

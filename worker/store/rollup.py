@@ -10,6 +10,7 @@ import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
 from schemas.decisions import Window, month_bounds, window_start
+from schemas.limits import ROUTE_MARK
 from worker.store.client import quote_identifier, settings_for_insert
 
 LEVELS = {"offset": 0, "minute": 1, "hour": 2, "day": 3, "dedup": 4, "client_hour": 5}
@@ -30,6 +31,8 @@ ROLLUP_SCHEMA = pa.schema(
         ("latency_ms_sum", pa.float64()),
         ("last_offset", pa.int64()),
         ("request_hashes", pa.list_(pa.uint64())),
+        ("cost", pa.uint64()),
+        ("route", pa.string()),
     ]
 )
 
@@ -119,27 +122,33 @@ class RollupStore:
         return out
 
     def current_window_counts(self, now: float) -> list[tuple[str, str, str, int, int]]:
-        """(key_id, account_id, level, bucket epoch, requests) of the windows containing ``now``.
+        """(subject, account_id, level, bucket epoch, cost) of the windows containing ``now``.
 
-        Used to rebuild the live limit counters when partitions are assigned. The calendar
-        month (level ``'month'``, bucket = the month's first second) is the sum of the key's
-        day rows of the month: there is no month level in the table (see README, "Calendar-month
-        quotas": day rows are kept 3 years, and a month is at most 31 of them per key).
+        Used to rebuild the live limit counters when partitions are assigned. A subject is a
+        key, and a key on a route for rows with a route (``key@route``, route limits); counts
+        are sums of cost. The calendar month (level ``'month'``, bucket = the month's first
+        second) is the sum of the key's day rows of the month: there is no month level in the
+        table (see README, "Calendar-month quotas": day rows are kept 3 years, and a month is at
+        most 31 of them per key).
         """
         starts = {window: window_start(window, now) for window in (Window.minute, Window.hour, Window.day)}
         month, month_end = month_bounds(now)
+        # Each row counts for its key and, with a route, for the key on the route as well.
+        subjects = f"if(route = '', [key_id], [key_id, concat(key_id, '{ROUTE_MARK}', route)])"
         result = self._client.query(
-            f"SELECT key_id, any(account_id), toString(level), toUInt32(bucket), sum(requests) FROM {self._table} "
+            f"SELECT subject, any(account_id), toString(level), toUInt32(bucket), sum(cost) FROM {self._table} "
+            f"ARRAY JOIN {subjects} AS subject "
             # 429s are refused by the limiter: as in the live counters, they use up nothing.
             "WHERE status != 429 AND ((level = 'minute' AND bucket = toDateTime({m:UInt32}, 'UTC')) "
             "OR (level = 'hour' AND bucket = toDateTime({h:UInt32}, 'UTC')) "
             "OR (level = 'day' AND bucket = toDateTime({d:UInt32}, 'UTC'))) "
-            "GROUP BY key_id, level, bucket "
+            "GROUP BY subject, level, bucket "
             "UNION ALL "
-            f"SELECT key_id, any(account_id), 'month', {{mo:UInt32}}, sum(requests) FROM {self._table} "
+            f"SELECT subject, any(account_id), 'month', {{mo:UInt32}}, sum(cost) FROM {self._table} "
+            f"ARRAY JOIN {subjects} AS subject "
             "WHERE level = 'day' AND status != 429 AND bucket >= toDateTime({mo:UInt32}, 'UTC') "
             "AND bucket < toDateTime({me:UInt32}, 'UTC') "
-            "GROUP BY key_id",
+            "GROUP BY subject",
             parameters={
                 "m": starts[Window.minute],
                 "h": starts[Window.hour],

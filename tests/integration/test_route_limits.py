@@ -1,0 +1,131 @@
+"""Cost per request and route limits end to end on the real broker and chDB: demo nodes ->
+Kafka -> worker (fast lane, rollups, rebuild) -> decisions on key x route -> every node."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from node.demo_api import STATEMENT_COST
+from schemas.decisions import Window
+from schemas.limits import LimitPolicy, OverrideScope, route_subject
+from tests.integration.helpers import wait_for
+from tests.integration.test_limits_e2e import RAW, SECRET, blocked_everywhere, kid, node
+from worker.app import WorkerRuntime
+from worker.limits.control import set_override
+from worker.settings import Settings
+from worker.store.rollup import RollupStore
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
+
+STATEMENT = "/v0/payments/statement"
+# 3 statements a day per key (each costs STATEMENT_COST; a day: no window ends during the test).
+ROUTE_DAILY = 3 * STATEMENT_COST
+
+
+@pytest.fixture
+def route_settings(topics: Settings) -> Settings:
+    return topics.model_copy(
+        update={
+            "node_secret": SecretStr(SECRET),
+            "batch_timeout_ms": 20,
+            "route_limits": {"statements": {"per_day": ROUTE_DAILY}},
+            "limit_per_minute": 1_000,  # the key's own limits stay out of the way
+        }
+    )
+
+
+def window_count(worker: WorkerRuntime, subject: str, window: Window) -> int:
+    assert worker.limits is not None
+    engine = worker.limits.engine
+    for counters in engine.partitions.values():
+        kw = counters.keys.get(subject)
+        if kw is not None:
+            return kw.count(window, engine.clock())
+    return 0
+
+
+async def test_a_route_limit_spread_over_two_nodes_blocks_the_route_only_and_survives_a_restart(
+    route_settings: Settings, clickhouse: Any
+) -> None:
+    settings = route_settings
+    store = RollupStore(clickhouse, settings.clickhouse_database)
+    carol = {"X-API-Key": RAW["carol"]}
+    subject = route_subject(kid("carol"), "statements")
+    async with node(settings, "node-1") as (a1, c1), node(settings, "node-2") as (a2, c2):
+        first = WorkerRuntime(settings, store=store)
+        async with first.running():
+            # Each node alone stays under the route's 30 (2 x 10 each): the nodes admit all four,
+            # the worker counts 40 across them and blocks the key on that route, on both nodes.
+            for client in (c1, c2, c1, c2):
+                assert (await client.get(STATEMENT, headers=carol)).status_code == 200
+            for _ in range(5):
+                assert (await c1.get("/v0/rates", headers=carol)).status_code == 200
+            await blocked_everywhere([a1, a2], subject)
+            assert window_count(first, subject, Window.day) == 4 * STATEMENT_COST
+            # The key's own count is in cost too: 4 statements x 10 + 5 cheap requests.
+            assert window_count(first, kid("carol"), Window.day) == 4 * STATEMENT_COST + 5
+
+            refused = await c2.get(STATEMENT, headers=carol)
+            assert refused.status_code == 429
+            body = refused.json()
+            assert body["route"] == "statements"
+            assert "on route 'statements'" in body["message"]
+            assert body["limit"] == ROUTE_DAILY
+            # Only the route is blocked: the key's other requests are served.
+            assert (await c2.get("/v0/rates", headers=carol)).status_code == 200
+            assert a1.state.cache.check(kid("carol")) is None
+
+        # A new worker knows the route's count from the rollups alone (cost and route columns).
+        second = WorkerRuntime(settings, store=store)
+        async with second.running():
+            await wait_for(lambda: window_count(second, subject, Window.day) == 4 * STATEMENT_COST, 20, "rebuilt")
+            await wait_for(
+                lambda: window_count(second, kid("carol"), Window.day) == 4 * STATEMENT_COST + 6, 20, "key rebuilt"
+            )
+            assert (await c1.get(STATEMENT, headers=carol)).status_code == 429
+
+
+async def test_one_node_refuses_a_route_on_its_own_count_and_an_override_targets_key_x_route(
+    route_settings: Settings, clickhouse: Any
+) -> None:
+    settings = route_settings
+    store = RollupStore(clickhouse, settings.clickhouse_database)
+    dave = {"X-API-Key": RAW["dave"]}
+    worker = WorkerRuntime(settings, store=store)
+    async with worker.running(), node(settings, "node-1") as (app, client):
+        # Without waiting for the worker: the node's own count refuses the 4th statement.
+        codes = [(await client.get(STATEMENT, headers=dave)).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+
+        # An operator gives alice's key a statement allowance of its own (key x route).
+        await set_override(
+            settings,
+            OverrideScope.key,
+            kid("alice"),
+            LimitPolicy.unlimited().model_copy(update={"per_day": STATEMENT_COST}),
+            "one statement an hour",
+            route="statements",
+        )
+        alice_subject = route_subject(kid("alice"), "statements")
+        await wait_for(
+            lambda: app.state.cache.guard.policies.resolve(alice_subject).per_day == STATEMENT_COST, 10, "override"
+        )
+        alice = {"X-API-Key": RAW["alice"]}
+        assert (await client.get(STATEMENT, headers=alice)).status_code == 200
+        second = await client.get(STATEMENT, headers=alice)
+        assert second.status_code == 429
+        assert second.json()["route"] == "statements"
+        assert (await client.get("/v0/payments", headers=alice)).status_code == 200
+        # The events carried the cost: the rollups sum it per route (and the 429s count nothing).
+        await wait_for(lambda: worker.consumer is not None and worker.consumer.stats.counted >= 7, 15, "counted")
+        rows = clickhouse.query(
+            f"SELECT key_id, route, sum(cost), sum(requests) FROM `{settings.clickhouse_database}`.usage_rollup "
+            "WHERE level = 'minute' AND status != 429 GROUP BY key_id, route ORDER BY key_id, route"
+        ).result_rows
+        found = {(k, r): (int(c), int(n)) for k, r, c, n in rows}
+        assert found[(kid("dave"), "statements")] == (3 * STATEMENT_COST, 3)
+        assert found[(kid("alice"), "statements")] == (STATEMENT_COST, 1)
+        assert found[(kid("alice"), "")] == (1, 1)
