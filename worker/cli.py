@@ -305,7 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Calendar-month quota (UTC month, blocked until the 1st 00:00 UTC): "
         "`meter limits set --key KEY_ID --per-month 100000` (default for every key: METER_LIMIT_PER_MONTH). "
         "What a candidate policy would have refused in the last 7 days, beside the limits in force: "
-        "`meter limits backtest --per-minute 50 --per-hour 600 --all --since 7d`.",
+        "`meter limits backtest --per-minute 50 --per-hour 600 --all --since 7d`. "
+        "A limit for one key on one route (routes get a cost and a route-limit name in the nodes' route "
+        "configuration; defaults: METER_ROUTE_LIMITS): "
+        "`meter limits set --key KEY_ID --route statements --per-day 50`. "
+        "Dry run of a policy: `meter limits set --key KEY_ID --per-minute 50 --shadow`.",
     )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: METER_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
