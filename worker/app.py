@@ -32,7 +32,7 @@ from worker.limits.service import LimitService
 from worker.listening import WorkerEndpoint, announce, withdraw
 from worker.notify.deliver import WebhookDeliverer
 from worker.observability import HealthCheck, WorkerMetrics, build_health_app
-from worker.records import Rejection
+from worker.records import Rejection, RowExchange
 from worker.settings import Settings
 from worker.store.client import connect, redact_dsn
 from worker.store.decisions import DecisionStore
@@ -162,6 +162,12 @@ class WorkerRuntime:
         pipeline = IngestPipeline(s, self.store, self._dead_letter, clock=self.clock)
         if s.dedup_cache_max_hashes:
             pipeline.recent = RecentHashes(s.dedup_cache_max_hashes)
+        if s.fast_lane_handoff_rows:
+            # Both read every record: whichever checks one first spares the other a second parse
+            # and validation. Set before the fast lane's first fetch (it starts with the limits).
+            exchange = RowExchange(s.fast_lane_handoff_rows)
+            pipeline.exchange = exchange
+            self.limits.fast_lane.use_exchange(exchange)
         self.consumer = PartitionWriter(
             s.events_topic, pipeline, self.store, self.kafka_consumer, s.dedup_horizon_hours * 3600
         )

@@ -1,20 +1,25 @@
 """Records of the events topic as the worker reads them: one Kafka record becomes a valid
-event or a ``Rejection`` with a reason, and a request's identity for dedup.
+event or a ``Rejection`` with a reason, a request's identity for dedup, and the row the
+ingest path aggregates.
 
 Shared by the exactly-once path (``worker.ingest``) and the limits' fast lane
 (``worker.limits.fastlane``), so both accept exactly the same events and recognise the same
-retries; neither imports the other.
+retries; neither imports the other. Each reads every record (two consumers: the fast lane
+never waits for the exactly-once path's writes), and whichever reads a record first hands
+the row it checked to the other (``RowExchange``), so a record is parsed and validated once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 import xxhash
 from pydantic import ValidationError
 
+from schemas.decisions import WINDOW_SECONDS, Window
 from schemas.events import EVENT_ADAPTER, RequestEvent
 from worker.settings import Settings
 
@@ -22,11 +27,57 @@ from worker.settings import Settings
 # cheaper on the hot path): the same core validator, schema, config and errors.
 _validate_event_json = EVENT_ADAPTER.validator.validate_json
 _xxh3: Callable[[bytes], int] = xxhash.xxh3_64_intdigest
+_MINUTE = WINDOW_SECONDS[Window.minute]  # a constant: window_start() costs an enum hash per event
+
+# One counted event as the ingest path keeps it: a plain tuple (cheapest to build once per
+# event) whose fields are named, in order, by EVENT_FIELDS; ``event_row`` is the only place
+# that builds one.
+EventRow = tuple[int, str, str, int, str, int, str, str, int, float, int, int, str, float, list[int] | None]
+EVENT_FIELDS = (
+    "partition",
+    "key_id",
+    "account_id",
+    "minute",
+    "endpoint",
+    "status",
+    "node_id",
+    "client_ip",
+    "bytes_out",
+    "latency_ms",
+    "hash",
+    "cost",
+    "route",
+    "epoch",  # the event time (s); the rollups use the minute, the limits the time itself
+    "node_counts",  # the node's own counts (limits only)
+)
+ROW_HASH: Final = 10  # a literal, so the type checker knows the field's type
+assert EVENT_FIELDS[ROW_HASH] == "hash"
 
 
 def request_hash(key_id: str, request_id: str) -> int:
     """Stable 64-bit identity of a request: what the dedup memory and the fast lane remember."""
     return _xxh3(f"{key_id}\x00{request_id}".encode())
+
+
+def event_row(partition: int, event: RequestEvent, epoch: float, digest: int) -> EventRow:
+    """One valid event (absent optionals as ''/0; no cost: 1), bucketed into its UTC minute."""
+    return (
+        partition,
+        event["key_id"],
+        event.get("account_id") or "",
+        int(epoch) // _MINUTE * _MINUTE,
+        event["endpoint"],
+        event["status"],
+        event["node_id"],
+        event.get("client_ip") or "",
+        event.get("bytes_out") or 0,
+        event.get("latency_ms") or 0.0,
+        digest,
+        event.get("cost", 1),
+        event.get("route") or "",
+        epoch,
+        event.get("node_counts"),
+    )
 
 
 class KafkaRecord(Protocol):
@@ -105,3 +156,105 @@ class Validator:
     @staticmethod
     def _reject(record: KafkaRecord, reason: str, detail: str) -> Rejection:
         return Rejection(record.topic, record.partition, record.offset, reason, detail, record.key, record.value)
+
+
+class CheckedRows:
+    """Rows of the records the fast lane has checked, by (partition, offset), until the ingest
+    path reaches them: each record is parsed and validated once.
+
+    Kafka records are immutable, so the row of (partition, offset) is what the ingest path would
+    build itself. Only valid records are handed over (a rejection is checked again by the ingest
+    path, which dead-letters it with its exact reason). Bounded: past ``max_rows`` the fast lane
+    hands nothing more until the ingest path catches up (it never waits for it), and a record not
+    found here is checked by the ingest path as before. Rows the ingest path skips (replayed
+    records, a seek) are dropped when it passes them.
+    """
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self._rows: dict[int, deque[tuple[int, EventRow]]] = {}
+        self._passed: dict[int, int] = {}  # partition -> last offset the ingest path asked for
+        self.size = 0
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def has_room(self) -> bool:
+        return self.size < self.max_rows
+
+    def put(self, partition: int, offset: int, row: EventRow) -> None:
+        """Hand over the row of a record (in offset order per partition)."""
+        if self.size >= self.max_rows or offset <= self._passed.get(partition, -1):
+            return
+        rows = self._rows.get(partition)
+        if rows is None:
+            rows = self._rows[partition] = deque()
+        elif rows and rows[-1][0] >= offset:
+            return  # read again after a seek: the first copy is there
+        rows.append((offset, row))
+        self.size += 1
+
+    def take(self, partition: int, offset: int) -> EventRow | None:
+        """The row of (partition, offset) if the fast lane checked it; drops the rows before it."""
+        self._passed[partition] = offset
+        rows = self._rows.get(partition)
+        while rows:
+            at = rows[0][0]
+            if at > offset:
+                break
+            row = rows.popleft()[1]
+            self.size -= 1
+            if at == offset:
+                self.hits += 1
+                return row
+        self.misses += 1
+        return None
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Partitions assigned or revoked: what was handed over for them is not for this owner."""
+        for p in partitions:
+            rows = self._rows.pop(p, None)
+            if rows:
+                self.size -= len(rows)
+            self._passed.pop(p, None)
+
+
+class RowExchange:
+    """The two readers' hand-over: rows the fast lane checked for the ingest path, and rows the
+    ingest path checked for the fast lane (whichever reads a record first checks it)."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.to_ingest = CheckedRows(max_rows)
+        self.to_fast_lane = CheckedRows(max_rows)
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        self.to_ingest.forget(partitions)
+        self.to_fast_lane.forget(partitions)
+
+
+class RecordChecker:
+    """One reader's way to a record's row: taken from the other reader if it checked the record
+    already, else checked here (and handed over, for the other). The same ``Validator`` decides
+    either way; a rejection is never handed over (each reader sees it, the ingest path
+    dead-letters it with its reason)."""
+
+    def __init__(self, validator: Validator, inbox: CheckedRows | None, outbox: CheckedRows | None) -> None:
+        self.validator = validator
+        self.inbox = inbox
+        self.outbox = outbox
+
+    def row(self, record: KafkaRecord, now: float) -> EventRow | Rejection:
+        partition, offset = record.partition, record.offset
+        if self.inbox is not None:
+            row = self.inbox.take(partition, offset)
+            if row is not None:
+                return row
+        result = self.validator.check(record, now)
+        if isinstance(result, Rejection):
+            return result
+        event, epoch = result
+        row = event_row(partition, event, epoch, request_hash(event["key_id"], event["request_id"]))
+        outbox = self.outbox
+        if outbox is not None and outbox.size < outbox.max_rows:
+            outbox.put(partition, offset, row)
+        return row

@@ -86,6 +86,10 @@ class Settings(NodeSettings):
     # below METER_NODE_BURST_WAIT_MS, or its waiting requests are refused).
     allowance_settle_ms: float = Field(default=120.0, ge=0.0, le=10_000.0)
     fast_lane_recent_requests: int = Field(default=500_000, ge=1_000)  # request hashes it remembers
+    # Rows of checked records held for the other reader of the events topic (the fast lane or the
+    # ingest path, whichever is behind), so each record is validated once; per direction, ~0.5 KB
+    # each (the readers run a fetch or two apart). 0: each reader checks every record itself.
+    fast_lane_handoff_rows: int = Field(default=100_000, ge=0)
 
     # Abuse guards (worker/limits/guards.py): off until a threshold is set; shadow first.
     guard_max_client_ips_per_hour: int = Field(default=0, ge=0, le=1_000_000)

@@ -3,12 +3,14 @@ a publish) is read again from the last written offsets: nothing is lost, nothing
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from tests.integration.helpers import db_counts, expected_counts, group_caught_up, wait_for
 from worker.app import WorkerRuntime
+from worker.ingest.pipeline import scan
 from worker.settings import Settings
 from worker.simulate import Traffic, generate, publish
 from worker.store.rollup import RollupStore
@@ -23,18 +25,21 @@ async def test_a_batch_failing_before_its_write_is_read_again(topics: Settings, 
     failures = {"left": 3}
     async with runtime.running():
         assert runtime.consumer is not None
-        validator = runtime.consumer.pipeline.validator
-        original = validator.check
+        pipeline = runtime.consumer.pipeline
+        original = pipeline.prepare
         calls = {"n": 0}
 
-        def flaky(record: Any, now: float) -> Any:
+        async def flaky(*args: Any, **kwargs: Any) -> Any:
+            # Fails after part of the batch was sorted (its checked rows taken), three times.
             calls["n"] += 1
-            if failures["left"] and calls["n"] % 700 == 0:  # mid-batch, three times
+            if failures["left"] and calls["n"] % 3 == 0:
                 failures["left"] -= 1
+                records = args[0]
+                scan(records[: len(records) // 2], pipeline.validator, {}, (), time.time(), pipeline.checked)
                 raise RuntimeError("injected failure before the write")
-            return original(record, now)
+            return await original(*args, **kwargs)
 
-        validator.check = flaky  # type: ignore[method-assign]
+        pipeline.prepare = flaky  # type: ignore[method-assign]
         await publish(settings.kafka_bootstrap, settings.events_topic, events)
         await wait_for(
             lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),

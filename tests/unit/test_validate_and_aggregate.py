@@ -10,7 +10,7 @@ import pytest
 from schemas.events import dump_event, make_event
 from worker.ingest.pipeline import IngestPipeline, PreparedBatch
 from worker.limits.fastlane import RecentRequests, group_batch
-from worker.records import Rejection, Validator, request_hash
+from worker.records import RecordChecker, Rejection, Validator, request_hash
 from worker.settings import Settings
 from worker.store import rollup
 from worker.store.rollup import LEVELS, ROLLUP_SCHEMA
@@ -195,7 +195,7 @@ def test_the_fast_lane_counts_without_429s_or_duplicates_and_reads_node_counts()
     records.append(record(0, 5, request_id="r-refused", ts=NOW, status=429))  # refused: no allowance used
     records.append(record(0, 6, request_id="r0", ts=NOW))  # a retry of r0
     records.append(Rec(b"{not json", b"k1", 0, 7))  # dead-lettered by the ingest path, not counted here
-    batch = group_batch(records, VALIDATOR, RecentRequests(100), NOW.timestamp() + 10)
+    batch = group_batch(records, RecordChecker(VALIDATOR, None, None), RecentRequests(100), NOW.timestamp() + 10)
     minute = int(NOW.timestamp()) // 60 * 60
     assert batch.counts == {(0, "k1", "", minute): 5}
     assert batch.duplicates == 1

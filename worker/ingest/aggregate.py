@@ -10,31 +10,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.decisions import WINDOW_SECONDS, Window
-from schemas.events import RequestEvent
+from worker.records import EVENT_FIELDS, ROW_HASH, EventRow
 from worker.store import rollup
 
-_MINUTE = WINDOW_SECONDS[Window.minute]
 _HOUR = WINDOW_SECONDS[Window.hour]
 _DAY = WINDOW_SECONDS[Window.day]
 
-# One event as the batch keeps it: a plain tuple (cheapest to build once per event) whose
-# fields are named, in order, by EVENT_FIELDS; ``event_row`` is the only place that builds one.
-EventRow = tuple[int, str, str, int, str, int, str, str, int, float, int, int, str]
-EVENT_FIELDS = (
-    "partition",
-    "key_id",
-    "account_id",
-    "minute",
-    "endpoint",
-    "status",
-    "node_id",
-    "client_ip",
-    "bytes_out",
-    "latency_ms",
-    "hash",
-    "cost",
-    "route",
-)
 _EVENT_TYPES = {
     "partition": pa.int64(),
     "key_id": pa.string(),
@@ -50,7 +31,7 @@ _EVENT_TYPES = {
     "cost": pa.int64(),
     "route": pa.string(),
 }
-_HASH = EVENT_FIELDS.index("hash")
+
 
 # The rollup levels: the dimensions each groups by (columns of the per-event table) and the
 # one that is its bucket. Each dimension but the bucket is the rollup column of that name.
@@ -63,25 +44,6 @@ _LEVELS: dict[str, tuple[list[str], str]] = {
 }
 # Sums of each level: per-event column -> its sum's rollup column.
 _SUMS = {"requests": "requests", "bytes_out": "bytes_out", "latency_ms": "latency_ms_sum", "cost": "cost"}
-
-
-def event_row(partition: int, event: RequestEvent, epoch: float, digest: int) -> EventRow:
-    """One counted event (absent optionals as ''/0; no cost: 1), bucketed into its UTC minute."""
-    return (
-        partition,
-        event["key_id"],
-        event.get("account_id") or "",
-        int(epoch) // _MINUTE * _MINUTE,
-        event["endpoint"],
-        event["status"],
-        event["node_id"],
-        event.get("client_ip") or "",
-        event.get("bytes_out") or 0,
-        event.get("latency_ms") or 0.0,
-        digest,
-        event.get("cost", 1),
-        event.get("route") or "",
-    )
 
 
 class BatchAggregate:
@@ -140,7 +102,7 @@ class BatchAggregate:
         """Remove the events whose hash is in ``hashes`` (found in the dedup memory); returns how many."""
         if not hashes or not self._rows:
             return 0
-        kept = [row for row in self._rows if row[_HASH] not in hashes]
+        kept = [row for row in self._rows if row[ROW_HASH] not in hashes]
         dropped = len(self._rows) - len(kept)
         if dropped:
             self._rows = kept
@@ -150,7 +112,8 @@ class BatchAggregate:
     def _event_table(self) -> pa.Table:
         """One row per event with the dimensions of every level."""
         if self._table is None:
-            columns = {name: pa.array(self.column(name), _EVENT_TYPES[name]) for name in EVENT_FIELDS}
+            # The fields the rollups keep (not the event time and node counts, which the limits read).
+            columns = {name: pa.array(self.column(name), kind) for name, kind in _EVENT_TYPES.items()}
             minute = columns["minute"]
             columns["hour"] = pc.multiply(pc.divide(minute, _HOUR), _HOUR)  # buckets are >= 0: truncation is floor
             columns["day"] = pc.multiply(pc.divide(minute, _DAY), _DAY)

@@ -107,6 +107,8 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.stored_offsets.pop(p, None)
                 if self.pipeline.recent is not None:
                     self.pipeline.recent.revoke(p)
+            if self.pipeline.exchange is not None:
+                self.pipeline.exchange.forget(parts)
             if parts:
                 log.info("revoked partitions %s of %s", sorted(parts), self.topic)
                 for hook in self.on_revoked:
@@ -121,6 +123,8 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
                 return
             stored = await self._stored_offsets(parts)
             await self._load_recent(parts)
+            if self.pipeline.exchange is not None:
+                self.pipeline.exchange.forget(parts)  # a fresh start: nothing handed over before
             consumer = self.get_consumer()
             for p in sorted(parts):
                 if p in stored and consumer is not None:

@@ -19,10 +19,10 @@ from typing import TypeVar
 import pyarrow as pa
 
 from common.retry import retry_forever
-from worker.ingest.aggregate import BatchAggregate, EventRow, event_row
+from worker.ingest.aggregate import BatchAggregate
 from worker.ingest.dlq import dead_letter
 from worker.ingest.recent_hashes import RecentHashes
-from worker.records import KafkaRecord, Rejection, Validator, request_hash
+from worker.records import ROW_HASH, EventRow, KafkaRecord, RecordChecker, Rejection, RowExchange, Validator
 from worker.settings import Settings
 from worker.store.rollup import RollupStore
 
@@ -83,11 +83,13 @@ def scan(
     stored_offsets: Mapping[int, int],
     in_flight: Collection[int],
     now: float,
+    checker: RecordChecker | None = None,
 ) -> ScannedBatch:
     """Sort every record of a batch: replayed, refused, duplicate, or counted (into the
     aggregate). ``stored_offsets``: last stored offset per partition; ``in_flight``: request
-    hashes of the write that has not landed yet (not in the stored dedup memory for sure)."""
-    check = validator.check  # looked up once: this loop runs once per event
+    hashes of the write that has not landed yet (not in the stored dedup memory for sure);
+    ``checker``: takes the rows the fast lane checked first (default: every record checked here)."""
+    row_of = (checker or RecordChecker(validator, None, None)).row  # looked up once: runs once per event
     last: dict[int, int] = {}
     first: dict[int, int] = {}
     rows: list[EventRow] = []
@@ -104,17 +106,16 @@ def scan(
             last[partition] = offset
         if offset < first.get(partition, offset + 1):
             first[partition] = offset
-        checked = check(record, now)
-        if isinstance(checked, Rejection):
-            rejections.append(checked)
+        row = row_of(record, now)
+        if isinstance(row, Rejection):
+            rejections.append(row)
             continue
-        event, epoch = checked
-        digest = request_hash(event["key_id"], event["request_id"])
+        digest = row[ROW_HASH]
         if digest in seen or digest in in_flight:
             duplicates += 1
             continue
         seen.add(digest)
-        rows.append(event_row(partition, event, epoch, digest))
+        rows.append(row)
     return ScannedBatch(BatchAggregate(rows, last, first), rejections, duplicates, replayed, seen)
 
 
@@ -135,6 +136,7 @@ class IngestPipeline:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.recent: RecentHashes | None = None
+        self.exchange: RowExchange | None = None  # rows the limits' fast lane checked first, and for it
         self.topic = settings.events_topic
         self.store = store
         self.dead_letters = dead_letters
@@ -157,7 +159,7 @@ class IngestPipeline:
         not in the stored dedup memory for sure, so they are checked here as well (a retry
         split across two consecutive batches is counted once).
         """
-        scanned = scan(records, self.validator, stored_offsets, in_flight, self.clock())
+        scanned = scan(records, self.validator, stored_offsets, in_flight, self.clock(), self._checker())
         outcome = BatchOutcome(duplicates=scanned.duplicates, skipped_replayed=scanned.replayed)
         for rejection in scanned.rejections:
             outcome.rejected[rejection.reason] = outcome.rejected.get(rejection.reason, 0) + 1
@@ -170,6 +172,12 @@ class IngestPipeline:
         outcome.counted = batch.events
         outcome.offsets = dict(batch.offsets)
         return PreparedBatch(outcome, rows, batch.token(self.topic), scanned.hashes, batch.dedup_keys())
+
+    def _checker(self) -> RecordChecker:
+        exchange = self.exchange
+        if exchange is None:
+            return RecordChecker(self.validator, None, None)
+        return RecordChecker(self.validator, exchange.to_ingest, exchange.to_fast_lane)
 
     async def _dead_letter(self, rejections: list[Rejection]) -> None:
         for rejection in rejections:

@@ -6,9 +6,11 @@ starts each partition right after the offset stored in ClickHouse with the count
 counters were rebuilt from, so every event is counted once. It never waits for the
 exactly-once path (its dedup lookup, its ClickHouse write), which keeps its own order.
 Records are checked by the same ``Validator`` as the ingest path: what the ingest path
-dead-letters, the limits do not count. Node retries are recognised by their request hash
-within a bounded memory; a retry whose first copy it never saw (sent before the partition
-was assigned here) counts twice for the limits only, erring towards the limit.
+dead-letters, the limits do not count; whichever of the two reads a record first hands the
+row it checked to the other (``worker.records.RowExchange``), so each record is parsed and
+validated once. Node retries are recognised by their request hash within a bounded memory; a
+retry whose first copy it never saw (sent before the partition was assigned here) counts
+twice for the limits only, erring towards the limit.
 """
 
 from __future__ import annotations
@@ -27,14 +29,12 @@ from common import kafka_clients
 from common.kafka_clients import KafkaTarget
 from common.recent_set import RecentSet
 from common.retry import cancel_and_wait, keep_running
-from schemas.decisions import WINDOW_SECONDS, Window
 from schemas.limits import route_subject
 from worker.limits.engine import NodeReport
-from worker.records import KafkaRecord, Rejection, Validator, request_hash
+from worker.records import KafkaRecord, RecordChecker, Rejection, RowExchange, Validator
 
 log = logging.getLogger(__name__)
 
-_MINUTE = WINDOW_SECONDS[Window.minute]  # a constant: window_start() costs an enum hash per event
 REFUSED = 429  # refused by the limits: counts nothing, but shows where the traffic is
 
 
@@ -53,38 +53,35 @@ class RecentRequests(RecentSet[int]):
     """Request hashes seen lately, oldest forgotten past ``max_size``: ``add`` is True if new."""
 
 
-def group_batch(records: Sequence[KafkaRecord], validator: Validator, recent: RecentRequests, now: float) -> FastBatch:
+def group_batch(
+    records: Sequence[KafkaRecord], checker: RecordChecker, recent: RecentRequests, now: float
+) -> FastBatch:
+    """Group a fetch for the limit engine (rows the ingest path checked first are taken from it)."""
     batch = FastBatch(records=len(records))
     counts = batch.counts
-    check = validator.check
+    nodes = batch.nodes
+    row_of = checker.row
     for record in records:
-        checked = check(record, now)
-        if isinstance(checked, Rejection):
+        row = row_of(record, now)
+        if isinstance(row, Rejection):
             continue  # the ingest path dead-letters it
-        event, epoch = checked
-        key_id = event["key_id"]
-        if not recent.add(request_hash(key_id, event["request_id"])):
+        partition, key_id, account, minute, _, status, node_id, _, _, _, digest, cost, route, epoch, node_counts = row
+        if not recent.add(digest):
             batch.duplicates += 1
             continue
-        partition = record.partition
-        if event["status"] != REFUSED:
-            account = event.get("account_id") or ""
-            minute = int(epoch) // _MINUTE * _MINUTE
-            cost = event.get("cost", 1)
+        if status != REFUSED:
             slot = (partition, key_id, account, minute)
             counts[slot] = counts.get(slot, 0) + cost
-            route = event.get("route")
             if route:  # the key on its route: a subject of its own (route limits)
                 slot = (partition, route_subject(key_id, route), account, minute)
                 counts[slot] = counts.get(slot, 0) + cost
-        per_node = batch.nodes.setdefault((partition, key_id), {})
-        report = per_node.get(event["node_id"])
+        per_node = nodes.setdefault((partition, key_id), {})
+        report = per_node.get(node_id)
         if report is None:
-            report = per_node[event["node_id"]] = NodeReport()
+            report = per_node[node_id] = NodeReport()
         report.arrivals += 1
         report.first_ts = min(report.first_ts, epoch)
         report.last_ts = max(report.last_ts, epoch)
-        node_counts = event.get("node_counts")
         if node_counts is not None and epoch >= report.epoch:
             report.counts = (node_counts[0], node_counts[1], node_counts[2])
             report.epoch = epoch
@@ -116,10 +113,18 @@ class FastLane:
         self.clock = clock
         self.recent = RecentRequests(recent_max)
         self.consumer_options = consumer_options or {}
+        # Rows it checked go to the ingest path; rows the ingest path checked first come from it.
+        self.exchange: RowExchange | None = None
+        self.checker = RecordChecker(validator, None, None)
         self.positions: dict[int, int | None] = {}  # owned partition -> next offset (None: from the start)
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.records = 0
+
+    def use_exchange(self, exchange: RowExchange) -> None:
+        """Rows it checked go to the ingest path; rows the ingest path checked first come from it."""
+        self.exchange = exchange
+        self.checker = RecordChecker(self.validator, exchange.to_fast_lane, exchange.to_ingest)
 
     def assign(self, partition: int, after_offset: int | None) -> None:
         """Count ``partition`` from just after ``after_offset`` (None: from its beginning)."""
@@ -167,7 +172,7 @@ class FastLane:
                 for tp, rs in fetched.items():
                     if tp.partition in self.positions and rs:
                         self.positions[tp.partition] = rs[-1].offset + 1
-                batch = group_batch(records, self.validator, self.recent, self.clock())
+                batch = group_batch(records, self.checker, self.recent, self.clock())
                 self.records += len(records)
                 await self.on_batch(batch)
         finally:
