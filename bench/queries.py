@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -27,10 +28,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, now_utc, replace_block, versions
+from bench.common import commit, machine, now_utc, replace_block, versions
 from schemas.analytics import Subject, TopDimension, TopMetric
 from schemas.usage import Granularity
 from worker.analytics import queries, signals
+from worker.analytics.side_handle import sibling
 from worker.settings import Settings
 from worker.store.client import connect
 from worker.store.migrations import migrate
@@ -190,6 +192,7 @@ def main() -> None:
     ).result_rows[0][0]
     since = now - timedelta(days=DAYS)
     th = signals.SignalThresholds()
+    side = sibling(client)  # the API's second handle: /v1/signals runs its leaked-key scan on it
     cases: dict[str, Callable[[], object]] = {
         f"30-day minute series, busiest key ({busiest_n:,} requests, {minute_rows:,} minute rows)": lambda: (
             queries.series(client, db, Subject.key, busiest, Granularity.minute, since, now)
@@ -207,13 +210,19 @@ def main() -> None:
         "signal: 401/403 and 429 bursts (last hour)": lambda: signals.error_bursts(client, db, now, th),
         "signal: many client IPs (leaked key, last 24 h)": lambda: signals.many_sources(client, db, now, th),
         "signal: invalid-key storms by client IP (last 24 h)": lambda: signals.invalid_key_storms(client, db, now, th),
-        "all abuse signals (one /v1/signals call)": lambda: signals.abuse_signals(client, db, now, th),
+        "all abuse signals (one /v1/signals call)": lambda: signals.abuse_signals(client, db, now, th, side=side),
+        "all abuse signals, one handle (no side handle: the CLI's way)": lambda: signals.abuse_signals(
+            client, db, now, th
+        ),
     }
+    load_before = os.getloadavg()
     results = {}
     for name, fn in cases.items():
         results[name] = timed(fn, args.runs)
         r = results[name]
         print(f"{r['median']:8.1f} ms median {r['p95']:8.1f} p95  {name}", flush=True)
+    load_after = os.getloadavg()
+    print(f"load average (1 min) before {load_before[0]:.1f}, after {load_after[0]:.1f}")
     found = signals.rate_jumps(client, db, now, th)
     caught = any(s.key_id == ABUSED for s in found)
     print(f"abused key caught by the rate-jump signal: {caught}")
@@ -225,7 +234,8 @@ def main() -> None:
         lines = [
             f"Run {now_utc()} on {m['cpu']} ({m['usable cpus']} usable CPUs, {m['ram']}), Python {m['python']}, "
             f"chdb {v['chdb']}, clickhouse-connect {v['clickhouse-connect']}. Command: "
-            f"`python -m bench.queries --keys {args.keys} --events {args.events} --runs {args.runs}`.",
+            f"`python -m bench.queries --keys {args.keys} --events {args.events} --runs {args.runs}`. Code measured: "
+            f"commit {commit('worker/analytics', 'worker/store', 'schemas', 'bench/queries.py')}.",
             "",
             f"Seed: {args.keys:,} keys, {args.events:,} requests over {DAYS} days written as rollup rows "
             f"({seed_note}; {info['parts']} active parts, {info['disk']} on disk): "
@@ -233,13 +243,15 @@ def main() -> None:
             + ".",
             "",
             f"Each query: {args.runs} timed runs after 2 warm-ups, through the same Python functions the API "
-            "calls (SQL + result models), target ≤ 100 ms.",
+            "calls (SQL + result models), target ≤ 100 ms median, ≤ 150 ms p95. Load average (1 min) of the "
+            f"machine {load_before[0]:.1f} before the timed runs, {load_after[0]:.1f} after (2 CPUs: above ~1, "
+            "other processes compete for them).",
             "",
-            "| query | median ms | p95 ms | max ms | ≤ 100 ms |",
+            "| query | median ms | p95 ms | max ms | ≤ 100 ms median, ≤ 150 p95 |",
             "| --- | ---: | ---: | ---: | :---: |",
         ]
         for name, r in results.items():
-            ok = "yes" if r["p95"] <= 100 else ("median only" if r["median"] <= 100 else "**no**")
+            ok = "yes" if r["median"] <= 100 and r["p95"] <= 150 else "**no**"
             lines.append(f"| {name} | {r['median']:.1f} | {r['p95']:.1f} | {r['max']:.1f} | {ok} |")
         lines.append("")
         lines.append(f"Abused key found by the rate-jump signal: {'yes' if caught else 'NO'}.")

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from schemas.limits import PolicyBook
 from worker.analytics import routes
 from worker.analytics.query_context import PolicyLookup, QueryContext
+from worker.analytics.side_handle import SideHandle
 from worker.analytics.throttle import LoginThrottle
 from worker.settings import Settings
 
@@ -103,6 +104,7 @@ def build_query_app(
         admin_key=settings.admin_api_key.get_secret_value().encode(),
         throttle=LoginThrottle(settings.admin_login_burst, settings.admin_login_refill_per_minute / 60),
         minute_days=settings.ttl_minute_days,
+        side=SideHandle(client),
     )
     for router in (routes.usage, routes.limits, routes.abuse):
         app.include_router(router)

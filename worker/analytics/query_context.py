@@ -1,5 +1,6 @@
 """What every query route needs, held once per app: the client (one at a time: a client is
-not safe to share between threads), the clock, the policies, the admin key and its throttle.
+not safe to share between threads) and its side handle, the clock, the policies, the admin
+key and its throttle.
 
 Routes get it with ``Depends(context)``, so each handler is a plain function, testable alone.
 """
@@ -21,6 +22,7 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
 from schemas.limits import LimitPolicy, PolicyBook
+from worker.analytics.side_handle import SideHandle
 from worker.analytics.throttle import LoginThrottle, client_key
 from worker.cli_args import parse_duration
 from worker.refusals import OutOfRange, QueryRefused
@@ -45,6 +47,7 @@ class QueryContext:
     admin_key: bytes
     throttle: LoginThrottle
     minute_days: int  # what the minute level holds (METER_TTL_MINUTE_DAYS)
+    side: SideHandle | None = None  # a second handle, for a request that runs two queries at once
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, query: Callable[[], T]) -> T:
@@ -57,6 +60,19 @@ class QueryContext:
             raise HTTPException(422, str(exc)) from None
         except QueryRefused as exc:
             raise HTTPException(400, str(exc)) from None
+
+    def run_beside(self, query: Callable[[Client | None], T]) -> T:
+        """``run``, and ``query`` gets the side handle too (None: there is none); the client
+        lock is always taken before the side handle's, so two such requests cannot deadlock."""
+        if self.side is None:
+            return self.run(lambda: query(None))
+        side = self.side
+
+        def both() -> T:
+            with side.borrow() as handle:
+                return query(handle)
+
+        return self.run(both)
 
     def window(
         self, window: str | None, since: datetime | None, until: datetime | None, default: str

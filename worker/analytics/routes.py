@@ -179,6 +179,8 @@ def abuse_signals(
         raise HTTPException(400, "recent may span at most 48h and lookback at most 7d.")
     thresholds = signals.SignalThresholds(recent=recent_span, lookback=lookback_span)
     kinds = set(kind) if kind else None
-    return ctx.run(
-        lambda: signals.abuse_signals(ctx.client, ctx.database, as_of or ctx.clock(), thresholds, kinds, key_id=key_id)
+    return ctx.run_beside(
+        lambda side: signals.abuse_signals(
+            ctx.client, ctx.database, as_of or ctx.clock(), thresholds, kinds, key_id=key_id, side=side
+        )
     )

@@ -8,6 +8,7 @@ table for repeated blocks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 from clickhouse_connect.driver.client import Client
@@ -411,11 +412,41 @@ def abuse_signals(
     thresholds: SignalThresholds | None = None,
     kinds: set[SignalKind] | None = None,
     key_id: str | None = None,
+    side: Client | None = None,
 ) -> SignalReport:
-    """Every signal (or those of ``kinds``), strongest first; ``key_id`` keeps that key's only."""
+    """Every signal (or those of ``kinds``), strongest first; ``key_id`` keeps that key's only.
+
+    ``side``: a second handle on the same store (``side_handle``): the leaked-key scan, the
+    costliest detector (a day of ``client_hour`` rows), then runs on it beside the others.
+    """
     as_of = utc(now or datetime.now(UTC))
     th = thresholds or SignalThresholds()
     wanted = kinds or set(SignalKind)
+    signals: list[Signal] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="signals") as pool:
+        aside: Future[list[Signal]] | None = None
+        if side is not None and SignalKind.many_sources in wanted and len(wanted) > 1:
+            aside = pool.submit(DETECTORS[SignalKind.many_sources], side, database, as_of, th)
+            wanted = wanted - {SignalKind.many_sources}
+        # On error the pool still waits for the side query: the handle is free on return.
+        signals.extend(_detect(client, database, as_of, th, wanted))
+        if aside is not None:
+            signals.extend(aside.result())
+    if key_id is not None:
+        signals = [s for s in signals if s.key_id == key_id]
+    order = {Severity.high: 0, Severity.medium: 1, Severity.low: 2}
+    signals.sort(key=lambda s: (order[s.severity], -s.score, s.kind.value))
+    return SignalReport(as_of=as_of, signals=signals)
+
+
+def _detect(
+    client: Client,
+    database: str,
+    as_of: datetime,
+    th: SignalThresholds,
+    wanted: set[SignalKind],
+) -> list[Signal]:
+    """The detectors of the ``wanted`` kinds, one after the other on ``client``."""
     signals: list[Signal] = []
     ran: set[Callable[..., list[Signal]]] = set()
     recent: list[RecentRow] | None = None
@@ -431,8 +462,4 @@ def abuse_signals(
         else:
             found = detect(client, database, as_of, th)
         signals.extend(s for s in found if s.kind in wanted)
-    if key_id is not None:
-        signals = [s for s in signals if s.key_id == key_id]
-    order = {Severity.high: 0, Severity.medium: 1, Severity.low: 2}
-    signals.sort(key=lambda s: (order[s.severity], -s.score, s.kind.value))
-    return SignalReport(as_of=as_of, signals=signals)
+    return signals
