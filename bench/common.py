@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -103,3 +104,21 @@ def replace_block(name: str, section: str, body: str, path: Path = RESULTS) -> N
         else:
             text = text.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
     path.write_text(text.rstrip("\n") + "\n")
+
+
+def commit(*paths: str) -> str:
+    """Short hash of HEAD, and whether ``paths`` (default: the whole tree) have uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", *paths],
+            cwd=BENCH_DIR.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} + uncommitted changes" if status else head

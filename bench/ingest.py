@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.partitioner import murmur2
 
 from bench.common import BENCH_DIR, machine, now_utc, peak_rss_bytes, replace_block, reset_peak_rss, rss_bytes, versions
@@ -186,10 +186,9 @@ def check_wire_format(preload: Preload, sample: int = 2000) -> None:
                 raise SystemExit(f"generated event differs from dump_event (partition {part}): {value!r}")
 
 
-async def produce(kafka: KafkaTarget, topic: str, preload: Preload) -> float:
-    """Pre-load the topic: pre-built record batches of ~900 KB, many in flight, acks=1, no compression."""
-    started = time.perf_counter()
-    producer = kafka_clients.producer(
+def bulk_producer(kafka: KafkaTarget) -> AIOKafkaProducer:
+    """A producer for pre-built record batches of ~900 KB: acks=1, no linger, no compression."""
+    return kafka_clients.producer(
         kafka,
         acks=1,
         linger_ms=0,
@@ -198,23 +197,36 @@ async def produce(kafka: KafkaTarget, topic: str, preload: Preload) -> float:
         compression_type=None,
         request_timeout_ms=60_000,
     )
+
+
+async def send_records(
+    producer: AIOKafkaProducer, topic: str, partitions: Mapping[int, Sequence[tuple[bytes, bytes]]]
+) -> None:
+    """Send each partition's (key, value) records in record batches, many in flight; wait for all."""
+    in_flight: list[asyncio.Future[Any]] = []
+    for part, records in partitions.items():
+        batch = producer.create_batch()
+        for key, value in records:
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                batch.close()
+                in_flight.append(await producer.send_batch(batch, topic, partition=part))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+            if len(in_flight) >= 64:
+                await asyncio.gather(*in_flight)
+                in_flight.clear()
+        batch.close()
+        in_flight.append(await producer.send_batch(batch, topic, partition=part))
+    await asyncio.gather(*in_flight)
+
+
+async def produce(kafka: KafkaTarget, topic: str, preload: Preload) -> float:
+    """Pre-load the topic (``bulk_producer``, ``send_records``)."""
+    started = time.perf_counter()
+    producer = bulk_producer(kafka)
     await producer.start()
     try:
-        in_flight: list[asyncio.Future[Any]] = []
-        for part, records in preload.partitions.items():
-            batch = producer.create_batch()
-            for key, value in records:
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    batch.close()
-                    in_flight.append(await producer.send_batch(batch, topic, partition=part))
-                    batch = producer.create_batch()
-                    batch.append(key=key, value=value, timestamp=None)
-                if len(in_flight) >= 64:
-                    await asyncio.gather(*in_flight)
-                    in_flight.clear()
-            batch.close()
-            in_flight.append(await producer.send_batch(batch, topic, partition=part))
-        await asyncio.gather(*in_flight)
+        await send_records(producer, topic, preload.partitions)
     finally:
         await producer.stop()
     return time.perf_counter() - started
