@@ -39,6 +39,8 @@ from worker.store.migrations import migrate
 from worker.store.rollup import rollup_table
 
 DAYS = 30
+# The code these timings measure (the results name its commit, and say if it had local changes).
+MEASURED = ("worker/analytics", "worker/store", "schemas/analytics.py", "schemas/usage.py", "bench/queries.py")
 ABUSED = "cf_liv_bench_abused_key"
 
 # One simulated request per number; every column is a pure function of it, so each level's
@@ -235,7 +237,7 @@ def main() -> None:
             f"Run {now_utc()} on {m['cpu']} ({m['usable cpus']} usable CPUs, {m['ram']}), Python {m['python']}, "
             f"chdb {v['chdb']}, clickhouse-connect {v['clickhouse-connect']}. Command: "
             f"`python -m bench.queries --keys {args.keys} --events {args.events} --runs {args.runs}`. Code measured: "
-            f"commit {commit('worker/analytics', 'worker/store', 'schemas', 'bench/queries.py')}.",
+            f"commit {commit(*MEASURED)}.",
             "",
             f"Seed: {args.keys:,} keys, {args.events:,} requests over {DAYS} days written as rollup rows "
             f"({seed_note}; {info['parts']} active parts, {info['disk']} on disk): "
