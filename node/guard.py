@@ -292,6 +292,8 @@ class LocalGuard:
         if grant is not None:
             return grant.cap, held, allowance.version
         base = state.anchors.get((i, state.starts[i]), state.counts[i]) if state.anchors else state.counts[i]
+        if held.settling:  # the worker holds this node's burst share back for it: that, no more
+            return max(base, self._share(held.limit)), held, allowance.version
         return base + held.others, held, allowance.version
 
 

@@ -356,6 +356,9 @@ class MeterMiddleware:
                 left = deadline - loop.time()
                 if left <= 0:
                     refusal = guard.admit(key_id, account, epoch, final=True, cost=cost, route=route)
+                    log.debug(
+                        "key %s: no division within %.0f ms, final answer %s", key_id, self._burst_wait_s * 1e3, refusal
+                    )
                     break
                 await self._cache.wait_change(left)
                 block = self._block(key_id, rule) if rule is not None else self._cache.check(key_id)

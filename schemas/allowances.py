@@ -5,7 +5,9 @@ compacted topic when the key's count passes a fraction of a limit, and a new ver
 time it re-divides. Counts are the node's own: a node admits a request in ``window`` only
 while its own count of the key in that window is below its ``cap`` (absolute, so requests
 it admitted before the allowance arrived are charged to it). A node not listed may admit
-``others`` more, counted from the moment it first holds an allowance of that window.
+``others`` more, counted from the moment it first holds an allowance of that window; while the
+division is ``settling`` (the worker holds back the burst shares of nodes it has not heard from
+yet), a node not listed may admit its own burst share and no more until it is listed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class WindowAllowance(BaseModel):
     count: Count  # the key's count in the window as the worker has seen it
     grants: dict[Identifier, NodeGrant] = Field(default_factory=dict, max_length=1024)
     others: Count = 0
+    # The division is settling: nodes not listed admit their burst share (which the worker holds
+    # back for them), not ``others``; records without it parse as before (False).
+    settling: bool = False
 
 
 class Allowance(BaseModel):

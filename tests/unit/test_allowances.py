@@ -153,7 +153,10 @@ class Harness:
     def __init__(self, pooled: bool = False) -> None:
         self.clock = Clock(T0)
         self.engine = LimitEngine(
-            PolicyBook(LimitPolicy()), self.clock, AllowancePolicy(threshold=0.5, lag_s=LAG, pooled=pooled)
+            # No settling: these tests are about the steady division (settling has its own below).
+            PolicyBook(LimitPolicy()),
+            self.clock,
+            AllowancePolicy(threshold=0.5, lag_s=LAG, pooled=pooled, settle_s=0.0),
         )
         self.engine.assign(0, [])
 
@@ -293,8 +296,9 @@ def test_while_a_division_settles_the_silent_nodes_burst_shares_are_held_back() 
     engine = settling_engine(clock)
     minute = int(T0) // 60 * 60
     [first] = engine.observe({(0, "k", "acct", minute): 30}, {(0, "k"): {"n1": report(30, 30)}}).allowances
-    # n2 and n3 may each have admitted 34 unseen: 100 - 30 - 68 = 2 left to give
-    assert caps(first) == {"n1": 32}
+    # n2 and n3 may each have admitted 34 unseen, and n1 its own 34 before this reaches it:
+    # 100 - 30 - 68 - 4 < 0, nothing more to give; n1 keeps its burst share
+    assert caps(first) == {"n1": 34}
     assert engine.hot["k"].held_back
     clock.now = T0 + 0.1  # settled, and nobody else spoke: the rest is n1's after all
     [second] = engine.redivide()
@@ -310,3 +314,34 @@ def test_nodes_heard_from_are_not_held_back_for() -> None:
     reports = {"n1": report(34, 34), "n2": report(34, 34), "n3": report(34, 34)}
     [allowance] = engine.observe({(0, "k", "acct", minute): 102}, {(0, "k"): reports}).allowances
     assert caps(allowance) == {"n1": 34, "n2": 34, "n3": 34}  # over the limit: nothing more for anyone
+
+
+def test_a_burst_on_every_node_at_once_is_held_to_the_limit_or_the_burst_shares() -> None:
+    """All at once (enforcement scenario d): each node reported part of its burst share when the
+    division is made, and may admit the rest of it before the division reaches it; strict parts
+    of what is left after those, no pooling, so the nodes cannot each take the same remainder."""
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    reports = {"n1": report(32, 32), "n2": report(21, 21), "n3": report(34, 34)}
+    [allowance] = engine.observe({(0, "k", "acct", minute): 87}, {(0, "k"): reports}).allowances
+    [window] = allowance.windows
+    assert window.settling
+    assert caps(allowance) == {"n1": 34, "n2": 34, "n3": 34}  # 102: the shares, nothing pooled
+    # Later in the window (settled), the division pools again.
+    clock.now = T0 + 0.1
+    [later] = engine.observe({(0, "k", "acct", minute): 3}, {(0, "k"): {"n1": report(3, 34)}}).allowances
+    assert not later.windows[0].settling
+
+
+def test_a_listed_node_past_its_burst_share_gets_a_strict_part_while_settling() -> None:
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    # n1 has had 45 (moved there at full speed); n2, n3 silent: 34 each held back for them.
+    [allowance] = engine.observe({(0, "k", "acct", minute): 45}, {(0, "k"): {"n1": report(45, 45)}}).allowances
+    assert caps(allowance) == {"n1": 45}  # 100 - 45 - 2 x 34 < 0: nothing more while it settles
+    assert engine.hot["k"].held_back
+    clock.now = T0 + 0.1  # settled, nobody else spoke: the rest is n1's
+    [settled] = engine.redivide()
+    assert caps(settled) == {"n1": 100}

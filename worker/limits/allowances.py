@@ -84,12 +84,17 @@ def divide(
     lag_s: float,
     pooled: bool = True,
     unseen: int = 0,
+    floor: int = 0,
 ) -> Division:
     """Caps for the nodes ``{node_id: (used, rate)}`` of a key that has ``count`` of ``limit``.
 
     ``unseen``: what nodes not heard from yet may have admitted that the count does not hold
-    (their burst shares, while the division settles): held back from every part."""
-    remaining = max(0, limit - count - unseen)
+    (their burst shares, while the division settles): held back from every part. ``floor``:
+    what each listed node may admit on its own before this division reaches it (its burst
+    share, while the division settles): a node below it has ``floor - used`` held for it, on
+    top of its part."""
+    held_for = {node: max(0, floor - used) for node, (used, _) in nodes.items()}
+    remaining = max(0, limit - count - unseen - sum(held_for.values()))
     total_rate = sum(rate for _, rate in nodes.values())
     # Whole requests: a fraction of one expected in flight holds nothing back.
     reserve = {node: math.floor(rate * lag_s) for node, (_, rate) in nodes.items()}
@@ -108,7 +113,7 @@ def divide(
         share = parts[node]
         if pooled:
             share = max(share, remaining - (total_reserve - reserve[node]))
-        grants[node] = NodeGrant(used=used, cap=used + max(0, share))
+        grants[node] = NodeGrant(used=used, cap=used + held_for[node] + max(0, share))
     # A node not listed yet (traffic that just moved to it): an equal part, or when pooled,
     # the remainder minus what the listed nodes are expected to admit meanwhile.
     others = remaining // (len(nodes) + 1)

@@ -303,6 +303,7 @@ class LimitEngine:
             kw = self._find(key_id)
             if kw is not None and (a := self._allot(key_id, kw, {}, now)):
                 allowances.append(a)
+        self._log(Verdicts(allowances=allowances))
         return allowances
 
     def seen_allowance(self, allowance: Allowance) -> None:
@@ -354,7 +355,6 @@ class LimitEngine:
         counters = self.partitions.get(partition)
         return counters.keys.get(key_id) if counters is not None else None
 
-    # long: the division of one hot key step by step, in the order the docstring gives
     def _allot(self, key_id: str, kw: KeyWindows, reports: Mapping[str, NodeReport], now: float) -> Allowance | None:
         """The key's allowance if it is hot and a cap changed since the last one, else None."""
         if ROUTE_MARK in key_id:  # route limits are not divided: nodes count them on their own
@@ -383,38 +383,11 @@ class LimitEngine:
             if report.counts is not None:
                 for window, n in zip(_NODE_WINDOWS, report.counts, strict=True):
                     use.report(window, window_start(window, report.epoch), n)
-        windows = []
         hk.held_back = False
-        for window, limit, count in hot_windows:
-            start = kw.start(window)
-            listed = {
-                node_id: (used, use.rate_at(now))
-                for node_id, use in hk.nodes.items()
-                if (used := use.used(window, start)) is not None
-            }
-            unseen = 0
-            for over in [k for k in hk.since if k[1] + WINDOW_SECONDS[k[0]] <= now]:
-                del hk.since[over]
-            if now - hk.since.setdefault((window, start), now) < self.allowance.settle_s:
-                silent = sum(1 for node_id in self.nodes_seen if node_id not in listed)
-                unseen = silent * math.ceil(self.allowance.burst_share * limit)
-            division = divide(limit, count, listed, self.allowance.lag_s, self.allowance.pooled, unseen)
-            hk.held_back |= any(g.cap < g.used + limit - count for g in division.grants.values())
-            end = start + WINDOW_SECONDS[window]
-            hk.until = max(hk.until, end)
-            windows.append(
-                WindowAllowance(
-                    window=window,
-                    start=to_datetime(start),
-                    until=to_datetime(end),
-                    limit=limit,
-                    count=count,
-                    grants=division.grants,
-                    others=division.others,
-                )
-            )
+        windows = [self._divide_window(hk, kw, window, limit, count, now) for window, limit, count in hot_windows]
         caps = tuple(
-            (w.window, w.start, w.others, tuple(sorted((n, g.cap) for n, g in w.grants.items()))) for w in windows
+            (w.window, w.start, w.others, w.settling, tuple(sorted((n, g.cap) for n, g in w.grants.items())))
+            for w in windows
         )
         if caps == hk.last:
             return None
@@ -423,6 +396,44 @@ class LimitEngine:
         self.allowance_versions[key_id] = version
         self.allowances_issued += 1
         return Allowance(key_id=key_id, version=version, decided_at=to_datetime(now), windows=windows)
+
+    def _divide_window(
+        self, hk: HotKey, kw: KeyWindows, window: Window, limit: int, count: int, now: float
+    ) -> WindowAllowance:
+        """One hot window's division. While it settles (``settle_s`` after it turned hot, when a
+        burst may be under way on several nodes at once), every node may still be admitting its
+        burst share before the division reaches it: that is held back for each (the silent known
+        nodes' whole shares, the listed ones' rest of it) and the remainder is divided strictly
+        (the parts add up to it, no pooling): nodes bursting together cannot each take the same
+        remainder, and together they admit at most the limit or their burst shares."""
+        start = kw.start(window)
+        listed = {
+            node_id: (used, use.rate_at(now))
+            for node_id, use in hk.nodes.items()
+            if (used := use.used(window, start)) is not None
+        }
+        unseen = floor = 0
+        for over in [k for k in hk.since if k[1] + WINDOW_SECONDS[k[0]] <= now]:
+            del hk.since[over]
+        settling = now - hk.since.setdefault((window, start), now) < self.allowance.settle_s
+        if settling:
+            floor = math.ceil(self.allowance.burst_share * limit)
+            unseen = floor * sum(1 for node_id in self.nodes_seen if node_id not in listed)
+        pooled = self.allowance.pooled and not settling
+        division = divide(limit, count, listed, self.allowance.lag_s, pooled, unseen, floor)
+        hk.held_back |= any(g.cap < g.used + limit - count for g in division.grants.values())
+        end = start + WINDOW_SECONDS[window]
+        hk.until = max(hk.until, end)
+        return WindowAllowance(
+            window=window,
+            start=to_datetime(start),
+            until=to_datetime(end),
+            limit=limit,
+            count=count,
+            grants=division.grants,
+            others=division.others,
+            settling=settling,
+        )
 
     def _notifications(self, keys: Iterable[tuple[str, KeyWindows]], now: float) -> list[Notification]:
         if self.thresholds is None:
@@ -535,6 +546,13 @@ class LimitEngine:
         )
 
     def _log(self, verdicts: Verdicts) -> None:
+        if verdicts.allowances and log.isEnabledFor(logging.DEBUG):
+            for a in verdicts.allowances:
+                caps = [
+                    (w.window.value, w.count, w.others, {n: (g.used, g.cap) for n, g in w.grants.items()})
+                    for w in a.windows
+                ]
+                log.debug("allowance %s v%d: %s", a.key_id, a.version, caps)
         if verdicts.decisions:
             self.decisions_published += len(verdicts.decisions)
             for d in verdicts.decisions:
