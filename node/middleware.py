@@ -260,7 +260,7 @@ class MeterMiddleware:
             extra_headers.append((b"x-ratelimit-shadow", _shadow_note(denial)))
             denial = None
         if denial is None and record is not None and self._guard is not None:
-            room = self._guard.headroom(key_id, epoch)
+            room = self._headroom(self._guard, key_id, rule, epoch)
             if room is not None:
                 extra_headers += _ratelimit_headers(room)
 
@@ -333,6 +333,16 @@ class MeterMiddleware:
                 ((b"retry-after", b"5"),),
             )
         return record, self._rate_limited(block, now) if block is not None else None  # shadow: noted only
+
+    @staticmethod
+    def _headroom(guard: LocalGuard, key_id: str, rule: RouteScope | None, epoch: float) -> Headroom | None:
+        """The key's tightest window, or its route's when that is tighter (``RateLimit-*``)."""
+        room = guard.headroom(key_id, epoch)
+        if rule is not None and rule.route is not None:
+            on_route = guard.headroom(route_subject(key_id, rule.route), epoch)
+            if on_route is not None and (room is None or on_route.remaining < room.remaining):
+                return on_route
+        return room
 
     def _block(self, key_id: str, rule: RouteScope) -> Block | None:
         """The key's block, else (on a route with a route limit) the block of the key on the route."""

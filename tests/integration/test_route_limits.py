@@ -97,8 +97,11 @@ async def test_one_node_refuses_a_route_on_its_own_count_and_an_override_targets
     worker = WorkerRuntime(settings, store=store)
     async with worker.running(), node(settings, "node-1") as (app, client):
         # Without waiting for the worker: the node's own count refuses the 4th statement.
-        codes = [(await client.get(STATEMENT, headers=dave)).status_code for _ in range(4)]
-        assert codes == [200, 200, 200, 429]
+        answers = [await client.get(STATEMENT, headers=dave) for _ in range(4)]
+        assert [a.status_code for a in answers] == [200, 200, 200, 429]
+        # The headers show the tighter limit: the route's (30 a day), not the key's.
+        assert [a.headers["ratelimit-remaining"] for a in answers[:3]] == ["20", "10", "0"]
+        assert answers[0].headers["ratelimit-limit"] == str(ROUTE_DAILY)
 
         # An operator gives alice's key a statement allowance of its own (key x route).
         await set_override(
