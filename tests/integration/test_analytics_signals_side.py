@@ -137,6 +137,20 @@ def test_api_runs_the_leaked_key_scan_on_the_side_handle(
     assert [client for client, _ in ran_on] == [clickhouse]
 
 
+def test_the_side_handle_closes_with_the_app(
+    clickhouse: Client, make_settings: Any, settings: Settings, sample: SampleFacts
+) -> None:
+    app_settings = make_settings(admin_api_key=ADMIN, clickhouse_database=settings.clickhouse_database)
+    app = build_query_app(app_settings, clickhouse, now=lambda: sample.now)
+    side: SideHandle = app.state.query_context.side
+    assert not side.is_open  # opened by the first call that needs it
+    with TestClient(app, headers={"X-API-Key": ADMIN}) as api:
+        assert api.get("/v1/signals").status_code == 200
+        assert side.is_open
+    assert not side.is_open
+    assert clickhouse.query("SELECT 1").result_rows == [(1,)]  # the main client is not closed with it
+
+
 def test_side_handle_opens_once_and_lends_to_one_caller_at_a_time(clickhouse: Client, settings: Settings) -> None:
     handle = SideHandle(clickhouse)
     lent: list[Client | None] = []

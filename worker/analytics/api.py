@@ -95,6 +95,7 @@ def build_query_app(
         docs_url=None,  # Swagger UI loads its assets from a CDN; the schema is at /openapi.json
         redoc_url=None,
     )
+    side = SideHandle(client)  # opened by the first /v1/signals call, closed with the app
     app.state.query_context = QueryContext(
         client=client,
         database=settings.clickhouse_database,
@@ -104,8 +105,9 @@ def build_query_app(
         admin_key=settings.admin_api_key.get_secret_value().encode(),
         throttle=LoginThrottle(settings.admin_login_burst, settings.admin_login_refill_per_minute / 60),
         minute_days=settings.ttl_minute_days,
-        side=SideHandle(client),
+        side=side,
     )
+    app.router.on_shutdown.append(side.close)
     for router in (routes.usage, routes.limits, routes.abuse):
         app.include_router(router)
     _answer_errors_as_json(app)

@@ -52,6 +52,10 @@ class SideHandle:
                 self._opened = True
             yield self._side
 
+    @property
+    def is_open(self) -> bool:
+        return self._side is not None and self._side is not self._client
+
     def close(self) -> None:
         with self._lock:
             if self._side is not None and self._side is not self._client:
