@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
@@ -98,6 +98,7 @@ class LimitOverride(BaseModel):
 
 
 UNLIMITED = LimitPolicy.unlimited()
+_Slot = TypeVar("_Slot", str, tuple[str, str])
 
 
 class PolicyBook:
@@ -122,19 +123,13 @@ class PolicyBook:
         self.version = 0  # bumps on every change, so callers can re-check what they cached
 
     def apply(self, override: LimitOverride) -> None:
-        table: dict[str, LimitPolicy] | dict[tuple[str, str], LimitPolicy]
-        slot: str | tuple[str, str]
-        if override.scope is OverrideScope.key:
-            table = self.by_key
+        if override.scope is OverrideScope.account and override.route:
+            _put(self.by_account_route, (override.subject, override.route), override.policy)
+        elif override.scope is OverrideScope.account:
+            _put(self.by_account, override.subject, override.policy)
+        else:
             slot = route_subject(override.subject, override.route) if override.route else override.subject
-        elif override.route:
-            table, slot = self.by_account_route, (override.subject, override.route)
-        else:
-            table, slot = self.by_account, override.subject
-        if override.policy is None:
-            table.pop(slot, None)  # type: ignore[arg-type]
-        else:
-            table[slot] = override.policy  # type: ignore[index]
+            _put(self.by_key, slot, override.policy)
         self.version += 1
 
     def resolve(self, subject: str, account_id: str = "") -> LimitPolicy:
@@ -164,3 +159,11 @@ class PolicyBook:
         if account_id and account_id in self.by_account:
             return f"account override {account_id}"
         return "default policy"
+
+
+def _put(table: dict[_Slot, LimitPolicy], slot: _Slot, policy: LimitPolicy | None) -> None:
+    """Set an override (None: remove it)."""
+    if policy is None:
+        table.pop(slot, None)
+    else:
+        table[slot] = policy
