@@ -159,28 +159,24 @@ class Validator:
 
 
 class CheckedRows:
-    """Rows of the records the fast lane has checked, by (partition, offset), until the ingest
-    path reaches them: each record is parsed and validated once.
+    """Rows one reader of the events topic has checked, by (partition, offset), until the other
+    reader reaches them (one direction of a ``RowExchange``).
 
-    Kafka records are immutable, so the row of (partition, offset) is what the ingest path would
+    Kafka records are immutable, so the row of (partition, offset) is what the reader would
     build itself. Only valid records are handed over (a rejection is checked again by the ingest
-    path, which dead-letters it with its exact reason). Bounded: past ``max_rows`` the fast lane
-    hands nothing more until the ingest path catches up (it never waits for it), and a record not
-    found here is checked by the ingest path as before. Rows the ingest path skips (replayed
+    path, which dead-letters it with its exact reason). Bounded: past ``max_rows`` nothing more is
+    handed over until the reader catches up (neither reader ever waits for the other), and a
+    record not found here is checked by the reader itself. Rows the reader skips (replayed
     records, a seek) are dropped when it passes them.
     """
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
         self._rows: dict[int, deque[tuple[int, EventRow]]] = {}
-        self._passed: dict[int, int] = {}  # partition -> last offset the ingest path asked for
+        self._passed: dict[int, int] = {}  # partition -> last offset the reader asked for
         self.size = 0
         self.hits = 0
         self.misses = 0
-
-    @property
-    def has_room(self) -> bool:
-        return self.size < self.max_rows
 
     def put(self, partition: int, offset: int, row: EventRow) -> None:
         """Hand over the row of a record (in offset order per partition)."""
@@ -195,7 +191,7 @@ class CheckedRows:
         self.size += 1
 
     def take(self, partition: int, offset: int) -> EventRow | None:
-        """The row of (partition, offset) if the fast lane checked it; drops the rows before it."""
+        """The row of (partition, offset) if the other reader checked it; drops the rows before it."""
         self._passed[partition] = offset
         rows = self._rows.get(partition)
         while rows:
