@@ -293,3 +293,16 @@ def test_a_shadow_override_decides_and_unblocks_marked_shadow_and_divides_nothin
     [unblock] = h.engine.tick()
     assert (unblock.action, unblock.shadow) == (DecisionAction.unblock, True)
     assert h.hit("other", 100)[0].shadow is False  # the enforced default is unchanged
+
+
+def test_idle_keys_versions_are_forgotten_and_later_versions_still_rise() -> None:
+    h = Harness()
+    [block] = h.hit("k", 100)
+    h.clock.now = T0 + 61
+    [unblock] = h.engine.tick()
+    assert "k" in h.engine.versions
+    h.clock.now = T0 + 86_400 + 5  # the next day: k has been idle all day
+    h.engine.expire_idle()
+    assert "k" not in h.engine.versions  # one entry per key ever decided would grow without end
+    [again] = h.hit("k", 100)
+    assert again.version > unblock.version > block.version

@@ -51,3 +51,13 @@ def test_revoke_forgets_the_partition() -> None:
     cache.revoke(0)
     assert cache.size == 0
     assert cache.split([0], [M0], [1])[2] == [1]
+
+
+def test_minutes_past_the_horizon_leave_the_record_of_incomplete_minutes() -> None:
+    cache = RecentHashes(max_hashes=1)
+    cache.assign(0, stored_minutes={M0})
+    cache.add([0, 0], [M1, M2], [1, 2])  # bound 1: M1 forgotten (incomplete from now on)
+    assert cache.split([0, 0], [M0, M1], [7, 8])[1] == {0: {M0, M1}}
+    cache.forget_before(M1)  # M0 is past the horizon: no event of it is accepted any more
+    assert cache.split([0], [M1], [8])[1] == {0: {M1}}  # M1 still asks the store
+    assert cache._incomplete == {0: {M1}}  # the record that must not grow without end

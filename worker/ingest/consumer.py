@@ -27,6 +27,7 @@ AssignedHook = Callable[[set[int]], Awaitable[None]]
 RevokedHook = Callable[[set[int]], Awaitable[None]]
 BatchHook = Callable[[BatchOutcome], Awaitable[None]]
 COMMIT_TIMEOUT_S = 5.0
+PRUNE_INTERVAL_S = 60.0
 
 
 @dataclass
@@ -89,6 +90,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         self._in_flight: asyncio.Task[bool] | None = None
         self._in_flight_hashes: Collection[int] = ()
         self._revoking: set[int] = set()
+        self._pruned_at = 0.0  # pipeline clock of the last pruning of the recent-hash cache
 
     def _still_owned(self, partition: int) -> bool:
         return partition in self.owned and partition not in self._revoking
@@ -234,6 +236,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         if outcome.written:
             if self.pipeline.recent is not None:
                 self.pipeline.recent.add(*prepared.entries)
+                self._prune_recent()
             self.stored_offsets.update(outcome.offsets)
             await self._commit(outcome.offsets)
         for hook in self.on_batch:
@@ -242,6 +245,16 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             except Exception:  # a metrics hook must not stop the landing of later writes
                 log.exception("batch hook failed")
         return True
+
+    def _prune_recent(self) -> None:
+        """At most once a minute (of the pipeline's clock): minutes past the dedup horizon and an
+        hour more (no event of theirs is accepted) leave the recent-hash cache's records."""
+        recent = self.pipeline.recent
+        now = self.pipeline.clock()
+        if recent is None or now - self._pruned_at < PRUNE_INTERVAL_S:
+            return
+        self._pruned_at = now
+        recent.forget_before(int(now) - self.dedup_horizon_seconds - 3600)
 
     def _account(self, consumed: int, outcome: BatchOutcome) -> None:
         stats = self.stats

@@ -35,6 +35,14 @@ class RecentHashes:
         for key in [k for k in self._sets if k[0] == partition]:
             self.size -= len(self._sets.pop(key))
 
+    def forget_before(self, minute: int) -> None:
+        """Minutes before ``minute`` (past the dedup horizon: no event of theirs is accepted any
+        more) are no longer remembered as incomplete, so that record does not grow without end."""
+        for p, minutes in self._incomplete.items():
+            old = [m for m in minutes if m < minute]
+            if old:
+                self._incomplete[p] = minutes.difference(old)
+
     def complete(self, partition: int, minute: int) -> bool:
         incomplete = self._incomplete.get(partition)
         return incomplete is not None and minute not in incomplete

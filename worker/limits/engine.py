@@ -288,7 +288,21 @@ class LimitEngine:
         def keep(key_id: str, kw: KeyWindows) -> bool:
             return kw.month == month and kw.month_n > 0 and self._has_month(key_id, kw.account)
 
-        return sum(c.expire(now, keep) for c in self.partitions.values())
+        dropped = sum(c.expire(now, keep) for c in self.partitions.values())
+        self._forget_versions()
+        return dropped
+
+    def _forget_versions(self) -> None:
+        """The last versions of keys neither live nor blocked nor hot: one entry per key ever
+        decided or allotted would grow without end. A later version of such a key is the clock in
+        µs (``next_version``), newer than any it had as long as the clock moved on."""
+
+        def idle(key_id: str) -> bool:
+            return key_id not in self.blocks and key_id not in self.hot and self._find(key_id) is None
+
+        for versions in (self.versions, self.allowance_versions):
+            for key_id in [k for k in versions if idle(k)]:
+                del versions[key_id]
 
     def _has_month(self, key_id: str, account: str) -> bool:
         return self.policies.resolve(key_id, account).per_month is not None
