@@ -174,6 +174,7 @@ def structure_sizes(runtime: WorkerRuntime) -> Sample:
     assert consumer is not None
     engine = limits.engine
     recent = consumer.pipeline.recent
+    exchange = consumer.pipeline.exchange
     return {
         "live_keys": engine.live_keys(),
         "window_starts": sum(len(c._starts) for c in engine.partitions.values()),
@@ -190,6 +191,8 @@ def structure_sizes(runtime: WorkerRuntime) -> Sample:
         "dedup_cache_minutes": len(recent._sets) if recent is not None else 0,
         "dedup_store_minutes": sum(len(m) for m in recent._incomplete.values()) if recent is not None else 0,
         "notify_outbox": len(limits._outbox),
+        "checked_rows_to_ingest": exchange.to_ingest.size if exchange is not None else 0,
+        "checked_rows_to_fast_lane": exchange.to_fast_lane.size if exchange is not None else 0,
     }
 
 
@@ -462,8 +465,8 @@ STRUCTURES = {
     "hot_keys": "allowances: keys past the allowance threshold in a current window",
     "blocks": "keys blocked now",
     "block_expiry_heap": "blocks waiting for their end",
-    "decision_versions": "last decision version per key ever decided (not pruned)",
-    "allowance_versions": "last allowance version per key ever allotted (not pruned)",
+    "decision_versions": "last decision version per key (forgotten with the idle keys)",
+    "allowance_versions": "last allowance version per key (forgotten with the idle keys)",
     "latest_decisions": "newest decision per key seen on the decisions topic (not pruned)",
     "thresholds_fired": "keys with a threshold notified today (expired daily)",
     "nodes_seen": "nodes heard from within a minute",
@@ -471,8 +474,11 @@ STRUCTURES = {
     "METER_FAST_LANE_RECENT_REQUESTS = {fast_lane_recent_requests:,}",
     "dedup_cache_hashes": "recent-hash dedup cache: METER_DEDUP_CACHE_MAX_HASHES = {dedup_cache_max_hashes:,}",
     "dedup_cache_minutes": "(partition, minute) sets of the dedup cache",
-    "dedup_store_minutes": "minutes the dedup cache forgot (asked of the store; not pruned)",
+    "dedup_store_minutes": "minutes the dedup cache forgot (asked of the store; pruned past the dedup horizon)",
     "notify_outbox": "notifications waiting to be published",
+    "checked_rows_to_ingest": "rows the fast lane checked, waiting for the ingest path: "
+    "METER_FAST_LANE_HANDOFF_ROWS = {fast_lane_handoff_rows:,}",
+    "checked_rows_to_fast_lane": "rows the ingest path checked, waiting for the fast lane (same bound)",
 }
 
 
