@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from tests.integration.helpers import REPO_ROOT, free_port
 from worker.analytics.queries import series
 from worker.analytics.sample import ABUSED_KEY, MANUAL_KEY, SampleFacts, seed_sample
 from worker.settings import Settings
+from worker.store.usage import floor_to
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.slow]
 
@@ -216,7 +218,13 @@ def test_dashboard_shows_traffic_top_keys_blocks_signals_and_drill_down(
     bars = browser.js(
         "[...document.querySelectorAll('#top-chart g.bar')].map(g => [g.dataset.keyId, Number(g.dataset.value)])"
     )
-    assert [value for _key, value in bars[:3]] == [3000, 360, 60]
+    values = [value for _key, value in bars[:3]]
+    if floor_to(datetime.now(UTC), Granularity.minute) > floor_to(facts.now, Granularity.minute):
+        # The minute rolled over since the seed (real clock): the last hour lost its oldest
+        # seeded minute (50, 6 and 1 requests of these keys); nothing else may differ.
+        assert values in ([3000, 360, 60], [2950, 354, 59])
+    else:
+        assert values == [3000, 360, 60]
     assert bars[0][0] == ABUSED_KEY
     # Traffic chart: the bars drawn add up to what the API counts for the same 24 hours.
 
