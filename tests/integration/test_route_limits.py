@@ -9,12 +9,12 @@ import pytest
 from pydantic import SecretStr
 
 from node.demo_api import STATEMENT_COST
-from schemas.decisions import Window
+from schemas.decisions import DecisionAction, Window
 from schemas.limits import LimitPolicy, OverrideScope, route_subject
 from tests.integration.helpers import wait_for
 from tests.integration.test_limits_e2e import RAW, SECRET, blocked_everywhere, kid, node
 from worker.app import WorkerRuntime
-from worker.limits.control import set_override
+from worker.limits.control import manual_decision, set_override
 from worker.settings import Settings
 from worker.store.rollup import RollupStore
 
@@ -77,6 +77,15 @@ async def test_a_route_limit_spread_over_two_nodes_blocks_the_route_only_and_sur
             # Only the route is blocked: the key's other requests are served.
             assert (await c2.get("/v0/rates", headers=carol)).status_code == 200
             assert a1.state.cache.check(kid("carol")) is None
+            # An operator lifts the route's block like a key's: the subject is the decision's key.
+            await manual_decision(settings, subject, DecisionAction.unblock, None, "support ticket 7")
+            await wait_for(
+                lambda: a1.state.cache.check(subject) is None and a2.state.cache.check(subject) is None,
+                10,
+                "route unblocked on both nodes",
+            )
+            await manual_decision(settings, subject, DecisionAction.block, None, "blocked again")
+            await blocked_everywhere([a1, a2], subject)
 
         # A new worker knows the route's count from the rollups alone (cost and route columns).
         second = WorkerRuntime(settings, store=store)
