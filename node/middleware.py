@@ -344,10 +344,10 @@ class MeterMiddleware:
                 return on_route
         return room
 
-    def _block(self, key_id: str, rule: RouteScope) -> Block | None:
+    def _block(self, key_id: str, rule: RouteScope | None) -> Block | None:
         """The key's block, else (on a route with a route limit) the block of the key on the route."""
         block = self._cache.check(key_id)
-        if block is None and rule.route is not None:
+        if block is None and rule is not None and rule.route is not None:
             block = self._cache.check(route_subject(key_id, rule.route))
         return block
 
@@ -371,7 +371,7 @@ class MeterMiddleware:
                     )
                     break
                 await self._cache.wait_change(left)
-                block = self._block(key_id, rule) if rule is not None else self._cache.check(key_id)
+                block = self._block(key_id, rule)
                 if block is not None and not block.shadow:
                     return self._rate_limited(block, ts)
                 refusal = guard.admit(key_id, account, epoch, cost=cost, route=route)

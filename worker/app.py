@@ -166,7 +166,7 @@ class WorkerRuntime:
             # Both read every record: whichever checks one first spares the other a second parse
             # and validation. Set before the fast lane's first fetch (it starts with the limits).
             exchange = RowExchange(s.fast_lane_handoff_rows)
-            pipeline.exchange = exchange
+            pipeline.use_exchange(exchange)
             self.limits.fast_lane.use_exchange(exchange)
         self.consumer = PartitionWriter(
             s.events_topic, pipeline, self.store, self.kafka_consumer, s.dedup_horizon_hours * 3600

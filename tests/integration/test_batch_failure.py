@@ -27,7 +27,7 @@ async def test_a_batch_failing_before_its_write_is_read_again(topics: Settings, 
         assert runtime.consumer is not None
         pipeline = runtime.consumer.pipeline
         original = pipeline.prepare
-        calls = {"n": 0}
+        calls = {"n": 0, "half_scanned": 0}
 
         async def flaky(*args: Any, **kwargs: Any) -> Any:
             # Fails after part of the batch was sorted (its checked rows taken), three times.
@@ -35,7 +35,8 @@ async def test_a_batch_failing_before_its_write_is_read_again(topics: Settings, 
             if failures["left"] and calls["n"] % 3 == 0:
                 failures["left"] -= 1
                 records = args[0]
-                scan(records[: len(records) // 2], pipeline.validator, {}, (), time.time(), pipeline.checked)
+                half = scan(records[: len(records) // 2], pipeline.checker, {}, (), time.time())
+                calls["half_scanned"] += half.aggregate.events
                 raise RuntimeError("injected failure before the write")
             return await original(*args, **kwargs)
 
@@ -47,4 +48,5 @@ async def test_a_batch_failing_before_its_write_is_read_again(topics: Settings, 
             "every event written after the failures",
         )
     assert failures["left"] == 0
+    assert calls["half_scanned"] > 0  # the failing batches had taken part of their rows first
     assert db_counts(clickhouse, settings.clickhouse_database) == expected_counts(events)

@@ -77,7 +77,7 @@ def test_each_record_is_validated_once_whichever_reader_comes_first_and_outcomes
     records = mixed_records()
     now = NOW.timestamp() + 10
     lane, ingest, counting = readers(None)
-    alone_scan = scan(records, VALIDATOR, {}, (), now, ingest)
+    alone_scan = scan(records, ingest, {}, (), now)
     alone_lane = group_batch(records, lane, RecentRequests(100), now)
     assert counting.calls == 2 * len(records)
 
@@ -85,9 +85,9 @@ def test_each_record_is_validated_once_whichever_reader_comes_first_and_outcomes
         lane, ingest, counting = readers(RowExchange(100))
         if lane_first:
             shared_lane = group_batch(records, lane, RecentRequests(100), now)
-            shared_scan = scan(records, VALIDATOR, {}, (), now, ingest)
+            shared_scan = scan(records, ingest, {}, (), now)
         else:
-            shared_scan = scan(records, VALIDATOR, {}, (), now, ingest)
+            shared_scan = scan(records, ingest, {}, (), now)
             shared_lane = group_batch(records, lane, RecentRequests(100), now)
         # Valid records once; the two invalid ones by both readers (a rejection is not handed over).
         assert counting.calls == len(records) + 2

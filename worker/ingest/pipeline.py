@@ -79,17 +79,16 @@ class ScannedBatch:
 
 def scan(
     records: Sequence[KafkaRecord],
-    validator: Validator,
+    checker: RecordChecker,
     stored_offsets: Mapping[int, int],
     in_flight: Collection[int],
     now: float,
-    checker: RecordChecker | None = None,
 ) -> ScannedBatch:
     """Sort every record of a batch: replayed, refused, duplicate, or counted (into the
-    aggregate). ``stored_offsets``: last stored offset per partition; ``in_flight``: request
-    hashes of the write that has not landed yet (not in the stored dedup memory for sure);
-    ``checker``: takes the rows the fast lane checked first (default: every record checked here)."""
-    row_of = (checker or RecordChecker(validator, None, None)).row  # looked up once: runs once per event
+    aggregate). ``checker``: each record's row (taken from the fast lane if it checked the
+    record first); ``stored_offsets``: last stored offset per partition; ``in_flight``: request
+    hashes of the write that has not landed yet (not in the stored dedup memory for sure)."""
+    row_of = checker.row  # looked up once: this loop runs once per event
     last: dict[int, int] = {}
     first: dict[int, int] = {}
     rows: list[EventRow] = []
@@ -142,6 +141,7 @@ class IngestPipeline:
         self.dead_letters = dead_letters
         self.clock = clock
         self.validator = Validator.from_settings(settings)
+        self.checker = RecordChecker(self.validator, None, None)  # see ``use_exchange``
         self.retry_max_seconds = settings.store_retry_max_seconds
         self.store_errors = 0  # failed store calls (each retried), for metrics and readiness
 
@@ -159,7 +159,7 @@ class IngestPipeline:
         not in the stored dedup memory for sure, so they are checked here as well (a retry
         split across two consecutive batches is counted once).
         """
-        scanned = scan(records, self.validator, stored_offsets, in_flight, self.clock(), self._checker())
+        scanned = scan(records, self.checker, stored_offsets, in_flight, self.clock())
         outcome = BatchOutcome(duplicates=scanned.duplicates, skipped_replayed=scanned.replayed)
         for rejection in scanned.rejections:
             outcome.rejected[rejection.reason] = outcome.rejected.get(rejection.reason, 0) + 1
@@ -173,11 +173,10 @@ class IngestPipeline:
         outcome.offsets = dict(batch.offsets)
         return PreparedBatch(outcome, rows, batch.token(self.topic), scanned.hashes, batch.dedup_keys())
 
-    def _checker(self) -> RecordChecker:
-        exchange = self.exchange
-        if exchange is None:
-            return RecordChecker(self.validator, None, None)
-        return RecordChecker(self.validator, exchange.to_ingest, exchange.to_fast_lane)
+    def use_exchange(self, exchange: RowExchange) -> None:
+        """Rows the fast lane checked first come from it; rows checked here go to it."""
+        self.exchange = exchange
+        self.checker = RecordChecker(self.validator, exchange.to_ingest, exchange.to_fast_lane)
 
     async def _dead_letter(self, rejections: list[Rejection]) -> None:
         for rejection in rejections:
