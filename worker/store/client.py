@@ -21,6 +21,9 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
+# The embedded engine's configuration (settings chDB's defaults get wrong for this table):
+# only the first client on a data directory starts the engine, every client passes it alike.
+ENGINE_CONFIG = Path(__file__).with_name("chdb") / "config.xml"
 # Query parameters whose value is a secret (clickhouse-connect takes ``?password=``,
 # ``?access_token=``, ...): any name mentioning one of these words, case-insensitive.
 _SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|credential|auth|(^|_)key$", re.IGNORECASE)
@@ -64,7 +67,7 @@ def _open(dsn: str) -> Client:
     if is_embedded(dsn):
         with _native_stderr_captured() as said:
             try:
-                return clickhouse_connect.get_client(dsn=dsn)
+                return clickhouse_connect.get_client(dsn=dsn, chdb_options={"config-file": str(ENGINE_CONFIG)})
             except ClickHouseError as exc:
                 # The engine prints its reason on the process's stderr; it belongs in the error.
                 raise type(exc)(f"{exc} {said()}".strip()) from exc

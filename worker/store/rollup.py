@@ -66,9 +66,13 @@ class RollupStore:
         return self._table
 
     def write(self, rows: pa.Table, token: str) -> None:
-        """One INSERT of one block: atomic, and a retry with the same token is a no-op."""
+        """One INSERT of one block: atomic, and a retry with the same token is a no-op.
+
+        The engine reads each chunk of an Arrow table as a block, squashes blocks up to its
+        ``min_insert_block_size_rows`` and writes every squashed block as a part of its own:
+        one chunk per column keeps the insert one part whatever the table's size."""
         with self._shared:
-            self._client.insert_arrow(self._table, rows, settings=settings_for_insert(token))
+            self._client.insert_arrow(self._table, rows.combine_chunks(), settings=settings_for_insert(token))
 
     def stored_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
         """Last offset written per partition of ``topic`` (absent: nothing written yet)."""
