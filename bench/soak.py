@@ -58,7 +58,7 @@ from bench.ingest import EventMaker, bulk_producer, delete_topics, send_records,
 from common.kafka_clients import KafkaTarget
 from worker.app import WorkerRuntime
 from worker.settings import Settings
-from worker.store.client import connect, embedded_path
+from worker.store.client import ENGINE_CONFIG, connect, embedded_path
 from worker.topics import ensure_topics, topic_specs
 
 log = logging.getLogger("bench.soak")
@@ -299,8 +299,8 @@ async def run_soak(
     engine_options: Mapping[str, str] | None = None,
 ) -> SoakRun:
     """One soak run against ``settings`` (topics and chDB): samples and verified counts.
-    ``engine_options``: chDB server settings to start the engine with (an experiment: the worker
-    itself starts it with what ``worker.store.client`` gives)."""
+    ``engine_options``: chDB server settings to start the engine with besides the shipped
+    configuration (an experiment: the worker itself starts it with what ``worker.store.client`` gives)."""
     if plan.partitions != settings.events_partitions:
         raise ValueError(
             f"plan.partitions {plan.partitions} != settings.events_partitions {settings.events_partitions}"
@@ -316,7 +316,8 @@ async def run_soak(
         if path is None:
             raise ValueError("engine options need an embedded (chdb://) store")
         path.mkdir(parents=True, exist_ok=True)
-        starter = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn, chdb_options=dict(engine_options))
+        options = {"config-file": str(ENGINE_CONFIG), **engine_options}  # the shipped configuration too
+        starter = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn, chdb_options=options)
     cpu, wall, load = time.process_time(), time.monotonic(), os.getloadavg()
     async with runtime.running():
         await _owns_all(runtime, plan.partitions)
