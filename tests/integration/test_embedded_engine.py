@@ -5,63 +5,21 @@ in every merged part."""
 
 from __future__ import annotations
 
-import random
 import time
-import xml.etree.ElementTree as ET
 from typing import Any
 
 import pyarrow as pa
 import pytest
 
-from worker.ingest.aggregate import BatchAggregate
-from worker.records import EventRow
+from bench.merge_memory import rollup_batch
 from worker.settings import Settings
-from worker.store.client import ENGINE_CONFIG, is_embedded
+from worker.store.client import engine_profile, is_embedded
 from worker.store.rollup import RollupStore
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
 
 _MINUTE0 = int(time.time()) // 86_400 * 86_400 - 86_400  # yesterday: inside every TTL
 _ENGINE_DEFAULT_SQUASH_ROWS = 1_048_449  # ClickHouse's min_insert_block_size_rows
-
-
-def _profile() -> dict[str, str]:
-    """The settings of the engine's default profile, read from the shipped users file."""
-    users = ENGINE_CONFIG.with_name("users.xml")
-    default = ET.parse(users).getroot().find("profiles/default")
-    assert default is not None, f"{users} has no default profile"
-    return {child.tag: (child.text or "").strip() for child in default}
-
-
-def _batch(events: int, seed: int, first_offset: int) -> BatchAggregate:
-    """``events`` events of distinct keys and client IPs over two days: about four rollup rows each."""
-    rnd = random.Random(seed)
-    rows: list[EventRow] = []
-    for n in range(events):
-        minute = _MINUTE0 + rnd.randrange(2880) * 60
-        ip = f"10.{rnd.randrange(256)}.{rnd.randrange(256)}.{rnd.randrange(256)}"
-        key = f"k{rnd.randrange(10**9)}"
-        rows.append(
-            (
-                n % 2,
-                key,
-                "acct",
-                minute,
-                "GET /v1/x",
-                200,
-                "node-1",
-                ip,
-                100,
-                2.5,
-                rnd.getrandbits(63),
-                1,
-                "",
-                float(minute),
-                None,
-            )
-        )
-    last = first_offset + events - 1
-    return BatchAggregate(rows, {0: last, 1: last}, {0: first_offset, 1: first_offset})
 
 
 def _parts(client: Any, database: str) -> list[tuple[str, int]]:
@@ -80,7 +38,7 @@ def embedded(clickhouse: Any, settings: Settings) -> Any:
 
 
 def test_the_engine_runs_with_the_shipped_profile(embedded: Any) -> None:
-    profile = _profile()
+    profile = engine_profile()
     assert int(profile["min_insert_block_size_rows"]) < _ENGINE_DEFAULT_SQUASH_ROWS
     result = embedded.query(
         "SELECT name, value FROM system.settings WHERE name IN {names:Array(String)}",
@@ -92,8 +50,8 @@ def test_the_engine_runs_with_the_shipped_profile(embedded: Any) -> None:
 def test_an_insert_of_more_rows_than_a_squash_block_is_one_part(embedded: Any, settings: Settings) -> None:
     store = RollupStore(embedded, settings.clickhouse_database)
     embedded.command(f"SYSTEM STOP MERGES {store.table}")
-    table = _batch(80_000, seed=1, first_offset=0).to_arrow(settings.events_topic)
-    assert table.num_rows > 2 * int(_profile()["min_insert_block_size_rows"])
+    table = rollup_batch(80_000, 1, 0, _MINUTE0).to_arrow(settings.events_topic)
+    assert table.num_rows > 2 * int(engine_profile()["min_insert_block_size_rows"])
     # In chunks smaller than a squash block, as a caller might build it: written as they
     # are, the engine would make a part of every squash block (three here).
     store.write(pa.Table.from_batches(table.to_batches(max_chunksize=50_000)), token="one-part")
@@ -103,7 +61,7 @@ def test_an_insert_of_more_rows_than_a_squash_block_is_one_part(embedded: Any, s
 def test_a_merge_keeps_the_projection_and_the_answers(embedded: Any, settings: Settings) -> None:
     store = RollupStore(embedded, settings.clickhouse_database)
     for n in range(3):
-        store.write(_batch(30_000, seed=n, first_offset=n * 30_000).to_arrow(settings.events_topic), token=f"t{n}")
+        store.write(rollup_batch(30_000, n, n * 30_000, _MINUTE0).to_arrow(settings.events_topic), token=f"t{n}")
     # Reads the projection's order: the busiest minutes across keys.
     busiest = (
         f"SELECT bucket, sum(requests) AS r FROM {store.table} WHERE level = 'minute' "
@@ -114,7 +72,7 @@ def test_a_merge_keeps_the_projection_and_the_answers(embedded: Any, settings: S
     parts = _parts(embedded, settings.clickhouse_database)
     assert len(parts) == 1
     ((name, rows),) = parts
-    assert rows > int(_profile()["min_insert_block_size_rows"])  # rebuilt from several squash blocks
+    assert rows > int(engine_profile()["min_insert_block_size_rows"])  # rebuilt from several squash blocks
     projection = embedded.query(
         "SELECT sum(rows) FROM system.projection_parts WHERE database = {db:String} AND table = 'usage_rollup' "
         "AND active AND name = 'by_bucket' AND parent_name = {part:String}",

@@ -9,6 +9,7 @@ import re
 import sys
 import tempfile
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ _lock = threading.Lock()
 # The embedded engine's configuration (settings chDB's defaults get wrong for this table):
 # only the first client on a data directory starts the engine, every client passes it alike.
 ENGINE_CONFIG = Path(__file__).with_name("chdb") / "config.xml"
+ENGINE_USERS = ENGINE_CONFIG.with_name("users.xml")  # its settings profile (config.xml names it)
 # Query parameters whose value is a secret (clickhouse-connect takes ``?password=``,
 # ``?access_token=``, ...): any name mentioning one of these words, case-insensitive.
 _SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|credential|auth|(^|_)key$", re.IGNORECASE)
@@ -32,6 +34,12 @@ _SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|credential|auth|(^|_)key$
 class StoreUnavailable(Exception):
     """The store cannot be opened: an embedded one held by another process, or a server that
     does not answer or refuses the credentials. The message says which, for one line."""
+
+
+def engine_profile() -> dict[str, str]:
+    """The settings the embedded engine's default profile sets (``ENGINE_USERS``)."""
+    default = ET.parse(ENGINE_USERS).getroot().find("profiles/default")
+    return {} if default is None else {child.tag: (child.text or "").strip() for child in default}
 
 
 def is_embedded(dsn: str) -> bool:
