@@ -76,19 +76,19 @@ async def main_async(args: argparse.Namespace) -> int:
     if not args.no_write:
         m, v = machine(), versions("chdb", "clickhouse-connect")
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        table = [
+        lines_md = [
             "| level | rows | bytes on disk | bytes / event | bytes / row |",
             "| --- | ---: | ---: | ---: | ---: |",
         ]
-        table += [
+        lines_md += [
             f"| {lv} | {n:,} | {size:,} | {size / args.events:.1f} | {size / max(n, 1):.1f} |" for lv, n, size in rows
         ]
-        table.append(f"| all | | {total:,} | {total / args.events:.1f} | |")
+        lines_md.append(f"| all | | {total:,} | {total / args.events:.1f} | |")
         body = "\n".join(
             [
                 f"Run {now_utc()} — `python -m bench.disk --events {args.events} --keys {args.keys}` (commit {commit})",
                 "",
-                *table,
+                *lines_md,
                 "",
                 f"- {args.events:,} events over {args.keys:,} keys within 10 minutes (the ingest bench's generator); "
                 "each level copied into its own table after OPTIMIZE FINAL, compressed size from system.parts.",

@@ -65,7 +65,10 @@ from worker.topics import ensure_topics
 
 log = logging.getLogger("bench.ingest")
 
-FETCH = {"max_partition_fetch_bytes": 8 * 1024 * 1024, "fetch_max_bytes": 64 * 1024 * 1024}  # as the worker
+FETCH: dict[str, Any] = {
+    "max_partition_fetch_bytes": 8 * 1024 * 1024,
+    "fetch_max_bytes": 64 * 1024 * 1024,
+}  # as the worker
 
 # Realistic traffic shape -------------------------------------------------------------------
 
@@ -357,7 +360,7 @@ def apply_gc_mode(mode: str, gen0: int | None = None) -> None:
     import worker.app
 
     if mode == "untuned":
-        worker.app.tune_gc = lambda: None  # type: ignore[assignment]
+        worker.app.tune_gc = lambda: None
         gc.set_threshold(700, 10, 10)
     elif gen0 is not None:
         worker.app.GC_THRESHOLDS = (gen0, *worker.app.GC_THRESHOLDS[1:])

@@ -241,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.client:
         key = sys.stdin.readline().strip()
         stopped = threading.Event()
-        threading.Thread(target=lambda: (sys.stdin.read(), stopped.set()), daemon=True).start()
+
+        def stop_at_end_of_input() -> None:
+            sys.stdin.read()  # the parent closes our stdin to stop us
+            stopped.set()
+
+        threading.Thread(target=stop_at_end_of_input, daemon=True).start()
         print(json.dumps(asyncio.run(_client_loop(args.client, key, args.seconds, stopped))), flush=True)
         return 0
     return asyncio.run(main_async(args))
