@@ -52,6 +52,16 @@ def versions(*packages: str) -> dict[str, str]:
     return out
 
 
+def environment_lines(*packages: str) -> list[str]:
+    """The "- Machine: …" and "- Versions: …" lines of a results block."""
+    m = machine()
+    return [
+        f"- Machine: {m['nproc']} CPUs ({m['usable cpus']} usable), {m['cpu']}, {m['ram']} RAM, {m['os']}, "
+        f"Python {m['python']}.",
+        "- Versions: " + ", ".join(f"{name} {version}" for name, version in versions(*packages).items()) + ".",
+    ]
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process."""
     with open("/proc/self/statm") as f:

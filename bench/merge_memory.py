@@ -25,7 +25,7 @@ from typing import Any
 
 import clickhouse_connect
 
-from bench.common import commit, machine, now_utc, replace_block, versions
+from bench.common import commit, environment_lines, now_utc, replace_block
 from worker.ingest.aggregate import BatchAggregate
 from worker.records import EventRow
 from worker.settings import Settings
@@ -149,7 +149,6 @@ def measure(variant: str, parts: int, events_per_part: int) -> dict[str, Any]:
 
 
 def report(results: list[dict[str, Any]], command: str) -> str:
-    m, v = machine(), versions("chdb", "clickhouse-connect", "pyarrow")
     first = results[0]
     lines = [
         f"Run {now_utc()} — `{command}` (commit {commit()}).",
@@ -169,8 +168,7 @@ def report(results: list[dict[str, Any]], command: str) -> str:
         )
     lines += [
         "",
-        f"- Machine: {m['nproc']} CPUs, {m['cpu']}, {m['ram']} RAM, {m['os']}, Python {m['python']}.",
-        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        *environment_lines("chdb", "clickhouse-connect", "pyarrow"),
     ]
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 from pydantic import TypeAdapter
 
-from bench.common import commit, machine, now_utc, replace_block, versions
+from bench.common import commit, environment_lines, now_utc, replace_block
 from bench.ingest import generate
 from schemas.events import RequestEvent
 from worker.records import Validator
@@ -132,7 +132,6 @@ def measure(events: int, repeat: int) -> list[tuple[str, float, int]]:
 
 
 def report(results: list[tuple[str, float, int]], command: str) -> str:
-    m, v = machine(), versions("pydantic", "pydantic-core", "pyarrow", "chdb")
     lines = [
         f"Run {now_utc()} — `{command}` (commit {commit()}).",
         "",
@@ -140,8 +139,7 @@ def report(results: list[tuple[str, float, int]], command: str) -> str:
         "| --- | ---: | ---: |",
         *(f"| {name} | {us:.2f} | {n:,} |" for name, us, n in results),
         "",
-        f"- Machine: {m['nproc']} CPUs, {m['cpu']}, {m['ram']} RAM, {m['os']}, Python {m['python']}.",
-        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        *environment_lines("pydantic", "pydantic-core", "pyarrow", "chdb"),
     ]
     return "\n".join(lines)
 
