@@ -58,7 +58,7 @@ from bench.ingest import EventMaker, bulk_producer, delete_topics, send_records,
 from common.kafka_clients import KafkaTarget
 from worker.app import WorkerRuntime
 from worker.settings import Settings
-from worker.store.client import ENGINE_CONFIG, connect, embedded_path
+from worker.store.client import ENGINE_OPTIONS, connect, embedded_path
 from worker.topics import ensure_topics, topic_specs
 
 log = logging.getLogger("bench.soak")
@@ -316,7 +316,7 @@ async def run_soak(
         if path is None:
             raise ValueError("engine options need an embedded (chdb://) store")
         path.mkdir(parents=True, exist_ok=True)
-        options = {"config-file": str(ENGINE_CONFIG), **engine_options}  # the shipped configuration too
+        options = {**ENGINE_OPTIONS, **engine_options}  # the shipped configuration too
         starter = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn, chdb_options=options)
     cpu, wall, load = time.process_time(), time.monotonic(), os.getloadavg()
     async with runtime.running():

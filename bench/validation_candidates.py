@@ -31,6 +31,7 @@ from bench.common import commit, environment_lines, now_utc, replace_block
 from bench.ingest import generate
 from schemas.events import RequestEvent
 from worker.records import Validator
+from worker.settings import Settings
 
 _LIST: TypeAdapter[list[RequestEvent]] = TypeAdapter(list[RequestEvent])
 # The wire fields as JSON types (pyarrow reads ``ts`` as text: its ISO-8601 parser does not
@@ -81,7 +82,7 @@ class _Record:
 
 
 def per_record(records: Sequence[_Record], values: Sequence[bytes], now: float) -> int:
-    check = Validator(64 * 1024, 7 * 86_400, 300).check
+    check = Validator.from_settings(Settings()).check  # the worker's bounds
     return sum(1 for r in records if isinstance(check(r, now), tuple))
 
 

@@ -26,6 +26,7 @@ _lock = threading.Lock()
 # only the first client on a data directory starts the engine, every client passes it alike.
 ENGINE_CONFIG = Path(__file__).with_name("chdb") / "config.xml"
 ENGINE_USERS = ENGINE_CONFIG.with_name("users.xml")  # its settings profile (config.xml names it)
+ENGINE_OPTIONS = {"config-file": str(ENGINE_CONFIG)}  # chDB start-up options that load it
 # Query parameters whose value is a secret (clickhouse-connect takes ``?password=``,
 # ``?access_token=``, ...): any name mentioning one of these words, case-insensitive.
 _SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|credential|auth|(^|_)key$", re.IGNORECASE)
@@ -75,7 +76,7 @@ def _open(dsn: str) -> Client:
     if is_embedded(dsn):
         with _native_stderr_captured() as said:
             try:
-                return clickhouse_connect.get_client(dsn=dsn, chdb_options={"config-file": str(ENGINE_CONFIG)})
+                return clickhouse_connect.get_client(dsn=dsn, chdb_options=ENGINE_OPTIONS)
             except ClickHouseError as exc:
                 # The engine prints its reason on the process's stderr; it belongs in the error.
                 raise type(exc)(f"{exc} {said()}".strip()) from exc
