@@ -90,6 +90,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         self._in_flight: asyncio.Task[bool] | None = None
         self._in_flight_hashes: Collection[int] = ()
         self._revoking: set[int] = set()
+        self._level_commit: asyncio.Task[None] | None = None  # see on_partitions_assigned
         self._pruned_at = 0.0  # pipeline clock of the last pruning of the recent-hash cache
 
     def _still_owned(self, partition: int) -> bool:
@@ -133,6 +134,12 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
                     consumer.seek(TopicPartition(self.topic, p), stored[p] + 1)
                     self.stored_offsets[p] = stored[p]
             self.owned |= parts
+            # Kafka's committed offsets lag the stored ones when a worker was killed between its
+            # write and its commit; with no newer record on the partition nothing would commit
+            # again and the lag would show forever. Brought level from a task: a commit inside
+            # aiokafka's rebalance callback can wait on the rebalance it is part of.
+            if resumed := {p: stored[p] for p in parts if p in stored}:
+                self._level_commit = asyncio.create_task(self._commit(resumed), name="ingest-commit-stored")
             log.info(
                 "assigned partitions %s of %s; resuming after stored offsets %s",
                 sorted(parts),
@@ -211,6 +218,8 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         """Wait for the write in flight, if any, to land (shutdown)."""
         async with self._lock:
             await self._land()
+        if self._level_commit is not None:
+            await self._level_commit  # bounded by COMMIT_TIMEOUT_S, never raises
 
     async def _land(self) -> bool:
         """Wait for the write in flight; False if that batch was abandoned. Caller holds the lock."""
