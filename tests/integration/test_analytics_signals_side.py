@@ -23,7 +23,7 @@ from worker.analytics.api import build_query_app
 from worker.analytics.sample import SampleFacts
 from worker.analytics.side_handle import SideHandle, sibling
 from worker.settings import Settings
-from worker.store.rollup import rollup_table
+from worker.store.rollup import mark_client_ips, rollup_table
 from worker.store.usage import floor_to
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
@@ -49,6 +49,8 @@ def crowd(clickhouse: Client, settings: Settings, sample: SampleFacts) -> list[t
     table = rollup_table(settings.clickhouse_database)
     clickhouse.insert(table, rows[::2], column_names=COLUMNS)
     clickhouse.insert(table, rows[1::2], column_names=COLUMNS)
+    # Written straight into the table: the address counts the worker would have written with them.
+    mark_client_ips(clickhouse, settings.clickhouse_database, int((now_hour - timedelta(days=2)).timestamp()))
     return [(key, hour, ip, n) for (key, hour, ip), n in cells.items()]
 
 
@@ -94,6 +96,28 @@ def test_side_handle_gives_the_same_report_as_one_handle_and_the_python_count(
     assert leaks_of(beside) == expected
     # Every kind of the sample is still found, on either path.
     assert {s.kind for s in beside.signals} == set(SignalKind)
+
+
+@pytest.mark.parametrize(
+    ("threshold", "lookback_hours"),
+    [(2, 24), (3, 24), (20, 24), (25, 24), (21, 48), (2, 6)],
+    ids=["2-in-24h (scan)", "3-in-24h", "20-in-24h", "25-in-24h", "21-in-48h", "2-in-6h"],
+)
+def test_leaked_keys_found_from_day_counts_are_the_python_count(
+    clickhouse: Client,
+    settings: Settings,
+    sample: SampleFacts,
+    crowd: list[tuple[str, datetime, str, int]],
+    threshold: int,
+    lookback_hours: int,
+) -> None:
+    """Candidates from the per-day address counts (or, under 2 a day, the full scan) miss no key."""
+    th = signals.SignalThresholds(max_per_kind=1000, client_ips_min=threshold, lookback=timedelta(hours=lookback_hours))
+    found = signals.many_sources(clickhouse, settings.clickhouse_database, sample.now, th)
+    leaks = {str(s.key_id): int(s.evidence["client_ips"]) for s in found if str(s.key_id).startswith("cf_liv_crowd")}
+    expected = expected_leaks(crowd, sample.now, th)
+    assert expected  # every case has keys to find
+    assert leaks == {key: ips for key, (ips, _, _) in expected.items()}
 
 
 def test_api_runs_the_leaked_key_scan_on_the_side_handle(

@@ -1,8 +1,9 @@
 """Abuse signals: patterns worth a person's look, each with the numbers and a plain sentence.
 
 All of them read the rollups (never raw events): minute rows for the last-hour rates,
-day rows for a key's own baseline, ``client_hour`` rows for client IPs, the ``decisions``
-table for repeated blocks.
+day rows for a key's own baseline, ``client_ips`` rows (addresses per key and day) for the
+keys to look at and ``client_hour`` rows for their client IPs, the ``decisions`` table for
+repeated blocks.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from schemas.analytics import Severity, Signal, SignalKind, SignalReport
 from schemas.usage import Granularity
 from worker.analytics.queries import utc
 from worker.store.client import quote_identifier
-from worker.store.rollup import rollup_table
+from worker.store.rollup import CLIENT_IPS_CAP, rollup_table
 from worker.store.usage import floor_to
 
 
@@ -229,24 +230,13 @@ def many_sources(client: Client, database: str, now: datetime, th: SignalThresho
         f"FROM {table} WHERE level = 'client_hour' AND client_ip != '' "
         "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
     )
-    # ~0.5 M keys have client_hour rows in a day, and one group per key is most of the cost:
-    # uniqUpTo(N) is exact up to N and keeps at most N+1 hashes inline, so it only finds the
-    # keys; their addresses are then counted exactly, one group per (key, IP), read by primary
-    # key (level, key_id, ...) in the query that also finds their busiest ones. The keys are
-    # grouped by a 64-bit hash of the key id, as uniqUpTo hashes the addresses (12% faster
-    # than by the string, bench/results.md); the exact second step drops any false candidate.
-    distinct = f"uniqUpTo({th.client_ips_min})(client_ip)" if th.client_ips_min <= 100 else "uniqExact(client_ip)"
-    flagged = [
-        str(key)
-        for (key,) in client.query(
-            f"SELECT any(key_id) {ip_rows}GROUP BY cityHash64(key_id) HAVING {distinct} >= {{ips_min:UInt64}}",
-            parameters=params,
-        ).result_rows
-    ]
+    flagged = _many_address_candidates(client, database, since, now, th)
     found: dict[str, tuple[str, int, int]] = {}
     top_ips: dict[str, list[str]] = {}
     ip_count: dict[str, int] = {}
     if flagged:
+        # The candidates' addresses counted exactly (one group per key and address), read by
+        # primary key (level, key_id, ...), with their busiest addresses.
         for key, acct, ip, n, ips, total in client.query(
             "SELECT key_id, acct, client_ip, n, ips, total FROM ("
             " SELECT key_id, client_ip, sum(requests) AS n, count() OVER w AS ips, sum(n) OVER w AS total,"
@@ -320,6 +310,47 @@ def many_sources(client: Client, database: str, now: datetime, th: SignalThresho
             )
         )
     return _cap(out, th)
+
+
+def _many_address_candidates(
+    client: Client, database: str, since: datetime, until: datetime, th: SignalThresholds
+) -> list[str]:
+    """Keys that may have been used from ``client_ips_min`` addresses or more in [since, until):
+    a superset, which the exact per-(key, address) count then settles.
+
+    A key with N addresses over a window touching D UTC days had at least N/D of them on one
+    of those days, so the ``client_ips`` rows (distinct addresses per key and day, counted as
+    the batches were written) name every candidate while reading a few rows. Only when N/D is
+    under 2 (a long window, a low threshold) are the ``client_hour`` rows grouped per key.
+    """
+    table = rollup_table(database)
+    first_day = floor_to(since, Granularity.day)
+    days = (floor_to(until - timedelta(seconds=1), Granularity.day) - first_day).days + 1
+    per_day = -(-th.client_ips_min // days)
+    params = {"since": since, "until": until, "first_day": first_day, "ips_min": th.client_ips_min}
+    if per_day >= 2:
+        return [
+            str(key)
+            for (key,) in client.query(
+                f"SELECT DISTINCT key_id FROM {table} WHERE level = 'client_ips' "
+                "AND bucket >= {first_day:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
+                "GROUP BY key_id, bucket HAVING max(client_ips) >= {per_day:UInt32}",
+                parameters={**params, "per_day": min(per_day, CLIENT_IPS_CAP)},
+            ).result_rows
+        ]
+    # One group per key (~0.5 M a day): uniqUpTo(N) is exact up to N and keeps at most N+1
+    # hashes inline; keys grouped by a 64-bit hash of the id, as uniqUpTo hashes the addresses
+    # (12% faster than by the string, bench/results.md).
+    distinct = f"uniqUpTo({th.client_ips_min})(client_ip)" if th.client_ips_min <= 100 else "uniqExact(client_ip)"
+    return [
+        str(key)
+        for (key,) in client.query(
+            f"SELECT any(key_id) FROM {table} WHERE level = 'client_hour' AND client_ip != '' "
+            "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
+            f"GROUP BY cityHash64(key_id) HAVING {distinct} >= {{ips_min:UInt64}}",
+            parameters=params,
+        ).result_rows
+    ]
 
 
 def repeated_blocks(client: Client, database: str, now: datetime, th: SignalThresholds) -> list[Signal]:

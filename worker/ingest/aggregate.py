@@ -3,7 +3,7 @@ the dedup memory of the batch and the offsets it covers, as one Arrow table."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -132,10 +132,23 @@ class BatchAggregate:
             }
         return self._levels
 
-    def to_arrow(self, topic: str) -> pa.Table:
+    def addresses(self) -> tuple[list[str], list[int], list[str]]:
+        """(key, UTC day start, client address) of the events that have one, for the address
+        counts (``worker.ingest.client_ips``); repeated triples are fine there."""
+        if not self._rows:
+            return [], [], []
+        rows = self._grouped()["client_hour"]
+        hours = rows.column("hour")
+        days = pc.multiply(pc.divide(hours, _DAY), _DAY)
+        return rows.column("key_id").to_pylist(), days.to_pylist(), rows.column("client_ip").to_pylist()
+
+    def to_arrow(self, topic: str, client_ips: Mapping[tuple[str, int], int] | None = None) -> pa.Table:
         """The batch's one insert: every level's rows, the dedup rows and the offset rows, each
-        column assembled by name in ``ROLLUP_SCHEMA`` (a column a row kind lacks is ''/0)."""
+        column assembled by name in ``ROLLUP_SCHEMA`` (a column a row kind lacks is ''/0).
+        ``client_ips``: address counts per (key, day) that grew, written with the batch."""
         parts = [self._level_part(level, rows) for level, rows in self._grouped().items()] if self._rows else []
+        if client_ips:
+            parts.append(_client_ips_part(client_ips))
         parts.append(self._dedup_part())
         parts.append(self._offset_part(topic))
         return _assemble([p for p in parts if p[0]])
@@ -171,6 +184,17 @@ class BatchAggregate:
             "kafka_partition": pa.array(partitions, pa.int64()),
             "last_offset": pa.array([self.offsets[p] for p in partitions], pa.int64()),
         }
+
+
+def _client_ips_part(counts: Mapping[tuple[str, int], int]) -> tuple[int, dict[str, pa.Array]]:
+    """One ``client_ips`` row per (key, day): the key's distinct addresses that day so far."""
+    n = len(counts)
+    return n, {
+        "level": pa.repeat(pa.scalar(rollup.LEVELS["client_ips"], pa.int8()), n),
+        "key_id": pa.array([key for key, _ in counts], pa.string()),
+        "bucket": pa.array([day for _, day in counts], pa.int64()),
+        "client_ips": pa.array(list(counts.values()), pa.int64()),
+    }
 
 
 def _assemble(parts: list[tuple[int, dict[str, pa.Array]]]) -> pa.Table:

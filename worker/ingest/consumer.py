@@ -126,6 +126,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
                 return
             stored = await self._stored_offsets(parts)
             await self._load_recent(parts)
+            await self._load_addresses(parts)
             if self.pipeline.exchange is not None:
                 self.pipeline.exchange.forget(parts)  # a fresh start: nothing handed over before
             consumer = self.get_consumer()
@@ -162,6 +163,30 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         )
         for p in parts:
             recent.assign(p, stored.get(p, set()))
+
+    async def _load_addresses(self, parts: set[int]) -> None:
+        """The stored client addresses of these partitions' keys on the days counted, so the
+        counts go on from what is stored; the counts of 2+ are written back (rows stored
+        without them: before the migration that added them, or by a bulk import)."""
+        consumer = self.get_consumer()
+        found = consumer.partitions_for_topic(self.topic) if consumer is not None else None
+        total = len(found) if found else 0  # unknown: every key's (more than needed, never less)
+        counts = self.pipeline.addresses
+        today = int(self.pipeline.clock()) // 86_400 * 86_400
+        since = today - (counts.days_kept - 1) * 86_400
+        stored = await retry_forever(
+            lambda: asyncio.to_thread(self.store.client_addresses, since, parts, total),
+            f"reading the stored client addresses of partitions {sorted(parts)}",
+        )
+        grew = counts.observe(*_triples(stored))
+        if grew:
+            await retry_forever(
+                lambda: asyncio.to_thread(self.store.write_client_ips, grew),
+                f"writing the client address counts of partitions {sorted(parts)}",
+            )
+        log.info(
+            "client addresses loaded for partitions %s: %d key-days, %d with 2+", sorted(parts), len(stored), len(grew)
+        )
 
     async def _stored_offsets(self, parts: set[int]) -> dict[int, int]:
         # The store is down: we cannot know where to resume, so we wait for it.
@@ -300,3 +325,15 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             )
         except Exception as exc:  # advisory only: ClickHouse holds the offsets that matter
             log.warning("kafka offset commit failed (stored offsets are authoritative): %r", exc)
+
+
+def _triples(stored: list[tuple[str, int, list[str]]]) -> tuple[list[str], list[int], list[str]]:
+    """(keys, days, addresses) of (key, day, addresses) rows, one triple per address."""
+    keys: list[str] = []
+    days: list[int] = []
+    addresses: list[str] = []
+    for key, day, ips in stored:
+        keys.extend([key] * len(ips))
+        days.extend([day] * len(ips))
+        addresses.extend(ips)
+    return keys, days, addresses

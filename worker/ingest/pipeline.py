@@ -20,11 +20,12 @@ import pyarrow as pa
 
 from common.retry import retry_forever
 from worker.ingest.aggregate import BatchAggregate
+from worker.ingest.client_ips import ClientAddressCounts
 from worker.ingest.dlq import dead_letter
 from worker.ingest.recent_hashes import RecentHashes
 from worker.records import ROW_HASH, EventRow, KafkaRecord, RecordChecker, Rejection, RowExchange, Validator
 from worker.settings import Settings
-from worker.store.rollup import RollupStore
+from worker.store.rollup import CLIENT_IPS_CAP, RollupStore
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class IngestPipeline:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.recent: RecentHashes | None = None
+        self.addresses = ClientAddressCounts(CLIENT_IPS_CAP)  # loaded on assignment (PartitionWriter)
         self.exchange: RowExchange | None = None  # rows the limits' fast lane checked first, and for it
         self.topic = settings.events_topic
         self.store = store
@@ -199,14 +201,16 @@ class IngestPipeline:
             lookup = asyncio.create_task(self._store_call(call, "dedup lookup", batch.offsets, still_owned))
             await asyncio.sleep(0)  # let the lookup reach its thread before the CPU work below
         try:
-            rows = batch.to_arrow(self.topic)
+            # Counted once, before the dedup drop: a dropped event's address is stored already.
+            client_ips = self.addresses.observe(*batch.addresses())
+            rows = batch.to_arrow(self.topic, client_ips)
             stored = known | (await lookup if lookup is not None else set())
         finally:
             if lookup is not None and not lookup.done():
                 lookup.cancel()
         dropped = batch.drop(stored)
         if dropped:
-            rows = batch.to_arrow(self.topic)
+            rows = batch.to_arrow(self.topic, client_ips)
         return rows, dropped
 
     async def write(self, prepared: PreparedBatch, still_owned: StillOwned) -> BatchOutcome:

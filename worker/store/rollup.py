@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
@@ -13,7 +13,10 @@ from schemas.decisions import Window, month_bounds, window_start
 from schemas.limits import ROUTE_MARK
 from worker.store.client import quote_identifier, settings_for_insert
 
-LEVELS = {"offset": 0, "minute": 1, "hour": 2, "day": 3, "dedup": 4, "client_hour": 5}
+LEVELS = {"offset": 0, "minute": 1, "hour": 2, "day": 3, "dedup": 4, "client_hour": 5, "client_ips": 6}
+# ``client_ips`` rows count a key's distinct client addresses per UTC day up to this many
+# (007_client_ips.sql): the leaked-key signal reads them to find its candidate keys.
+CLIENT_IPS_CAP = 32
 
 ROLLUP_SCHEMA = pa.schema(
     [
@@ -33,6 +36,7 @@ ROLLUP_SCHEMA = pa.schema(
         ("request_hashes", pa.list_(pa.uint64())),
         ("cost", pa.uint64()),
         ("route", pa.string()),
+        ("client_ips", pa.uint32()),
     ]
 )
 
@@ -162,3 +166,41 @@ class RollupStore:
             },
         )
         return [(str(k), str(a), str(lv), int(b), int(n)) for k, a, lv, b, n in result.result_rows]
+
+    def client_addresses(
+        self, since_day: int, partitions: Collection[int], total: int
+    ) -> list[tuple[str, int, list[str]]]:
+        """(key, UTC day start, its addresses that day, up to the cap) from ``since_day`` on, of
+        the keys Kafka's default partitioner puts in ``partitions`` of ``total`` (as the nodes'
+        producers do; every key's when ``total`` is 0): what the address counts start from when
+        partitions are assigned."""
+        owned = "AND kafkaMurmurHash(key_id) % {total:UInt32} IN {parts:Array(UInt32)} " if total else ""
+        result = self._client.query(
+            f"SELECT key_id, toUInt32(toStartOfDay(bucket)) AS day, groupUniqArray({CLIENT_IPS_CAP})(client_ip) "
+            f"FROM {self._table} WHERE level = 'client_hour' AND client_ip != '' "
+            "AND bucket >= toDateTime({since:UInt32}, 'UTC') "
+            f"{owned}GROUP BY key_id, day",
+            parameters={"since": since_day, "total": total, "parts": sorted(partitions)},
+        )
+        return [(str(key), int(day), [str(ip) for ip in ips]) for key, day, ips in result.result_rows]
+
+    def write_client_ips(self, counts: Mapping[tuple[str, int], int]) -> None:
+        """``client_ips`` rows: distinct addresses per (key, UTC day start). Idempotent (max on merge)."""
+        rows = [(LEVELS["client_ips"], key, day, n) for (key, day), n in counts.items()]
+        with self._shared:
+            self._client.insert(self._table, rows, column_names=["level", "key_id", "bucket", "client_ips"])
+
+
+def mark_client_ips(client: Client, database: str, since_day: int) -> None:
+    """Write the ``client_ips`` rows that the stored ``client_hour`` rows since ``since_day``
+    call for, where rows were written without them: straight into the table (a bulk import,
+    the sample data). Idempotent: max() on merge, and a count never exceeds the true one."""
+    table = rollup_table(database)
+    client.command(
+        f"INSERT INTO {table} (level, key_id, bucket, client_ips) "
+        "SELECT 'client_ips', key_id, toStartOfDay(bucket) AS day, "
+        f"least(uniqExact(client_ip), {CLIENT_IPS_CAP}) AS n FROM {table} "
+        "WHERE level = 'client_hour' AND client_ip != '' AND bucket >= toDateTime({since:UInt32}, 'UTC') "
+        "GROUP BY key_id, day HAVING n >= 2",
+        parameters={"since": since_day},
+    )
