@@ -191,6 +191,8 @@ def structure_sizes(runtime: WorkerRuntime) -> Sample:
         "dedup_cache_minutes": len(recent._sets) if recent is not None else 0,
         "dedup_store_minutes": sum(len(m) for m in recent._incomplete.values()) if recent is not None else 0,
         "notify_outbox": len(limits._outbox),
+        "address_table_bytes": consumer.pipeline.addresses.nbytes,
+        "multi_address_keys": consumer.pipeline.addresses.multi_address_keys,
         "checked_rows_to_ingest": exchange.to_ingest.size if exchange is not None else 0,
         "checked_rows_to_fast_lane": exchange.to_fast_lane.size if exchange is not None else 0,
     }
@@ -477,6 +479,8 @@ STRUCTURES = {
     "dedup_cache_minutes": "(partition, minute) sets of the dedup cache",
     "dedup_store_minutes": "minutes the dedup cache forgot (asked of the store; pruned past the dedup horizon)",
     "notify_outbox": "notifications waiting to be published",
+    "address_table_bytes": "bytes of the first-address tables of the client address counts (2 days kept)",
+    "multi_address_keys": "keys with 2+ client addresses on a day kept (a set of fingerprints each)",
     "checked_rows_to_ingest": "rows the fast lane checked, waiting for the ingest path: "
     "METER_FAST_LANE_HANDOFF_ROWS = {fast_lane_handoff_rows:,}",
     "checked_rows_to_fast_lane": "rows the ingest path checked, waiting for the fast lane (same bound)",
