@@ -166,6 +166,20 @@ def test_aggregate_rolls_minutes_into_hours_and_days() -> None:
     assert sum(r["bytes_out"] for r in rows if r["level"] == LEVELS["day"]) == 400
 
 
+def test_address_counts_of_a_batch_go_into_its_insert() -> None:
+    """A key seen from a second and third address on a day gets a ``client_ips`` row in the
+    batch's one insert (count 3, bucket = the UTC day); a key with one address gets none."""
+    at = datetime(2026, 11, 27, 10, 0, 5, tzinfo=UTC)
+    records = [record(0, i, request_id=f"r{i}", key_id="k1", ts=at, client_ip=f"198.51.100.{i % 3}") for i in range(6)]
+    records += [record(0, 6 + i, request_id=f"s{i}", key_id="k2", ts=at, client_ip="203.0.113.9") for i in range(3)]
+    table = prepare(records).rows
+    assert table is not None
+    counts = [
+        (r["key_id"], r["bucket"], r["client_ips"]) for r in table.to_pylist() if r["level"] == LEVELS["client_ips"]
+    ]
+    assert counts == [("k1", int(datetime(2026, 11, 27, tzinfo=UTC).timestamp()), 3)]
+
+
 def test_rollup_columns_are_filled_by_name_whatever_the_schema_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """A reordered ROLLUP_SCHEMA gets the same values under each column name: same-typed
     columns swapped (where a positional build would misalign silently), the rest reversed."""

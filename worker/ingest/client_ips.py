@@ -3,10 +3,11 @@
 The leaked-key signal wants the keys seen from many addresses; grouping every key's
 addresses at query time costs one group per active key (~0.5 M a day). The worker owns
 every event of its keys, so it counts each key's distinct addresses per day here (up to a
-cap) and writes a ``client_ips`` row whenever a count grows past 1: the signal reads those
-few rows instead. Counts only ever over-state (a key's addresses are remembered even when
-its batch is given up), which costs the signal's exact second step a false candidate, never
-a missed key.
+cap) and writes a ``client_ips`` row whenever a count grows past 1, in the batch's insert:
+the signal reads those few rows instead. A written count never exceeds the key's stored
+addresses plus the batch's, and never falls short of them: the counts start over from the
+store whenever partitions are assigned (``PartitionWriter``), so a batch given up on a
+revocation cannot leave addresses counted here that no written row reflects.
 
 Memory: most keys use one address a day, so the first one lives in two numpy arrays (16 B a
 slot, open addressing); only keys with a second address get a set of fingerprints.
@@ -103,6 +104,10 @@ class ClientAddressCounts:
         self.days_kept = days_kept
         self._first: dict[int, FirstAddresses] = {}
         self._more: dict[int, dict[str, set[int]]] = {}  # day -> key -> fingerprints (2+ addresses)
+
+    def clear(self) -> None:
+        self._first.clear()
+        self._more.clear()
 
     @property
     def nbytes(self) -> int:

@@ -165,27 +165,33 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             recent.assign(p, stored.get(p, set()))
 
     async def _load_addresses(self, parts: set[int]) -> None:
-        """The stored client addresses of these partitions' keys on the days counted, so the
-        counts go on from what is stored; the counts of 2+ are written back (rows stored
-        without them: before the migration that added them, or by a bulk import)."""
+        """The address counts start over from the stored client addresses of every owned
+        partition's keys on the days counted; the counts of 2+ are written back (rows stored
+        without them: before the migration that added them, or by a bulk import).
+
+        Started over, not added to: a batch given up when its partitions were revoked left
+        its addresses in the counts but not in the store, and the next owner (maybe this
+        worker again) must write their counts when it writes those events."""
+        owned = self.owned | parts
         consumer = self.get_consumer()
         found = consumer.partitions_for_topic(self.topic) if consumer is not None else None
         total = len(found) if found else 0  # unknown: every key's (more than needed, never less)
         counts = self.pipeline.addresses
+        counts.clear()
         today = int(self.pipeline.clock()) // 86_400 * 86_400
         since = today - (counts.days_kept - 1) * 86_400
         stored = await retry_forever(
-            lambda: asyncio.to_thread(self.store.client_addresses, since, parts, total),
-            f"reading the stored client addresses of partitions {sorted(parts)}",
+            lambda: asyncio.to_thread(self.store.client_addresses, since, owned, total),
+            f"reading the stored client addresses of partitions {sorted(owned)}",
         )
         grew = counts.observe(*_triples(stored))
         if grew:
             await retry_forever(
                 lambda: asyncio.to_thread(self.store.write_client_ips, grew),
-                f"writing the client address counts of partitions {sorted(parts)}",
+                f"writing the client address counts of partitions {sorted(owned)}",
             )
         log.info(
-            "client addresses loaded for partitions %s: %d key-days, %d with 2+", sorted(parts), len(stored), len(grew)
+            "client addresses loaded for partitions %s: %d key-days, %d with 2+", sorted(owned), len(stored), len(grew)
         )
 
     async def _stored_offsets(self, parts: set[int]) -> dict[int, int]:
