@@ -67,3 +67,17 @@ def test_cap_below_two_refused() -> None:
 def test_fingerprints_never_zero() -> None:
     assert fingerprints(["a", "b"]).dtype == np.uint64
     assert (fingerprints(str(i) for i in range(10_000)) != 0).all()
+
+
+def test_a_new_day_starts_as_big_as_the_newest() -> None:
+    counts = ClientAddressCounts(cap=8)
+    counts.observe([f"k{i}" for i in range(5000)], [DAY] * 5000, ["a"] * 5000)
+    grown = counts.nbytes
+    assert grown > FirstAddresses.INITIAL_SLOTS * 16
+    counts.observe(["k"], [2 * DAY], ["a"])
+    assert counts.nbytes == 2 * grown  # day 2 sized like day 1 from its first event
+
+
+def test_table_size_must_be_a_power_of_two() -> None:
+    with pytest.raises(ValueError, match="power of 2"):
+        FirstAddresses(slots=1000)

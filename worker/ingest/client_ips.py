@@ -28,7 +28,7 @@ _MAX_LOAD = 0.6
 
 def fingerprints(values: Iterable[str]) -> U64:
     """64-bit fingerprints of strings (this process's ``hash``; 0 is kept for empty slots)."""
-    out = np.fromiter((hash(v) for v in values), dtype=np.int64).view(np.uint64)
+    out = np.fromiter(map(hash, values), dtype=np.int64).view(np.uint64)
     out[out == 0] = 1
     return out
 
@@ -37,7 +37,11 @@ class FirstAddresses:
     """Key fingerprint -> fingerprint of the first address seen, in two numpy arrays
     (linear probing, grown ×2 past 60% load). No deletion: a table lives for one day."""
 
-    def __init__(self, slots: int = 1 << 12) -> None:
+    INITIAL_SLOTS = 1 << 12
+
+    def __init__(self, slots: int = INITIAL_SLOTS) -> None:
+        if slots & (slots - 1):
+            raise ValueError("slots must be a power of 2")
         self.keys: U64 = np.zeros(slots, np.uint64)
         self.addresses: U64 = np.zeros(slots, np.uint64)
         self.used = 0
@@ -121,23 +125,27 @@ class ClientAddressCounts:
     def observe(self, keys: Sequence[str], days: Sequence[int], addresses: Sequence[str]) -> dict[tuple[str, int], int]:
         """Count distinct (key, day start, address) triples; the counts of 2+ that grew."""
         grew: dict[tuple[str, int], int] = {}
-        by_day: dict[int, list[int]] = {}
-        for i, day in enumerate(days):
-            by_day.setdefault(day, []).append(i)
-        for day, rows in sorted(by_day.items()):
+        if not keys:
+            return grew
+        day_of = np.asarray(days, dtype=np.int64)
+        key_prints, address_prints = fingerprints(keys), fingerprints(addresses)
+        for day in np.unique(day_of).tolist():  # oldest first; usually one
             first = self._table(day)
             if first is None:
                 continue
-            day_keys = [keys[i] for i in rows]
-            day_addresses = fingerprints(addresses[i] for i in rows)
-            firsts = first.first_of(fingerprints(day_keys), day_addresses)
+            rows = np.flatnonzero(day_of == day)
+            firsts = first.first_of(key_prints[rows], address_prints[rows])
             more = self._more.setdefault(day, {})
-            for j in np.flatnonzero(firsts != day_addresses).tolist():
-                key = day_keys[j]
+            # Only the pairs whose address is not the key's first of the day get here: few.
+            differ = firsts != address_prints[rows]
+            for i, was_first, address in zip(
+                rows[differ].tolist(), firsts[differ].tolist(), address_prints[rows[differ]].tolist(), strict=True
+            ):
+                key = keys[i]
                 seen = more.get(key)
                 if seen is None:
-                    seen = more[key] = {int(firsts[j])}
-                if len(seen) < self.cap and (address := int(day_addresses[j])) not in seen:
+                    seen = more[key] = {was_first}
+                if len(seen) < self.cap and address not in seen:
                     seen.add(address)
                     grew[(key, day)] = len(seen)
         return grew
@@ -151,8 +159,11 @@ class ClientAddressCounts:
         oldest_kept = max(newest, day) - (self.days_kept - 1) * _DAY
         if day < oldest_kept:
             return None
+        # Sized like the newest day's table: a day has about as many keys as the one before,
+        # and growing from small re-inserts every key several times.
+        slots = len(self._first[newest].keys) if newest in self._first else FirstAddresses.INITIAL_SLOTS
         for old in [d for d in self._first if d < oldest_kept]:
             del self._first[old]
             self._more.pop(old, None)
-        table = self._first[day] = FirstAddresses()
+        table = self._first[day] = FirstAddresses(slots)
         return table
