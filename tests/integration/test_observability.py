@@ -47,6 +47,12 @@ async def test_metrics_and_health_reflect_what_the_worker_did(topics: Settings, 
         assert sorted(ready.json()["partitions"]) == list(range(6))
         assert sum(ready.json()["lag"].values()) == 0
 
+        # The batch hooks (the histograms) run after a batch's Kafka commit, once its counts are in
+        # the stats the drain waits on: wait for them too.
+        async def histograms_seen() -> bool:
+            return samples((await http.get("/metrics")).text).get(("meter_batch_size_count", ()), 0) >= 1
+
+        await wait_for(histograms_seen, 10, "the batch hooks")
         m = samples((await http.get("/metrics")).text)
         assert m[("meter_events_counted_total", ())] == 500
         assert m[("meter_events_consumed_total", ())] == 501
