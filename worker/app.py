@@ -169,7 +169,12 @@ class WorkerRuntime:
             pipeline.use_exchange(exchange)
             self.limits.fast_lane.use_exchange(exchange)
         self.consumer = PartitionWriter(
-            s.events_topic, pipeline, self.store, self.kafka_consumer, s.dedup_horizon_hours * 3600
+            s.events_topic,
+            pipeline,
+            self.store,
+            self.kafka_consumer,
+            self._partition_count,
+            s.dedup_horizon_hours * 3600,
         )
         self.consumer.on_assigned.append(self.limits.on_assigned)
         self.consumer.on_revoked.append(self.limits.on_revoked)

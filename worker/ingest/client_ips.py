@@ -20,9 +20,11 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from schemas.decisions import WINDOW_SECONDS, Window
+
 U64 = npt.NDArray[np.uint64]
 
-_DAY = 86_400
+_DAY = WINDOW_SECONDS[Window.day]
 _MAX_LOAD = 0.6
 
 

@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from common.retry import retry_forever
+from schemas.decisions import WINDOW_SECONDS, Window, window_start
 from worker.ingest.pipeline import BatchAbandoned, BatchOutcome, IngestPipeline, PreparedBatch
 from worker.records import KafkaRecord
 from worker.store.rollup import RollupStore
@@ -68,6 +69,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         pipeline: IngestPipeline,
         store: RollupStore,
         get_consumer: Callable[[], AIOKafkaConsumer | None],
+        partition_count: Callable[[], int],
         dedup_horizon_seconds: int = 86_400,
     ) -> None:
         self.dedup_horizon_seconds = dedup_horizon_seconds
@@ -75,6 +77,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         self.pipeline = pipeline
         self.store = store
         self.get_consumer = get_consumer
+        self.partition_count = partition_count  # of the topic, for Kafka's partitioner
         self.stored_offsets: dict[int, int] = {}
         self.owned: set[int] = set()
         self.stats = IngestStats()
@@ -173,13 +176,10 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         its addresses in the counts but not in the store, and the next owner (maybe this
         worker again) must write their counts when it writes those events."""
         owned = self.owned | parts
-        consumer = self.get_consumer()
-        found = consumer.partitions_for_topic(self.topic) if consumer is not None else None
-        total = len(found) if found else 0  # unknown: every key's (more than needed, never less)
+        total = self.partition_count()
         counts = self.pipeline.addresses
         counts.clear()
-        today = int(self.pipeline.clock()) // 86_400 * 86_400
-        since = today - (counts.days_kept - 1) * 86_400
+        since = window_start(Window.day, self.pipeline.clock()) - (counts.days_kept - 1) * WINDOW_SECONDS[Window.day]
         stored = await retry_forever(
             lambda: asyncio.to_thread(self.store.client_addresses, since, owned, total),
             f"reading the stored client addresses of partitions {sorted(owned)}",

@@ -172,14 +172,12 @@ class RollupStore:
     ) -> list[tuple[str, int, list[str]]]:
         """(key, UTC day start, its addresses that day, up to the cap) from ``since_day`` on, of
         the keys Kafka's default partitioner puts in ``partitions`` of ``total`` (as the nodes'
-        producers do; every key's when ``total`` is 0): what the address counts start from when
-        partitions are assigned."""
-        owned = "AND kafkaMurmurHash(key_id) % {total:UInt32} IN {parts:Array(UInt32)} " if total else ""
+        producers do): what the address counts start from when partitions are assigned."""
         result = self._client.query(
             f"SELECT key_id, toUInt32(toStartOfDay(bucket)) AS day, groupUniqArray({CLIENT_IPS_CAP})(client_ip) "
             f"FROM {self._table} WHERE level = 'client_hour' AND client_ip != '' "
             "AND bucket >= toDateTime({since:UInt32}, 'UTC') "
-            f"{owned}GROUP BY key_id, day",
+            "AND kafkaMurmurHash(key_id) % {total:UInt32} IN {parts:Array(UInt32)} GROUP BY key_id, day",
             parameters={"since": since_day, "total": total, "parts": sorted(partitions)},
         )
         return [(str(key), int(day), [str(ip) for ip in ips]) for key, day, ips in result.result_rows]
