@@ -115,8 +115,8 @@ class BatchAggregate:
             # The fields the rollups keep (not the event time and node counts, which the limits read).
             columns = {name: pa.array(self.column(name), kind) for name, kind in _EVENT_TYPES.items()}
             minute = columns["minute"]
-            columns["hour"] = pc.multiply(pc.divide(minute, _HOUR), _HOUR)  # buckets are >= 0: truncation is floor
-            columns["day"] = pc.multiply(pc.divide(minute, _DAY), _DAY)
+            columns["hour"] = _floor(minute, _HOUR)
+            columns["day"] = _floor(minute, _DAY)
             columns["requests"] = pa.repeat(pa.scalar(1, pa.int64()), self.events)
             self._table = pa.table(columns)
         return self._table
@@ -138,8 +138,7 @@ class BatchAggregate:
         if not self._rows:
             return [], [], []
         rows = self._grouped()["client_hour"]
-        hours = rows.column("hour")
-        days = pc.multiply(pc.divide(hours, _DAY), _DAY)
+        days = _floor(rows.column("hour"), _DAY)
         return rows.column("key_id").to_pylist(), days.to_pylist(), rows.column("client_ip").to_pylist()
 
     def to_arrow(self, topic: str, client_ips: Mapping[tuple[str, int], int] | None = None) -> pa.Table:
@@ -184,6 +183,11 @@ class BatchAggregate:
             "kafka_partition": pa.array(partitions, pa.int64()),
             "last_offset": pa.array([self.offsets[p] for p in partitions], pa.int64()),
         }
+
+
+def _floor(epochs: Any, step: int) -> Any:
+    """Epoch seconds floored to a multiple of ``step`` (buckets are >= 0: truncation is floor)."""
+    return pc.multiply(pc.divide(epochs, step), step)
 
 
 def _client_ips_part(counts: Mapping[tuple[str, int], int]) -> tuple[int, dict[str, pa.Array]]:
