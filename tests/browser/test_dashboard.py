@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +254,7 @@ def test_dashboard_shows_traffic_top_keys_blocks_signals_and_drill_down(
 
     # Drill down: click the abused key's bar.
     bar = f"#top-chart g.bar[data-key-id='{ABUSED_KEY}'] rect"
+    clicked = datetime.now(UTC)
     browser.js(f"document.querySelector({json.dumps(bar)}).dispatchEvent(new MouseEvent('click'))")
     browser.wait_for("document.body.dataset.keyState === 'ready'")
     assert browser.js("document.querySelector('#key-limits [data-blocked]').dataset.blocked") == "true"
@@ -262,5 +263,9 @@ def test_dashboard_shows_traffic_top_keys_blocks_signals_and_drill_down(
     actions = browser.js("[...document.querySelectorAll('#key-decisions tbody tr')].map(r => r.dataset.action)")
     assert actions == ["block", "unblock", "block", "unblock", "block", "unblock", "block"]
     key_total = browser.js("Number(document.querySelector('#key-chart svg').dataset.total)")
-    assert key_total == facts.last_hour[ABUSED_KEY]  # the last 3 hours hold the last hour's traffic only
+    # The last 3 hours (minute buckets, real clock, from the page's click) hold the last hour's
+    # traffic and, early in the day, yesterday's last baseline hours.
+    windows = {floor_to(at - timedelta(hours=3), Granularity.minute) for at in (clicked, datetime.now(UTC))}
+    expected = {facts.last_hour[ABUSED_KEY] + facts.baseline([ABUSED_KEY], since, facts.now) for since in windows}
+    assert key_total in expected
     browser.screenshot(ARTIFACTS / "dashboard-key.png")

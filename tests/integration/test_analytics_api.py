@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import secrets
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from schemas.usage import Granularity
 from worker.analytics.api import build_query_app
 from worker.analytics.sample import ABUSED_KEY, MANUAL_KEY, PROBER_KEY, STORM_IP, SampleFacts
 from worker.settings import Settings
+from worker.store.usage import floor_to
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
 ADMIN = secrets.token_urlsafe(32)  # generated per run: the query API wants >= 32 bytes
@@ -98,17 +101,26 @@ def test_key_usage_and_state(api: TestClient, sample: SampleFacts) -> None:
     state = api.get(f"/v1/keys/{ABUSED_KEY}/state", params={"history": 3}).json()
     assert state["blocked"] is True
     assert len(state["history"]) == 3
-    counts = {"minute": 30, "hour": 1800, "day": 1800, "month": 1800}
+    # The month also holds the baseline days that fall in it (none on the 1st).
+    month = sample.now.replace(day=1, hour=0, minute=0, second=0)
+    counts = {"minute": 30, "hour": 1800, "day": 1800, "month": 1800 + sample.baseline([ABUSED_KEY], month, sample.now)}
     assert {w["window"]: w["count"] for w in state["windows"]} == counts
     limits = {"minute": 100, "hour": 1000, "day": 5000, "month": None}  # no monthly quota by default
     assert {w["window"]: w["limit"] for w in state["windows"]} == limits
 
 
 def test_account_usage_traffic_blocked_and_signals(api: TestClient, sample: SampleFacts) -> None:
-    acct = api.get("/v1/accounts/acct-b/usage", params={"since": (sample.now - timedelta(hours=1)).isoformat()}).json()
-    assert sum(g["total_requests"] for g in acct["groups"]) == 3000
-    traffic = api.get("/v1/traffic", params={"since": (sample.now - timedelta(hours=1)).isoformat()}).json()
-    assert {g["group"]: g["total_requests"] for g in traffic["groups"]} == {"2xx": 1860 + 60, "4xx": 1200 + 300 + 150}
+    since = sample.now - timedelta(hours=1)
+    # Hour buckets (the default granularity): in the day's first hour, yesterday's last
+    # baseline hour is one of them.
+    before = partial(sample.baseline, since=floor_to(since, Granularity.hour), until=sample.now)
+    acct = api.get("/v1/accounts/acct-b/usage", params={"since": since.isoformat()}).json()
+    assert sum(g["total_requests"] for g in acct["groups"]) == 3000 + before([ABUSED_KEY])
+    traffic = api.get("/v1/traffic", params={"since": since.isoformat()}).json()
+    assert {g["group"]: g["total_requests"] for g in traffic["groups"]} == {
+        "2xx": 1860 + 60 + before(sample.baseline_per_hour),
+        "4xx": 1200 + 300 + 150,
+    }
     assert [b["key_id"] for b in api.get("/v1/blocked").json()] == [ABUSED_KEY, MANUAL_KEY]
     report = api.get("/v1/signals", params={"kind": ["invalid_key_storm", "rate_limited"]}).json()
     assert sorted((s["kind"], s["key_id"] or s["client_ip"]) for s in report["signals"]) == [

@@ -21,6 +21,7 @@ from worker.analytics.sample import ABUSED_KEY, MANUAL_KEY, NORMAL_KEY, PROBER_K
 from worker.analytics.signals import SignalThresholds, abuse_signals
 from worker.cli import run_command
 from worker.settings import Settings
+from worker.store.usage import floor_to
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
 
@@ -155,7 +156,9 @@ def test_account_series_by_endpoint(clickhouse: Any, settings: Settings, sample:
         sample.now,
         Breakdown.endpoint,
     )
-    assert {g.group: g.total_requests for g in result.groups} == {"/v0/wallets": 300, "/v0/rates": 60}
+    # In the day's first two hours, yesterday's last baseline hours are in the window too.
+    before = sample.baseline([PROBER_KEY], floor_to(sample.now - timedelta(hours=2), Granularity.hour), sample.now)
+    assert {g.group: g.total_requests for g in result.groups} == {"/v0/wallets": 300, "/v0/rates": 60 + before}
 
 
 def test_series_refuses_too_many_buckets(clickhouse: Any, settings: Settings) -> None:
@@ -315,7 +318,8 @@ def test_cli_key_state_blocked_signals_and_usage(meter: Callable[..., tuple[int,
         "account-usage", "--account", "acct-b", "--granularity", "hour", "--since", since, "--sparse", "--format", "csv"
     )
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert sum(int(r["requests"]) for r in rows) == 3000
+    before = sample.baseline([ABUSED_KEY], floor_to(sample.now - timedelta(hours=1), Granularity.hour), sample.now)
+    assert sum(int(r["requests"]) for r in rows) == 3000 + before
 
 
 def test_cli_refuses_bad_input(meter: Callable[..., tuple[int, str]]) -> None:

@@ -8,6 +8,7 @@ numbers agree whichever level a query reads.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -50,11 +51,19 @@ class SampleFacts:
     last_hour_429: dict[str, int] = field(default_factory=dict)
     last_hour_auth: dict[str, int] = field(default_factory=dict)
     baseline_per_day: dict[str, int] = field(default_factory=dict)
+    baseline_per_hour: dict[str, int] = field(default_factory=dict)  # at each hour start of baseline_hours
+    baseline_hours: list[datetime] = field(default_factory=list)
     abused_ips: int = 0
     storm_keys: int = 0
     blocked: list[str] = field(default_factory=list)  # keys blocked at ``now``, newest block first
     abused_blocks_24h: int = 0
     rows: int = 0
+
+    def baseline(self, keys: Iterable[str], since: datetime, until: datetime) -> int:
+        """Baseline requests of ``keys`` in buckets [since, until): what a window reaching back
+        before today holds besides the last hour (``since`` floored to the window's granularity)."""
+        hours = sum(1 for at in self.baseline_hours if since <= at < until)
+        return hours * sum(self.baseline_per_hour.get(key, 0) for key in keys)
 
 
 class _Rows:
@@ -105,10 +114,11 @@ def seed_sample(client: Client, database: str, now: datetime | None = None) -> S
     # Seven quiet days before today: one batch per hour, the keys' own baseline.
     baseline = {NORMAL_KEY: 60, ABUSED_KEY: 20, QUIET_KEY: 5, PROBER_KEY: 2}
     accounts = {NORMAL_KEY: "acct-a", ABUSED_KEY: "acct-b", QUIET_KEY: "acct-a", PROBER_KEY: "acct-c"}
-    for hour in range(7 * 24):
-        at = today - timedelta(days=7) + timedelta(hours=hour)
+    facts.baseline_hours = [today - timedelta(days=7) + timedelta(hours=hour) for hour in range(7 * 24)]
+    for at in facts.baseline_hours:
         for key, per_hour in baseline.items():
             rows.add(key, accounts[key], at, per_hour, ip=f"198.51.100.{len(key) + per_hour}")
+    facts.baseline_per_hour = dict(baseline)
     facts.baseline_per_day = {k: v * 24 for k, v in baseline.items()}
 
     # The last hour: 60 minute buckets ending with the current one.
