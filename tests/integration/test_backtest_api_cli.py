@@ -107,6 +107,9 @@ class TestApi:
             ({**CANDIDATE, "per_minute": -1}, 422, "per_minute: Input should be greater than or equal to 0"),
             ({**CANDIDATE, "since": "2026-01-01T00:00:00", "until": None}, 422, "timezone"),
             ({**CANDIDATE, "rogue": 1}, 422, "Extra inputs are not permitted"),
+            # Found by the fuzz test: times UTC cannot hold, or arithmetic on them cannot (were 500s).
+            ({**CANDIDATE, "since": "0001-01-01T00:00:58+14:01"}, 422, "starts at 0001-01-01T00:00:58+14:01, before"),
+            ({**CANDIDATE, "until": "0001-01-01T11:26:08Z"}, 422, "starts at 0001-01-01T11:26:08Z, before"),
         ],
     )
     def test_bad_requests(

@@ -56,7 +56,7 @@ from schemas.analytics import (
 )
 from schemas.decisions import Window
 from schemas.limits import LimitPolicy, PolicyBook
-from worker.analytics.queries import check_storable, utc
+from worker.analytics.queries import check_storable, iso, utc
 from worker.refusals import OutOfRange, QueryRefused
 from worker.store.rollup import rollup_table
 
@@ -84,10 +84,6 @@ def _minute_ceil(value: datetime) -> datetime:
     return floor if floor == value else floor + timedelta(minutes=1)
 
 
-def _iso(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def minute_level_from(now: datetime, minute_days: int) -> datetime:
     """The oldest minute bucket the minute level still holds whole (TTL ``bucket + N days``)."""
     return _minute_ceil(utc(now) - timedelta(days=minute_days))
@@ -95,7 +91,10 @@ def minute_level_from(now: datetime, minute_days: int) -> datetime:
 
 def span_of(request: BacktestRequest, now: datetime, minute_days: int) -> tuple[datetime, datetime, datetime]:
     """(since, until, oldest minute held): whole minutes; refuses what the minute level cannot answer."""
-    until = _minute_ceil(request.until or now)
+    end = request.until or now
+    # Refused before any arithmetic on them: times near year 1 or 9999 would overflow it.
+    check_storable(request.since or end, end)
+    until = _minute_ceil(end)
     if request.since is not None:
         since = request.since
     elif request.span is not None:
@@ -105,12 +104,12 @@ def span_of(request: BacktestRequest, now: datetime, minute_days: int) -> tuple[
     check_storable(utc(since), until)
     since = _minute_ceil(since)
     if since >= until:
-        raise QueryRefused(f"since ({_iso(since)}) must be before until ({_iso(until)}), in whole minutes")
+        raise QueryRefused(f"since ({iso(since)}) must be before until ({iso(until)}), in whole minutes")
     oldest = minute_level_from(now, minute_days)
     if since < oldest:
         raise BeyondMinuteLevel(
             f"the minute level holds {minute_days} days (METER_TTL_MINUTE_DAYS={minute_days}): since must be at or "
-            f"after {_iso(oldest)}, not {_iso(since)}; older minutes are deleted, a backtest cannot replay them"
+            f"after {iso(oldest)}, not {iso(since)}; older minutes are deleted, a backtest cannot replay them"
         )
     return since, until, oldest
 
@@ -429,8 +428,8 @@ def _notes(book: PolicyBook, since: datetime, start: datetime, minute_days: int)
     day_start = since.replace(hour=0, minute=0, second=0, microsecond=0)
     if start > day_start:
         notes.append(
-            f"the day of since ({_iso(day_start)}) began before the oldest minute the minute level holds "
-            f"({_iso(start)}): hour and day windows of that day count from {_iso(start)}, so their refusals "
+            f"the day of since ({iso(day_start)}) began before the oldest minute the minute level holds "
+            f"({iso(start)}): hour and day windows of that day count from {iso(start)}, so their refusals "
             "are a lower bound"
         )
     policies = [book.default, *dict(book.by_key).values(), *dict(book.by_account).values()]

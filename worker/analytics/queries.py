@@ -93,19 +93,23 @@ def window_level(since: datetime, until: datetime) -> tuple[Granularity, datetim
     return level, floor_to(since, level)
 
 
-def _iso(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def iso(value: datetime) -> str:
+    """A time for a message, in UTC (as given when UTC cannot hold it: year 1 with an offset)."""
+    try:
+        return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except OverflowError:
+        return value.isoformat(timespec="seconds")
 
 
 def check_storable(since: datetime, until: datetime) -> None:
     """Refuse a range reaching outside what ClickHouse stores (it would fail there, as a 500)."""
     if since < EARLIEST:
         raise OutOfRange(
-            f"the range starts at {_iso(since)}, before {_iso(EARLIEST)} (the earliest time stored); "
-            f"give a since at or after {_iso(EARLIEST)}, or a later until"
+            f"the range starts at {iso(since)}, before {iso(EARLIEST)} (the earliest time stored); "
+            f"give a since at or after {iso(EARLIEST)}, or a later until"
         )
     if until > LATEST:
-        raise OutOfRange(f"the range ends at {_iso(until)}, after {_iso(LATEST)} (the latest time stored)")
+        raise OutOfRange(f"the range ends at {iso(until)}, after {iso(LATEST)} (the latest time stored)")
 
 
 def check_window(since: datetime, until: datetime, max_span: timedelta = MAX_TOP_SPAN) -> None:
