@@ -275,21 +275,30 @@ async def test_the_whole_loop_runs_on_the_acls_alone(as_role: Callable[..., Sett
         batch_timeout_ms=50,
         **limits,
     )
-    # All in the current minute with time to spare: a block is only for the live window (under
-    # load the worker may start late; events of a minute already over block nothing).
-    await until_fresh_minute(45)
-    events = list(generate(12, Traffic(keys=1, nodes=1, spread=timedelta(seconds=1), seed=9)))
-    key_id = events[0]["key_id"]
-    await publish(node, node.events_topic, events)  # as the node principal
-
     runtime = WorkerRuntime(worker)
     cache = DecisionCache(node)
     try:
         async with runtime.running():
-            await wait_for(lambda: runtime.consumer is not None and runtime.consumer.stats.consumed >= 12, 60)
+            # Started (group joined, partitions owned) before the events are sent: the block is
+            # only for the live minute, and a start slowed by a busy machine must not eat it.
+            await wait_for(lambda: runtime.consumer is not None and bool(runtime.consumer.owned), 90, "assignment")
             await cache.start()
             assert await cache.wait_ready(30), cache.state().last_error
-            await wait_for(lambda: cache.check(key_id) is not None, 30)
+            await until_fresh_minute(45)
+            events = list(generate(12, Traffic(keys=1, nodes=1, spread=timedelta(seconds=1), seed=9)))
+            key_id = events[0]["key_id"]
+            sent_at = time.monotonic()
+            await publish(node, node.events_topic, events)  # as the node principal
+            await wait_for(lambda: runtime.consumer is not None and runtime.consumer.stats.consumed >= 12, 30)
+            assert runtime.limits is not None
+            engine = runtime.limits.engine
+            try:
+                await wait_for(lambda: cache.check(key_id) is not None, 30, "the block in the node's cache")
+            except AssertionError as missing:
+                raise AssertionError(
+                    f"{missing}: the worker published {engine.decisions_published} decisions, "
+                    f"{time.monotonic() - sent_at:.1f}s after the events were sent"
+                ) from None
     finally:
         await cache.stop()
         connect(worker.clickhouse_dsn, database).command(f"DROP DATABASE IF EXISTS {quote_identifier(database)}")
