@@ -13,7 +13,7 @@ from typing import Any
 from common.follower import TopicFollower, valid_records
 from common.retry import cancel_and_wait, retry_forever
 from schemas.allowances import Allowance
-from schemas.decisions import Decision, Window
+from schemas.decisions import Decision, DecisionAction, Window
 from schemas.limits import LimitOverride
 from schemas.notifications import Notification
 from worker.limits.engine import AllowancePolicy, LimitEngine, Verdicts, partition_of
@@ -36,6 +36,16 @@ NOTIFICATIONS_FLUSH_TIMEOUT = 10.0
 
 
 ACCOUNT_CHANGES_LOGGED = 10  # per batch: a flood of changes must not flood the log
+
+
+def still_matters(decision: Decision, now: float, unblock_memory_s: float) -> bool:
+    """Whether a key's newest decision still means something to a worker: a block in force
+    (an operator's without end included), or an unblock younger than ``unblock_memory_s``
+    (the guards leave a key an operator unblocked alone for a guard block's length). A
+    forgotten key behaves as one never decided on: nothing to restore, nothing to respect."""
+    if decision.action is DecisionAction.block:
+        return decision.until is None or decision.until.timestamp() > now
+    return now - decision.decided_at.timestamp() < unblock_memory_s
 
 
 class LimitService:
@@ -212,8 +222,18 @@ class LimitService:
             self.engine.seen_allowance(allowance)
 
     def latest_decision(self, key_id: str) -> Decision | None:
-        """The newest decision of ``key_id`` seen on the decisions topic."""
+        """The newest decision of ``key_id`` seen on the decisions topic (while it matters)."""
         return self._latest.get(key_id)
+
+    def forget_settled(self) -> int:
+        """Drop the newest decisions that no longer matter (``still_matters``): one entry per
+        key ever decided on would grow without end under a long abuse wave."""
+        now = self.engine.clock()
+        memory_s = self.settings.guard_block_minutes * 60
+        settled = [k for k, d in self._latest.items() if not still_matters(d, now, memory_s)]
+        for key_id in settled:
+            del self._latest[key_id]
+        return len(settled)
 
     async def publish_decisions(self, decisions: list[Decision]) -> None:
         """Publish decisions made outside the engine's own evaluation (the abuse guards')."""
@@ -325,5 +345,6 @@ class LimitService:
                 if idle_check >= 240:  # once a minute
                     idle_check = 0
                     self.engine.expire_idle()
+                    self.forget_settled()
             except Exception:
                 log.exception("limit tick failed")
