@@ -30,7 +30,7 @@ def default_range(
     end = until or (now or datetime.now(UTC))
     start = since or end - DEFAULT_SPAN[granularity]
     if start >= end:
-        raise QueryRefused(f"--since ({start.isoformat()}) must be before --until ({end.isoformat()})")
+        raise QueryRefused(f"since ({start.isoformat()}) must be before until ({end.isoformat()})")
     start = floor_to(start, granularity)
     points = (end - start).total_seconds() / STEP_SECONDS[granularity]
     if points > MAX_POINTS:
