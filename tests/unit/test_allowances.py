@@ -345,3 +345,108 @@ def test_a_listed_node_past_its_burst_share_gets_a_strict_part_while_settling() 
     clock.now = T0 + 0.1  # settled, nobody else spoke: the rest is n1's
     [settled] = engine.redivide()
     assert caps(settled) == {"n1": 100}
+
+
+def spread(at: float, **used: int) -> dict[str, NodeReport]:
+    """Each node's latest report: ``used`` of the minute, requests arriving at 200/s."""
+    return {
+        n: NodeReport(arrivals=4, counts=(u, u, u), epoch=at, first_ts=at - 0.015, last_ts=at) for n, u in used.items()
+    }
+
+
+BURST_SHARES = 3 * 34  # what three nodes may admit on their own (burst share 0.34 of 100)
+
+
+def test_once_a_node_reached_its_cap_the_window_is_divided_strictly() -> None:
+    """Enforcement scenario c as measured (300 spread at ~600 req/s, a busy machine): the
+    settling caps were 34 each; 60 ms later n2 had used all 34 (and held more requests),
+    the worker had seen 75 of the 100. Pooled, each node could take the remainder less the
+    others' 30 ms of traffic: caps 42 / 56 / 38, and the nodes released what they held at
+    once (123 admitted). Strict, and with the caps of nodes still sending kept for them (they
+    may have used them unseen), no cap grows past what the nodes may already have taken."""
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    [settling] = engine.observe({(0, "k", "acct", minute): 42}, {(0, "k"): spread(T0, n1=13, n2=16, n3=13)}).allowances
+    assert caps(settling) == {"n1": 34, "n2": 34, "n3": 34}
+    clock.now = T0 + 0.08  # settled; n2 has reached its cap
+    reports = spread(clock.now, n1=21, n2=34, n3=20)
+    [divided] = engine.observe({(0, "k", "acct", minute): 33}, {(0, "k"): reports}).allowances
+    assert not divided.windows[0].settling
+    assert (Window.minute, minute) in engine.hot["k"].contended
+    assert sum(caps(divided).values()) <= BURST_SHARES  # was 132 pooled
+    # ... and stays strict for the rest of the window, even once no node is at its cap.
+    clock.now = T0 + 0.2
+    later = engine.observe({(0, "k", "acct", minute): 5}, {(0, "k"): spread(clock.now, n1=26, n2=34, n3=20)})
+    assert sum(caps(later.allowances[0]).values() if later.allowances else caps(divided).values()) <= BURST_SHARES
+
+
+def test_several_nodes_carrying_a_key_are_divided_strictly_even_below_their_caps() -> None:
+    """Also measured in scenario c: 60 ms after the settling caps of 34, the worker had seen
+    28 of each node (84); the nodes had really admitted 38, 34 and 36 and held the rest. Pooled
+    (no node seen at its cap yet), the caps were 43 / 44 / 43 and 123 were admitted. Several
+    nodes carrying the key is contention enough: strict parts of what the count holds."""
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    engine.observe({(0, "k", "acct", minute): 42}, {(0, "k"): spread(T0, n1=13, n2=13, n3=16)})
+    clock.now = T0 + 0.11
+    [divided] = engine.observe(
+        {(0, "k", "acct", minute): 42}, {(0, "k"): spread(clock.now, n1=28, n2=28, n3=28)}
+    ).allowances
+    assert not divided.windows[0].settling
+    assert sum(caps(divided).values()) <= BURST_SHARES  # what they may have taken on their own, no more
+
+
+def test_one_node_carrying_a_key_still_pools() -> None:
+    """Pooling stays where it is safe and useful: one node carries the key, and a node the
+    traffic moves to may use what that one is not expected to admit meanwhile."""
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    engine.observe({(0, "k", "acct", minute): 30}, {(0, "k"): spread(T0, n1=30)})
+    clock.now = T0 + 0.1
+    [alone] = engine.observe({(0, "k", "acct", minute): 5}, {(0, "k"): spread(clock.now, n1=35)}).allowances
+    [window] = alone.windows
+    assert caps(alone) == {"n1": 100}
+    assert window.others > 65 // 2  # pooled: the remainder less n1's expected admissions
+
+
+def test_a_node_still_sending_keeps_its_cap_and_a_silent_one_gives_it_up() -> None:
+    """In a contended window, a node whose traffic is still arriving may have used its whole
+    cap already (its last admissions are on their way, or it released the requests it held
+    when the cap came): the next division keeps that cap for it rather than hand its part to
+    a node that looks faster. Once nothing has come from it for ``settle_s``, the part it did
+    not use goes where the traffic is."""
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    engine.observe({(0, "k", "acct", minute): 42}, {(0, "k"): spread(T0, n1=13, n2=16, n3=13)})
+    clock.now = T0 + 0.07  # settled; n1 at its cap, n2 and n3 still sending
+    [first] = engine.observe(
+        {(0, "k", "acct", minute): 32}, {(0, "k"): spread(clock.now, n1=34, n2=20, n3=20)}
+    ).allowances
+    given = caps(first)
+    assert given == {"n1": 34, "n2": 34, "n3": 34}  # n2 and n3 may have used theirs unseen
+
+    clock.now = T0 + 0.2  # only n1 heard from since: n2 and n3 used 20 of their 34 after all
+    n1 = NodeReport(arrivals=8, counts=(34, 34, 34), epoch=clock.now, first_ts=clock.now - 0.01, last_ts=clock.now)
+    [moved] = engine.observe({}, {(0, "k"): {"n1": n1}}).allowances
+    assert caps(moved)["n1"] > given["n1"]  # their unused parts go to n1
+    assert sum(caps(moved).values()) <= 100
+
+
+def test_a_contended_division_leaves_no_node_without_a_part_of_the_last_requests() -> None:
+    """Limit 5 over two nodes taking turns (the trial-tier test of test_limits_e2e): 4 used,
+    1 left. By rate alone the last request could go to the node that is done, and the one
+    waiting for it would be refused; each node at its cap may take it (at most 1 past the
+    limit: one unit per other node at its cap)."""
+    strict = divide(5, 4, {"a": (2, 100.0), "b": (2, 100.0)}, LAG, pooled=False)
+    assert sorted(g.cap for g in strict.grants.values()) == [2, 3]
+    division = divide(5, 4, {"a": (2, 100.0), "b": (2, 100.0)}, LAG, pooled=False, starved=["a", "b"])
+    assert {n: g.cap for n, g in division.grants.items()} == {"a": 3, "b": 3}
+    assert divide(5, 5, {"a": (3, 1.0), "b": (2, 1.0)}, LAG, pooled=False, starved=["b"]).grants["b"].cap == 2
+    # A node below its cap has room: only the starved ones get the extra unit.
+    three = divide(10, 9, {"a": (3, 100.0), "b": (3, 100.0), "c": (3, 100.0)}, LAG, pooled=False, starved=["a"])
+    assert sum(g.cap for g in three.grants.values()) == 10
+    assert three.grants["a"].cap == 4

@@ -19,7 +19,7 @@ expected admissions), counted from when it first holds the allowance.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from schemas.allowances import NodeGrant
@@ -84,16 +84,25 @@ def divide(
     lag_s: float,
     pooled: bool = True,
     unseen: int = 0,
-    floor: int = 0,
+    floors: Mapping[str, int] | None = None,
+    starved: Collection[str] = (),
+    pool_others: bool | None = None,
 ) -> Division:
     """Caps for the nodes ``{node_id: (used, rate)}`` of a key that has ``count`` of ``limit``.
 
     ``unseen``: what nodes not heard from yet may have admitted that the count does not hold
-    (their burst shares, while the division settles): held back from every part. ``floor``:
-    what each listed node may admit on its own before this division reaches it (its burst
-    share, while the division settles): a node below it has ``floor - used`` held for it, on
-    top of its part."""
-    held_for = {node: max(0, floor - used) for node, (used, _) in nodes.items()}
+    (their burst shares, while the division settles): held back from every part. ``floors``:
+    what each listed node may admit before this division reaches it (its burst share while the
+    division settles, the cap a recent division gave it): a node below its floor has
+    ``floor - used`` held for it, on top of its part. ``starved``: nodes at the cap they were
+    given (likely holding requests): while anything remains, each gets at least one unit (the
+    worker cannot see which of them waits for the last requests of a limit, and rounding must
+    not give those to one that does not; the caps may then add up to ``len(starved) - 1``
+    past the remainder, as pooled parts would).
+    ``pool_others`` (default: ``pooled``): whether a node not listed may take the remainder
+    less the listed nodes' expected admissions (traffic that moved to it) or an equal part."""
+    floors = floors or {}
+    held_for = {node: max(0, floors.get(node, 0) - used) for node, (used, _) in nodes.items()}
     remaining = max(0, limit - count - unseen - sum(held_for.values()))
     total_rate = sum(rate for _, rate in nodes.values())
     # Whole requests: a fraction of one expected in flight holds nothing back.
@@ -108,6 +117,10 @@ def divide(
     parts = {node: math.floor(x) for node, x in exact.items()}
     for node in sorted(exact, key=lambda n: exact[n] - parts[n], reverse=True)[: remaining - sum(parts.values())]:
         parts[node] += 1
+    if remaining:
+        for node in starved:
+            if node in parts:
+                parts[node] = max(parts[node], 1)
     grants: dict[str, NodeGrant] = {}
     for node, (used, _) in nodes.items():
         share = parts[node]
@@ -117,6 +130,6 @@ def divide(
     # A node not listed yet (traffic that just moved to it): an equal part, or when pooled,
     # the remainder minus what the listed nodes are expected to admit meanwhile.
     others = remaining // (len(nodes) + 1)
-    if pooled:
+    if pooled if pool_others is None else pool_others:
         others = max(others, remaining - total_reserve)
     return Division(grants, others)

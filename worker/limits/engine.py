@@ -40,7 +40,7 @@ from schemas.decisions import (
 )
 from schemas.limits import ROUTE_MARK, PolicyBook
 from schemas.notifications import Notification
-from worker.limits.allowances import NodeUse, divide
+from worker.limits.allowances import Division, NodeUse, divide
 from worker.limits.counters import KeyWindows, WindowCounters
 from worker.limits.thresholds import ThresholdTracker
 
@@ -120,6 +120,81 @@ class HotKey:
     last: tuple[object, ...] = ()  # caps of the last allowance returned (to skip unchanged ones)
     since: dict[tuple[Window, int], float] = field(default_factory=dict)  # (window, start) -> turned hot
     held_back: bool = False  # the last division kept part of the remainder from every node
+    # (window, start) -> node -> the cap the last division gave it
+    caps: dict[tuple[Window, int], dict[str, int]] = field(default_factory=dict)
+    # Windows carried by several nodes: divided strictly for the rest of the window (``divide``).
+    contended: set[tuple[Window, int]] = field(default_factory=set)
+
+    def forget_windows_over(self, now: float) -> None:
+        for over in [k for k in self.since if k[1] + WINDOW_SECONDS[k[0]] <= now]:
+            del self.since[over]
+            self.caps.pop(over, None)
+            self.contended.discard(over)
+
+    def starved(self, here: tuple[Window, int], listed: Mapping[str, tuple[int, float]]) -> list[str]:
+        """The listed nodes that have reached the cap they were last given (they hold or
+        refuse requests the worker does not see)."""
+        given = self.caps.get(here, {})
+        return [n for n, (used, _) in listed.items() if n in given and used >= given[n]]
+
+    def floors(
+        self, here: tuple[Window, int], listed: Mapping[str, tuple[int, float]], now: float, hold_s: float
+    ) -> dict[str, int]:
+        """What each listed node may have admitted unseen before the next division reaches it:
+        the whole cap it was last given while its traffic reached the worker less than
+        ``hold_s`` ago (its latest admissions may still be on their way: a worker that falls
+        behind sees them late, and a node that held requests releases them the moment a cap
+        arrives); what the worker has seen of it once it has been silent that long."""
+        given = self.caps.get(here, {})
+        return {
+            n: max(used, given.get(n, 0)) if now - self.nodes[n].at < hold_s else used
+            for n, (used, _) in listed.items()
+        }
+
+    def divide(
+        self,
+        here: tuple[Window, int],
+        listed: Mapping[str, tuple[int, float]],
+        limit: int,
+        count: int,
+        settling: bool,
+        policy: AllowancePolicy,
+        unseen: int,
+        now: float,
+    ) -> Division:
+        """Divide the window ``here`` among the listed nodes ``{node: (used, rate)}``, and
+        remember the caps given. ``settling``: every node may still be admitting its burst
+        share (held for it; ``unseen``: the silent known nodes' shares).
+
+        Pooling lets each node take the remainder less what the others admit within the lag,
+        but nodes holding requests at their caps release them all the moment a division
+        arrives, so pooled parts would let each of them take nearly the whole remainder at
+        once. So a window is divided strictly (parts adding up to the remainder) once several
+        nodes carry the key (contended, for the rest of the window), with what nodes may have
+        admitted unseen held back for them (``floors``)."""
+        share = math.ceil(policy.burst_share * limit) if settling else 0
+        starved = self.starved(here, listed)
+        if len(listed) > 1:
+            self.contended.add(here)
+        contended = here in self.contended
+        floors = dict.fromkeys(listed, share)
+        if contended:
+            floors = {n: max(share, f) for n, f in self.floors(here, listed, now, policy.settle_s).items()}
+        division = divide(
+            limit,
+            count,
+            listed,
+            policy.lag_s,
+            policy.pooled and not settling and not contended,
+            unseen,
+            floors,
+            starved if contended else (),
+            # A node not listed yet (traffic that moved to it) has been silent: it holds
+            # nothing unseen, and may use what the listed ones are not expected to.
+            pool_others=policy.pooled and not settling,
+        )
+        self.caps[here] = {n: g.cap for n, g in division.grants.items()}
+        return division
 
 
 def partition_of(subject: str, partitions: int) -> int:
@@ -419,22 +494,23 @@ class LimitEngine:
         burst share before the division reaches it: that is held back for each (the silent known
         nodes' whole shares, the listed ones' rest of it) and the remainder is divided strictly
         (the parts add up to it, no pooling): nodes bursting together cannot each take the same
-        remainder, and together they admit at most the limit or their burst shares."""
+        remainder, and together they admit at most the limit or their burst shares.
+
+        Later divisions stay strict once the window is contended (``HotKey.divide``)."""
         start = kw.start(window)
         listed = {
             node_id: (used, use.rate_at(now))
             for node_id, use in hk.nodes.items()
             if (used := use.used(window, start)) is not None
         }
-        unseen = floor = 0
-        for over in [k for k in hk.since if k[1] + WINDOW_SECONDS[k[0]] <= now]:
-            del hk.since[over]
-        settling = now - hk.since.setdefault((window, start), now) < self.allowance.settle_s
+        hk.forget_windows_over(now)
+        here = (window, start)
+        settling = now - hk.since.setdefault(here, now) < self.allowance.settle_s
+        unseen = 0
         if settling:
-            floor = math.ceil(self.allowance.burst_share * limit)
-            unseen = floor * sum(1 for node_id in self.nodes_seen if node_id not in listed)
-        pooled = self.allowance.pooled and not settling
-        division = divide(limit, count, listed, self.allowance.lag_s, pooled, unseen, floor)
+            share = math.ceil(self.allowance.burst_share * limit)
+            unseen = share * sum(1 for node_id in self.nodes_seen if node_id not in listed)
+        division = hk.divide(here, listed, limit, count, settling, self.allowance, unseen, now)
         hk.held_back |= any(g.cap < g.used + limit - count for g in division.grants.values())
         end = start + WINDOW_SECONDS[window]
         hk.until = max(hk.until, end)
