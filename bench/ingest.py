@@ -50,7 +50,17 @@ import pyarrow as pa
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.partitioner import murmur2
 
-from bench.common import BENCH_DIR, machine, now_utc, peak_rss_bytes, replace_block, reset_peak_rss, rss_bytes, versions
+from bench.common import (
+    BENCH_DIR,
+    commit,
+    machine,
+    now_utc,
+    peak_rss_bytes,
+    replace_block,
+    reset_peak_rss,
+    rss_bytes,
+    versions,
+)
 from common import kafka_clients
 from common.kafka_clients import KafkaTarget
 from schemas.events import dump_event, parse_event
@@ -553,7 +563,8 @@ def report_block(args: argparse.Namespace, pre: Preload, bare: Drain, worker: Dr
         f"Run {now_utc()} — `python -m bench.ingest --events {args.events} --keys {args.keys}`"
         + (f" --batch-max-records {args.batch_max_records}" if args.batch_max_records else "")
         + (f" --gc {args.gc}" if args.gc == "untuned" else "")
-        + (f" --gc-gen0 {args.gc_gen0}" if args.gc_gen0 else ""),
+        + (f" --gc-gen0 {args.gc_gen0}" if args.gc_gen0 else "")
+        + f" (code measured: commit {commit('worker', 'common', 'schemas', 'bench/ingest.py')})",
         "",
         "| | events | seconds | events/s |",
         "| --- | ---: | ---: | ---: |",
