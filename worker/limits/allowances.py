@@ -14,6 +14,10 @@ Each node's share of the remainder is the larger of
 A node that is not listed (its traffic has not reached the worker since the key turned hot)
 may admit an equal part of the remainder (pooled: the remainder minus the listed nodes'
 expected admissions), counted from when it first holds the allowance.
+
+The owner pools the listed nodes' parts only while one node carries the key: nodes holding
+requests at their caps release them at once when a division arrives, so pooled parts of a key
+that several nodes carry let each take nearly the whole remainder (``HotKey.divide``).
 """
 
 from __future__ import annotations

@@ -157,14 +157,14 @@ class HotKey:
         listed: Mapping[str, tuple[int, float]],
         limit: int,
         count: int,
-        settling: bool,
+        settling: tuple[int, int] | None,
         policy: AllowancePolicy,
-        unseen: int,
         now: float,
     ) -> Division:
         """Divide the window ``here`` among the listed nodes ``{node: (used, rate)}``, and
-        remember the caps given. ``settling``: every node may still be admitting its burst
-        share (held for it; ``unseen``: the silent known nodes' shares).
+        remember the caps given. ``settling``: ``(share, unseen)`` while the window settles:
+        every node may still be admitting its burst ``share`` (held for it; ``unseen``: the
+        silent known nodes' shares), else None.
 
         Pooling lets each node take the remainder less what the others admit within the lag,
         but nodes holding requests at their caps release them all the moment a division
@@ -172,7 +172,7 @@ class HotKey:
         once. So a window is divided strictly (parts adding up to the remainder) once several
         nodes carry the key (contended, for the rest of the window), with what nodes may have
         admitted unseen held back for them (``floors``)."""
-        share = math.ceil(policy.burst_share * limit) if settling else 0
+        share, unseen = settling or (0, 0)
         starved = self.starved(here, listed)
         if len(listed) > 1:
             self.contended.add(here)
@@ -185,13 +185,13 @@ class HotKey:
             count,
             listed,
             policy.lag_s,
-            policy.pooled and not settling and not contended,
+            policy.pooled and settling is None and not contended,
             unseen,
             floors,
             starved if contended else (),
             # A node not listed yet (traffic that moved to it) has been silent: it holds
             # nothing unseen, and may use what the listed ones are not expected to.
-            pool_others=policy.pooled and not settling,
+            pool_others=policy.pooled and settling is None,
         )
         self.caps[here] = {n: g.cap for n, g in division.grants.items()}
         return division
@@ -506,11 +506,11 @@ class LimitEngine:
         hk.forget_windows_over(now)
         here = (window, start)
         settling = now - hk.since.setdefault(here, now) < self.allowance.settle_s
-        unseen = 0
+        held: tuple[int, int] | None = None
         if settling:
             share = math.ceil(self.allowance.burst_share * limit)
-            unseen = share * sum(1 for node_id in self.nodes_seen if node_id not in listed)
-        division = hk.divide(here, listed, limit, count, settling, self.allowance, unseen, now)
+            held = (share, share * sum(1 for node_id in self.nodes_seen if node_id not in listed))
+        division = hk.divide(here, listed, limit, count, held, self.allowance, now)
         hk.held_back |= any(g.cap < g.used + limit - count for g in division.grants.values())
         end = start + WINDOW_SECONDS[window]
         hk.until = max(hk.until, end)
