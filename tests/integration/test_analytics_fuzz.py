@@ -107,8 +107,10 @@ def test_times_and_windows_at_their_edges_get_an_answer_or_a_clear_error(
             response = client.get(url, params=query, headers={"X-API-Key": ADMIN})
             asked += 1
             assert response.status_code < 500, f"GET {url} {query}: {response.status_code} {response.text}"
+            body = response.json()
+            if response.status_code == 200:  # times come back in UTC, whatever offset was given
+                assert all(body[k].endswith("Z") for k in ("since", "until", "as_of") if k in body), (url, query, body)
             if response.status_code >= 400:
-                body = response.json()
                 assert set(body) == {"error", "message", "request_id"}, (url, query, body)
                 assert body["message"], (url, query, body)
                 assert "--" not in body["message"], (url, query, body)  # the API's names, not the CLI's flags

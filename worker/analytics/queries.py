@@ -227,7 +227,7 @@ def series(
         granularity=granularity,
         breakdown=breakdown,
         since=start,
-        until=end,
+        until=end.astimezone(UTC),  # the instant asked for, in UTC like since
         step_seconds=step,
         buckets=count,
         groups=lines,
@@ -318,7 +318,9 @@ def top(
         )
         for i, (ident, acct, req, err, auth, limited) in enumerate(result.result_rows, start=1)
     ]
-    return TopList(dimension=dimension, metric=metric, level=level, since=start, until=until, entries=entries)
+    return TopList(
+        dimension=dimension, metric=metric, level=level, since=start, until=until.astimezone(UTC), entries=entries
+    )
 
 
 # -- limit state and decisions --------------------------------------------------------------
