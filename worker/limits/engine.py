@@ -173,7 +173,6 @@ class HotKey:
         nodes carry the key (contended, for the rest of the window), with what nodes may have
         admitted unseen held back for them (``floors``)."""
         share, unseen = settling or (0, 0)
-        starved = self.starved(here, listed)
         if len(listed) > 1:
             self.contended.add(here)
         contended = here in self.contended
@@ -188,7 +187,7 @@ class HotKey:
             policy.pooled and settling is None and not contended,
             unseen,
             floors,
-            starved if contended else (),
+            self.starved(here, listed) if contended else (),
             # A node not listed yet (traffic that moved to it) has been silent: it holds
             # nothing unseen, and may use what the listed ones are not expected to.
             pool_others=policy.pooled and settling is None,
