@@ -94,8 +94,9 @@ async def read_topic(kafka: KafkaTarget, topic: str, at_least: int = 0, timeout:
         await asyncio.sleep(0.1)
 
 
-async def group_caught_up(bootstrap: str, group: str, topic: str) -> bool:
-    """True when the group's committed offsets reached the end of every partition."""
+async def group_lag(bootstrap: str, group: str, topic: str) -> dict[int, tuple[int | None, int]]:
+    """(committed, end) of every non-empty partition the group's committed offset has not
+    reached (None: nothing committed)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await admin.start()
@@ -104,10 +105,16 @@ async def group_caught_up(bootstrap: str, group: str, topic: str) -> bool:
         committed = await admin.list_consumer_group_offsets(group)
         parts = await topic_partitions(bootstrap, [topic])
         end = await consumer.end_offsets(parts)
-        return all(tp in committed and committed[tp].offset >= end[tp] for tp in parts if end[tp] > 0)
+        done = {tp: committed[tp].offset for tp in parts if tp in committed}
+        return {tp.partition: (done.get(tp), end[tp]) for tp in parts if end[tp] > done.get(tp, 0)}
     finally:
         await consumer.stop()
         await admin.close()
+
+
+async def group_caught_up(bootstrap: str, group: str, topic: str) -> bool:
+    """True when the group's committed offsets reached the end of every partition."""
+    return not await group_lag(bootstrap, group, topic)
 
 
 @contextlib.asynccontextmanager

@@ -25,10 +25,10 @@ async def test_the_next_owner_commits_what_the_store_holds(topics: Settings, cli
     async with first.running():
         assert first.consumer is not None
 
-        async def no_commit(offsets: dict[int, int]) -> None:
-            return None  # as if killed after each write, before its Kafka commit
+        async def no_commit(offsets: dict[int, int]) -> bool:
+            return False  # as if killed after each write, before its Kafka commit
 
-        first.consumer._commit = no_commit  # type: ignore[method-assign]
+        first.consumer.commits._send = no_commit  # type: ignore[method-assign]
         await publish(settings.kafka_bootstrap, settings.events_topic, events)
         await wait_for(
             lambda: db_counts(clickhouse, settings.clickhouse_database) == expected_counts(events),

@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 
 from schemas.events import RequestEvent
-from tests.integration.helpers import BucketCounts, db_counts, expected_counts, group_caught_up, wait_for
+from tests.integration.helpers import (
+    BucketCounts,
+    db_counts,
+    expected_counts,
+    group_caught_up,
+    group_lag,
+    wait_for,
+)
 from tests.report import record
 from worker.app import WorkerRuntime
 from worker.settings import Settings
@@ -118,11 +125,19 @@ async def test_ten_kill_9_at_random_moments_under_load_count_exactly(topics: Set
     final = start_worker(env, final_log)
     try:
         await wait_for(lambda: "resuming after stored offsets" in final_log.read_text(), 60, "assignment")
-        await wait_for(
-            lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),
-            timeout=120,
-            what="the restarted worker to write and commit every event",
-        )
+        try:
+            await wait_for(
+                lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),
+                timeout=120,
+                what="the restarted worker to write and commit every event",
+            )
+        except AssertionError as exc:
+            lag = await group_lag(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic)
+            raise AssertionError(
+                f"{exc}; (committed, end) of the partitions behind: {lag}; final worker "
+                f"{'running' if final.poll() is None else f'exited {final.returncode}'}; its log ends:\n"
+                + "\n".join(final_log.read_text().splitlines()[-25:])
+            ) from None
     finally:
         final.send_signal(signal.SIGTERM)
         final.wait(timeout=30)

@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.structs import OffsetAndMetadata
 
 from common.retry import retry_forever
 from schemas.decisions import WINDOW_SECONDS, Window, window_start
+from worker.ingest.commits import OffsetCommitter
 from worker.ingest.pipeline import BatchAbandoned, BatchOutcome, IngestPipeline, PreparedBatch
 from worker.records import KafkaRecord
 from worker.store.rollup import RollupStore
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 AssignedHook = Callable[[set[int]], Awaitable[None]]
 RevokedHook = Callable[[set[int]], Awaitable[None]]
 BatchHook = Callable[[BatchOutcome], Awaitable[None]]
-COMMIT_TIMEOUT_S = 5.0
 PRUNE_INTERVAL_S = 60.0
 
 
@@ -93,7 +92,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         self._in_flight: asyncio.Task[bool] | None = None
         self._in_flight_hashes: Collection[int] = ()
         self._revoking: set[int] = set()
-        self._level_commit: asyncio.Task[None] | None = None  # see on_partitions_assigned
+        self.commits = OffsetCommitter(topic, get_consumer)
         self._pruned_at = 0.0  # pipeline clock of the last pruning of the recent-hash cache
 
     def _still_owned(self, partition: int) -> bool:
@@ -108,6 +107,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         async with self._lock:
             await self._land()  # the write in flight lands (or is given up) before the partitions go
             self._revoking -= parts
+            self.commits.forget(parts)
             for p in parts:
                 self.owned.discard(p)
                 self.stored_offsets.pop(p, None)
@@ -140,10 +140,10 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             self.owned |= parts
             # Kafka's committed offsets lag the stored ones when a worker was killed between its
             # write and its commit; with no newer record on the partition nothing would commit
-            # again and the lag would show forever. Brought level from a task: a commit inside
-            # aiokafka's rebalance callback can wait on the rebalance it is part of.
-            if resumed := {p: stored[p] for p in parts if p in stored}:
-                self._level_commit = asyncio.create_task(self._commit(resumed), name="ingest-commit-stored")
+            # again and the lag would show forever. From a task: a commit inside aiokafka's
+            # rebalance callback can wait on the rebalance it is part of.
+            self.commits.forget(parts)
+            self.commits.level_soon(lambda: self.stored_offsets)
             log.info(
                 "assigned partitions %s of %s; resuming after stored offsets %s",
                 sorted(parts),
@@ -249,8 +249,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         """Wait for the write in flight, if any, to land (shutdown)."""
         async with self._lock:
             await self._land()
-        if self._level_commit is not None:
-            await self._level_commit  # bounded by COMMIT_TIMEOUT_S, never raises
+        await self.commits.close(lambda: self.stored_offsets)  # bounded by its timeout, never raises
 
     async def _land(self) -> bool:
         """Wait for the write in flight; False if that batch was abandoned. Caller holds the lock."""
@@ -277,8 +276,14 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             if self.pipeline.recent is not None:
                 self.pipeline.recent.add(*prepared.entries)
                 self._prune_recent()
-            self.stored_offsets.update(outcome.offsets)
-            await self._commit(outcome.offsets)
+            # Never backwards: records fetched before the seek of an assignment are handed over
+            # as a batch of their own, then read again after it (duplicates), so a later batch
+            # can end lower in a partition than the one before it.
+            for p, offset in outcome.offsets.items():
+                if offset > self.stored_offsets.get(p, -1):
+                    self.stored_offsets[p] = offset
+            if not await self.commits.level(self.stored_offsets):
+                self.commits.level_soon(lambda: self.stored_offsets)
         for hook in self.on_batch:
             try:
                 await hook(outcome)
@@ -315,22 +320,6 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             outcome.duplicates,
             outcome.write_seconds,
         )
-
-    async def _commit(self, offsets: dict[int, int]) -> None:
-        consumer = self.get_consumer()
-        if consumer is None or not offsets:
-            return
-        try:
-            # Bounded: aiokafka retries a commit until the group coordinator answers, and an
-            # advisory commit must not hold up the landing of later writes (or a shutdown).
-            await asyncio.wait_for(
-                consumer.commit(
-                    {TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "") for p, o in offsets.items()}
-                ),
-                COMMIT_TIMEOUT_S,
-            )
-        except Exception as exc:  # advisory only: ClickHouse holds the offsets that matter
-            log.warning("kafka offset commit failed (stored offsets are authoritative): %r", exc)
 
 
 def _triples(stored: list[tuple[str, int, list[str]]]) -> tuple[list[str], list[int], list[str]]:
