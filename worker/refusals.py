@@ -6,6 +6,8 @@ exit code 2); any other exception is a bug and stays a 500 / a traceback under D
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 
 class QueryRefused(ValueError):
     """The question cannot be answered as asked (a bad or too large range, a cap)."""
@@ -13,3 +15,18 @@ class QueryRefused(ValueError):
 
 class OutOfRange(QueryRefused):
     """A time the store cannot hold (ClickHouse ``DateTime``: 1970-01-01 .. 2106-02-07 UTC)."""
+
+
+class EmptyRange(QueryRefused):
+    """A range whose start is not before its end."""
+
+    def __init__(self, since: datetime, until: datetime, detail: str = "") -> None:
+        super().__init__(f"since ({iso(since)}) must be before until ({iso(until)}){detail}")
+
+
+def iso(value: datetime) -> str:
+    """A time for a message, in UTC (as given when UTC cannot hold it: year 1 with an offset)."""
+    try:
+        return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except OverflowError:
+        return value.isoformat(timespec="seconds")

@@ -56,8 +56,8 @@ from schemas.analytics import (
 )
 from schemas.decisions import Window
 from schemas.limits import LimitPolicy, PolicyBook
-from worker.analytics.queries import check_storable, iso, utc
-from worker.refusals import OutOfRange, QueryRefused
+from worker.analytics.queries import check_storable, utc
+from worker.refusals import EmptyRange, OutOfRange, iso
 from worker.store.rollup import rollup_table
 
 # "Unlimited" inside the SQL: far above any count a span can hold (counts there are Int64).
@@ -104,7 +104,7 @@ def span_of(request: BacktestRequest, now: datetime, minute_days: int) -> tuple[
     check_storable(utc(since), until)
     since = _minute_ceil(since)
     if since >= until:
-        raise QueryRefused(f"since ({iso(since)}) must be before until ({iso(until)}), in whole minutes")
+        raise EmptyRange(since, until, ", in whole minutes")
     oldest = minute_level_from(now, minute_days)
     if since < oldest:
         raise BeyondMinuteLevel(

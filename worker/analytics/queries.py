@@ -31,7 +31,7 @@ from schemas.decisions import DecisionAction, Window, month_bounds
 from schemas.limits import LimitPolicy
 from schemas.usage import Granularity, UsagePoint
 from worker.cli_args import EARLIEST, LATEST
-from worker.refusals import OutOfRange, QueryRefused
+from worker.refusals import EmptyRange, OutOfRange, QueryRefused, iso
 from worker.store.client import quote_identifier
 from worker.store.decisions import DecisionStore
 from worker.store.rollup import rollup_table
@@ -93,14 +93,6 @@ def window_level(since: datetime, until: datetime) -> tuple[Granularity, datetim
     return level, floor_to(since, level)
 
 
-def iso(value: datetime) -> str:
-    """A time for a message, in UTC (as given when UTC cannot hold it: year 1 with an offset)."""
-    try:
-        return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    except OverflowError:
-        return value.isoformat(timespec="seconds")
-
-
 def check_storable(since: datetime, until: datetime) -> None:
     """Refuse a range reaching outside what ClickHouse stores (it would fail there, as a 500)."""
     if since < EARLIEST:
@@ -117,7 +109,7 @@ def check_window(since: datetime, until: datetime, max_span: timedelta = MAX_TOP
         raise QueryRefused("times need a UTC offset (for example 2026-11-27T12:00:00Z)")
     check_storable(since, until)
     if since >= until:
-        raise QueryRefused(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
+        raise EmptyRange(since, until)
     if until - since > max_span:
         raise QueryRefused(f"window spans {until - since}; at most {max_span.days} days per query")
 

@@ -25,7 +25,7 @@ from schemas.limits import LimitPolicy, PolicyBook
 from worker.analytics.side_handle import SideHandle
 from worker.analytics.throttle import LoginThrottle, client_key
 from worker.cli_args import parse_duration
-from worker.refusals import OutOfRange, QueryRefused
+from worker.refusals import EmptyRange, OutOfRange, QueryRefused
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class QueryContext:
         end = until or self.clock()
         start = since or end - parse_duration(window or default)
         if start >= end:
-            raise HTTPException(400, f"since ({start.isoformat()}) must be before until ({end.isoformat()}).")
+            raise HTTPException(400, f"{EmptyRange(start, end)}.")
         if end - start > MAX_WINDOW:
             raise HTTPException(400, f"The window may span at most {MAX_WINDOW.days} days.")
         return start, end

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from schemas.decisions import WINDOW_SECONDS, Window
 from schemas.usage import Granularity
-from worker.refusals import QueryRefused
+from worker.refusals import EmptyRange, QueryRefused
 
 # The buckets are the limit windows (one table of lengths: schemas.decisions.WINDOW_SECONDS).
 STEP_SECONDS = {g: WINDOW_SECONDS[Window(g.value)] for g in Granularity}
@@ -30,7 +30,7 @@ def default_range(
     end = until or (now or datetime.now(UTC))
     start = since or end - DEFAULT_SPAN[granularity]
     if start >= end:
-        raise QueryRefused(f"since ({start.isoformat()}) must be before until ({end.isoformat()})")
+        raise EmptyRange(start, end)
     start = floor_to(start, granularity)
     points = (end - start).total_seconds() / STEP_SECONDS[granularity]
     if points > MAX_POINTS:
