@@ -11,6 +11,7 @@ the row it checked to the other (``RowExchange``), so a record is parsed and val
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from pydantic import ValidationError
 from schemas.decisions import WINDOW_SECONDS, Window
 from schemas.events import EVENT_ADAPTER, RequestEvent
 from worker.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # ``EVENT_ADAPTER.validate_json`` without the TypeAdapter's Python wrapper (measurably
 # cheaper on the hot path): the same core validator, schema, config and errors.
@@ -130,31 +133,31 @@ class Validator:
         dataclass: this runs once per event on the hot path."""
         value = record.value
         if value is None:
-            return self._reject(record, "empty_value", "message has no value (tombstone)")
+            return self.reject(record, "empty_value", "message has no value (tombstone)")
         if len(value) > self.max_event_bytes:
-            return self._reject(record, "oversized", f"{len(value)} bytes > limit {self.max_event_bytes}")
+            return self.reject(record, "oversized", f"{len(value)} bytes > limit {self.max_event_bytes}")
         try:
             event: RequestEvent = _validate_event_json(value)
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             kind = "invalid_json" if first["type"].startswith("json") else "schema_violation"
             where = ".".join(str(p) for p in first["loc"]) or "message"
-            return self._reject(record, kind, f"{where}: {first['msg']}"[:500])
+            return self.reject(record, kind, f"{where}: {first['msg']}"[:500])
         if record.key is None:
-            return self._reject(record, "missing_key", "message key must be the event's key_id")
+            return self.reject(record, "missing_key", "message key must be the event's key_id")
         if record.key != event["key_id"].encode():
             # The key decides the partition and so which worker counts the key: a
             # mismatch would count it on the wrong worker's window counters.
-            return self._reject(record, "key_mismatch", "message key differs from key_id")
+            return self.reject(record, "key_mismatch", "message key differs from key_id")
         epoch = event["ts"].timestamp()
         if epoch < now - self.max_age_seconds:
-            return self._reject(record, "ts_too_old", f"event time {event['ts'].isoformat()} is past the horizon")
+            return self.reject(record, "ts_too_old", f"event time {event['ts'].isoformat()} is past the horizon")
         if epoch > now + self.max_skew_seconds:
-            return self._reject(record, "ts_in_future", f"event time {event['ts'].isoformat()} is ahead of now")
+            return self.reject(record, "ts_in_future", f"event time {event['ts'].isoformat()} is ahead of now")
         return event, epoch
 
     @staticmethod
-    def _reject(record: KafkaRecord, reason: str, detail: str) -> Rejection:
+    def reject(record: KafkaRecord, reason: str, detail: str) -> Rejection:
         return Rejection(record.topic, record.partition, record.offset, reason, detail, record.key, record.value)
 
 
@@ -245,11 +248,17 @@ class RecordChecker:
             row = self.inbox.take(partition, offset)
             if row is not None:
                 return row
-        result = self.validator.check(record, now)
-        if isinstance(result, Rejection):
-            return result
-        event, epoch = result
-        row = event_row(partition, event, epoch, request_hash(event["key_id"], event["request_id"]))
+        try:
+            result = self.validator.check(record, now)
+            if isinstance(result, Rejection):
+                return result
+            event, epoch = result
+            row = event_row(partition, event, epoch, request_hash(event["key_id"], event["request_id"]))
+        except Exception as exc:
+            # A bug that some input trips must not stall the partition (the batch would be read
+            # again for ever): the record goes to the DLQ with the error, to replay once fixed.
+            log.error("checking %s[%d]@%d failed; dead-lettered", record.topic, partition, offset, exc_info=True)
+            return Validator.reject(record, "check_failed", f"{type(exc).__name__}: {exc}"[:500])
         if self.outbox is not None:
             self.outbox.put(partition, offset, row)  # ignored past its bound
         return row

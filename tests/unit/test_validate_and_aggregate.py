@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 import pyarrow as pa
 import pytest
 
-from schemas.events import dump_event, make_event
-from worker.ingest.pipeline import IngestPipeline, PreparedBatch
+from schemas.events import RequestEvent, dump_event, make_event
+from worker.ingest.pipeline import IngestPipeline, PreparedBatch, scan
 from worker.limits.fastlane import RecentRequests, group_batch
-from worker.records import RecordChecker, Rejection, Validator, request_hash
+from worker.records import KafkaRecord, RecordChecker, Rejection, Validator, request_hash
 from worker.settings import Settings
 from worker.store import rollup
 from worker.store.rollup import LEVELS, ROLLUP_SCHEMA
@@ -224,3 +224,25 @@ def test_recent_requests_forget_the_oldest_past_the_bound() -> None:
     assert len(recent) == 3
     assert recent.add(1)  # forgotten
     assert not recent.add(4)
+
+
+class TrippingValidator(Validator):
+    """A validator with a bug that one input trips (here: request ids starting with 'boom')."""
+
+    def check(self, record: KafkaRecord, now: float) -> tuple[RequestEvent, float] | Rejection:
+        if record.value is not None and b'"boom' in record.value:
+            raise KeyError("a bug")
+        return super().check(record, now)
+
+
+def test_a_record_that_trips_a_bug_is_dead_lettered_and_the_batch_goes_on() -> None:
+    checker = RecordChecker(TrippingValidator(2048, 24 * 3600, 300), None, None)
+    records = [record(2, 40 + i, request_id=rid) for i, rid in enumerate(["r1", "boom-1", "r2"])]
+    scanned = scan(records, checker, {}, (), NOW.timestamp())
+    assert [(r.offset, r.reason) for r in scanned.rejections] == [(41, "check_failed")]
+    assert scanned.rejections[0].detail == "KeyError: 'a bug'"
+    assert scanned.rejections[0].value == records[1].value  # the original bytes, to replay once fixed
+    assert scanned.aggregate.events == 2
+    assert scanned.aggregate.offsets == {2: 42}  # the partition moves past it
+    lane = group_batch(records, checker, RecentRequests(100), NOW.timestamp())
+    assert lane.counts == {(2, "k1", "", int(NOW.timestamp() - 30) // 60 * 60): 2}
