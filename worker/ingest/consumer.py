@@ -38,7 +38,7 @@ class IngestStats:
     consumed: int = 0
     counted: int = 0
     duplicates: int = 0
-    skipped_replayed: int = 0  # at or before the stored offset: written already
+    skipped_replayed: int = 0  # read again: written already, or in the write in flight
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> records dead-lettered
     handed_over_batches: int = 0  # handed over: their partitions moved to another worker first
     last_batch_at: float = 0.0  # monotonic time the last batch landed (readiness: progress)
@@ -91,6 +91,12 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         # request hashes it adds to the dedup memory (not stored until it lands).
         self._in_flight: asyncio.Task[bool] | None = None
         self._in_flight_hashes: Collection[int] = ()
+        # Last offset per partition taken into a batch whose write started (stored, or in
+        # flight): a record at or before it is a replay. Records aiokafka fetched from Kafka's
+        # lagging commit before an assignment's seek come as a batch of their own and are read
+        # again after the seek; the second copies are skipped here instead of deduplicated
+        # (and a bad record among them is not dead-lettered twice).
+        self._taken: dict[int, int] = {}
         self._revoking: set[int] = set()
         self.commits = OffsetCommitter(topic, get_consumer)
         self._pruned_at = 0.0  # pipeline clock of the last pruning of the recent-hash cache
@@ -111,6 +117,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             for p in parts:
                 self.owned.discard(p)
                 self.stored_offsets.pop(p, None)
+                self._taken.pop(p, None)
                 if self.pipeline.recent is not None:
                     self.pipeline.recent.revoke(p)
             if self.pipeline.exchange is not None:
@@ -134,9 +141,10 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.pipeline.exchange.forget(parts)  # a fresh start: nothing handed over before
             consumer = self.get_consumer()
             for p in sorted(parts):
+                self._taken.pop(p, None)
                 if p in stored and consumer is not None:
                     consumer.seek(TopicPartition(self.topic, p), stored[p] + 1)
-                    self.stored_offsets[p] = stored[p]
+                    self.stored_offsets[p] = self._taken[p] = stored[p]
             self.owned |= parts
             # Kafka's committed offsets lag the stored ones when a worker was killed between its
             # write and its commit; with no newer record on the partition nothing would commit
@@ -212,9 +220,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             if not mine:
                 return None
             try:
-                prepared = await self.pipeline.prepare(
-                    mine, self.stored_offsets, self._still_owned, self._in_flight_hashes
-                )
+                prepared = await self.pipeline.prepare(mine, self._taken, self._still_owned, self._in_flight_hashes)
             except BatchAbandoned as exc:
                 self.stats.handed_over_batches += 1
                 log.warning("batch handed over to the new owner: %s", exc)
@@ -231,6 +237,9 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
                 log.warning("batch handed over to the new owner: the batch before it was")
                 return None
             self._in_flight_hashes = prepared.hashes
+            for p, offset in prepared.outcome.offsets.items():
+                if offset > self._taken.get(p, -1):
+                    self._taken[p] = offset
             self._in_flight = asyncio.create_task(self._write_and_land(prepared, len(mine)), name="ingest-write")
             return prepared.outcome
 

@@ -74,7 +74,7 @@ class ScannedBatch:
     aggregate: BatchAggregate
     rejections: list[Rejection]
     duplicates: int  # repeated within the batch or in the write still in flight
-    replayed: int  # at or before the partition's stored offset: written already
+    replayed: int  # read again: written already, or in the write in flight
     hashes: set[int]  # request hashes of the events kept
 
 
@@ -156,7 +156,8 @@ class IngestPipeline:
     ) -> PreparedBatch:
         """Everything up to the insert: sort, dead-letter, dedup against the store, render rows.
 
-        ``stored_offsets``: last stored offset per partition; records at or before it are replays.
+        ``stored_offsets``: last offset per partition already written or in the write in flight;
+        records at or before it are replays.
         ``in_flight``: request hashes of the batch whose write has not landed yet; they are
         not in the stored dedup memory for sure, so they are checked here as well (a retry
         split across two consecutive batches is counted once).
