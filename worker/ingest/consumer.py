@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -237,9 +237,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
                 log.warning("batch handed over to the new owner: the batch before it was")
                 return None
             self._in_flight_hashes = prepared.hashes
-            for p, offset in prepared.outcome.offsets.items():
-                if offset > self._taken.get(p, -1):
-                    self._taken[p] = offset
+            advance(self._taken, prepared.outcome.offsets)
             self._in_flight = asyncio.create_task(self._write_and_land(prepared, len(mine)), name="ingest-write")
             return prepared.outcome
 
@@ -285,12 +283,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             if self.pipeline.recent is not None:
                 self.pipeline.recent.add(*prepared.entries)
                 self._prune_recent()
-            # Never backwards: records fetched before the seek of an assignment are handed over
-            # as a batch of their own, then read again after it (duplicates), so a later batch
-            # can end lower in a partition than the one before it.
-            for p, offset in outcome.offsets.items():
-                if offset > self.stored_offsets.get(p, -1):
-                    self.stored_offsets[p] = offset
+            advance(self.stored_offsets, outcome.offsets)
             if not await self.commits.level(self.stored_offsets):
                 self.commits.level_soon(lambda: self.stored_offsets)
         for hook in self.on_batch:
@@ -329,6 +322,15 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             outcome.duplicates,
             outcome.write_seconds,
         )
+
+
+def advance(held: dict[int, int], offsets: Mapping[int, int]) -> None:
+    """Move ``held`` (last offset per partition) up to ``offsets``, never back: a batch read
+    before an assignment's seek and the same records read after it could otherwise end a
+    partition lower than the batch before them (and commit that to Kafka)."""
+    for p, offset in offsets.items():
+        if offset > held.get(p, -1):
+            held[p] = offset
 
 
 def _triples(stored: list[tuple[str, int, list[str]]]) -> tuple[list[str], list[int], list[str]]:
