@@ -136,6 +136,27 @@ def describe(client: Any, database: str) -> dict[str, Any]:
     }
 
 
+def settle(client: Any, database: str, limit_s: float) -> tuple[int, float]:
+    """Hold the engine open until no merge of the rollup table has run for 30 s (at most
+    ``limit_s``): a fresh seed is dozens of parts, and queries over them do several times the work
+    of the same data merged (chDB merges only while a process has the engine open). Returns the
+    active parts then and the seconds waited."""
+    started = time.monotonic()
+    quiet_since = started
+    while time.monotonic() - started < limit_s:
+        running = client.query(
+            "SELECT count() FROM system.merges WHERE database = {db:String} AND table = 'usage_rollup'",
+            parameters={"db": database},
+        ).result_rows[0][0]
+        now = time.monotonic()
+        if running:
+            quiet_since = now
+        elif now - quiet_since >= 30:
+            break
+        time.sleep(1)
+    return describe(client, database)["parts"], time.monotonic() - started
+
+
 def timed(fn: Callable[[], object], runs: int) -> dict[str, float]:
     for _ in range(2):
         fn()
@@ -167,6 +188,13 @@ def main() -> None:
         action="store_true",
         help="--dir already holds a seeded run: time the queries only (seeding takes minutes)",
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before timing, wait up to this long for the seed's background merges to finish",
+    )
     args = parser.parse_args()
 
     directory = args.dir or Path(tempfile.mkdtemp(prefix="bench-queries-"))
@@ -188,6 +216,13 @@ def main() -> None:
         print(f"seeding {args.keys:,} keys, {args.events:,} requests over {DAYS} days into {directory} ...", flush=True)
         info = seed(client, db, args.keys, args.events, now)
     print(f"seeded in {info['seconds']:.1f} s: {info['parts']} parts, {info['disk']} on disk", flush=True)
+    settled = ""
+    if args.settle > 0:
+        parts_before = info["parts"]
+        parts_after, waited = settle(client, db, args.settle)
+        info = {**info, **describe(client, db)}
+        settled = f"; merges settled for {waited:.0f} s before timing: {parts_before} -> {parts_after} active parts"
+        print(settled[2:], flush=True)
     for level, (n, r) in info["rows"].items():
         print(f"  {level:12} {n:>12,} rows {r:>14,} requests")
 
@@ -244,11 +279,12 @@ def main() -> None:
         lines = [
             f"Run {now_utc()} on {m['cpu']} ({m['usable cpus']} usable CPUs, {m['ram']}), Python {m['python']}, "
             f"chdb {v['chdb']}, clickhouse-connect {v['clickhouse-connect']}. Command: "
-            f"`python -m bench.queries --keys {args.keys} --events {args.events} --runs {args.runs}`. Code measured: "
+            f"`python -m bench.queries --keys {args.keys} --events {args.events} --runs {args.runs}"
+            f"{' --reuse' if args.reuse else ''}{f' --settle {args.settle:g}' if args.settle else ''}`. Code measured: "
             f"commit {commit(*MEASURED)}.",
             "",
             f"Seed: {args.keys:,} keys, {args.events:,} requests over {DAYS} days written as rollup rows "
-            f"({seed_note}; {info['parts']} active parts, {info['disk']} on disk): "
+            f"({seed_note}{settled}; {info['parts']} active parts, {info['disk']} on disk): "
             + ", ".join(f"{lv} {n:,} rows" for lv, (n, _r) in info["rows"].items())
             + ".",
             "",
