@@ -470,7 +470,7 @@ STRUCTURES = {
     "block_expiry_heap": "blocks waiting for their end",
     "decision_versions": "last decision version per key (forgotten with the idle keys)",
     "allowance_versions": "last allowance version per key (forgotten with the idle keys)",
-    "latest_decisions": "newest decision per key seen on the decisions topic (dropped once it no longer matters, checked once a real minute)",
+    "latest_decisions": "newest decision per key seen on the decisions topic (dropped once settled)",
     "thresholds_fired": "keys with a threshold notified today (expired daily)",
     "nodes_seen": "nodes heard from within a minute",
     "fast_lane_recent": "fast lane's recent request hashes: "
