@@ -87,3 +87,7 @@ class Decision(BaseModel):
     source: Identifier = "worker"
     # From a shadow policy: nodes never refuse on it, they count what they would have refused.
     shadow: bool = False
+
+    def blocks_at(self, epoch: float) -> bool:
+        """A block in force at ``epoch`` (seconds): not yet run out, or an operator's without end."""
+        return self.action is DecisionAction.block and (self.until is None or self.until.timestamp() > epoch)

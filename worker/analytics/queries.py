@@ -27,7 +27,7 @@ from schemas.analytics import (
     UsageSeries,
     WindowState,
 )
-from schemas.decisions import DecisionAction, Window, month_bounds
+from schemas.decisions import Window, month_bounds
 from schemas.limits import LimitPolicy
 from schemas.usage import Granularity, UsagePoint
 from worker.cli_args import EARLIEST, LATEST
@@ -382,13 +382,7 @@ def key_state(
         )
     decisions = DecisionStore(client, database).history(key_id, limit=history)
     latest = decisions[0] if decisions else None
-    active = (
-        latest
-        if latest is not None
-        and latest.action is DecisionAction.block
-        and (latest.until is None or latest.until > as_of)
-        else None
-    )
+    active = latest if latest is not None and latest.blocks_at(as_of.timestamp()) else None
     return KeyState(
         key_id=key_id,
         account_id=str(account) or None,

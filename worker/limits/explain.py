@@ -25,7 +25,7 @@ def explain(
     lines = [f"key {key_id}: limits {_limits(policy)} ({source})"]
     if decision is None:
         lines.append("no block or unblock decision has ever been published for this key")
-    elif decision.action is DecisionAction.block and (decision.until is None or decision.until.timestamp() > now):
+    elif decision.blocks_at(now):
         left = "until an explicit unblock" if decision.until is None else f"until {decision.until.isoformat()}"
         by = "an operator" if decision.source == "operator" else "the worker that owns the key"
         lines.append(

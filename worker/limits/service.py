@@ -44,7 +44,7 @@ def still_matters(decision: Decision, now: float, unblock_memory_s: float) -> bo
     (the guards leave a key an operator unblocked alone for a guard block's length). A
     forgotten key behaves as one never decided on: nothing to restore, nothing to respect."""
     if decision.action is DecisionAction.block:
-        return decision.until is None or decision.until.timestamp() > now
+        return decision.blocks_at(now)
     return now - decision.decided_at.timestamp() < unblock_memory_s
 
 
