@@ -134,6 +134,8 @@ def divide(
     # A node not listed yet (traffic that just moved to it): an equal part, or when pooled,
     # the remainder minus what the listed nodes are expected to admit meanwhile.
     others = remaining // (len(nodes) + 1)
-    if pooled if pool_others is None else pool_others:
+    if pool_others is None:
+        pool_others = pooled
+    if pool_others:
         others = max(others, remaining - total_reserve)
     return Division(grants, others)
