@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from schemas.events import RequestEvent, dump_event, make_event
+from worker.ingest.aggregate import unrenderable
 from worker.ingest.pipeline import IngestPipeline, PreparedBatch, scan
 from worker.limits.fastlane import RecentRequests, group_batch
 from worker.records import KafkaRecord, RecordChecker, Rejection, Validator, request_hash
@@ -246,3 +247,45 @@ def test_a_record_that_trips_a_bug_is_dead_lettered_and_the_batch_goes_on() -> N
     assert scanned.aggregate.offsets == {2: 42}  # the partition moves past it
     lane = group_batch(records, checker, RecentRequests(100), NOW.timestamp())
     assert lane.counts == {(2, "k1", "", int(NOW.timestamp() - 30) // 60 * 60): 2}
+
+
+class OverflowingValidator(Validator):
+    """A check that lets one input through with a value the insert cannot hold (a bug the
+    rendering trips: request ids starting with 'huge' carry 2**70 bytes out)."""
+
+    def check(self, record: KafkaRecord, now: float) -> tuple[RequestEvent, float] | Rejection:
+        result = super().check(record, now)
+        if not isinstance(result, Rejection) and result[0]["request_id"].startswith("huge"):
+            result[0]["bytes_out"] = 2**70
+        return result
+
+
+def test_a_record_the_insert_cannot_hold_is_dead_lettered_and_the_batch_written() -> None:
+    dead: list[Rejection] = []
+
+    async def sink(rejection: Rejection, value: bytes, headers: object) -> None:
+        dead.append(rejection)
+
+    settings = Settings(events_topic="events", dedup_horizon_hours=72)
+    pipeline = IngestPipeline(settings, FakeStore(), sink, clock=NOW.timestamp)  # type: ignore[arg-type]
+    pipeline.checker = RecordChecker(OverflowingValidator(2048, 24 * 3600, 300), None, None)
+    ids = ["r1", "huge-1", "r2", "r3", "huge-2", "r4", "r5"]
+    records = [record(3, 10 + i, request_id=rid) for i, rid in enumerate(ids)]
+    prepared = asyncio.run(pipeline.prepare(records, {}, lambda p: True))
+    assert [(r.offset, r.reason) for r in dead] == [(11, "render_failed"), (14, "render_failed")]
+    assert dead[0].detail.startswith("OverflowError")
+    assert dead[0].value == records[1].value  # the original bytes, to replay once fixed
+    assert prepared.outcome.rejected == {"render_failed": 2}
+    assert prepared.outcome.counted == 5
+    assert prepared.outcome.offsets == {3: 16}  # the partition moves past them
+    assert prepared.rows is not None
+    minute = prepared.rows.filter(pa.compute.equal(prepared.rows.column("level"), LEVELS["minute"]))
+    assert sum(minute.column("requests").to_pylist()) == 5
+    assert request_hash("k1", "huge-1") not in prepared.hashes
+
+
+def test_rows_that_render_are_not_set_aside() -> None:
+    checker = RecordChecker(VALIDATOR, None, None)
+    scanned = scan([record(1, i, request_id=f"r{i}") for i in range(9)], checker, {}, (), NOW.timestamp())
+    assert scanned.aggregate.events == 9
+    assert unrenderable(scanned.aggregate.rows, "events") == []

@@ -72,6 +72,11 @@ class BatchAggregate:
         return len(self._rows)
 
     @property
+    def rows(self) -> list[EventRow]:
+        """The events, in order (less any ``drop`` removed)."""
+        return self._rows
+
+    @property
     def empty(self) -> bool:
         """No record at all: nothing to write, not even offsets."""
         return not self.offsets
@@ -183,6 +188,22 @@ class BatchAggregate:
             "kafka_partition": pa.array(partitions, pa.int64()),
             "last_offset": pa.array([self.offsets[p] for p in partitions], pa.int64()),
         }
+
+
+def unrenderable(rows: list[EventRow], topic: str) -> list[tuple[EventRow, str]]:
+    """The rows a batch cannot be rendered with, each with its error, found by halving (a few
+    renders per bad row; only after the whole batch failed to render). [] when every half
+    renders on its own: the failure is not one row's, and nothing is set aside for it."""
+    try:
+        probe = BatchAggregate(rows, {}, {})
+        probe.addresses()
+        probe.to_arrow(topic)
+        return []
+    except Exception as exc:  # whatever the input trips: what is isolated here is a bug's trigger
+        if len(rows) <= 1:
+            return [(row, f"{type(exc).__name__}: {exc}"[:500]) for row in rows]
+    middle = len(rows) // 2
+    return unrenderable(rows[:middle], topic) + unrenderable(rows[middle:], topic)
 
 
 def _floor(epochs: Any, step: int) -> Any:

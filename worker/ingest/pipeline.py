@@ -19,7 +19,7 @@ from typing import TypeVar
 import pyarrow as pa
 
 from common.retry import retry_forever
-from worker.ingest.aggregate import BatchAggregate
+from worker.ingest.aggregate import BatchAggregate, unrenderable
 from worker.ingest.client_ips import ClientAddressCounts
 from worker.ingest.dlq import dead_letter
 from worker.ingest.recent_hashes import RecentHashes
@@ -76,6 +76,8 @@ class ScannedBatch:
     duplicates: int  # repeated within the batch or in the write still in flight
     replayed: int  # read again: written already, or in the write in flight
     hashes: set[int]  # request hashes of the events kept
+    rows: list[EventRow]  # the events kept, as scanned (the aggregate's until it drops any)
+    kept: list[KafkaRecord]  # the record of each of them
 
 
 def scan(
@@ -93,6 +95,7 @@ def scan(
     last: dict[int, int] = {}
     first: dict[int, int] = {}
     rows: list[EventRow] = []
+    kept: list[KafkaRecord] = []
     rejections: list[Rejection] = []
     seen: set[int] = set()
     duplicates = replayed = 0
@@ -116,7 +119,8 @@ def scan(
             continue
         seen.add(digest)
         rows.append(row)
-    return ScannedBatch(BatchAggregate(rows, last, first), rejections, duplicates, replayed, seen)
+        kept.append(record)
+    return ScannedBatch(BatchAggregate(rows, last, first), rejections, duplicates, replayed, seen, rows, kept)
 
 
 class IngestPipeline:
@@ -164,13 +168,15 @@ class IngestPipeline:
         """
         scanned = scan(records, self.checker, stored_offsets, in_flight, self.clock())
         outcome = BatchOutcome(duplicates=scanned.duplicates, skipped_replayed=scanned.replayed)
+        batch = scanned.aggregate
+        rows, stored = await self._render(scanned, still_owned) if not batch.empty else (None, 0)
+        # Dead letters after the rendering: a batch that fails before its write is read again,
+        # and its rejections would be published again each time.
         for rejection in scanned.rejections:
             outcome.rejected[rejection.reason] = outcome.rejected.get(rejection.reason, 0) + 1
         await self._dead_letter(scanned.rejections)
-        batch = scanned.aggregate
-        if batch.empty:
+        if rows is None:
             return PreparedBatch(outcome, None, "", scanned.hashes, ((), (), ()))
-        rows, stored = await self._render_new(batch, still_owned)
         outcome.duplicates += stored
         outcome.counted = batch.events
         outcome.offsets = dict(batch.offsets)
@@ -185,6 +191,28 @@ class IngestPipeline:
         for rejection in rejections:
             value, headers = dead_letter(rejection)
             await self.dead_letters(rejection, value, headers)
+
+    async def _render(self, scanned: ScannedBatch, still_owned: StillOwned) -> tuple[pa.Table, int]:
+        """``_render_new``; if that fails, the rows that cannot be rendered are dead-lettered
+        (``render_failed``) and the rest rendered: a bug some input trips must not stall the
+        partition, its batch read again for ever. A failure no row explains is raised."""
+        batch = scanned.aggregate
+        try:
+            return await self._render_new(batch, still_owned)
+        except BatchAbandoned:
+            raise
+        except Exception:
+            bad = unrenderable(batch.rows, self.topic)
+            if not bad:
+                raise
+            log.exception("rendering a batch failed; dead-lettering the %d records that trip it", len(bad))
+        record_of = {row[ROW_HASH]: record for row, record in zip(scanned.rows, scanned.kept, strict=True)}
+        for row, error in bad:
+            scanned.rejections.append(Validator.reject(record_of[row[ROW_HASH]], "render_failed", error))
+        dropped = {row[ROW_HASH] for row, _ in bad}
+        batch.drop(dropped)
+        scanned.hashes -= dropped  # not counted: a retry of the request is not a duplicate of it
+        return await self._render_new(batch, still_owned)
 
     async def _render_new(self, batch: BatchAggregate, still_owned: StillOwned) -> tuple[pa.Table, int]:
         """The batch's rows without the events the dedup memory holds already, and how many
