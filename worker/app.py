@@ -44,10 +44,12 @@ log = logging.getLogger("worker")
 
 
 # After start-up: objects alive then (modules, clients, settings) are frozen out of the cyclic
-# GC, and gen0 runs every 50k allocations instead of 700. A 20k-record batch holds ~100k
+# GC, and gen0 runs every 500k net allocations instead of 700. A 20k-record batch holds ~100k
 # tracked objects; with the defaults the collector rescanned them (and everything else)
-# dozens of times per batch: ~9 s per 1M events, a quarter of the worker's time.
-GC_THRESHOLDS = (50_000, 20, 100)
+# dozens of times per batch: ~9 s per 1M events, a quarter of the worker's time; at 50k it
+# still caught each batch alive (~1.5 s per 1M; 500k: 0.1-0.3 s, bench/results.md). Only
+# cyclic garbage waits for it: the rest is freed by reference counting.
+GC_THRESHOLDS = (500_000, 20, 100)
 
 
 def tune_gc() -> None:
