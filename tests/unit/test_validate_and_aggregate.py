@@ -289,3 +289,18 @@ def test_rows_that_render_are_not_set_aside() -> None:
     scanned = scan([record(1, i, request_id=f"r{i}") for i in range(9)], checker, {}, (), NOW.timestamp())
     assert scanned.aggregate.events == 9
     assert unrenderable(scanned.aggregate.rows, "events") == []
+
+
+def test_a_render_failure_every_row_trips_is_not_blamed_on_the_input() -> None:
+    dead: list[Rejection] = []
+
+    async def sink(rejection: Rejection, value: bytes, headers: object) -> None:
+        dead.append(rejection)
+
+    settings = Settings(events_topic="events", dedup_horizon_hours=72)
+    pipeline = IngestPipeline(settings, FakeStore(), sink, clock=NOW.timestamp)  # type: ignore[arg-type]
+    pipeline.checker = RecordChecker(OverflowingValidator(2048, 24 * 3600, 300), None, None)
+    records = [record(3, 10 + i, request_id=f"huge-{i}") for i in range(3)]
+    with pytest.raises(OverflowError):  # the batch is read again (and the code fixed), not dead-lettered
+        asyncio.run(pipeline.prepare(records, {}, lambda p: True))
+    assert dead == []

@@ -195,7 +195,9 @@ class IngestPipeline:
     async def _render(self, scanned: ScannedBatch, still_owned: StillOwned) -> tuple[pa.Table, int]:
         """``_render_new``; if that fails, the rows that cannot be rendered are dead-lettered
         (``render_failed``) and the rest rendered: a bug some input trips must not stall the
-        partition, its batch read again for ever. A failure no row explains is raised."""
+        partition, its batch read again for ever. A failure no row explains is raised, and so
+        is one every row trips: that is the code's (or the schema's), not the input's, and the
+        traffic must wait for the fix rather than all go to the DLQ."""
         batch = scanned.aggregate
         try:
             return await self._render_new(batch, still_owned)
@@ -203,7 +205,7 @@ class IngestPipeline:
             raise
         except Exception:
             bad = unrenderable(batch.rows, self.topic)
-            if not bad:
+            if not bad or len(bad) == batch.events:
                 raise
             log.exception("rendering a batch failed; dead-lettering the %d records that trip it", len(bad))
         record_of = {row[ROW_HASH]: record for row, record in zip(scanned.rows, scanned.kept, strict=True)}
