@@ -100,8 +100,8 @@ class FakeStore:
         return set()
 
 
-def prepare(records: list[Rec], now: datetime = NOW) -> PreparedBatch:
-    """The production path up to the insert: IngestPipeline.prepare with a fake store."""
+def pipeline_with(validator: Validator | None = None, now: datetime = NOW) -> tuple[IngestPipeline, list[Rejection]]:
+    """The production pipeline with a fake store, and the list its dead letters go to."""
     dead: list[Rejection] = []
 
     async def sink(rejection: Rejection, value: bytes, headers: object) -> None:
@@ -109,6 +109,14 @@ def prepare(records: list[Rec], now: datetime = NOW) -> PreparedBatch:
 
     settings = Settings(events_topic="events", dedup_horizon_hours=72)
     pipeline = IngestPipeline(settings, FakeStore(), sink, clock=now.timestamp)  # type: ignore[arg-type]
+    if validator is not None:
+        pipeline.checker = RecordChecker(validator, None, None)
+    return pipeline, dead
+
+
+def prepare(records: list[Rec], now: datetime = NOW) -> PreparedBatch:
+    """The production path up to the insert: IngestPipeline.prepare with a fake store."""
+    pipeline, _ = pipeline_with(now=now)
     return asyncio.run(pipeline.prepare(records, {}, lambda p: True))
 
 
@@ -261,14 +269,7 @@ class OverflowingValidator(Validator):
 
 
 def test_a_record_the_insert_cannot_hold_is_dead_lettered_and_the_batch_written() -> None:
-    dead: list[Rejection] = []
-
-    async def sink(rejection: Rejection, value: bytes, headers: object) -> None:
-        dead.append(rejection)
-
-    settings = Settings(events_topic="events", dedup_horizon_hours=72)
-    pipeline = IngestPipeline(settings, FakeStore(), sink, clock=NOW.timestamp)  # type: ignore[arg-type]
-    pipeline.checker = RecordChecker(OverflowingValidator(2048, 24 * 3600, 300), None, None)
+    pipeline, dead = pipeline_with(OverflowingValidator(2048, 24 * 3600, 300))
     ids = ["r1", "huge-1", "r2", "r3", "huge-2", "r4", "r5"]
     records = [record(3, 10 + i, request_id=rid) for i, rid in enumerate(ids)]
     prepared = asyncio.run(pipeline.prepare(records, {}, lambda p: True))
@@ -292,14 +293,7 @@ def test_rows_that_render_are_not_set_aside() -> None:
 
 
 def test_a_render_failure_every_row_trips_is_not_blamed_on_the_input() -> None:
-    dead: list[Rejection] = []
-
-    async def sink(rejection: Rejection, value: bytes, headers: object) -> None:
-        dead.append(rejection)
-
-    settings = Settings(events_topic="events", dedup_horizon_hours=72)
-    pipeline = IngestPipeline(settings, FakeStore(), sink, clock=NOW.timestamp)  # type: ignore[arg-type]
-    pipeline.checker = RecordChecker(OverflowingValidator(2048, 24 * 3600, 300), None, None)
+    pipeline, dead = pipeline_with(OverflowingValidator(2048, 24 * 3600, 300))
     records = [record(3, 10 + i, request_id=f"huge-{i}") for i in range(3)]
     with pytest.raises(OverflowError):  # the batch is read again (and the code fixed), not dead-lettered
         asyncio.run(pipeline.prepare(records, {}, lambda p: True))
