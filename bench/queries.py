@@ -136,11 +136,11 @@ def describe(client: Any, database: str) -> dict[str, Any]:
     }
 
 
-def settle(client: Any, database: str, limit_s: float) -> tuple[int, float]:
+def settle(client: Any, database: str, limit_s: float) -> tuple[dict[str, Any], float]:
     """Hold the engine open until no merge of the rollup table has run for 30 s (at most
     ``limit_s``): a fresh seed is dozens of parts, and queries over them do several times the work
     of the same data merged (chDB merges only while a process has the engine open). Returns the
-    active parts then and the seconds waited."""
+    store's description then (``describe``) and the seconds waited."""
     started = time.monotonic()
     quiet_since = started
     while time.monotonic() - started < limit_s:
@@ -154,7 +154,7 @@ def settle(client: Any, database: str, limit_s: float) -> tuple[int, float]:
         elif now - quiet_since >= 30:
             break
         time.sleep(1)
-    return describe(client, database)["parts"], time.monotonic() - started
+    return describe(client, database), time.monotonic() - started
 
 
 def timed(fn: Callable[[], object], runs: int) -> dict[str, float]:
@@ -219,9 +219,9 @@ def main() -> None:
     settled = ""
     if args.settle > 0:
         parts_before = info["parts"]
-        parts_after, waited = settle(client, db, args.settle)
-        info = {**info, **describe(client, db)}
-        settled = f"; merges settled for {waited:.0f} s before timing: {parts_before} -> {parts_after} active parts"
+        settled_info, waited = settle(client, db, args.settle)
+        info = {**info, **settled_info}
+        settled = f"; merges settled for {waited:.0f} s before timing: {parts_before} -> {info['parts']} active parts"
         print(settled[2:], flush=True)
     for level, (n, r) in info["rows"].items():
         print(f"  {level:12} {n:>12,} rows {r:>14,} requests")

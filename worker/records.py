@@ -20,6 +20,7 @@ from typing import Final, Protocol
 import xxhash
 from pydantic import ValidationError
 
+from common.retry import describe_error
 from schemas.decisions import WINDOW_SECONDS, Window
 from schemas.events import EVENT_ADAPTER, RequestEvent
 from worker.settings import Settings
@@ -258,7 +259,7 @@ class RecordChecker:
             # A bug that some input trips must not stall the partition (the batch would be read
             # again for ever): the record goes to the DLQ with the error, to replay once fixed.
             log.error("checking %s[%d]@%d failed; dead-lettered", record.topic, partition, offset, exc_info=True)
-            return Validator.reject(record, "check_failed", f"{type(exc).__name__}: {exc}"[:500])
+            return Validator.reject(record, "check_failed", describe_error(exc)[:500])
         if self.outbox is not None:
             self.outbox.put(partition, offset, row)  # ignored past its bound
         return row

@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from common.retry import describe_error
 from schemas.decisions import WINDOW_SECONDS, Window
 from worker.records import EVENT_FIELDS, ROW_HASH, EventRow
 from worker.store import rollup
@@ -201,7 +202,7 @@ def unrenderable(rows: list[EventRow], topic: str) -> list[tuple[EventRow, str]]
         return []
     except Exception as exc:  # whatever the input trips: what is isolated here is a bug's trigger
         if len(rows) <= 1:
-            return [(row, f"{type(exc).__name__}: {exc}"[:500]) for row in rows]
+            return [(row, describe_error(exc)[:500]) for row in rows]
     middle = len(rows) // 2
     return unrenderable(rows[:middle], topic) + unrenderable(rows[middle:], topic)
 
