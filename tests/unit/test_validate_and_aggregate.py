@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from schemas.events import RequestEvent, dump_event, make_event
-from worker.ingest.aggregate import unrenderable
+from worker.ingest.aggregate import BatchAggregate, renders_typical_event, unrenderable
 from worker.ingest.pipeline import IngestPipeline, PreparedBatch, scan
 from worker.limits.fastlane import RecentRequests, group_batch
 from worker.records import KafkaRecord, RecordChecker, Rejection, Validator, request_hash
@@ -292,9 +292,33 @@ def test_rows_that_render_are_not_set_aside() -> None:
     assert unrenderable(scanned.aggregate.rows, "events") == []
 
 
-def test_a_render_failure_every_row_trips_is_not_blamed_on_the_input() -> None:
+def test_a_batch_of_nothing_but_bad_rows_is_dead_lettered_and_the_partition_moves_on() -> None:
+    # One poison record alone in a quiet moment: every row of its batch fails, but a typical
+    # valid event renders, so the input is at fault (it used to be read again until a valid
+    # record shared its batch).
     pipeline, dead = pipeline_with(OverflowingValidator(2048, 24 * 3600, 300))
-    records = [record(3, 10 + i, request_id=f"huge-{i}") for i in range(3)]
-    with pytest.raises(OverflowError):  # the batch is read again (and the code fixed), not dead-lettered
+    records = [record(3, 10 + i, request_id=f"huge-{i}") for i in range(2)]
+    prepared = asyncio.run(pipeline.prepare(records, {}, lambda p: True))
+    assert [(r.offset, r.reason) for r in dead] == [(10, "render_failed"), (11, "render_failed")]
+    assert prepared.outcome.counted == 0
+    assert prepared.outcome.offsets == {3: 11}
+    assert prepared.rows is not None
+    assert prepared.rows.column("level").to_pylist() == [LEVELS["offset"]]  # only the offsets move
+
+
+def test_a_render_failure_every_row_and_a_typical_event_trip_is_not_blamed_on_the_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: BatchAggregate, topic: str, client_ips: object = None) -> pa.Table:
+        raise TypeError("a bug in the rendering")
+
+    monkeypatch.setattr(BatchAggregate, "to_arrow", broken)
+    pipeline, dead = pipeline_with()
+    records = [record(3, 10 + i, request_id=f"r{i}") for i in range(3)]
+    with pytest.raises(TypeError):  # the batch is read again (and the code fixed), not dead-lettered
         asyncio.run(pipeline.prepare(records, {}, lambda p: True))
     assert dead == []
+
+
+def test_the_typical_event_renders() -> None:
+    assert renders_typical_event("events")

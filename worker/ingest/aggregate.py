@@ -11,7 +11,8 @@ import pyarrow.compute as pc
 
 from common.retry import describe_error
 from schemas.decisions import WINDOW_SECONDS, Window
-from worker.records import EVENT_FIELDS, ROW_HASH, EventRow
+from schemas.events import make_event
+from worker.records import EVENT_FIELDS, ROW_HASH, EventRow, event_row
 from worker.store import rollup
 
 _HOUR = WINDOW_SECONDS[Window.hour]
@@ -205,6 +206,33 @@ def unrenderable(rows: list[EventRow], topic: str) -> list[tuple[EventRow, str]]
             return [(row, describe_error(exc)[:500]) for row in rows]
     middle = len(rows) // 2
     return unrenderable(rows[:middle], topic) + unrenderable(rows[middle:], topic)
+
+
+# A valid event with every optional field set: what any batch of good input looks like to
+# the rendering. If it renders while every row of a batch fails, the rows are at fault.
+_TYPICAL_EVENT = make_event(
+    request_id="typical",
+    key_id="k_typical",
+    node_id="node-typical",
+    method="GET",
+    endpoint="/v1/typical",
+    status=200,
+    ts="2026-01-01T00:00:00Z",
+    account_id="acct-typical",
+    latency_ms=12.5,
+    client_ip="192.0.2.1",
+    bytes_out=1024,
+    cost=2,
+    route="typical",
+    node_counts=[1, 1, 1],
+)
+
+
+def renders_typical_event(topic: str) -> bool:
+    """Whether a typical valid event renders: tells a batch whose every row trips the
+    rendering (the input's fault) from a rendering that fails on anything (the code's)."""
+    epoch = _TYPICAL_EVENT["ts"].timestamp()
+    return not unrenderable([event_row(0, _TYPICAL_EVENT, epoch, 1)], topic)
 
 
 def _floor(epochs: Any, step: int) -> Any:

@@ -19,7 +19,7 @@ from typing import TypeVar
 import pyarrow as pa
 
 from common.retry import retry_forever
-from worker.ingest.aggregate import BatchAggregate, unrenderable
+from worker.ingest.aggregate import BatchAggregate, renders_typical_event, unrenderable
 from worker.ingest.client_ips import ClientAddressCounts
 from worker.ingest.dlq import dead_letter
 from worker.ingest.recent_hashes import RecentHashes
@@ -196,8 +196,10 @@ class IngestPipeline:
         """``_render_new``; if that fails, the rows that cannot be rendered are dead-lettered
         (``render_failed``) and the rest rendered: a bug some input trips must not stall the
         partition, its batch read again for ever. A failure no row explains is raised, and so
-        is one every row trips: that is the code's (or the schema's), not the input's, and the
-        traffic must wait for the fix rather than all go to the DLQ."""
+        is one every row trips while a typical valid event fails too: that is the code's (or
+        the schema's), not the input's, and the traffic must wait for the fix rather than all
+        go to the DLQ. (A batch of nothing but bad rows, e.g. one poison record in a quiet
+        moment, is dead-lettered: the typical event renders.)"""
         batch = scanned.aggregate
         try:
             return await self._render_new(batch, still_owned)
@@ -205,7 +207,7 @@ class IngestPipeline:
             raise
         except Exception:
             bad = unrenderable(batch.rows, self.topic)
-            if not bad or len(bad) == batch.events:
+            if not bad or (len(bad) == batch.events and not renders_typical_event(self.topic)):
                 raise
             log.exception("rendering a batch failed; dead-lettering the %d records that trip it", len(bad))
         record_of = {row[ROW_HASH]: record for row, record in zip(scanned.rows, scanned.kept, strict=True)}
