@@ -85,6 +85,56 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process from /proc (0 if unavailable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def system_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine from /proc/stat (0, 0 if unavailable)."""
+    try:
+        values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return float(sum(values) - idle), float(sum(values))
+
+
+def broker_pid(bootstrap: str) -> int | None:
+    """The pid of the broker ``infra/kafka/kafka.sh`` started for a local ``bootstrap``
+    (its pid file under ``.data/kafka-<port>``), or None (a remote or foreign broker)."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    if host not in ("127.0.0.1", "localhost"):
+        return None
+    try:
+        pid = int((BENCH_DIR.parent / ".data" / f"kafka-{port}" / "broker.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+class CpuMeter:
+    """Core-seconds spent by the whole machine and by one other process (e.g. the broker)
+    between ``start`` and ``stop``, from /proc."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.machine = 0.0
+        self.process: float | None = None
+        self._at: tuple[float, float] = (0.0, 0.0)
+
+    def start(self) -> None:
+        self._at = (system_cpu()[0], cpu_seconds(self.pid) if self.pid else 0.0)
+
+    def stop(self) -> None:
+        self.machine = (system_cpu()[0] - self._at[0]) / os.sysconf("SC_CLK_TCK")
+        self.process = cpu_seconds(self.pid) - self._at[1] if self.pid else None
+
+
 def now_utc() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 

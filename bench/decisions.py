@@ -63,7 +63,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from bench.common import BENCH_DIR, machine, now_utc, replace_block, versions
+from bench.common import BENCH_DIR, cpu_seconds, machine, now_utc, replace_block, system_cpu, versions
 from common import kafka_clients
 from node.decision_cache import DecisionCache
 from node.reporter import UsageReporter
@@ -320,25 +320,6 @@ async def stop_worker(proc: asyncio.subprocess.Process, pump: asyncio.Task[None]
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(pump, 5)
     return proc.returncode if proc.returncode is not None else -1
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process from /proc (0 if unavailable)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def system_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine from /proc/stat (0, 0 if unavailable)."""
-    try:
-        values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return float(sum(values) - idle), float(sum(values))
 
 
 def loadavg() -> str:

@@ -33,6 +33,7 @@ import contextlib
 import cProfile
 import gc
 import logging
+import os
 import pstats
 import random
 import shutil
@@ -52,6 +53,8 @@ from aiokafka.partitioner import murmur2
 
 from bench.common import (
     BENCH_DIR,
+    CpuMeter,
+    broker_pid,
     commit,
     machine,
     now_utc,
@@ -260,8 +263,9 @@ class Drain:
 
 
 class _MarkAssigned(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self) -> None:
+    def __init__(self, cpu: CpuMeter) -> None:
         self.at: float | None = None
+        self.cpu = cpu
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         pass
@@ -269,10 +273,13 @@ class _MarkAssigned(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         if assigned and self.at is None:
             self.at = time.perf_counter()
+            self.cpu.start()
 
 
-async def drain_bare(kafka: KafkaTarget, topic: str, n: int, group: str, stall_seconds: float = 60.0) -> Drain:
-    """Time from partition assignment (consumption can start) to the last record in hand."""
+async def drain_bare(
+    kafka: KafkaTarget, topic: str, n: int, group: str, cpu: CpuMeter, stall_seconds: float = 60.0
+) -> Drain:
+    """Time (and ``cpu``) from partition assignment (consumption can start) to the last record in hand."""
     consumer = kafka_clients.consumer(
         kafka,
         group_id=group,
@@ -280,7 +287,7 @@ async def drain_bare(kafka: KafkaTarget, topic: str, n: int, group: str, stall_s
         enable_auto_commit=False,
         **FETCH,
     )
-    assigned = _MarkAssigned()
+    assigned = _MarkAssigned(cpu)
     consumer.subscribe([topic], listener=assigned)
     await consumer.start()
     count = touched = 0
@@ -301,11 +308,12 @@ async def drain_bare(kafka: KafkaTarget, topic: str, n: int, group: str, stall_s
                     touched += len(msg.value)
                 count += len(msgs)
         done = time.perf_counter()
+        cpu.stop()
     finally:
         await consumer.stop()
     assert assigned.at is not None
     assert first is not None
-    return Drain(count, done - assigned.at, {"bytes": touched, "first_batch_after": first - assigned.at})
+    return Drain(count, done - assigned.at, {"bytes": touched, "first_batch_after": first - assigned.at, "cpu": cpu})
 
 
 # Phase (ii): the worker ----------------------------------------------------------------------
@@ -411,8 +419,15 @@ def profiling(kind: str, out: Path) -> Any:
 
 
 async def drain_worker(
-    settings: Settings, n: int, profile: str, gc_mode: str, gen0: int | None = None, stall_seconds: float = 120.0
+    settings: Settings,
+    n: int,
+    profile: str,
+    gc_mode: str,
+    gen0: int | None = None,
+    stall_seconds: float = 120.0,
+    cpu: CpuMeter | None = None,
 ) -> Drain:
+    cpu = cpu or CpuMeter(None)
     client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
     migrate(client, settings)
     # as WorkerRuntime.open builds it: a second client for the dedup lookups
@@ -434,12 +449,14 @@ async def drain_worker(
         assert runtime.consumer is not None
         if runtime.consumer.stats.consumed >= n and done_at is None:
             done_at = time.perf_counter()
+            cpu.stop()
             finished.set()
 
     async def on_assigned(_: set[int]) -> None:
         nonlocal assigned_at
         if assigned_at is None:
             assigned_at = time.perf_counter()
+            cpu.start()
 
     def instrument() -> None:
         consumer = runtime.consumer
@@ -502,6 +519,7 @@ async def drain_worker(
             "gc": gc_timer.summary(),
             "cpu_main": cpu_main,
             "cpu_process": cpu_process,
+            "cpu": cpu,
             "stats": stats,
             "store": store,
             "handle_seconds": handle_seconds,
@@ -547,6 +565,24 @@ async def delete_topics(kafka: KafkaTarget, names: list[str]) -> None:
         await admin.close()
 
 
+def cpu_budget(bare: Drain, worker: Drain) -> str:
+    """Core-seconds per 1M events each drain cost the whole machine and the broker, against
+    what the target leaves (150,000 events/s on this machine's cores)."""
+    cores = os.cpu_count() or 1
+    budget = cores * 1_000_000 / 150_000
+
+    def per_million(drain: Drain) -> str:
+        meter: CpuMeter = drain.extra["cpu"]
+        scale = 1_000_000 / drain.records
+        broker = f" (broker {meter.process * scale:.1f})" if meter.process is not None else " (broker: not found)"
+        return f"{meter.machine * scale:.1f}{broker}"
+
+    return (
+        f"CPU per 1M events, whole machine in core-seconds: bare consumer {per_million(bare)}, "
+        f"worker {per_million(worker)}; the target leaves {budget:.1f} ({cores} cores at 150,000 events/s)."
+    )
+
+
 def fmt_rate(x: float) -> str:
     return f"{x:,.0f}"
 
@@ -586,6 +622,7 @@ def report_block(args: argparse.Namespace, pre: Preload, bare: Drain, worker: Dr
         f"({store.writes} inserts), dedup lookup {store.seen_seconds:.2f}s; cyclic GC {worker.extra['gc']}; "
         f"CPU: event-loop thread {worker.extra['cpu_main']:.2f}s, whole process {worker.extra['cpu_process']:.2f}s "
         "(2 cores shared with the broker).",
+        f"- {cpu_budget(bare, worker)}",
         "- Worker memory (process RSS incl. chDB engine and fetch buffers): "
         f"before {worker.extra['rss_before'] / mib:.0f} MiB, "
         f"delta after drain {worker.extra['rss_delta'] / mib:+.0f} MiB"
@@ -631,10 +668,11 @@ async def main_async(args: argparse.Namespace) -> int:
         last_offsets = {p: len(r) - 1 for p, r in pre.partitions.items() if r}
         pre.partitions.clear()  # the worker's memory is measured next: drop the pre-built values
 
-        bare = await drain_bare(settings, settings.events_topic, args.events, f"bench-bare-{run}")
+        broker = broker_pid(bootstrap)
+        bare = await drain_bare(settings, settings.events_topic, args.events, f"bench-bare-{run}", CpuMeter(broker))
         print(f"bare aiokafka consumer: {bare.records:,} in {bare.seconds:.2f}s = {fmt_rate(bare.rate)} events/s")
 
-        worker = await drain_worker(settings, args.events, args.profile, args.gc, args.gc_gen0)
+        worker = await drain_worker(settings, args.events, args.profile, args.gc, args.gc_gen0, cpu=CpuMeter(broker))
         stats = worker.extra["stats"]
         dlq = sum(stats.rejected.values())
         if stats.counted != args.events - dlq - stats.duplicates:
@@ -655,6 +693,7 @@ async def main_async(args: argparse.Namespace) -> int:
             f"worker RSS delta {worker.extra['rss_delta'] / 2**20:+.0f} MiB"
             + (f", peak {peak / 2**20:+.0f} MiB" if (peak := worker.extra["peak_delta"]) is not None else "")
         )
+        print(cpu_budget(bare, worker))
         print("verified: ClickHouse minute/hour/day sum(requests) == events counted; stored offsets == last offsets")
         if args.profile != "none" or args.no_write:
             print("(results file not written: profiled or --no-write run)")
