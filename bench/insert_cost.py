@@ -1,0 +1,210 @@
+"""What the embedded engine's side of ingest costs in CPU: the worker's inserts into chDB and
+the merges they cause, per 1M events, with the parts of one insert taken out in turn (issue
+11, item 1: where the ~7–8 core-seconds per 1M events outside the worker's event-loop thread
+go, against the 13.3 the 150,000 events/s target leaves on 2 cores).
+
+    .venv/bin/python -m bench.insert_cost [--events 1000000] [--keys 100000] [--no-write]
+
+The inserts are the worker's own: ``bench.ingest``'s events, cut into fetch-like batches of
+``--batch`` records (every partition's records in offset order), checked and aggregated by
+the ingest path's ``scan`` and rendered by ``BatchAggregate.to_arrow`` (address counts
+included), all before the clock starts. Each variant then writes the same tables into a
+fresh database of one chDB engine, one insert per batch as ``RollupStore.write`` does, and
+waits until no merge runs; the process's CPU time (every thread: the insert's and the
+background merges') is measured over the inserts and over that wait. Variants:
+
+- ``as migrated``: the table the migrations build (the ``by_bucket`` projection included);
+- ``without the projection``: the same table after ``DROP PROJECTION by_bucket``;
+- ``without the dedup rows``: as migrated, the dedup memory's rows left out of each insert;
+- ``collapsing rows on insert``: as migrated, with the engine's default ``optimize_on_insert=1``
+  instead of the worker's 0 (``worker.store.rollup.INSERT_SETTINGS``).
+
+The last three are measurements, not modes of the product: the projection serves the analytics
+queries, the dedup rows the exactly-once guarantee; the fourth is the setting before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bench.common import commit, environment_lines, now_utc, replace_block
+from bench.ingest import generate
+from worker.ingest.client_ips import ClientAddressCounts
+from worker.ingest.pipeline import scan
+from worker.records import RecordChecker, Validator
+from worker.settings import Settings
+from worker.store.client import connect, settings_for_insert
+from worker.store.migrations import migrate
+from worker.store.rollup import CLIENT_IPS_CAP, LEVELS, RollupStore
+
+TOPIC = "bench.events"
+MERGE_QUIET_S = 2.0  # no merge seen for this long: the engine is done with the inserts
+MERGE_WAIT_MAX_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
+
+
+@dataclass
+class Batch:
+    table: pa.Table
+    token: str
+    events: int
+
+
+@dataclass
+class Cost:
+    variant: str
+    insert_cpu: float
+    insert_wall: float
+    merge_cpu: float
+    merge_wall: float
+    rows: int
+    parts: int
+
+
+def batches(events: int, keys: int, partitions: int, size: int) -> Iterator[Batch]:
+    """The worker's inserts for ``events`` generated events, as its ingest path renders them."""
+    now = time.time()
+    preload = generate(events, keys, partitions, 42, now)
+    checker = RecordChecker(Validator.from_settings(Settings()), None, None)
+    addresses = ClientAddressCounts(CLIENT_IPS_CAP)
+    per_partition = size // partitions
+    longest = max(len(records) for records in preload.partitions.values())
+    for start in range(0, longest, per_partition):
+        records = [
+            _Record(TOPIC, p, offset, key, value)
+            for p, pairs in preload.partitions.items()
+            for offset, (key, value) in enumerate(pairs[start : start + per_partition], start)
+        ]
+        scanned = scan(records, checker, {}, (), now + 60)
+        aggregate = scanned.aggregate
+        client_ips = addresses.observe(*aggregate.addresses())
+        yield Batch(aggregate.to_arrow(TOPIC, client_ips), aggregate.token(TOPIC), aggregate.events)
+
+
+def without_dedup(table: pa.Table) -> pa.Table:
+    return table.filter(pc.not_equal(table.column("level"), LEVELS["dedup"]))
+
+
+def running_merges(client: Any, database: str) -> int:
+    query = "SELECT count() FROM system.merges WHERE database = {db:String}"
+    return int(client.query(query, parameters={"db": database}).result_rows[0][0])
+
+
+def measure(
+    client: Any, settings: Settings, variant: str, work: list[Batch], shape: Callable[[pa.Table], pa.Table]
+) -> Cost:
+    """One variant in a fresh database: CPU of the inserts, then of the merges until quiet."""
+    database = settings.clickhouse_database
+    client.command(f"DROP DATABASE IF EXISTS {database}")
+    migrate(client, settings)
+    store = RollupStore(client, database)
+    if variant == "without the projection":
+        client.command(f"ALTER TABLE {store.table} DROP PROJECTION by_bucket")
+    tables = [shape(batch.table) for batch in work]
+    collapse = variant == "collapsing rows on insert"
+    cpu, wall = time.process_time(), time.perf_counter()
+    for batch, table in zip(work, tables, strict=True):
+        if collapse:  # as RollupStore.write, with the engine's default instead of INSERT_SETTINGS
+            client.insert_arrow(store.table, table.combine_chunks(), settings=settings_for_insert(batch.token))
+        else:
+            store.write(table, batch.token)
+    insert_cpu, insert_wall = time.process_time() - cpu, time.perf_counter() - wall
+    cpu, wall = time.process_time(), time.perf_counter()
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < MERGE_QUIET_S and time.perf_counter() - wall < MERGE_WAIT_MAX_S:
+        if running_merges(client, database):
+            quiet_since = time.monotonic()
+        time.sleep(0.1)
+    merge_cpu, merge_wall = time.process_time() - cpu, time.perf_counter() - wall
+    parts = client.query(
+        "SELECT count(), sum(rows) FROM system.parts WHERE database = {db:String} AND table = 'usage_rollup' "
+        "AND active",
+        parameters={"db": database},
+    ).result_rows[0]
+    return Cost(variant, insert_cpu, insert_wall, merge_cpu, merge_wall, int(parts[1]), int(parts[0]))
+
+
+VARIANTS: dict[str, Callable[[pa.Table], pa.Table]] = {
+    "as migrated": lambda table: table,
+    "without the projection": lambda table: table,
+    "without the dedup rows": without_dedup,
+    "collapsing rows on insert": lambda table: table,
+}
+
+
+def report(costs: list[Cost], work: list[Batch], events: int, command: str) -> str:
+    scale = 1_000_000 / events
+    lines = [
+        f"Run {now_utc()} — `{command}` (commit {commit('worker', 'bench/insert_cost.py')}): "
+        f"{events:,} events in {len(work)} inserts, one chDB engine, each variant in a fresh database.",
+        "",
+        f"Rows inserted: {sum(b.table.num_rows for b in work):,} ({sum(b.table.num_rows for b in work) / events:.2f} "
+        "per event: minute, hour, day and client-hour rows, dedup and offset rows).",
+        "",
+        "| variant | insert CPU (core-s per 1M events) | merge CPU after (core-s per 1M) | total | "
+        "insert wall (s per 1M) | rows stored | active parts after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {c.variant} | {c.insert_cpu * scale:.2f} | {c.merge_cpu * scale:.2f} | "
+            f"{(c.insert_cpu + c.merge_cpu) * scale:.2f} | {c.insert_wall * scale:.2f} | {c.rows:,} | {c.parts} |"
+            for c in costs
+        ),
+        "",
+        "- CPU: the process's (every thread), over the inserts and then until no merge had run for "
+        f"{MERGE_QUIET_S:.0f} s (that idle tail included: ~0).",
+        *environment_lines("chdb", "chdb-core", "clickhouse-connect", "pyarrow"),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.insert_cost", description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--keys", type=int, default=100_000)
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=20_000, help="records per insert (the worker's default)")
+    parser.add_argument("--no-write", action="store_true", help="do not write results.md")
+    args: Any = parser.parse_args(argv)
+    print(f"rendering the inserts of {args.events:,} events ...", flush=True)
+    work = list(batches(args.events, args.keys, args.partitions, args.batch))
+    events = sum(batch.events for batch in work)
+    directory = Path(tempfile.mkdtemp(prefix="bench-insert-cost-"))
+    try:
+        settings = Settings(clickhouse_dsn=f"chdb://{directory}", clickhouse_database="insert_cost")
+        client = connect(settings.clickhouse_dsn)
+        costs = []
+        for variant, shape in VARIANTS.items():
+            costs.append(measure(client, settings, variant, work, shape))
+            c = costs[-1]
+            print(f"{variant}: insert {c.insert_cpu:.2f} core-s ({c.insert_wall:.2f} s), merges {c.merge_cpu:.2f}")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    command = f"python -m bench.insert_cost --events {args.events} --keys {args.keys}"
+    body = report(costs, work, events, command)
+    print(body)
+    if not args.no_write:
+        replace_block("insert_cost", "Ingest", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
