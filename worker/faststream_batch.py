@@ -30,7 +30,9 @@ def raw_batch_parser(consumer: Callable[[], AIOKafkaConsumer | None]) -> BatchPa
 
     async def parse(records: tuple[ConsumerRecord, ...]) -> KafkaAckableMessage:
         first, last = records[0], records[-1]
-        headers = {k: v.decode() for k, v in first.headers}
+        # Headers mean nothing to the worker; Kafka allows any bytes and null. This parser must
+        # not fail: FastStream would drop the whole fetched batch after the consumer moved past it.
+        headers = {k: v.decode(errors="replace") for k, v in first.headers if v is not None}
         return KafkaAckableMessage(
             raw_message=records,
             body=b"",

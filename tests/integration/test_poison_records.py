@@ -68,6 +68,37 @@ async def test_an_event_near_the_size_limit_is_dead_lettered_truncated_and_the_p
     assert len(record.value) < 1_000_000
 
 
+@pytest.mark.parametrize("header", [b"\xff\xfe", None], ids=["not-utf8", "null"])
+async def test_an_event_with_a_header_that_is_no_text_is_counted_with_its_batch(
+    topics: Settings, clickhouse: Any, header: bytes | None
+) -> None:
+    # Headers mean nothing to the worker, but FastStream's batch parser decoded the first
+    # record's: a header that is not UTF-8 (or null, as Kafka allows) failed the parser, and
+    # FastStream dropped the whole fetched batch after the consumer had moved past it.
+    s = topics
+    events = list(generate(60, Traffic(keys=3, seed=9), end=datetime.now(UTC)))
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap)
+    await producer.start()
+    try:
+        for event in events:  # every record carries it, so it is the first of any batch
+            await producer.send(
+                s.events_topic, dump_event(event), key=event["key_id"].encode(), headers=[("trace", header)]
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    runtime = WorkerRuntime(s, store=RollupStore(clickhouse, s.clickhouse_database))
+    async with runtime.running():
+        await wait_for(
+            lambda: db_counts(clickhouse, s.clickhouse_database) == expected_counts(events),
+            60,
+            "the events with the odd header to be counted",
+        )
+        assert runtime.consumer is not None
+        assert sum(runtime.consumer.stats.rejected.values()) == 0
+
+
 @pytest.mark.parametrize(
     "bad",
     [{"version": -1}, {"version": 2**64}, {"limit": -5}, {"count": 2**64}, {"reason": "x" * 10_000}],

@@ -11,7 +11,7 @@ from faststream.kafka.message import FAKE_CONSUMER, KafkaAckableMessage
 from worker.faststream_batch import raw_batch_parser, raw_decoder
 
 
-def _record(offset: int, headers: list[tuple[str, bytes]]) -> ConsumerRecord:  # type: ignore[type-arg]
+def _record(offset: int, headers: list[tuple[str, bytes | None]]) -> ConsumerRecord:  # type: ignore[type-arg]
     return ConsumerRecord(
         topic="t",
         partition=0,
@@ -45,3 +45,11 @@ def test_the_parser_hands_over_the_records_as_they_came() -> None:
     assert message.headers == {"correlation_id": "c-1"}
     assert message.consumer is FAKE_CONSUMER  # no live consumer: nothing to ack against
     assert asyncio.run(raw_decoder(message)) is None
+
+
+def test_headers_that_are_no_text_do_not_fail_the_parser() -> None:
+    # A failing parser makes FastStream drop the fetched batch (integration: test_poison_records).
+    records = (_record(1, [("trace", b"\xff\xfe"), ("empty", None), ("correlation_id", b"c-2")]),)
+    message = asyncio.run(raw_batch_parser(lambda: None)(records))
+    assert message.headers == {"trace": "\ufffd\ufffd", "correlation_id": "c-2"}
+    assert message.raw_message is records
