@@ -37,6 +37,7 @@ from worker.settings import Settings
 from worker.store.client import connect, redact_dsn
 from worker.store.decisions import DecisionStore
 from worker.store.migrations import migrate
+from worker.store.retention import ensure_dedup_memory
 from worker.store.rollup import RollupStore
 from worker.topics import ensure_topics
 
@@ -154,6 +155,7 @@ class WorkerRuntime:
         if self._store is None:
             client = connect(s.clickhouse_dsn, s.clickhouse_database)
             migrate(client, s)
+            ensure_dedup_memory(client, s)  # it must live as long as the horizon this worker accepts
             # A second client for the dedup lookups: they overlap the insert in flight.
             lookups = connect(s.clickhouse_dsn, s.clickhouse_database)
             self._store = RollupStore(client, s.clickhouse_database, lookup_client=lookups)

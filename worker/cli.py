@@ -43,9 +43,11 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from worker.store.client import connect, redact_dsn
     from worker.store.migrations import migrate
+    from worker.store.retention import apply_retention, ttl_of
 
     client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
     applied = migrate(client, settings)
+    retention = apply_retention(client, settings)
     where = f"{redact_dsn(settings.clickhouse_dsn)} / {settings.clickhouse_database}"
     if applied:
         print(
@@ -54,6 +56,10 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         print(f"schema up to date on {where}")
+    for table in retention:
+        print(
+            f"retention of {table} set from the settings (stored parts follow as they merge): {ttl_of(table, settings)}"
+        )
     return 0
 
 
@@ -317,7 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a metering worker (consume events, write rollups, evaluate limits)")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("migrate", help="create or upgrade the ClickHouse schema (idempotent)")
+    p = sub.add_parser(
+        "migrate",
+        help="create or upgrade the ClickHouse schema and set retention from METER_TTL_* / "
+        "METER_DEDUP_HORIZON_HOURS (idempotent)",
+    )
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("topics", help="create the Kafka topics (events, decisions compacted, DLQ)")

@@ -50,7 +50,7 @@ class Settings(NodeSettings):
     # with Replicated engines (docs/scaling.md). Empty: one server or the embedded engine.
     clickhouse_cluster: str = Field(default="", max_length=128, pattern=r"^[A-Za-z0-9_.-]*$")
 
-    # Retention of each rollup level, in days (applied by `meter migrate`)
+    # Retention of each rollup level, in days (set on the tables by `meter migrate`)
     ttl_minute_days: int = Field(default=7, ge=1)
     ttl_hour_days: int = Field(default=90, ge=1)
     ttl_day_days: int = Field(default=3 * 365, ge=1)
