@@ -19,6 +19,7 @@ from schemas.limits import LimitPolicy, PolicyBook, RouteName
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 class NodeSettings(BaseSettings):
@@ -88,8 +89,13 @@ class NodeSettings(BaseSettings):
     # empty: not served. The public /health says only whether the node is up and ready.
     node_health_token: SecretStr = SecretStr("")
 
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
     log_json: bool = False
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_capitals(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
     @classmethod

@@ -9,10 +9,11 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
+from node.settings import LogLevel
 from schemas.limits import ROUTE_NAME_PATTERN, LimitOverride, LimitPolicy, OverrideScope
 from schemas.usage import Granularity, UsagePoint
 from worker.analytics.cli import (
@@ -317,7 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
         "`meter limits set --key KEY_ID --route statements --per-day 50`. "
         "Dry run of a policy: `meter limits set --key KEY_ID --per-minute 50 --shadow`.",
     )
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: METER_LOG_LEVEL or INFO)")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        type=str.upper,
+        choices=get_args(LogLevel),
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: METER_LOG_LEVEL or INFO)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("worker", help="run a metering worker (consume events, write rollups, evaluate limits)")

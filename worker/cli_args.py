@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 # ClickHouse DateTime covers 1970-01-01 .. 2106-02-07 UTC; times outside cannot be stored or queried.
@@ -34,3 +35,18 @@ def parse_duration(text: str) -> timedelta:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
     return timedelta(seconds=value * unit)
+
+
+def count_between(low: int, high: int) -> Callable[[str], int]:
+    """An argument type: a whole number from ``low`` to ``high``, refused with the range otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}: {text!r}")
+        return value
+
+    return parse

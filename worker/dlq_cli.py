@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.analytics.cli import printable
-from worker.cli_args import parse_duration
+from worker.cli_args import count_between, parse_duration
 from worker.ingest.replay import describe, read_dead_letters, republish, select, triage
 from worker.records import Validator
 from worker.settings import Settings
@@ -24,8 +24,9 @@ def _since(args: argparse.Namespace) -> datetime | None:
 def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
     letters, copies = asyncio.run(read_dead_letters(settings))
     chosen = select(letters, args.reason, _since(args))
+    latest = chosen[len(chosen) - args.limit :] if args.limit else []  # ([-0:] would be all of them)
     if args.format == "json":
-        print(json.dumps([describe(letter) for letter in chosen[-args.limit :]]))
+        print(json.dumps([describe(letter) for letter in latest]))
         return 0
     print(
         f"{settings.dlq_topic}: {len(letters)} dead letters"
@@ -34,9 +35,9 @@ def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
     )
     for reason, n in Counter(letter.reason for letter in chosen).most_common():
         print(f"  {reason:16} {n}")
-    if chosen and args.limit:
-        print(f"\nlatest {min(args.limit, len(chosen))}:")
-        for letter in chosen[-args.limit :]:
+    if latest:
+        print(f"\nlatest {len(latest)}:")
+        for letter in latest:
             row = describe(letter)
             flag = " [truncated]" if letter.truncated else ""
             print(f"{letter.rejected_at[:19]}  {printable(letter.id)}  {letter.reason}{flag}")
@@ -70,7 +71,9 @@ def add_dlq_commands(sub: Any) -> None:
     p = actions.add_parser("show", help="count dead letters by reason and print the latest")
     p.add_argument("--reason", help="only this reason (e.g. schema_violation, ts_in_future)")
     p.add_argument("--since", type=parse_duration, help="only letters rejected in this span back from now, e.g. 7d")
-    p.add_argument("--limit", type=int, default=10, help="how many of the latest to print (default 10)")
+    p.add_argument(
+        "--limit", type=count_between(0, 100_000), default=10, help="how many of the latest to print (default 10)"
+    )
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_dlq_show)
 

@@ -84,6 +84,10 @@ async def test_dlq_show_collapses_copies_and_replay_counts_what_now_passes(
     assert await _run(["dlq", "show", "--reason", "invalid_json", "--format", "json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert [row["original"] for row in shown] == [f"not json {i}" for i in range(3)]
+    assert await _run(["dlq", "show", "--reason", "invalid_json", "--limit", "2", "--format", "json"]) == 0
+    assert [row["original"] for row in json.loads(capsys.readouterr().out)] == ["not json 1", "not json 2"]
+    assert await _run(["dlq", "show", "--limit", "0", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []  # none, not all of them
 
     assert await _run(["dlq", "replay", "--reason", "invalid_json"]) == 0
     out = capsys.readouterr().out

@@ -22,6 +22,28 @@ def test_parse_time_accepts_rfc3339_and_refuses_naive() -> None:
         parse_time("yesterday")
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--log-level", "verbose", "topics"],
+        ["blocked", "-n", "-1"],
+        ["top", "-n", "1001"],
+        ["dlq", "show", "--limit", "x"],
+    ],
+)
+def test_a_bad_argument_value_is_a_usage_error_not_a_traceback(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+
+
+def test_log_levels_are_taken_in_any_case_and_others_refused() -> None:
+    assert build_parser().parse_args(["--log-level", "debug", "topics"]).log_level == "DEBUG"
+    assert Settings(log_level="warning").log_level == "WARNING"
+    with pytest.raises(ValueError, match="log_level"):
+        Settings(log_level="verbose")
+
+
 def test_usage_command_line() -> None:
     args = build_parser().parse_args(["usage", "--key", "k", "--granularity", "hour", "--format", "json"])
     assert (args.key, args.granularity, args.format) == ("k", "hour", "json")

@@ -26,8 +26,9 @@ from schemas.analytics import (
 )
 from schemas.limits import LimitOverride, LimitPolicy, PolicyBook
 from schemas.usage import Granularity
+from worker.analytics.queries import MAX_TOP_N
 from worker.analytics.source import Analytics, open_analytics
-from worker.cli_args import parse_duration, parse_time
+from worker.cli_args import count_between, parse_duration, parse_time
 from worker.refusals import QueryRefused
 from worker.settings import Settings
 
@@ -506,7 +507,7 @@ def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
         default="requests",
         help="errors = status >= 400; auth_failures = 401 + 403; rate_limited = 429",
     )
-    p.add_argument("-n", type=int, default=20, help="how many (1-1000)")
+    p.add_argument("-n", type=count_between(1, MAX_TOP_N), default=20, help=f"how many (1-{MAX_TOP_N})")
     p.add_argument(
         "--window", type=parse_duration, default=timedelta(hours=1), help="span ending at --until (default 1h)"
     )
@@ -540,7 +541,9 @@ def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.set_defaults(func=cmd_key_state)
 
     p = sub.add_parser("blocked", help="keys blocked right now")
-    p.add_argument("-n", type=int, default=100)
+    p.add_argument(
+        "-n", type=count_between(1, MAX_TOP_N), default=100, help=f"how many, newest first (1-{MAX_TOP_N}; default 100)"
+    )
     _fmt(p)
     p.set_defaults(func=cmd_blocked)
 
