@@ -12,7 +12,8 @@ decision or allowance (version) that refused it.
 Security: permissions are matched on the path the router routes on (relative to ``root_path``,
 so a mount prefix cannot hide a route from its rule) and a route no rule covers is refused
 unless declared public; events name the route template, or ``UNMATCHED_ENDPOINT``, never a raw
-path; ``X-Forwarded-For`` is believed only from ``node_trusted_proxies``.
+path; ``X-Forwarded-For`` is believed only from ``node_trusted_proxies``; a websocket is refused
+unless its path is exempt (a connection is neither authenticated nor metered here).
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ class MeterMiddleware:
     # long: the request path in its order (auth, scope, limits, the app, the event): split, the order hides
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self._not_a_request(scope, receive, send)
             return
         # Our own id, never the client's: the worker dedups on it, so a client must not be
         # able to make its requests collide.
@@ -224,7 +225,7 @@ class MeterMiddleware:
         path = route_path(scope)
         if path in self._exempt:
             state = {**(scope.get("state") or {}), "request_id": request_id}
-            await self.app({**scope, "state": state}, receive, _adding_header(send, rid_header))
+            await self.app({**self._without_key(scope), "state": state}, receive, _adding_header(send, rid_header))
             return
 
         started = time.perf_counter()
@@ -416,13 +417,27 @@ class MeterMiddleware:
     def _inner_scope(self, scope: Scope, request_id: str, key_id: str, record: KeyRecord | None) -> Scope:
         """The scope the app sees: the key header removed (nothing downstream can log it) and the
         request id / key id / account in ``request.state``."""
-        inner = dict(scope)
-        if self._strip_key_header:
-            inner["headers"] = [(k, v) for k, v in scope.get("headers", ()) if k != _KEY_HEADER]
+        inner = self._without_key(scope)
         state = dict(scope.get("state") or {})
         state.update(request_id=request_id, key_id=key_id, account_id=record.account_id if record else None)
         inner["state"] = state
         return inner
+
+    async def _not_a_request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Lifespan and the like go through (without the key header); a websocket is refused
+        unless its path is exempt: a connection is not a request, nothing here authenticates
+        or meters it, and it must not get through unauthenticated."""
+        if scope["type"] == "websocket" and route_path(scope) not in self._exempt:
+            await send({"type": "websocket.close", "code": 1008, "reason": "websocket routes are not metered"})
+            return
+        await self.app(self._without_key(scope), receive, send)
+
+    def _without_key(self, scope: Scope) -> Scope:
+        """``scope`` without the key header (unless configured to keep it): for every scope the
+        app sees, exempt paths included, so nothing downstream can log the key."""
+        if not self._strip_key_header or "headers" not in scope:
+            return dict(scope)
+        return {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != _KEY_HEADER]}
 
     def _endpoint(self, scope: Scope, outer: Scope) -> str:
         # A route already in the scope before the app ran is a Mount above us, not our route.

@@ -86,6 +86,7 @@ async def boom(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
+    seen_headers.append(list(request.scope["headers"]))
     return JSONResponse({"status": "ok"})
 
 
@@ -310,6 +311,37 @@ async def test_health_unmetered(client: httpx.AsyncClient, reporter: FakeReporte
     resp = await client.get("/health")
     assert resp.status_code == 200
     assert resp.headers["x-request-id"]
+    assert reporter.events == []
+
+
+async def test_an_exempt_path_never_sees_the_key_header(client: httpx.AsyncClient) -> None:
+    seen_headers.clear()
+    assert (await client.get("/health", headers={"X-API-Key": RAW["alice"]})).status_code == 200
+    assert seen_headers
+    assert all(name != b"x-api-key" for name, _ in seen_headers[0])
+
+
+async def test_a_websocket_is_refused_not_let_through_unauthenticated(reporter: FakeReporter, cache: FakeCache) -> None:
+    reached: list[object] = []
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        reached.append(scope)
+
+    middleware = MeterMiddleware(
+        app, settings=SETTINGS, keys=demo_key_store(RAW, SECRET.encode()), reporter=reporter, cache=cache
+    )
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, object]:
+        return {"type": "websocket.connect"}
+
+    headers = [(b"x-api-key", RAW["alice"].encode())]
+    await middleware({"type": "websocket", "path": "/v0/rates", "headers": headers}, receive, send)
+    assert reached == []
+    assert [(m["type"], m["code"]) for m in sent] == [("websocket.close", 1008)]
     assert reporter.events == []
 
 
