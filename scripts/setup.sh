@@ -9,9 +9,15 @@ command -v "$PYTHON" >/dev/null || { echo "setup: $PYTHON not found (need Python
 "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
   || { echo "setup: Python 3.11+ required, found $("$PYTHON" --version)" >&2; exit 1; }
 
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  # (a venv without pip: what a failed creation leaves, e.g. Debian without python3-venv)
   echo "setup: creating .venv"
-  "$PYTHON" -m venv .venv
+  rm -rf .venv
+  "$PYTHON" -m venv .venv || {
+    rm -rf .venv
+    echo "setup: '$PYTHON -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)" >&2
+    exit 1
+  }
 fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then

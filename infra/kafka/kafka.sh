@@ -60,7 +60,11 @@ java_run() {
 }
 
 running() {
-  [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null
+  # The pid file's process, if it is still this broker: after a reboot or a container restart
+  # the pid may belong to something else, which must be neither trusted nor killed.
+  [ -f "$pid_file" ] || return 1
+  local pid; pid="$(cat "$pid_file")"
+  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "kafka.Kafka $config"
 }
 
 answers() {
