@@ -135,6 +135,7 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
                 log.info("no partitions of %s assigned to this worker", self.topic)
                 return
             stored = await self._stored_offsets(parts)
+            stored = await self._check_against_the_log(stored)
             await self._load_recent(parts)
             await self._load_addresses(parts)
             if self.pipeline.exchange is not None:
@@ -160,6 +161,45 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             )
             for hook in self.on_assigned:
                 await hook(parts)
+
+    async def _check_against_the_log(self, stored: dict[int, int]) -> dict[int, int]:
+        """``stored`` where the log agrees with it. A stored offset at or past the end of its
+        partition's log means the topic was recreated (or the log truncated) under the store:
+        resuming there would take every new record for one already written, silently. Such a
+        partition starts again from its first record inside the dedup horizon (older ones are
+        refused as too old anyway; the dedup memory keeps a record counted before from counting
+        twice), and its stored offsets are deleted so that no later owner resumes past the log."""
+        consumer = self.get_consumer()
+        if consumer is None or not stored:
+            return stored
+        tps = [TopicPartition(self.topic, p) for p in sorted(stored)]
+        ends = await consumer.end_offsets(tps)
+        past = {tp.partition: end for tp, end in ends.items() if stored[tp.partition] >= end}
+        if not past:
+            return stored
+        horizon_ms = int((time.time() - self.dedup_horizon_seconds) * 1000)
+        found = await consumer.offsets_for_times({TopicPartition(self.topic, p): horizon_ms for p in past})
+        firsts = await consumer.beginning_offsets([TopicPartition(self.topic, p) for p in past])
+        await retry_forever(
+            lambda: asyncio.to_thread(self.store.forget_offsets, self.topic, past),
+            f"deleting the stored offsets of partitions {sorted(past)}, which are past their log",
+        )
+        fixed = dict(stored)
+        for tp, first in firsts.items():
+            at = found.get(tp)
+            start = max(first, at.offset) if at is not None else past[tp.partition]
+            log.error(
+                "partition %d of %s: stored offset %d is past the end of its log (%d): the topic was recreated "
+                "or its log truncated; counting it again from offset %d (its first record inside the dedup "
+                "horizon), stored offsets deleted",
+                tp.partition,
+                self.topic,
+                stored[tp.partition],
+                past[tp.partition],
+                start,
+            )
+            fixed[tp.partition] = start - 1
+        return fixed
 
     async def _load_recent(self, parts: set[int]) -> None:
         """Which minutes of these partitions already have stored dedup rows (those keep

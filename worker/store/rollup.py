@@ -119,6 +119,21 @@ class RollupStore:
             )
         return {int(row[0]) for row in result.result_rows}
 
+    def forget_offsets(self, topic: str, partitions: Iterable[int]) -> None:
+        """Delete the stored offsets of ``partitions`` (their log was recreated or truncated
+        below them). A mutation, waited for: offsets are max()-aggregated, so a lower offset
+        written next could never replace them."""
+        parts = sorted(set(partitions))
+        if not parts:
+            return
+        with self._shared:
+            self._client.command(
+                f"ALTER TABLE {self._table} DELETE WHERE level = 'offset' AND key_id = {{topic:String}} "
+                "AND kafka_partition IN {parts:Array(UInt16)}",
+                parameters={"topic": topic, "parts": parts},
+                settings={"mutations_sync": 2},
+            )
+
     def dedup_minutes(self, partitions: Iterable[int], since: int) -> dict[int, set[int]]:
         """Minutes (epoch) with stored dedup rows since ``since``, per partition."""
         parts = sorted(set(partitions))
