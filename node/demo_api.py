@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from common.listen import listening_socket
 from node.decision_cache import DecisionCache
 from node.guard import LocalGuard
 from node.keys import InMemoryKeyStore, KeyIdDeriver, KeyStore
@@ -293,7 +294,8 @@ async def run_node(
         log_level=settings.log_level.lower(),
     )
     server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve(), name=f"node-{settings.node_id}")
+    sock = listening_socket(host, port)  # a port in use is one error here, not uvicorn's exit
+    serving = asyncio.create_task(server.serve(sockets=[sock]), name=f"node-{settings.node_id}")
     try:
         await asyncio.shield(serving)
     except asyncio.CancelledError:

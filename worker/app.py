@@ -19,6 +19,7 @@ from faststream.kafka.annotations import KafkaMessage
 from starlette.routing import Mount
 
 from common import kafka_clients
+from common.listen import listening_socket
 from common.retry import retry_forever
 from worker.analytics.api import build_query_app
 from worker.faststream_batch import raw_batch_parser, raw_decoder
@@ -218,7 +219,8 @@ class WorkerRuntime:
             )
         )
         self._http_server = server
-        task = asyncio.create_task(server.serve(), name="worker-http")
+        sock = listening_socket(s.http_host, s.http_port)  # a port in use: one error, not uvicorn's exit
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="worker-http")
         for _ in range(100):
             if server.started or task.done():
                 break

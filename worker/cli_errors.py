@@ -14,6 +14,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from common import kafka_clients
 from common.follower import TopicUnavailable
+from common.listen import PortUnavailable
 from worker.analytics.source import SourceUnavailable
 from worker.refusals import QueryRefused
 from worker.settings import Settings
@@ -39,7 +40,7 @@ def quiet_client_logs(command: str, level: str) -> None:
 
 def one_line(exc: BaseException, settings: Settings) -> str | None:
     """The line for an expected failure; None for anything else (a bug)."""
-    if isinstance(exc, SourceUnavailable | QueryRefused | StoreUnavailable | TopicsRefused):
+    if isinstance(exc, SourceUnavailable | QueryRefused | StoreUnavailable | TopicsRefused | PortUnavailable):
         return str(exc)
     if isinstance(exc, TopicUnavailable):
         return f"{exc} (is Kafka up at METER_KAFKA_BOOTSTRAP? `meter topics` creates the topics)"

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from pydantic import BaseModel, ValidationError
 
 from common.follower import TopicFollower, valid_records
+from common.listen import listening_socket
 from schemas.analytics import (
     BacktestKey,
     BacktestRequest,
@@ -449,8 +450,9 @@ def cmd_serve_api(args: argparse.Namespace, settings: Settings) -> int:
     app.router.on_startup.append(follower.start)
     app.router.on_shutdown.append(follower.stop)
     host, port = args.host or settings.http_host, args.port or settings.http_port
+    sock = listening_socket(host, port)  # a port in use: one line from the CLI, not uvicorn's exit
     print(f"query API on http://{host}:{port}/v1 — dashboard http://{host}:{port}/dashboard", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
 
 
