@@ -23,7 +23,7 @@ from worker.analytics.cli import (
     cmd_limits_backtest,
     printable,
 )
-from worker.cli_args import parse_duration, parse_time
+from worker.cli_args import describe_subcommands, parse_duration, parse_time
 from worker.cli_errors import one_line, quiet_client_logs
 from worker.dlq_cli import add_dlq_commands
 from worker.kafka_acls import Role
@@ -426,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("node", help="serve the demo API (Cryptofuse-like) behind the meter middleware")
-    p.add_argument("--port", type=int, default=8101)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8101, help="port to serve on (default 8101)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument(
         "--extra-keys", type=int, default=0, metavar="N", help="also accept N demo keys k0000.. (load tests)"
     )
@@ -453,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analytics_commands(sub)
     add_dlq_commands(sub)
+    describe_subcommands(parser)
     return parser
 
 

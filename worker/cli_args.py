@@ -50,3 +50,16 @@ def count_between(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Each subcommand's ``--help`` starts with its one-line summary (argparse shows that only in
+    the parent's list) unless it has a description of its own; nested subcommands too."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for choice in action._choices_actions:
+            sub = action.choices[choice.dest]
+            if sub.description is None:
+                sub.description = choice.help
+            describe_subcommands(sub)

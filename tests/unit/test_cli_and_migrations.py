@@ -83,3 +83,17 @@ def test_identifiers_and_dsn_redaction() -> None:
 def test_a_settle_time_past_the_burst_wait_is_refused_with_a_clear_message() -> None:
     with pytest.raises(ValueError, match=r"METER_ALLOWANCE_SETTLE_MS .* must be below METER_NODE_BURST_WAIT_MS"):
         Settings(allowance_settle_ms=300, node_burst_wait_ms=250)
+
+
+def test_every_subcommand_help_says_what_it_does() -> None:
+    def commands(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, argparse.ArgumentParser]]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += [(f"{path} {name}", sub), *commands(sub, f"{path} {name}")]
+        return found
+
+    listed = commands(build_parser(), "meter")
+    assert len(listed) > 20
+    assert [name for name, sub in listed if not sub.description] == []

@@ -537,7 +537,7 @@ def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
         p.set_defaults(func=handler)
 
     p = sub.add_parser("key-state", help="a key's counts vs its limits, its active block and its decisions")
-    p.add_argument("--key", required=True)
+    p.add_argument("--key", required=True, help="the key id (as the nodes derive it; never the raw key)")
     p.add_argument("--history", type=int, default=20, help="how many decisions to show")
     _fmt(p)
     p.set_defaults(func=cmd_key_state)
