@@ -19,6 +19,7 @@ from schemas.notifications import MAX_THRESHOLDS, NotifyThresholds, Percent, Thr
 
 MIN_ADMIN_KEY_BYTES = 32  # a guess is then hopeless, throttled or not
 MAX_WEBHOOK_URLS = MAX_THRESHOLDS
+CLICKHOUSE_SCHEMES = ("chdb", "http", "https", "clickhouse")
 
 
 class Settings(NodeSettings):
@@ -139,6 +140,19 @@ class Settings(NodeSettings):
     # Where the CLI's read commands ask instead of opening the store (a worker's or a
     # `meter serve-api`'s base URL, e.g. http://127.0.0.1:8090); --api overrides it.
     query_api_url: str = ""
+
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _known_store(cls, dsn: str) -> str:
+        # clickhouse-connect takes any other scheme for plain HTTP: a typo would silently go
+        # to port 8123. The DSN itself is not repeated (it may carry a password).
+        scheme = dsn.split(":", 1)[0].lower() if "://" in dsn or dsn.startswith("chdb:") else ""
+        if scheme not in CLICKHOUSE_SCHEMES:
+            raise ValueError(
+                f"scheme {scheme!r} is not a store: chdb://<data directory> (embedded), "
+                "or http://, https:// or clickhouse:// (a server)"
+            )
+        return dsn
 
     @field_validator("admin_api_key", "notify_webhook_secret")
     @classmethod

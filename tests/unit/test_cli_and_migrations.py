@@ -97,3 +97,15 @@ def test_every_subcommand_help_says_what_it_does() -> None:
     listed = commands(build_parser(), "meter")
     assert len(listed) > 20
     assert [name for name, sub in listed if not sub.description] == []
+
+
+@pytest.mark.parametrize("dsn", ["foo://bar", "htp://user:pw@host:8123", "/var/lib/meter", ""])
+def test_a_store_dsn_of_no_known_kind_is_refused_without_repeating_it(dsn: str) -> None:
+    with pytest.raises(ValueError, match="is not a store") as refused:
+        Settings(clickhouse_dsn=dsn)
+    assert "pw@" not in str(refused.value)
+
+
+@pytest.mark.parametrize("dsn", ["chdb:///tmp/x", "chdb:/tmp/x", "http://h:8123", "https://h", "clickhouse://h"])
+def test_the_store_dsns_the_client_opens_are_taken(dsn: str) -> None:
+    assert Settings(clickhouse_dsn=dsn).clickhouse_dsn == dsn
