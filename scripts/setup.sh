@@ -33,11 +33,14 @@ infra/kafka/kafka.sh fetch
 # Debian tools some checks need, installed where we can: PACKAGE, what needs it, what happens without.
 debian_tool() {
   local package=$1 purpose=$2 without=$3
+  local failed=".venv/.apt-failed-$package"  # tried once: not again on every run
   command -v "$package" >/dev/null 2>&1 && return 0
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  if [ -f "$failed" ]; then
+    echo "setup: $package not installed (it failed before; rm $failed to try again); $without" >&2
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing Debian's $package for $purpose"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null \
-      || echo "setup: could not install $package; $without" >&2
+      || { touch "$failed"; echo "setup: could not install $package; $without" >&2; }
   else
     echo "setup: $package not found (apt-get install $package); $without" >&2
   fi
