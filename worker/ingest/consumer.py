@@ -173,13 +173,17 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         if consumer is None or not stored:
             return stored
         tps = [TopicPartition(self.topic, p) for p in sorted(stored)]
-        ends = await consumer.end_offsets(tps)
-        past = {tp.partition: end for tp, end in ends.items() if stored[tp.partition] >= end}
-        if not past:
+        try:
+            ends = await consumer.end_offsets(tps)
+            past = {tp.partition: end for tp, end in ends.items() if stored[tp.partition] >= end}
+            if not past:
+                return stored
+            horizon_ms = int((time.time() - self.dedup_horizon_seconds) * 1000)
+            found = await consumer.offsets_for_times({TopicPartition(self.topic, p): horizon_ms for p in past})
+            firsts = await consumer.beginning_offsets([TopicPartition(self.topic, p) for p in past])
+        except Exception:  # a safeguard: the assignment must go on (its seeks) without it
+            log.warning("could not compare the stored offsets with the log's end; resuming after them", exc_info=True)
             return stored
-        horizon_ms = int((time.time() - self.dedup_horizon_seconds) * 1000)
-        found = await consumer.offsets_for_times({TopicPartition(self.topic, p): horizon_ms for p in past})
-        firsts = await consumer.beginning_offsets([TopicPartition(self.topic, p) for p in past])
         await retry_forever(
             lambda: asyncio.to_thread(self.store.forget_offsets, self.topic, past),
             f"deleting the stored offsets of partitions {sorted(past)}, which are past their log",
