@@ -23,6 +23,8 @@ _PREFIX_CHARS = 6
 # Below this length 6 chars would be a large share of the key, so no prefix is shown.
 _MIN_LEN_FOR_PREFIX = 20
 _SHORT_PREFIX = "short"
+# The longest key id: prefix, "_", hash (what an operator may type; anything longer is no key id).
+MAX_KEY_ID_CHARS = max(_PREFIX_CHARS, len(_SHORT_PREFIX)) + 1 + _HASH_HEX_CHARS
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 
 # What a well-formed raw key looks like (anything else is refused before the store is asked).

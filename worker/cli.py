@@ -23,7 +23,7 @@ from worker.analytics.cli import (
     cmd_limits_backtest,
     printable,
 )
-from worker.cli_args import describe_subcommands, parse_duration, parse_time
+from worker.cli_args import describe_subcommands, key_id, parse_duration, parse_time
 from worker.cli_errors import one_line, quiet_client_logs
 from worker.dlq_cli import add_dlq_commands
 from worker.kafka_acls import Role
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_kafka_acls)
 
     p = sub.add_parser("usage", help="print the usage series of one key")
-    p.add_argument("--key", required=True, help="the key id (as shown by the API node, never the raw key)")
+    p.add_argument("--key", required=True, type=key_id, help="the key id (as shown by the API node, never the raw key)")
     p.add_argument("--granularity", choices=[g.value for g in Granularity], default="minute")
     p.add_argument("--since", type=parse_time, help="RFC 3339 start (default: one window back from --until)")
     p.add_argument("--until", type=parse_time, help="RFC 3339 end, exclusive (default: now)")
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("block", help="block a key on every node now (operator decision)")
-    p.add_argument("key", help="key id")
+    p.add_argument("key", type=key_id, help="key id")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--until", type=parse_time, help="RFC 3339 end of the block")
     group.add_argument("--for", dest="for_", type=parse_duration, help="duration, e.g. 15m, 2h, 1d")
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_block)
 
     p = sub.add_parser("unblock", help="lift a key's block on every node now (operator decision)")
-    p.add_argument("key", help="key id")
+    p.add_argument("key", type=key_id, help="key id")
     p.add_argument("--reason", default="", help="shown in the audit trail")
     p.set_defaults(func=cmd_unblock)
 
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=["show", "set", "reset", "backtest"])
     who = p.add_mutually_exclusive_group()
-    who.add_argument("--key", help="key id")
+    who.add_argument("--key", type=key_id, help="key id")
     who.add_argument("--account", help="account id")
     for name in ("minute", "hour", "day"):
         p.add_argument(f"--per-{name}", type=parse_limit, default=_UNSET, help="count or 'unlimited'")
@@ -412,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_limits)
 
     p = sub.add_parser("why", help="why a key is (not) refused now: its limits, block decision and per-node allowances")
-    p.add_argument("key", metavar="KEY_ID", help="the key id (as in events and `meter top`), never the raw key")
+    p.add_argument(
+        "key", metavar="KEY_ID", type=key_id, help="the key id (as in events and `meter top`), never the raw key"
+    )
     p.add_argument("--account", default="", help="the key's account, to resolve a per-account override")
     p.set_defaults(func=cmd_why)
 

@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from node.keys import MAX_KEY_ID_CHARS
+
 # ClickHouse DateTime covers 1970-01-01 .. 2106-02-07 UTC; times outside cannot be stored or queried.
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2106, 2, 7, tzinfo=UTC)
@@ -63,3 +65,17 @@ def describe_subcommands(parser: argparse.ArgumentParser) -> None:
             if sub.description is None:
                 sub.description = choice.help
             describe_subcommands(sub)
+
+
+def key_id(text: str) -> str:
+    """A key id as the nodes derive it (or a route subject, ``KEY_ID@route``). One longer than a
+    key id can be is refused without being repeated: it is most likely a raw API key pasted by
+    mistake, which would otherwise be published to the control topics, audited or sent as a
+    query (it must never leave the node)."""
+    key = text.split("@", 1)[0]
+    if not key or len(key) > MAX_KEY_ID_CHARS:
+        raise argparse.ArgumentTypeError(
+            f"not a key id (at most {MAX_KEY_ID_CHARS} characters, e.g. cfxali_cf2a91d59aea986a542ccbf3, as "
+            "`meter top` and the dashboard show them); a raw API key is never an argument here"
+        )
+    return text

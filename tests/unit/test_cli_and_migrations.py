@@ -109,3 +109,43 @@ def test_a_store_dsn_of_no_known_kind_is_refused_without_repeating_it(dsn: str) 
 @pytest.mark.parametrize("dsn", ["chdb:///tmp/x", "chdb:/tmp/x", "http://h:8123", "https://h", "clickhouse://h"])
 def test_the_store_dsns_the_client_opens_are_taken(dsn: str) -> None:
     assert Settings(clickhouse_dsn=dsn).clickhouse_dsn == dsn
+
+
+RAW_KEY = "cf_live_4f9d0c2a7b1e8f3d6a5c4b3a2f1e0d9c8b7a"  # what a node's client sends: never an argument
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["block", RAW_KEY, "--for", "1m"],
+        ["unblock", RAW_KEY],
+        ["limits", "set", "--key", RAW_KEY, "--per-minute", "5"],
+        ["why", RAW_KEY],
+        ["usage", "--key", RAW_KEY],
+        ["key-usage", "--key", RAW_KEY],
+        ["key-state", "--key", RAW_KEY],
+        ["signals", "--key", RAW_KEY],
+    ],
+)
+def test_a_raw_key_pasted_for_a_key_id_is_refused_and_not_repeated(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    said = capsys.readouterr().err
+    assert "not a key id" in said
+    assert RAW_KEY not in said
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "cfxali_cf2a91d59aea986a542ccbf3",
+        "short_0123456789abcdef01234567",
+        "k1",
+        "cfxali_cf2a91d59aea986a542ccbf3@statements",
+    ],
+)
+def test_key_ids_and_route_subjects_are_taken(key: str) -> None:
+    assert build_parser().parse_args(["unblock", key]).key == key

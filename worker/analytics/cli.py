@@ -29,7 +29,7 @@ from schemas.limits import LimitOverride, LimitPolicy, PolicyBook
 from schemas.usage import Granularity
 from worker.analytics.queries import MAX_TOP_N
 from worker.analytics.source import Analytics, open_analytics
-from worker.cli_args import count_between, parse_duration, parse_time
+from worker.cli_args import count_between, key_id, parse_duration, parse_time
 from worker.refusals import QueryRefused
 from worker.settings import Settings
 
@@ -517,12 +517,12 @@ def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     _fmt(p)
     p.set_defaults(func=cmd_top)
 
-    for name, target, handler in (
-        ("key-usage", "--key", cmd_key_usage),
-        ("account-usage", "--account", cmd_account_usage),
+    for name, target, kind, handler in (
+        ("key-usage", "--key", key_id, cmd_key_usage),
+        ("account-usage", "--account", str, cmd_account_usage),
     ):
         p = sub.add_parser(name, help=f"usage series of one {target[2:]}, optionally by endpoint or status class")
-        p.add_argument(target, required=True)
+        p.add_argument(target, required=True, type=kind)
         p.add_argument("--granularity", choices=[g.value for g in Granularity], default="hour")
         p.add_argument("--breakdown", choices=[b.value for b in Breakdown], default="none")
         p.add_argument(
@@ -537,7 +537,7 @@ def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
         p.set_defaults(func=handler)
 
     p = sub.add_parser("key-state", help="a key's counts vs its limits, its active block and its decisions")
-    p.add_argument("--key", required=True, help="the key id (as the nodes derive it; never the raw key)")
+    p.add_argument("--key", required=True, type=key_id, help="the key id (as the nodes derive it; never the raw key)")
     p.add_argument("--history", type=int, default=20, help="how many decisions to show")
     _fmt(p)
     p.set_defaults(func=cmd_key_state)
@@ -555,7 +555,7 @@ def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
         action="append",
         choices=["rate_jump", "auth_failures", "rate_limited", "many_sources", "repeated_blocks", "invalid_key_storm"],
     )
-    p.add_argument("--key", help="only this key's signals")
+    p.add_argument("--key", type=key_id, help="only this key's signals")
     p.add_argument("--as-of", type=parse_time, help="RFC 3339: look at the signals as they were then (default: now)")
     p.add_argument(
         "--recent", type=parse_duration, default=timedelta(hours=1), help="window of the rate signals (default 1h)"
