@@ -49,15 +49,19 @@ def discover(directory: Traversable | None = None) -> list[Migration]:
     return found
 
 
+def retention(settings: Settings) -> dict[str, int]:
+    """The TTL placeholders of the migrations (and of ``worker.store.retention``), from settings."""
+    return {
+        "ttl_minute_days": settings.ttl_minute_days,
+        "ttl_hour_days": settings.ttl_hour_days,
+        "ttl_day_days": settings.ttl_day_days,
+        "dedup_ttl_hours": settings.dedup_horizon_hours + 1,  # an hour past the horizon accepted
+    }
+
+
 def render(sql: str, settings: Settings) -> list[str]:
     """Fill the placeholders (all from settings) and split into statements."""
-    text = sql.format(
-        db=quote_identifier(settings.clickhouse_database),
-        ttl_minute_days=settings.ttl_minute_days,
-        ttl_hour_days=settings.ttl_hour_days,
-        ttl_day_days=settings.ttl_day_days,
-        dedup_ttl_hours=settings.dedup_horizon_hours + 1,
-    )
+    text = sql.format(db=quote_identifier(settings.clickhouse_database), **retention(settings))
     lines = [line for line in text.splitlines() if not line.strip().startswith("--")]
     statements = [stmt.strip() for stmt in "\n".join(lines).split(";") if stmt.strip()]
     return (

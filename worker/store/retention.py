@@ -15,7 +15,7 @@ from clickhouse_connect.driver.client import Client
 
 from worker.settings import Settings
 from worker.store.client import quote_identifier
-from worker.store.migrations import for_cluster
+from worker.store.migrations import for_cluster, retention
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,7 @@ TTL: dict[str, str] = {
 
 
 def ttl_of(table: str, settings: Settings) -> str:
-    return TTL[table].format(
-        ttl_minute_days=settings.ttl_minute_days,
-        ttl_hour_days=settings.ttl_hour_days,
-        ttl_day_days=settings.ttl_day_days,
-        dedup_ttl_hours=settings.dedup_horizon_hours + 1,  # as the migrations: an hour past the horizon
-    )
+    return TTL[table].format(**retention(settings))
 
 
 def apply_retention(client: Client, settings: Settings) -> list[str]:
@@ -50,12 +45,13 @@ def apply_retention(client: Client, settings: Settings) -> list[str]:
     changed = []
     for table in TTL:
         before = _definition(client, database, table)
-        statement = f"ALTER TABLE {db}.{table} MODIFY TTL {ttl_of(table, settings)}"
+        ttl = ttl_of(table, settings)
+        statement = f"ALTER TABLE {db}.{table} MODIFY TTL {ttl}"
         client.command(
             for_cluster(statement, settings.clickhouse_cluster), settings={"materialize_ttl_after_modify": 0}
         )
         if _definition(client, database, table) != before:
-            log.info("retention of %s.%s set from the settings: TTL %s", database, table, ttl_of(table, settings))
+            log.info("retention of %s.%s set from the settings: TTL %s", database, table, ttl)
             changed.append(table)
     return changed
 
@@ -75,14 +71,14 @@ def ensure_dedup_memory(client: Client, settings: Settings) -> list[str]:
     changes nothing here (an older worker restarting during a rollout must not cut the memory
     newer ones rely on): shortening is ``meter migrate``'s, an operator's decision."""
     stored = dedup_memory_hours(client, settings.clickhouse_database)
-    needed = settings.dedup_horizon_hours + 1
+    needed = retention(settings)["dedup_ttl_hours"]
     if stored is not None and stored >= needed:
         return []
     log.warning(
-        "the stored dedup memory lives %s h, shorter than this worker's horizon (%d h + 1): "
+        "the stored dedup memory lives %s h, shorter than the %d h this worker's horizon needs: "
         "setting the retention from its settings",
         stored if stored is not None else "an unknown number of",
-        settings.dedup_horizon_hours,
+        needed,
     )
     return apply_retention(client, settings)
 
