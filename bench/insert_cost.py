@@ -32,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,24 @@ class Batch:
     table: pa.Table
     token: str
     events: int
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What one variant changes against the worker's own inserts."""
+
+    name: str
+    projection: bool = True  # the table keeps its by_bucket projection
+    dedup_rows: bool = True  # the inserts carry the dedup memory's rows
+    collapse_on_insert: bool = False  # the engine's default optimize_on_insert=1, not INSERT_SETTINGS
+
+
+VARIANTS = (
+    Variant("as migrated"),
+    Variant("without the projection", projection=False),
+    Variant("without the dedup rows", dedup_rows=False),
+    Variant("collapsing rows on insert", collapse_on_insert=True),
+)
 
 
 @dataclass
@@ -113,23 +131,20 @@ def active_parts(client: Any, database: str) -> tuple[int, int]:
     return int(parts), int(rows)
 
 
-def measure(
-    client: Any, settings: Settings, variant: str, work: list[Batch], shape: Callable[[pa.Table], pa.Table]
-) -> Cost:
-    """One variant in a fresh database: CPU of the inserts, then of the merges until quiet."""
+def measure(client: Any, settings: Settings, variant: Variant, work: list[Batch]) -> Cost:
+    """One variant in a fresh database: CPU of the inserts (merges stopped), then of merging them."""
     database = settings.clickhouse_database
     client.command(f"DROP DATABASE IF EXISTS {database}")
     migrate(client, settings)
     store = RollupStore(client, database)
-    if variant == "without the projection":
+    if not variant.projection:
         client.command(f"ALTER TABLE {store.table} DROP PROJECTION by_bucket")
-    tables = [shape(batch.table) for batch in work]
-    collapse = variant == "collapsing rows on insert"
+    tables = [batch.table if variant.dedup_rows else without_dedup(batch.table) for batch in work]
     # Merges wait until every insert is in, so each figure is one kind of work only.
     client.command(f"SYSTEM STOP MERGES {store.table}")
     cpu, wall = time.process_time(), time.perf_counter()
     for batch, table in zip(work, tables, strict=True):
-        if collapse:  # as RollupStore.write, with the engine's default instead of INSERT_SETTINGS
+        if variant.collapse_on_insert:  # as RollupStore.write, with the engine's default instead of INSERT_SETTINGS
             client.insert_arrow(store.table, table.combine_chunks(), settings=settings_for_insert(batch.token))
         else:
             store.write(table, batch.token)
@@ -139,24 +154,18 @@ def measure(
     cpu, wall = time.process_time(), time.perf_counter()
     client.command(f"OPTIMIZE TABLE {store.table} FINAL")
     merge_cpu, merge_wall = time.process_time() - cpu, time.perf_counter() - wall
-    return Cost(variant, insert_cpu, insert_wall, merge_cpu, merge_wall, active_parts(client, database)[1], parts)
-
-
-VARIANTS: dict[str, Callable[[pa.Table], pa.Table]] = {
-    "as migrated": lambda table: table,
-    "without the projection": lambda table: table,
-    "without the dedup rows": without_dedup,
-    "collapsing rows on insert": lambda table: table,
-}
+    rows = active_parts(client, database)[1]
+    return Cost(variant.name, insert_cpu, insert_wall, merge_cpu, merge_wall, rows, parts)
 
 
 def report(costs: list[Cost], work: list[Batch], events: int, command: str) -> str:
     scale = 1_000_000 / events
+    inserted = sum(batch.table.num_rows for batch in work)
     lines = [
         f"Run {now_utc()} — `{command}` (commit {commit('worker', 'bench/insert_cost.py')}): "
         f"{events:,} events in {len(work)} inserts, one chDB engine, each variant in a fresh database.",
         "",
-        f"Rows inserted: {sum(b.table.num_rows for b in work):,} ({sum(b.table.num_rows for b in work) / events:.2f} "
+        f"Rows inserted: {inserted:,} ({inserted / events:.2f} "
         "per event: minute, hour, day and client-hour rows, dedup and offset rows).",
         "",
         "| variant | insert CPU (core-s per 1M events) | merging the parts into one (core-s per 1M) | total | "
@@ -192,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(clickhouse_dsn=f"chdb://{directory}", clickhouse_database="insert_cost")
         client = connect(settings.clickhouse_dsn)
         costs = []
-        for variant, shape in VARIANTS.items():
-            costs.append(measure(client, settings, variant, work, shape))
+        for variant in VARIANTS:
+            costs.append(measure(client, settings, variant, work))
             c = costs[-1]
-            print(f"{variant}: insert {c.insert_cpu:.2f} core-s ({c.insert_wall:.2f} s), merges {c.merge_cpu:.2f}")
+            print(f"{variant.name}: insert {c.insert_cpu:.2f} core-s ({c.insert_wall:.2f} s), merges {c.merge_cpu:.2f}")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     command = f"python -m bench.insert_cost --events {args.events} --keys {args.keys}"
