@@ -23,7 +23,7 @@ from worker.analytics.cli import (
     cmd_limits_backtest,
     printable,
 )
-from worker.cli_args import describe_subcommands, key_id, parse_duration, parse_time
+from worker.cli_args import count_between, describe_subcommands, key_id, parse_duration, parse_time, seconds_between
 from worker.cli_errors import one_line, quiet_client_logs
 from worker.dlq_cli import add_dlq_commands
 from worker.kafka_acls import Role
@@ -419,8 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_why)
 
     p = sub.add_parser("demo", help="live local demo: worker, 3 API nodes, load, who is blocked and when")
-    p.add_argument("--duration", type=float, default=100.0, help="seconds of load (default 100: shows a rollover)")
-    p.add_argument("--nodes", type=int, default=3, help="how many demo API nodes")
+    p.add_argument(
+        "--duration",
+        type=seconds_between(1, 86_400),
+        default=100.0,
+        help="seconds of load (default 100: shows a rollover)",
+    )
+    p.add_argument("--nodes", type=count_between(1, 20), default=3, help="how many demo API nodes (1-20)")
     p.add_argument("--base-port", type=int, default=8101, help="first node's port (loopback)")
     p.add_argument(
         "--dashboard-port", type=int, default=8095, help="query API + dashboard (needs METER_ADMIN_API_KEY; 0 = off)"
@@ -431,7 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8101, help="port to serve on (default 8101)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument(
-        "--extra-keys", type=int, default=0, metavar="N", help="also accept N demo keys k0000.. (load tests)"
+        "--extra-keys",
+        type=count_between(0, 1_000_000),
+        default=0,
+        metavar="N",
+        help="also accept N demo keys k0000.. (load tests)",
     )
     p.set_defaults(func=cmd_node)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from node.keys import MAX_KEY_ID_CHARS
 
 # ClickHouse DateTime covers 1970-01-01 .. 2106-02-07 UTC; times outside cannot be stored or queried.
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2106, 2, 7, tzinfo=UTC)
+
+N = TypeVar("N", int, float)
 
 
 def parse_time(text: str) -> datetime:
@@ -41,12 +44,20 @@ def parse_duration(text: str) -> timedelta:
 
 def count_between(low: int, high: int) -> Callable[[str], int]:
     """An argument type: a whole number from ``low`` to ``high``, refused with the range otherwise."""
+    return _number_between(int, "a whole number", low, high)
 
-    def parse(text: str) -> int:
+
+def seconds_between(low: float, high: float) -> Callable[[str], float]:
+    """An argument type: seconds (a decimal number) from ``low`` to ``high``."""
+    return _number_between(float, "a number of seconds", low, high)
+
+
+def _number_between(kind: Callable[[str], N], noun: str, low: N, high: N) -> Callable[[str], N]:
+    def parse(text: str) -> N:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"not {noun}: {text!r}") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be {low}..{high}: {text!r}")
         return value

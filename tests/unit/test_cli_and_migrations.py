@@ -29,6 +29,12 @@ def test_parse_time_accepts_rfc3339_and_refuses_naive() -> None:
         ["blocked", "-n", "-1"],
         ["top", "-n", "1001"],
         ["dlq", "show", "--limit", "x"],
+        ["key-state", "--key", "k1", "--history", "-1"],
+        ["key-state", "--key", "k1", "--history", "501"],
+        ["demo", "--nodes", "0"],
+        ["demo", "--duration", "-5"],
+        ["demo", "--duration", "soon"],
+        ["node", "--extra-keys", "-1"],
     ],
 )
 def test_a_bad_argument_value_is_a_usage_error_not_a_traceback(argv: list[str]) -> None:

@@ -27,7 +27,7 @@ from schemas.analytics import (
 )
 from schemas.limits import LimitOverride, LimitPolicy, PolicyBook
 from schemas.usage import Granularity
-from worker.analytics.queries import MAX_TOP_N
+from worker.analytics.queries import MAX_DECISION_HISTORY, MAX_TOP_N
 from worker.analytics.source import Analytics, open_analytics
 from worker.cli_args import count_between, key_id, parse_duration, parse_time
 from worker.refusals import QueryRefused
@@ -538,7 +538,12 @@ def add_analytics_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
 
     p = sub.add_parser("key-state", help="a key's counts vs its limits, its active block and its decisions")
     p.add_argument("--key", required=True, type=key_id, help="the key id (as the nodes derive it; never the raw key)")
-    p.add_argument("--history", type=int, default=20, help="how many decisions to show")
+    p.add_argument(
+        "--history",
+        type=count_between(1, MAX_DECISION_HISTORY),
+        default=20,
+        help=f"how many decisions to show, newest first (1-{MAX_DECISION_HISTORY}; default 20)",
+    )
     _fmt(p)
     p.set_defaults(func=cmd_key_state)
 

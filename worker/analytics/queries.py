@@ -38,6 +38,7 @@ from worker.store.rollup import rollup_table
 from worker.store.usage import DEFAULT_SPAN, STEP_SECONDS, default_range, floor_to
 
 MAX_TOP_N = 1_000
+MAX_DECISION_HISTORY = 500  # a key's decisions listed by key_state, newest first
 # A breakdown returns its biggest groups (by requests) and sums the rest into OTHER_GROUP; the
 # values of a series (groups x buckets) are capped so that no query holds more in memory.
 DEFAULT_SERIES_GROUPS = 10

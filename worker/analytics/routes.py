@@ -145,7 +145,9 @@ def top(
 
 
 @limits.get("/keys/{key_id}/state")
-def key_state(ctx: Context, key_id: KeyIdPath, history: Annotated[int, Query(ge=1, le=500)] = 50) -> KeyState:
+def key_state(
+    ctx: Context, key_id: KeyIdPath, history: Annotated[int, Query(ge=1, le=queries.MAX_DECISION_HISTORY)] = 50
+) -> KeyState:
     """Counts in the current windows vs the key's limits, its active block and decisions."""
     return ctx.run(lambda: queries.key_state(ctx.client, ctx.database, key_id, ctx.lookup, ctx.clock(), history))
 
