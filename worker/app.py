@@ -7,9 +7,10 @@ import asyncio
 import gc
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import uvicorn
@@ -199,13 +200,11 @@ class WorkerRuntime:
             self.clock,
         )
 
-    async def _serve_http(self) -> asyncio.Task[None] | None:
-        """/metrics and /health/* on METER_HTTP_HOST:METER_HTTP_PORT (0 = not served), and the
-        query API and dashboard when an admin key is configured: on the embedded store no other
-        process can read the data while the worker holds it."""
+    async def _serve_http(self, sock: socket.socket) -> asyncio.Task[None]:
+        """/metrics and /health/* on ``sock`` (METER_HTTP_HOST:METER_HTTP_PORT), and the query API
+        and dashboard when an admin key is configured: on the embedded store no other process
+        can read the data while the worker holds it."""
         s = self.settings
-        if not s.http_port:
-            return None
         app = build_health_app(self, self.metrics, self.health)
         serves_api = bool(s.admin_api_key.get_secret_value())
         if serves_api:
@@ -219,7 +218,6 @@ class WorkerRuntime:
             )
         )
         self._http_server = server
-        sock = listening_socket(s.http_host, s.http_port)  # a port in use: one error, not uvicorn's exit
         task = asyncio.create_task(server.serve(sockets=[sock]), name="worker-http")
         for _ in range(100):
             if server.started or task.done():
@@ -239,6 +237,11 @@ class WorkerRuntime:
             )
         return task
 
+    async def _stop_http(self, task: asyncio.Task[None]) -> None:
+        withdraw(self.settings.clickhouse_dsn)
+        self._http_server.should_exit = True
+        await task
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[WorkerRuntime]:
         """Run the worker inside the caller's event loop (tests, benchmarks, embedding)."""
@@ -252,45 +255,49 @@ class WorkerRuntime:
 
     @asynccontextmanager
     async def _lifespan(self) -> AsyncIterator[None]:
+        """Start the parts in order; whatever started is stopped, in reverse, on the way out,
+        also when a later part fails to start (no consumer left open)."""
         s = self.settings
-        await ensure_topics(s)
-        await asyncio.to_thread(self.open)
-        log.info(
-            "worker starting: kafka %s, topic %s, group %s, clickhouse %s/%s",
-            kafka_clients.describe(s),
-            s.events_topic,
-            s.consumer_group,
-            redact_dsn(s.clickhouse_dsn),
-            s.clickhouse_database,
-        )
-        assert self.limits is not None
-        await self.limits.start()
-        assert self.guards is not None
-        await self.guards.start()
-        # The webhook deliverer beside the worker (METER_NOTIFY_IN_WORKER; else `meter notify`).
-        notifier = WebhookDeliverer(s) if s.notify_in_worker else None
-        if notifier is not None:
-            await notifier.start()
-        http = await self._serve_http()
-        tune_gc()
-        try:
+        # Bound first: a port in use is one error before topics, migrations or consumers exist.
+        sock = listening_socket(s.http_host, s.http_port) if s.http_port else None
+        async with AsyncExitStack() as started:
+            if sock is not None:
+                started.callback(sock.close)  # not served yet (uvicorn closes it when it stops)
+            await ensure_topics(s)
+            await asyncio.to_thread(self.open)
+            log.info(
+                "worker starting: kafka %s, topic %s, group %s, clickhouse %s/%s",
+                kafka_clients.describe(s),
+                s.events_topic,
+                s.consumer_group,
+                redact_dsn(s.clickhouse_dsn),
+                s.clickhouse_database,
+            )
+            assert self.limits is not None
+            assert self.guards is not None
+            started.callback(self._log_stopped)
+            await self.limits.start()
+            started.push_async_callback(self.limits.stop)
+            await self.guards.start()
+            started.push_async_callback(self.guards.stop)
+            # The webhook deliverer beside the worker (METER_NOTIFY_IN_WORKER; else `meter notify`).
+            if s.notify_in_worker:
+                notifier = WebhookDeliverer(s)
+                await notifier.start()
+                started.push_async_callback(notifier.stop)
+            if sock is not None:
+                started.push_async_callback(self._stop_http, await self._serve_http(sock))
+            started.push_async_callback(self._flush)  # a write still in flight after the consumer stopped
+            tune_gc()
             yield
-        finally:
-            await self._flush()  # a write still in flight after the consumer stopped
-            if notifier is not None:
-                await notifier.stop()
-            if http is not None:
-                withdraw(s.clickhouse_dsn)
-                self._http_server.should_exit = True
-                await http
-            await self.guards.stop()
-            await self.limits.stop()
-            if self.consumer is not None:
-                log.info(
-                    "worker stopped: %s; %d decisions published",
-                    self.consumer.stats.summary(),
-                    self.limits.engine.decisions_published,
-                )
+
+    def _log_stopped(self) -> None:
+        if self.consumer is not None and self.limits is not None:
+            log.info(
+                "worker stopped: %s; %d decisions published",
+                self.consumer.stats.summary(),
+                self.limits.engine.decisions_published,
+            )
 
 
 def _local_host(host: str) -> str:

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.listen import PortUnavailable, listening_socket
 from tests.integration.helpers import free_port, wait_for
 from worker.app import WorkerRuntime
 from worker.settings import Settings
@@ -78,3 +79,39 @@ async def test_metrics_and_health_reflect_what_the_worker_did(topics: Settings, 
             runtime.store.client.command = original  # type: ignore[method-assign]
         assert not_ready.status_code == 503
         assert "ClickHouse unreachable" in not_ready.json()["reasons"]
+
+
+async def test_a_port_in_use_fails_the_start_before_anything_is_started(topics: Settings, clickhouse: Any) -> None:
+    taken = listening_socket("127.0.0.1", 0)
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        runtime = WorkerRuntime(
+            topics.model_copy(update={"http_port": port}), store=RollupStore(clickhouse, topics.clickhouse_database)
+        )
+        with pytest.raises(PortUnavailable, match="Address already in use"):
+            async with runtime.running():
+                pass
+        assert runtime.limits is None  # not opened: no consumer, producer or task to leave behind
+    finally:
+        taken.close()
+
+
+async def test_a_part_that_fails_to_start_stops_the_parts_started_before_it(
+    topics: Settings, clickhouse: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuses(self: WorkerRuntime, sock: object = None) -> None:
+        raise RuntimeError("cannot serve")
+
+    monkeypatch.setattr(WorkerRuntime, "_serve_http", refuses)
+    runtime = WorkerRuntime(
+        topics.model_copy(update={"http_port": free_port()}), store=RollupStore(clickhouse, topics.clickhouse_database)
+    )
+    with pytest.raises(RuntimeError, match="cannot serve"):
+        async with runtime.running():
+            pass
+    assert runtime.limits is not None
+    assert runtime.guards is not None
+    # Stopped, not left running (before: its consumer was reported "Unclosed AIOKafkaConsumer").
+    assert runtime.limits.fast_lane._task is None
+    assert runtime.limits._ticker is None
