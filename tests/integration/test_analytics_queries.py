@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from schemas.analytics import Breakdown, SignalKind, Subject, TopDimension, TopMetric
+from schemas.decisions import Decision, DecisionAction, Window
 from schemas.limits import LimitPolicy
 from schemas.usage import Granularity
 from worker.analytics import queries
@@ -21,6 +22,7 @@ from worker.analytics.sample import ABUSED_KEY, MANUAL_KEY, NORMAL_KEY, PROBER_K
 from worker.analytics.signals import SignalThresholds, abuse_signals
 from worker.cli import run_command
 from worker.settings import Settings
+from worker.store.decisions import DecisionStore
 from worker.store.usage import floor_to
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
@@ -210,6 +212,39 @@ def test_blocked_keys_lists_blocks_in_force_only(clickhouse: Any, settings: Sett
     # Once the abused key's block expires, only the manual block is left.
     later = queries.blocked_keys(clickhouse, settings.clickhouse_database, sample.now + timedelta(minutes=6))
     assert [b.key_id for b in later] == [MANUAL_KEY]
+
+
+def test_an_operators_block_after_a_workers_is_listed_as_itself(clickhouse: Any, settings: Settings) -> None:
+    # The operator's block has no until, limit or count: none of the older block's may show through.
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    DecisionStore(clickhouse, settings.clickhouse_database).record(
+        [
+            Decision(
+                key_id="cfxold_0123456789abcdef01234567",
+                action=DecisionAction.block,
+                window=Window.minute,
+                limit=100,
+                count=101,
+                until=now + timedelta(seconds=30),
+                version=1,
+                decided_at=now - timedelta(seconds=30),
+                reason="101 requests in the minute window; limit 100",
+            ),
+            Decision(
+                key_id="cfxold_0123456789abcdef01234567",
+                action=DecisionAction.block,
+                window=Window.manual,
+                version=2,
+                decided_at=now - timedelta(seconds=10),
+                reason="operator: leaked",
+                source="operator",
+            ),
+        ]
+    )
+    for at in (now, now + timedelta(minutes=5)):  # before and after the worker's block ended
+        [listed] = queries.blocked_keys(clickhouse, settings.clickhouse_database, at)
+        assert (listed.window, listed.until, listed.limit, listed.count) == (Window.manual, None, None, None)
+        assert (listed.version, listed.source) == (2, "operator")
 
 
 def test_abuse_signals_find_each_pattern_and_explain_it(

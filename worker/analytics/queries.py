@@ -400,13 +400,14 @@ def key_state(
 def blocked_keys(client: Client, database: str, now: datetime | None = None, n: int = 100) -> list[BlockedKey]:
     """Keys whose newest decision is a block still in force at ``now``, newest first."""
     as_of = utc(now or datetime.now(UTC))
+    # The newest decision of each key, whole: argMax() skips NULLs, so an operator's block (no
+    # until, limit or count) would take those of the key's older block.
     result = client.query(
-        "SELECT key_id, argMax(toString(action), version) AS act, argMax(toString(window), version), "
-        "argMax(limit_value, version), argMax(count_value, version), argMax(until, version) AS last_until, "
-        "argMax(reason, version), argMax(toString(source), version), argMax(decided_at, version) AS at, "
-        f"max(version), argMax(shadow, version) FROM {quote_identifier(database)}.decisions "
-        "GROUP BY key_id HAVING act = 'block' AND (last_until IS NULL OR last_until > {now:DateTime64(3, 'UTC')}) "
-        "ORDER BY at DESC, key_id LIMIT {n:UInt32}",
+        "SELECT key_id, toString(window), limit_value, count_value, until, reason, toString(source), decided_at, "
+        "version, shadow FROM (SELECT * FROM "
+        f"{quote_identifier(database)}.decisions ORDER BY key_id, version DESC LIMIT 1 BY key_id) "
+        "WHERE action = 'block' AND (until IS NULL OR until > {now:DateTime64(3, 'UTC')}) "
+        "ORDER BY decided_at DESC, key_id LIMIT {n:UInt32}",
         parameters={"now": as_of, "n": n},
     )
     return [
@@ -422,7 +423,7 @@ def blocked_keys(client: Client, database: str, now: datetime | None = None, n: 
             version=int(version),
             shadow=bool(shadow),
         )
-        for key, _act, window, limit, count, until, reason, source, at, version, shadow in result.result_rows
+        for key, window, limit, count, until, reason, source, at, version, shadow in result.result_rows
     ]
 
 
