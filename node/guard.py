@@ -90,10 +90,15 @@ class _KeyState:
         self.anchors: dict[tuple[int, int], int] | None = None
 
     def roll(self, now: float) -> None:
+        rolled = False
         for i in range(_DIVIDED):
             start = window_start(_WINDOWS[i], now)
             if self.starts[i] != start:
                 self.starts[i], self.counts[i] = start, 0
+                rolled = True
+        if rolled and self.anchors:
+            # Only the current windows' anchors are ever read: a busy key kept every window's.
+            self.anchors = {at: n for at, n in self.anchors.items() if at[1] == self.starts[at[0]]} or None
         month = month_bounds(now)[0]  # cached: no calendar arithmetic within a month
         if self.starts[_MONTH] != month:
             self.starts[_MONTH], self.counts[_MONTH] = month, 0

@@ -277,6 +277,22 @@ def test_a_later_unlisted_version_does_not_re_anchor() -> None:
     assert (final.by, final.version, final.cap) == (RefusedBy.allowance, 8, 15)
 
 
+def test_an_unlisted_node_keeps_the_anchors_of_the_current_windows_only() -> None:
+    # A busy key on a node the worker never lists: one anchor per window it held an allowance
+    # of. Before, every minute's stayed for good (4,320 after three days, never forgotten while
+    # the key stays busy).
+    g = guard(node="n9")
+    for minute in range(3 * 1440):
+        start = MINUTE + minute * 60
+        g.admit("k", "acct", start + 1)
+        assert g.apply(allowance(minute + 1, {"n1": (30, 40)}, others=10, start=start), start + 1)
+    held = g._keys["k"].anchors  # private: the memory the test is about
+    assert held is not None
+    assert list(held) == [(0, MINUTE + (3 * 1440 - 1) * 60)]
+    # The current window's anchor still counts ``others`` from where it was taken (1 admitted).
+    assert admit_until_refused(g, MINUTE + (3 * 1440 - 1) * 60 + 2) == 10
+
+
 def test_the_local_limit_still_applies_under_a_higher_cap() -> None:
     g = guard()
     g.apply(allowance(7, {"n1": (0, 500)}), T0)
