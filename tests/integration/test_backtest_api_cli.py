@@ -110,6 +110,7 @@ class TestApi:
             # Found by the fuzz test: times UTC cannot hold, or arithmetic on them cannot (were 500s).
             ({**CANDIDATE, "since": "0001-01-01T00:00:58+14:01"}, 422, "starts at 0001-01-01T00:00:58+14:01, before"),
             ({**CANDIDATE, "until": "0001-01-01T11:26:08Z"}, 422, "starts at 0001-01-01T11:26:08Z, before"),
+            ({**CANDIDATE, "since": "9999-12-31T23:00:00-05:00"}, 422, "starts at 9999-12-31T23:00:00-05:00, after"),
         ],
     )
     def test_bad_requests(

@@ -103,6 +103,8 @@ def check_storable(since: datetime, until: datetime) -> None:
         )
     if until > LATEST:
         raise OutOfRange(f"the range ends at {iso(until)}, after {iso(LATEST)} (the latest time stored)")
+    if since > LATEST:  # an until left to its default: the since alone is past what is stored
+        raise OutOfRange(f"the range starts at {iso(since)}, after {iso(LATEST)} (the latest time stored)")
 
 
 def check_window(since: datetime, until: datetime, max_span: timedelta = MAX_TOP_SPAN) -> None:
