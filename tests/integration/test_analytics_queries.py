@@ -23,6 +23,7 @@ from worker.analytics.signals import SignalThresholds, abuse_signals
 from worker.cli import run_command
 from worker.settings import Settings
 from worker.store.decisions import DecisionStore
+from worker.store.rollup import rollup_table
 from worker.store.usage import floor_to
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
@@ -245,6 +246,43 @@ def test_an_operators_block_after_a_workers_is_listed_as_itself(clickhouse: Any,
         [listed] = queries.blocked_keys(clickhouse, settings.clickhouse_database, at)
         assert (listed.window, listed.until, listed.limit, listed.count) == (Window.manual, None, None, None)
         assert (listed.version, listed.source) == (2, "operator")
+
+
+ROLLUP_COLUMNS = ["level", "key_id", "bucket", "endpoint", "status", "node_id", "account_id", "requests"]
+
+
+def test_a_keys_signals_are_found_past_the_cap_of_other_keys(clickhouse: Any, settings: Settings) -> None:
+    # 60 keys refused 403 on every request; the weakest is the one asked about. The cap (the
+    # strongest 50 of a kind) applied before the key filter hid it.
+    now = datetime(2026, 11, 30, 12, 0, 30, tzinfo=UTC)
+    minute = now.replace(second=0) - timedelta(minutes=5)
+    rows = [["minute", f"cfxkey_{i:024x}", minute, "/v0/x", 403, "n1", "a", 100 + i] for i in range(60)]
+    clickhouse.insert(rollup_table(settings.clickhouse_database), rows, column_names=ROLLUP_COLUMNS)
+    weakest = f"cfxkey_{0:024x}"
+    report = abuse_signals(
+        clickhouse, settings.clickhouse_database, now, kinds={SignalKind.auth_failures}, key_id=weakest
+    )
+    assert [(s.kind, s.key_id) for s in report.signals] == [(SignalKind.auth_failures, weakest)]
+    everyone = abuse_signals(clickhouse, settings.clickhouse_database, now, kinds={SignalKind.auth_failures})
+    assert len(everyone.signals) == SignalThresholds().max_per_kind
+
+
+def test_a_burst_inside_the_recent_window_is_not_its_own_baseline(clickhouse: Any, settings: Settings) -> None:
+    # A key silent for weeks sends 5,000 requests yesterday at 12:00; looked at over the last 24 h
+    # at 10:00, yesterday's day row was part of the baseline and the jump hid itself.
+    now = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
+    burst = now - timedelta(hours=22)
+    rows = [
+        [level, "cfxdor_0123456789abcdef01234567", bucket, "/v0/x", 200, "n1", "a", 5000]
+        for level, bucket in (("minute", burst), ("hour", burst), ("day", burst.replace(hour=0)))
+    ]
+    clickhouse.insert(rollup_table(settings.clickhouse_database), rows, column_names=ROLLUP_COLUMNS)
+    for hours in (24, 48):
+        th = SignalThresholds(recent=timedelta(hours=hours))
+        report = abuse_signals(clickhouse, settings.clickhouse_database, now, th, kinds={SignalKind.rate_jump})
+        [jump] = report.signals
+        assert jump.evidence["requests"] == 5000
+        assert jump.evidence["factor"] == "no baseline"
 
 
 def test_abuse_signals_find_each_pattern_and_explain_it(

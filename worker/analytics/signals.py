@@ -97,8 +97,10 @@ def rate_jumps(
 ) -> list[Signal]:
     """Keys whose rate in the recent window is far above their average of the previous days."""
     since = floor_to(now - th.recent, Granularity.minute)
-    today = floor_to(now, Granularity.day)
-    base_since = today - timedelta(days=th.baseline_days)
+    # The baseline's days end where the recent window's first day begins: a day it overlaps
+    # would count the jump in its own baseline (a burst yesterday, looked at over 24 h, hid itself).
+    base_until = floor_to(since, Granularity.day)
+    base_since = base_until - timedelta(days=th.baseline_days)
     if recent is None:
         recent = recent_counts(client, database, now, th)
     current = [(key, acct, n) for key, acct, n, *_ in recent if n >= th.rate_jump_min_requests]
@@ -110,8 +112,12 @@ def rate_jumps(
         for key, total in client.query(
             f"SELECT key_id, sum(requests) FROM {rollup_table(database)} "
             "WHERE level = 'day' AND key_id IN {keys:Array(String)} "
-            "AND bucket >= {base_since:DateTime('UTC')} AND bucket < {today:DateTime('UTC')} GROUP BY key_id",
-            parameters={"keys": sorted(key for key, _, _ in current), "base_since": base_since, "today": today},
+            "AND bucket >= {base_since:DateTime('UTC')} AND bucket < {base_until:DateTime('UTC')} GROUP BY key_id",
+            parameters={
+                "keys": sorted(key for key, _, _ in current),
+                "base_since": base_since,
+                "base_until": base_until,
+            },
         ).result_rows
     }
     hours = max((now - since).total_seconds() / 3600, 1 / 60)
@@ -157,7 +163,7 @@ def rate_jumps(
                 until=now,
             )
         )
-    return _cap(out, th)
+    return out
 
 
 def error_bursts(
@@ -217,7 +223,7 @@ def error_bursts(
                     until=now,
                 )
             )
-    return _cap(out, th)
+    return out
 
 
 # long: one signal's two queries and its plain-words explanation read best together
@@ -309,7 +315,7 @@ def many_sources(client: Client, database: str, now: datetime, th: SignalThresho
                 until=now,
             )
         )
-    return _cap(out, th)
+    return out
 
 
 def _many_address_candidates(
@@ -386,7 +392,7 @@ def repeated_blocks(client: Client, database: str, now: datetime, th: SignalThre
                 until=now,
             )
         )
-    return _cap(out, th)
+    return out
 
 
 def invalid_key_storms(client: Client, database: str, now: datetime, th: SignalThresholds) -> list[Signal]:
@@ -426,8 +432,12 @@ def invalid_key_storms(client: Client, database: str, now: datetime, th: SignalT
     return out
 
 
-def _cap(signals: list[Signal], th: SignalThresholds) -> list[Signal]:
-    return sorted(signals, key=lambda s: -s.score)[: th.max_per_kind]
+def _cap_per_kind(signals: list[Signal], th: SignalThresholds) -> list[Signal]:
+    """The ``max_per_kind`` strongest signals of each kind."""
+    kept: list[Signal] = []
+    for kind in SignalKind:
+        kept.extend(sorted((s for s in signals if s.kind is kind), key=lambda s: -s.score)[: th.max_per_kind])
+    return kept
 
 
 DETECTORS: dict[SignalKind, Callable[..., list[Signal]]] = {
@@ -467,8 +477,9 @@ def abuse_signals(
         signals.extend(_detect(client, database, as_of, th, wanted))
         if aside is not None:
             signals.extend(aside.result())
-    if key_id is not None:
+    if key_id is not None:  # before the cap: the key's signals must not be cut for other keys'
         signals = [s for s in signals if s.key_id == key_id]
+    signals = _cap_per_kind(signals, th)
     order = {Severity.high: 0, Severity.medium: 1, Severity.low: 2}
     signals.sort(key=lambda s: (order[s.severity], -s.score, s.kind.value))
     return SignalReport(as_of=as_of, signals=signals)
