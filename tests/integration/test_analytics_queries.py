@@ -24,9 +24,11 @@ from worker.cli import run_command
 from worker.settings import Settings
 from worker.store.decisions import DecisionStore
 from worker.store.rollup import rollup_table
-from worker.store.usage import floor_to
+from worker.store.usage import LevelsHeld, floor_to
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
+
+ROLLUP_COLUMNS = ["level", "key_id", "bucket", "endpoint", "status", "node_id", "account_id", "requests"]
 
 
 def test_top_keys_last_hour_ranks_by_requests_with_counts(
@@ -94,6 +96,35 @@ def test_top_over_days_reads_hour_rows_and_counts_the_baseline(
     by_id = {e.id: e.requests for e in result.entries}
     assert by_id[NORMAL_KEY] == 7 * sample.baseline_per_day[NORMAL_KEY] + 60
     assert by_id[ABUSED_KEY] == 7 * sample.baseline_per_day[ABUSED_KEY] + 3000
+
+
+def test_top_of_a_day_whose_minutes_are_deleted_reads_the_hour_rows(clickhouse: Any, settings: Settings) -> None:
+    # 10 requests 10 days ago (past the minute level's 7 days), at every level as the worker
+    # writes them; the minute rows are gone as the TTL would have it. A 24 h window over that day
+    # was answered from the minute rows: empty.
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    at = now - timedelta(days=10)
+    key = "cfxold_0123456789abcdef01234567"
+    rows = [[level, key, floor_to(at, Granularity(level)), "/v0/x", 200, "n1", "a", 10] for level in ("hour", "day")]
+    clickhouse.insert(rollup_table(settings.clickhouse_database), rows, column_names=ROLLUP_COLUMNS)
+    since = at - timedelta(hours=12, minutes=30)
+    result = queries.top(
+        clickhouse,
+        settings.clickhouse_database,
+        TopDimension.key,
+        TopMetric.requests,
+        since,
+        since + timedelta(days=1),
+        held=LevelsHeld(minute_days=7),
+        now=now,
+    )
+    assert [(e.id, e.requests) for e in result.entries] == [(key, 10)]
+    # What was counted, said: the hour level's whole buckets.
+    assert (result.level, result.since, result.until) == (
+        Granularity.hour,
+        floor_to(since, Granularity.hour),
+        floor_to(since, Granularity.hour) + timedelta(hours=25),
+    )
 
 
 def test_top_refuses_bad_windows(clickhouse: Any, settings: Settings, sample: SampleFacts) -> None:
@@ -246,9 +277,6 @@ def test_an_operators_block_after_a_workers_is_listed_as_itself(clickhouse: Any,
         [listed] = queries.blocked_keys(clickhouse, settings.clickhouse_database, at)
         assert (listed.window, listed.until, listed.limit, listed.count) == (Window.manual, None, None, None)
         assert (listed.version, listed.source) == (2, "operator")
-
-
-ROLLUP_COLUMNS = ["level", "key_id", "bucket", "endpoint", "status", "node_id", "account_id", "requests"]
 
 
 def test_a_keys_signals_are_found_past_the_cap_of_other_keys(clickhouse: Any, settings: Settings) -> None:

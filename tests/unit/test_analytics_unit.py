@@ -17,24 +17,45 @@ from worker.analytics.queries import check_window, window_level
 from worker.analytics.signals import _fmt_span, severity
 from worker.cli_args import parse_duration
 from worker.cli_args import parse_time as _time
+from worker.store.usage import LevelsHeld
 
 NOW = datetime(2026, 11, 27, 12, 34, 56, tzinfo=UTC)
 
 
+MINUTE_END = datetime(2026, 11, 27, 12, 35, tzinfo=UTC)  # NOW's bucket, ceiled at each level
+HOUR_END = datetime(2026, 11, 27, 13, 0, tzinfo=UTC)
+DAY_END = datetime(2026, 11, 28, tzinfo=UTC)
+
+
 @pytest.mark.parametrize(
-    ("span", "level", "floored"),
+    ("span", "level", "floored", "ceiled"),
     [
-        (timedelta(hours=1), Granularity.minute, datetime(2026, 11, 27, 11, 34, tzinfo=UTC)),
-        (timedelta(hours=48), Granularity.minute, datetime(2026, 11, 25, 12, 34, tzinfo=UTC)),
-        (timedelta(hours=49), Granularity.hour, datetime(2026, 11, 25, 11, 0, tzinfo=UTC)),
-        (timedelta(days=31), Granularity.hour, datetime(2026, 10, 27, 12, 0, tzinfo=UTC)),
-        (timedelta(days=32), Granularity.day, datetime(2026, 10, 26, 0, 0, tzinfo=UTC)),
+        (timedelta(hours=1), Granularity.minute, datetime(2026, 11, 27, 11, 34, tzinfo=UTC), MINUTE_END),
+        (timedelta(hours=48), Granularity.minute, datetime(2026, 11, 25, 12, 34, tzinfo=UTC), MINUTE_END),
+        (timedelta(hours=49), Granularity.hour, datetime(2026, 11, 25, 11, 0, tzinfo=UTC), HOUR_END),
+        (timedelta(days=31), Granularity.hour, datetime(2026, 10, 27, 12, 0, tzinfo=UTC), HOUR_END),
+        (timedelta(days=32), Granularity.day, datetime(2026, 10, 26, 0, 0, tzinfo=UTC), DAY_END),
     ],
 )
 def test_window_level_picks_the_coarsest_level_that_stays_exact_enough(
-    span: timedelta, level: Granularity, floored: datetime
+    span: timedelta, level: Granularity, floored: datetime, ceiled: datetime
 ) -> None:
-    assert window_level(NOW - span, NOW) == (level, floored)
+    # The range is widened to the level's whole buckets, and says so (it counts them all).
+    assert window_level(NOW - span, NOW, NOW, LevelsHeld()) == (level, floored, ceiled)
+
+
+@pytest.mark.parametrize(
+    ("since", "span", "level"),
+    [
+        (NOW - timedelta(days=7) + timedelta(minutes=1), timedelta(hours=1), Granularity.minute),  # still held
+        (NOW - timedelta(days=10), timedelta(hours=24), Granularity.hour),  # minute rows deleted
+        (NOW - timedelta(days=100), timedelta(days=10), Granularity.day),  # hour rows deleted too
+    ],
+)
+def test_window_level_answers_from_a_coarser_level_once_the_finer_rows_are_deleted(
+    since: datetime, span: timedelta, level: Granularity
+) -> None:
+    assert window_level(since, since + span, NOW, LevelsHeld(minute_days=7, hour_days=90))[0] is level
 
 
 def test_check_window_refuses_naive_reversed_and_oversized() -> None:

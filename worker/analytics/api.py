@@ -27,6 +27,7 @@ from worker.analytics.query_context import PolicyLookup, QueryContext
 from worker.analytics.side_handle import SideHandle
 from worker.analytics.throttle import LoginThrottle
 from worker.settings import Settings
+from worker.store.usage import LevelsHeld
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def build_query_app(
         clock=now or (lambda: datetime.now(UTC)),
         admin_key=settings.admin_api_key.get_secret_value().encode(),
         throttle=LoginThrottle(settings.admin_login_burst, settings.admin_login_refill_per_minute / 60),
-        minute_days=settings.ttl_minute_days,
+        held=LevelsHeld.of(settings),
         side=side,
     )
     app.router.on_shutdown.append(side.close)

@@ -35,7 +35,15 @@ from worker.refusals import EmptyRange, OutOfRange, QueryRefused, iso
 from worker.store.client import quote_identifier
 from worker.store.decisions import DecisionStore
 from worker.store.rollup import rollup_table
-from worker.store.usage import DEFAULT_SPAN, STEP_SECONDS, default_range, floor_to
+from worker.store.usage import (
+    DEFAULT_LEVELS_HELD,
+    DEFAULT_SPAN,
+    STEP_SECONDS,
+    LevelsHeld,
+    ceil_to,
+    default_range,
+    floor_to,
+)
 
 MAX_TOP_N = 1_000
 MAX_DECISION_HISTORY = 500  # a key's decisions listed by key_state, newest first
@@ -82,8 +90,12 @@ def utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def window_level(since: datetime, until: datetime) -> tuple[Granularity, datetime]:
-    """The rollup level that counts [since, until), and ``since`` floored to that level's bucket."""
+def window_level(
+    since: datetime, until: datetime, now: datetime, held: LevelsHeld
+) -> tuple[Granularity, datetime, datetime]:
+    """The rollup level that counts [since, until) — fine enough for the span, and still holding
+    ``since`` (else the next coarser: the finer rows are deleted) — and the range it counts:
+    widened to that level's whole buckets."""
     span = until - since
     if span <= MINUTE_LEVEL_MAX_SPAN:
         level = Granularity.minute
@@ -91,7 +103,11 @@ def window_level(since: datetime, until: datetime) -> tuple[Granularity, datetim
         level = Granularity.hour
     else:
         level = Granularity.day
-    return level, floor_to(since, level)
+    if level is Granularity.minute and not held.holds(level, since, now):
+        level = Granularity.hour
+    if level is Granularity.hour and not held.holds(level, since, now):
+        level = Granularity.day
+    return level, floor_to(since, level), ceil_to(until, level)
 
 
 def check_storable(since: datetime, until: datetime) -> None:
@@ -268,8 +284,11 @@ def top(
     since: datetime,
     until: datetime,
     n: int = 20,
+    held: LevelsHeld = DEFAULT_LEVELS_HELD,
+    now: datetime | None = None,
 ) -> TopList:
-    """The ``n`` keys / accounts / endpoints with the most ``metric`` in [since, until).
+    """The ``n`` keys / accounts / endpoints with the most ``metric`` in [since, until), in the
+    whole buckets of the level that answers (the list says which: level, since, until).
 
     Entities with zero of the metric are left out; accounts exclude traffic of keys
     without an account.
@@ -277,7 +296,7 @@ def top(
     check_window(since, until)
     if not 1 <= n <= MAX_TOP_N:
         raise QueryRefused(f"n must be between 1 and {MAX_TOP_N}")
-    level, start = window_level(since, until)
+    level, start, end = window_level(since, until, now or datetime.now(UTC), held)
     column = _DIMENSION_COLUMN[dimension]
     metric_column = _METRIC_COLUMN[metric]
     account = "anyIf(account_id, account_id != '')" if dimension is TopDimension.key else "''"
@@ -299,7 +318,7 @@ def top(
     result = client.query(
         f"SELECT toString({column}) AS id, {account} AS acct, {COUNT_COLUMNS} FROM {table} {window}{candidates}"
         f"GROUP BY id HAVING {metric_column} > 0 ORDER BY {metric_column} DESC, id LIMIT {{n:UInt32}}",
-        parameters={"level": level.value, "since": start, "until": until, "n": n},
+        parameters={"level": level.value, "since": start, "until": end, "n": n},
     )
     entries = [
         TopEntry(
@@ -313,9 +332,7 @@ def top(
         )
         for i, (ident, acct, req, err, auth, limited) in enumerate(result.result_rows, start=1)
     ]
-    return TopList(
-        dimension=dimension, metric=metric, level=level, since=start, until=until.astimezone(UTC), entries=entries
-    )
+    return TopList(dimension=dimension, metric=metric, level=level, since=start, until=end, entries=entries)
 
 
 # -- limit state and decisions --------------------------------------------------------------

@@ -26,6 +26,7 @@ from worker.analytics.side_handle import SideHandle
 from worker.analytics.throttle import LoginThrottle, client_key
 from worker.cli_args import parse_duration
 from worker.refusals import EmptyRange, OutOfRange, QueryRefused
+from worker.store.usage import LevelsHeld
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class QueryContext:
     clock: Callable[[], datetime]
     admin_key: bytes
     throttle: LoginThrottle
-    minute_days: int  # what the minute level holds (METER_TTL_MINUTE_DAYS)
+    held: LevelsHeld  # how long the minute and hour levels keep their rows (METER_TTL_*)
     side: SideHandle | None = None  # a second handle, for a request that runs two queries at once
     lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -141,7 +141,9 @@ def top(
 ) -> TopList:
     """The top N keys / accounts / endpoints by requests, errors (status >= 400), 401+403 or 429."""
     start, end = ctx.window(window, since, until, "1h")
-    return ctx.run(lambda: queries.top(ctx.client, ctx.database, dimension, metric, start, end, n))
+    return ctx.run(
+        lambda: queries.top(ctx.client, ctx.database, dimension, metric, start, end, n, ctx.held, ctx.clock())
+    )
 
 
 @limits.get("/keys/{key_id}/state")
@@ -163,7 +165,8 @@ def limits_backtest(ctx: Context, body: BacktestRequest) -> BacktestResult:
     """What a candidate policy would have refused, replayed on the minute rollups (exact at minute
     granularity), beside the policy in force. A span reaching before the oldest minute the minute
     level holds (METER_TTL_MINUTE_DAYS) is a 422 naming that bound."""
-    return ctx.run(lambda: backtest.backtest(ctx.client, ctx.database, body, ctx.book, ctx.minute_days, ctx.clock()))
+    minute_days = ctx.held.minute_days
+    return ctx.run(lambda: backtest.backtest(ctx.client, ctx.database, body, ctx.book, minute_days, ctx.clock()))
 
 
 @abuse.get("/signals")

@@ -37,6 +37,7 @@ from worker.listening import running_worker
 from worker.refusals import QueryRefused
 from worker.settings import Settings
 from worker.store.client import StoreUnavailable, connect, is_embedded
+from worker.store.usage import DEFAULT_LEVELS_HELD, LevelsHeld
 
 T = TypeVar("T")
 PolicyLookup = Callable[[str, str], LimitPolicy]
@@ -78,8 +79,8 @@ class Analytics(Protocol):
 
 class StoreAnalytics:
     """Queries on an open ClickHouse client (``policies`` is asked only for the key state, ``book``
-    - the default and the overrides in force - only for a backtest; ``minute_days``: how long the
-    minute level keeps its rows, METER_TTL_MINUTE_DAYS)."""
+    - the default and the overrides in force - only for a backtest; ``held``: how long the minute
+    and hour levels keep their rows, METER_TTL_*)."""
 
     def __init__(
         self,
@@ -87,16 +88,16 @@ class StoreAnalytics:
         database: str,
         policies: Callable[[], PolicyLookup],
         book: Callable[[], PolicyBook] | None = None,
-        minute_days: int = 7,
+        held: LevelsHeld = DEFAULT_LEVELS_HELD,
     ) -> None:
         self.client = client
         self.database = database
         self.policies = policies
         self.book = book or (lambda: PolicyBook(LimitPolicy()))
-        self.minute_days = minute_days
+        self.held = held
 
     def top(self, dimension: TopDimension, metric: TopMetric, since: datetime, until: datetime, n: int) -> TopList:
-        return queries.top(self.client, self.database, dimension, metric, since, until, n)
+        return queries.top(self.client, self.database, dimension, metric, since, until, n, self.held)
 
     def series(
         self,
@@ -132,7 +133,7 @@ class StoreAnalytics:
 
     def backtest(self, request: BacktestRequest) -> BacktestResult:
         book = self.book()
-        return backtest.backtest(self.client, self.database, request, book, self.minute_days)
+        return backtest.backtest(self.client, self.database, request, book, self.held.minute_days)
 
 
 def _span(value: timedelta) -> str:
@@ -284,7 +285,7 @@ def open_analytics(
         return ApiAnalytics(url, admin_key)
     try:
         client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
-        return StoreAnalytics(client, settings.clickhouse_database, policies, book, settings.ttl_minute_days)
+        return StoreAnalytics(client, settings.clickhouse_database, policies, book, LevelsHeld.of(settings))
     except StoreUnavailable as exc:
         if not is_embedded(settings.clickhouse_dsn):
             raise SourceUnavailable(str(exc)) from None
