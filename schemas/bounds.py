@@ -27,6 +27,8 @@ Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=PRINTABLE)]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=PRINTABLE)]
 Note = Annotated[str, StringConstraints(max_length=512, pattern=PRINTABLE)]
+# What Kafka accepts as a topic name.
+TopicName = Annotated[str, StringConstraints(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")]
 
 
 def _in_range(value: datetime) -> datetime:

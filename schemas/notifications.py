@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from schemas.bounds import PRINTABLE, Count, Identifier, Label, Note, Timestamp, Version
+from schemas.bounds import PRINTABLE, Count, Identifier, Label, Note, Timestamp, TopicName, Version
 from schemas.decisions import WINDOW_SECONDS, Window
 
 Percent = Annotated[float, Field(gt=0.0, le=1_000.0)]  # of a window's limit; above 100: overshoot
@@ -106,6 +106,6 @@ class UndeliveredNotification(BaseModel):
     reason: Note  # the last failure, e.g. "HTTP 503" or "ReadTimeout"
     attempts: Annotated[int, Field(ge=1, le=1_000)]
     failed_at: Timestamp
-    topic: Identifier  # where the notification was read
+    topic: TopicName  # where the notification was read
     partition: Annotated[int, Field(ge=0, le=1_000_000)]
     offset: Annotated[int, Field(ge=0, le=2**63 - 1)]

@@ -320,11 +320,18 @@ class Recorder:
             raise httpx.ReadTimeout("slow", request=request)
         if answer == "retry-after":
             return httpx.Response(503, headers={"Retry-After": "7"})
+        if answer == "odd-retry-after":  # byte 0xB2: '²' decoded, a digit to str.isdigit()
+            return httpx.Response(503, headers=[(b"Retry-After", b"\xb2")])
         assert isinstance(answer, int)
         return httpx.Response(answer)
 
 
-async def deliver_once(answers: list[int | str], **settings: Any) -> tuple[Recorder, list[float], list[Any], Any]:
+async def deliver_once(
+    answers: list[int | str],
+    notification: dict[str, Any] | None = None,
+    topic: str = "usage.notifications",
+    **settings: Any,
+) -> tuple[Recorder, list[float], list[Any], Any]:
     recorder = Recorder(answers)
     slept: list[float] = []
 
@@ -348,8 +355,8 @@ async def deliver_once(answers: list[int | str], **settings: Any) -> tuple[Recor
         letters.append((topic, UndeliveredNotification.model_validate_json(value), key))
 
     deliverer._producer = SimpleNamespace(send_and_wait=send_and_wait)
-    n = Notification.model_validate(_notification())
-    record = SimpleNamespace(topic="usage.notifications", partition=2, offset=41)
+    n = Notification.model_validate(notification or _notification())
+    record = SimpleNamespace(topic=topic, partition=2, offset=41)
     endpoint: Endpoint = deliverer.endpoints[0]
     await deliverer._deliver(endpoint, n, n.model_dump_json().encode(), record)
     await deliverer._deliver(endpoint, n, n.model_dump_json().encode(), record)  # a duplicate: skipped
@@ -384,6 +391,33 @@ async def test_an_endpoint_that_never_accepts_is_dead_lettered_after_the_last_at
     assert letter.endpoint.startswith("http://receiver.test/… #")
     assert key == letter.notification.id.encode()
     assert (stats.dead_lettered, stats.duplicates) == (1, 1)
+
+
+async def test_a_retry_after_of_other_digits_leaves_the_wait_to_the_backoff() -> None:
+    recorder, slept, letters, stats = await deliver_once(["odd-retry-after"])
+    assert len(recorder.requests) == 2
+    assert slept == [0.5]
+    assert (letters, stats.delivered) == ([], 1)
+
+
+async def test_a_notification_that_cannot_be_sent_is_dead_lettered_not_retried_for_ever() -> None:
+    # Its id cannot be an HTTP header (not ASCII): before, the error left the deliverer, which
+    # fetched the same uncommitted batch again for ever, every delivery behind it stalled.
+    recorder, slept, letters, stats = await deliver_once([], notification=_notification(id="ntf_\u00e9"))
+    assert (recorder.requests, slept) == ([], [])
+    [(_, letter, _)] = letters
+    assert letter.reason.startswith("UnicodeEncodeError")
+    assert (letter.attempts, stats.dead_lettered) == (1, 1)
+
+
+async def test_a_dead_letter_names_a_topic_longer_than_an_identifier() -> None:
+    topic = "meter." + "n" * 200  # Kafka takes up to 249 characters
+    _, _, letters, _ = await deliver_once([404], topic=topic)
+    assert letters[0][1].topic == topic
+
+
+def test_a_signature_time_of_other_digits_is_refused_not_raised() -> None:
+    assert not verify(SECRET.encode(), b"{}", "t=\u00b2,v1=00", now=T0)
 
 
 @pytest.mark.parametrize("status", [301, 400, 401, 404, 410])

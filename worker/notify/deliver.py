@@ -99,7 +99,8 @@ class DeliveryStats:
 
 
 def _retry_after(value: str | None) -> float | None:
-    if value is None or not value.strip().isdigit():
+    # ASCII digits only: str.isdigit() takes '²' too, which float() refuses.
+    if value is None or not (value.strip().isascii() and value.strip().isdigit()):
         return None  # an HTTP date is rare on webhooks: the backoff decides
     return float(value.strip())
 
@@ -242,7 +243,15 @@ class WebhookDeliverer:
         async def attempt() -> None:
             nonlocal attempts
             attempts += 1
-            await self._post(endpoint, n, body, attempts)
+            try:
+                await self._post(endpoint, n, body, attempts)
+            except Failure:
+                raise
+            except Exception as exc:
+                # A bug some notification or answer trips (a header it cannot be sent in, ...):
+                # retrying cannot help, and raising would stop every delivery behind it for good.
+                log.exception("notification %s to %s: attempt %d failed", n.id, endpoint.label, attempts)
+                raise Failure(_clean(describe_error(exc)), final=True) from None
 
         def give_up(exc: Exception) -> bool:
             return not isinstance(exc, Failure) or exc.final or attempts >= s.notify_max_attempts
