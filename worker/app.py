@@ -194,7 +194,7 @@ class WorkerRuntime:
             # Its own client: the guards' reads run in a thread beside the inserts.
             connect(s.clickhouse_dsn, s.clickhouse_database) if rules.enabled else self.store.client,
             s.clickhouse_database,
-            self.limits.latest_decision,
+            self.limits.operator_decision,
             self.limits.publish_decisions,
             s.guard_interval_seconds,
             self.clock,

@@ -56,9 +56,8 @@ def _record(d: Decision, offset: int) -> ConsumerRecord[bytes, bytes]:
     return ConsumerRecord("decisions", 0, offset, 0, 0, d.key_id.encode(), value, None, 0, len(value), ())
 
 
-async def test_the_service_forgets_what_no_longer_matters_and_keeps_the_rest() -> None:
-    clock = Clock(T0.timestamp())
-    service = LimitService(
+def _service(clock: Clock) -> LimitService:
+    return LimitService(
         Settings(guard_block_minutes=60),
         rollups=cast(Any, None),  # only read on partition assignment, which this test does not do
         audit=cast(Any, _Audit()),
@@ -67,6 +66,11 @@ async def test_the_service_forgets_what_no_longer_matters_and_keeps_the_rest() -
         stored_offsets=dict,
         clock=clock,
     )
+
+
+async def test_the_service_forgets_what_no_longer_matters_and_keeps_the_rest() -> None:
+    clock = Clock(T0.timestamp())
+    service = _service(clock)
     seen = [
         decision("minute-block", DecisionAction.block, until=T0 + timedelta(seconds=55)),
         decision("day-block", DecisionAction.block, until=T0 + timedelta(hours=12)),
@@ -86,3 +90,21 @@ async def test_the_service_forgets_what_no_longer_matters_and_keeps_the_rest() -
     assert service.latest_decision("pardoned") is None
     assert service.latest_decision("day-block") == seen[1]
     assert service.latest_decision("banned") == seen[2]
+
+
+async def test_an_operators_unblock_is_kept_beside_the_keys_newer_decisions() -> None:
+    # The guards leave a key an operator unblocked alone for a guard block's length; its own
+    # minute limit blocking and unblocking it since must not hide that unblock from them.
+    clock = Clock(T0.timestamp())
+    service = _service(clock)
+    pardon = decision("k", DecisionAction.unblock, source="operator")
+    later = [
+        decision("k", DecisionAction.block, at=T0 + timedelta(seconds=30), until=T0 + timedelta(seconds=55)),
+        decision("k", DecisionAction.unblock, at=T0 + timedelta(seconds=55)),
+    ]
+    await service._on_decisions([_record(d, i) for i, d in enumerate([pardon, *later])])
+    assert service.latest_decision("k") == later[-1]
+    assert service.operator_decision("k") == pardon
+    clock.now = T0.timestamp() + HOUR  # a guard block's length later: nothing left to respect
+    service.forget_settled()
+    assert service.operator_decision("k") is None

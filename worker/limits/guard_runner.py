@@ -31,7 +31,7 @@ class GuardRunner:
         engine: LimitEngine,
         client: Client,
         database: str,
-        latest: Callable[[str], Decision | None],
+        latest: Callable[[str], Decision | None],  # a key's newest operator decision
         publish: Publish,
         interval_s: float,
         clock: Callable[[], float] = time.time,

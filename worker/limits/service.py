@@ -48,6 +48,13 @@ def still_matters(decision: Decision, now: float, unblock_memory_s: float) -> bo
     return now - decision.decided_at.timestamp() < unblock_memory_s
 
 
+def _forget_settled(newest: dict[str, Decision], now: float, unblock_memory_s: float) -> int:
+    settled = [k for k, d in newest.items() if not still_matters(d, now, unblock_memory_s)]
+    for key_id in settled:
+        del newest[key_id]
+    return len(settled)
+
+
 class LimitService:
     """The limit side of one worker: wires the ``LimitEngine`` to Kafka and ClickHouse.
 
@@ -95,6 +102,9 @@ class LimitService:
         self._ticker: asyncio.Task[None] | None = None
         self._redivider: asyncio.Task[None] | None = None
         self._latest: dict[str, Decision] = {}  # newest decision per key seen on the topic
+        # Newest operator decision per key: the guards respect an operator's unblock even after
+        # the key's own limits blocked and unblocked it since (newer decisions, not the operator's).
+        self._by_operator: dict[str, Decision] = {}
         self.allowances_published = 0
         # Notifications wait here for their own task: publishing and recording them never holds
         # up the fast lane's decisions.
@@ -206,9 +216,10 @@ class LimitService:
         batch = []
         for decision in valid_records(records, Decision):
             batch.append(decision)
-            held = self._latest.get(decision.key_id)
-            if held is None or held.version < decision.version:
-                self._latest[decision.key_id] = decision
+            for newest in (self._latest, self._by_operator) if decision.source == "operator" else (self._latest,):
+                held = newest.get(decision.key_id)
+                if held is None or held.version < decision.version:
+                    newest[decision.key_id] = decision
             self.engine.seen(decision)
         await self._audit(batch)
 
@@ -225,15 +236,18 @@ class LimitService:
         """The newest decision of ``key_id`` seen on the decisions topic (while it matters)."""
         return self._latest.get(key_id)
 
+    def operator_decision(self, key_id: str) -> Decision | None:
+        """The newest operator decision on ``key_id`` seen on the decisions topic (while it matters)."""
+        return self._by_operator.get(key_id)
+
     def forget_settled(self) -> int:
-        """Drop the newest decisions that no longer matter (``still_matters``): one entry per
-        key ever decided on would grow without end under a long abuse wave."""
+        """Drop the newest decisions (and operator decisions) that no longer matter
+        (``still_matters``): one entry per key ever decided on would grow without end under a
+        long abuse wave. Returns how many keys' newest decisions were dropped."""
         now = self.engine.clock()
         memory_s = self.settings.guard_block_minutes * 60
-        settled = [k for k, d in self._latest.items() if not still_matters(d, now, memory_s)]
-        for key_id in settled:
-            del self._latest[key_id]
-        return len(settled)
+        _forget_settled(self._by_operator, now, memory_s)
+        return _forget_settled(self._latest, now, memory_s)
 
     async def publish_decisions(self, decisions: list[Decision]) -> None:
         """Publish decisions made outside the engine's own evaluation (the abuse guards')."""
