@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import BaseModel, ConfigDict, StringConstraints, model_validator
 
 from schemas.bounds import Count, Identifier, Note, Timestamp
 from schemas.decisions import Window
@@ -90,6 +90,18 @@ class LimitOverride(BaseModel):
     updated_at: Timestamp
     note: Note = ""
     route: RouteName | None = None  # records without it parse as before: the key's own limits
+
+    @model_validator(mode="after")
+    def _one_topic_key_each(self) -> LimitOverride:
+        # "account:acme@corp" would be both account "acme@corp" and account "acme" on route
+        # "corp": compaction would keep one of the two. (A key id never holds the mark; a key
+        # subject "key@route" is the key's override on that route either way.)
+        if self.scope is OverrideScope.account and ROUTE_MARK in self.subject:
+            raise ValueError(
+                f"an account id containing {ROUTE_MARK!r} cannot have an override: its record would share "
+                "the limits topic's key of a route override of another account"
+            )
+        return self
 
     @property
     def topic_key(self) -> str:

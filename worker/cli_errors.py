@@ -16,7 +16,7 @@ from common import kafka_clients
 from common.follower import TopicUnavailable
 from common.listen import PortUnavailable
 from worker.analytics.source import SourceUnavailable
-from worker.refusals import QueryRefused
+from worker.refusals import ActionRefused, QueryRefused
 from worker.settings import Settings
 from worker.store.client import StoreUnavailable, redact_dsn
 from worker.topics import TopicsRefused
@@ -40,7 +40,8 @@ def quiet_client_logs(command: str, level: str) -> None:
 
 def one_line(exc: BaseException, settings: Settings) -> str | None:
     """The line for an expected failure; None for anything else (a bug)."""
-    if isinstance(exc, SourceUnavailable | QueryRefused | StoreUnavailable | TopicsRefused | PortUnavailable):
+    refused = SourceUnavailable | QueryRefused | ActionRefused | StoreUnavailable | TopicsRefused | PortUnavailable
+    if isinstance(exc, refused):
         return str(exc)
     if isinstance(exc, TopicUnavailable):
         return f"{exc} (is Kafka up at METER_KAFKA_BOOTSTRAP? `meter topics` creates the topics)"

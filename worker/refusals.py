@@ -8,9 +8,20 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from pydantic import ValidationError
+
 
 class QueryRefused(ValueError):
     """The question cannot be answered as asked (a bad or too large range, a cap)."""
+
+
+class ActionRefused(ValueError):
+    """An operator action that cannot be published as given (a field out of its bounds, ...)."""
+
+
+def problems(exc: ValidationError) -> str:
+    """Every field a model refused, in one line: ``where: why; ...``."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
 
 
 class OutOfRange(QueryRefused):

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from schemas.usage import Granularity
-from worker.cli import build_parser, parse_time
+from worker.cli import build_parser, parse_time, run_command
 from worker.settings import Settings
 from worker.store.client import quote_identifier, redact_dsn
 from worker.store.migrations import discover, render
@@ -155,3 +155,21 @@ def test_a_raw_key_pasted_for_a_key_id_is_refused_and_not_repeated(
 )
 def test_key_ids_and_route_subjects_are_taken(key: str) -> None:
     assert build_parser().parse_args(["unblock", key]).key == key
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["limits", "set", "--account", "acme@corp", "--per-minute", "5"], "an account id containing '@'"),
+        (["unblock", "cfxali_cf2a91d59aea986a542ccbf3", "--reason", "r" * 600], "reason: String should have at most"),
+        (["block", "cfxali_cf2a91d59aea986a542ccbf3", "--until", "2020-01-01T00:00:00Z"], "is not in the future"),
+    ],
+)
+def test_an_operator_action_out_of_bounds_is_one_line_and_exit_2_before_kafka(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings(kafka_bootstrap="127.0.0.1:1")  # nothing listens: refused before any connection
+    assert run_command(build_parser().parse_args(argv), settings) == 2
+    err = capsys.readouterr().err
+    assert said in err
+    assert len(err.strip().splitlines()) == 1

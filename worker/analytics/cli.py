@@ -30,7 +30,7 @@ from schemas.usage import Granularity
 from worker.analytics.queries import MAX_DECISION_HISTORY, MAX_TOP_N
 from worker.analytics.source import Analytics, open_analytics
 from worker.cli_args import count_between, key_id, parse_duration, parse_time
-from worker.refusals import QueryRefused
+from worker.refusals import QueryRefused, problems
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -304,8 +304,7 @@ def backtest_request(args: argparse.Namespace, default: LimitPolicy) -> Backtest
     try:
         return _backtest_request(limits, scope, subject, args)
     except ValidationError as exc:  # --top 5000, a key id too long, ...: one line, exit 2
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
-        raise QueryRefused(problems) from None
+        raise QueryRefused(problems(exc)) from None
 
 
 def _backtest_request(
