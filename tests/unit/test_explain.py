@@ -77,6 +77,16 @@ def test_an_open_ended_operator_block() -> None:
     assert "decision 99" in line
 
 
+def test_a_shadow_guard_block_is_not_reported_as_blocking_the_nodes() -> None:
+    # The guards' blocks are shadow by default: nodes serve the key. It was "BLOCKED on every node".
+    shadow = block(7, MINUTE + 3600, "guard").model_copy(update={"shadow": True})
+    lines = why(shadow, None)
+    assert not [line for line in lines if "BLOCKED" in line]
+    [line] = [line for line in lines if "SHADOW" in line]
+    assert "nodes serve the key" in line
+    assert "the abuse guards" in line
+
+
 def test_a_block_that_ran_out_is_not_reported_as_blocked() -> None:
     lines = why(block(1234567, MINUTE + 60), None, now=MINUTE + 61)
     assert not any("BLOCKED" in line for line in lines)

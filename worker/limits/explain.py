@@ -19,6 +19,13 @@ def _limits(policy: LimitPolicy) -> str:
     return ", ".join(cells)
 
 
+_DECIDED_BY = {
+    "operator": "an operator",
+    "worker": "the worker that owns the key",
+    "guard": "the abuse guards of the worker that owns the key",
+}
+
+
 def explain(
     key_id: str, policy: LimitPolicy, source: str, decision: Decision | None, allowance: Allowance | None, now: float
 ) -> list[str]:
@@ -27,9 +34,14 @@ def explain(
         lines.append("no block or unblock decision has ever been published for this key")
     elif decision.blocks_at(now):
         left = "until an explicit unblock" if decision.until is None else f"until {decision.until.isoformat()}"
-        by = "an operator" if decision.source == "operator" else "the worker that owns the key"
+        by = _DECIDED_BY.get(decision.source, f"{decision.source!r}")
+        what = (
+            "a SHADOW block (dry run): nodes serve the key and count what they would have refused,"
+            if decision.shadow
+            else "BLOCKED on every node"
+        )
         lines.append(
-            f"BLOCKED on every node {left} (decision {decision.version} by {by}, {decision.window.value} window): "
+            f"{what} {left} (decision {decision.version} by {by}, {decision.window.value} window): "
             f"{decision.reason or 'no reason given'}"
         )
     else:
