@@ -47,8 +47,9 @@ class NotifyThresholds(BaseModel):
 
 
 def percent_label(percent: float) -> str:
-    """The stable name of a percent threshold: ``80%``, ``99.5%``."""
-    return f"{percent:g}%"
+    """The stable name of a percent threshold: ``80%``, ``99.5%``. Not rounded (``:g`` kept 6
+    digits: 99.99999 and 100 were both "100%", one fired bit and one notification id)."""
+    return f"{float(percent)!r}".removesuffix(".0") + "%"
 
 
 def percent_count(percent: float, limit: int) -> int:

@@ -68,6 +68,14 @@ def test_each_threshold_fires_once_per_window_and_again_in_the_next() -> None:
     assert hit(engine, clock, "k", 90) == [(Window.minute, "80%", 90)]
 
 
+
+def test_thresholds_closer_than_six_digits_fire_each() -> None:
+    # 99.99999% and 100% were both labelled "100%": one fired bit, the second never notified.
+    policy = LimitPolicy(per_minute=10_000_000, per_hour=None, per_day=None)
+    engine, clock, _ = tracked(policy, NotifyThresholds(percent=(99.99999, 100.0)))
+    assert hit(engine, clock, "k", 9_999_999) == [(Window.minute, "99.99999%", 9_999_999)]
+    assert hit(engine, clock, "k", 1) == [(Window.minute, "100%", 10_000_000)]
+
 def test_a_batch_crossing_several_thresholds_fires_each_in_order_with_the_count_seen() -> None:
     engine, _clock, _ = tracked()
     verdicts = engine.observe({(0, "k", "acct", int(T0)): 120})
