@@ -313,6 +313,31 @@ def test_a_burst_inside_the_recent_window_is_not_its_own_baseline(clickhouse: An
         assert jump.evidence["factor"] == "no baseline"
 
 
+def test_repeated_shadow_blocks_are_said_to_be_a_dry_run(clickhouse: Any, settings: Settings) -> None:
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    key = "cfxdry_0123456789abcdef01234567"
+    DecisionStore(clickhouse, settings.clickhouse_database).record(
+        [
+            Decision(
+                key_id=key,
+                action=DecisionAction.block,
+                window=Window.minute,
+                limit=100,
+                count=100,
+                until=now - timedelta(minutes=m) + timedelta(seconds=30),
+                version=m,
+                decided_at=now - timedelta(minutes=m),
+                shadow=m > 1,
+            )
+            for m in range(1, 5)
+        ]
+    )
+    report = abuse_signals(clickhouse, settings.clickhouse_database, now, kinds={SignalKind.repeated_blocks})
+    [signal] = report.signals
+    assert (signal.evidence["blocks"], signal.evidence["shadow_blocks"]) == (4, 3)
+    assert "3 of them shadow blocks, a dry run the nodes served" in signal.explanation
+
+
 def test_abuse_signals_find_each_pattern_and_explain_it(
     clickhouse: Any, settings: Settings, sample: SampleFacts
 ) -> None:
@@ -334,6 +359,8 @@ def test_abuse_signals_find_each_pattern_and_explain_it(
     assert leaked.evidence["nodes"] == 3
     blocks = found[(SignalKind.repeated_blocks, ABUSED_KEY)]
     assert blocks.evidence["blocks"] == sample.abused_blocks_24h
+    assert blocks.evidence["shadow_blocks"] == 0
+    assert "shadow" not in blocks.explanation
     storm = found[(SignalKind.invalid_key_storm, STORM_IP)]
     assert storm.evidence == {"status_401": 150, "distinct_keys": sample.storm_keys}
     assert "key guessing" in storm.explanation

@@ -366,7 +366,7 @@ def repeated_blocks(client: Client, database: str, now: datetime, th: SignalThre
     since = now - th.lookback
     rows = client.query(
         "SELECT key_id, count() AS blocks, arrayStringConcat(arraySort(groupUniqArray(toString(window))), ', '), "
-        "max(decided_at) "
+        "max(decided_at), countIf(shadow) "
         f"FROM {quote_identifier(database)}.decisions FINAL WHERE action = 'block' "
         "AND decided_at >= {since:DateTime64(3, 'UTC')} AND decided_at < {until:DateTime64(3, 'UTC')} "
         "GROUP BY key_id HAVING blocks >= {min_blocks:UInt64}",
@@ -374,8 +374,10 @@ def repeated_blocks(client: Client, database: str, now: datetime, th: SignalThre
     ).result_rows
     span = _fmt_span(th.lookback)
     out = []
-    for key, blocks, windows, last in rows:
+    for key, blocks, windows, last, shadow in rows:
         score = int(blocks) / th.repeated_blocks_min
+        # A shadow block (dry run) refused nothing: said, so "blocked" is not taken literally.
+        dry = f"; {int(shadow)} of them shadow blocks, a dry run the nodes served" if shadow else ""
         out.append(
             Signal(
                 kind=SignalKind.repeated_blocks,
@@ -384,10 +386,15 @@ def repeated_blocks(client: Client, database: str, now: datetime, th: SignalThre
                 score=round(score, 2),
                 explanation=(
                     f"Key {key} was blocked {int(blocks)} times in the last {span} (limits: {windows}; "
-                    f"last at {utc(last):%Y-%m-%d %H:%M} UTC): it runs into its limit again as soon as "
+                    f"last at {utc(last):%Y-%m-%d %H:%M} UTC{dry}): it runs into its limit again as soon as "
                     "a window reopens."
                 ),
-                evidence={"blocks": int(blocks), "windows": str(windows), "last_block": utc(last).isoformat()},
+                evidence={
+                    "blocks": int(blocks),
+                    "shadow_blocks": int(shadow),
+                    "windows": str(windows),
+                    "last_block": utc(last).isoformat(),
+                },
                 since=since,
                 until=now,
             )
