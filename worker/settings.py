@@ -196,6 +196,10 @@ class Settings(NodeSettings):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048 or not url.isprintable():
                 raise ValueError("each webhook URL must be an http:// or https:// URL with a host")
+            try:
+                parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+            except ValueError:
+                raise ValueError("a webhook URL's port must be a number from 0 to 65535") from None
         if len(set(urls)) != len(urls):
             raise ValueError("a webhook URL is listed twice")
         return urls

@@ -68,13 +68,13 @@ def test_each_threshold_fires_once_per_window_and_again_in_the_next() -> None:
     assert hit(engine, clock, "k", 90) == [(Window.minute, "80%", 90)]
 
 
-
 def test_thresholds_closer_than_six_digits_fire_each() -> None:
     # 99.99999% and 100% were both labelled "100%": one fired bit, the second never notified.
     policy = LimitPolicy(per_minute=10_000_000, per_hour=None, per_day=None)
     engine, clock, _ = tracked(policy, NotifyThresholds(percent=(99.99999, 100.0)))
     assert hit(engine, clock, "k", 9_999_999) == [(Window.minute, "99.99999%", 9_999_999)]
     assert hit(engine, clock, "k", 1) == [(Window.minute, "100%", 10_000_000)]
+
 
 def test_a_batch_crossing_several_thresholds_fires_each_in_order_with_the_count_seen() -> None:
     engine, _clock, _ = tracked()
@@ -279,6 +279,7 @@ def test_settings_lists_and_secrets() -> None:
         {"notify_webhook_urls": "https://a.example/hook", "notify_webhook_secret": "short"},
         {"notify_webhook_urls": "ftp://a.example/", "notify_webhook_secret": SECRET},
         {"notify_webhook_urls": "https://a.example/,https://a.example/", "notify_webhook_secret": SECRET},
+        {"notify_webhook_urls": "https://a.example:99999/hook", "notify_webhook_secret": SECRET},  # was at start
         {"notify_in_worker": True},
         {"notify_thresholds_percent": "0"},
         {"notify_thresholds_per_hour": "-5"},
