@@ -57,8 +57,9 @@ from bench.common import BENCH_DIR, commit, machine, now_utc, replace_block, rss
 from bench.ingest import EventMaker, bulk_producer, delete_topics, send_records, utc_seconds, verify
 from common.kafka_clients import KafkaTarget
 from worker.app import WorkerRuntime
+from worker.dsn import embedded_path
 from worker.settings import Settings
-from worker.store.client import ENGINE_OPTIONS, connect, embedded_path
+from worker.store.client import ENGINE_OPTIONS, connect
 from worker.topics import ensure_topics, topic_specs
 
 log = logging.getLogger("bench.soak")

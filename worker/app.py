@@ -23,6 +23,7 @@ from common import kafka_clients
 from common.listen import listening_socket
 from common.retry import retry_forever
 from worker.analytics.api import build_query_app
+from worker.dsn import redact_dsn
 from worker.faststream_batch import raw_batch_parser, raw_decoder
 from worker.ingest.consumer import PartitionWriter
 from worker.ingest.dlq import dead_letter_key, refused_by_broker
@@ -36,7 +37,7 @@ from worker.notify.deliver import WebhookDeliverer
 from worker.observability import HealthCheck, WorkerMetrics, build_health_app
 from worker.records import Rejection, RowExchange
 from worker.settings import Settings
-from worker.store.client import connect, redact_dsn
+from worker.store.client import connect
 from worker.store.decisions import DecisionStore
 from worker.store.migrations import migrate
 from worker.store.retention import ensure_dedup_memory

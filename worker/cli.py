@@ -42,7 +42,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.store.client import connect, redact_dsn
+    from worker.dsn import redact_dsn
+    from worker.store.client import connect
     from worker.store.migrations import migrate
     from worker.store.retention import apply_retention, ttl_of
 

@@ -16,9 +16,10 @@ from common import kafka_clients
 from common.follower import TopicUnavailable
 from common.listen import PortUnavailable
 from worker.analytics.source import SourceUnavailable
+from worker.dsn import redact_dsn
 from worker.refusals import ActionRefused, QueryRefused
 from worker.settings import Settings
-from worker.store.client import StoreUnavailable, redact_dsn
+from worker.store.client import StoreUnavailable
 from worker.topics import TopicsRefused
 
 # Commands that keep running and log as they go; the others answer once and print only that.

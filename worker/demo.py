@@ -28,8 +28,8 @@ from node.keys import derive_key_id
 from schemas.usage import Granularity
 from worker.analytics.queries import key_points
 from worker.app import WorkerRuntime
+from worker.dsn import redact_dsn
 from worker.settings import Settings
-from worker.store.client import redact_dsn
 from worker.store.decisions import DecisionStore
 
 

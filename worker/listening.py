@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.store.client import embedded_path
+from worker.dsn import embedded_path
 
 
 @dataclass(frozen=True)

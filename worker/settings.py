@@ -16,6 +16,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from node.settings import NodeSettings
 from schemas.notifications import MAX_THRESHOLDS, NotifyThresholds, Percent, Threshold
+from worker.dsn import embedded_path
 
 MIN_ADMIN_KEY_BYTES = 32  # a guess is then hopeless, throttled or not
 MAX_WEBHOOK_URLS = MAX_THRESHOLDS
@@ -146,11 +147,26 @@ class Settings(NodeSettings):
     def _known_store(cls, dsn: str) -> str:
         # clickhouse-connect takes any other scheme for plain HTTP: a typo would silently go
         # to port 8123. The DSN itself is not repeated (it may carry a password).
-        scheme = dsn.split(":", 1)[0].lower() if "://" in dsn or dsn.startswith("chdb:") else ""
-        if scheme not in CLICKHOUSE_SCHEMES:
+        scheme = dsn.split(":", 1)[0] if "://" in dsn or dsn.lower().startswith("chdb:") else ""
+        if scheme not in CLICKHOUSE_SCHEMES:  # lower case only: the client takes "CHDB:" for HTTP
             raise ValueError(
                 f"scheme {scheme!r} is not a store: chdb://<data directory> (embedded), "
-                "or http://, https:// or clickhouse:// (a server)"
+                "or http://, https:// or clickhouse:// (a server), in lower case"
+            )
+        if scheme == "chdb":
+            path = embedded_path(dsn)
+            if path is not None and not path.is_absolute():
+                raise ValueError("an embedded store's directory must be absolute: chdb:///var/lib/meter/clickhouse")
+            return dsn
+        parts = urlsplit(dsn)
+        try:
+            port_ok = parts.hostname is not None and (parts.port is None or parts.port > 0)
+        except ValueError:
+            port_ok = False
+        if not port_ok or (parts.username is None and "@" in dsn.partition("://")[2]):
+            raise ValueError(
+                "the server DSN's host, port or credentials do not parse (a password containing "
+                "# / ? or @ must be URL-encoded, e.g. # as %23)"
             )
         return dsn
 

@@ -12,8 +12,9 @@ import pyarrow as pa
 import pytest
 
 from bench.merge_memory import rollup_batch
+from worker.dsn import is_embedded
 from worker.settings import Settings
-from worker.store.client import engine_profile, is_embedded
+from worker.store.client import engine_profile
 from worker.store.rollup import RollupStore
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]

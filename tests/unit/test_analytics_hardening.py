@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from worker.analytics.cli import emit, printable
 from worker.analytics.throttle import LoginThrottle, client_key
+from worker.dsn import redact_dsn
 from worker.settings import MIN_ADMIN_KEY_BYTES, Settings
-from worker.store.client import redact_dsn
 
 # -- item 15: DSN redaction -------------------------------------------------------------------
 

@@ -7,8 +7,9 @@ import pytest
 
 from schemas.usage import Granularity
 from worker.cli import build_parser, parse_time, run_command
+from worker.dsn import redact_dsn
 from worker.settings import Settings
-from worker.store.client import quote_identifier, redact_dsn
+from worker.store.client import quote_identifier
 from worker.store.migrations import discover, render
 from worker.store.usage import MAX_POINTS, default_range
 
@@ -112,7 +113,31 @@ def test_a_store_dsn_of_no_known_kind_is_refused_without_repeating_it(dsn: str) 
     assert "pw@" not in str(refused.value)
 
 
-@pytest.mark.parametrize("dsn", ["chdb:///tmp/x", "chdb:/tmp/x", "http://h:8123", "https://h", "clickhouse://h"])
+@pytest.mark.parametrize(
+    ("dsn", "why"),
+    [
+        ("CHDB:///tmp/x", "in lower case"),  # the client takes it for HTTP to localhost:8123
+        ("chdb://.data/clickhouse", "must be absolute"),  # the client reads ".data" as the location
+        ("http://default:s3cr#t@127.0.0.1:8123/db", "must be URL-encoded"),  # the host part is cut at '#'
+        ("http://u:12#ab@h/db", "must be URL-encoded"),  # parses, as host "u" port 12
+        ("http://h:99999", "do not parse"),
+    ],
+)
+def test_a_store_dsn_the_client_would_misread_is_refused_without_repeating_it(dsn: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why) as refused:
+        Settings(clickhouse_dsn=dsn)
+    assert "s3cr" not in str(refused.value)
+    assert "12#ab" not in str(refused.value)
+
+
+@pytest.mark.parametrize("dsn", ["http://default:s3cr#t@127.0.0.1:8123/db", "http://u:12#ab@h/db"])
+def test_credentials_that_do_not_parse_are_not_shown(dsn: str) -> None:
+    assert redact_dsn(dsn) == "http://<credentials that do not parse>"
+
+
+@pytest.mark.parametrize(
+    "dsn", ["chdb:///tmp/x", "chdb:/tmp/x", "chdb:memory", "http://h:8123", "https://u:p%23w@h", "clickhouse://h"]
+)
 def test_the_store_dsns_the_client_opens_are_taken(dsn: str) -> None:
     assert Settings(clickhouse_dsn=dsn).clickhouse_dsn == dsn
 

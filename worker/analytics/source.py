@@ -33,10 +33,11 @@ from schemas.limits import LimitPolicy, PolicyBook
 from schemas.usage import Granularity
 from worker.analytics import backtest, queries
 from worker.analytics.signals import SignalThresholds, abuse_signals
+from worker.dsn import is_embedded
 from worker.listening import running_worker
 from worker.refusals import QueryRefused
 from worker.settings import Settings
-from worker.store.client import StoreUnavailable, connect, is_embedded
+from worker.store.client import StoreUnavailable, connect
 from worker.store.usage import DEFAULT_LEVELS_HELD, LevelsHeld
 
 T = TypeVar("T")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -13,11 +12,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from worker.dsn import embedded_path, is_embedded, redact_dsn
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,6 @@ _lock = threading.Lock()
 ENGINE_CONFIG = Path(__file__).with_name("chdb") / "config.xml"
 ENGINE_USERS = ENGINE_CONFIG.with_name("users.xml")  # its settings profile (config.xml names it)
 ENGINE_OPTIONS = {"config-file": str(ENGINE_CONFIG)}  # chDB start-up options that load it
-# Query parameters whose value is a secret (clickhouse-connect takes ``?password=``,
-# ``?access_token=``, ...): any name mentioning one of these words, case-insensitive.
-_SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|credential|auth|(^|_)key$", re.IGNORECASE)
 
 
 class StoreUnavailable(Exception):
@@ -41,18 +38,6 @@ def engine_profile() -> dict[str, str]:
     """The settings the embedded engine's default profile sets (``ENGINE_USERS``)."""
     default = ET.parse(ENGINE_USERS).getroot().find("profiles/default")
     return {} if default is None else {child.tag: (child.text or "").strip() for child in default}
-
-
-def is_embedded(dsn: str) -> bool:
-    return dsn.startswith("chdb:")
-
-
-def embedded_path(dsn: str) -> Path | None:
-    """The data directory of an embedded store on disk (None: a server, or in memory)."""
-    if not is_embedded(dsn):
-        return None
-    path = dsn.removeprefix("chdb://").removeprefix("chdb:")
-    return Path(path) if path and path not in ("memory", ":memory:") else None
 
 
 def connect(dsn: str, database: str | None = None) -> Client:
@@ -118,28 +103,6 @@ def quote_identifier(name: str) -> str:
     if not name or "`" in name or "\x00" in name:
         raise ValueError(f"invalid ClickHouse identifier: {name!r}")
     return f"`{name}`"
-
-
-def redact_dsn(dsn: str) -> str:
-    """A DSN fit for logs: the password of ``user:password@`` and secret query values replaced.
-
-    Parsed as clickhouse-connect parses it (``urlsplit``; query values become client
-    arguments, ``password`` among them). Use it wherever a DSN is printed or logged.
-    """
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:  # e.g. an unclosed "[" in the host: no telling where the password is
-        return "<unparsable DSN>"
-    netloc = parts.netloc
-    if parts.password is not None:
-        user, host = netloc.rsplit("@", 1)
-        netloc = f"{user.split(':', 1)[0]}:***@{host}"
-    query = "&".join(
-        f"{name}=***" if sep and _SECRET_PARAMETER.search(name) else f"{name}{sep}{value}"
-        for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
-    )
-    # Replaced in place: urlunsplit would turn ``chdb:///dir`` into ``chdb:/dir``.
-    return dsn.replace(parts.netloc, netloc, 1).replace(f"?{parts.query}", f"?{query}", 1)
 
 
 def settings_for_insert(token: str) -> dict[str, Any]:
