@@ -32,7 +32,9 @@ class Settings(NodeSettings):
     dlq_topic: str = "usage.events.dlq"
     consumer_group: str = "usage-meter"
     # How long a dead worker (kill -9) keeps its partitions before the group reassigns them.
-    consumer_session_timeout_ms: int = Field(default=10_000, ge=6_000)
+    # At most the brokers' group.max.session.timeout.ms (default 30 min): above it no worker
+    # can join its group. The heartbeat must be well inside it (checked below).
+    consumer_session_timeout_ms: int = Field(default=10_000, ge=6_000, le=1_800_000)
     consumer_heartbeat_interval_ms: int = Field(default=2_000, ge=100)
     events_partitions: int = Field(default=6, ge=1)
     decisions_partitions: int = Field(default=3, ge=1)
@@ -55,7 +57,8 @@ class Settings(NodeSettings):
     # Retention of each rollup level, in days (set on the tables by `meter migrate`)
     ttl_minute_days: int = Field(default=7, ge=1)
     ttl_hour_days: int = Field(default=90, ge=1)
-    ttl_day_days: int = Field(default=3 * 365, ge=1)
+    # At least a month: a new owner rebuilds a key's calendar-month count from the month's day rows.
+    ttl_day_days: int = Field(default=3 * 365, ge=31)
 
     # Ingest
     batch_max_records: int = Field(default=20_000, ge=1)
@@ -239,6 +242,17 @@ class Settings(NodeSettings):
             per_hour=self.notify_thresholds_per_hour,
             per_day=self.notify_thresholds_per_day,
         )
+
+    @model_validator(mode="after")
+    def _heartbeat_within_the_session(self) -> Settings:
+        # Kafka's own rule: a member that heartbeats less often than its session lasts is
+        # taken for dead between two heartbeats.
+        if self.consumer_heartbeat_interval_ms >= self.consumer_session_timeout_ms:
+            raise ValueError(
+                f"METER_CONSUMER_HEARTBEAT_INTERVAL_MS ({self.consumer_heartbeat_interval_ms}) must be below "
+                f"METER_CONSUMER_SESSION_TIMEOUT_MS ({self.consumer_session_timeout_ms}); a third of it is usual"
+            )
+        return self
 
     @model_validator(mode="after")
     def _settle_within_the_burst_wait(self) -> Settings:

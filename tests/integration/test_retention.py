@@ -30,7 +30,7 @@ def test_a_longer_dedup_horizon_and_shorter_retention_reach_an_existing_store(
 ) -> None:
     db = settings.clickhouse_database
     assert "toIntervalHour(25)" in definition(clickhouse, db, "usage_rollup")
-    changed = settings.model_copy(update={"dedup_horizon_hours": 72, "ttl_day_days": 30})
+    changed = settings.model_copy(update={"dedup_horizon_hours": 72, "ttl_day_days": 40})
 
     assert cmd_migrate(argparse.Namespace(), changed) == 0
 
@@ -39,8 +39,8 @@ def test_a_longer_dedup_horizon_and_shorter_retention_reach_an_existing_store(
     assert printed.count("retention of ") == len(TTL)  # every table has a day-level TTL
     rollup = definition(clickhouse, db, "usage_rollup")
     assert "toIntervalHour(73)" in rollup  # the dedup memory outlives the horizon the worker accepts
-    assert "toIntervalDay(30)" in rollup
-    assert "toIntervalDay(30)" in definition(clickhouse, db, "decisions")
+    assert "toIntervalDay(40)" in rollup
+    assert "toIntervalDay(40)" in definition(clickhouse, db, "decisions")
     assert apply_retention(clickhouse, changed) == []  # idempotent
     assert apply_retention(clickhouse, settings) == list(TTL)  # and back
     assert "toIntervalHour(25)" in definition(clickhouse, db, "usage_rollup")

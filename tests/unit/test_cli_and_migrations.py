@@ -114,6 +114,19 @@ def test_a_store_dsn_of_no_known_kind_is_refused_without_repeating_it(dsn: str) 
 
 
 @pytest.mark.parametrize(
+    ("values", "why"),
+    [
+        ({"consumer_session_timeout_ms": 2_400_000}, "less than or equal to 1800000"),  # no worker could join
+        ({"consumer_heartbeat_interval_ms": 15_000, "consumer_session_timeout_ms": 6_000}, "HEARTBEAT_INTERVAL_MS"),
+        ({"ttl_day_days": 1}, "greater than or equal to 31"),  # the month count is rebuilt from day rows
+    ],
+)
+def test_settings_that_cannot_work_are_refused_at_start(values: dict[str, int], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
     ("dsn", "why"),
     [
         ("CHDB:///tmp/x", "in lower case"),  # the client takes it for HTTP to localhost:8123
