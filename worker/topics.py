@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from aiokafka.admin import NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from common import kafka_clients
@@ -63,55 +64,103 @@ class TopicsRefused(Exception):
 
 
 @dataclass(frozen=True)
-class ReplicationVerdict:
-    refuse: str | None  # why the topics must not be created, or None
-    warn: str | None  # what to log when creating them, or None
+class TopicsVerdict:
+    refuse: str | None  # why the worker must not go on with the topics, or None
+    warn: str | None  # what to log, or None
 
 
-def replication_verdict(replication_factor: int, min_insync_replicas: int, brokers: int) -> ReplicationVerdict:
+def replication_verdict(replication_factor: int, min_insync_replicas: int, brokers: int) -> TopicsVerdict:
     """Whether topics may be created with this replication on a cluster of ``brokers`` brokers."""
     if min_insync_replicas > replication_factor:
-        return ReplicationVerdict(
+        return TopicsVerdict(
             f"METER_KAFKA_MIN_INSYNC_REPLICAS={min_insync_replicas} is above METER_KAFKA_REPLICATION_FACTOR="
             f"{replication_factor}: no write could ever be acknowledged",
             None,
         )
     if replication_factor > brokers:
-        return ReplicationVerdict(
+        return TopicsVerdict(
             f"METER_KAFKA_REPLICATION_FACTOR={replication_factor} but the cluster has {brokers} broker(s)", None
         )
     if replication_factor == 1 and brokers > 1:
-        return ReplicationVerdict(
+        return TopicsVerdict(
             f"refusing to create topics with replication factor 1 on a cluster of {brokers} brokers (one lost "
             "broker loses them): set METER_KAFKA_REPLICATION_FACTOR=3 and METER_KAFKA_MIN_INSYNC_REPLICAS=2",
             None,
         )
     if replication_factor == 1:
-        return ReplicationVerdict(
+        return TopicsVerdict(
             None,
             "creating topics with replication factor 1 (METER_KAFKA_REPLICATION_FACTOR=1): for a single "
             "development broker only; production: 3 with METER_KAFKA_MIN_INSYNC_REPLICAS=2",
         )
     if min_insync_replicas < 2:
-        return ReplicationVerdict(
+        return TopicsVerdict(
             None,
             f"creating topics with METER_KAFKA_MIN_INSYNC_REPLICAS={min_insync_replicas}: an acknowledged write "
             "may be held by one replica only (production: 2 with replication factor 3)",
         )
-    return ReplicationVerdict(None, None)
+    return TopicsVerdict(None, None)
+
+
+def existing_topic_verdict(
+    specs: list[TopicSpec], partitions: dict[str, int], cleanup_policies: dict[str, str]
+) -> TopicsVerdict:
+    """Whether topics that exist already (created by hand, by a broker's auto-creation, by an
+    older version) can be used as they are. Another cleanup policy loses records: a control
+    topic that is not compacted deletes the blocks and overrides nodes rebuild from; an events
+    topic that is compacted keeps one event per key. Fewer partitions than configured work,
+    with less parallelism than the settings say."""
+    refuse: list[str] = []
+    warn: list[str] = []
+    for spec in specs:
+        want = set(spec.config.get("cleanup.policy", "delete").split(","))
+        have = cleanup_policies.get(spec.name)
+        if have is not None and set(have.split(",")) != want:
+            refuse.append(
+                f"topic {spec.name} has cleanup.policy={have}, not {','.join(sorted(want))} (records would be lost): "
+                f"kafka-configs.sh --alter --entity-type topics --entity-name {spec.name} "
+                f"--add-config cleanup.policy={','.join(sorted(want))}"
+            )
+        count = partitions.get(spec.name)
+        if count is not None and count < spec.partitions:
+            warn.append(f"topic {spec.name} has {count} partition(s), the settings say {spec.partitions}")
+    return TopicsVerdict("; ".join(refuse) or None, "; ".join(warn) or None)
+
+
+async def _check_existing(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
+    """Refuse (``TopicsRefused``) or warn about topics that exist as ``existing_topic_verdict`` says."""
+    if not specs:
+        return
+    described = await admin.describe_topics([spec.name for spec in specs])
+    partitions = {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
+    policies: dict[str, str] = {}
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name) for s in specs])
+    for response in responses:
+        for _error, _message, _kind, name, entries, *_ in response.resources:
+            for entry in entries:
+                if entry[0] == "cleanup.policy":
+                    policies[name] = entry[1]
+    verdict = existing_topic_verdict(specs, partitions, policies)
+    if verdict.refuse is not None:
+        raise TopicsRefused(verdict.refuse)
+    if verdict.warn is not None:
+        log.warning("%s", verdict.warn)
 
 
 async def ensure_topics(settings: Settings) -> list[str]:
-    """Create the missing topics; return the names created now.
+    """Create the missing topics; return the names created now. Topics that exist already are
+    checked (``existing_topic_verdict``).
 
     Raises ``TopicsRefused`` (nothing created) when the replication settings do not fit the
-    cluster: see ``replication_verdict``."""
+    cluster (see ``replication_verdict``) or a topic that exists would lose records."""
     admin = kafka_clients.admin(settings, request_timeout_ms=15_000)
     created: list[str] = []
     try:
         await admin.start()  # inside: a failed start must still close the client
         existing = set(await admin.list_topics())
-        missing = [spec for spec in topic_specs(settings) if spec.name not in existing]
+        specs = topic_specs(settings)
+        await _check_existing(admin, [spec for spec in specs if spec.name in existing])
+        missing = [spec for spec in specs if spec.name not in existing]
         if not missing:
             return created
         rf, min_isr = settings.kafka_replication_factor, settings.kafka_min_insync_replicas

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from common import kafka_clients
 from worker.settings import Settings
-from worker.topics import TopicsRefused, ensure_topics, replication_verdict, topic_specs
+from worker.topics import TopicsRefused, ensure_topics, existing_topic_verdict, replication_verdict, topic_specs
 
 
 def test_defaults_fit_one_development_broker() -> None:
@@ -77,6 +77,12 @@ class FakeAdmin:
     async def create_topics(self, topics: list[Any]) -> None:
         self.created += topics
 
+    async def describe_topics(self, topics: list[str]) -> list[dict[str, Any]]:
+        return [{"topic": t, "error_code": 0, "partitions": [{}] * 64} for t in topics]
+
+    async def describe_configs(self, resources: list[Any]) -> list[Any]:
+        return []  # no cleanup.policy known: nothing to compare
+
 
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch) -> list[FakeAdmin]:
@@ -122,3 +128,20 @@ async def test_existing_topics_are_left_alone(cluster: list[FakeAdmin]) -> None:
     s = Settings()
     cluster.append(FakeAdmin(brokers=3, existing={spec.name for spec in topic_specs(s)}))
     assert await ensure_topics(s) == []  # nothing to create: nothing refused either
+
+
+def test_existing_topics_that_would_lose_records_are_refused_and_fewer_partitions_warned() -> None:
+    s = Settings()
+    specs = topic_specs(s)
+    right = {spec.name: spec.config.get("cleanup.policy", "delete") for spec in specs}
+    fine = existing_topic_verdict(specs, {spec.name: spec.partitions for spec in specs}, right)
+    assert (fine.refuse, fine.warn) == (None, None)
+    # A broker's auto-creation: the decisions topic not compacted (old blocks deleted), the events
+    # topic with one partition; and an events topic someone compacted (one event kept per key).
+    wrong = {**right, s.decisions_topic: "delete", s.limits_topic: "compact,delete", s.events_topic: "compact"}
+    verdict = existing_topic_verdict(specs, {s.events_topic: 1}, wrong)
+    assert verdict.refuse is not None
+    for topic in (s.decisions_topic, s.limits_topic, s.events_topic):
+        assert f"topic {topic} has cleanup.policy=" in verdict.refuse
+    assert f"--entity-name {s.decisions_topic} --add-config cleanup.policy=compact" in verdict.refuse
+    assert verdict.warn == f"topic {s.events_topic} has 1 partition(s), the settings say {s.events_partitions}"
