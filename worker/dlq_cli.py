@@ -40,7 +40,7 @@ def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
         for letter in latest:
             row = describe(letter)
             flag = " [truncated]" if letter.truncated else ""
-            print(f"{letter.rejected_at[:19]}  {printable(letter.id)}  {letter.reason}{flag}")
+            print(f"{printable(letter.rejected_at[:19])}  {printable(letter.id)}  {printable(letter.reason)}{flag}")
             print(f"    {printable(str(row['detail']))[:160]}")
             print(f"    {printable(str(row['original']))[:160]}")
     return 0
@@ -51,17 +51,19 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     chosen = select(letters, args.reason, _since(args))
     good, report = triage(chosen, Validator.from_settings(settings), time.time())
     if not args.dry_run:
-        report.republished = asyncio.run(republish(settings, good))
-    verb = "would re-publish" if args.dry_run else "re-published"
+        asyncio.run(republish(settings, good, report))
+    done = f"would re-publish {len(good)}" if args.dry_run else f"re-published {report.republished}"
     print(
-        f"{len(chosen)} dead letters with reason {args.reason}: {verb} {len(good)} to {settings.events_topic}"
+        f"{len(chosen)} dead letters with reason {args.reason}: {done} to {settings.events_topic}"
         + (f" ({copies} repeated copies collapsed first)" if copies else "")
     )
     for reason, n in report.still_rejected.most_common():
         print(f"  still rejected as {reason}: {n} (left in the DLQ, not re-published)")
     if report.truncated:
         print(f"  truncated originals: {report.truncated} (cannot be replayed; see their size and SHA-256)")
-    return 0
+    for error, n in report.failed.most_common():
+        print(f"  NOT delivered, Kafka refused them: {n} ({error}); they stay in the DLQ, replay again")
+    return 1 if report.failed else 0
 
 
 def add_dlq_commands(sub: Any) -> None:

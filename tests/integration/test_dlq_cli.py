@@ -11,10 +11,15 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from schemas.events import dump_event
 from tests.integration.helpers import db_counts, expected_counts, read_topic, wait_for
 from worker.app import WorkerRuntime
 from worker.cli import main
+from worker.ingest.dlq import dead_letter
+from worker.records import Rejection
 from worker.settings import Settings
 from worker.simulate import Traffic, generate, publish
 from worker.store.rollup import RollupStore
@@ -74,6 +79,17 @@ async def test_dlq_show_collapses_copies_and_replay_counts_what_now_passes(
     finally:
         await producer.stop()
 
+    # Records that are no dead letters (JSON of other shapes and types, a tombstone) are skipped:
+    # they made `dlq show` and `dlq replay` fail as a whole.
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap)
+    await producer.start()
+    try:
+        odd = [b"[]", b"null", b'{"reason": null, "original_b64": ""}', b'{"id": [1], "reason": "x"}', None]
+        for value in odd:
+            await producer.send_and_wait(s.dlq_topic, value, key=b"odd")
+    finally:
+        await producer.stop()
+
     use_settings(monkeypatch, s)
     capsys.readouterr()
     assert await _run(["dlq", "show"]) == 0
@@ -101,3 +117,38 @@ async def test_dlq_show_collapses_copies_and_replay_counts_what_now_passes(
     # The default bound takes them now; the 31 records before are already written (skipped).
     await _consume_all(s, clickhouse, 8)
     assert db_counts(clickhouse, s.clickhouse_database) == expected_counts(small + large)
+
+
+async def test_a_replay_kafka_refuses_is_reported_and_exits_1(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The events topic takes records of 200 bytes at most; the replayed events are ~340. Before:
+    # "re-published 3" and exit 0, with nothing delivered.
+    s = topics
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, s.events_topic, configs={"max.message.bytes": "200"})
+        await admin.alter_configs([resource])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap)
+    await producer.start()
+    try:
+        for offset, event in enumerate(generate(3, Traffic(keys=3, seed=13), end=datetime.now(UTC))):
+            key = event["key_id"].encode()
+            rejection = Rejection(
+                s.events_topic, 0, offset, "check_failed", "a bug, since fixed", key, dump_event(event)
+            )
+            value, headers = dead_letter(rejection)
+            await producer.send_and_wait(s.dlq_topic, value, key=key, headers=headers)
+    finally:
+        await producer.stop()
+
+    use_settings(monkeypatch, s)
+    capsys.readouterr()
+    assert await _run(["dlq", "replay", "--reason", "check_failed"]) == 1
+    out = capsys.readouterr().out
+    assert "re-published 0" in out
+    assert "NOT delivered, Kafka refused them: 3" in out
+    assert await read_topic(s.kafka_bootstrap, s.events_topic) == []

@@ -15,7 +15,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
@@ -81,18 +81,41 @@ class DeadLetter:
     dlq_offset: int
 
     @classmethod
-    def parse(cls, key: bytes | None, value: bytes, dlq_offset: int) -> DeadLetter:
-        body: dict[str, Any] = json.loads(value)
+    def parse(cls, key: bytes | None, value: bytes | None, dlq_offset: int) -> DeadLetter:
+        """Raises ``ValueError`` for a record that is not a dead letter (any JSON, any types)."""
+        if value is None:
+            raise ValueError("no value (a tombstone)")
+        body = json.loads(value)
+        if not isinstance(body, dict):
+            raise ValueError(f"a JSON {type(body).__name__}, not an object")
+        letter_id = body.get("id") or record_id(
+            _field(body, "source_topic", str), _field(body, "source_partition", int), _field(body, "source_offset", int)
+        )
+        if not isinstance(letter_id, str):
+            raise ValueError(f"id is a {type(letter_id).__name__}, not a str")
         return cls(
-            id=body.get("id") or record_id(body["source_topic"], body["source_partition"], body["source_offset"]),
-            reason=body["reason"],
-            detail=body.get("detail", ""),
+            id=letter_id,
+            reason=_field(body, "reason", str),
+            detail=_field(body, "detail", str, ""),
             key=key,
-            original=base64.b64decode(body["original_b64"]),
-            truncated=bool(body.get("truncated", False)),
-            rejected_at=body.get("rejected_at", ""),
+            original=base64.b64decode(_field(body, "original_b64", str), validate=True),
+            truncated=_field(body, "truncated", bool, False),
+            rejected_at=_field(body, "rejected_at", str, ""),
             dlq_offset=dlq_offset,
         )
+
+
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+def _field(body: dict[str, Any], name: str, kind: type[T], default: T = _MISSING) -> T:
+    value = body.get(name, default)
+    if value is _MISSING:
+        raise ValueError(f"no {name}")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{name} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
 
 
 def original_bytes(dlq_value: bytes) -> bytes:

@@ -7,6 +7,7 @@ but before writing it dead-letters it again on restart): records are collapsed b
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -31,8 +32,8 @@ def unique_letters(records: Iterable[object]) -> tuple[list[DeadLetter], int]:
     for record in records:
         offset: int = getattr(record, "offset", -1)
         try:
-            letter = DeadLetter.parse(getattr(record, "key", None), getattr(record, "value", b""), offset)
-        except (ValueError, KeyError, TypeError) as exc:
+            letter = DeadLetter.parse(getattr(record, "key", None), getattr(record, "value", None), offset)
+        except ValueError as exc:  # json's and base64's errors are ValueErrors too
             log.error("DLQ record at offset %d is not a dead letter and is skipped: %s", offset, exc)
             continue
         if letter.id in seen:
@@ -70,6 +71,7 @@ class ReplayReport:
     """What a replay did: records re-published, and those left in the DLQ and why."""
 
     republished: int = 0
+    failed: Counter[str] = field(default_factory=Counter)  # delivery error -> records Kafka did not take
     still_rejected: Counter[str] = field(default_factory=Counter)  # reason -> records left in the DLQ
     truncated: int = 0  # originals cut to fit the DLQ: cannot be replayed
 
@@ -102,20 +104,25 @@ def triage(letters: Iterable[DeadLetter], validator: Validator, now: float) -> t
     return good, report
 
 
-async def republish(settings: Settings, letters: list[DeadLetter]) -> int:
-    """Send the originals back to the events topic with their original keys. A replayed event
-    already counted is dropped by the worker's dedup (within the dedup horizon)."""
+async def republish(settings: Settings, letters: list[DeadLetter], report: ReplayReport) -> None:
+    """Send the originals back to the events topic with their original keys; ``report`` counts
+    those Kafka took and those it did not, by error (each send is waited for: a flush does not
+    say whether its records were delivered). A replayed event already counted is dropped by
+    the worker's dedup (within the dedup horizon)."""
     if not letters:
-        return 0
+        return
     producer = kafka_clients.producer(settings, enable_idempotence=True, acks="all")
     try:
         await producer.start()  # inside: a failed start must still stop the producer
-        for letter in letters:
-            await producer.send(settings.events_topic, letter.original, key=letter.key)
+        sent = [await producer.send(settings.events_topic, letter.original, key=letter.key) for letter in letters]
         await producer.flush()
+        for outcome in await asyncio.gather(*sent, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                report.failed[type(outcome).__name__] += 1
+            else:
+                report.republished += 1
     finally:
         await producer.stop()
-    return len(letters)
 
 
 def describe(letter: DeadLetter) -> dict[str, object]:
