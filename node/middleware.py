@@ -37,7 +37,7 @@ from node.guard import Headroom, LocalGuard, Refusal, RefusedBy
 from node.keys import KeyIdDeriver, KeyRecord, KeyStore, is_well_formed
 from node.settings import NodeSettings
 from schemas.decisions import WINDOW_SECONDS, Window, window_seconds
-from schemas.events import MAX_COST, RequestEvent, make_event
+from schemas.events import MAX_BYTES_OUT, MAX_COST, MAX_LATENCY_MS, RequestEvent, make_event
 from schemas.limits import ROUTE_NAME_PATTERN, route_subject, split_subject
 
 log = logging.getLogger(__name__)
@@ -293,9 +293,9 @@ class MeterMiddleware:
                 endpoint=self._endpoint(inner, scope),
                 status=status,
                 ts=ts,
-                latency_ms=(time.perf_counter() - started) * 1000.0,
+                latency_ms=min((time.perf_counter() - started) * 1000.0, MAX_LATENCY_MS),
                 client_ip=client_ip(scope, self._trusted),
-                bytes_out=bytes_out,
+                bytes_out=min(bytes_out, MAX_BYTES_OUT),
                 node_counts=(
                     self._guard.counts(key_id, epoch) if self._guard is not None and record is not None else None
                 ),

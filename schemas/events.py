@@ -53,6 +53,11 @@ _ClientIp = Annotated[
 ]
 
 
+# Bounds of the measurements: a node reports a longer or larger request at the bound (it is
+# still counted), never drops its event.
+MAX_LATENCY_MS = 3_600_000
+MAX_BYTES_OUT = 1 << 40
+
 class RequestEvent(TypedDict):
     """One request seen by an API node. ``key_id`` is derived on the node; never the raw key."""
 
@@ -69,9 +74,9 @@ class RequestEvent(TypedDict):
     status: Annotated[int, Field(ge=100, le=599)]
     ts: AwareDatetime
     account_id: NotRequired[Annotated[str, StringConstraints(max_length=64, pattern=PRINTABLE)] | None]
-    latency_ms: NotRequired[Annotated[float, Field(ge=0, le=3_600_000)] | None]
+    latency_ms: NotRequired[Annotated[float, Field(ge=0, le=MAX_LATENCY_MS)] | None]
     client_ip: NotRequired[_ClientIp | None]
-    bytes_out: NotRequired[Annotated[int, Field(ge=0, le=1 << 40)] | None]
+    bytes_out: NotRequired[Annotated[int, Field(ge=0, le=MAX_BYTES_OUT)] | None]
     # The node's own count of this key in the minute, hour and day windows of ``ts``, this
     # request included (0s on a refusal). The worker divides allowances from these, so that
     # what a node admitted before an allowance reached it is charged to that node.

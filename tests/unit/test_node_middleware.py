@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -16,13 +17,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
+import node.middleware
 from node.decision_cache import Block
 from node.demo_api import ROUTE_SCOPES, build_node_app, demo_key_store, demo_keys
 from node.keys import derive_key_id
 from node.middleware import UNMATCHED_ENDPOINT, MeterMiddleware, RouteScope, starlette_route_resolver
 from schemas.allowances import Allowance, NodeGrant, WindowAllowance
 from schemas.decisions import Decision, DecisionAction, Window
-from schemas.events import RequestEvent, dump_event
+from schemas.events import MAX_LATENCY_MS, RequestEvent, dump_event
 from tests.node_secret import NODE_SECRET
 from worker.settings import Settings
 
@@ -201,6 +203,20 @@ async def test_allowed_request_event(client: httpx.AsyncClient, reporter: FakeRe
     assert event.get("client_ip") == "203.0.113.7"
     assert event.get("bytes_out") == len(resp.content)
     assert (event.get("latency_ms") or -1) >= 0
+
+
+async def test_a_request_longer_than_the_latency_bound_is_reported_at_the_bound(
+    client: httpx.AsyncClient, reporter: FakeReporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Served and counted by the node's guard, but its event failed the contract (latency_ms at
+    # most an hour) and was never reported: the worker never counted it.
+    readings = iter([1000.0, 1000.0 + MAX_LATENCY_MS / 1000 + 1])
+    # Its own clock only (the middleware reads time.perf_counter alone), not the process's.
+    monkeypatch.setattr(node.middleware, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
+    resp = await client.get("/v0/payments", headers={"X-API-Key": RAW["bob"]})
+    assert resp.status_code == 200
+    (event,) = reporter.events
+    assert event.get("latency_ms") == MAX_LATENCY_MS
 
 
 async def test_request_ids_unique_and_not_from_client(client: httpx.AsyncClient, reporter: FakeReporter) -> None:
