@@ -36,6 +36,8 @@ ProducerFactory = Callable[..., Any]
 _YIELD_EVERY = 256
 # One warning per this many seconds while events are being dropped, not one per event.
 _DROP_LOG_INTERVAL_S = 5.0
+# While stop() flushes, a failed send is tried again this soon (within the flush's time).
+_FLUSH_RETRY_S = 0.25
 
 
 def default_compression() -> str | None:
@@ -94,6 +96,7 @@ class UsageReporter:
         self._producer: Any = None
         self._stopping = False
         self._stop_requested = asyncio.Event()
+        self._flush_deadline = 0.0  # monotonic: when stop() gives up flushing
 
         self._connected = False
         self._sent = 0
@@ -145,6 +148,7 @@ class UsageReporter:
         if self._task is None:
             return
         self._stopping = True
+        self._flush_deadline = time.monotonic() + flush_timeout_s
         self._stop_requested.set()
         self._wakeup.set()
         try:
@@ -156,7 +160,9 @@ class UsageReporter:
         self._task = None
         await self._close_producer()
         unsent = len(self._buffer) + self._in_flight
-        log.info(
+        # Events lost (never sent, or dropped from a full buffer) are worth a warning, not a footnote.
+        log.log(
+            logging.WARNING if unsent or self._dropped else logging.INFO,
             "usage reporter stopped: sent=%d retried=%d dropped=%d invalid=%d unsent=%d",
             self._sent,
             self._retried,
@@ -194,8 +200,8 @@ class UsageReporter:
                     "usage reporter",
                     self._backoff_initial_s,
                     self._backoff_max_s,
-                    # stop() should not wait out retries against a dead broker
-                    permanent=lambda exc: self._stopping,
+                    # stop() retries until its flush time is up, not past it
+                    permanent=lambda exc: self._stopping and time.monotonic() >= self._flush_deadline,
                     on_failure=self._on_failure,
                     sleep=self._sleep_unless_stopped,
                 )
@@ -203,9 +209,12 @@ class UsageReporter:
                 return  # stopping: what is unsent stays counted as such
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
-        """Sleep the backoff, but wake at once if stop() is called meanwhile."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_requested.wait(), seconds)
+        """Sleep the backoff; once stop() flushes, a short wait instead (its time is bounded)."""
+        if not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), seconds)
+        if self._stopping:
+            await asyncio.sleep(min(seconds, _FLUSH_RETRY_S))
 
     async def _send_next(self) -> None:
         await self._send_chunk(await self._ensure_producer())

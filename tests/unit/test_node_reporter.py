@@ -138,6 +138,29 @@ async def test_stop_flushes() -> None:
     assert reporter.state().sent == 500
 
 
+async def test_stop_retries_a_failed_send_within_its_flush_time() -> None:
+    # One delivery fails while stop() flushes: it gave up at the first failure (91 of 100 events
+    # lost, logged at INFO only); it retries within its flush time now.
+    broker = Broker(fail_sends=1)
+    reporter = UsageReporter(DEAD, producer_factory=broker.factory, backoff_initial_s=10.0, max_batch=10)
+    for i in range(100):
+        reporter.report(event(i))
+    await reporter.start()
+    await reporter.stop(flush_timeout_s=5)
+    assert (len(broker.log), reporter.state().sent, reporter.state().buffered) == (100, 100, 0)
+
+
+async def test_events_lost_at_stop_are_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    reporter = UsageReporter(DEAD, backoff_initial_s=0.02, backoff_max_s=0.05)
+    await reporter.start()
+    for i in range(10):
+        reporter.report(event(i))
+    await reporter.stop(flush_timeout_s=0.5)
+    [stopped] = [r for r in caplog.records if "usage reporter stopped" in r.getMessage()]
+    assert stopped.levelno == logging.WARNING
+    assert "unsent=10" in stopped.getMessage()
+
+
 async def test_drain_does_not_starve_the_loop() -> None:
     broker = Broker()
     reporter = UsageReporter(DEAD, producer_factory=broker.factory, max_batch=50_000, max_buffer=200_000)
