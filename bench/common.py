@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import subprocess
+import time
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +41,16 @@ def machine() -> dict[str, str]:
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
     }
+
+
+def reference_loop_seconds(n: int = 10_000_000) -> float:
+    """CPU seconds of a fixed pure-Python loop: how fast this (shared, virtual) machine runs now.
+    Its speed moves by ~2x from hour to hour here; figures of runs far apart compare through it."""
+    started = time.process_time()
+    total = 0
+    for i in range(n):
+        total += i
+    return time.process_time() - started
 
 
 def versions(*packages: str) -> dict[str, str]:

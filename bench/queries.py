@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.common import commit, machine, now_utc, replace_block, versions
+from bench.common import commit, machine, now_utc, reference_loop_seconds, replace_block, versions
 from schemas.analytics import Subject, TopDimension, TopMetric
 from schemas.usage import Granularity
 from worker.analytics import queries, signals
@@ -261,13 +261,16 @@ def main() -> None:
         ),
     }
     load_before = os.getloadavg()
+    speed_before = reference_loop_seconds()
     results = {}
     for name, fn in cases.items():
         results[name] = timed(fn, args.runs)
         r = results[name]
         print(f"{r['median']:8.1f} ms median {r['p95']:8.1f} p95 {r['cpu']:8.1f} CPU  {name}", flush=True)
     load_after = os.getloadavg()
+    speed_after = reference_loop_seconds()
     print(f"load average (1 min) before {load_before[0]:.1f}, after {load_after[0]:.1f}")
+    print(f"reference loop (10M additions): {speed_before:.2f} s CPU before, {speed_after:.2f} s after")
     found = signals.rate_jumps(client, db, now, th)
     caught = any(s.key_id == ABUSED for s in found)
     print(f"abused key caught by the rate-jump signal: {caught}")
@@ -293,7 +296,10 @@ def main() -> None:
             f"machine {load_before[0]:.1f} before the timed runs, {load_after[0]:.1f} after (2 CPUs: above ~1, "
             "other processes compete for them). CPU ms: CPU time of all the process's threads (chDB runs in "
             "it) per call: the work done, which other load barely changes; with both CPUs free a call takes at "
-            "least half of it.",
+            "least half of it. The machine's speed at the time: a fixed Python loop (10M additions, "
+            f"`bench.common.reference_loop_seconds`) took {speed_before:.2f} s of CPU before the timed runs and "
+            f"{speed_after:.2f} s after (lower is faster: compare runs through it, this shared machine's "
+            "speed moves from hour to hour and chDB's CPU ms per query with it).",
             "",
             "| query | median ms | p95 ms | max ms | CPU ms (median) | ≤ 100 ms median, ≤ 150 p95 |",
             "| --- | ---: | ---: | ---: | ---: | :---: |",
