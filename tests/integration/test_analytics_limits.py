@@ -225,6 +225,23 @@ def test_failed_admin_logins_are_throttled_per_client(api: Callable[..., TestCli
     assert other.get("/v1/blocked").status_code == 200
 
 
+def test_behind_a_trusted_proxy_failed_logins_are_throttled_per_forwarded_client(
+    api: Callable[..., TestClient],
+) -> None:
+    # Keyed on the proxy's address, one guesser behind it locked every admin out.
+    client = api(admin_login_burst=2, admin_login_refill_per_minute=1, node_trusted_proxies="10.0.0.0/8")
+    proxy = TestClient(client.app, client=("10.0.0.2", 40000))
+    guesser = {"X-API-Key": "not-the-key", "X-Forwarded-For": "203.0.113.9"}
+    for _ in range(2):
+        assert proxy.get("/v1/blocked", headers=guesser).status_code == 401
+    assert proxy.get("/v1/blocked", headers=guesser).status_code == 429
+    admin = {"X-API-Key": ADMIN, "X-Forwarded-For": "198.51.100.7"}
+    assert proxy.get("/v1/blocked", headers=admin).status_code == 200
+    # An address written by the client itself, left of the proxy's hop, is not believed.
+    spoofed = {"X-API-Key": ADMIN, "X-Forwarded-For": "198.51.100.7, 203.0.113.9"}
+    assert proxy.get("/v1/blocked", headers=spoofed).status_code == 429
+
+
 # -- item 9: escapes in what reaches a terminal ----------------------------------------------------
 
 

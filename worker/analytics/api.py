@@ -107,6 +107,7 @@ def build_query_app(
         throttle=LoginThrottle(settings.admin_login_burst, settings.admin_login_refill_per_minute / 60),
         held=LevelsHeld.of(settings),
         side=side,
+        trusted_proxies=tuple(settings.node_trusted_proxies),
     )
     app.router.on_shutdown.append(side.close)
     for router in (routes.usage, routes.limits, routes.abuse):

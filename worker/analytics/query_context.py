@@ -15,12 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from ipaddress import IPv4Network, IPv6Network
 from typing import Annotated, TypeVar
 
 from clickhouse_connect.driver.client import Client
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
+from node.middleware import client_ip
 from schemas.limits import LimitPolicy, PolicyBook
 from worker.analytics.side_handle import SideHandle
 from worker.analytics.throttle import LoginThrottle, client_key
@@ -49,6 +51,9 @@ class QueryContext:
     throttle: LoginThrottle
     held: LevelsHeld  # how long the minute and hour levels keep their rows (METER_TTL_*)
     side: SideHandle | None = None  # a second handle, for a request that runs two queries at once
+    # Proxies whose X-Forwarded-For names the client that failed logins are throttled by
+    # (METER_NODE_TRUSTED_PROXIES): behind a proxy every client would share its one address.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, query: Callable[[], T]) -> T:
@@ -102,7 +107,7 @@ async def require_admin(request: Request, ctx: Context, api_key: Annotated[str |
     """The admin key, or 401; a client with too many 401s gets 429 before its key is even looked at."""
     if not ctx.admin_key:
         raise HTTPException(403, "The query API is disabled: no admin key is configured (METER_ADMIN_API_KEY).")
-    client, now = client_key(request.client.host if request.client else None), time.monotonic()
+    client, now = client_key(client_ip(request.scope, ctx.trusted_proxies)), time.monotonic()
     wait = ctx.throttle.retry_after(client, now)
     if wait > 0:
         seconds = math.ceil(wait)
