@@ -264,7 +264,16 @@ async def read_to_end(kafka: KafkaTarget, topic: str, timeout_s: float = 30.0) -
     async def collect(batch: list[Any]) -> None:
         records.extend(batch)
 
-    follower = TopicFollower(kafka, topic, collect, "reader", quiet=True)
+    await read_through(kafka, topic, collect, timeout_s)
+    return records
+
+
+async def read_through(
+    kafka: KafkaTarget, topic: str, on_batch: Callable[[list[Any]], Awaitable[None]], timeout_s: float = 30.0
+) -> None:
+    """``read_to_end``, batch by batch to ``on_batch`` instead of kept: for a topic too large to
+    hold (a dead-letter topic after an outage)."""
+    follower = TopicFollower(kafka, topic, on_batch, "reader", quiet=True)
     reading = asyncio.create_task(follower.follow())
     caught_up = asyncio.create_task(follower.ready.wait())
     try:
@@ -276,6 +285,6 @@ async def read_to_end(kafka: KafkaTarget, topic: str, timeout_s: float = 30.0) -
             if not task.done():
                 await cancel_and_wait(task)
     if read:
-        return records
+        return
     where = kafka_clients.bootstrap(kafka)
     raise TopicUnavailable(f"cannot read topic {topic} on {where}: {failure or f'not caught up within {timeout_s:g}s'}")

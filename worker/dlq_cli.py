@@ -6,13 +6,12 @@ import argparse
 import asyncio
 import json
 import time
-from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
 from worker.analytics.cli import printable
 from worker.cli_args import count_between, parse_duration
-from worker.ingest.replay import describe, read_dead_letters, republish, select, triage
+from worker.ingest.replay import describe, read_dead_letters, republish, triage
 from worker.records import Validator
 from worker.settings import Settings
 
@@ -22,18 +21,17 @@ def _since(args: argparse.Namespace) -> datetime | None:
 
 
 def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
-    letters, copies = asyncio.run(read_dead_letters(settings))
-    chosen = select(letters, args.reason, _since(args))
-    latest = chosen[len(chosen) - args.limit :] if args.limit else []  # ([-0:] would be all of them)
+    letters = asyncio.run(read_dead_letters(settings, args.reason, _since(args), keep=args.limit))
+    latest = list(letters.chosen)
     if args.format == "json":
         print(json.dumps([describe(letter) for letter in latest]))
         return 0
     print(
-        f"{settings.dlq_topic}: {len(letters)} dead letters"
-        + (f" ({copies} repeated copies collapsed)" if copies else "")
-        + (f", {len(chosen)} selected" if len(chosen) != len(letters) else "")
+        f"{settings.dlq_topic}: {letters.total} dead letters"
+        + (f" ({letters.copies} repeated copies collapsed)" if letters.copies else "")
+        + (f", {letters.selected} selected" if letters.selected != letters.total else "")
     )
-    for reason, n in Counter(letter.reason for letter in chosen).most_common():
+    for reason, n in letters.by_reason.most_common():
         print(f"  {reason:16} {n}")
     if latest:
         print(f"\nlatest {len(latest)}:")
@@ -47,8 +45,8 @@ def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
-    letters, copies = asyncio.run(read_dead_letters(settings))
-    chosen = select(letters, args.reason, _since(args))
+    letters = asyncio.run(read_dead_letters(settings, args.reason, _since(args)))
+    chosen, copies = list(letters.chosen), letters.copies
     good, report = triage(chosen, Validator.from_settings(settings), time.time())
     if not args.dry_run:
         asyncio.run(republish(settings, good, report))

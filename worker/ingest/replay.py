@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from common import kafka_clients
-from common.follower import read_to_end
+from common.follower import read_through
 from worker.ingest.dlq import DeadLetter
 from worker.records import Rejection, Validator
 from worker.settings import Settings
@@ -23,47 +24,68 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def unique_letters(records: Iterable[object]) -> tuple[list[DeadLetter], int]:
-    """The DLQ's records parsed and collapsed by id: (letters, copies dropped). A record that is
-    not a DLQ record at all is logged with its offset and left out."""
-    letters: list[DeadLetter] = []
-    seen: set[str] = set()
-    copies = 0
-    for record in records:
-        offset: int = getattr(record, "offset", -1)
-        try:
-            letter = DeadLetter.parse(getattr(record, "key", None), getattr(record, "value", None), offset)
-        except ValueError as exc:  # json's and base64's errors are ValueErrors too
-            log.error("DLQ record at offset %d is not a dead letter and is skipped: %s", offset, exc)
-            continue
-        if letter.id in seen:
-            copies += 1
-            continue
-        seen.add(letter.id)
-        letters.append(letter)
-    return letters, copies
+@dataclass
+class DeadLetters:
+    """The DLQ read through once, record by record (a DLQ after an outage can be far larger than
+    memory if kept whole): letters collapsed by id (the first copy kept), those chosen by
+    ``reason`` and ``since`` counted by reason, and of those only the newest ``keep`` held
+    (None: every chosen letter, for a replay). A record that is not a DLQ record at all is
+    logged with its offset and left out."""
 
+    reason: str | None = None
+    since: datetime | None = None
+    keep: int | None = None
+    total: int = 0  # distinct letters read
+    copies: int = 0  # repeated copies collapsed
+    by_reason: Counter[str] = field(default_factory=Counter)  # the chosen letters
+    chosen: deque[DeadLetter] = field(init=False)
+    _seen: set[str] = field(default_factory=set)
 
-def select(letters: Iterable[DeadLetter], reason: str | None, since: datetime | None) -> list[DeadLetter]:
-    def rejected_at(letter: DeadLetter) -> datetime | None:
+    def __post_init__(self) -> None:
+        self.chosen = deque(maxlen=self.keep)
+
+    @property
+    def selected(self) -> int:
+        return sum(self.by_reason.values())
+
+    def add(self, records: Iterable[object]) -> None:
+        for record in records:
+            offset: int = getattr(record, "offset", -1)
+            try:
+                letter = DeadLetter.parse(getattr(record, "key", None), getattr(record, "value", None), offset)
+            except ValueError as exc:  # json's and base64's errors are ValueErrors too
+                log.error("DLQ record at offset %d is not a dead letter and is skipped: %s", offset, exc)
+                continue
+            if letter.id in self._seen:
+                self.copies += 1
+                continue
+            self._seen.add(letter.id)
+            self.total += 1
+            if self._wanted(letter):
+                self.by_reason[letter.reason] += 1
+                self.chosen.append(letter)
+
+    def _wanted(self, letter: DeadLetter) -> bool:
+        if self.reason is not None and letter.reason != self.reason:
+            return False
+        if self.since is None:
+            return True
         try:
-            return datetime.fromisoformat(letter.rejected_at)
+            return datetime.fromisoformat(letter.rejected_at) >= self.since
         except ValueError:
-            return None
-
-    out = []
-    for letter in letters:
-        if reason is not None and letter.reason != reason:
-            continue
-        at = rejected_at(letter)
-        if since is not None and (at is None or at < since):
-            continue
-        out.append(letter)
-    return out
+            return False
 
 
-async def read_dead_letters(settings: Settings) -> tuple[list[DeadLetter], int]:
-    return unique_letters(await read_to_end(settings, settings.dlq_topic))
+async def read_dead_letters(
+    settings: Settings, reason: str | None = None, since: datetime | None = None, keep: int | None = None
+) -> DeadLetters:
+    letters = DeadLetters(reason, since, keep)
+
+    async def add(batch: list[Any]) -> None:
+        letters.add(batch)
+
+    await read_through(settings, settings.dlq_topic, add)
+    return letters
 
 
 @dataclass
