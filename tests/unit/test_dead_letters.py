@@ -30,5 +30,7 @@ def test_letters_are_counted_by_reason_and_only_the_newest_kept_are_held() -> No
 def test_the_reason_and_since_choose_what_is_counted_and_held() -> None:
     letters = DeadLetters(reason="oversized", since=AT - timedelta(minutes=5))
     letters.add([letter(1, "oversized", AT - timedelta(hours=1)), letter(2, "oversized"), letter(3, "invalid_json")])
-    assert (letters.total, letters.selected) == (3, 1)
+    naive = letter(4, "oversized", AT.replace(tzinfo=None))  # a time without offset: not chosen, no crash
+    letters.add([naive])
+    assert (letters.total, letters.selected) == (4, 1)
     assert [held.id for held in letters.chosen] == ["usage.events[0]@2"]

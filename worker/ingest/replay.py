@@ -72,7 +72,7 @@ class DeadLetters:
             return True
         try:
             return datetime.fromisoformat(letter.rejected_at) >= self.since
-        except ValueError:
+        except (ValueError, TypeError):  # not a time, or one without an offset
             return False
 
 
