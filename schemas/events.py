@@ -58,6 +58,7 @@ _ClientIp = Annotated[
 MAX_LATENCY_MS = 3_600_000
 MAX_BYTES_OUT = 1 << 40
 
+
 class RequestEvent(TypedDict):
     """One request seen by an API node. ``key_id`` is derived on the node; never the raw key."""
 
