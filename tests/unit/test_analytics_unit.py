@@ -15,6 +15,7 @@ from worker.analytics.api import error_body
 from worker.analytics.cli import emit
 from worker.analytics.queries import check_window, window_level
 from worker.analytics.signals import _fmt_span, severity
+from worker.analytics.source import _span
 from worker.cli_args import parse_duration
 from worker.cli_args import parse_time as _time
 from worker.store.usage import LevelsHeld
@@ -131,3 +132,10 @@ def test_emit_table_csv_and_json() -> None:
     doc = json.loads(out.getvalue())
     assert doc["entries"][0]["errors"] == 2
     assert doc["since"] == "2026-11-27T12:34:56Z"
+
+
+@pytest.mark.parametrize("seconds", [30, 90, 1.5, 15 * 60, 2 * 3600, 36 * 3600, 7 * 86_400])
+def test_a_span_sent_to_the_query_api_is_the_span_asked(seconds: float) -> None:
+    # `meter signals --recent 30s` against a remote API was sent as "0d" (a 422), 90s as "1m".
+    span = timedelta(seconds=seconds)
+    assert parse_duration(_span(span)) == span

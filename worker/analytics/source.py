@@ -138,11 +138,12 @@ class StoreAnalytics:
 
 
 def _span(value: timedelta) -> str:
-    """A span as the API takes it (15m, 2h, 7d)."""
-    minutes = int(value.total_seconds() // 60)
-    if minutes % 1440 == 0:
-        return f"{minutes // 1440}d"
-    return f"{minutes // 60}h" if minutes % 60 == 0 else f"{minutes}m"
+    """A span as the API takes it (15m, 2h, 7d; 90s, not rounded to a minute: 30s was "0d")."""
+    seconds = value.total_seconds()
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def _params(**values: Any) -> dict[str, Any]:
