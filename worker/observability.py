@@ -48,6 +48,7 @@ class WorkerRuntime(Protocol):
     def kafka_consumer(self) -> AIOKafkaConsumer | None: ...
 
 
+CLICKHOUSE_PROBE_TIMEOUT_S = 5.0
 CLICKHOUSE_CHECK_INTERVAL = 5.0
 
 
@@ -170,6 +171,11 @@ def _exchange_metrics(exchange: RowExchange) -> Iterator[Any]:
     yield held
 
 
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass
 class Readiness:
     ready: bool
@@ -186,13 +192,24 @@ class HealthCheck:
         self.unassigned_since: float | None = self.started
         self._clickhouse_ok = True
         self._clickhouse_checked = 0.0
+        self._probe: asyncio.Task[Any] | None = None
 
     async def clickhouse_ok(self) -> bool:
+        """Whether the store answered ``SELECT 1`` within ``CLICKHOUSE_PROBE_TIMEOUT_S`` (asked at
+        most once per ``CLICKHOUSE_CHECK_INTERVAL``). One probe at a time: a thread stuck on a hung
+        server cannot be stopped, and one new probe per interval would fill the thread pool the
+        inserts run in."""
         now = self.clock()
         if now - self._clickhouse_checked >= CLICKHOUSE_CHECK_INTERVAL:
             self._clickhouse_checked = now
+            if self._probe is not None and not self._probe.done():
+                self._clickhouse_ok = False  # the last probe still has no answer
+                return False
+            self._probe = asyncio.create_task(asyncio.to_thread(self.runtime.store.client.command, "SELECT 1"))
+            self._probe.add_done_callback(_retrieved)  # a late failure is not "never retrieved"
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.runtime.store.client.command, "SELECT 1"), 5.0)
+                # Shielded: a timeout leaves the probe running (its thread does anyway) until it ends.
+                await asyncio.wait_for(asyncio.shield(self._probe), CLICKHOUSE_PROBE_TIMEOUT_S)
                 self._clickhouse_ok = True
             except Exception:
                 self._clickhouse_ok = False

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from types import SimpleNamespace
 from typing import Any
 
+from worker import observability
 from worker.ingest.consumer import IngestStats
 from worker.observability import HealthCheck
 from worker.settings import Settings
@@ -73,3 +76,30 @@ async def test_idle_without_lag_is_ready() -> None:
     health = HealthCheck(runtime({0}, {0: 9}, 10, clock.now), clock)
     clock.now += 3600
     assert (await health.readiness()).ready
+
+
+async def test_a_hung_store_is_probed_by_one_thread_at_a_time(monkeypatch: Any) -> None:
+    # Each readiness check past the interval started a probe; on a hung server their threads
+    # piled up in the pool the inserts run in.
+    monkeypatch.setattr(observability, "CLICKHOUSE_PROBE_TIMEOUT_S", 0.05)
+    answer = threading.Event()
+    probes: list[str] = []
+
+    def hung(sql: str) -> int:
+        probes.append(sql)
+        answer.wait(5)
+        return 1
+
+    clock = FakeClock()
+    rt = runtime({0}, {0: 9}, 10, clock.now)
+    rt.store = SimpleNamespace(client=SimpleNamespace(command=hung))
+    health = HealthCheck(rt, clock)
+    for _ in range(5):
+        clock.now += observability.CLICKHOUSE_CHECK_INTERVAL
+        assert not await health.clickhouse_ok()
+    assert probes == ["SELECT 1"]
+    answer.set()  # the server answers again: the next interval's probe says so
+    await asyncio.sleep(0.1)
+    clock.now += observability.CLICKHOUSE_CHECK_INTERVAL
+    assert await health.clickhouse_ok()
+    assert len(probes) == 2
