@@ -215,6 +215,9 @@ class WebhookDeliverer:
                 await producer.stop()
 
     async def _deliver_in_order(self, records: list[Any]) -> None:
+        """One key's notifications, in order to each endpoint; the endpoints independently (one
+        that keeps failing does not hold back the others' next notifications)."""
+        parsed = []
         for record in records:
             if record.value is None:
                 continue
@@ -226,8 +229,13 @@ class WebhookDeliverer:
                     "not a notification at %s[%d]@%d, skipped: %s", record.topic, record.partition, record.offset, exc
                 )
                 continue
-            body = notification.model_dump_json().encode()
-            await asyncio.gather(*(self._deliver(e, notification, body, record) for e in self.endpoints))
+            parsed.append((notification, notification.model_dump_json().encode(), record))
+
+        async def to(endpoint: Endpoint) -> None:
+            for notification, body, record in parsed:
+                await self._deliver(endpoint, notification, body, record)
+
+        await asyncio.gather(*(to(endpoint) for endpoint in self.endpoints))
 
     # -- delivering ------------------------------------------------------------------------
     async def _deliver(self, endpoint: Endpoint, n: Notification, body: bytes, record: Any) -> None:
