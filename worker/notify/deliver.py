@@ -14,7 +14,8 @@ dead-lettered at every endpoint: nothing is lost, and a crash or a rebalance bef
 commit delivers again (at-least-once; receivers deduplicate on the notification's ``id``, sent
 as ``X-Meter-Notification-Id`` too). Within this process a notification already delivered to
 an endpoint is not sent to it again (a worker may publish a crossing twice, same id).
-Notifications of one key are posted in order, one at a time; different keys concurrently, at
+Notifications of one key are posted to each endpoint in order, one at a time (each endpoint on
+its own: one that keeps failing does not hold back the others); different keys concurrently, at
 most ``METER_NOTIFY_CONCURRENCY_PER_ENDPOINT`` requests in flight per endpoint.
 """
 
