@@ -113,13 +113,13 @@ def existing_topic_verdict(
     refuse: list[str] = []
     warn: list[str] = []
     for spec in specs:
-        want = set(spec.config.get("cleanup.policy", "delete").split(","))
+        want = ",".join(sorted(spec.config.get("cleanup.policy", "delete").split(",")))
         have = cleanup_policies.get(spec.name)
-        if have is not None and set(have.split(",")) != want:
+        if have is not None and set(have.split(",")) != set(want.split(",")):
             refuse.append(
-                f"topic {spec.name} has cleanup.policy={have}, not {','.join(sorted(want))} (records would be lost): "
+                f"topic {spec.name} has cleanup.policy={have}, not {want} (records would be lost): "
                 f"kafka-configs.sh --alter --entity-type topics --entity-name {spec.name} "
-                f"--add-config cleanup.policy={','.join(sorted(want))}"
+                f"--add-config cleanup.policy={want}"
             )
         count = partitions.get(spec.name)
         if count is not None and count < spec.partitions:

@@ -15,14 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from ipaddress import IPv4Network, IPv6Network
 from typing import Annotated, TypeVar
 
 from clickhouse_connect.driver.client import Client
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
-from node.middleware import client_ip
+from node.middleware import IPNetwork, client_ip
 from schemas.limits import LimitPolicy, PolicyBook
 from worker.analytics.side_handle import SideHandle
 from worker.analytics.throttle import LoginThrottle, client_key
@@ -53,7 +52,7 @@ class QueryContext:
     side: SideHandle | None = None  # a second handle, for a request that runs two queries at once
     # Proxies whose X-Forwarded-For names the client that failed logins are throttled by
     # (METER_NODE_TRUSTED_PROXIES): behind a proxy every client would share its one address.
-    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, query: Callable[[], T]) -> T:

@@ -48,6 +48,12 @@ def still_matters(decision: Decision, now: float, unblock_memory_s: float) -> bo
     return now - decision.decided_at.timestamp() < unblock_memory_s
 
 
+def _keep_newest(newest: dict[str, Decision], decision: Decision) -> None:
+    held = newest.get(decision.key_id)
+    if held is None or held.version < decision.version:
+        newest[decision.key_id] = decision
+
+
 def _forget_settled(newest: dict[str, Decision], now: float, unblock_memory_s: float) -> int:
     settled = [k for k, d in newest.items() if not still_matters(d, now, unblock_memory_s)]
     for key_id in settled:
@@ -216,10 +222,9 @@ class LimitService:
         batch = []
         for decision in valid_records(records, Decision):
             batch.append(decision)
-            for newest in (self._latest, self._by_operator) if decision.source == "operator" else (self._latest,):
-                held = newest.get(decision.key_id)
-                if held is None or held.version < decision.version:
-                    newest[decision.key_id] = decision
+            _keep_newest(self._latest, decision)
+            if decision.source == "operator":
+                _keep_newest(self._by_operator, decision)
             self.engine.seen(decision)
         await self._audit(batch)
 
