@@ -37,7 +37,7 @@ from worker.analytics.side_handle import sibling
 from worker.settings import Settings
 from worker.store.client import connect
 from worker.store.migrations import migrate
-from worker.store.rollup import mark_client_ips, rollup_table
+from worker.store.rollup import mark_summary_levels, rollup_table
 
 DAYS = 30
 # The code these timings measure (the results name its commit, and say if it had local changes).
@@ -114,7 +114,7 @@ def seed(client: Any, database: str, keys: int, events: int, now: datetime) -> d
     """
     for level in _LEVELS:
         _insert_level(client, table, level, burst, {"key": ABUSED, "start": start, "now": int(now.timestamp())})
-    mark_client_ips(client, database, start)
+    mark_summary_levels(client, database, start)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, **describe(client, database)}
 
@@ -208,7 +208,7 @@ def main() -> None:
         now = queries.utc(last) + timedelta(seconds=59)
         info = describe(client, db)
         if "client_ips" not in info["rows"]:  # seeded before the ingest wrote them
-            mark_client_ips(client, db, int((now - timedelta(days=DAYS + 1)).timestamp()))
+            mark_summary_levels(client, db, int((now - timedelta(days=DAYS + 1)).timestamp()))
             info = describe(client, db)
         info["seconds"] = float("nan")
     else:

@@ -23,7 +23,7 @@ from worker.analytics.api import build_query_app
 from worker.analytics.sample import SampleFacts
 from worker.analytics.side_handle import SideHandle, sibling
 from worker.settings import Settings
-from worker.store.rollup import mark_client_ips, rollup_table
+from worker.store.rollup import mark_summary_levels, rollup_table
 from worker.store.usage import floor_to
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
@@ -50,7 +50,7 @@ def crowd(clickhouse: Client, settings: Settings, sample: SampleFacts) -> list[t
     clickhouse.insert(table, rows[::2], column_names=COLUMNS)
     clickhouse.insert(table, rows[1::2], column_names=COLUMNS)
     # Written straight into the table: the address counts the worker would have written with them.
-    mark_client_ips(clickhouse, settings.clickhouse_database, int((now_hour - timedelta(days=2)).timestamp()))
+    mark_summary_levels(clickhouse, settings.clickhouse_database, int((now_hour - timedelta(days=2)).timestamp()))
     return [(key, hour, ip, n) for (key, hour, ip), n in cells.items()]
 
 

@@ -322,3 +322,32 @@ def test_a_render_failure_every_row_and_a_typical_event_trip_is_not_blamed_on_th
 
 def test_the_typical_event_renders() -> None:
     assert renders_typical_event("events")
+
+
+def test_401_rows_are_written_once_more_as_their_own_level() -> None:
+    """The ``client_401`` rows are exactly the batch's ``client_hour`` rows of status 401
+    (008_client_401.sql): the invalid-key storm scan reads only them."""
+    records = [
+        record(0, i, request_id=f"r{i}", key_id=f"k{i % 3}", status=status, client_ip=f"203.0.113.{i % 2}")
+        for i, status in enumerate([401, 401, 200, 401, 403, 401, 200])
+    ]
+    records.append(record(0, 9, request_id="r9", status=401))  # no client address: in neither level
+    table = prepare(records).rows
+    assert table is not None
+
+    def cells(level: str) -> list[tuple[object, ...]]:
+        return sorted(
+            (r["key_id"], r["account_id"], r["bucket"], r["client_ip"], r["requests"], r["bytes_out"], r["cost"])
+            for r in table.to_pylist()
+            if r["level"] == LEVELS[level] and (level != "client_hour" or r["status"] == 401)
+        )
+
+    assert cells("client_401") == cells("client_hour")
+    assert sum(row[4] for row in cells("client_401")) == 4
+    assert {r["status"] for r in table.to_pylist() if r["level"] == LEVELS["client_401"]} == {401}
+
+
+def test_a_batch_without_401s_has_no_client_401_rows() -> None:
+    table = prepare([record(0, i, request_id=f"r{i}", client_ip="198.51.100.7") for i in range(3)]).rows
+    assert table is not None
+    assert LEVELS["client_401"] not in {r["level"] for r in table.to_pylist()}

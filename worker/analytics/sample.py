@@ -17,7 +17,7 @@ from clickhouse_connect.driver.client import Client
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.usage import Granularity
 from worker.store.decisions import DecisionStore
-from worker.store.rollup import mark_client_ips, rollup_table
+from worker.store.rollup import mark_summary_levels, rollup_table
 from worker.store.usage import floor_to
 
 _COLUMNS = [
@@ -146,7 +146,7 @@ def seed_sample(client: Client, database: str, now: datetime | None = None) -> S
     table_rows = rows.as_rows()
     client.insert(rollup_table(database), table_rows, column_names=_COLUMNS)
     # Written straight into the table: the address counts the worker would have written with them.
-    mark_client_ips(client, database, int((today - timedelta(days=7)).timestamp()))
+    mark_summary_levels(client, database, int((today - timedelta(days=7)).timestamp()))
     facts.rows = len(table_rows)
 
     # Decisions: the abused key blocked four times today (the last block still holds), the

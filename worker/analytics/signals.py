@@ -407,7 +407,7 @@ def invalid_key_storms(client: Client, database: str, now: datetime, th: SignalT
     since = floor_to(now - th.lookback, Granularity.hour)
     rows = client.query(
         "SELECT client_ip, sum(requests) AS n, uniqExact(key_id) AS keys "
-        f"FROM {rollup_table(database)} WHERE level = 'client_hour' AND status = 401 AND client_ip != '' "
+        f"FROM {rollup_table(database)} WHERE level = 'client_401' AND client_ip != '' "
         "AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
         "GROUP BY client_ip HAVING n >= {min_n:UInt64} ORDER BY n DESC LIMIT {cap:UInt32}",
         parameters={"since": since, "until": now, "min_n": th.invalid_key_401_min, "cap": th.max_per_kind},

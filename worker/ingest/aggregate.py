@@ -1,4 +1,4 @@
-"""Aggregate one batch of valid events into rollup rows (minute, hour, day, client IPs),
+"""Aggregate one batch of valid events into rollup rows (minute, hour, day, client IPs, 401s),
 the dedup memory of the batch and the offsets it covers, as one Arrow table."""
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ _LEVELS: dict[str, tuple[list[str], str]] = {
     "day": (["key_id", "account_id", "day", "endpoint", "status", "node_id", "route"], "day"),
     "client_hour": (["key_id", "account_id", "hour", "status", "client_ip"], "hour"),
 }
+# Levels that copy the rows of another level with one status, so that a scan of them reads
+# only those (008_client_401.sql): level -> (the level it copies, the status it keeps).
+_SUBSETS: dict[str, tuple[str, int]] = {"client_401": ("client_hour", 401)}
 # Sums of each level: per-event column -> its sum's rollup column.
 _SUMS = {"requests": "requests", "bytes_out": "bytes_out", "latency_ms": "latency_ms_sum", "cost": "cost"}
 
@@ -54,9 +57,10 @@ class BatchAggregate:
 
     Events are grouped per level in Arrow (C++) when the batch is rendered: one row per
     distinct (key, account, bucket, endpoint, status[, node]) at the minute, hour and day
-    levels and per (key, account, hour, status, client IP) for client IPs, with the sums of
-    requests, bytes out and latency. The dedup rows (hashes per partition and minute) and the
-    offset rows (last offset per partition) go into the same insert.
+    levels and per (key, account, hour, status, client IP) for client IPs (those of status 401
+    once more, as their own level), with the sums of requests, bytes out and latency. The
+    dedup rows (hashes per partition and minute) and the offset rows (last offset per
+    partition) go into the same insert.
     """
 
     def __init__(self, rows: list[EventRow], offsets: dict[int, int], first_offsets: dict[int, int]) -> None:
@@ -133,10 +137,14 @@ class BatchAggregate:
             table = self._event_table()
             with_ip = table.filter(pc.not_equal(table.column("client_ip"), ""))
             sums = [(column, "sum") for column in _SUMS]
-            self._levels = {
+            levels = {
                 level: (with_ip if level == "client_hour" else table).group_by(dims, use_threads=False).aggregate(sums)
                 for level, (dims, _) in _LEVELS.items()
             }
+            for level, (source, status) in _SUBSETS.items():
+                rows = levels[source]
+                levels[level] = rows.filter(pc.equal(rows.column("status"), status))
+            self._levels = levels
         return self._levels
 
     def addresses(self) -> tuple[list[str], list[int], list[str]]:
@@ -160,7 +168,7 @@ class BatchAggregate:
         return _assemble([p for p in parts if p[0]])
 
     def _level_part(self, level: str, rows: pa.Table) -> tuple[int, dict[str, pa.Array]]:
-        dims, bucket = _LEVELS[level]
+        dims, bucket = _LEVELS[_SUBSETS[level][0] if level in _SUBSETS else level]
         columns = {dim: rows.column(dim) for dim in dims if dim != bucket}
         columns["bucket"] = rows.column(bucket)
         columns.update({total: rows.column(f"{column}_sum") for column, total in _SUMS.items()})

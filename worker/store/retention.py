@@ -19,12 +19,13 @@ from worker.store.migrations import for_cluster, retention
 
 log = logging.getLogger(__name__)
 
-# Each table's TTL as its last migration states it (001/007, 002, 005): a fresh store gets
+# Each table's TTL as its last migration states it (001/007/008, 002, 005): a fresh store gets
 # exactly this, so re-applying it changes nothing there (tests/integration/test_retention.py).
 TTL: dict[str, str] = {
     "usage_rollup": (
         "bucket + INTERVAL {ttl_minute_days} DAY DELETE WHERE level = 'minute', "
-        "bucket + INTERVAL {ttl_hour_days} DAY DELETE WHERE level IN ('hour', 'client_hour', 'client_ips'), "
+        "bucket + INTERVAL {ttl_hour_days} DAY DELETE "
+        "WHERE level IN ('hour', 'client_hour', 'client_ips', 'client_401'), "
         "bucket + INTERVAL {ttl_day_days} DAY DELETE WHERE level = 'day', "
         "bucket + INTERVAL {dedup_ttl_hours} HOUR DELETE WHERE level = 'dedup'"
     ),

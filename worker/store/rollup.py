@@ -13,7 +13,16 @@ from schemas.decisions import Window, month_bounds, window_start
 from schemas.limits import ROUTE_MARK
 from worker.store.client import quote_identifier, settings_for_insert
 
-LEVELS = {"offset": 0, "minute": 1, "hour": 2, "day": 3, "dedup": 4, "client_hour": 5, "client_ips": 6}
+LEVELS = {
+    "offset": 0,
+    "minute": 1,
+    "hour": 2,
+    "day": 3,
+    "dedup": 4,
+    "client_hour": 5,
+    "client_ips": 6,
+    "client_401": 7,
+}
 # ``client_ips`` rows count a key's distinct client addresses per UTC day up to this many
 # (007_client_ips.sql): the leaked-key signal reads them to find its candidate keys.
 CLIENT_IPS_CAP = 32
@@ -224,3 +233,27 @@ def mark_client_ips(client: Client, database: str, since_day: int) -> None:
         "GROUP BY key_id, day HAVING n >= 2",
         parameters={"since": since_day},
     )
+
+
+def mark_client_401(client: Client, database: str, since: int) -> None:
+    """Write the ``client_401`` rows (008_client_401.sql) that the stored ``client_hour`` rows of
+    status 401 since ``since`` call for, where rows were written without them: a bulk import,
+    the sample data. Idempotent: a (key, hour) that has ``client_401`` rows already is skipped."""
+    table = rollup_table(database)
+    client.command(
+        f"INSERT INTO {table} "
+        "(level, key_id, account_id, bucket, status, client_ip, requests, bytes_out, latency_ms_sum, cost) "
+        "SELECT 'client_401', key_id, account_id, bucket, status, client_ip, requests, bytes_out, latency_ms_sum, "
+        f"cost FROM {table} WHERE level = 'client_hour' AND status = 401 "
+        "AND bucket >= toDateTime({since:UInt32}, 'UTC') AND (key_id, bucket) NOT IN "
+        f"(SELECT key_id, bucket FROM {table} WHERE level = 'client_401' "
+        "AND bucket >= toDateTime({since:UInt32}, 'UTC'))",
+        parameters={"since": since},
+    )
+
+
+def mark_summary_levels(client: Client, database: str, since: int) -> None:
+    """The rows of both levels that summarise the ``client_hour`` rows since ``since``: what
+    rows written straight into the table lack (the ingest writes them with each batch)."""
+    mark_client_ips(client, database, since)
+    mark_client_401(client, database, since)

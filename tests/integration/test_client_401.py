@@ -1,0 +1,93 @@
+"""401 responses per key, hour and client address as their own level (``client_401`` rows,
+008_client_401.sql): the ingest writes them with each batch, the migration derives them from
+the ``client_hour`` rows stored before it, and the invalid-key storm signal reads only them."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.helpers import db_counts, expected_counts, wait_for
+from worker.analytics import signals
+from worker.app import WorkerRuntime
+from worker.settings import Settings
+from worker.simulate import Traffic, generate, publish
+from worker.store.client import connect
+from worker.store.migrations import discover, migrate, render
+from worker.store.rollup import mark_client_401, rollup_table
+
+COLUMNS = ["level", "key_id", "account_id", "bucket", "status", "client_ip", "requests"]
+HOUR = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
+
+
+def client_401(clickhouse: Any, database: str) -> list[tuple[str, int, str, int]]:
+    """(key, hour, address, requests) of the ``client_401`` rows, summed over parts."""
+    rows = clickhouse.query(
+        f"SELECT key_id, toUInt32(bucket), client_ip, sum(requests) FROM {rollup_table(database)} "
+        "WHERE level = 'client_401' GROUP BY key_id, bucket, client_ip ORDER BY key_id, bucket, client_ip"
+    ).result_rows
+    return [(str(k), int(b), str(ip), int(n)) for k, b, ip, n in rows]
+
+
+def client_hour_401(clickhouse: Any, database: str) -> list[tuple[str, int, str, int]]:
+    rows = clickhouse.query(
+        f"SELECT key_id, toUInt32(bucket), client_ip, sum(requests) FROM {rollup_table(database)} "
+        "WHERE level = 'client_hour' AND status = 401 AND client_ip != '' "
+        "GROUP BY key_id, bucket, client_ip ORDER BY key_id, bucket, client_ip"
+    ).result_rows
+    return [(str(k), int(b), str(ip), int(n)) for k, b, ip, n in rows]
+
+
+@pytest.mark.clickhouse
+def test_the_migration_derives_the_stored_401s_once(settings: Settings, tmp_path: Path) -> None:
+    before = tmp_path / "before_008"
+    before.mkdir()
+    for migration in discover():
+        if migration.version < 8:
+            shutil.copy(Path(str(migration.path)), before / migration.path.name)
+    client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
+    try:
+        migrate(client, settings.model_copy(update={"migrations_dir": before}))
+        guesses = [["client_hour", f"cf_guess_{i}", "", HOUR, 401, "203.0.113.66", 3] for i in range(40)]
+        others = [["client_hour", "cf_real", "acct", HOUR, 200, "203.0.113.66", 9]]
+        client.insert(rollup_table(settings.clickhouse_database), guesses + others, column_names=COLUMNS)
+
+        assert [m.version for m in migrate(client, settings)] == [8]
+        derived = client_401(client, settings.clickhouse_database)
+        assert derived == client_hour_401(client, settings.clickhouse_database)
+        assert len(derived) == 40
+
+        # Run again (a migration interrupted before it was recorded), or marked by hand: nothing twice.
+        [statement] = [s for s in render(discover()[-1].path.read_text(), settings) if s.startswith("INSERT")]
+        client.command(statement)
+        mark_client_401(client, settings.clickhouse_database, int((HOUR - timedelta(days=1)).timestamp()))
+        assert client_401(client, settings.clickhouse_database) == derived
+
+        th = signals.SignalThresholds(invalid_key_401_min=100, lookback=timedelta(hours=24))
+        [storm] = signals.invalid_key_storms(client, settings.clickhouse_database, HOUR + timedelta(hours=1), th)
+        assert (storm.client_ip, storm.evidence) == ("203.0.113.66", {"status_401": 120, "distinct_keys": 40})
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
+
+
+@pytest.mark.kafka
+@pytest.mark.clickhouse
+async def test_the_ingest_writes_each_batchs_401s_as_their_own_level(topics: Settings, clickhouse: Any) -> None:
+    settings = topics
+    events = list(generate(400, Traffic(seed=7, keys=20)))
+    for j, event in enumerate(events):
+        event["client_ip"] = f"198.51.100.{j % 5}"
+        if j % 3 == 0:
+            event["status"] = 401
+    async with WorkerRuntime(settings).running():
+        await publish(settings.kafka_bootstrap, settings.events_topic, events)
+        await wait_for(
+            lambda: db_counts(clickhouse, settings.clickhouse_database) == expected_counts(events), 60, "every event"
+        )
+    derived = client_401(clickhouse, settings.clickhouse_database)
+    assert derived == client_hour_401(clickhouse, settings.clickhouse_database)
+    assert sum(n for *_, n in derived) == sum(1 for e in events if e["status"] == 401)
