@@ -272,12 +272,16 @@ async def read_through(
     kafka: KafkaTarget, topic: str, on_batch: Callable[[list[Any]], Awaitable[None]], timeout_s: float = 30.0
 ) -> None:
     """``read_to_end``, batch by batch to ``on_batch`` instead of kept: for a topic too large to
-    hold (a dead-letter topic after an outage)."""
+    hold (a dead-letter topic after an outage). ``timeout_s`` bounds a wait without progress
+    (no record read), not the whole read: a large topic takes as long as it takes."""
     follower = TopicFollower(kafka, topic, on_batch, "reader", quiet=True)
     reading = asyncio.create_task(follower.follow())
     caught_up = asyncio.create_task(follower.ready.wait())
     try:
-        await asyncio.wait({reading, caught_up}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        seen = -1
+        while not (reading.done() or caught_up.done()) and follower.records_seen != seen:
+            seen = follower.records_seen
+            await asyncio.wait({reading, caught_up}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         read = caught_up.done()
         failure = reading.exception() if reading.done() else None
     finally:
@@ -287,4 +291,5 @@ async def read_through(
     if read:
         return
     where = kafka_clients.bootstrap(kafka)
-    raise TopicUnavailable(f"cannot read topic {topic} on {where}: {failure or f'not caught up within {timeout_s:g}s'}")
+    stalled = f"no record read for {timeout_s:g}s before its end"
+    raise TopicUnavailable(f"cannot read topic {topic} on {where}: {failure or stalled}")

@@ -11,8 +11,7 @@ from typing import Any
 
 from worker.analytics.cli import printable
 from worker.cli_args import count_between, parse_duration
-from worker.ingest.replay import describe, read_dead_letters, republish, triage
-from worker.records import Validator
+from worker.ingest.replay import describe, read_dead_letters, replay_dead_letters
 from worker.settings import Settings
 
 
@@ -45,15 +44,13 @@ def cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
-    letters = asyncio.run(read_dead_letters(settings, args.reason, _since(args)))
-    chosen, copies = list(letters.chosen), letters.copies
-    good, report = triage(chosen, Validator.from_settings(settings), time.time())
-    if not args.dry_run:
-        asyncio.run(republish(settings, good, report))
-    done = f"would re-publish {len(good)}" if args.dry_run else f"re-published {report.republished}"
+    letters, report = asyncio.run(
+        replay_dead_letters(settings, args.reason, _since(args), time.time(), dry_run=args.dry_run)
+    )
+    done = f"would re-publish {report.passed}" if args.dry_run else f"re-published {report.republished}"
     print(
-        f"{len(chosen)} dead letters with reason {args.reason}: {done} to {settings.events_topic}"
-        + (f" ({copies} repeated copies collapsed first)" if copies else "")
+        f"{letters.selected} dead letters with reason {args.reason}: {done} to {settings.events_topic}"
+        + (f" ({letters.copies} repeated copies collapsed first)" if letters.copies else "")
     )
     for reason, n in report.still_rejected.most_common():
         print(f"  still rejected as {reason}: {n} (left in the DLQ, not re-published)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,11 +15,13 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from common.follower import TopicUnavailable, read_through
 from schemas.events import dump_event
 from tests.integration.helpers import db_counts, expected_counts, read_topic, wait_for
 from worker.app import WorkerRuntime
 from worker.cli import main
 from worker.ingest.dlq import dead_letter
+from worker.ingest.replay import replay_dead_letters
 from worker.records import Rejection
 from worker.settings import Settings
 from worker.simulate import Traffic, generate, publish
@@ -152,3 +155,56 @@ async def test_a_replay_kafka_refuses_is_reported_and_exits_1(
     assert "re-published 0" in out
     assert "NOT delivered, Kafka refused them: 3" in out
     assert await read_topic(s.kafka_bootstrap, s.events_topic) == []
+
+
+async def _dead_letters(settings: Settings, n: int) -> list[bytes]:
+    """``n`` dead letters of reason ``check_failed`` whose originals pass now; their originals."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=20)
+    originals = []
+    await producer.start()
+    try:
+        for offset, event in enumerate(generate(n, Traffic(keys=50, seed=17), end=datetime.now(UTC))):
+            key = event["key_id"].encode()
+            original = dump_event(event)
+            value, headers = dead_letter(
+                Rejection(settings.events_topic, 0, offset, "check_failed", "a bug, since fixed", key, original)
+            )
+            await producer.send(settings.dlq_topic, value, key=key, headers=headers)
+            originals.append(original)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return originals
+
+
+async def test_a_replay_sends_as_it_reads_and_holds_no_letter(topics: Settings) -> None:
+    # Before: every chosen letter was held until the DLQ was read to its end (a DLQ after an
+    # outage can be larger than memory), and the read had to end within 30 s as a whole.
+    s = topics
+    originals = await _dead_letters(s, 12_000)
+    letters, report = await replay_dead_letters(s, "check_failed", None, time.time(), dry_run=False)
+    assert (letters.selected, report.passed, report.republished, report.failed) == (12_000, 12_000, 12_000, {})
+    assert len(letters.chosen) == 0
+    replayed = await read_topic(s.kafka_bootstrap, s.events_topic, at_least=12_000)
+    assert sorted(r.value for r in replayed) == sorted(originals)  # each once
+
+
+async def test_reading_a_topic_through_is_bounded_by_a_stall_not_by_its_length(topics: Settings) -> None:
+    s = topics
+    await _dead_letters(s, 3_000)
+    batches = []
+
+    async def slow(batch: list[Any]) -> None:
+        batches.append(len(batch))
+        await asyncio.sleep(0.3)
+
+    # Many batches of 0.3 s each, a whole read far past the 0.5 s that bound it before.
+    await read_through(s, s.dlq_topic, slow, timeout_s=0.5)
+    assert sum(batches) == 3_000
+    assert len(batches) >= 3
+
+    async def stuck(batch: list[Any]) -> None:
+        await asyncio.sleep(5)
+
+    with pytest.raises(TopicUnavailable, match=r"no record read for 0\.5s before its end"):
+        await read_through(s, s.dlq_topic, stuck, timeout_s=0.5)

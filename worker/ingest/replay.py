@@ -29,8 +29,8 @@ class DeadLetters:
     """The DLQ read through once, record by record (a DLQ after an outage can be far larger than
     memory if kept whole): letters collapsed by id (the first copy kept), those chosen by
     ``reason`` and ``since`` counted by reason, and of those only the newest ``keep`` held
-    (None: every chosen letter, for a replay). A record that is not a DLQ record at all is
-    logged with its offset and left out."""
+    (None: every chosen letter; a replay holds none, it sends each batch's as it reads). A
+    record that is not a DLQ record at all is logged with its offset and left out."""
 
     reason: str | None = None
     since: datetime | None = None
@@ -48,7 +48,9 @@ class DeadLetters:
     def selected(self) -> int:
         return sum(self.by_reason.values())
 
-    def add(self, records: Iterable[object]) -> None:
+    def add(self, records: Iterable[object]) -> list[DeadLetter]:
+        """Read ``records`` in; returns the letters of them chosen (new ids only)."""
+        chosen = []
         for record in records:
             offset: int = getattr(record, "offset", -1)
             try:
@@ -64,6 +66,8 @@ class DeadLetters:
             if self._wanted(letter):
                 self.by_reason[letter.reason] += 1
                 self.chosen.append(letter)
+                chosen.append(letter)
+        return chosen
 
     def _wanted(self, letter: DeadLetter) -> bool:
         if self.reason is not None and letter.reason != self.reason:
@@ -92,6 +96,7 @@ async def read_dead_letters(
 class ReplayReport:
     """What a replay did: records re-published, and those left in the DLQ and why."""
 
+    passed: int = 0  # would be counted now: re-published, or offered to Kafka and refused
     republished: int = 0
     failed: Counter[str] = field(default_factory=Counter)  # delivery error -> records Kafka did not take
     still_rejected: Counter[str] = field(default_factory=Counter)  # reason -> records left in the DLQ
@@ -109,10 +114,9 @@ class _Original:
     value: bytes | None
 
 
-def triage(letters: Iterable[DeadLetter], validator: Validator, now: float) -> tuple[list[DeadLetter], ReplayReport]:
-    """Which letters would be counted if re-published now (validated as the worker will), and
-    what stays in the DLQ and why."""
-    report = ReplayReport()
+def triage(letters: Iterable[DeadLetter], validator: Validator, now: float, report: ReplayReport) -> list[DeadLetter]:
+    """Which letters would be counted if re-published now (validated as the worker will);
+    ``report`` counts them and what stays in the DLQ and why."""
     good = []
     for letter in letters:
         if letter.truncated:
@@ -123,28 +127,48 @@ def triage(letters: Iterable[DeadLetter], validator: Validator, now: float) -> t
             report.still_rejected[checked.reason] += 1
             continue
         good.append(letter)
-    return good, report
+    report.passed += len(good)
+    return good
 
 
-async def republish(settings: Settings, letters: list[DeadLetter], report: ReplayReport) -> None:
-    """Send the originals back to the events topic with their original keys; ``report`` counts
-    those Kafka took and those it did not, by error (each send is waited for: a flush does not
-    say whether its records were delivered). A replayed event already counted is dropped by
-    the worker's dedup (within the dedup horizon)."""
-    if not letters:
-        return
-    producer = kafka_clients.producer(settings, enable_idempotence=True, acks="all")
+async def replay_dead_letters(
+    settings: Settings, reason: str | None, since: datetime | None, now: float, *, dry_run: bool
+) -> tuple[DeadLetters, ReplayReport]:
+    """Read the DLQ through once and send the originals of the chosen letters that would be
+    counted now back to the events topic with their original keys, batch by batch as they are
+    read (a DLQ after an outage can be far larger than memory; only the ids are kept, to collapse
+    repeated copies). ``report`` counts those Kafka took and those it did not, by error. A
+    replayed event already counted is dropped by the worker's dedup (within the dedup horizon).
+    ``dry_run``: validate and count, send nothing."""
+    letters = DeadLetters(reason, since, keep=0)
+    report = ReplayReport()
+    validator = Validator.from_settings(settings)
+    producer = None if dry_run else kafka_clients.producer(settings, enable_idempotence=True, acks="all")
+
+    async def replay(batch: list[Any]) -> None:
+        good = triage(letters.add(batch), validator, now, report)
+        if producer is not None and good:
+            await _send(producer, settings.events_topic, good, report)
+
     try:
-        await producer.start()  # inside: a failed start must still stop the producer
-        sent = [await producer.send(settings.events_topic, letter.original, key=letter.key) for letter in letters]
-        await producer.flush()
-        for outcome in await asyncio.gather(*sent, return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                report.failed[type(outcome).__name__] += 1
-            else:
-                report.republished += 1
+        if producer is not None:
+            await producer.start()  # inside: a failed start must still stop the producer
+        await read_through(settings, settings.dlq_topic, replay)
     finally:
-        await producer.stop()
+        if producer is not None:
+            await producer.stop()
+    return letters, report
+
+
+async def _send(producer: Any, topic: str, letters: list[DeadLetter], report: ReplayReport) -> None:
+    """Each send waited for (a flush does not say whether its records were delivered)."""
+    sent = [await producer.send(topic, letter.original, key=letter.key) for letter in letters]
+    await producer.flush()
+    for outcome in await asyncio.gather(*sent, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            report.failed[type(outcome).__name__] += 1
+        else:
+            report.republished += 1
 
 
 def describe(letter: DeadLetter) -> dict[str, object]:
