@@ -90,6 +90,8 @@ class WorkerRuntime:
             parser=raw_batch_parser(self.kafka_consumer),
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
+            fetch_min_bytes=settings.ingest_fetch_min_bytes,
+            fetch_max_wait_ms=settings.ingest_fetch_max_wait_ms,
             max_poll_interval_ms=600_000,
             session_timeout_ms=settings.consumer_session_timeout_ms,
             heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,

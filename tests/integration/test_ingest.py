@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import Callable
@@ -188,3 +189,28 @@ async def test_bad_input_goes_to_dlq_with_reason_and_good_events_still_count(top
     assert db_counts(clickhouse, settings.clickhouse_database) == expected_counts(good)
     assert runtime.consumer is not None
     assert sum(runtime.consumer.stats.rejected.values()) == len(sent_bad)
+
+
+@pytest.mark.parametrize(("min_bytes", "most_batches"), [(1024 * 1024, 3), (1, None)])
+async def test_a_trickle_of_events_is_written_in_few_batches(
+    topics: Settings, clickhouse: Any, min_bytes: int, most_batches: int | None
+) -> None:
+    """The broker holds the ingest's fetch until METER_INGEST_FETCH_MIN_BYTES or
+    METER_INGEST_FETCH_MAX_WAIT_MS: 30 events arriving one by one over a second or two are a
+    few inserts, where a fetch answered at once made one per few events (each a part to merge)."""
+    settings = topics.model_copy(update={"ingest_fetch_min_bytes": min_bytes, "ingest_fetch_max_wait_ms": 2_000})
+    events = list(generate(30, Traffic(seed=5, keys=5)))
+    runtime = WorkerRuntime(settings, store=RollupStore(clickhouse, settings.clickhouse_database))
+    async with runtime.running():
+        for event in events:
+            await publish(settings.kafka_bootstrap, settings.events_topic, [event])
+            await asyncio.sleep(0.02)
+        await wait_for(
+            lambda: db_counts(clickhouse, settings.clickhouse_database) == expected_counts(events), 30, "every event"
+        )
+        assert runtime.consumer is not None
+        batches = runtime.consumer.stats.batches
+    if most_batches is None:
+        assert batches > 3  # the contrast: answered at once, the trickle makes many batches
+    else:
+        assert batches <= most_batches
