@@ -33,6 +33,11 @@ FOLLOWERS_READY_TIMEOUT = 30.0
 # How long a revoke or a stop waits for the queued notifications to be published and recorded
 # (the next owner reads the record; what is not in it yet may be notified again, same id).
 NOTIFICATIONS_FLUSH_TIMEOUT = 10.0
+# Audit rows (decisions, notifications) go to the store at most this often, each kind in one
+# insert: every insert is a part for the engine to merge, and one per decisions batch or per
+# notifying fast-lane batch cost the worker more CPU than its rollup inserts at 5,000 events/s
+# (bench/results.md, Decisions). Notifications are published together with their insert.
+AUDIT_INTERVAL_S = 0.5
 
 
 ACCOUNT_CHANGES_LOGGED = 10  # per batch: a flood of changes must not flood the log
@@ -120,6 +125,10 @@ class LimitService:
         self._notifier: asyncio.Task[None] | None = None
         self._notification_store: NotificationStore | None = None
         self.notifications_published = 0
+        # Decisions read from the topic, not yet in the audit table (a worker that stops without
+        # recording them records them when it reads the topic again from its start).
+        self._unaudited: list[Decision] = []
+        self._auditor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.decisions.start()
@@ -129,6 +138,7 @@ class LimitService:
         self._ticker = asyncio.create_task(self._tick_forever(), name="limits-tick")
         self._redivider = asyncio.create_task(self._redivide_forever(), name="limits-redivide")
         self._notifier = asyncio.create_task(self._notify_forever(), name="limits-notify")
+        self._auditor = asyncio.create_task(self._audit_forever(), name="limits-audit")
 
     async def stop(self) -> None:
         """Idempotent: the worker stops the limits before the broker, and again at the end."""
@@ -140,6 +150,10 @@ class LimitService:
         if notifier is not None:
             await self._flush_notifications_within(NOTIFICATIONS_FLUSH_TIMEOUT)
         await cancel_and_wait(notifier)
+        auditor, self._auditor = self._auditor, None
+        if auditor is not None:
+            await cancel_and_wait(auditor)
+            await self._record_decisions_within(NOTIFICATIONS_FLUSH_TIMEOUT)
         await self.fast_lane.stop()
         await self.decisions.stop()
         await self.overrides.stop()
@@ -226,7 +240,7 @@ class LimitService:
             if decision.source == "operator":
                 _keep_newest(self._by_operator, decision)
             self.engine.seen(decision)
-        await self._audit(batch)
+        self._unaudited += batch
 
     async def _on_overrides(self, records: list[Any]) -> None:
         for override in valid_records(records, LimitOverride):
@@ -273,10 +287,32 @@ class LimitService:
         )
         self.allowances_published += len(verdicts.allowances)
 
-    async def _audit(self, decisions: list[Decision]) -> None:
-        if decisions:  # the audit must not be lost: retry until the store is back
+    async def _audit_forever(self) -> None:
+        while True:
+            await asyncio.sleep(AUDIT_INTERVAL_S)
+            await self._record_decisions()
+
+    async def _record_decisions(self) -> None:
+        """The decisions read since the last call, in one insert; retried until the store is back."""
+        batch, self._unaudited = self._unaudited, []
+        if not batch:
+            return
+        try:
             await retry_forever(
-                lambda: asyncio.to_thread(self.audit.record, decisions), f"recording {len(decisions)} decisions"
+                lambda: asyncio.to_thread(self.audit.record, batch), f"recording {len(batch)} decisions"
+            )
+        except BaseException:
+            self._unaudited[:0] = batch  # stopped before it landed: kept for the last try (a copy collapses)
+            raise
+
+    async def _record_decisions_within(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._record_decisions(), timeout)
+        except TimeoutError:
+            log.warning(
+                "%d decisions not recorded in the audit within %.0fs: recorded when the topic is read again",
+                len(self._unaudited),
+                timeout,
             )
 
     # notifications ---------------------------------------------------------------------
@@ -293,6 +329,7 @@ class LimitService:
             except Exception:
                 log.exception("publishing notifications failed; they stay queued")
                 await asyncio.sleep(1.0)
+            await asyncio.sleep(AUDIT_INTERVAL_S)  # the next ones are published and recorded together
 
     async def _flush_notifications(self) -> None:
         """Publish the queued notifications (keyed by key id), then record them for audit and
