@@ -1,6 +1,6 @@
 """Decisions benchmark: block propagation delay and cluster-wide overshoot, 3 nodes at 5,000 events/s.
 
-    .venv/bin/python -m bench.decisions [--rate 5000] [--duration 80] [--batch-timeout-ms 10]
+    .venv/bin/python -m bench.decisions [--rate 5000] [--duration 80] [--batch-timeout-ms 200]
 
 Set-up, all on loopback:
 
@@ -911,7 +911,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--hot-rate", type=float, default=50.0, help="requests/s of one hot key")
     p.add_argument("--window-margin", type=float, default=3.0, help="seconds kept free before a minute ends")
     p.add_argument("--tick-ms", type=float, default=5.0, help="load loop tick")
-    p.add_argument("--batch-timeout-ms", type=int, default=10, help="worker METER_BATCH_TIMEOUT_MS")
+    p.add_argument(
+        "--batch-timeout-ms",
+        type=int,
+        default=Settings.model_fields["batch_timeout_ms"].default,
+        help="worker METER_BATCH_TIMEOUT_MS (default: the product's default)",
+    )
     p.add_argument("--worker-env", action="append", default=[], metavar="METER_X=V", help="extra worker env")
     p.add_argument(
         "--linger-ms",
