@@ -272,22 +272,32 @@ async def read_through(
     kafka: KafkaTarget, topic: str, on_batch: Callable[[list[Any]], Awaitable[None]], timeout_s: float = 30.0
 ) -> None:
     """``read_to_end``, batch by batch to ``on_batch`` instead of kept: for a topic too large to
-    hold (a dead-letter topic after an outage). ``timeout_s`` bounds a wait without progress
-    (no record read), not the whole read: a large topic takes as long as it takes."""
-    follower = TopicFollower(kafka, topic, on_batch, "reader", quiet=True)
+    hold (a dead-letter topic after an outage). ``timeout_s`` bounds a wait for the broker (no
+    record read, no ``on_batch`` running), not the whole read: a large topic, or a slow
+    ``on_batch``, takes as long as it takes. The reader stops between two batches, never inside
+    ``on_batch`` (records that arrive while the topic is read may be handed over too, each batch
+    whole)."""
+    handing_over = asyncio.Lock()
+
+    async def whole(batch: list[Any]) -> None:
+        async with handing_over:
+            await on_batch(batch)
+
+    follower = TopicFollower(kafka, topic, whole, "reader", quiet=True)
     reading = asyncio.create_task(follower.follow())
     caught_up = asyncio.create_task(follower.ready.wait())
     try:
         seen = -1
-        while not (reading.done() or caught_up.done()) and follower.records_seen != seen:
+        while not (reading.done() or caught_up.done()) and (follower.records_seen != seen or handing_over.locked()):
             seen = follower.records_seen
             await asyncio.wait({reading, caught_up}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         read = caught_up.done()
         failure = reading.exception() if reading.done() else None
     finally:
-        for task in (reading, caught_up):
-            if not task.done():
-                await cancel_and_wait(task)
+        async with handing_over:  # the batch being handed over finishes first
+            for task in (reading, caught_up):
+                if not task.done():
+                    await cancel_and_wait(task)
     if read:
         return
     where = kafka_clients.bootstrap(kafka)
