@@ -70,6 +70,18 @@ def test_the_migration_derives_the_stored_401s_once(settings: Settings, tmp_path
         th = signals.SignalThresholds(invalid_key_401_min=100, lookback=timedelta(hours=24))
         [storm] = signals.invalid_key_storms(client, settings.clickhouse_database, HOUR + timedelta(hours=1), th)
         assert (storm.client_ip, storm.evidence) == ("203.0.113.66", {"status_401": 120, "distinct_keys": 40})
+
+        # An older worker (or a bulk import) adds 401s to a key and hour that has client_401 rows
+        # already, from the same address and a new one: only what is missing is derived.
+        later = [
+            ["client_hour", "cf_guess_0", "", HOUR, 401, "203.0.113.66", 2],
+            ["client_hour", "cf_guess_0", "", HOUR, 401, "198.51.100.9", 5],
+        ]
+        client.insert(rollup_table(settings.clickhouse_database), later, column_names=COLUMNS)
+        for _ in range(2):
+            mark_client_401(client, settings.clickhouse_database, int((HOUR - timedelta(days=1)).timestamp()))
+        assert client_401(client, settings.clickhouse_database) == client_hour_401(client, settings.clickhouse_database)
+        assert len(client_401(client, settings.clickhouse_database)) == 41
     finally:
         client.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
 

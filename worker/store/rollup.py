@@ -238,18 +238,25 @@ def mark_client_ips(client: Client, database: str, since_day: int) -> None:
 def mark_client_401(client: Client, database: str, since: int) -> None:
     """Write the ``client_401`` rows (008_client_401.sql) that the stored ``client_hour`` rows of
     status 401 since ``since`` call for, where rows were written without them: a bulk import,
-    the sample data. Idempotent: a (key, hour) that has ``client_401`` rows already is skipped."""
-    table = rollup_table(database)
-    client.command(
-        f"INSERT INTO {table} "
-        "(level, key_id, account_id, bucket, status, client_ip, requests, bytes_out, latency_ms_sum, cost) "
-        "SELECT 'client_401', key_id, account_id, bucket, status, client_ip, requests, bytes_out, latency_ms_sum, "
-        f"cost FROM {table} WHERE level = 'client_hour' AND status = 401 "
-        "AND bucket >= toDateTime({since:UInt32}, 'UTC') AND (key_id, bucket) NOT IN "
-        f"(SELECT key_id, bucket FROM {table} WHERE level = 'client_401' "
-        "AND bucket >= toDateTime({since:UInt32}, 'UTC'))",
-        parameters={"since": since},
-    )
+    the sample data, workers of the version before. Idempotent: what is written is the difference
+    per (key, account, hour, address) between the two levels, so nothing is counted twice."""
+    client.command(CLIENT_401_MISSING.format(table=rollup_table(database)), parameters={"since": since})
+
+
+# The client_401 rows missing per (key, account, hour, address): client_hour's 401s less what
+# client_401 holds already (008_client_401.sql states the same for the stored rows).
+CLIENT_401_MISSING = (
+    "INSERT INTO {table} "
+    "(level, key_id, account_id, bucket, status, client_ip, requests, bytes_out, latency_ms_sum, cost) "
+    "SELECT 'client_401', key_id, account_id, bucket, 401, client_ip, "
+    "toInt64(sumIf(requests, level = 'client_hour')) - toInt64(sumIf(requests, level = 'client_401')) AS n, "
+    "greatest(0, toInt64(sumIf(bytes_out, level = 'client_hour')) - toInt64(sumIf(bytes_out, level = 'client_401'))), "
+    "sumIf(latency_ms_sum, level = 'client_hour') - sumIf(latency_ms_sum, level = 'client_401'), "
+    "greatest(0, toInt64(sumIf(cost, level = 'client_hour')) - toInt64(sumIf(cost, level = 'client_401'))) "
+    "FROM {table} WHERE level IN ('client_hour', 'client_401') AND status = 401 AND client_ip != '' "
+    "AND bucket >= toDateTime({{since:UInt32}}, 'UTC') "
+    "GROUP BY key_id, account_id, bucket, client_ip HAVING n > 0"
+)
 
 
 def mark_summary_levels(client: Client, database: str, since: int) -> None:

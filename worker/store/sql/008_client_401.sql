@@ -15,10 +15,16 @@ ALTER TABLE {db}.usage_rollup MODIFY TTL
 SETTINGS materialize_ttl_after_modify = 0;
 
 -- The rows stored before this migration (worker.store.rollup.mark_client_401 does the same
--- for bulk imports): a (key, hour) that has ``client_401`` rows already is skipped, so a
--- migration interrupted after this statement and run again adds nothing twice.
+-- for bulk imports): per (key, account, hour, address), client_hour's 401s less what
+-- client_401 holds already, so a migration interrupted after this statement and run again
+-- adds nothing twice, and rows an older worker writes later can still be derived.
 INSERT INTO {db}.usage_rollup (level, key_id, account_id, bucket, status, client_ip, requests, bytes_out, latency_ms_sum, cost)
-SELECT 'client_401', key_id, account_id, bucket, status, client_ip, requests, bytes_out, latency_ms_sum, cost
+SELECT 'client_401', key_id, account_id, bucket, 401, client_ip,
+    toInt64(sumIf(requests, level = 'client_hour')) - toInt64(sumIf(requests, level = 'client_401')) AS n,
+    greatest(0, toInt64(sumIf(bytes_out, level = 'client_hour')) - toInt64(sumIf(bytes_out, level = 'client_401'))),
+    sumIf(latency_ms_sum, level = 'client_hour') - sumIf(latency_ms_sum, level = 'client_401'),
+    greatest(0, toInt64(sumIf(cost, level = 'client_hour')) - toInt64(sumIf(cost, level = 'client_401')))
 FROM {db}.usage_rollup
-WHERE level = 'client_hour' AND status = 401
-    AND (key_id, bucket) NOT IN (SELECT key_id, bucket FROM {db}.usage_rollup WHERE level = 'client_401');
+WHERE level IN ('client_hour', 'client_401') AND status = 401 AND client_ip != ''
+GROUP BY key_id, account_id, bucket, client_ip
+HAVING n > 0;
