@@ -68,7 +68,7 @@ class Settings(NodeSettings):
     # part for the engine to merge, and costs the same CPU whatever its size up to ~1,000
     # events). The limits' fast lane reads on a consumer of its own and never waits for this.
     ingest_fetch_min_bytes: int = Field(default=256 * 1024, ge=1, le=64 * 1024 * 1024)
-    ingest_fetch_max_wait_ms: int = Field(default=250, ge=0, le=10_000)
+    ingest_fetch_max_wait_ms: int = Field(default=250, ge=1, le=10_000)
     max_event_bytes: int = Field(default=8_192, ge=256)
     # Events older than this (event time) are refused to the DLQ: it is also how long the
     # request_id dedup memory is kept, so every counted event is covered by it.

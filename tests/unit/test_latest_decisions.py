@@ -4,9 +4,11 @@ per key ever decided on does not grow without end."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import pytest
 from aiokafka.structs import ConsumerRecord
 
 from schemas.decisions import Decision, DecisionAction, Window
@@ -108,3 +110,55 @@ async def test_an_operators_unblock_is_kept_beside_the_keys_newer_decisions() ->
     clock.now = T0.timestamp() + HOUR  # a guard block's length later: nothing left to respect
     service.forget_settled()
     assert service.operator_decision("k") is None
+
+
+class _Recording:
+    def __init__(self) -> None:
+        self.rows: list[str] = []
+        self.inserts = 0
+
+    def record(self, decisions: list[Decision]) -> list[Decision]:
+        self.rows += [d.key_id for d in decisions]
+        self.inserts += 1
+        return []
+
+
+def _audited_service(audit: _Recording) -> LimitService:
+    return LimitService(
+        Settings(),
+        rollups=cast(Any, None),
+        audit=cast(Any, audit),
+        send=cast(Any, None),
+        partition_count=lambda: 1,
+        stored_offsets=dict,
+    )
+
+
+async def test_decisions_read_while_the_readers_stop_are_still_audited() -> None:
+    # Before: the last audit insert ran before the readers stopped, so a block the decisions
+    # reader got in its last batch (the fast lane's last decisions) was never recorded.
+    audit = _Recording()
+    service = _audited_service(audit)
+    service._auditor = asyncio.create_task(service._audit_forever())
+    await service._on_decisions([_record(decision("k1", DecisionAction.block), 0)])
+
+    async def last_batch_on_stop() -> None:
+        await service._on_decisions([_record(decision("k2", DecisionAction.block), 1)])
+
+    service.fast_lane.stop = last_batch_on_stop  # type: ignore[method-assign]
+    await service.stop()
+    assert audit.rows == ["k1", "k2"]
+    assert service._unaudited == []
+
+
+async def test_decisions_are_audited_together_and_the_queue_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    audit = _Recording()
+    service = _audited_service(audit)
+    await service._on_decisions([_record(decision(f"k{i}", DecisionAction.block), i) for i in range(3)])
+    assert audit.inserts == 0  # queued for the auditor's next insert
+    await service._record_decisions()
+    assert (audit.inserts, audit.rows) == (1, ["k0", "k1", "k2"])
+    monkeypatch.setattr("worker.limits.service.MAX_UNAUDITED", 2)
+    await service._on_decisions([_record(decision(f"m{i}", DecisionAction.block), i) for i in range(2)])
+    assert audit.inserts == 2  # at the bound the reader waits for the insert itself
+    assert service._unaudited == []

@@ -38,6 +38,9 @@ NOTIFICATIONS_FLUSH_TIMEOUT = 10.0
 # notifying fast-lane batch cost the worker more CPU than its rollup inserts at 5,000 events/s
 # (bench/results.md, Decisions). Notifications are published together with their insert.
 AUDIT_INTERVAL_S = 0.5
+# Past this many decisions waiting for the audit (the store down), the decisions reader waits
+# for the insert itself instead of queueing more: memory stays bounded, as when it always waited.
+MAX_UNAUDITED = 100_000
 
 
 ACCOUNT_CHANGES_LOGGED = 10  # per batch: a flood of changes must not flood the log
@@ -146,6 +149,11 @@ class LimitService:
         await cancel_and_wait(ticker)
         redivider, self._redivider = self._redivider, None
         await cancel_and_wait(redivider)
+        # The readers first: what their last batches queue is flushed below, not left behind.
+        await self.fast_lane.stop()
+        await self.decisions.stop()
+        await self.overrides.stop()
+        await self.allowances.stop()
         notifier, self._notifier = self._notifier, None
         if notifier is not None:
             await self._flush_notifications_within(NOTIFICATIONS_FLUSH_TIMEOUT)
@@ -154,10 +162,6 @@ class LimitService:
         if auditor is not None:
             await cancel_and_wait(auditor)
             await self._record_decisions_within(NOTIFICATIONS_FLUSH_TIMEOUT)
-        await self.fast_lane.stop()
-        await self.decisions.stop()
-        await self.overrides.stop()
-        await self.allowances.stop()
 
     # hooks of the ingest consumer ------------------------------------------------------
     async def on_assigned(self, partitions: set[int]) -> None:
@@ -241,6 +245,8 @@ class LimitService:
                 _keep_newest(self._by_operator, decision)
             self.engine.seen(decision)
         self._unaudited += batch
+        if len(self._unaudited) >= MAX_UNAUDITED:
+            await self._record_decisions()
 
     async def _on_overrides(self, records: list[Any]) -> None:
         for override in valid_records(records, LimitOverride):
