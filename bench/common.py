@@ -14,6 +14,17 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results.md"
 
+# Every topic a worker reads or writes. A run gets its own of each: a topic shared between runs
+# is read again by the next run's worker and nodes from its start (the compacted allowances
+# topic grew to 48 MB on a development broker, which every bench.decisions and bench.ingest
+# worker then read while it was being measured).
+WORKER_TOPICS = ("events", "decisions", "dlq", "limits", "allowances", "notifications", "notifications_dlq")
+
+
+def run_topics(prefix: str) -> dict[str, str]:
+    """Settings overrides for one run: ``<name>_topic`` = ``<prefix>.<name>`` for each of ``WORKER_TOPICS``."""
+    return {f"{name}_topic": f"{prefix}.{name}" for name in WORKER_TOPICS}
+
 
 def machine() -> dict[str, str]:
     """nproc, CPU model and RAM of this machine (Linux /proc; best effort elsewhere)."""

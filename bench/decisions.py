@@ -63,7 +63,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from bench.common import BENCH_DIR, cpu_seconds, machine, now_utc, replace_block, system_cpu, versions
+from bench.common import BENCH_DIR, cpu_seconds, machine, now_utc, replace_block, run_topics, system_cpu, versions
 from common import kafka_clients
 from node.decision_cache import DecisionCache
 from node.reporter import UsageReporter
@@ -159,15 +159,77 @@ def worker_child() -> int:
             last_end[0] = t1
 
     PartitionWriter.handle = handle  # type: ignore[method-assign]
+
+    time_fast_lane(emit)
     patch(PartitionWriter, "_commit", timed_async, "commit")
     patch(RollupStore, "seen_hashes", timed_sync, "dedup")
     patch(RollupStore, "write", timed_sync, "write")
     patch(LimitService, "before_write", timed_async, "limits")
     patch(WorkerRuntime, "_send_decision", timed_async, "publish")
 
+    async def run_worker() -> None:
+        probe = asyncio.create_task(probe_loop(emit))
+        try:
+            await runtime.app.run()
+        finally:
+            probe.cancel()
+
     runtime = WorkerRuntime(settings)
-    asyncio.run(runtime.app.run())
+    asyncio.run(run_worker())
     return 0
+
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+def time_fast_lane(emit: Emit) -> None:
+    """The fast lane, per fetch: records, age of the newest and oldest (their CreateTime, set by
+    the node's producer) when it starts grouping them, and grouping + counting + publishing
+    time. Emitted every second in one line (a line per fetch would cost the worker more than it
+    measures)."""
+    from worker.limits import fastlane
+    from worker.limits.service import LimitService
+
+    orig_group = fastlane.group_batch
+    orig_on_fast = LimitService._on_fast_batch
+    fast_rows: list[list[float]] = []
+    fast_flushed = [time.time()]
+
+    def group_batch(records: Sequence[Any], *args: Any) -> Any:
+        wall = time.time()
+        stamps = [r.timestamp for r in records]
+        fast_rows.append([len(records), wall - max(stamps) / 1000.0, wall - min(stamps) / 1000.0, time.perf_counter()])
+        return orig_group(records, *args)
+
+    async def on_fast_batch(self: LimitService, batch: Any) -> None:
+        try:
+            await orig_on_fast(self, batch)
+        finally:
+            if fast_rows:
+                fast_rows[-1][3] = time.perf_counter() - fast_rows[-1][3]
+            now = time.time()
+            if now - fast_flushed[0] >= 1.0:
+                emit({"t": now, "phase": "fast", "rows": fast_rows[:]})
+                fast_rows.clear()
+                fast_flushed[0] = now
+
+    fastlane.group_batch = group_batch  # type: ignore[assignment]
+    LimitService._on_fast_batch = on_fast_batch  # type: ignore[method-assign]
+
+
+async def probe_loop(emit: Emit) -> None:
+    """How late the event loop runs a 1 ms sleep: the longest stretch any task holds it, during
+    which the fast lane cannot take its next fetch either."""
+    late: list[float] = []
+    flushed = time.time()
+    while True:
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.001)
+        late.append(time.perf_counter() - t0 - 0.001)
+        if time.time() - flushed >= 1.0:
+            emit({"t": time.time(), "phase": "loop", "late": late[:]})
+            late.clear()
+            flushed = time.time()
 
 
 def code_version() -> str:
@@ -481,26 +543,20 @@ class Load:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     data_dir = Path(tempfile.mkdtemp(prefix="bench-decisions-"))
+    topics = run_topics(f"bench.dec.{tag}")
     settings = Settings(
         kafka_bootstrap=args.bootstrap,
-        events_topic=f"bench.dec.{tag}.events",
-        decisions_topic=f"bench.dec.{tag}.decisions",
-        dlq_topic=f"bench.dec.{tag}.dlq",
-        limits_topic=f"bench.dec.{tag}.limits",
         consumer_group=f"bench-dec-{tag}",
         clickhouse_dsn=f"chdb://{data_dir / 'ch'}",
         batch_timeout_ms=args.batch_timeout_ms,
         limit_per_minute=LIMIT,
-    )
+    ).model_copy(update=topics)
     await ensure_topics(settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
     env.update(
         {
             "METER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "METER_EVENTS_TOPIC": settings.events_topic,
-            "METER_DECISIONS_TOPIC": settings.decisions_topic,
-            "METER_DLQ_TOPIC": settings.dlq_topic,
-            "METER_LIMITS_TOPIC": settings.limits_topic,
+            **{f"METER_{name.upper()}": topic for name, topic in topics.items()},
             "METER_CONSUMER_GROUP": settings.consumer_group,
             "METER_CLICKHOUSE_DSN": settings.clickhouse_dsn,
             "METER_BATCH_TIMEOUT_MS": str(args.batch_timeout_ms),
@@ -590,18 +646,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         if rc not in (0, -15):
             print(f"worker exited with {rc}; last log lines:\n" + "\n".join(run.worker_log[-20:]), file=sys.stderr)
         shutil.rmtree(data_dir, ignore_errors=True)
-        await delete_topics(settings)
+        await delete_topics(settings, list(topics.values()))
     result["worker_rc"] = rc
     return result
 
 
-async def delete_topics(settings: Settings) -> None:
+async def delete_topics(settings: Settings, names: list[str]) -> None:
     admin = kafka_clients.admin(settings, request_timeout_ms=10_000)
     with contextlib.suppress(Exception):
         await admin.start()
-        await admin.delete_topics(
-            [settings.events_topic, settings.decisions_topic, settings.dlq_topic, settings.limits_topic]
-        )
+        await admin.delete_topics(names)
     with contextlib.suppress(Exception):
         await admin.close()
 
@@ -669,6 +723,17 @@ def summarise(
         }
         for name in ("dedup", "limits", "publish", "write", "commit"):
             phases[name] = dist([x["dt"] for x in stats if x.get("phase") == name])
+        late = [v for x in stats if x.get("phase") == "loop" for v in x["late"]]
+        if late:
+            phases["loop_late"] = dist(late)
+        fast = [row for x in stats if x.get("phase") == "fast" for row in x["rows"]]
+        if fast:
+            span = stats[-1]["t"] - stats[0]["t"]
+            phases["fast_fetches_per_s"] = len(fast) / span if span > 0 else float("nan")
+            phases["fast_records"] = dist([r[0] for r in fast])
+            phases["fast_age_newest"] = dist([r[1] for r in fast])
+            phases["fast_age_oldest"] = dist([r[2] for r in fast])
+            phases["fast_handle"] = dist([r[3] for r in fast])
     return {
         "args": vars(args),
         "crossings": len(crossed),
@@ -843,6 +908,10 @@ def render(r: dict[str, Any], for_file: bool) -> str:
             ("offset commit, per call", "commit"),
             ("age of newest record at batch start", "age_newest"),
             ("age of oldest record at batch start", "age_oldest"),
+            ("fast lane: age of newest record when grouped, per fetch", "fast_age_newest"),
+            ("fast lane: age of oldest record when grouped, per fetch", "fast_age_oldest"),
+            ("fast lane: grouping + counting + publishing, per fetch", "fast_handle"),
+            ("event loop: lateness of a 1 ms sleep (how long a task held the loop)", "loop_late"),
         ):
             dd = ph.get(key)
             if dd:
@@ -850,6 +919,12 @@ def render(r: dict[str, Any], for_file: bool) -> str:
                     f"| {label} | {ms(dd['p50'])} | {ms(dd['p90'])} | {ms(dd['p99'])} | {ms(dd['max'])} | "
                     f"{ms(dd['mean'])} |"
                 )
+        if ph.get("fast_records"):
+            add("")
+            add(
+                f"Fast lane: {ph['fast_fetches_per_s']:.0f} fetches/s, records per fetch p50 "
+                f"{ph['fast_records']['p50']:.0f} / max {ph['fast_records']['max']:.0f}."
+            )
     return "\n".join(lines)
 
 

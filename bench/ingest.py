@@ -62,6 +62,7 @@ from bench.common import (
     replace_block,
     reset_peak_rss,
     rss_bytes,
+    run_topics,
     versions,
 )
 from common import kafka_clients
@@ -645,9 +646,7 @@ async def main_async(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-chdb-"))
     overrides: dict[str, Any] = {
         "kafka_bootstrap": bootstrap,
-        "events_topic": f"bench.events.{run}",
-        "decisions_topic": f"bench.decisions.{run}",
-        "dlq_topic": f"bench.dlq.{run}",
+        **run_topics(f"bench.ingest.{run}"),
         "consumer_group": f"bench-worker-{run}",
         "events_partitions": args.partitions,
         "clickhouse_dsn": f"chdb://{tmp}",
@@ -656,7 +655,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.batch_max_records:
         overrides["batch_max_records"] = args.batch_max_records
     settings = base.model_copy(update=overrides)
-    topics = [settings.events_topic, settings.decisions_topic, settings.dlq_topic]
+    topics = list(run_topics(f"bench.ingest.{run}").values())
     try:
         await ensure_topics(settings)
         print(f"generating {args.events:,} events over {args.keys:,} keys ...", flush=True)

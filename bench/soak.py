@@ -53,7 +53,7 @@ from typing import Any
 
 import clickhouse_connect
 
-from bench.common import BENCH_DIR, commit, machine, now_utc, replace_block, rss_bytes, versions
+from bench.common import BENCH_DIR, commit, machine, now_utc, replace_block, rss_bytes, run_topics, versions
 from bench.ingest import EventMaker, bulk_producer, delete_topics, send_records, utc_seconds, verify
 from common.kafka_clients import KafkaTarget
 from worker.app import WorkerRuntime
@@ -646,8 +646,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def soak_settings(base: Settings, run_id: str, dsn: str, bootstrap: str | None, partitions: int) -> Settings:
     """Fresh topics and group for one run; no HTTP listener."""
-    names = ("events", "decisions", "dlq", "limits", "allowances", "notifications", "notifications_dlq")
-    overrides: dict[str, Any] = {f"{n}_topic": f"bench.soak.{run_id}.{n}" for n in names}
+    overrides: dict[str, Any] = dict(run_topics(f"bench.soak.{run_id}"))
     overrides |= {
         "kafka_bootstrap": bootstrap or base.kafka_bootstrap,
         "consumer_group": f"bench-soak-{run_id}",

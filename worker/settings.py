@@ -97,6 +97,11 @@ class Settings(NodeSettings):
     # below METER_NODE_BURST_WAIT_MS, or its waiting requests are refused).
     allowance_settle_ms: float = Field(default=120.0, ge=0.0, le=10_000.0)
     fast_lane_recent_requests: int = Field(default=500_000, ge=1_000)  # request hashes it remembers
+    # The broker answers the fast lane's fetch once it holds this many bytes for it, or after
+    # fast_lane_fetch_max_wait_ms: a bound on the fetches a second (each costs the worker and
+    # the broker CPU whatever it carries), at the price of at most that wait on a crossing.
+    fast_lane_fetch_min_bytes: int = Field(default=1, ge=1, le=64 * 1024 * 1024)
+    fast_lane_fetch_max_wait_ms: int = Field(default=100, ge=1, le=10_000)
     # Rows of checked records held for the other reader of the events topic (the fast lane or the
     # ingest path, whichever is behind), so each record is validated once; per direction, ~0.5 KB
     # each (the readers run a fetch or two apart). 0: each reader checks every record itself.

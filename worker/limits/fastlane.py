@@ -147,14 +147,9 @@ class FastLane:
         await keep_running(self._follow, f"fast lane on {self.topic}", 0.2, 5.0)
 
     async def _follow(self) -> None:
-        consumer = kafka_clients.consumer(
-            self.kafka,
-            enable_auto_commit=False,
-            group_id=None,
-            fetch_max_wait_ms=100,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            **self.consumer_options,
-        )
+        options: dict[str, Any] = {"fetch_max_wait_ms": 100, "max_partition_fetch_bytes": 4 * 1024 * 1024}
+        options.update(self.consumer_options)
+        consumer = kafka_clients.consumer(self.kafka, enable_auto_commit=False, group_id=None, **options)
         await consumer.start()
         try:
             self._changed.set()  # (re)apply the assignment on this consumer

@@ -112,6 +112,10 @@ class LimitService:
             self._on_fast_batch,
             recent_max=settings.fast_lane_recent_requests,
             clock=clock,
+            consumer_options={
+                "fetch_min_bytes": settings.fast_lane_fetch_min_bytes,
+                "fetch_max_wait_ms": settings.fast_lane_fetch_max_wait_ms,
+            },
         )
         self._ticker: asyncio.Task[None] | None = None
         self._redivider: asyncio.Task[None] | None = None
