@@ -218,6 +218,9 @@ class TopicFollower:
                 self.positions[tp] = records[-1].offset + 1
                 if tp in pending and records[-1].offset + 1 >= pending[tp]:
                     del pending[tp]
+                # Let the loop run between partitions: a fetch of a follower that catches up holds
+                # thousands of records per partition, and the worker's limits share this loop.
+                await asyncio.sleep(0)
             if pending and not batches:
                 # A compacted or transactional topic may end past its last record.
                 pending = {tp: end for tp, end in pending.items() if await consumer.position(tp) < end}

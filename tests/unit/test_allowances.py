@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from schemas.allowances import Allowance
+from schemas.allowances import Allowance, AllowanceVersion
 from schemas.decisions import Window
 from schemas.limits import LimitPolicy, PolicyBook
 from tests.clock import Clock
@@ -450,3 +450,16 @@ def test_a_contended_division_leaves_no_node_without_a_part_of_the_last_requests
     three = divide(10, 9, {"a": (3, 100.0), "b": (3, 100.0), "c": (3, 100.0)}, LAG, pooled=False, starved=["a"])
     assert sum(g.cap for g in three.grants.values()) == 10
     assert three.grants["a"].cap == 4
+
+
+def test_a_previous_owners_allowance_read_from_the_topic_raises_the_versions() -> None:
+    """Workers read allowances from the topic as ``AllowanceVersion`` (key and version only):
+    the whole record parses to the same key and version, and what is published next is newer."""
+    h = Harness(pooled=False)
+    [first] = h.observe(60, three_nodes())
+    theirs = first.model_copy(update={"version": first.version + 10**9})
+    read = AllowanceVersion.model_validate_json(theirs.model_dump_json())
+    assert (read.key_id, read.version) == (theirs.key_id, theirs.version)
+    h.engine.seen_allowance(read)
+    [second] = h.observe(5, three_nodes())
+    assert second.version > theirs.version

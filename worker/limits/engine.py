@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 
 from aiokafka.partitioner import murmur2
 
-from schemas.allowances import Allowance, WindowAllowance
+from schemas.allowances import Allowance, AllowanceVersion, WindowAllowance
 from schemas.bounds import next_version
 from schemas.decisions import (
     AUTOMATIC_WINDOWS,
@@ -394,7 +394,7 @@ class LimitEngine:
         self._log(Verdicts(allowances=allowances))
         return allowances
 
-    def seen_allowance(self, allowance: Allowance) -> None:
+    def seen_allowance(self, allowance: Allowance | AllowanceVersion) -> None:
         """An allowance on the topic (ours or a previous owner's): versions keep rising."""
         held = self.allowance_versions.get(allowance.key_id, 0)
         self.allowance_versions[allowance.key_id] = max(held, allowance.version)

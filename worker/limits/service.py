@@ -12,7 +12,7 @@ from typing import Any
 
 from common.follower import TopicFollower, valid_records
 from common.retry import cancel_and_wait, retry_forever
-from schemas.allowances import Allowance
+from schemas.allowances import AllowanceVersion
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.limits import LimitOverride
 from schemas.notifications import Notification
@@ -258,7 +258,7 @@ class LimitService:
             log.info("limit override %s: %s", override.topic_key, override.policy or "removed")
 
     async def _on_allowances(self, records: list[Any]) -> None:
-        for allowance in valid_records(records, Allowance):
+        for allowance in valid_records(records, AllowanceVersion):
             self.engine.seen_allowance(allowance)
 
     def latest_decision(self, key_id: str) -> Decision | None:

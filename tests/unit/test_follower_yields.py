@@ -1,0 +1,64 @@
+"""A follower lets the event loop run between the partitions of one fetch."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from common.follower import TopicFollower
+
+TOPIC = "allowances"
+TPS = [TopicPartition(TOPIC, p) for p in range(3)]
+
+
+def record(partition: int, offset: int) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(TOPIC, partition, offset, 0, 0, b"k", b"{}", None, 0, 2, ())
+
+
+class OneFetch:
+    """A consumer whose first fetch holds all three partitions; then nothing."""
+
+    def __init__(self) -> None:
+        self.fetches = 0
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 2 for tp in tps}
+
+    async def getmany(self, **_: Any) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        self.fetches += 1
+        if self.fetches == 1:
+            return {tp: [record(tp.partition, 0), record(tp.partition, 1)] for tp in TPS}
+        await asyncio.sleep(0.01)
+        return {}
+
+
+async def test_other_tasks_run_between_the_partitions_of_a_fetch() -> None:
+    """A worker's followers share the loop with its limits: a fetch of thousands of records per
+    partition (a follower catching up) must not hold the loop for all of them at once."""
+    ticks = 0
+    seen_at: list[int] = []  # the other task's ticks when each partition was handed over
+
+    async def on_records(records: list[Any]) -> None:
+        seen_at.append(ticks)
+
+    async def other_task() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    follower = TopicFollower("127.0.0.1:1", TOPIC, on_records, "test")
+    other = asyncio.create_task(other_task())
+    reading = asyncio.create_task(follower._read(OneFetch(), TPS))
+    try:
+        await asyncio.wait_for(follower.ready.wait(), 5)
+    finally:
+        reading.cancel()
+        other.cancel()
+        await asyncio.gather(reading, other, return_exceptions=True)
+    assert len(seen_at) == 3
+    assert seen_at[0] < seen_at[1] < seen_at[2]  # the other task ran between them
+    assert follower.positions == {tp: 2 for tp in TPS}
