@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 OnRecords = Callable[[list[Any]], Awaitable[None]]
 M = TypeVar("M", bound=BaseModel)
 
+# Records handed over per getmany: what a follower catching up does between two turns of the
+# event loop it shares (a worker's limits, a node's requests). 500 keep such a stretch under
+# ~20 ms; 5,000 held it ~80 ms, in the same total time (135k allowances read either way in ~1.2 s).
+FOLLOW_MAX_RECORDS = 500
+
 # Kafka error codes a topic's metadata may carry, in words.
 _TOPIC_ERRORS = {3: "not found", 29: "not authorized for this principal (Kafka ACLs)"}
 # A topic the cluster does not list: it does not exist, or the principal may not see it.
@@ -101,7 +106,7 @@ class TopicFollower:
         max_delay: float = 10.0,
         poll_timeout_ms: int = 100,
         fetch_max_wait_ms: int = 50,
-        max_records: int = 5_000,
+        max_records: int = FOLLOW_MAX_RECORDS,
         probe_interval_s: float | None = None,
         client_id: str | None = None,
         consumer_factory: Callable[..., Any] = AIOKafkaConsumer,

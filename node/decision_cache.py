@@ -126,7 +126,6 @@ class DecisionCache:
             max_delay=backoff_max_s,
             poll_timeout_ms=poll_timeout_ms,
             fetch_max_wait_ms=fetch_max_wait_ms,
-            max_records=10_000,
             probe_interval_s=probe_interval_s,
             client_id=f"meter-node-{settings.node_id}-decisions",
             consumer_factory=consumer_factory,

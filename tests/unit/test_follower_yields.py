@@ -8,7 +8,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from common.follower import TopicFollower
+from common.follower import FOLLOW_MAX_RECORDS, TopicFollower
 
 TOPIC = "allowances"
 TPS = [TopicPartition(TOPIC, p) for p in range(3)]
@@ -23,12 +23,14 @@ class OneFetch:
 
     def __init__(self) -> None:
         self.fetches = 0
+        self.asked: list[int] = []  # max_records of each getmany
 
     async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: 2 for tp in tps}
 
-    async def getmany(self, **_: Any) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    async def getmany(self, **options: Any) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
         self.fetches += 1
+        self.asked.append(options["max_records"])
         if self.fetches == 1:
             return {tp: [record(tp.partition, 0), record(tp.partition, 1)] for tp in TPS}
         await asyncio.sleep(0.01)
@@ -51,8 +53,9 @@ async def test_other_tasks_run_between_the_partitions_of_a_fetch() -> None:
             await asyncio.sleep(0)
 
     follower = TopicFollower("127.0.0.1:1", TOPIC, on_records, "test")
+    consumer = OneFetch()
     other = asyncio.create_task(other_task())
-    reading = asyncio.create_task(follower._read(OneFetch(), TPS))
+    reading = asyncio.create_task(follower._read(consumer, TPS))
     try:
         await asyncio.wait_for(follower.ready.wait(), 5)
     finally:
@@ -62,3 +65,6 @@ async def test_other_tasks_run_between_the_partitions_of_a_fetch() -> None:
     assert len(seen_at) == 3
     assert seen_at[0] < seen_at[1] < seen_at[2]  # the other task ran between them
     assert follower.positions == {tp: 2 for tp in TPS}
+    # and a fetch is handed over a few hundred records at a time, not thousands
+    assert consumer.asked
+    assert max(consumer.asked) == FOLLOW_MAX_RECORDS <= 500
