@@ -65,6 +65,7 @@ from aiokafka import TopicPartition
 
 from bench.common import BENCH_DIR, cpu_seconds, machine, now_utc, replace_block, run_topics, system_cpu, versions
 from common import kafka_clients
+from common.retry import cancel_and_wait
 from node.decision_cache import DecisionCache
 from node.reporter import UsageReporter
 from node.settings import NodeSettings
@@ -168,7 +169,7 @@ def worker_child() -> int:
     patch(WorkerRuntime, "_send_decision", timed_async, "publish")
 
     async def run_worker() -> None:
-        probe = asyncio.create_task(probe_loop(emit))
+        probe = asyncio.create_task(probe_loop(emitted_each_second(emit, "loop")))
         try:
             await runtime.app.run()
         finally:
@@ -217,19 +218,29 @@ def time_fast_lane(emit: Emit) -> None:
     LimitService._on_fast_batch = on_fast_batch  # type: ignore[method-assign]
 
 
-async def probe_loop(emit: Emit) -> None:
-    """How late the event loop runs a 1 ms sleep: the longest stretch any task holds it, during
-    which the fast lane cannot take its next fetch either."""
-    late: list[float] = []
-    flushed = time.time()
+async def probe_loop(record: Callable[[float], None]) -> None:
+    """Sleep 1 ms over and over and ``record`` how late each sleep ends: how long the other
+    tasks of this event loop hold it at a time (in the worker, the fast lane cannot take its
+    next fetch meanwhile; in the bench, a node cannot see a decision)."""
     while True:
         t0 = time.perf_counter()
         await asyncio.sleep(0.001)
-        late.append(time.perf_counter() - t0 - 0.001)
-        if time.time() - flushed >= 1.0:
-            emit({"t": time.time(), "phase": "loop", "late": late[:]})
-            late.clear()
-            flushed = time.time()
+        record(time.perf_counter() - t0 - 0.001)
+
+
+def emitted_each_second(emit: Emit, phase: str) -> Callable[[float], None]:
+    """Collect values; emit them in one ``phase`` line a second (a line each would cost more)."""
+    values: list[float] = []
+    flushed = [time.time()]
+
+    def record(value: float) -> None:
+        values.append(value)
+        if (now := time.time()) - flushed[0] >= 1.0:
+            emit({"t": now, "phase": phase, "late": values[:]})
+            values.clear()
+            flushed[0] = now
+
+    return record
 
 
 def code_version() -> str:
@@ -305,6 +316,7 @@ class Run:
     worker_log: list[str] = field(default_factory=list)
     windows_skipped: int = 0
     loop_late_max: float = 0.0
+    bench_late: list[float] = field(default_factory=list)  # the bench's own loop, while measuring
 
 
 def pct(values: Sequence[float], p: float) -> float:
@@ -612,7 +624,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             measure_from = time.monotonic() - t0
             stat_from = time.time()
             print(f"measuring {args.duration:.0f} s ...", flush=True)
+            bench_probe = asyncio.create_task(probe_loop(run.bench_late.append))
             n, secs = await load.drive(args.duration, with_hot=True)
+            await cancel_and_wait(bench_probe)
             run.measure_events, run.measure_seconds = n, secs
             cpu1 = (time.process_time(), cpu_seconds(proc.pid), time.monotonic())
             sys1 = system_cpu()
@@ -756,6 +770,7 @@ def summarise(
         "seconds_measured": run.measure_seconds,
         "events_total": run.events,
         "loop_late_max": run.loop_late_max,
+        "bench_late": dist(run.bench_late),
         "windows_skipped": run.windows_skipped,
         "reporters": {
             n.name: {"handed": n.handed, "admitted": n.admitted, "refused": n.refused, **vars_state(n)} for n in nodes
@@ -879,7 +894,13 @@ def render(r: dict[str, Any], for_file: bool) -> str:
         f"{r['cpu_bench'] * 100:.0f}%, whole machine {r['cpu_machine'] * 100:.0f}% busy over all cores "
         f"(≈ {max(0.0, r['cpu_machine'] * ncpu - r['cpu_worker'] - r['cpu_bench']) * 100:.0f}% of a core for "
         f"everything else: the broker and other processes on the machine; load average {r['loadavg']}). "
-        f"Load loop late by up to {r['loop_late_max'] * 1000:.0f} ms per tick."
+        f"Load loop late by up to {r['loop_late_max'] * 1000:.0f} ms per tick"
+        + (
+            f"; the bench's event loop (its 3 nodes see decisions on it) ran a 1 ms sleep late by p50 "
+            f"{ms(bl['p50'])}, p99 {ms(bl['p99'])}, max {ms(bl['max'])} ms."
+            if (bl := r.get("bench_late"))
+            else "."
+        )
     )
     others = max(0.0, r["cpu_machine"] * ncpu - r["cpu_worker"] - r["cpu_bench"])
     if others > 0.5:
