@@ -165,8 +165,7 @@ def worker_child() -> int:
     patch(PartitionWriter, "_commit", timed_async, "commit")
     patch(RollupStore, "seen_hashes", timed_sync, "dedup")
     patch(RollupStore, "write", timed_sync, "write")
-    patch(LimitService, "before_write", timed_async, "limits")
-    patch(WorkerRuntime, "_send_decision", timed_async, "publish")
+    patch(LimitService, "_publish", timed_async, "publish")
 
     async def run_worker() -> None:
         probe = asyncio.create_task(probe_loop(emitted_each_second(emit, "loop")))
@@ -735,7 +734,7 @@ def summarise(
             "age_newest": dist([x["age_min"] for x in batches]),
             "age_oldest": dist([x["age_max"] for x in batches]),
         }
-        for name in ("dedup", "limits", "publish", "write", "commit"):
+        for name in ("dedup", "publish", "write", "commit"):
             phases[name] = dist([x["dt"] for x in stats if x.get("phase") == name])
         late = [v for x in stats if x.get("phase") == "loop" for v in x["late"]]
         if late:
@@ -923,8 +922,7 @@ def render(r: dict[str, Any], for_file: bool) -> str:
             ("gap: getmany wait between batches", "gap"),
             ("handle: the batch handler, per batch", "handle"),
             ("dedup lookup (`seen_hashes`), per call", "dedup"),
-            ("limits (`before_write`, incl. publish), per call", "limits"),
-            ("decision publish (until acked), per decision", "publish"),
+            ("publishing what the limits decided (decisions, allowances; until acked), per fast-lane batch", "publish"),
             ("ClickHouse write, per call", "write"),
             ("offset commit, per call", "commit"),
             ("age of newest record at batch start", "age_newest"),
