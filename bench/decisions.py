@@ -65,6 +65,7 @@ from aiokafka import TopicPartition
 
 from bench.common import BENCH_DIR, cpu_seconds, machine, now_utc, replace_block, run_topics, system_cpu, versions
 from common import kafka_clients
+from common.follower import FOLLOW_FETCH_MAX_WAIT_MS
 from common.retry import cancel_and_wait
 from node.decision_cache import DecisionCache
 from node.reporter import UsageReporter
@@ -956,7 +957,7 @@ def cli_of(a: dict[str, Any]) -> str:
     parts += [f"--worker-env {kv}" for kv in a["worker_env"]]
     if a["linger_ms"] != 5:
         parts.append(f"--linger-ms {a['linger_ms']}")
-    if a["node_fetch_max_wait_ms"] != 100:
+    if a["node_fetch_max_wait_ms"] != FOLLOW_FETCH_MAX_WAIT_MS:
         parts.append(f"--node-fetch-max-wait-ms {a['node_fetch_max_wait_ms']}")
     if a["plain_worker"]:
         parts.append("--plain-worker")
@@ -1018,7 +1019,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=NodeSettings.model_fields["node_report_linger_ms"].default,
         help="the nodes' reporter linger (default: the product's METER_NODE_REPORT_LINGER_MS default)",
     )
-    p.add_argument("--node-fetch-max-wait-ms", type=int, default=100, help="DecisionCache fetch_max_wait_ms")
+    p.add_argument(
+        "--node-fetch-max-wait-ms",
+        type=int,
+        default=FOLLOW_FETCH_MAX_WAIT_MS,
+        help="DecisionCache fetch_max_wait_ms (default: the product's)",
+    )
     p.add_argument("--plain-worker", action="store_true", help="run `python -m worker.cli worker` unmodified")
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--no-write", action="store_true", help="do not write bench/results.md")
