@@ -6,9 +6,10 @@ Set-up, all on loopback:
 
 * the metering worker runs as its own process (its own core): ``python -m bench.decisions
   --worker-child``, which is ``meter worker`` (same settings, logging, ``WorkerRuntime``,
-  ``app.run()``) plus per-batch phase timers (a few ``perf_counter`` calls per batch, printed
-  as ``BENCHSTAT`` lines on stderr); ``--plain-worker`` runs ``python -m worker.cli worker``
-  itself instead. Unique topics, its own consumer group, a fresh chDB directory;
+  ``app.run()``) plus phase timers (a few ``perf_counter`` calls per batch, per fast-lane fetch
+  and per publish, printed as ``BENCHSTAT`` lines on stderr; ``--loop-probe`` adds an event-loop
+  lateness probe to it and to this process, at ~10% of a core each); ``--plain-worker`` runs
+  ``python -m worker.cli worker`` itself instead. Unique topics, its own consumer group, a fresh chDB directory;
 * this process holds three simulated API nodes, each a ``UsageReporter`` (the batched
   idempotent producer, default linger 5 ms) and a ``DecisionCache`` (following the compacted
   decisions topic, default ``fetch_max_wait_ms``) whose ``on_applied`` hook records the
@@ -87,14 +88,13 @@ READY_LINE = "limit counters rebuilt"
 # -- worker child process (instrumented `meter worker`) ------------------------------------
 
 
-def worker_child() -> int:
+def worker_child(loop_probe: bool) -> int:
     """``meter worker`` with phase timers: one ``BENCHSTAT`` JSON line on stderr per batch handled
     (records, wall span, age of its records) and per timed call (dedup lookup, limits, decision
     publish, ClickHouse write, offset commit). Calls are timed on their own, not attributed to a
     batch, so the figures stay right when the worker overlaps a write with the next batch."""
     from worker.app import WorkerRuntime
     from worker.ingest.consumer import PartitionWriter
-    from worker.limits.service import LimitService
     from worker.logs import setup_logging
     from worker.store.rollup import RollupStore
 
@@ -166,14 +166,16 @@ def worker_child() -> int:
     patch(PartitionWriter, "_commit", timed_async, "commit")
     patch(RollupStore, "seen_hashes", timed_sync, "dedup")
     patch(RollupStore, "write", timed_sync, "write")
-    patch(LimitService, "_publish", timed_async, "publish")
+    time_publishing(emit)
 
     async def run_worker() -> None:
-        probe = asyncio.create_task(probe_loop(emitted_each_second(emit, "loop")))
+        # Opt-in: the probe wakes the loop ~900 times a second (~10% of a core on this machine).
+        probe = asyncio.create_task(probe_loop(emitted_each_second(emit, "loop"))) if loop_probe else None
         try:
             await runtime.app.run()
         finally:
-            probe.cancel()
+            if probe is not None:
+                probe.cancel()
 
     runtime = WorkerRuntime(settings)
     asyncio.run(run_worker())
@@ -181,6 +183,26 @@ def worker_child() -> int:
 
 
 Emit = Callable[[dict[str, Any]], None]
+
+
+def time_publishing(emit: Emit) -> None:
+    """``LimitService._publish`` until acked, for the calls that send something (the re-divider
+    and the ticker call it ~36 times a second with nothing to send)."""
+    from worker.limits.service import LimitService
+
+    original = LimitService._publish
+
+    async def publish(self: LimitService, verdicts: Any) -> None:
+        if not (verdicts.decisions or verdicts.allowances):
+            await original(self, verdicts)
+            return
+        t0 = time.perf_counter()
+        try:
+            await original(self, verdicts)
+        finally:
+            emit({"t": time.time(), "phase": "publish", "dt": time.perf_counter() - t0})
+
+    LimitService._publish = publish  # type: ignore[method-assign]
 
 
 def time_fast_lane(emit: Emit) -> None:
@@ -336,9 +358,11 @@ def ms(x: float) -> str:
 
 
 async def start_worker(
-    env: dict[str, str], plain: bool, run: Run
+    env: dict[str, str], plain: bool, run: Run, loop_probe: bool = False
 ) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
     args = ["-m", "worker.cli", "worker"] if plain else ["-m", "bench.decisions", "--worker-child"]
+    if loop_probe and not plain:
+        args.append("--loop-probe")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *args,
@@ -579,7 +603,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     env.update(dict(kv.split("=", 1) for kv in args.worker_env))
     run = Run()
     print(f"bench.decisions: run {tag}, worker env overrides {args.worker_env or '-'}; starting worker ...", flush=True)
-    proc, pump = await start_worker(env, args.plain_worker, run)
+    proc, pump = await start_worker(env, args.plain_worker, run, args.loop_probe)
     nodes: list[SimNode] = []
     result: dict[str, Any] = {}
     try:
@@ -624,7 +648,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             measure_from = time.monotonic() - t0
             stat_from = time.time()
             print(f"measuring {args.duration:.0f} s ...", flush=True)
-            bench_probe = asyncio.create_task(probe_loop(run.bench_late.append))
+            bench_probe = asyncio.create_task(probe_loop(run.bench_late.append)) if args.loop_probe else None
             n, secs = await load.drive(args.duration, with_hot=True)
             await cancel_and_wait(bench_probe)
             run.measure_events, run.measure_seconds = n, secs
@@ -923,7 +947,7 @@ def render(r: dict[str, Any], for_file: bool) -> str:
             ("gap: getmany wait between batches", "gap"),
             ("handle: the batch handler, per batch", "handle"),
             ("dedup lookup (`seen_hashes`), per call", "dedup"),
-            ("publishing what the limits decided (decisions, allowances; until acked), per fast-lane batch", "publish"),
+            ("publishing decisions and allowances (until acked), per call that publishes any", "publish"),
             ("ClickHouse write, per call", "write"),
             ("offset commit, per call", "commit"),
             ("age of newest record at batch start", "age_newest"),
@@ -961,6 +985,8 @@ def cli_of(a: dict[str, Any]) -> str:
         parts.append(f"--node-fetch-max-wait-ms {a['node_fetch_max_wait_ms']}")
     if a["plain_worker"]:
         parts.append("--plain-worker")
+    if a.get("loop_probe"):
+        parts.append("--loop-probe")
     return " ".join(parts)
 
 
@@ -1026,6 +1052,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="DecisionCache fetch_max_wait_ms (default: the product's)",
     )
     p.add_argument("--plain-worker", action="store_true", help="run `python -m worker.cli worker` unmodified")
+    p.add_argument(
+        "--loop-probe",
+        action="store_true",
+        help="measure how late the worker's and the bench's event loops run a 1 ms sleep (costs each ~10%% of a core)",
+    )
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--no-write", action="store_true", help="do not write bench/results.md")
     p.add_argument("--json", type=Path, help="also dump the raw figures as JSON here")
@@ -1041,7 +1072,7 @@ def meets_target(delay: dict[str, float] | None) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker_child:
-        return worker_child()
+        return worker_child(args.loop_probe)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     result = asyncio.run(bench(args))
     print()

@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import machine, now_utc, replace_block, versions
+from bench.common import machine, now_utc, replace_block, run_topics, versions
 from bench.ingest import delete_topics, drain_worker, generate, produce
 from worker.settings import Settings
 from worker.store.client import connect
@@ -36,9 +36,7 @@ async def main_async(args: argparse.Namespace) -> int:
     s = base.model_copy(
         update={
             "kafka_bootstrap": args.bootstrap or base.kafka_bootstrap,
-            "events_topic": f"bench.disk.events.{run}",
-            "decisions_topic": f"bench.disk.decisions.{run}",
-            "dlq_topic": f"bench.disk.dlq.{run}",
+            **run_topics(f"bench.disk.{run}"),
             "consumer_group": f"bench-disk-{run}",
             "clickhouse_dsn": f"chdb://{tmp}",
             "clickhouse_database": "bench",
@@ -65,7 +63,7 @@ async def main_async(args: argparse.Namespace) -> int:
             ).result_rows[0]
             rows.append((level, int(n or 0), int(size or 0)))
     finally:
-        await delete_topics(s, [s.events_topic, s.decisions_topic, s.dlq_topic])
+        await delete_topics(s, list(run_topics(f"bench.disk.{run}").values()))
         shutil.rmtree(tmp, ignore_errors=True)
     total = sum(size for _, _, size in rows)
     lines = [f"{'level':12} {'rows':>10} {'bytes':>12} {'bytes/event':>12} {'bytes/row':>10}"]

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from bench.common import machine, now_utc, replace_block, versions
+from bench.common import machine, now_utc, replace_block, run_topics, versions
 from bench.ingest import Drain, delete_topics, drain_worker, fmt_rate, generate, produce
 from worker.settings import Settings
 from worker.topics import ensure_topics
@@ -127,18 +127,14 @@ async def _drain(settings: Settings, args: argparse.Namespace, loaded: bool) -> 
     run = uuid.uuid4().hex[:8]
     s = settings.model_copy(
         update={
-            "events_topic": f"bench.ql.events.{run}",
-            "decisions_topic": f"bench.ql.decisions.{run}",
-            "dlq_topic": f"bench.ql.dlq.{run}",
-            "limits_topic": f"bench.ql.limits.{run}",
-            "allowances_topic": f"bench.ql.allowances.{run}",
+            **run_topics(f"bench.ql.{run}"),
             "consumer_group": f"bench-ql-{run}",
             # chDB is one data directory per process: one directory, a database per drain
             "clickhouse_database": f"bench_{run}",
             "http_port": _free_port(),
         }
     )
-    names = [s.events_topic, s.decisions_topic, s.dlq_topic, s.limits_topic, s.allowances_topic]
+    names = list(run_topics(f"bench.ql.{run}").values())
     try:
         await ensure_topics(s)
         pre = generate(args.events, args.keys, s.events_partitions, args.seed, time.time())
