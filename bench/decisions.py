@@ -66,9 +66,8 @@ from aiokafka import TopicPartition
 
 from bench.common import BENCH_DIR, cpu_seconds, machine, now_utc, replace_block, run_topics, system_cpu, versions
 from common import kafka_clients
-from common.follower import FOLLOW_FETCH_MAX_WAIT_MS
 from common.retry import cancel_and_wait
-from node.decision_cache import DecisionCache
+from node.decision_cache import FETCH_MAX_WAIT_MS, DecisionCache
 from node.reporter import UsageReporter
 from node.settings import NodeSettings
 from schemas.decisions import Decision, DecisionAction
@@ -981,7 +980,7 @@ def cli_of(a: dict[str, Any]) -> str:
     parts += [f"--worker-env {kv}" for kv in a["worker_env"]]
     if a["linger_ms"] != 5:
         parts.append(f"--linger-ms {a['linger_ms']}")
-    if a["node_fetch_max_wait_ms"] != FOLLOW_FETCH_MAX_WAIT_MS:
+    if a["node_fetch_max_wait_ms"] != FETCH_MAX_WAIT_MS:
         parts.append(f"--node-fetch-max-wait-ms {a['node_fetch_max_wait_ms']}")
     if a["plain_worker"]:
         parts.append("--plain-worker")
@@ -1048,7 +1047,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--node-fetch-max-wait-ms",
         type=int,
-        default=FOLLOW_FETCH_MAX_WAIT_MS,
+        default=FETCH_MAX_WAIT_MS,
         help="DecisionCache fetch_max_wait_ms (default: the product's)",
     )
     p.add_argument("--plain-worker", action="store_true", help="run `python -m worker.cli worker` unmodified")

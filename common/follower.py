@@ -40,10 +40,11 @@ M = TypeVar("M", bound=BaseModel)
 # ~20 ms; 5,000 held it ~80 ms, in the same total time (135k allowances read either way in ~1.2 s).
 FOLLOW_MAX_RECORDS = 500
 # How long the broker holds a fetch that finds nothing new. A record that arrives meanwhile is
-# answered at once (fetch_min_bytes 1), so this sets only the polling of a quiet topic: an idle
-# follower costs 2.3% of a core at 50 ms, 0.7% at 500, and a record's hop from producer to
-# follower took the same (p50 1.6 / 1.7 ms) at both (bench/results.md, Decisions).
-FOLLOW_FETCH_MAX_WAIT_MS = 500
+# answered at once, so a longer wait would only poll a quiet topic less (an idle follower costs
+# 2.3% of a core at 50 ms, 0.7% at 500) — but the broker answers a connection's requests in
+# order, and the offset lookups of a follower's bootstrap wait behind its held fetch: at 500 ms
+# a worker started consuming ~1 s later (tests/integration/test_ingest.py). Kept short.
+FOLLOW_FETCH_MAX_WAIT_MS = 50
 
 # Kafka error codes a topic's metadata may carry, in words.
 _TOPIC_ERRORS = {3: "not found", 29: "not authorized for this principal (Kafka ACLs)"}

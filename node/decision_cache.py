@@ -27,12 +27,16 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
-from common.follower import FOLLOW_FETCH_MAX_WAIT_MS, TopicFollower
+from common.follower import TopicFollower
 from node.guard import LocalGuard
 from node.settings import NodeSettings
 from schemas.allowances import Allowance
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.limits import LimitOverride
+
+# How long the broker may hold the cache's fetch when no decision is new (one arriving is
+# answered at once).
+FETCH_MAX_WAIT_MS = 100
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +106,7 @@ class DecisionCache:
         on_applied: AppliedHook | None = None,
         on_allowance: AllowanceHook | None = None,
         poll_timeout_ms: int = 200,
-        fetch_max_wait_ms: int = FOLLOW_FETCH_MAX_WAIT_MS,
+        fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
         probe_interval_s: float = 2.0,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 5.0,
