@@ -41,9 +41,9 @@ M = TypeVar("M", bound=BaseModel)
 FOLLOW_MAX_RECORDS = 500
 # How long the broker holds a fetch that finds nothing new. A record that arrives meanwhile is
 # answered at once, so a longer wait would only poll a quiet topic less (an idle follower costs
-# 2.3% of a core at 50 ms, 0.7% at 500) — but the broker answers a connection's requests in
-# order, and the offset lookups of a follower's bootstrap wait behind its held fetch: at 500 ms
-# a worker started consuming ~1 s later (tests/integration/test_ingest.py). Kept short.
+# 2.3% of a core at 50 ms, 0.7% at 500). Kept short: at 500 ms the ingest trickle test
+# (tests/integration/test_ingest.py) failed every run, likely because the broker answers a
+# connection's requests in order and a follower's offset lookups wait behind its held fetch.
 FOLLOW_FETCH_MAX_WAIT_MS = 50
 
 # Kafka error codes a topic's metadata may carry, in words.
