@@ -89,9 +89,11 @@ READY_LINE = "limit counters rebuilt"
 
 def worker_child(loop_probe: bool) -> int:
     """``meter worker`` with phase timers: one ``BENCHSTAT`` JSON line on stderr per batch handled
-    (records, wall span, age of its records) and per timed call (dedup lookup, limits, decision
-    publish, ClickHouse write, offset commit). Calls are timed on their own, not attributed to a
-    batch, so the figures stay right when the worker overlaps a write with the next batch."""
+    (records, wall span, age of its records) and per timed call (dedup lookup, publishing
+    decisions and allowances, ClickHouse write, offset commit), and once a second for the fast
+    lane's fetches (and the loop probe's samples, with ``--loop-probe``). Calls are timed on
+    their own, not attributed to a batch, so the figures stay right when the worker overlaps a
+    write with the next batch."""
     from worker.app import WorkerRuntime
     from worker.ingest.consumer import PartitionWriter
     from worker.logs import setup_logging
@@ -207,33 +209,28 @@ def time_publishing(emit: Emit) -> None:
 def time_fast_lane(emit: Emit) -> None:
     """The fast lane, per fetch: records, age of the newest and oldest (their CreateTime, set by
     the node's producer) when it starts grouping them, and grouping + counting + publishing
-    time. Emitted every second in one line (a line per fetch would cost the worker more than it
-    measures)."""
+    time; emitted once a second (``emitted_each_second``)."""
     from worker.limits import fastlane
     from worker.limits.service import LimitService
 
     orig_group = fastlane.group_batch
     orig_on_fast = LimitService._on_fast_batch
-    fast_rows: list[list[float]] = []
-    fast_flushed = [time.time()]
+    record = emitted_each_second(emit, "fast")
+    started: list[float] = []  # the fetch being handled: records, ages, perf_counter at its start
 
     def group_batch(records: Sequence[Any], *args: Any) -> Any:
         wall = time.time()
         stamps = [r.timestamp for r in records]
-        fast_rows.append([len(records), wall - max(stamps) / 1000.0, wall - min(stamps) / 1000.0, time.perf_counter()])
+        started[:] = [len(records), wall - max(stamps) / 1000.0, wall - min(stamps) / 1000.0, time.perf_counter()]
         return orig_group(records, *args)
 
     async def on_fast_batch(self: LimitService, batch: Any) -> None:
         try:
             await orig_on_fast(self, batch)
         finally:
-            if fast_rows:
-                fast_rows[-1][3] = time.perf_counter() - fast_rows[-1][3]
-            now = time.time()
-            if now - fast_flushed[0] >= 1.0:
-                emit({"t": now, "phase": "fast", "rows": fast_rows[:]})
-                fast_rows.clear()
-                fast_flushed[0] = now
+            if started:
+                record([*started[:3], time.perf_counter() - started[3]])
+                started.clear()
 
     fastlane.group_batch = group_batch  # type: ignore[assignment]
     LimitService._on_fast_batch = on_fast_batch  # type: ignore[method-assign]
@@ -249,15 +246,15 @@ async def probe_loop(record: Callable[[float], None]) -> None:
         record(time.perf_counter() - t0 - 0.001)
 
 
-def emitted_each_second(emit: Emit, phase: str) -> Callable[[float], None]:
+def emitted_each_second(emit: Emit, phase: str) -> Callable[[Any], None]:
     """Collect values; emit them in one ``phase`` line a second (a line each would cost more)."""
-    values: list[float] = []
+    values: list[Any] = []
     flushed = [time.time()]
 
-    def record(value: float) -> None:
+    def record(value: Any) -> None:
         values.append(value)
         if (now := time.time()) - flushed[0] >= 1.0:
-            emit({"t": now, "phase": phase, "late": values[:]})
+            emit({"t": now, "phase": phase, "values": values[:]})
             values.clear()
             flushed[0] = now
 
@@ -760,10 +757,10 @@ def summarise(
         }
         for name in ("dedup", "publish", "write", "commit"):
             phases[name] = dist([x["dt"] for x in stats if x.get("phase") == name])
-        late = [v for x in stats if x.get("phase") == "loop" for v in x["late"]]
+        late = [v for x in stats if x.get("phase") == "loop" for v in x["values"]]
         if late:
             phases["loop_late"] = dist(late)
-        fast = [row for x in stats if x.get("phase") == "fast" for row in x["rows"]]
+        fast = [row for x in stats if x.get("phase") == "fast" for row in x["values"]]
         if fast:
             span = stats[-1]["t"] - stats[0]["t"]
             phases["fast_fetches_per_s"] = len(fast) / span if span > 0 else float("nan")

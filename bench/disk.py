@@ -33,10 +33,11 @@ async def main_async(args: argparse.Namespace) -> int:
     base = Settings()
     run = uuid.uuid4().hex[:8]
     tmp = Path(tempfile.mkdtemp(prefix="bench-disk-"))
+    topics = run_topics(f"bench.disk.{run}")
     s = base.model_copy(
         update={
             "kafka_bootstrap": args.bootstrap or base.kafka_bootstrap,
-            **run_topics(f"bench.disk.{run}"),
+            **topics,
             "consumer_group": f"bench-disk-{run}",
             "clickhouse_dsn": f"chdb://{tmp}",
             "clickhouse_database": "bench",
@@ -63,7 +64,7 @@ async def main_async(args: argparse.Namespace) -> int:
             ).result_rows[0]
             rows.append((level, int(n or 0), int(size or 0)))
     finally:
-        await delete_topics(s, list(run_topics(f"bench.disk.{run}").values()))
+        await delete_topics(s, list(topics.values()))
         shutil.rmtree(tmp, ignore_errors=True)
     total = sum(size for _, _, size in rows)
     lines = [f"{'level':12} {'rows':>10} {'bytes':>12} {'bytes/event':>12} {'bytes/row':>10}"]

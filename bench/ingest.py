@@ -644,9 +644,10 @@ async def main_async(args: argparse.Namespace) -> int:
     bootstrap = args.bootstrap or base.kafka_bootstrap
     run = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-chdb-"))
+    topic_overrides = run_topics(f"bench.ingest.{run}")
     overrides: dict[str, Any] = {
         "kafka_bootstrap": bootstrap,
-        **run_topics(f"bench.ingest.{run}"),
+        **topic_overrides,
         "consumer_group": f"bench-worker-{run}",
         "events_partitions": args.partitions,
         "clickhouse_dsn": f"chdb://{tmp}",
@@ -655,7 +656,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.batch_max_records:
         overrides["batch_max_records"] = args.batch_max_records
     settings = base.model_copy(update=overrides)
-    topics = list(run_topics(f"bench.ingest.{run}").values())
+    topics = list(topic_overrides.values())
     try:
         await ensure_topics(settings)
         print(f"generating {args.events:,} events over {args.keys:,} keys ...", flush=True)

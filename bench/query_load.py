@@ -125,16 +125,17 @@ def _stop_load(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 async def _drain(settings: Settings, args: argparse.Namespace, loaded: bool) -> tuple[Drain, dict[str, Any] | None]:
     run = uuid.uuid4().hex[:8]
+    topics = run_topics(f"bench.ql.{run}")
     s = settings.model_copy(
         update={
-            **run_topics(f"bench.ql.{run}"),
+            **topics,
             "consumer_group": f"bench-ql-{run}",
             # chDB is one data directory per process: one directory, a database per drain
             "clickhouse_database": f"bench_{run}",
             "http_port": _free_port(),
         }
     )
-    names = list(run_topics(f"bench.ql.{run}").values())
+    names = list(topics.values())
     try:
         await ensure_topics(s)
         pre = generate(args.events, args.keys, s.events_partitions, args.seed, time.time())
