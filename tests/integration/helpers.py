@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import time
 from collections import Counter
@@ -26,6 +27,7 @@ from node.demo_api import build_node_app
 from node.keys import KeyStore
 from schemas.events import RequestEvent
 from worker.settings import Settings
+from worker.store.migrations import discover
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Nothing listens here: the address of tests that must not reach (or start) a broker.
@@ -69,6 +71,16 @@ async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def migrations_up_to(version: int, directory: Path) -> Path:
+    """A copy of the shipped migrations up to ``version`` in ``directory``: a store as an older
+    release left it, for a migration to upgrade."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for migration in discover():
+        if migration.version <= version:
+            shutil.copy(Path(str(migration.path)), directory / migration.path.name)
+    return directory
 
 
 def free_port() -> int:

@@ -1,17 +1,18 @@
 """401 responses per key, hour and client address as their own level (``client_401`` rows,
-008_client_401.sql): the ingest writes them with each batch, the migration derives them from
-the ``client_hour`` rows stored before it, and the invalid-key storm signal reads only them."""
+008_client_401.sql): the ingest writes them with each batch (and the 429s' ``minute_429`` rows,
+test_minute_429.py), the migration derives them from the ``client_hour`` rows stored before it,
+and the invalid-key storm signal reads only them."""
 
 from __future__ import annotations
 
-import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.helpers import db_counts, expected_counts, wait_for
+from tests.integration.helpers import db_counts, expected_counts, migrations_up_to, wait_for
+from tests.integration.test_minute_429 import stored_429s
 from worker.analytics import signals
 from worker.app import WorkerRuntime
 from worker.settings import Settings
@@ -44,25 +45,22 @@ def client_hour_401(clickhouse: Any, database: str) -> list[tuple[str, int, str,
 
 @pytest.mark.clickhouse
 def test_the_migration_derives_the_stored_401s_once(settings: Settings, tmp_path: Path) -> None:
-    before = tmp_path / "before_008"
-    before.mkdir()
-    for migration in discover():
-        if migration.version < 8:
-            shutil.copy(Path(str(migration.path)), before / migration.path.name)
     client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
     try:
-        migrate(client, settings.model_copy(update={"migrations_dir": before}))
+        migrate(client, settings.model_copy(update={"migrations_dir": migrations_up_to(7, tmp_path / "before")}))
         guesses = [["client_hour", f"cf_guess_{i}", "", HOUR, 401, "203.0.113.66", 3] for i in range(40)]
         others = [["client_hour", "cf_real", "acct", HOUR, 200, "203.0.113.66", 9]]
         client.insert(rollup_table(settings.clickhouse_database), guesses + others, column_names=COLUMNS)
 
-        assert [m.version for m in migrate(client, settings)] == [8]
+        upgrade = settings.model_copy(update={"migrations_dir": migrations_up_to(8, tmp_path / "upgrade")})
+        assert [m.version for m in migrate(client, upgrade)] == [8]
         derived = client_401(client, settings.clickhouse_database)
         assert derived == client_hour_401(client, settings.clickhouse_database)
         assert len(derived) == 40
 
         # Run again (a migration interrupted before it was recorded), or marked by hand: nothing twice.
-        [statement] = [s for s in render(discover()[-1].path.read_text(), settings) if s.startswith("INSERT")]
+        [migration] = [m for m in discover() if m.version == 8]
+        [statement] = [s for s in render(migration.path.read_text(), settings) if s.startswith("INSERT")]
         client.command(statement)
         mark_client_401(client, settings.clickhouse_database, int((HOUR - timedelta(days=1)).timestamp()))
         assert client_401(client, settings.clickhouse_database) == derived
@@ -88,13 +86,15 @@ def test_the_migration_derives_the_stored_401s_once(settings: Settings, tmp_path
 
 @pytest.mark.kafka
 @pytest.mark.clickhouse
-async def test_the_ingest_writes_each_batchs_401s_as_their_own_level(topics: Settings, clickhouse: Any) -> None:
+async def test_the_ingest_writes_each_batchs_401s_and_429s_as_their_own_levels(
+    topics: Settings, clickhouse: Any
+) -> None:
     settings = topics
     events = list(generate(400, Traffic(seed=7, keys=20)))
     for j, event in enumerate(events):
         event["client_ip"] = f"198.51.100.{j % 5}"
-        if j % 3 == 0:
-            event["status"] = 401
+        if j % 3 < 2:
+            event["status"] = 401 if j % 3 == 0 else 429
     async with WorkerRuntime(settings).running():
         await publish(settings.kafka_bootstrap, settings.events_topic, events)
         await wait_for(
@@ -103,3 +103,5 @@ async def test_the_ingest_writes_each_batchs_401s_as_their_own_level(topics: Set
     derived = client_401(clickhouse, settings.clickhouse_database)
     assert derived == client_hour_401(clickhouse, settings.clickhouse_database)
     assert sum(n for *_, n in derived) == sum(1 for e in events if e["status"] == 401)
+    copied = stored_429s(clickhouse, settings.clickhouse_database)  # the minute_429 rows (009)
+    assert sum(n for *_, n in copied) == sum(1 for e in events if e["status"] == 429)

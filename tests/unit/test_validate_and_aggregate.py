@@ -351,3 +351,26 @@ def test_a_batch_without_401s_has_no_client_401_rows() -> None:
     table = prepare([record(0, i, request_id=f"r{i}", client_ip="198.51.100.7") for i in range(3)]).rows
     assert table is not None
     assert LEVELS["client_401"] not in {r["level"] for r in table.to_pylist()}
+
+
+def test_429_rows_are_written_once_more_as_their_own_level() -> None:
+    """The ``minute_429`` rows are exactly the batch's ``minute`` rows of status 429
+    (009_minute_429.sql): "top keys by 429s" finds its candidates in them alone."""
+    statuses = [429, 429, 200, 429, 403, 429, 200, 429]
+    records = [
+        record(0, i, request_id=f"r{i}", key_id=f"k{i % 3}", status=status, endpoint=f"/v0/e{i % 2}")
+        for i, status in enumerate(statuses)
+    ]
+    table = prepare(records).rows
+    assert table is not None
+
+    def cells(level: str) -> list[tuple[object, ...]]:
+        return sorted(
+            (r["key_id"], r["bucket"], r["endpoint"], r["status"], r["route"], r["requests"], r["bytes_out"], r["cost"])
+            for r in table.to_pylist()
+            if r["level"] == LEVELS[level] and (level != "minute" or r["status"] == 429)
+        )
+
+    assert cells("minute_429") == cells("minute")
+    assert sum(row[5] for row in cells("minute_429")) == statuses.count(429)
+    assert len(cells("minute_429")) == 4  # (k0, e0), (k1, e1) twice, (k0, e1), (k2, e1): grouped as the minutes

@@ -78,6 +78,8 @@ _METRIC_STATUS_FILTER = {
     TopMetric.auth_failures: "status IN (401, 403)",
     TopMetric.rate_limited: "status = 429",
 }
+# The levels that hold a copy of a level's rows of a metric's status (009_minute_429.sql).
+_METRIC_SUBSET_LEVEL = {(TopMetric.rate_limited, Granularity.minute): "minute_429"}
 # Shared by every per-entity count so that "errors" means the same thing everywhere.
 COUNT_COLUMNS = (
     "sum(requests) AS n_requests, sumIf(requests, status >= 400) AS n_errors, "
@@ -302,23 +304,19 @@ def top(
     account = "anyIf(account_id, account_id != '')" if dimension is TopDimension.key else "''"
     skip_blank = "AND account_id != '' " if dimension is TopDimension.account else ""
     table = rollup_table(database)
-    window = (
-        "WHERE level = {level:String} AND bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} "
-        f"{skip_blank}"
-    )
-    candidates = ""
-    status_filter = _METRIC_STATUS_FILTER.get(metric)
-    if status_filter is not None:
-        # Only rows of the metric's statuses (a few % of the traffic) can rank an entity: find the
-        # top n on those rows alone (the same ranking, exactly), then count all the rows of those n.
-        candidates = (
-            f"AND {column} IN (SELECT {column} FROM {table} {window}AND {status_filter} "
-            f"GROUP BY {column} ORDER BY sum(requests) DESC, toString({column}) LIMIT {{n:UInt32}}) "
-        )
+    span = "bucket >= {since:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} " + skip_blank
+    window = "WHERE level = {level:String} AND " + span
     result = client.query(
-        f"SELECT toString({column}) AS id, {account} AS acct, {COUNT_COLUMNS} FROM {table} {window}{candidates}"
+        f"SELECT toString({column}) AS id, {account} AS acct, {COUNT_COLUMNS} FROM {table} {window}"
+        f"{_top_candidates(table, column, metric, span)}"
         f"GROUP BY id HAVING {metric_column} > 0 ORDER BY {metric_column} DESC, id LIMIT {{n:UInt32}}",
-        parameters={"level": level.value, "since": start, "until": end, "n": n},
+        parameters={
+            "level": level.value,
+            "candidates": _METRIC_SUBSET_LEVEL.get((metric, level), level.value),
+            "since": start,
+            "until": end,
+            "n": n,
+        },
     )
     entries = [
         TopEntry(
@@ -333,6 +331,21 @@ def top(
         for i, (ident, acct, req, err, auth, limited) in enumerate(result.result_rows, start=1)
     ]
     return TopList(dimension=dimension, metric=metric, level=level, since=start, until=end, entries=entries)
+
+
+def _top_candidates(table: str, column: str, metric: TopMetric, span: str) -> str:
+    """The filter to the top n by ``metric`` among only the rows of its statuses (a few % of the
+    traffic: the same ranking, exactly), so that only those n are counted in full; read from the
+    level ``{candidates}`` (the window's, or its copy of those rows: ``_METRIC_SUBSET_LEVEL``).
+    Nothing for a metric that counts every row."""
+    status_filter = _METRIC_STATUS_FILTER.get(metric)
+    if status_filter is None:
+        return ""
+    return (
+        f"AND {column} IN (SELECT {column} FROM {table} WHERE level = {{candidates:String}} "
+        f"AND {span}AND {status_filter} "
+        f"GROUP BY {column} ORDER BY sum(requests) DESC, toString({column}) LIMIT {{n:UInt32}}) "
+    )
 
 
 # -- limit state and decisions --------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Aggregate one batch of valid events into rollup rows (minute, hour, day, client IPs, 401s),
+"""Aggregate one batch of valid events into rollup rows (minute, hour, day, client IPs, 401s, 429s),
 the dedup memory of the batch and the offsets it covers, as one Arrow table."""
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ _LEVELS: dict[str, tuple[list[str], str]] = {
     "client_hour": (["key_id", "account_id", "hour", "status", "client_ip"], "hour"),
 }
 # Levels that copy the rows of another level with one status, so that a scan of them reads
-# only those (008_client_401.sql): level -> (the level it copies, the status it keeps).
-_SUBSETS: dict[str, tuple[str, int]] = {"client_401": ("client_hour", 401)}
+# only those (008_client_401.sql, 009_minute_429.sql): level -> (the level it copies, the status
+# it keeps).
+_SUBSETS: dict[str, tuple[str, int]] = {"client_401": ("client_hour", 401), "minute_429": ("minute", 429)}
 # Sums of each level: per-event column -> its sum's rollup column.
 _SUMS = {"requests": "requests", "bytes_out": "bytes_out", "latency_ms": "latency_ms_sum", "cost": "cost"}
 
@@ -57,10 +58,10 @@ class BatchAggregate:
 
     Events are grouped per level in Arrow (C++) when the batch is rendered: one row per
     distinct (key, account, bucket, endpoint, status[, node]) at the minute, hour and day
-    levels and per (key, account, hour, status, client IP) for client IPs (those of status 401
-    once more, as their own level), with the sums of requests, bytes out and latency. The
-    dedup rows (hashes per partition and minute) and the offset rows (last offset per
-    partition) go into the same insert.
+    levels and per (key, account, hour, status, client IP) for client IPs (the client IP rows of
+    status 401 and the minute rows of status 429 once more, as their own levels), with the sums
+    of requests, bytes out and latency. The dedup rows (hashes per partition and minute) and the
+    offset rows (last offset per partition) go into the same insert.
     """
 
     def __init__(self, rows: list[EventRow], offsets: dict[int, int], first_offsets: dict[int, int]) -> None:

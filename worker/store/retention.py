@@ -19,11 +19,11 @@ from worker.store.migrations import for_cluster, retention
 
 log = logging.getLogger(__name__)
 
-# Each table's TTL as its last migration states it (001/007/008, 002, 005): a fresh store gets
+# Each table's TTL as its last migration states it (001/007/008/009, 002, 005): a fresh store gets
 # exactly this, so re-applying it changes nothing there (tests/integration/test_retention.py).
 TTL: dict[str, str] = {
     "usage_rollup": (
-        "bucket + INTERVAL {ttl_minute_days} DAY DELETE WHERE level = 'minute', "
+        "bucket + INTERVAL {ttl_minute_days} DAY DELETE WHERE level IN ('minute', 'minute_429'), "
         "bucket + INTERVAL {ttl_hour_days} DAY DELETE "
         "WHERE level IN ('hour', 'client_hour', 'client_ips', 'client_401'), "
         "bucket + INTERVAL {ttl_day_days} DAY DELETE WHERE level = 'day', "

@@ -22,6 +22,7 @@ LEVELS = {
     "client_hour": 5,
     "client_ips": 6,
     "client_401": 7,
+    "minute_429": 8,
 }
 # ``client_ips`` rows count a key's distinct client addresses per UTC day up to this many
 # (007_client_ips.sql): the leaked-key signal reads them to find its candidate keys.
@@ -243,24 +244,45 @@ def mark_client_401(client: Client, database: str, since: int) -> None:
     client.command(CLIENT_401_MISSING.format(table=rollup_table(database)), parameters={"since": since})
 
 
-# The client_401 rows missing per (key, account, hour, address): client_hour's 401s less what
-# client_401 holds already (008_client_401.sql states the same for the stored rows).
+def mark_minute_429(client: Client, database: str, since: int) -> None:
+    """Write the ``minute_429`` rows (009_minute_429.sql) that the stored ``minute`` rows of
+    status 429 since ``since`` call for; idempotent as ``mark_client_401``, per (key, account,
+    minute, endpoint)."""
+    client.command(MINUTE_429_MISSING.format(table=rollup_table(database)), parameters={"since": since})
+
+
+# What a level that copies the rows of one status lacks, per its grouping: the source level's
+# sums less its own, so that running it again adds nothing. The migrations that add such a level
+# state the same for the stored rows (tests/unit/test_subset_backfill.py checks they agree).
+_SUBSET_SUMS = (
+    "toInt64(sumIf(requests, level = '{source}')) - toInt64(sumIf(requests, level = '{level}')) AS n, "
+    "greatest(0, toInt64(sumIf(bytes_out, level = '{source}')) - toInt64(sumIf(bytes_out, level = '{level}'))), "
+    "sumIf(latency_ms_sum, level = '{source}') - sumIf(latency_ms_sum, level = '{level}'), "
+    "greatest(0, toInt64(sumIf(cost, level = '{source}')) - toInt64(sumIf(cost, level = '{level}'))) "
+)
 CLIENT_401_MISSING = (
     "INSERT INTO {table} "
     "(level, key_id, account_id, bucket, status, client_ip, requests, bytes_out, latency_ms_sum, cost) "
     "SELECT 'client_401', key_id, account_id, bucket, 401, client_ip, "
-    "toInt64(sumIf(requests, level = 'client_hour')) - toInt64(sumIf(requests, level = 'client_401')) AS n, "
-    "greatest(0, toInt64(sumIf(bytes_out, level = 'client_hour')) - toInt64(sumIf(bytes_out, level = 'client_401'))), "
-    "sumIf(latency_ms_sum, level = 'client_hour') - sumIf(latency_ms_sum, level = 'client_401'), "
-    "greatest(0, toInt64(sumIf(cost, level = 'client_hour')) - toInt64(sumIf(cost, level = 'client_401'))) "
-    "FROM {table} WHERE level IN ('client_hour', 'client_401') AND status = 401 AND client_ip != '' "
+    + _SUBSET_SUMS.format(source="client_hour", level="client_401")
+    + "FROM {table} WHERE level IN ('client_hour', 'client_401') AND status = 401 AND client_ip != '' "
     "AND bucket >= toDateTime({{since:UInt32}}, 'UTC') "
     "GROUP BY key_id, account_id, bucket, client_ip HAVING n > 0"
+)
+MINUTE_429_MISSING = (
+    "INSERT INTO {table} "
+    "(level, key_id, account_id, bucket, status, endpoint, route, requests, bytes_out, latency_ms_sum, cost) "
+    "SELECT 'minute_429', key_id, account_id, bucket, 429, endpoint, max(route), "
+    + _SUBSET_SUMS.format(source="minute", level="minute_429")
+    + "FROM {table} WHERE level IN ('minute', 'minute_429') AND status = 429 "
+    "AND bucket >= toDateTime({{since:UInt32}}, 'UTC') "
+    "GROUP BY key_id, account_id, bucket, endpoint HAVING n > 0"
 )
 
 
 def mark_summary_levels(client: Client, database: str, since: int) -> None:
-    """The rows of both levels that summarise the ``client_hour`` rows since ``since``: what
-    rows written straight into the table lack (the ingest writes them with each batch)."""
+    """The rows of the levels derived from the ``client_hour`` and ``minute`` rows since ``since``:
+    what rows written straight into the table lack (the ingest writes them with each batch)."""
     mark_client_ips(client, database, since)
     mark_client_401(client, database, since)
+    mark_minute_429(client, database, since)
