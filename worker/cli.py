@@ -45,9 +45,14 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from worker.dsn import redact_dsn
     from worker.store.client import connect
     from worker.store.migrations import migrate
+    from worker.store.migrations import release as release_migration_lock
     from worker.store.retention import apply_retention, ttl_of
 
     client = connect(settings.clickhouse_dsn, settings.clickhouse_database)
+    if args.release_lock:
+        release_migration_lock(client, settings)
+        print(f"released the migration lock on {redact_dsn(settings.clickhouse_dsn)} / {settings.clickhouse_database}")
+        return 0
     applied = migrate(client, settings)
     retention = apply_retention(client, settings)
     where = f"{redact_dsn(settings.clickhouse_dsn)} / {settings.clickhouse_database}"
@@ -334,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "migrate",
         help="create or upgrade the ClickHouse schema and set retention from METER_TTL_* / "
-        "METER_DEDUP_HORIZON_HOURS (idempotent)",
+        "METER_DEDUP_HORIZON_HOURS (idempotent; one run at a time per database)",
+    )
+    p.add_argument(
+        "--release-lock",
+        action="store_true",
+        help="only drop the migration lock a killed run left behind (then run migrate or start the workers)",
     )
     p.set_defaults(func=cmd_migrate)
 

@@ -20,6 +20,7 @@ from worker.dsn import redact_dsn
 from worker.refusals import ActionRefused, QueryRefused
 from worker.settings import Settings
 from worker.store.client import StoreUnavailable
+from worker.store.migrations import MigrationLocked
 from worker.topics import TopicsRefused
 
 # Commands that keep running and log as they go; the others answer once and print only that.
@@ -41,7 +42,15 @@ def quiet_client_logs(command: str, level: str) -> None:
 
 def one_line(exc: BaseException, settings: Settings) -> str | None:
     """The line for an expected failure; None for anything else (a bug)."""
-    refused = SourceUnavailable | QueryRefused | ActionRefused | StoreUnavailable | TopicsRefused | PortUnavailable
+    refused = (
+        SourceUnavailable
+        | QueryRefused
+        | ActionRefused
+        | StoreUnavailable
+        | TopicsRefused
+        | PortUnavailable
+        | MigrationLocked
+    )
     if isinstance(exc, refused):
         return str(exc)
     if isinstance(exc, TopicUnavailable):

@@ -50,6 +50,9 @@ class Settings(NodeSettings):
     # Unset: the migrations shipped with the package (worker/store/sql); a directory of
     # NNN_name.sql files replaces them.
     migrations_dir: Path | None = None
+    # How long a worker (or `meter migrate`) waits for another run's migration lock; a backfill on
+    # a large store takes minutes. Past it: an error naming the holder (docs/operations.md).
+    migration_lock_wait_seconds: float = Field(default=900.0, gt=0)
     # A ClickHouse cluster (remote_servers name): the migrations create every table ON CLUSTER
     # with Replicated engines (docs/scaling.md). Empty: one server or the embedded engine.
     clickhouse_cluster: str = Field(default="", max_length=128, pattern=r"^[A-Za-z0-9_.-]*$")

@@ -32,7 +32,7 @@ def test_a_longer_dedup_horizon_and_shorter_retention_reach_an_existing_store(
     assert "toIntervalHour(25)" in definition(clickhouse, db, "usage_rollup")
     changed = settings.model_copy(update={"dedup_horizon_hours": 72, "ttl_day_days": 40})
 
-    assert cmd_migrate(argparse.Namespace(), changed) == 0
+    assert cmd_migrate(argparse.Namespace(release_lock=False), changed) == 0
 
     printed = capsys.readouterr().out
     assert "schema up to date" in printed

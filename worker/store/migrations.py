@@ -4,13 +4,19 @@ them wherever it is installed), or from ``METER_MIGRATIONS_DIR`` when that is se
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import socket
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.abc import Traversable
 from importlib.resources import files
 
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError
 
 from worker.settings import Settings
 from worker.store.client import quote_identifier
@@ -92,6 +98,100 @@ def for_cluster(statement: str, cluster: str) -> str:
     return statement.replace("non_replicated_deduplication_window", "replicated_deduplication_window")
 
 
+# -- one run at a time ---------------------------------------------------------------------
+# Every worker applies the pending migrations when it starts, so workers started together on a
+# ClickHouse server (a deployment's new replicas) run them at the same time. The DDL is
+# idempotent, but a backfill (``INSERT ... SELECT`` of what a new level lacks: 008, 009) is not
+# when two runs read before either writes. The lock is a table: ``CREATE TABLE`` without
+# ``IF NOT EXISTS`` succeeds for exactly one caller (on a cluster the DDL queue orders the
+# callers alike on every server); the others wait for it to go, then find the migrations
+# applied. A run killed while holding it leaves the table: waiters give up after
+# ``METER_MIGRATION_LOCK_WAIT_SECONDS`` naming the holder and ``meter migrate --release-lock``.
+
+LOCK_TABLE = "schema_migrations_lock"
+_POLL_SECONDS = 0.5
+_LOG_EVERY_SECONDS = 10.0
+
+
+class MigrationLocked(Exception):
+    """Another migration run has held the lock for longer than the wait allows."""
+
+
+def holder_name() -> str:
+    """Who takes the lock: enough for an operator to find the process."""
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def _table(settings: Settings) -> str:
+    return f"{quote_identifier(settings.clickhouse_database)}.{LOCK_TABLE}"
+
+
+def _exists_already(exc: DatabaseError) -> bool:
+    return "TABLE_ALREADY_EXISTS" in str(exc) or "Code: 57." in str(exc)
+
+
+def _holder(client: Client, table: str) -> str:
+    """Who holds the lock and since when, as far as the table says (it may be gone already)."""
+    try:
+        rows = client.query(f"SELECT holder, since FROM {table} LIMIT 1").result_rows
+    except DatabaseError:
+        return "a run that has just released it"
+    return f"{rows[0][0]} since {rows[0][1]:%Y-%m-%d %H:%M:%S} UTC" if rows else "a run that is starting"
+
+
+def try_acquire(client: Client, settings: Settings) -> bool:
+    """Take the lock if no one holds it (the holder's name written into it)."""
+    table = _table(settings)
+    try:
+        client.command(
+            for_cluster(
+                f"CREATE TABLE {table} (holder String, since DateTime('UTC') DEFAULT now()) "
+                "ENGINE = MergeTree ORDER BY tuple()",
+                settings.clickhouse_cluster,
+            )
+        )
+    except DatabaseError as exc:
+        if _exists_already(exc):
+            return False
+        raise
+    client.insert(table, [[holder_name()]], column_names=["holder"])
+    return True
+
+
+def release(client: Client, settings: Settings) -> None:
+    """Drop the lock (also what ``meter migrate --release-lock`` does for a run that died)."""
+    statement = for_cluster(f"DROP TABLE IF EXISTS {_table(settings)}", settings.clickhouse_cluster)
+    client.command(statement + (" SYNC" if settings.clickhouse_cluster else ""))
+
+
+@contextlib.contextmanager
+def migration_lock(
+    client: Client,
+    settings: Settings,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[None]:
+    """Hold the lock for the ``with`` block, waiting up to ``migration_lock_wait_seconds``."""
+    started = time.monotonic()
+    next_log = 0.0
+    while not try_acquire(client, settings):
+        waited = time.monotonic() - started
+        holder = _holder(client, _table(settings))
+        if waited >= settings.migration_lock_wait_seconds:
+            raise MigrationLocked(
+                f"another migration run holds the lock on {settings.clickhouse_database} ({holder}); "
+                f"waited {waited:.0f} s (METER_MIGRATION_LOCK_WAIT_SECONDS). If no migration is "
+                "running (its process was killed), run `meter migrate --release-lock`, then start again"
+            )
+        if waited >= next_log:
+            log.info("waiting for the migration lock on %s, held by %s", settings.clickhouse_database, holder)
+            next_log = waited + _LOG_EVERY_SECONDS
+        sleep(_POLL_SECONDS)
+    try:
+        yield
+    finally:
+        release(client, settings)
+
+
 def migrate(client: Client, settings: Settings) -> list[Migration]:
     """Apply every migration not yet recorded; return those applied now."""
     db = quote_identifier(settings.clickhouse_database)
@@ -105,16 +205,26 @@ def migrate(client: Client, settings: Settings) -> list[Migration]:
             cluster,
         )
     )
-    done = {row[0] for row in client.query(f"SELECT version FROM {db}.schema_migrations").result_rows}
+    if not _pending(client, settings):
+        return []
     applied = []
-    for migration in discover(settings.migrations_dir):
-        if migration.version in done:
-            continue
-        for statement in render(migration.path.read_text(encoding="utf-8"), settings):
-            client.command(statement)
-        client.insert(
-            f"{db}.schema_migrations", [[migration.version, migration.name]], column_names=["version", "name"]
-        )
-        log.info("applied migration %03d_%s", migration.version, migration.name)
-        applied.append(migration)
+    with migration_lock(client, settings):
+        for migration in _pending(client, settings):  # read again: a run we waited for applied them
+            for statement in render(migration.path.read_text(encoding="utf-8"), settings):
+                client.command(statement)
+            client.insert(
+                f"{db}.schema_migrations", [[migration.version, migration.name]], column_names=["version", "name"]
+            )
+            log.info("applied migration %03d_%s", migration.version, migration.name)
+            applied.append(migration)
     return applied
+
+
+def _pending(client: Client, settings: Settings) -> list[Migration]:
+    """The migrations not recorded as applied (on a cluster: on this server's shard, once its
+    replica has every record the others wrote)."""
+    db = quote_identifier(settings.clickhouse_database)
+    if settings.clickhouse_cluster:
+        client.command(f"SYSTEM SYNC REPLICA {db}.schema_migrations")
+    done = {row[0] for row in client.query(f"SELECT version FROM {db}.schema_migrations").result_rows}
+    return [m for m in discover(settings.migrations_dir) if m.version not in done]

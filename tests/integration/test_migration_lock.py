@@ -1,0 +1,72 @@
+"""Migrations run one at a time per database: workers started together apply a backfill once,
+and a lock left by a killed run is named in the error and released by `meter migrate --release-lock`."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import migrations_up_to
+from tests.integration.test_minute_429 import COLUMNS, stored_429s, traffic
+from worker.cli import build_parser, run_command
+from worker.settings import Settings
+from worker.store.client import connect
+from worker.store.migrations import Migration, MigrationLocked, holder_name, migrate, try_acquire
+from worker.store.rollup import rollup_table
+
+
+@pytest.mark.clickhouse
+def test_workers_started_together_apply_a_backfill_once(settings: Settings, tmp_path: Path) -> None:
+    database = settings.clickhouse_database
+    first, second = (connect(settings.clickhouse_dsn, database) for _ in range(2))
+    try:
+        migrate(first, settings.model_copy(update={"migrations_dir": migrations_up_to(8, tmp_path / "before")}))
+        first.insert(rollup_table(database), traffic(minutes=300), column_names=COLUMNS)
+
+        together = threading.Barrier(2)
+        applied: dict[int, list[Migration]] = {}
+
+        def start_worker(i: int) -> None:
+            together.wait()
+            applied[i] = migrate((first, second)[i], settings)
+
+        threads = [threading.Thread(target=start_worker, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert sorted(len(a) for a in applied.values()) == [0, 1]  # one ran 009; the other found it done
+        assert len(stored_429s(first, database)) == 300 * 11  # equal to the minute rows: not twice
+        assert first.query(f"SHOW TABLES FROM {database} LIKE 'schema_migrations_lock'").result_rows == []
+    finally:
+        first.command(f"DROP DATABASE IF EXISTS {database}")
+
+
+@pytest.mark.clickhouse
+def test_a_lock_left_by_a_killed_run_is_named_and_released_by_the_cli(
+    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database = settings.clickhouse_database
+    client = connect(settings.clickhouse_dsn, database)
+    try:
+        migrate(client, settings.model_copy(update={"migrations_dir": migrations_up_to(8, tmp_path / "before")}))
+        assert try_acquire(client, settings)  # the run that was killed while migrating
+        assert not try_acquire(client, settings)
+
+        impatient = settings.model_copy(update={"migration_lock_wait_seconds": 1.0})
+        started = datetime.now(UTC)
+        with pytest.raises(MigrationLocked) as refused:
+            migrate(client, impatient)
+        assert datetime.now(UTC) - started < timedelta(seconds=10)
+        assert holder_name() in str(refused.value)
+        assert "meter migrate --release-lock" in str(refused.value)
+        assert run_command(build_parser().parse_args(["migrate"]), impatient) == 2
+        assert "meter migrate: another migration run holds the lock" in capsys.readouterr().err
+
+        assert run_command(build_parser().parse_args(["migrate", "--release-lock"]), impatient) == 0
+        assert [m.version for m in migrate(client, impatient)] == [9]
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {database}")
