@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from common.follower import TopicFollower, valid_records
@@ -67,6 +67,15 @@ def _forget_settled(newest: dict[str, Decision], now: float, unblock_memory_s: f
     for key_id in settled:
         del newest[key_id]
     return len(settled)
+
+
+async def _finish_within(work: Coroutine[Any, Any, None], unfinished: Callable[[], str]) -> None:
+    """``work`` for up to NOTIFICATIONS_FLUSH_TIMEOUT, else a warning saying what is left
+    (``unfinished``, read when the time is up): a stop must not wait on Kafka or the store."""
+    try:
+        await asyncio.wait_for(work, NOTIFICATIONS_FLUSH_TIMEOUT)
+    except TimeoutError:
+        log.warning("%s", unfinished())
 
 
 class LimitService:
@@ -160,12 +169,18 @@ class LimitService:
         await self.allowances.stop()
         notifier, self._notifier = self._notifier, None
         if notifier is not None:
-            await self._flush_notifications_within(NOTIFICATIONS_FLUSH_TIMEOUT)
+            await self._flush_notifications_within()
         await cancel_and_wait(notifier)
         auditor, self._auditor = self._auditor, None
         if auditor is not None:
             await cancel_and_wait(auditor)
-            await self._record_decisions_within(NOTIFICATIONS_FLUSH_TIMEOUT)
+            await _finish_within(
+                self._record_decisions(),
+                lambda: (
+                    f"{len(self._unaudited)} decisions not recorded in the audit within "
+                    f"{NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s: recorded when the topic is read again"
+                ),
+            )
 
     # hooks of the ingest consumer ------------------------------------------------------
     async def on_assigned(self, partitions: set[int]) -> None:
@@ -215,7 +230,7 @@ class LimitService:
         for p in partitions:
             self.engine.revoke(p)
         # The next owner learns from the audit what was notified: record it before letting go.
-        await self._flush_notifications_within(NOTIFICATIONS_FLUSH_TIMEOUT)
+        await self._flush_notifications_within()
 
     # the fast lane ---------------------------------------------------------------------
     async def _on_fast_batch(self, batch: FastBatch) -> None:
@@ -315,16 +330,6 @@ class LimitService:
             self._unaudited[:0] = batch  # stopped before it landed: kept for the last try (a copy collapses)
             raise
 
-    async def _record_decisions_within(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._record_decisions(), timeout)
-        except TimeoutError:
-            log.warning(
-                "%d decisions not recorded in the audit within %.0fs: recorded when the topic is read again",
-                len(self._unaudited),
-                timeout,
-            )
-
     # notifications ---------------------------------------------------------------------
     def _notifications_audit(self) -> NotificationStore:
         if self._notification_store is None:
@@ -368,16 +373,14 @@ class LimitService:
                 f"recording {len(batch)} notifications",
             )
 
-    async def _flush_notifications_within(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._flush_notifications(), timeout)
-        except TimeoutError:
-            log.warning(
-                "notifications not published and recorded within %.0fs (%d queued): the next owner of "
-                "their keys may publish them again (same id)",
-                timeout,
-                len(self._outbox),
-            )
+    async def _flush_notifications_within(self) -> None:
+        await _finish_within(
+            self._flush_notifications(),
+            lambda: (
+                f"notifications not published and recorded within {NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s "
+                f"({len(self._outbox)} queued): the next owner of their keys may publish them again (same id)"
+            ),
+        )
 
     async def _followers_ready(self) -> None:
         try:
