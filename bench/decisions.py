@@ -110,8 +110,11 @@ def worker_child(loop_probe: bool) -> int:
     def emit(stat: dict[str, Any]) -> None:
         line = STAT_PREFIX + json.dumps(stat) + "\n"
         with emit_lock:
-            sys.stderr.write(line)
-            sys.stderr.flush()
+            try:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except BrokenPipeError:  # the bench is gone (killed): a worker left running would skew the next run
+                os._exit(1)
 
     def timed_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
