@@ -111,3 +111,29 @@ def test_top_keys_by_429s_rank_from_the_copies(clickhouse: Any, settings: Settin
     requests = {f"cf_k{i:02d}": 30 * (50 - i) + refused[f"cf_k{i:02d}"] for i in range(12)}
     expected = ["cf_k05", "cf_k10", "cf_k03", "cf_k08", "cf_k01"]  # 11, 10, 9, 8, 7 refused a minute
     assert top() == [(key, refused[key], requests[key]) for key in expected]
+
+
+@pytest.mark.clickhouse
+@pytest.mark.parametrize(("days", "level"), [(30, Granularity.hour), (60, Granularity.day)])
+def test_longer_windows_rank_from_their_own_level(
+    clickhouse: Any, settings: Settings, days: int, level: Granularity
+) -> None:
+    """Past 48 hours the window is counted from hour or day rows: their 429s are found there
+    (20 days back, the minute rows and their copies are gone), for every dimension."""
+    database, old = settings.clickhouse_database, NOW - timedelta(days=20)
+    columns = ["level", "key_id", "account_id", "bucket", "endpoint", "status", "requests"]
+    rows = [
+        [lv, key, account, old, "/v0/e", status, n]
+        for lv in ("hour", "day")
+        for key, account, status, n in [("cf_a", "acct_a", 429, 5), ("cf_a", "acct_a", 200, 9), ("cf_b", "", 429, 2)]
+    ]
+    clickhouse.insert(rollup_table(database), rows, column_names=columns)
+    since = NOW - timedelta(days=days)
+    for dimension, expected in [
+        (TopDimension.key, [("cf_a", 5, 14), ("cf_b", 2, 2)]),
+        (TopDimension.account, [("acct_a", 5, 14)]),  # keys without an account are left out
+        (TopDimension.endpoint, [("/v0/e", 7, 16)]),
+    ]:
+        found = queries.top(clickhouse, database, dimension, TopMetric.rate_limited, since, NOW, 5, now=NOW)
+        assert found.level is level
+        assert [(e.id, e.rate_limited, e.requests) for e in found.entries] == expected

@@ -4,6 +4,7 @@ TTL reaches the tables, which a migration run once never did."""
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from worker.cli import cmd_migrate
 from worker.settings import Settings
 from worker.store.retention import TTL, apply_retention, dedup_memory_hours, ensure_dedup_memory
+from worker.store.rollup import LEVELS, rollup_table
 
 pytestmark = [pytest.mark.clickhouse]
 
@@ -57,3 +59,17 @@ def test_a_worker_lengthens_a_dedup_memory_shorter_than_its_horizon_and_never_sh
     # An older worker (24 h) restarting during the rollout leaves the longer memory alone.
     assert ensure_dedup_memory(clickhouse, settings) == []
     assert dedup_memory_hours(clickhouse, db) == 73
+
+
+def test_every_level_is_kept_as_long_as_its_ttl_says(clickhouse: Any, settings: Settings) -> None:
+    """Rows past the minute TTL (7 days) but within the hour TTL: the minute level and its copy
+    of 429s (009) go, every level kept by the hour TTL stays; the stored offsets are kept forever."""
+    db, old = settings.clickhouse_database, datetime.now(UTC) - timedelta(days=8)
+    kept_hourly = ["hour", "client_hour", "client_ips", "client_401"]
+    rows = [[level, "k1", old, 429, 1] for level in ["minute", "minute_429", *kept_hourly, "offset"]]
+    clickhouse.insert(rollup_table(db), rows, column_names=["level", "key_id", "bucket", "status", "requests"])
+    clickhouse.command(f"OPTIMIZE TABLE {rollup_table(db)} FINAL")
+    left = clickhouse.query(f"SELECT DISTINCT toString(level) FROM {rollup_table(db)}").result_rows
+    assert sorted(level for (level,) in left) == sorted([*kept_hourly, "offset"])
+    # Every level but the offsets has a TTL clause: a new level must be added to one.
+    assert {level for level in LEVELS if f"'{level}'" not in TTL["usage_rollup"]} == {"offset"}

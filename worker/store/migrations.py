@@ -10,8 +10,9 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.abc import Traversable
 from importlib.resources import files
 
@@ -79,7 +80,9 @@ def render(sql: str, settings: Settings) -> list[str]:
 
 # DDL that names a table or a database: where ``ON CLUSTER`` goes (after the name).
 _DDL_TARGET = re.compile(
-    r"^(CREATE\s+(?:TABLE|VIEW|DATABASE)\s+IF\s+NOT\s+EXISTS\s+\S+|ALTER\s+TABLE\s+\S+)", re.IGNORECASE
+    r"^(CREATE\s+(?:TABLE|VIEW|DATABASE)\s+(?:IF\s+NOT\s+EXISTS\s+)?\S+|ALTER\s+TABLE\s+\S+"
+    r"|DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?\S+)",
+    re.IGNORECASE,
 )
 _ENGINE = re.compile(r"\bENGINE\s*=\s*(ReplacingMergeTree|AggregatingMergeTree|MergeTree)\b")
 
@@ -126,66 +129,70 @@ def _table(settings: Settings) -> str:
     return f"{quote_identifier(settings.clickhouse_database)}.{LOCK_TABLE}"
 
 
+def lock_statements(settings: Settings, holder: str) -> tuple[str, str]:
+    """(take, drop) the lock. The holder is the table's comment: written by the one statement
+    that takes the lock, so a lock is never without it."""
+    comment = holder.replace("\\", "\\\\").replace("'", "\\'")
+    take = f"CREATE TABLE {_table(settings)} (held UInt8) ENGINE = MergeTree ORDER BY tuple() COMMENT '{comment}'"
+    drop = for_cluster(f"DROP TABLE IF EXISTS {_table(settings)}", settings.clickhouse_cluster)
+    return for_cluster(take, settings.clickhouse_cluster), drop + (" SYNC" if settings.clickhouse_cluster else "")
+
+
 def _exists_already(exc: DatabaseError) -> bool:
     return "TABLE_ALREADY_EXISTS" in str(exc) or "Code: 57." in str(exc)
 
 
-def _holder(client: Client, table: str) -> str:
-    """Who holds the lock and since when, as far as the table says (it may be gone already)."""
-    try:
-        rows = client.query(f"SELECT holder, since FROM {table} LIMIT 1").result_rows
-    except DatabaseError:
-        return "a run that has just released it"
-    return f"{rows[0][0]} since {rows[0][1]:%Y-%m-%d %H:%M:%S} UTC" if rows else "a run that is starting"
+def _holder(client: Client, settings: Settings) -> str | None:
+    """Who holds the lock and since when; None: no one (released meanwhile)."""
+    rows = client.query(
+        "SELECT comment FROM system.tables WHERE database = {db:String} AND name = {name:String}",
+        parameters={"db": settings.clickhouse_database, "name": LOCK_TABLE},
+    ).result_rows
+    return str(rows[0][0]) if rows else None
 
 
 def try_acquire(client: Client, settings: Settings) -> bool:
-    """Take the lock if no one holds it (the holder's name written into it)."""
-    table = _table(settings)
+    """Take the lock if no one holds it."""
+    since = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    take, _ = lock_statements(settings, f"{holder_name()} since {since} UTC")
     try:
-        client.command(
-            for_cluster(
-                f"CREATE TABLE {table} (holder String, since DateTime('UTC') DEFAULT now()) "
-                "ENGINE = MergeTree ORDER BY tuple()",
-                settings.clickhouse_cluster,
-            )
-        )
+        client.command(take)
     except DatabaseError as exc:
         if _exists_already(exc):
             return False
         raise
-    client.insert(table, [[holder_name()]], column_names=["holder"])
     return True
 
 
 def release(client: Client, settings: Settings) -> None:
     """Drop the lock (also what ``meter migrate --release-lock`` does for a run that died)."""
-    statement = for_cluster(f"DROP TABLE IF EXISTS {_table(settings)}", settings.clickhouse_cluster)
-    client.command(statement + (" SYNC" if settings.clickhouse_cluster else ""))
+    client.command(lock_statements(settings, "")[1])
 
 
 @contextlib.contextmanager
-def migration_lock(
-    client: Client,
-    settings: Settings,
-    sleep: Callable[[float], None] = time.sleep,
-) -> Iterator[None]:
+def migration_lock(client: Client, settings: Settings) -> Iterator[None]:
     """Hold the lock for the ``with`` block, waiting up to ``migration_lock_wait_seconds``."""
     started = time.monotonic()
     next_log = 0.0
+    retried = False
     while not try_acquire(client, settings):
+        holder = _holder(client, settings)
+        if holder is None and not retried:
+            retried = True  # released between the two calls: try again at once (once)
+            continue
+        retried = False
         waited = time.monotonic() - started
-        holder = _holder(client, _table(settings))
         if waited >= settings.migration_lock_wait_seconds:
             raise MigrationLocked(
-                f"another migration run holds the lock on {settings.clickhouse_database} ({holder}); "
+                f"another migration run holds the lock on {settings.clickhouse_database} "
+                f"({holder or 'a holder this server does not list'}); "
                 f"waited {waited:.0f} s (METER_MIGRATION_LOCK_WAIT_SECONDS). If no migration is "
                 "running (its process was killed), run `meter migrate --release-lock`, then start again"
             )
         if waited >= next_log:
             log.info("waiting for the migration lock on %s, held by %s", settings.clickhouse_database, holder)
             next_log = waited + _LOG_EVERY_SECONDS
-        sleep(_POLL_SECONDS)
+        time.sleep(_POLL_SECONDS)
     try:
         yield
     finally:
