@@ -23,10 +23,12 @@ from pathlib import Path
 from bench.common import machine, now_utc, replace_block, run_topics, versions
 from bench.ingest import delete_topics, drain_worker, generate, produce
 from worker.settings import Settings
+from worker.store import rollup
 from worker.store.client import connect
 from worker.topics import ensure_topics
 
-LEVELS = ("minute", "hour", "day", "client_hour", "dedup", "offset")
+# Every level the rollup table holds (a level added to it is measured too).
+LEVELS = tuple(sorted(rollup.LEVELS, key=rollup.LEVELS.__getitem__))
 
 
 async def main_async(args: argparse.Namespace) -> int:
