@@ -181,11 +181,11 @@ def migration_lock(client: Client, settings: Settings) -> Iterator[None]:
             retried = True  # released between the two calls: try again at once (once)
             continue
         retried = False
+        holder = holder or "a holder this server does not list"
         waited = time.monotonic() - started
         if waited >= settings.migration_lock_wait_seconds:
             raise MigrationLocked(
-                f"another migration run holds the lock on {settings.clickhouse_database} "
-                f"({holder or 'a holder this server does not list'}); "
+                f"another migration run holds the lock on {settings.clickhouse_database} ({holder}); "
                 f"waited {waited:.0f} s (METER_MIGRATION_LOCK_WAIT_SECONDS). If no migration is "
                 "running (its process was killed), run `meter migrate --release-lock`, then start again"
             )
