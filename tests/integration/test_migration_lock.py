@@ -8,13 +8,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from clickhouse_connect.driver.exceptions import DatabaseError
 
 from tests.integration.helpers import migrations_up_to
 from tests.integration.test_minute_429 import COLUMNS, stored_429s, traffic
 from worker.cli import build_parser, run_command
 from worker.settings import Settings
 from worker.store.client import connect
-from worker.store.migrations import Migration, MigrationLocked, holder_name, migrate, try_acquire
+from worker.store.migrations import Migration, MigrationLocked, holder_name, migrate, release, try_acquire
 from worker.store.rollup import rollup_table
 
 
@@ -69,4 +70,37 @@ def test_a_lock_left_by_a_killed_run_is_named_and_released_by_the_cli(
         assert run_command(build_parser().parse_args(["migrate", "--release-lock"]), impatient) == 0
         assert [m.version for m in migrate(client, impatient)] == [9]
     finally:
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+
+
+@pytest.mark.clickhouse
+def test_a_lock_taken_by_a_statement_whose_answer_failed_is_this_runs(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ON CLUSTER DDL can time out (a host is down) after the lock was created: the run finds
+    its own name on it and goes on, instead of waiting for itself. A failure that took nothing
+    is raised."""
+    database = settings.clickhouse_database
+    client = connect(settings.clickhouse_dsn, database)
+    real_command = client.command
+
+    def answer_lost(statement: str, *args: object, **kwargs: object) -> object:
+        real_command(statement, *args, **kwargs)  # type: ignore[arg-type]
+        raise DatabaseError("Code: 159. DB::Exception: Distributed DDL task is not finished (TIMEOUT_EXCEEDED)")
+
+    def refused(statement: str, *args: object, **kwargs: object) -> object:
+        raise DatabaseError("Code: 210. DB::Exception: Connection refused (NETWORK_ERROR)")
+
+    try:
+        monkeypatch.setattr(client, "command", answer_lost)
+        assert try_acquire(client, settings)
+        monkeypatch.setattr(client, "command", real_command)
+        assert not try_acquire(client, settings)  # held: by the first call
+        release(client, settings)
+
+        monkeypatch.setattr(client, "command", refused)
+        with pytest.raises(DatabaseError, match="NETWORK_ERROR"):
+            try_acquire(client, settings)
+    finally:
+        monkeypatch.setattr(client, "command", real_command)
         client.command(f"DROP DATABASE IF EXISTS {database}")
