@@ -198,13 +198,22 @@ def cmd_unblock(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
+    from common.retry import cancel_and_wait
     from worker.control_topics import current_overrides, latest_allowances, latest_decisions
     from worker.limits.explain import explain
 
-    async def gather() -> tuple[Any, Any, Any]:
-        return await asyncio.gather(
-            current_overrides(settings), latest_decisions(settings), latest_allowances(settings)
-        )
+    async def gather() -> list[Any]:
+        reads = [
+            asyncio.create_task(read(settings)) for read in (current_overrides, latest_decisions, latest_allowances)
+        ]
+        try:
+            return await asyncio.gather(*reads)
+        finally:
+            # One read failed (a missing topic): stop the others here, their consumers closed in
+            # order, not by asyncio.run's cancel-all at exit, under which aiokafka's stop can hang
+            # (aio-libs/aiokafka#583, #773; seen in CI: `meter why` never returned).
+            for task in reads:
+                await cancel_and_wait(task)
 
     overrides, decisions, allowances = asyncio.run(gather())
     book = settings.policy_book()
