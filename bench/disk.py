@@ -27,8 +27,8 @@ from worker.store import rollup
 from worker.store.client import connect
 from worker.topics import ensure_topics
 
-# Every level the rollup table holds (a level added to it is measured too).
-LEVELS = tuple(sorted(rollup.LEVELS, key=rollup.LEVELS.__getitem__))
+# Every level the rollup table holds, in its enum's order (a level added to it is measured too).
+LEVELS = tuple(rollup.LEVELS)
 
 
 async def main_async(args: argparse.Namespace) -> int:
