@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import uvicorn
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from faststream import AckPolicy, FastStream
 from faststream.kafka.annotations import KafkaMessage
 from starlette.routing import Mount
@@ -25,6 +25,7 @@ from common.retry import retry_forever
 from worker.analytics.api import build_query_app
 from worker.dsn import redact_dsn
 from worker.faststream_batch import raw_batch_parser, raw_decoder
+from worker.ingest.batcher import IngestBatcher
 from worker.ingest.consumer import PartitionWriter
 from worker.ingest.dlq import dead_letter_key, refused_by_broker
 from worker.ingest.pipeline import IngestPipeline
@@ -73,6 +74,7 @@ class WorkerRuntime:
         self.broker = kafka_clients.broker(settings, logger=log, log_level=logging.DEBUG)
         self._store = store
         self.consumer: PartitionWriter | None = None
+        self.batcher: IngestBatcher | None = None
         self.limits: LimitService | None = None
         self.guards: GuardRunner | None = None
         self.dead_letters_dropped = 0  # records the DLQ refused (logged with their place)
@@ -90,8 +92,9 @@ class WorkerRuntime:
             parser=raw_batch_parser(self.kafka_consumer),
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
-            fetch_min_bytes=settings.ingest_fetch_min_bytes,
-            fetch_max_wait_ms=settings.ingest_fetch_max_wait_ms,
+            # Answered as soon as records arrive (by default): the limits count each fetch.
+            fetch_min_bytes=settings.fast_lane_fetch_min_bytes,
+            fetch_max_wait_ms=settings.fast_lane_fetch_max_wait_ms,
             max_poll_interval_ms=600_000,
             session_timeout_ms=settings.consumer_session_timeout_ms,
             heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
@@ -112,6 +115,8 @@ class WorkerRuntime:
         """Let the write in flight land (and be committed) before the consumer stops, and stop
         the limits while the broker can still publish (a decision being published when the
         broker is gone would be retried for ever)."""
+        if self.batcher is not None:
+            await self.batcher.flush()
         if self.consumer is not None:
             await self.consumer.flush()
         if self.guards is not None:
@@ -120,8 +125,23 @@ class WorkerRuntime:
             await self.limits.stop()
 
     async def _on_batch(self, body: Any, message: KafkaMessage) -> None:
+        """One fetch of the events topic: counted for the limits at once, then held for the
+        ingest path's next batch (written in order by the batcher's own task)."""
+        assert self.limits is not None
+        assert self.batcher is not None
         assert self.consumer is not None
-        await self.consumer.handle(message.raw_message)
+        records = message.raw_message
+        await self.consumer.settled.wait()  # the limits count from the offsets the assignment set
+        try:
+            await self.limits.fast_lane.count(records)
+        except Exception:  # the ingest path must still get the fetch: it is read only once
+            log.exception("counting a fetch for the limits failed")
+        await self.batcher.receive(records)
+
+    def _seek(self, partition: int, offset: int) -> None:
+        consumer = self.kafka_consumer()
+        if consumer is not None:
+            consumer.seek(TopicPartition(self.settings.events_topic, partition), offset)
 
     async def _dead_letter(self, rejection: Rejection, value: bytes, headers: list[tuple[str, bytes]]) -> None:
         # Bad input is never dropped silently: if the DLQ cannot be written, wait for it. A
@@ -142,6 +162,10 @@ class WorkerRuntime:
         except Exception as exc:
             self.dead_letters_dropped += 1
             log.error("record %s (%s) could not be dead-lettered and is skipped: %s", place, rejection.reason, exc)
+
+    async def _discard_held(self, partitions: set[int]) -> None:
+        if self.batcher is not None:
+            self.batcher.discard(partitions)
 
     async def _send(self, topic: str, key: str, value: bytes) -> None:
         await self.broker.publish(value, topic, key=key.encode())
@@ -185,7 +209,16 @@ class WorkerRuntime:
             self._partition_count,
             s.dedup_horizon_hours * 3600,
         )
+        self.batcher = IngestBatcher(
+            self.consumer.handle,
+            self._seek,
+            max_records=s.batch_max_records,
+            max_bytes=s.ingest_batch_min_bytes,
+            max_wait_s=s.ingest_batch_max_wait_ms / 1000,
+        )
+        self.consumer.seek_back = self.batcher.reread
         self.consumer.on_assigned.append(self.limits.on_assigned)
+        self.consumer.on_revoked.append(self._discard_held)
         self.consumer.on_revoked.append(self.limits.on_revoked)
         self.metrics = WorkerMetrics(self)
         self.health = HealthCheck(self)
@@ -279,6 +312,9 @@ class WorkerRuntime:
             assert self.limits is not None
             assert self.guards is not None
             started.callback(self._log_stopped)
+            assert self.batcher is not None
+            await self.batcher.start()
+            started.push_async_callback(self.batcher.stop)  # after the last flush below
             await self.limits.start()
             started.push_async_callback(self.limits.stop)
             await self.guards.start()

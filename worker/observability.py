@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from worker.ingest.batcher import IngestBatcher
 from worker.ingest.consumer import PartitionWriter
 from worker.ingest.pipeline import BatchOutcome
 from worker.limits.service import LimitService
@@ -41,6 +42,9 @@ class WorkerRuntime(Protocol):
 
     @property
     def limits(self) -> LimitService | None: ...
+
+    @property
+    def batcher(self) -> IngestBatcher | None: ...
 
     @property
     def store(self) -> RollupStore: ...
@@ -124,6 +128,8 @@ class _StateCollector(Collector):
             "meter_batches_handed_over", "Batches given up after losing their partitions", s.handed_over_batches
         )
         yield counter("meter_store_errors", "Failed ClickHouse calls (each retried)", ingest.pipeline.store_errors)
+        if rt.batcher is not None:
+            yield from _batcher_metrics(rt.batcher)
         lag = GaugeMetricFamily("meter_consumer_lag", "Records not yet written, per partition", labels=["partition"])
         for p, n in consumer_lag(rt).items():
             lag.add_metric([str(p)], n)
@@ -155,6 +161,17 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             "meter_dead_letters_dropped", "Rejected records the DLQ refused (logged, skipped)", rt.dead_letters_dropped
         )
+
+
+def _batcher_metrics(batcher: IngestBatcher) -> Iterator[Any]:
+    yield GaugeMetricFamily(
+        "meter_ingest_held_records", "Records fetched, held for the next ingest batch", batcher.held()
+    )
+    yield CounterMetricFamily(
+        "meter_ingest_records_dropped",
+        "Held records dropped while the write was stuck (read again once it moves)",
+        value=batcher.dropped,
+    )
 
 
 def _exchange_metrics(exchange: RowExchange) -> Iterator[Any]:

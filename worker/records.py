@@ -4,9 +4,9 @@ ingest path aggregates.
 
 Shared by the exactly-once path (``worker.ingest``) and the limits' fast lane
 (``worker.limits.fastlane``), so both accept exactly the same events and recognise the same
-retries; neither imports the other. Each reads every record (two consumers: the fast lane
-never waits for the exactly-once path's writes), and whichever reads a record first hands
-the row it checked to the other (``RowExchange``), so a record is parsed and validated once.
+retries; neither imports the other. Both see every record of the one events consumer (the
+fast lane at once, the ingest path when its batch is cut), and whichever checks a record
+first hands the row to the other (``RowExchange``), so a record is parsed and validated once.
 """
 
 from __future__ import annotations

@@ -172,6 +172,45 @@ async def test_failing_clickhouse_writes_are_retried_without_commit_or_loss(topi
     assert totals == expected_counts(first + second)
 
 
+async def test_the_limits_go_on_counting_while_the_store_is_down_and_nothing_is_lost(
+    topics: Settings, clickhouse: Any
+) -> None:
+    """One consumer feeds both the limits and the writes: a write stuck on a failing store must
+    not stop the limits. What the worker held for the write is dropped after 2 s and read again
+    once the store is back; every event is counted once in ClickHouse."""
+    settings = topics.model_copy(update={"store_retry_max_seconds": 0.5, "ingest_batch_min_bytes": 1})
+    store = FailingStore(clickhouse, settings.clickhouse_database)
+    first = list(generate(500, Traffic(seed=41)))
+    second = list(generate(2_000, Traffic(seed=42)))
+    runtime = WorkerRuntime(settings, store=store)
+    async with runtime.running():
+        await publish(settings.kafka_bootstrap, settings.events_topic, first)
+        await wait_for(
+            lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),
+            30,
+            "first load written",
+        )
+        assert runtime.limits is not None
+        assert runtime.batcher is not None
+        store.broken = True
+        for i in range(0, len(second), 250):  # fetches of their own: more batches than the worker holds
+            await publish(settings.kafka_bootstrap, settings.events_topic, second[i : i + 250])
+            await asyncio.sleep(0.4)
+        lane, batcher = runtime.limits.fast_lane, runtime.batcher
+        await wait_for(lambda: lane.records == len(first) + len(second), 30, "the limits counted the second load")
+        await wait_for(lambda: batcher.dropped > 0, 30, "held records dropped while the write is stuck")
+        assert store.broken
+        assert db_counts(clickhouse, settings.clickhouse_database) == expected_counts(first)
+        store.broken = False
+        await wait_for(
+            lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),
+            60,
+            "recovery",
+        )
+        assert lane.records == len(first) + len(second)  # read again for the write, not counted again
+    assert db_counts(clickhouse, settings.clickhouse_database) == expected_counts(first + second)
+
+
 def hot_events(key: str, n: int, start: datetime) -> list[RequestEvent]:
     return [
         make_event(

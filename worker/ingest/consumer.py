@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from common.retry import retry_forever
 from schemas.decisions import WINDOW_SECONDS, Window, window_start
+from worker.ingest.batcher import first_offsets
 from worker.ingest.commits import OffsetCommitter
 from worker.ingest.pipeline import BatchAbandoned, BatchOutcome, IngestPipeline, PreparedBatch
 from worker.records import KafkaRecord
@@ -83,6 +84,10 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         self.on_assigned: list[AssignedHook] = []
         self.on_revoked: list[RevokedHook] = []
         self.on_batch: list[BatchHook] = []
+        # How a batch that failed before its write is read again (None: a seek of the consumer
+        # right away; the worker's ``IngestBatcher`` instead drops what it holds of those
+        # partitions, and seeks them once its writer moves).
+        self.seek_back: Callable[[dict[int, int]], None] | None = None
         # Held while a batch is prepared and its write started, and by the rebalance callbacks,
         # which first wait for the write in flight to land: the next owner never reads stored
         # offsets that are about to move.
@@ -98,6 +103,11 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         # (and a bad record among them is not dead-lettered twice).
         self._taken: dict[int, int] = {}
         self._revoking: set[int] = set()
+        # Clear while a rebalance callback runs: aiokafka may hand out a fetch of the new
+        # assignment before its callback has finished (seeks, the limits' rebuild); whoever
+        # counts a fetch outside the lock waits for this first.
+        self.settled = asyncio.Event()
+        self.settled.set()
         self.commits = OffsetCommitter(topic, get_consumer)
         self._pruned_at = 0.0  # pipeline clock of the last pruning of the recent-hash cache
 
@@ -105,6 +115,13 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         return partition in self.owned and partition not in self._revoking
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.settled.clear()
+        try:
+            await self._revoke(revoked)
+        finally:
+            self.settled.set()
+
+    async def _revoke(self, revoked: set[TopicPartition]) -> None:
         parts = {tp.partition for tp in revoked if tp.topic == self.topic}
         # Marked before waiting for the lock: a write stuck retrying against a failing store
         # gives its batch up instead of holding the partition (the next owner resumes from
@@ -128,6 +145,13 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
                     await hook(parts)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.settled.clear()
+        try:
+            await self._assign(assigned)
+        finally:
+            self.settled.set()
+
+    async def _assign(self, assigned: set[TopicPartition]) -> None:
         async with self._lock:
             await self._land()  # stored offsets are read next: nothing may be about to move them
             parts = {tp.partition for tp in assigned if tp.topic == self.topic}
@@ -286,15 +310,16 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             return prepared.outcome
 
     def _rewind(self, records: Sequence[KafkaRecord]) -> None:
+        first = first_offsets(records)
+        targets = {p: self.stored_offsets.get(p, offset - 1) + 1 for p, offset in first.items() if self._still_owned(p)}
+        if self.seek_back is not None:
+            self.seek_back(targets)  # the batcher drops what it holds of them, then seeks
+            return
         consumer = self.get_consumer()
         if consumer is None:
             return
-        first: dict[int, int] = {}
-        for r in records:
-            first[r.partition] = min(first.get(r.partition, r.offset), r.offset)
-        for p, offset in first.items():
-            if self._still_owned(p):
-                consumer.seek(TopicPartition(self.topic, p), self.stored_offsets.get(p, offset - 1) + 1)
+        for p, offset in targets.items():
+            consumer.seek(TopicPartition(self.topic, p), offset)
 
     async def flush(self) -> None:
         """Wait for the write in flight, if any, to land (shutdown)."""

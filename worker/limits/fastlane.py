@@ -1,39 +1,30 @@
-"""The fast decision lane: the owned partitions of the events topic, read as soon as records
-arrive, counted for the limits only.
+"""The fast decision lane: each fetch of the owned partitions of the events topic, counted
+for the limits as soon as it arrives.
 
-It has its own consumer (no group: it follows the assignment the ingest consumer gets) and
-starts each partition right after the offset stored in ClickHouse with the counts the limit
-counters were rebuilt from, so every event is counted once. It never waits for the
-exactly-once path (its dedup lookup, its ClickHouse write), which keeps its own order.
-Records are checked by the same ``Validator`` as the ingest path: what the ingest path
-dead-letters, the limits do not count; whichever of the two reads a record first hands the
-row it checked to the other (``worker.records.RowExchange``), so each record is parsed and
-validated once. Node retries are recognised by their request hash within a bounded memory; a
-retry whose first copy it never saw (sent before the partition was assigned here) counts
-twice for the limits only, erring towards the limit.
+The worker reads the events topic on one consumer; every fetch is counted here before the
+ingest path holds it for a batch (``worker.ingest.batcher``), so the limits never wait for
+the exactly-once path (its dedup lookup, its ClickHouse write), which keeps its own order.
+Each partition is counted from right after the offset stored in ClickHouse with the counts
+the limit counters were rebuilt from, and a record read again (before an assignment's seek,
+or after the ingest path seeks back) is skipped: every event is counted once. Records are
+checked by the same ``Validator`` as the ingest path: what the ingest path dead-letters, the
+limits do not count; the rows checked here are handed to the ingest path
+(``worker.records.RowExchange``), so each record is parsed and validated once. Node retries
+are recognised by their request hash within a bounded memory; a retry whose first copy it
+never saw (sent before the partition was assigned here) counts twice for the limits only,
+erring towards the limit.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
-from common import kafka_clients
-from common.kafka_clients import KafkaTarget
 from common.recent_set import RecentSet
-from common.retry import cancel_and_wait, keep_running
 from schemas.limits import route_subject
 from worker.limits.engine import NodeReport
 from worker.records import KafkaRecord, RecordChecker, Rejection, RowExchange, Validator
-
-log = logging.getLogger(__name__)
 
 REFUSED = 429  # refused by the limits: counts nothing, but shows where the traffic is
 
@@ -92,34 +83,27 @@ OnBatch = Callable[[FastBatch], Awaitable[None]]
 
 
 class FastLane:
-    """Its own consumer on the owned partitions of the events topic, for the limits only
-    (see the module docstring); ``assign`` / ``revoke`` follow the ingest group."""
+    """The limits' count of each fetch of the owned partitions of the events topic (see the
+    module docstring); ``assign`` / ``revoke`` follow the ingest group."""
 
     def __init__(
         self,
-        kafka: KafkaTarget,
-        topic: str,
         validator: Validator,
         on_batch: OnBatch,
         *,
         recent_max: int = 500_000,
         clock: Callable[[], float] = time.time,
-        consumer_options: dict[str, Any] | None = None,
     ) -> None:
-        self.kafka = kafka
-        self.topic = topic
         self.validator = validator
         self.on_batch = on_batch
         self.clock = clock
         self.recent = RecentRequests(recent_max)
-        self.consumer_options = consumer_options or {}
         # Rows it checked go to the ingest path; rows the ingest path checked first come from it.
         self.exchange: RowExchange | None = None
         self.checker = RecordChecker(validator, None, None)
-        self.positions: dict[int, int | None] = {}  # owned partition -> next offset (None: from the start)
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.positions: dict[int, int | None] = {}  # owned partition -> next offset (None: any)
         self.records = 0
+        self.fetches = 0
 
     def use_exchange(self, exchange: RowExchange) -> None:
         """Rows it checked go to the ingest path; rows the ingest path checked first come from it."""
@@ -127,62 +111,34 @@ class FastLane:
         self.checker = RecordChecker(self.validator, exchange.to_fast_lane, exchange.to_ingest)
 
     def assign(self, partition: int, after_offset: int | None) -> None:
-        """Count ``partition`` from just after ``after_offset`` (None: from its beginning)."""
+        """Count ``partition`` from just after ``after_offset`` (None: from the first record read)."""
         self.positions[partition] = None if after_offset is None else after_offset + 1
-        self._changed.set()
 
     def revoke(self, partitions: set[int]) -> None:
         for p in partitions:
             self.positions.pop(p, None)
-        self._changed.set()
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="limits-fast-lane")
+    async def count(self, records: Sequence[KafkaRecord]) -> None:
+        """Count one fetch of the events consumer: each record of an owned partition once (a
+        record read again, before an assignment's seek or after the ingest path's, is skipped)."""
+        self.fetches += 1
+        fresh = self._not_counted(records)
+        if not fresh:
+            return
+        self.records += len(fresh)
+        await self.on_batch(group_batch(fresh, self.checker, self.recent, self.clock()))
 
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
-
-    async def _run(self) -> None:
-        await keep_running(self._follow, f"fast lane on {self.topic}", 0.2, 5.0)
-
-    async def _follow(self) -> None:
-        options: dict[str, Any] = {"fetch_max_wait_ms": 100, "max_partition_fetch_bytes": 4 * 1024 * 1024}
-        options.update(self.consumer_options)
-        consumer = kafka_clients.consumer(self.kafka, enable_auto_commit=False, group_id=None, **options)
-        await consumer.start()
-        try:
-            self._changed.set()  # (re)apply the assignment on this consumer
-            while True:
-                if self._changed.is_set():
-                    self._changed.clear()
-                    await self._apply(consumer)
-                if not self.positions:
-                    await self._changed.wait()
-                    continue
-                fetched = await consumer.getmany(timeout_ms=50, max_records=20_000)
-                records = [r for tp, rs in fetched.items() if tp.partition in self.positions for r in rs]
-                if not records:
-                    continue
-                for tp, rs in fetched.items():
-                    if tp.partition in self.positions and rs:
-                        self.positions[tp.partition] = rs[-1].offset + 1
-                batch = group_batch(records, self.checker, self.recent, self.clock())
-                self.records += len(records)
-                await self.on_batch(batch)
-        finally:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
-
-    async def _apply(self, consumer: AIOKafkaConsumer) -> None:
-        tps = [TopicPartition(self.topic, p) for p in sorted(self.positions)]
-        consumer.assign(tps)
-        fresh = [tp for tp in tps if self.positions[tp.partition] is None]
-        for tp in tps:
-            position = self.positions[tp.partition]
-            if position is not None:
-                consumer.seek(tp, position)
-        if fresh:
-            await consumer.seek_to_beginning(*fresh)
-        if tps:
-            log.info("fast lane counting partitions %s", {tp.partition: self.positions[tp.partition] for tp in tps})
+    def _not_counted(self, records: Sequence[KafkaRecord]) -> list[KafkaRecord]:
+        positions = self.positions
+        fresh = []
+        for record in records:
+            partition = record.partition
+            if partition not in positions:
+                continue  # not owned (any more)
+            at = positions[partition]
+            offset = record.offset
+            if at is not None and offset < at:
+                continue
+            positions[partition] = offset + 1
+            fresh.append(record)
+        return fresh
