@@ -36,7 +36,7 @@ from worker.limits.service import LimitService
 from worker.listening import WorkerEndpoint, announce, withdraw
 from worker.notify.deliver import WebhookDeliverer
 from worker.observability import HealthCheck, WorkerMetrics, build_health_app
-from worker.records import Rejection, RowExchange
+from worker.records import EventRow, Rejection
 from worker.settings import Settings
 from worker.store.client import connect
 from worker.store.decisions import DecisionStore
@@ -132,11 +132,12 @@ class WorkerRuntime:
         assert self.consumer is not None
         records = message.raw_message
         await self.consumer.settled.wait()  # the limits count from the offsets the assignment set
+        rows: list[EventRow | None] | None = None  # the rows the limits checked, for the ingest path
         try:
-            await self.limits.fast_lane.count(records)
+            rows = await self.limits.fast_lane.count(records)
         except Exception:  # the ingest path must still get the fetch: it is read only once
             log.exception("counting a fetch for the limits failed")
-        await self.batcher.receive(records)
+        await self.batcher.receive(records, rows)
 
     def _seek(self, partition: int, offset: int) -> None:
         consumer = self.kafka_consumer()
@@ -195,12 +196,6 @@ class WorkerRuntime:
         pipeline = IngestPipeline(s, self.store, self._dead_letter, clock=self.clock)
         if s.dedup_cache_max_hashes:
             pipeline.recent = RecentHashes(s.dedup_cache_max_hashes)
-        if s.fast_lane_handoff_rows:
-            # Both read every record: whichever checks one first spares the other a second parse
-            # and validation. Set before the fast lane's first fetch (it starts with the limits).
-            exchange = RowExchange(s.fast_lane_handoff_rows)
-            pipeline.use_exchange(exchange)
-            self.limits.fast_lane.use_exchange(exchange)
         self.consumer = PartitionWriter(
             s.events_topic,
             pipeline,

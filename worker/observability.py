@@ -25,7 +25,6 @@ from worker.ingest.batcher import IngestBatcher
 from worker.ingest.consumer import PartitionWriter
 from worker.ingest.pipeline import BatchOutcome
 from worker.limits.service import LimitService
-from worker.records import RowExchange
 from worker.settings import Settings
 from worker.store.rollup import RollupStore
 
@@ -149,8 +148,6 @@ class _StateCollector(Collector):
             yield CounterMetricFamily(
                 "meter_fast_lane_records", "Records counted by the limits' fast lane", lane.records
             )
-            if lane.exchange is not None:
-                yield from _exchange_metrics(lane.exchange)
             yield CounterMetricFamily(
                 "meter_allowances_published", "Allowance records published", rt.limits.allowances_published
             )
@@ -172,20 +169,6 @@ def _batcher_metrics(batcher: IngestBatcher) -> Iterator[Any]:
         "Held records dropped while the write was stuck (read again once it moves)",
         value=batcher.dropped,
     )
-
-
-def _exchange_metrics(exchange: RowExchange) -> Iterator[Any]:
-    """Records one reader took checked from the other (found) or checked itself (not found)."""
-    taken = CounterMetricFamily(
-        "meter_checked_rows_taken", "Records a reader took checked by the other reader", labels=["reader", "found"]
-    )
-    held = GaugeMetricFamily("meter_checked_rows_held", "Checked rows waiting for a reader", labels=["reader"])
-    for reader, rows in (("ingest", exchange.to_ingest), ("fast_lane", exchange.to_fast_lane)):
-        taken.add_metric([reader, "yes"], rows.hits)
-        taken.add_metric([reader, "no"], rows.misses)
-        held.add_metric([reader], rows.size)
-    yield taken
-    yield held
 
 
 def _retrieved(task: asyncio.Task[Any]) -> None:

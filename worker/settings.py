@@ -114,10 +114,6 @@ class Settings(NodeSettings):
     # (the limits count each fetch as it arrives).
     fast_lane_fetch_min_bytes: int = Field(default=1, ge=1, le=64 * 1024 * 1024)
     fast_lane_fetch_max_wait_ms: int = Field(default=100, ge=1, le=10_000)
-    # Rows of checked records held for the other reader of the events topic (the fast lane or the
-    # ingest path, whichever is behind), so each record is validated once; per direction, ~0.5 KB
-    # each (the readers run a fetch or two apart). 0: each reader checks every record itself.
-    fast_lane_handoff_rows: int = Field(default=100_000, ge=0)
 
     # Abuse guards (worker/limits/guards.py): off until a threshold is set; shadow first.
     guard_max_client_ips_per_hour: int = Field(default=0, ge=0, le=1_000_000)

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass
 
 from worker.ingest.batcher import IngestBatcher
-from worker.records import KafkaRecord
+from worker.records import EventRow, KafkaRecord
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,9 @@ class Rec:
     value: bytes | None = b"x" * 10
     key: bytes | None = b"k"
     topic: str = "events"
+
+
+ROW: EventRow = (0, "k", "", 0, "/", 200, "n", "", 0, 0.0, 1, 1, "", 0.0, None)
 
 
 class Log:
@@ -42,16 +45,18 @@ class Log:
 class Writer:
     def __init__(self) -> None:
         self.batches: list[list[KafkaRecord]] = []
+        self.rows: list[list[EventRow | None]] = []
         self.open = asyncio.Event()
         self.open.set()
         self.fail_next = False
 
-    async def __call__(self, batch: list[KafkaRecord]) -> None:
+    async def __call__(self, batch: list[KafkaRecord], rows: list[EventRow | None]) -> None:
         await self.open.wait()
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("boom")
         self.batches.append(batch)
+        self.rows.append(rows)
 
     def written(self) -> list[tuple[int, int]]:
         return [(r.partition, r.offset) for b in self.batches for r in b]
@@ -83,10 +88,12 @@ async def test_fetches_are_cut_into_batches_by_count_and_written_in_order() -> N
         await b.receive(log.fetch(3))
         await settle()
         assert writer.batches == []  # 3 < max_records: held
-        await b.receive(log.fetch(3))
+        fetch = log.fetch(3)
+        checked: list[EventRow | None] = [None, ROW, None]  # the rows the limits checked valid
+        await b.receive(fetch, checked)
         await settle()
         assert writer.written() == [(0, o) for o in range(6)]  # one batch of both fetches
-        assert len(writer.batches) == 1
+        assert writer.rows == [[None, None, None, None, ROW, None]]  # each record's row beside it
     finally:
         await b.stop()
 
@@ -162,15 +169,15 @@ async def test_revoked_partitions_are_dropped_and_a_writer_rewind_seeks_between_
     try:
         await b.receive(log.fetch(3))
         b.discard({1})
-        assert {r.partition for r in b._pending} == {0}
+        assert {r.partition for r, _ in b._pending} == {0}
         b.reread({0: 1})  # the writer gave up a batch of partition 0 from offset 1
         assert b.held() == 0
         assert log.seeks == []  # not while a fetch may be under way
         await b.receive(log.fetch(3))  # read before the seek: partition 0 not held
         assert log.seeks == [(0, 1)]
-        assert {r.partition for r in b._pending} == {1}
+        assert {r.partition for r, _ in b._pending} == {1}
         await b.receive(log.fetch(2))
-        assert [r.offset for r in b._pending if r.partition == 0] == [1, 2]
+        assert [r.offset for r, _ in b._pending if r.partition == 0] == [1, 2]
     finally:
         await b.stop()
 

@@ -26,11 +26,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 
 from common.retry import cancel_and_wait
-from worker.records import KafkaRecord
+from worker.records import EventRow, KafkaRecord
 
 log = logging.getLogger(__name__)
 
-Write = Callable[[list[KafkaRecord]], Awaitable[object]]
+Held = tuple[KafkaRecord, EventRow | None]  # a record, and its row if the limits checked it valid
+Write = Callable[[list[KafkaRecord], list[EventRow | None]], Awaitable[object]]
 Seek = Callable[[int, int], None]  # (partition, offset): where the consumer reads it next
 MAX_WAITING = 1  # cut batches waiting while the writer handles one
 
@@ -56,10 +57,10 @@ class IngestBatcher:
         self.max_wait_s = max_wait_s
         self.stall_s = stall_s
         self.clock = clock
-        self._pending: list[KafkaRecord] = []
+        self._pending: list[Held] = []
         self._pending_bytes = 0
         self._pending_since = 0.0
-        self._waiting: deque[list[KafkaRecord]] = deque()
+        self._waiting: deque[list[Held]] = deque()
         self._handling_since: float | None = None  # the writer's current batch started then
         # Partition -> first offset not held: read again from there once the writer moves.
         self._reread: dict[int, int] = {}
@@ -82,15 +83,17 @@ class IngestBatcher:
         for task in tasks:
             await cancel_and_wait(task)
 
-    async def receive(self, records: Sequence[KafkaRecord]) -> None:
-        """Hold one fetch (already counted for the limits); may wait for the writer to catch up."""
+    async def receive(self, records: Sequence[KafkaRecord], rows: Sequence[EventRow | None] | None = None) -> None:
+        """Hold one fetch, already counted for the limits, with the rows they checked (None: not
+        checked, or not valid; aligned with ``records``); may wait for the writer to catch up."""
         self._apply_rereads()
-        held = self._not_stale(records) if self._reread or self._expect else records
+        pairs: list[Held] = list(zip(records, rows, strict=True)) if rows is not None else [(r, None) for r in records]
+        held = self._not_stale(pairs) if self._reread or self._expect else pairs
         if held:
             if not self._pending:
                 self._pending_since = self.clock()
             self._pending.extend(held)
-            self._pending_bytes += sum(len(v) for r in held if (v := r.value) is not None)
+            self._pending_bytes += sum(len(v) for r, _ in held if (v := r.value) is not None)
             if len(self._pending) >= self.max_records or self._pending_bytes >= self.max_bytes:
                 self._cut()
         await self._make_room()
@@ -101,9 +104,9 @@ class IngestBatcher:
         for p in parts:
             self._reread.pop(p, None)
             self._expect.pop(p, None)
-        self._pending = [r for r in self._pending if r.partition not in parts]
-        self._pending_bytes = sum(len(v) for r in self._pending if (v := r.value) is not None)
-        kept = ([r for r in batch if r.partition not in parts] for batch in self._waiting)
+        self._pending = [h for h in self._pending if h[0].partition not in parts]
+        self._pending_bytes = sum(len(v) for r, _ in self._pending if (v := r.value) is not None)
+        kept = ([h for h in batch if h[0].partition not in parts] for batch in self._waiting)
         self._waiting = deque(batch for batch in kept if batch)
 
     def reread(self, offsets: Mapping[int, int]) -> None:
@@ -146,11 +149,12 @@ class IngestBatcher:
         log.info("reading partitions %s again from offsets %s", sorted(self._reread), self._reread)
         self._reread.clear()
 
-    def _not_stale(self, records: Sequence[KafkaRecord]) -> list[KafkaRecord]:
+    def _not_stale(self, pairs: list[Held]) -> list[Held]:
         """``records`` but those of a partition waiting to be read again: not sought yet, or
         sought to an offset whose record has not come yet (a fetch from before the seek)."""
         held = []
-        for r in records:
+        for pair in pairs:
+            r = pair[0]
             p = r.partition
             if p in self._reread:
                 continue
@@ -159,7 +163,7 @@ class IngestBatcher:
                 if r.offset != at:
                     continue
                 del self._expect[p]
-            held.append(r)
+            held.append(pair)
         return held
 
     async def _make_room(self) -> None:
@@ -175,7 +179,7 @@ class IngestBatcher:
         """The writer is stuck: drop what is held (bounded memory, the limits go on counting),
         to be read again from each partition's first dropped record."""
         count = self.held()
-        first = first_offsets(r for batch in (*self._waiting, self._pending) for r in batch)
+        first = first_offsets(r for batch in (*self._waiting, self._pending) for r, _ in batch)
         self._waiting.clear()
         self._pending = []
         self._pending_bytes = 0
@@ -203,13 +207,14 @@ class IngestBatcher:
             batch = self._waiting.popleft()
             self._handling_since = self.clock()
             self._progress.set()
+            records = [r for r, _ in batch]
             try:
-                await self.write(batch)
+                await self.write(records, [row for _, row in batch])
                 self.batches += 1
             except Exception:
                 # Not written: read it again (the writer's own failures rewind it themselves).
                 log.exception("an ingest batch failed; reading its partitions again from its first records")
-                self.reread(first_offsets(batch))
+                self.reread(first_offsets(records))
             finally:
                 self._handling_since = None
                 self._progress.set()

@@ -20,7 +20,7 @@ from schemas.decisions import WINDOW_SECONDS, Window, window_start
 from worker.ingest.batcher import first_offsets
 from worker.ingest.commits import OffsetCommitter
 from worker.ingest.pipeline import BatchAbandoned, BatchOutcome, IngestPipeline, PreparedBatch
-from worker.records import KafkaRecord
+from worker.records import EventRow, KafkaRecord
 from worker.store.rollup import RollupStore
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,6 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._taken.pop(p, None)
                 if self.pipeline.recent is not None:
                     self.pipeline.recent.revoke(p)
-            if self.pipeline.exchange is not None:
-                self.pipeline.exchange.forget(parts)
             if parts:
                 log.info("revoked partitions %s of %s", sorted(parts), self.topic)
                 for hook in self.on_revoked:
@@ -162,8 +160,6 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             stored = await self._check_against_the_log(stored)
             await self._load_recent(parts)
             await self._load_addresses(parts)
-            if self.pipeline.exchange is not None:
-                self.pipeline.exchange.forget(parts)  # a fresh start: nothing handed over before
             consumer = self.get_consumer()
             for p in sorted(parts):
                 self._taken.pop(p, None)
@@ -277,18 +273,28 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             f"reading the stored offsets of partitions {sorted(parts)}",
         )
 
-    async def handle(self, records: Sequence[KafkaRecord]) -> BatchOutcome | None:
+    async def handle(
+        self, records: Sequence[KafkaRecord], rows: Sequence[EventRow | None] | None = None
+    ) -> BatchOutcome | None:
         """Prepare this batch while the previous one's insert is still in flight, then start its own.
+        ``rows``: each record's row if the limits checked it valid already (aligned), else None.
 
         At most one write is in flight; each starts only after the one before it landed, so
         writes, ``written`` and the Kafka commits advance strictly in batch order.
         """
         async with self._lock:
-            mine = [r for r in records if r.partition in self.owned]
+            owned = self.owned
+            if rows is None:
+                mine, mine_rows = [r for r in records if r.partition in owned], None
+            else:
+                pairs = [(r, row) for r, row in zip(records, rows, strict=True) if r.partition in owned]
+                mine, mine_rows = [r for r, _ in pairs], [row for _, row in pairs]
             if not mine:
                 return None
             try:
-                prepared = await self.pipeline.prepare(mine, self._taken, self._still_owned, self._in_flight_hashes)
+                prepared = await self.pipeline.prepare(
+                    mine, self._taken, self._still_owned, self._in_flight_hashes, mine_rows
+                )
             except BatchAbandoned as exc:
                 self.stats.handed_over_batches += 1
                 log.warning("batch handed over to the new owner: %s", exc)

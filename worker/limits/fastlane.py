@@ -8,8 +8,8 @@ Each partition is counted from right after the offset stored in ClickHouse with 
 the limit counters were rebuilt from, and a record read again (before an assignment's seek,
 or after the ingest path seeks back) is skipped: every event is counted once. Records are
 checked by the same ``Validator`` as the ingest path: what the ingest path dead-letters, the
-limits do not count; the rows checked here are handed to the ingest path
-(``worker.records.RowExchange``), so each record is parsed and validated once. Node retries
+limits do not count; the rows checked here go to the ingest path with the records, so each
+record is parsed and validated once. Node retries
 are recognised by their request hash within a bounded memory; a retry whose first copy it
 never saw (sent before the partition was assigned here) counts twice for the limits only,
 erring towards the limit.
@@ -18,13 +18,13 @@ erring towards the limit.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from common.recent_set import RecentSet
 from schemas.limits import route_subject
 from worker.limits.engine import NodeReport
-from worker.records import KafkaRecord, RecordChecker, Rejection, RowExchange, Validator
+from worker.records import EventRow, KafkaRecord, RecordChecker, Rejection, Validator
 
 REFUSED = 429  # refused by the limits: counts nothing, but shows where the traffic is
 
@@ -44,18 +44,13 @@ class RecentRequests(RecentSet[int]):
     """Request hashes seen lately, oldest forgotten past ``max_size``: ``add`` is True if new."""
 
 
-def group_batch(
-    records: Sequence[KafkaRecord], checker: RecordChecker, recent: RecentRequests, now: float
-) -> FastBatch:
-    """Group a fetch for the limit engine (rows the ingest path checked first are taken from it)."""
-    batch = FastBatch(records=len(records))
+def group_batch(rows: Iterable[EventRow], recent: RecentRequests, records: int) -> FastBatch:
+    """Group a fetch's valid rows for the limit engine (``records``: how many the fetch counted,
+    rejections included)."""
+    batch = FastBatch(records=records)
     counts = batch.counts
     nodes = batch.nodes
-    row_of = checker.row
-    for record in records:
-        row = row_of(record, now)
-        if isinstance(row, Rejection):
-            continue  # the ingest path dead-letters it
+    for row in rows:
         partition, key_id, account, minute, _, status, node_id, _, _, _, digest, cost, route, epoch, node_counts = row
         if not recent.add(digest):
             batch.duplicates += 1
@@ -94,21 +89,13 @@ class FastLane:
         recent_max: int = 500_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.validator = validator
+        self.checker = RecordChecker(validator)
         self.on_batch = on_batch
         self.clock = clock
         self.recent = RecentRequests(recent_max)
-        # Rows it checked go to the ingest path; rows the ingest path checked first come from it.
-        self.exchange: RowExchange | None = None
-        self.checker = RecordChecker(validator, None, None)
         self.positions: dict[int, int | None] = {}  # owned partition -> next offset (None: any)
         self.records = 0
         self.fetches = 0
-
-    def use_exchange(self, exchange: RowExchange) -> None:
-        """Rows it checked go to the ingest path; rows the ingest path checked first come from it."""
-        self.exchange = exchange
-        self.checker = RecordChecker(self.validator, exchange.to_fast_lane, exchange.to_ingest)
 
     def assign(self, partition: int, after_offset: int | None) -> None:
         """Count ``partition`` from just after ``after_offset`` (None: from the first record read)."""
@@ -118,27 +105,33 @@ class FastLane:
         for p in partitions:
             self.positions.pop(p, None)
 
-    async def count(self, records: Sequence[KafkaRecord]) -> None:
+    async def count(self, records: Sequence[KafkaRecord]) -> list[EventRow | None]:
         """Count one fetch of the events consumer: each record of an owned partition once (a
-        record read again, before an assignment's seek or after the ingest path's, is skipped)."""
+        record read again, before an assignment's seek or after the ingest path's, is skipped).
+        Returns the row of each record it checked and found valid, None for the others, in
+        the order of ``records``: the ingest path takes them instead of checking again."""
         self.fetches += 1
-        fresh = self._not_counted(records)
-        if not fresh:
-            return
-        self.records += len(fresh)
-        await self.on_batch(group_batch(fresh, self.checker, self.recent, self.clock()))
+        rows, fresh = self._check_new(records)
+        if fresh:
+            self.records += fresh
+            await self.on_batch(group_batch(filter(None, rows), self.recent, fresh))
+        return rows
 
-    def _not_counted(self, records: Sequence[KafkaRecord]) -> list[KafkaRecord]:
+    def _check_new(self, records: Sequence[KafkaRecord]) -> tuple[list[EventRow | None], int]:
         positions = self.positions
-        fresh = []
+        row_of = self.checker.row
+        now = self.clock()
+        rows: list[EventRow | None] = []
+        fresh = 0
         for record in records:
             partition = record.partition
-            if partition not in positions:
-                continue  # not owned (any more)
-            at = positions[partition]
+            at = positions.get(partition, -1)
             offset = record.offset
-            if at is not None and offset < at:
+            if at == -1 or (at is not None and offset < at):
+                rows.append(None)  # not owned (any more), or counted already
                 continue
             positions[partition] = offset + 1
-            fresh.append(record)
-        return fresh
+            fresh += 1
+            row = row_of(record, now)
+            rows.append(None if isinstance(row, Rejection) else row)  # the ingest path dead-letters it
+        return rows, fresh
