@@ -143,12 +143,12 @@ def worker_child(loop_probe: bool) -> int:
 
     orig_handle = PartitionWriter.handle
 
-    async def handle(self: PartitionWriter, records: Sequence[Any], rows: Any = None) -> Any:
+    async def handle(self: PartitionWriter, records: Sequence[Any]) -> Any:
         t0 = time.perf_counter()
         wall = time.time()
         ages = [wall - r.timestamp / 1000.0 for r in records] if records else [0.0]
         try:
-            return await orig_handle(self, records, rows)
+            return await orig_handle(self, records)
         finally:
             t1 = time.perf_counter()
             emit(
@@ -211,21 +211,21 @@ def time_publishing(emit: Emit) -> None:
 
 def time_fast_lane(emit: Emit) -> None:
     """The fast lane, per fetch: records, age of the newest and oldest (their CreateTime, set by
-    the node's producer) when it starts checking them, and checking + grouping + counting +
-    publishing time; emitted once a second (``emitted_each_second``)."""
-    from worker.limits.fastlane import FastLane
+    the node's producer) when it starts grouping them, and grouping + counting + publishing
+    time; emitted once a second (``emitted_each_second``)."""
+    from worker.limits import fastlane
     from worker.limits.service import LimitService
 
-    orig_count = FastLane.count
+    orig_group = fastlane.group_batch
     orig_on_fast = LimitService._on_fast_batch
     record = emitted_each_second(emit, "fast")
     started: list[float] = []  # the fetch being handled: records, ages, perf_counter at its start
 
-    async def count(self: FastLane, records: Sequence[Any]) -> Any:
+    def group_batch(records: Sequence[Any], *args: Any) -> Any:
         wall = time.time()
-        stamps = [r.timestamp for r in records] or [wall * 1000.0]
+        stamps = [r.timestamp for r in records]
         started[:] = [len(records), wall - max(stamps) / 1000.0, wall - min(stamps) / 1000.0, time.perf_counter()]
-        return await orig_count(self, records)
+        return orig_group(records, *args)
 
     async def on_fast_batch(self: LimitService, batch: Any) -> None:
         try:
@@ -235,7 +235,7 @@ def time_fast_lane(emit: Emit) -> None:
                 record([*started[:3], time.perf_counter() - started[3]])
                 started.clear()
 
-    FastLane.count = count  # type: ignore[method-assign]
+    fastlane.group_batch = group_batch  # type: ignore[assignment]
     LimitService._on_fast_batch = on_fast_batch  # type: ignore[method-assign]
 
 

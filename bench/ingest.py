@@ -69,7 +69,7 @@ from common import kafka_clients
 from common.kafka_clients import KafkaTarget
 from schemas.events import dump_event, parse_event
 from worker.app import WorkerRuntime
-from worker.records import EventRow, KafkaRecord
+from worker.records import KafkaRecord
 from worker.settings import Settings
 from worker.simulate import key_ids
 from worker.store.client import connect
@@ -469,19 +469,17 @@ async def drain_worker(
         consumer.on_assigned.append(on_assigned)
         inner = consumer.handle
 
-        async def handle(records: Sequence[KafkaRecord], rows: Sequence[EventRow | None] | None = None) -> Any:
+        async def handle(records: Sequence[KafkaRecord]) -> Any:
             nonlocal first, handle_seconds
             started = time.perf_counter()
             if first is None:
                 first = started
             try:
-                return await inner(records, rows)
+                return await inner(records)
             finally:
                 handle_seconds += time.perf_counter() - started
 
         consumer.handle = handle  # type: ignore[method-assign]
-        if runtime.batcher is not None:  # it writes its batches through the handle it was given
-            runtime.batcher.write = handle
 
     # The consumer object is built in the lifespan; hook it before the first batch arrives.
     opened = runtime.open

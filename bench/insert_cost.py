@@ -102,7 +102,7 @@ def batches(events: int, keys: int, partitions: int, size: int) -> Iterator[Batc
     """The worker's inserts for ``events`` generated events, as its ingest path renders them."""
     now = time.time()
     preload = generate(events, keys, partitions, 42, now)
-    checker = RecordChecker(Validator.from_settings(Settings()))
+    checker = RecordChecker(Validator.from_settings(Settings()), None, None)
     addresses = ClientAddressCounts(CLIENT_IPS_CAP)
     per_partition = size // partitions
     longest = max(len(records) for records in preload.partitions.values())

@@ -175,6 +175,7 @@ def structure_sizes(runtime: WorkerRuntime) -> Sample:
     assert consumer is not None
     engine = limits.engine
     recent = consumer.pipeline.recent
+    exchange = consumer.pipeline.exchange
     return {
         "live_keys": engine.live_keys(),
         "window_starts": sum(len(c._starts) for c in engine.partitions.values()),
@@ -193,7 +194,8 @@ def structure_sizes(runtime: WorkerRuntime) -> Sample:
         "notify_outbox": len(limits._outbox),
         "address_table_bytes": consumer.pipeline.addresses.nbytes,
         "multi_address_keys": consumer.pipeline.addresses.multi_address_keys,
-        "ingest_held_records": runtime.batcher.held() if runtime.batcher is not None else 0,
+        "checked_rows_to_ingest": exchange.to_ingest.size if exchange is not None else 0,
+        "checked_rows_to_fast_lane": exchange.to_fast_lane.size if exchange is not None else 0,
     }
 
 
@@ -480,8 +482,9 @@ STRUCTURES = {
     "notify_outbox": "notifications waiting to be published",
     "address_table_bytes": "bytes of the first-address tables of the client address counts (2 days kept)",
     "multi_address_keys": "keys with 2+ client addresses on a day kept (a set of fingerprints each)",
-    "ingest_held_records": "records fetched and counted for the limits, held for the next ingest batch "
-    "(with their checked rows; about three batches of METER_BATCH_MAX_RECORDS = {batch_max_records:,} at most)",
+    "checked_rows_to_ingest": "rows the fast lane checked, waiting for the ingest path: "
+    "METER_FAST_LANE_HANDOFF_ROWS = {fast_lane_handoff_rows:,}",
+    "checked_rows_to_fast_lane": "rows the ingest path checked, waiting for the fast lane (same bound)",
 }
 
 

@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import uvicorn
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from faststream import AckPolicy, FastStream
 from faststream.kafka.annotations import KafkaMessage
 from starlette.routing import Mount
@@ -25,7 +25,6 @@ from common.retry import retry_forever
 from worker.analytics.api import build_query_app
 from worker.dsn import redact_dsn
 from worker.faststream_batch import raw_batch_parser, raw_decoder
-from worker.ingest.batcher import IngestBatcher
 from worker.ingest.consumer import PartitionWriter
 from worker.ingest.dlq import dead_letter_key, refused_by_broker
 from worker.ingest.pipeline import IngestPipeline
@@ -36,7 +35,7 @@ from worker.limits.service import LimitService
 from worker.listening import WorkerEndpoint, announce, withdraw
 from worker.notify.deliver import WebhookDeliverer
 from worker.observability import HealthCheck, WorkerMetrics, build_health_app
-from worker.records import EventRow, Rejection
+from worker.records import Rejection, RowExchange
 from worker.settings import Settings
 from worker.store.client import connect
 from worker.store.decisions import DecisionStore
@@ -74,7 +73,6 @@ class WorkerRuntime:
         self.broker = kafka_clients.broker(settings, logger=log, log_level=logging.DEBUG)
         self._store = store
         self.consumer: PartitionWriter | None = None
-        self.batcher: IngestBatcher | None = None
         self.limits: LimitService | None = None
         self.guards: GuardRunner | None = None
         self.dead_letters_dropped = 0  # records the DLQ refused (logged with their place)
@@ -92,9 +90,8 @@ class WorkerRuntime:
             parser=raw_batch_parser(self.kafka_consumer),
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
-            # Answered as soon as records arrive (by default): the limits count each fetch.
-            fetch_min_bytes=settings.fast_lane_fetch_min_bytes,
-            fetch_max_wait_ms=settings.fast_lane_fetch_max_wait_ms,
+            fetch_min_bytes=settings.ingest_fetch_min_bytes,
+            fetch_max_wait_ms=settings.ingest_fetch_max_wait_ms,
             max_poll_interval_ms=600_000,
             session_timeout_ms=settings.consumer_session_timeout_ms,
             heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
@@ -115,8 +112,6 @@ class WorkerRuntime:
         """Let the write in flight land (and be committed) before the consumer stops, and stop
         the limits while the broker can still publish (a decision being published when the
         broker is gone would be retried for ever)."""
-        if self.batcher is not None:
-            await self.batcher.flush()
         if self.consumer is not None:
             await self.consumer.flush()
         if self.guards is not None:
@@ -125,24 +120,8 @@ class WorkerRuntime:
             await self.limits.stop()
 
     async def _on_batch(self, body: Any, message: KafkaMessage) -> None:
-        """One fetch of the events topic: counted for the limits at once, then held for the
-        ingest path's next batch (written in order by the batcher's own task)."""
-        assert self.limits is not None
-        assert self.batcher is not None
         assert self.consumer is not None
-        records = message.raw_message
-        await self.consumer.settled.wait()  # the limits count from the offsets the assignment set
-        rows: list[EventRow | None] | None = None  # the rows the limits checked, for the ingest path
-        try:
-            rows = await self.limits.fast_lane.count(records)
-        except Exception:  # the ingest path must still get the fetch: it is read only once
-            log.exception("counting a fetch for the limits failed")
-        await self.batcher.receive(records, rows)
-
-    def _seek(self, partition: int, offset: int) -> None:
-        consumer = self.kafka_consumer()
-        if consumer is not None:
-            consumer.seek(TopicPartition(self.settings.events_topic, partition), offset)
+        await self.consumer.handle(message.raw_message)
 
     async def _dead_letter(self, rejection: Rejection, value: bytes, headers: list[tuple[str, bytes]]) -> None:
         # Bad input is never dropped silently: if the DLQ cannot be written, wait for it. A
@@ -163,10 +142,6 @@ class WorkerRuntime:
         except Exception as exc:
             self.dead_letters_dropped += 1
             log.error("record %s (%s) could not be dead-lettered and is skipped: %s", place, rejection.reason, exc)
-
-    async def _discard_held(self, partitions: set[int]) -> None:
-        if self.batcher is not None:
-            self.batcher.discard(partitions)
 
     async def _send(self, topic: str, key: str, value: bytes) -> None:
         await self.broker.publish(value, topic, key=key.encode())
@@ -196,6 +171,12 @@ class WorkerRuntime:
         pipeline = IngestPipeline(s, self.store, self._dead_letter, clock=self.clock)
         if s.dedup_cache_max_hashes:
             pipeline.recent = RecentHashes(s.dedup_cache_max_hashes)
+        if s.fast_lane_handoff_rows:
+            # Both read every record: whichever checks one first spares the other a second parse
+            # and validation. Set before the fast lane's first fetch (it starts with the limits).
+            exchange = RowExchange(s.fast_lane_handoff_rows)
+            pipeline.use_exchange(exchange)
+            self.limits.fast_lane.use_exchange(exchange)
         self.consumer = PartitionWriter(
             s.events_topic,
             pipeline,
@@ -204,16 +185,7 @@ class WorkerRuntime:
             self._partition_count,
             s.dedup_horizon_hours * 3600,
         )
-        self.batcher = IngestBatcher(
-            self.consumer.handle,
-            self._seek,
-            max_records=s.batch_max_records,
-            max_bytes=s.ingest_batch_min_bytes,
-            max_wait_s=s.ingest_batch_max_wait_ms / 1000,
-        )
-        self.consumer.seek_back = self.batcher.reread
         self.consumer.on_assigned.append(self.limits.on_assigned)
-        self.consumer.on_revoked.append(self._discard_held)
         self.consumer.on_revoked.append(self.limits.on_revoked)
         self.metrics = WorkerMetrics(self)
         self.health = HealthCheck(self)
@@ -307,9 +279,6 @@ class WorkerRuntime:
             assert self.limits is not None
             assert self.guards is not None
             started.callback(self._log_stopped)
-            assert self.batcher is not None
-            await self.batcher.start()
-            started.push_async_callback(self.batcher.stop)  # after the last flush below
             await self.limits.start()
             started.push_async_callback(self.limits.stop)
             await self.guards.start()

@@ -21,10 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from worker.ingest.batcher import IngestBatcher
 from worker.ingest.consumer import PartitionWriter
 from worker.ingest.pipeline import BatchOutcome
 from worker.limits.service import LimitService
+from worker.records import RowExchange
 from worker.settings import Settings
 from worker.store.rollup import RollupStore
 
@@ -41,9 +41,6 @@ class WorkerRuntime(Protocol):
 
     @property
     def limits(self) -> LimitService | None: ...
-
-    @property
-    def batcher(self) -> IngestBatcher | None: ...
 
     @property
     def store(self) -> RollupStore: ...
@@ -127,8 +124,6 @@ class _StateCollector(Collector):
             "meter_batches_handed_over", "Batches given up after losing their partitions", s.handed_over_batches
         )
         yield counter("meter_store_errors", "Failed ClickHouse calls (each retried)", ingest.pipeline.store_errors)
-        if rt.batcher is not None:
-            yield from _batcher_metrics(rt.batcher)
         lag = GaugeMetricFamily("meter_consumer_lag", "Records not yet written, per partition", labels=["partition"])
         for p, n in consumer_lag(rt).items():
             lag.add_metric([str(p)], n)
@@ -148,6 +143,8 @@ class _StateCollector(Collector):
             yield CounterMetricFamily(
                 "meter_fast_lane_records", "Records counted by the limits' fast lane", lane.records
             )
+            if lane.exchange is not None:
+                yield from _exchange_metrics(lane.exchange)
             yield CounterMetricFamily(
                 "meter_allowances_published", "Allowance records published", rt.limits.allowances_published
             )
@@ -160,15 +157,18 @@ class _StateCollector(Collector):
         )
 
 
-def _batcher_metrics(batcher: IngestBatcher) -> Iterator[Any]:
-    yield GaugeMetricFamily(
-        "meter_ingest_held_records", "Records fetched, held for the next ingest batch", batcher.held()
+def _exchange_metrics(exchange: RowExchange) -> Iterator[Any]:
+    """Records one reader took checked from the other (found) or checked itself (not found)."""
+    taken = CounterMetricFamily(
+        "meter_checked_rows_taken", "Records a reader took checked by the other reader", labels=["reader", "found"]
     )
-    yield CounterMetricFamily(
-        "meter_ingest_records_dropped",
-        "Held records dropped while the write was stuck (read again once it moves)",
-        value=batcher.dropped,
-    )
+    held = GaugeMetricFamily("meter_checked_rows_held", "Checked rows waiting for a reader", labels=["reader"])
+    for reader, rows in (("ingest", exchange.to_ingest), ("fast_lane", exchange.to_fast_lane)):
+        taken.add_metric([reader, "yes"], rows.hits)
+        taken.add_metric([reader, "no"], rows.misses)
+        held.add_metric([reader], rows.size)
+    yield taken
+    yield held
 
 
 def _retrieved(task: asyncio.Task[Any]) -> None:

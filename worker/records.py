@@ -4,15 +4,16 @@ ingest path aggregates.
 
 Shared by the exactly-once path (``worker.ingest``) and the limits' fast lane
 (``worker.limits.fastlane``), so both accept exactly the same events and recognise the same
-retries; neither imports the other. Both see every record of the one events consumer: the
-fast lane checks each fetch as it arrives and the rows go with the records to the ingest
-path's batch, so a record is parsed and validated once.
+retries; neither imports the other. Each reads every record (two consumers: the fast lane
+never waits for the exactly-once path's writes), and whichever reads a record first hands
+the row it checked to the other (``RowExchange``), so a record is parsed and validated once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -161,18 +162,93 @@ class Validator:
         return Rejection(record.topic, record.partition, record.offset, reason, detail, record.key, record.value)
 
 
-class RecordChecker:
-    """A record's row, or its rejection: the ``Validator``'s answer turned into the row the
-    ingest path and the limits read. The limits check each record of a fetch first and hand
-    the rows to the ingest path with the records (``IngestBatcher.receive``); the ingest path
-    checks only what they did not (a record read again, a rejection: its exact reason is
-    decided where it is dead-lettered)."""
+class CheckedRows:
+    """Rows one reader of the events topic has checked, by (partition, offset), until the other
+    reader reaches them (one direction of a ``RowExchange``).
 
-    def __init__(self, validator: Validator) -> None:
+    Kafka records are immutable, so the row of (partition, offset) is what the reader would
+    build itself. Only valid records are handed over (a rejection is checked again by the ingest
+    path, which dead-letters it with its exact reason). Bounded: past ``max_rows`` nothing more is
+    handed over until the reader catches up (neither reader ever waits for the other), and a
+    record not found here is checked by the reader itself. Rows the reader skips (replayed
+    records, a seek) are dropped when it passes them.
+    """
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self._rows: dict[int, deque[tuple[int, EventRow]]] = {}
+        self._passed: dict[int, int] = {}  # partition -> last offset the reader asked for
+        self.size = 0
+        self.hits = 0
+        self.misses = 0
+
+    def put(self, partition: int, offset: int, row: EventRow) -> None:
+        """Hand over the row of a record (in offset order per partition)."""
+        if self.size >= self.max_rows or offset <= self._passed.get(partition, -1):
+            return
+        rows = self._rows.get(partition)
+        if rows is None:
+            rows = self._rows[partition] = deque()
+        elif rows and rows[-1][0] >= offset:
+            return  # read again after a seek: the first copy is there
+        rows.append((offset, row))
+        self.size += 1
+
+    def take(self, partition: int, offset: int) -> EventRow | None:
+        """The row of (partition, offset) if the other reader checked it; drops the rows before it."""
+        self._passed[partition] = offset
+        rows = self._rows.get(partition)
+        while rows:
+            at = rows[0][0]
+            if at > offset:
+                break
+            row = rows.popleft()[1]
+            self.size -= 1
+            if at == offset:
+                self.hits += 1
+                return row
+        self.misses += 1
+        return None
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Partitions assigned or revoked: what was handed over for them is not for this owner."""
+        for p in partitions:
+            rows = self._rows.pop(p, None)
+            if rows:
+                self.size -= len(rows)
+            self._passed.pop(p, None)
+
+
+class RowExchange:
+    """The two readers' hand-over: rows the fast lane checked for the ingest path, and rows the
+    ingest path checked for the fast lane (whichever reads a record first checks it)."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.to_ingest = CheckedRows(max_rows)
+        self.to_fast_lane = CheckedRows(max_rows)
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        self.to_ingest.forget(partitions)
+        self.to_fast_lane.forget(partitions)
+
+
+class RecordChecker:
+    """One reader's way to a record's row: taken from the other reader if it checked the record
+    already, else checked here (and handed over, for the other). The same ``Validator`` decides
+    either way; a rejection is never handed over (each reader sees it, the ingest path
+    dead-letters it with its reason)."""
+
+    def __init__(self, validator: Validator, inbox: CheckedRows | None, outbox: CheckedRows | None) -> None:
         self.validator = validator
+        self.inbox = inbox
+        self.outbox = outbox
 
     def row(self, record: KafkaRecord, now: float) -> EventRow | Rejection:
-        partition = record.partition
+        partition, offset = record.partition, record.offset
+        if self.inbox is not None:
+            row = self.inbox.take(partition, offset)
+            if row is not None:
+                return row
         try:
             result = self.validator.check(record, now)
             if isinstance(result, Rejection):
@@ -182,6 +258,8 @@ class RecordChecker:
         except Exception as exc:
             # A bug that some input trips must not stall the partition (the batch would be read
             # again for ever): the record goes to the DLQ with the error, to replay once fixed.
-            log.error("checking %s[%d]@%d failed; dead-lettered", record.topic, partition, record.offset, exc_info=True)
+            log.error("checking %s[%d]@%d failed; dead-lettered", record.topic, partition, offset, exc_info=True)
             return Validator.reject(record, "check_failed", describe_error(exc)[:500])
+        if self.outbox is not None:
+            self.outbox.put(partition, offset, row)  # ignored past its bound
         return row

@@ -7,7 +7,6 @@ policy), so one environment configures the worker and the nodes alike.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -22,10 +21,6 @@ from worker.dsn import embedded_path
 MIN_ADMIN_KEY_BYTES = 32  # a guess is then hopeless, throttled or not
 MAX_WEBHOOK_URLS = MAX_THRESHOLDS
 CLICKHOUSE_SCHEMES = ("chdb", "http", "https", "clickhouse")
-RENAMED_VARIABLES = {
-    "METER_INGEST_FETCH_MIN_BYTES": "METER_INGEST_BATCH_MIN_BYTES",
-    "METER_INGEST_FETCH_MAX_WAIT_MS": "METER_INGEST_BATCH_MAX_WAIT_MS",
-}
 
 
 class Settings(NodeSettings):
@@ -69,17 +64,14 @@ class Settings(NodeSettings):
     ttl_day_days: int = Field(default=3 * 365, ge=31)
 
     # Ingest
-    # The events consumer takes at most batch_max_records per poll and waits batch_timeout_ms
-    # for records (then, found none, as long again: FastStream), so a record arriving after a
-    # quiet spell waits at most about that long to be counted for the limits.
     batch_max_records: int = Field(default=20_000, ge=1)
-    batch_timeout_ms: int = Field(default=50, ge=1)
-    # An ingest batch (one insert) is cut from the fetches once it holds batch_max_records or
-    # this many bytes, or its first record waited ingest_batch_max_wait_ms: at moderate rates
-    # fewer, larger inserts (each is a part for the engine to merge, and costs the same CPU
-    # whatever its size up to ~1,000 events). The limits count each fetch as it arrives.
-    ingest_batch_min_bytes: int = Field(default=256 * 1024, ge=1, le=64 * 1024 * 1024)
-    ingest_batch_max_wait_ms: int = Field(default=250, ge=1, le=10_000)
+    batch_timeout_ms: int = Field(default=200, ge=1)
+    # The broker answers the ingest consumer's fetch once it holds this many bytes for it, or
+    # after ingest_fetch_max_wait_ms: at moderate rates fewer, larger batches (each insert is a
+    # part for the engine to merge, and costs the same CPU whatever its size up to ~1,000
+    # events). The limits' fast lane reads on a consumer of its own and never waits for this.
+    ingest_fetch_min_bytes: int = Field(default=256 * 1024, ge=1, le=64 * 1024 * 1024)
+    ingest_fetch_max_wait_ms: int = Field(default=250, ge=1, le=10_000)
     max_event_bytes: int = Field(default=8_192, ge=256)
     # Events older than this (event time) are refused to the DLQ: it is also how long the
     # request_id dedup memory is kept, so every counted event is covered by it.
@@ -108,12 +100,15 @@ class Settings(NodeSettings):
     # below METER_NODE_BURST_WAIT_MS, or its waiting requests are refused).
     allowance_settle_ms: float = Field(default=120.0, ge=0.0, le=10_000.0)
     fast_lane_recent_requests: int = Field(default=500_000, ge=1_000)  # request hashes it remembers
-    # The broker answers the events consumer's fetch once it holds this many bytes for it, or
-    # after fast_lane_fetch_max_wait_ms: a bound on the fetches a second (each costs the worker
-    # and the broker CPU whatever it carries), at the price of at most that wait on a crossing
-    # (the limits count each fetch as it arrives).
+    # The broker answers the fast lane's fetch once it holds this many bytes for it, or after
+    # fast_lane_fetch_max_wait_ms: a bound on the fetches a second (each costs the worker and
+    # the broker CPU whatever it carries), at the price of at most that wait on a crossing.
     fast_lane_fetch_min_bytes: int = Field(default=1, ge=1, le=64 * 1024 * 1024)
     fast_lane_fetch_max_wait_ms: int = Field(default=100, ge=1, le=10_000)
+    # Rows of checked records held for the other reader of the events topic (the fast lane or the
+    # ingest path, whichever is behind), so each record is validated once; per direction, ~0.5 KB
+    # each (the readers run a fetch or two apart). 0: each reader checks every record itself.
+    fast_lane_handoff_rows: int = Field(default=100_000, ge=0)
 
     # Abuse guards (worker/limits/guards.py): off until a threshold is set; shadow first.
     guard_max_client_ips_per_hour: int = Field(default=0, ge=0, le=1_000_000)
@@ -203,14 +198,6 @@ class Settings(NodeSettings):
                 "(generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
         return key
-
-    @model_validator(mode="after")
-    def _no_renamed_variables(self) -> Settings:
-        # Ignored silently otherwise (unknown METER_ variables are allowed): say what replaced them.
-        for old, new in RENAMED_VARIABLES.items():
-            if old in os.environ:
-                raise ValueError(f"{old} is now {new} (the worker reads the events topic on one consumer)")
-        return self
 
     @model_validator(mode="after")
     def _min_insync_within_replication(self) -> Settings:

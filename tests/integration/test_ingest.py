@@ -195,10 +195,10 @@ async def test_bad_input_goes_to_dlq_with_reason_and_good_events_still_count(top
 async def test_a_trickle_of_events_is_written_in_few_batches(
     topics: Settings, clickhouse: Any, min_bytes: int, most_batches: int | None
 ) -> None:
-    """An ingest batch is cut at METER_INGEST_BATCH_MIN_BYTES or
-    METER_INGEST_BATCH_MAX_WAIT_MS: 30 events arriving one by one over a second or two are a
-    few inserts, where a batch cut at every fetch made one per few events (each a part to merge)."""
-    settings = topics.model_copy(update={"ingest_batch_min_bytes": min_bytes, "ingest_batch_max_wait_ms": 2_000})
+    """The broker holds the ingest's fetch until METER_INGEST_FETCH_MIN_BYTES or
+    METER_INGEST_FETCH_MAX_WAIT_MS: 30 events arriving one by one over a second or two are a
+    few inserts, where a fetch answered at once made one per few events (each a part to merge)."""
+    settings = topics.model_copy(update={"ingest_fetch_min_bytes": min_bytes, "ingest_fetch_max_wait_ms": 2_000})
     events = list(generate(30, Traffic(seed=5, keys=5)))
     runtime = WorkerRuntime(settings, store=RollupStore(clickhouse, settings.clickhouse_database))
     async with runtime.running():

@@ -145,7 +145,7 @@ async def test_decisions_read_while_the_readers_stop_are_still_audited() -> None
     async def last_batch_on_stop() -> None:
         await service._on_decisions([_record(decision("k2", DecisionAction.block), 1)])
 
-    service.decisions.stop = last_batch_on_stop  # type: ignore[method-assign]
+    service.fast_lane.stop = last_batch_on_stop  # type: ignore[method-assign]
     await service.stop()
     assert audit.rows == ["k1", "k2"]
     assert service._unaudited == []

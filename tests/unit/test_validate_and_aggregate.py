@@ -10,7 +10,7 @@ import pytest
 from schemas.events import RequestEvent, dump_event, make_event
 from worker.ingest.aggregate import BatchAggregate, renders_typical_event, unrenderable
 from worker.ingest.pipeline import IngestPipeline, PreparedBatch, scan
-from worker.limits.fastlane import FastBatch, RecentRequests, group_batch
+from worker.limits.fastlane import RecentRequests, group_batch
 from worker.records import KafkaRecord, RecordChecker, Rejection, Validator, request_hash
 from worker.settings import Settings
 from worker.store import rollup
@@ -110,7 +110,7 @@ def pipeline_with(validator: Validator | None = None, now: datetime = NOW) -> tu
     settings = Settings(events_topic="events", dedup_horizon_hours=72)
     pipeline = IngestPipeline(settings, FakeStore(), sink, clock=now.timestamp)  # type: ignore[arg-type]
     if validator is not None:
-        pipeline.checker = RecordChecker(validator)
+        pipeline.checker = RecordChecker(validator, None, None)
     return pipeline, dead
 
 
@@ -210,12 +210,6 @@ def test_rollup_columns_are_filled_by_name_whatever_the_schema_order(monkeypatch
     assert after.select(names).to_pylist() == before.to_pylist()
 
 
-def lane_batch(records: list[Rec], checker: RecordChecker, now: float) -> FastBatch:
-    """A fetch as the fast lane groups it: its valid rows (rejections are not counted)."""
-    rows = (row for row in (checker.row(r, now) for r in records) if not isinstance(row, Rejection))
-    return group_batch(rows, RecentRequests(100), len(records))
-
-
 def test_the_fast_lane_counts_without_429s_or_duplicates_and_reads_node_counts() -> None:
     records = [
         record(0, i, request_id=f"r{i}", ts=NOW + timedelta(seconds=i), status=200 + i, node_counts=[i + 1, 7, 9])
@@ -224,7 +218,7 @@ def test_the_fast_lane_counts_without_429s_or_duplicates_and_reads_node_counts()
     records.append(record(0, 5, request_id="r-refused", ts=NOW, status=429))  # refused: no allowance used
     records.append(record(0, 6, request_id="r0", ts=NOW))  # a retry of r0
     records.append(Rec(b"{not json", b"k1", 0, 7))  # dead-lettered by the ingest path, not counted here
-    batch = lane_batch(records, RecordChecker(VALIDATOR), NOW.timestamp() + 10)
+    batch = group_batch(records, RecordChecker(VALIDATOR, None, None), RecentRequests(100), NOW.timestamp() + 10)
     minute = int(NOW.timestamp()) // 60 * 60
     assert batch.counts == {(0, "k1", "", minute): 5}
     assert batch.duplicates == 1
@@ -251,7 +245,7 @@ class TrippingValidator(Validator):
 
 
 def test_a_record_that_trips_a_bug_is_dead_lettered_and_the_batch_goes_on() -> None:
-    checker = RecordChecker(TrippingValidator(2048, 24 * 3600, 300))
+    checker = RecordChecker(TrippingValidator(2048, 24 * 3600, 300), None, None)
     records = [record(2, 40 + i, request_id=rid) for i, rid in enumerate(["r1", "boom-1", "r2"])]
     scanned = scan(records, checker, {}, (), NOW.timestamp())
     assert [(r.offset, r.reason) for r in scanned.rejections] == [(41, "check_failed")]
@@ -259,7 +253,7 @@ def test_a_record_that_trips_a_bug_is_dead_lettered_and_the_batch_goes_on() -> N
     assert scanned.rejections[0].value == records[1].value  # the original bytes, to replay once fixed
     assert scanned.aggregate.events == 2
     assert scanned.aggregate.offsets == {2: 42}  # the partition moves past it
-    lane = lane_batch(records, checker, NOW.timestamp())
+    lane = group_batch(records, checker, RecentRequests(100), NOW.timestamp())
     assert lane.counts == {(2, "k1", "", int(NOW.timestamp() - 30) // 60 * 60): 2}
 
 
@@ -292,7 +286,7 @@ def test_a_record_the_insert_cannot_hold_is_dead_lettered_and_the_batch_written(
 
 
 def test_rows_that_render_are_not_set_aside() -> None:
-    checker = RecordChecker(VALIDATOR)
+    checker = RecordChecker(VALIDATOR, None, None)
     scanned = scan([record(1, i, request_id=f"r{i}") for i in range(9)], checker, {}, (), NOW.timestamp())
     assert scanned.aggregate.events == 9
     assert unrenderable(scanned.aggregate.rows, "events") == []

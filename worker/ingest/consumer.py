@@ -17,10 +17,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from common.retry import retry_forever
 from schemas.decisions import WINDOW_SECONDS, Window, window_start
-from worker.ingest.batcher import first_offsets
 from worker.ingest.commits import OffsetCommitter
 from worker.ingest.pipeline import BatchAbandoned, BatchOutcome, IngestPipeline, PreparedBatch
-from worker.records import EventRow, KafkaRecord
+from worker.records import KafkaRecord
 from worker.store.rollup import RollupStore
 
 log = logging.getLogger(__name__)
@@ -84,10 +83,6 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         self.on_assigned: list[AssignedHook] = []
         self.on_revoked: list[RevokedHook] = []
         self.on_batch: list[BatchHook] = []
-        # How a batch that failed before its write is read again (None: a seek of the consumer
-        # right away; the worker's ``IngestBatcher`` instead drops what it holds of those
-        # partitions, and seeks them once its writer moves).
-        self.seek_back: Callable[[dict[int, int]], None] | None = None
         # Held while a batch is prepared and its write started, and by the rebalance callbacks,
         # which first wait for the write in flight to land: the next owner never reads stored
         # offsets that are about to move.
@@ -103,11 +98,6 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         # (and a bad record among them is not dead-lettered twice).
         self._taken: dict[int, int] = {}
         self._revoking: set[int] = set()
-        # Clear while a rebalance callback runs: aiokafka may hand out a fetch of the new
-        # assignment before its callback has finished (seeks, the limits' rebuild); whoever
-        # counts a fetch outside the lock waits for this first.
-        self.settled = asyncio.Event()
-        self.settled.set()
         self.commits = OffsetCommitter(topic, get_consumer)
         self._pruned_at = 0.0  # pipeline clock of the last pruning of the recent-hash cache
 
@@ -115,13 +105,6 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
         return partition in self.owned and partition not in self._revoking
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.settled.clear()
-        try:
-            await self._revoke(revoked)
-        finally:
-            self.settled.set()
-
-    async def _revoke(self, revoked: set[TopicPartition]) -> None:
         parts = {tp.partition for tp in revoked if tp.topic == self.topic}
         # Marked before waiting for the lock: a write stuck retrying against a failing store
         # gives its batch up instead of holding the partition (the next owner resumes from
@@ -137,19 +120,14 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._taken.pop(p, None)
                 if self.pipeline.recent is not None:
                     self.pipeline.recent.revoke(p)
+            if self.pipeline.exchange is not None:
+                self.pipeline.exchange.forget(parts)
             if parts:
                 log.info("revoked partitions %s of %s", sorted(parts), self.topic)
                 for hook in self.on_revoked:
                     await hook(parts)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.settled.clear()
-        try:
-            await self._assign(assigned)
-        finally:
-            self.settled.set()
-
-    async def _assign(self, assigned: set[TopicPartition]) -> None:
         async with self._lock:
             await self._land()  # stored offsets are read next: nothing may be about to move them
             parts = {tp.partition for tp in assigned if tp.topic == self.topic}
@@ -160,6 +138,8 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             stored = await self._check_against_the_log(stored)
             await self._load_recent(parts)
             await self._load_addresses(parts)
+            if self.pipeline.exchange is not None:
+                self.pipeline.exchange.forget(parts)  # a fresh start: nothing handed over before
             consumer = self.get_consumer()
             for p in sorted(parts):
                 self._taken.pop(p, None)
@@ -273,28 +253,18 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             f"reading the stored offsets of partitions {sorted(parts)}",
         )
 
-    async def handle(
-        self, records: Sequence[KafkaRecord], rows: Sequence[EventRow | None] | None = None
-    ) -> BatchOutcome | None:
+    async def handle(self, records: Sequence[KafkaRecord]) -> BatchOutcome | None:
         """Prepare this batch while the previous one's insert is still in flight, then start its own.
-        ``rows``: each record's row if the limits checked it valid already (aligned), else None.
 
         At most one write is in flight; each starts only after the one before it landed, so
         writes, ``written`` and the Kafka commits advance strictly in batch order.
         """
         async with self._lock:
-            owned = self.owned
-            if rows is None:
-                mine, mine_rows = [r for r in records if r.partition in owned], None
-            else:
-                pairs = [(r, row) for r, row in zip(records, rows, strict=True) if r.partition in owned]
-                mine, mine_rows = [r for r, _ in pairs], [row for _, row in pairs]
+            mine = [r for r in records if r.partition in self.owned]
             if not mine:
                 return None
             try:
-                prepared = await self.pipeline.prepare(
-                    mine, self._taken, self._still_owned, self._in_flight_hashes, mine_rows
-                )
+                prepared = await self.pipeline.prepare(mine, self._taken, self._still_owned, self._in_flight_hashes)
             except BatchAbandoned as exc:
                 self.stats.handed_over_batches += 1
                 log.warning("batch handed over to the new owner: %s", exc)
@@ -316,16 +286,15 @@ class PartitionWriter(ConsumerRebalanceListener):  # type: ignore[misc]
             return prepared.outcome
 
     def _rewind(self, records: Sequence[KafkaRecord]) -> None:
-        first = first_offsets(records)
-        targets = {p: self.stored_offsets.get(p, offset - 1) + 1 for p, offset in first.items() if self._still_owned(p)}
-        if self.seek_back is not None:
-            self.seek_back(targets)  # the batcher drops what it holds of them, then seeks
-            return
         consumer = self.get_consumer()
         if consumer is None:
             return
-        for p, offset in targets.items():
-            consumer.seek(TopicPartition(self.topic, p), offset)
+        first: dict[int, int] = {}
+        for r in records:
+            first[r.partition] = min(first.get(r.partition, r.offset), r.offset)
+        for p, offset in first.items():
+            if self._still_owned(p):
+                consumer.seek(TopicPartition(self.topic, p), self.stored_offsets.get(p, offset - 1) + 1)
 
     async def flush(self) -> None:
         """Wait for the write in flight, if any, to land (shutdown)."""

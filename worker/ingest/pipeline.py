@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import repeat
 from typing import TypeVar
 
 import pyarrow as pa
@@ -24,7 +23,7 @@ from worker.ingest.aggregate import BatchAggregate, renders_typical_event, unren
 from worker.ingest.client_ips import ClientAddressCounts
 from worker.ingest.dlq import dead_letter
 from worker.ingest.recent_hashes import RecentHashes
-from worker.records import ROW_HASH, EventRow, KafkaRecord, RecordChecker, Rejection, Validator
+from worker.records import ROW_HASH, EventRow, KafkaRecord, RecordChecker, Rejection, RowExchange, Validator
 from worker.settings import Settings
 from worker.store.rollup import CLIENT_IPS_CAP, RollupStore
 
@@ -87,13 +86,11 @@ def scan(
     stored_offsets: Mapping[int, int],
     in_flight: Collection[int],
     now: float,
-    checked: Sequence[EventRow | None] | None = None,
 ) -> ScannedBatch:
     """Sort every record of a batch: replayed, refused, duplicate, or counted (into the
-    aggregate). ``checker``: a record's row, for those ``checked`` has none of (the rows the
-    limits checked valid, aligned with ``records``); ``stored_offsets``: last stored offset per
-    partition; ``in_flight``: request hashes of the write that has not landed yet (not in the
-    stored dedup memory for sure)."""
+    aggregate). ``checker``: each record's row (taken from the fast lane if it checked the
+    record first); ``stored_offsets``: last stored offset per partition; ``in_flight``: request
+    hashes of the write that has not landed yet (not in the stored dedup memory for sure)."""
     row_of = checker.row  # looked up once: this loop runs once per event
     last: dict[int, int] = {}
     first: dict[int, int] = {}
@@ -102,8 +99,7 @@ def scan(
     rejections: list[Rejection] = []
     seen: set[int] = set()
     duplicates = replayed = 0
-    given: Iterable[EventRow | None] = checked if checked is not None else repeat(None)
-    for record, row_given in zip(records, given, strict=False):  # repeat() is endless
+    for record in records:
         partition = record.partition
         offset = record.offset
         if offset <= stored_offsets.get(partition, -1):
@@ -113,7 +109,7 @@ def scan(
             last[partition] = offset
         if offset < first.get(partition, offset + 1):
             first[partition] = offset
-        row = row_given if row_given is not None else row_of(record, now)
+        row = row_of(record, now)
         if isinstance(row, Rejection):
             rejections.append(row)
             continue
@@ -145,12 +141,13 @@ class IngestPipeline:
     ) -> None:
         self.recent: RecentHashes | None = None
         self.addresses = ClientAddressCounts(CLIENT_IPS_CAP)  # loaded on assignment (PartitionWriter)
+        self.exchange: RowExchange | None = None  # rows the limits' fast lane checked first, and for it
         self.topic = settings.events_topic
         self.store = store
         self.dead_letters = dead_letters
         self.clock = clock
         self.validator = Validator.from_settings(settings)
-        self.checker = RecordChecker(self.validator)
+        self.checker = RecordChecker(self.validator, None, None)  # see ``use_exchange``
         self.retry_max_seconds = settings.store_retry_max_seconds
         self.store_errors = 0  # failed store calls (each retried), for metrics and readiness
 
@@ -160,7 +157,6 @@ class IngestPipeline:
         stored_offsets: Mapping[int, int],
         still_owned: StillOwned,
         in_flight: Collection[int] = (),
-        checked: Sequence[EventRow | None] | None = None,
     ) -> PreparedBatch:
         """Everything up to the insert: sort, dead-letter, dedup against the store, render rows.
 
@@ -169,9 +165,8 @@ class IngestPipeline:
         ``in_flight``: request hashes of the batch whose write has not landed yet; they are
         not in the stored dedup memory for sure, so they are checked here as well (a retry
         split across two consecutive batches is counted once).
-        ``checked``: the rows the limits checked valid (aligned with ``records``; None: check here).
         """
-        scanned = scan(records, self.checker, stored_offsets, in_flight, self.clock(), checked)
+        scanned = scan(records, self.checker, stored_offsets, in_flight, self.clock())
         outcome = BatchOutcome(duplicates=scanned.duplicates, skipped_replayed=scanned.replayed)
         batch = scanned.aggregate
         rows, stored = await self._render(scanned, still_owned) if not batch.empty else (None, 0)
@@ -186,6 +181,11 @@ class IngestPipeline:
         outcome.counted = batch.events
         outcome.offsets = dict(batch.offsets)
         return PreparedBatch(outcome, rows, batch.token(self.topic), scanned.hashes, batch.dedup_keys())
+
+    def use_exchange(self, exchange: RowExchange) -> None:
+        """Rows the fast lane checked first come from it; rows checked here go to it."""
+        self.exchange = exchange
+        self.checker = RecordChecker(self.validator, exchange.to_ingest, exchange.to_fast_lane)
 
     async def _dead_letter(self, rejections: list[Rejection]) -> None:
         for rejection in rejections:

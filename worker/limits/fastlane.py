@@ -1,30 +1,39 @@
-"""The fast decision lane: each fetch of the owned partitions of the events topic, counted
-for the limits as soon as it arrives.
+"""The fast decision lane: the owned partitions of the events topic, read as soon as records
+arrive, counted for the limits only.
 
-The worker reads the events topic on one consumer; every fetch is counted here before the
-ingest path holds it for a batch (``worker.ingest.batcher``), so the limits never wait for
-the exactly-once path (its dedup lookup, its ClickHouse write), which keeps its own order.
-Each partition is counted from right after the offset stored in ClickHouse with the counts
-the limit counters were rebuilt from, and a record read again (before an assignment's seek,
-or after the ingest path seeks back) is skipped: every event is counted once. Records are
-checked by the same ``Validator`` as the ingest path: what the ingest path dead-letters, the
-limits do not count; the rows checked here go to the ingest path with the records, so each
-record is parsed and validated once. Node retries
-are recognised by their request hash within a bounded memory; a retry whose first copy it
-never saw (sent before the partition was assigned here) counts twice for the limits only,
-erring towards the limit.
+It has its own consumer (no group: it follows the assignment the ingest consumer gets) and
+starts each partition right after the offset stored in ClickHouse with the counts the limit
+counters were rebuilt from, so every event is counted once. It never waits for the
+exactly-once path (its dedup lookup, its ClickHouse write), which keeps its own order.
+Records are checked by the same ``Validator`` as the ingest path: what the ingest path
+dead-letters, the limits do not count; whichever of the two reads a record first hands the
+row it checked to the other (``worker.records.RowExchange``), so each record is parsed and
+validated once. Node retries are recognised by their request hash within a bounded memory; a
+retry whose first copy it never saw (sent before the partition was assigned here) counts
+twice for the limits only, erring towards the limit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from common import kafka_clients
+from common.kafka_clients import KafkaTarget
 from common.recent_set import RecentSet
+from common.retry import cancel_and_wait, keep_running
 from schemas.limits import route_subject
 from worker.limits.engine import NodeReport
-from worker.records import EventRow, KafkaRecord, RecordChecker, Rejection, Validator
+from worker.records import KafkaRecord, RecordChecker, Rejection, RowExchange, Validator
+
+log = logging.getLogger(__name__)
 
 REFUSED = 429  # refused by the limits: counts nothing, but shows where the traffic is
 
@@ -44,13 +53,18 @@ class RecentRequests(RecentSet[int]):
     """Request hashes seen lately, oldest forgotten past ``max_size``: ``add`` is True if new."""
 
 
-def group_batch(rows: Iterable[EventRow], recent: RecentRequests, records: int) -> FastBatch:
-    """Group a fetch's valid rows for the limit engine (``records``: how many the fetch counted,
-    rejections included)."""
-    batch = FastBatch(records=records)
+def group_batch(
+    records: Sequence[KafkaRecord], checker: RecordChecker, recent: RecentRequests, now: float
+) -> FastBatch:
+    """Group a fetch for the limit engine (rows the ingest path checked first are taken from it)."""
+    batch = FastBatch(records=len(records))
     counts = batch.counts
     nodes = batch.nodes
-    for row in rows:
+    row_of = checker.row
+    for record in records:
+        row = row_of(record, now)
+        if isinstance(row, Rejection):
+            continue  # the ingest path dead-letters it
         partition, key_id, account, minute, _, status, node_id, _, _, _, digest, cost, route, epoch, node_counts = row
         if not recent.add(digest):
             batch.duplicates += 1
@@ -78,60 +92,97 @@ OnBatch = Callable[[FastBatch], Awaitable[None]]
 
 
 class FastLane:
-    """The limits' count of each fetch of the owned partitions of the events topic (see the
-    module docstring); ``assign`` / ``revoke`` follow the ingest group."""
+    """Its own consumer on the owned partitions of the events topic, for the limits only
+    (see the module docstring); ``assign`` / ``revoke`` follow the ingest group."""
 
     def __init__(
         self,
+        kafka: KafkaTarget,
+        topic: str,
         validator: Validator,
         on_batch: OnBatch,
         *,
         recent_max: int = 500_000,
         clock: Callable[[], float] = time.time,
+        consumer_options: dict[str, Any] | None = None,
     ) -> None:
-        self.checker = RecordChecker(validator)
+        self.kafka = kafka
+        self.topic = topic
+        self.validator = validator
         self.on_batch = on_batch
         self.clock = clock
         self.recent = RecentRequests(recent_max)
-        self.positions: dict[int, int | None] = {}  # owned partition -> next offset (None: any)
+        self.consumer_options = consumer_options or {}
+        # Rows it checked go to the ingest path; rows the ingest path checked first come from it.
+        self.exchange: RowExchange | None = None
+        self.checker = RecordChecker(validator, None, None)
+        self.positions: dict[int, int | None] = {}  # owned partition -> next offset (None: from the start)
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self.records = 0
-        self.fetches = 0
+
+    def use_exchange(self, exchange: RowExchange) -> None:
+        """Rows it checked go to the ingest path; rows the ingest path checked first come from it."""
+        self.exchange = exchange
+        self.checker = RecordChecker(self.validator, exchange.to_fast_lane, exchange.to_ingest)
 
     def assign(self, partition: int, after_offset: int | None) -> None:
-        """Count ``partition`` from just after ``after_offset`` (None: from the first record read)."""
+        """Count ``partition`` from just after ``after_offset`` (None: from its beginning)."""
         self.positions[partition] = None if after_offset is None else after_offset + 1
+        self._changed.set()
 
     def revoke(self, partitions: set[int]) -> None:
         for p in partitions:
             self.positions.pop(p, None)
+        self._changed.set()
 
-    async def count(self, records: Sequence[KafkaRecord]) -> list[EventRow | None]:
-        """Count one fetch of the events consumer: each record of an owned partition once (a
-        record read again, before an assignment's seek or after the ingest path's, is skipped).
-        Returns the row of each record it checked and found valid, None for the others, in
-        the order of ``records``: the ingest path takes them instead of checking again."""
-        self.fetches += 1
-        rows, fresh = self._check_new(records)
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="limits-fast-lane")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+
+    async def _run(self) -> None:
+        await keep_running(self._follow, f"fast lane on {self.topic}", 0.2, 5.0)
+
+    async def _follow(self) -> None:
+        options: dict[str, Any] = {"fetch_max_wait_ms": 100, "max_partition_fetch_bytes": 4 * 1024 * 1024}
+        options.update(self.consumer_options)
+        consumer = kafka_clients.consumer(self.kafka, enable_auto_commit=False, group_id=None, **options)
+        await consumer.start()
+        try:
+            self._changed.set()  # (re)apply the assignment on this consumer
+            while True:
+                if self._changed.is_set():
+                    self._changed.clear()
+                    await self._apply(consumer)
+                if not self.positions:
+                    await self._changed.wait()
+                    continue
+                fetched = await consumer.getmany(timeout_ms=50, max_records=20_000)
+                records = [r for tp, rs in fetched.items() if tp.partition in self.positions for r in rs]
+                if not records:
+                    continue
+                for tp, rs in fetched.items():
+                    if tp.partition in self.positions and rs:
+                        self.positions[tp.partition] = rs[-1].offset + 1
+                batch = group_batch(records, self.checker, self.recent, self.clock())
+                self.records += len(records)
+                await self.on_batch(batch)
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def _apply(self, consumer: AIOKafkaConsumer) -> None:
+        tps = [TopicPartition(self.topic, p) for p in sorted(self.positions)]
+        consumer.assign(tps)
+        fresh = [tp for tp in tps if self.positions[tp.partition] is None]
+        for tp in tps:
+            position = self.positions[tp.partition]
+            if position is not None:
+                consumer.seek(tp, position)
         if fresh:
-            self.records += fresh
-            await self.on_batch(group_batch(filter(None, rows), self.recent, fresh))
-        return rows
-
-    def _check_new(self, records: Sequence[KafkaRecord]) -> tuple[list[EventRow | None], int]:
-        positions = self.positions
-        row_of = self.checker.row
-        now = self.clock()
-        rows: list[EventRow | None] = []
-        fresh = 0
-        for record in records:
-            partition = record.partition
-            at = positions.get(partition, -1)
-            offset = record.offset
-            if at == -1 or (at is not None and offset < at):
-                rows.append(None)  # not owned (any more), or counted already
-                continue
-            positions[partition] = offset + 1
-            fresh += 1
-            row = row_of(record, now)
-            rows.append(None if isinstance(row, Rejection) else row)  # the ingest path dead-letters it
-        return rows, fresh
+            await consumer.seek_to_beginning(*fresh)
+        if tps:
+            log.info("fast lane counting partitions %s", {tp.partition: self.positions[tp.partition] for tp in tps})

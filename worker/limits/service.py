@@ -115,10 +115,16 @@ class LimitService:
         self.overrides = TopicFollower(settings, settings.limits_topic, self._on_overrides, "limits")
         self.allowances = TopicFollower(settings, settings.allowances_topic, self._on_allowances, "limits")
         self.fast_lane = FastLane(
+            settings,
+            settings.events_topic,
             Validator.from_settings(settings),
             self._on_fast_batch,
             recent_max=settings.fast_lane_recent_requests,
             clock=clock,
+            consumer_options={
+                "fetch_min_bytes": settings.fast_lane_fetch_min_bytes,
+                "fetch_max_wait_ms": settings.fast_lane_fetch_max_wait_ms,
+            },
         )
         self._ticker: asyncio.Task[None] | None = None
         self._redivider: asyncio.Task[None] | None = None
@@ -144,6 +150,7 @@ class LimitService:
         await self.decisions.start()
         await self.overrides.start()
         await self.allowances.start()
+        await self.fast_lane.start()
         self._ticker = asyncio.create_task(self._tick_forever(), name="limits-tick")
         self._redivider = asyncio.create_task(self._redivide_forever(), name="limits-redivide")
         self._notifier = asyncio.create_task(self._notify_forever(), name="limits-notify")
@@ -156,6 +163,7 @@ class LimitService:
         redivider, self._redivider = self._redivider, None
         await cancel_and_wait(redivider)
         # The readers first: what their last batches queue is flushed below, not left behind.
+        await self.fast_lane.stop()
         await self.decisions.stop()
         await self.overrides.stop()
         await self.allowances.stop()
