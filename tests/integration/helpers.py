@@ -12,7 +12,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from node.keys import KeyStore
 from schemas.events import RequestEvent
 from worker.settings import Settings
 from worker.store.migrations import discover
+from worker.store.rollup import rollup_table
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Nothing listens here: the address of tests that must not reach (or start) a broker.
@@ -162,3 +163,41 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
             **extra,
         }
     )
+
+
+# Minute rows with 429s (test_minute_429.py, test_client_401.py, test_migration_lock.py) --------
+
+MINUTE_COLUMNS = ["level", "key_id", "account_id", "bucket", "endpoint", "status", "route", "requests"]
+# Within the minute rows' TTL (days) whenever the test runs: expired rows are not kept.
+MINUTE_429_NOW = datetime.now(UTC).replace(minute=30, second=0, microsecond=0) - timedelta(hours=1)
+
+
+def minute_rows(clickhouse: Any, database: str, level: str) -> list[tuple[str, int, str, str, int]]:
+    """(key, minute, endpoint, route, requests) of the level's rows of status 429, summed over parts."""
+    rows = clickhouse.query(
+        f"SELECT key_id, toUInt32(bucket), toString(endpoint), max(route), sum(requests) FROM {rollup_table(database)} "
+        "WHERE level = {level:String} AND status = 429 "
+        "GROUP BY key_id, bucket, endpoint ORDER BY key_id, bucket, endpoint",
+        parameters={"level": level},
+    ).result_rows
+    return [(str(k), int(b), str(e), str(r), int(n)) for k, b, e, r, n in rows]
+
+
+def stored_429s(client: Any, database: str) -> list[tuple[str, int, str, str, int]]:
+    copies = minute_rows(client, database, "minute_429")
+    assert copies == minute_rows(client, database, "minute")
+    return copies
+
+
+def traffic(minutes: int = 30) -> list[list[object]]:
+    """Minute rows of 12 keys over the last ``minutes``: key i is refused (i * 7) % 12 times a
+    minute, so the ranking by 429s differs from the ranking by requests."""
+    rows: list[list[object]] = []
+    for m in range(1, minutes + 1):
+        bucket = MINUTE_429_NOW - timedelta(minutes=m)
+        for i in range(12):
+            key, endpoint = f"cf_k{i:02d}", f"/v0/e{i % 2}"
+            rows.append(["minute", key, "acct", bucket, endpoint, 200, "typical", 50 - i])
+            if (i * 7) % 12:
+                rows.append(["minute", key, "acct", bucket, endpoint, 429, "typical", (i * 7) % 12])
+    return rows

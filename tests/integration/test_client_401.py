@@ -11,18 +11,20 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import db_counts, expected_counts, migrations_up_to, wait_for
-from tests.integration.test_minute_429 import stored_429s
+from tests.integration.helpers import db_counts, expected_counts, migrations_up_to, stored_429s, wait_for
 from worker.analytics import signals
 from worker.app import WorkerRuntime
 from worker.settings import Settings
 from worker.simulate import Traffic, generate, publish
 from worker.store.client import connect
 from worker.store.migrations import discover, migrate, render
-from worker.store.rollup import mark_client_401, rollup_table
+from worker.store.rollup import mark_copied_level, rollup_table
 
 COLUMNS = ["level", "key_id", "account_id", "bucket", "status", "client_ip", "requests"]
 HOUR = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
+
+
+DAY_BEFORE = int((HOUR - timedelta(days=1)).timestamp())  # the bound of the re-derivations below
 
 
 def client_401(clickhouse: Any, database: str) -> list[tuple[str, int, str, int]]:
@@ -62,7 +64,9 @@ def test_the_migration_derives_the_stored_401s_once(settings: Settings, tmp_path
         [migration] = [m for m in discover() if m.version == 8]
         [statement] = [s for s in render(migration.path.read_text(), settings) if s.startswith("INSERT")]
         client.command(statement)
-        mark_client_401(client, settings.clickhouse_database, int((HOUR - timedelta(days=1)).timestamp()))
+        mark_copied_level(
+            client, settings.clickhouse_database, "client_401", int((HOUR - timedelta(days=1)).timestamp())
+        )
         assert client_401(client, settings.clickhouse_database) == derived
 
         th = signals.SignalThresholds(invalid_key_401_min=100, lookback=timedelta(hours=24))
@@ -77,7 +81,9 @@ def test_the_migration_derives_the_stored_401s_once(settings: Settings, tmp_path
         ]
         client.insert(rollup_table(settings.clickhouse_database), later, column_names=COLUMNS)
         for _ in range(2):
-            mark_client_401(client, settings.clickhouse_database, int((HOUR - timedelta(days=1)).timestamp()))
+            mark_copied_level(
+                client, settings.clickhouse_database, "client_401", int((HOUR - timedelta(days=1)).timestamp())
+            )
         assert client_401(client, settings.clickhouse_database) == client_hour_401(client, settings.clickhouse_database)
         assert len(client_401(client, settings.clickhouse_database)) == 41
     finally:

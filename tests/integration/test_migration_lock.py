@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
-from tests.integration.helpers import migrations_up_to
-from tests.integration.test_minute_429 import COLUMNS, stored_429s, traffic
+from tests.integration.helpers import MINUTE_COLUMNS, migrations_up_to, stored_429s, traffic
 from worker.cli import build_parser, run_command
 from worker.settings import Settings
 from worker.store.client import connect
@@ -25,7 +24,7 @@ def test_workers_started_together_apply_a_backfill_once(settings: Settings, tmp_
     first, second = (connect(settings.clickhouse_dsn, database) for _ in range(2))
     try:
         migrate(first, settings.model_copy(update={"migrations_dir": migrations_up_to(8, tmp_path / "before")}))
-        first.insert(rollup_table(database), traffic(minutes=300), column_names=COLUMNS)
+        first.insert(rollup_table(database), traffic(minutes=300), column_names=MINUTE_COLUMNS)
 
         together = threading.Barrier(2)
         applied: dict[int, list[Migration]] = {}

@@ -5,7 +5,7 @@ levels), and "top keys by 429s" finds its candidates in them alone."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,47 +13,14 @@ import pytest
 
 from schemas.analytics import TopDimension, TopMetric
 from schemas.usage import Granularity
-from tests.integration.helpers import migrations_up_to
+from tests.integration.helpers import MINUTE_429_NOW as NOW
+from tests.integration.helpers import MINUTE_COLUMNS as COLUMNS
+from tests.integration.helpers import migrations_up_to, stored_429s, traffic
 from worker.analytics import queries
 from worker.settings import Settings
 from worker.store.client import connect
 from worker.store.migrations import discover, migrate, render
-from worker.store.rollup import mark_minute_429, rollup_table
-
-COLUMNS = ["level", "key_id", "account_id", "bucket", "endpoint", "status", "route", "requests"]
-# Within the minute rows' TTL (days) whenever the test runs: expired rows are not kept.
-NOW = datetime.now(UTC).replace(minute=30, second=0, microsecond=0) - timedelta(hours=1)
-
-
-def minute_rows(clickhouse: Any, database: str, level: str) -> list[tuple[str, int, str, str, int]]:
-    """(key, minute, endpoint, route, requests) of the level's rows of status 429, summed over parts."""
-    rows = clickhouse.query(
-        f"SELECT key_id, toUInt32(bucket), toString(endpoint), max(route), sum(requests) FROM {rollup_table(database)} "
-        "WHERE level = {level:String} AND status = 429 "
-        "GROUP BY key_id, bucket, endpoint ORDER BY key_id, bucket, endpoint",
-        parameters={"level": level},
-    ).result_rows
-    return [(str(k), int(b), str(e), str(r), int(n)) for k, b, e, r, n in rows]
-
-
-def stored_429s(client: Any, database: str) -> list[tuple[str, int, str, str, int]]:
-    copies = minute_rows(client, database, "minute_429")
-    assert copies == minute_rows(client, database, "minute")
-    return copies
-
-
-def traffic(minutes: int = 30) -> list[list[object]]:
-    """Minute rows of 12 keys over the last ``minutes``: key i is refused (i * 7) % 12 times a
-    minute, so the ranking by 429s differs from the ranking by requests."""
-    rows: list[list[object]] = []
-    for m in range(1, minutes + 1):
-        bucket = NOW - timedelta(minutes=m)
-        for i in range(12):
-            key, endpoint = f"cf_k{i:02d}", f"/v0/e{i % 2}"
-            rows.append(["minute", key, "acct", bucket, endpoint, 200, "typical", 50 - i])
-            if (i * 7) % 12:
-                rows.append(["minute", key, "acct", bucket, endpoint, 429, "typical", (i * 7) % 12])
-    return rows
+from worker.store.rollup import mark_copied_level, rollup_table
 
 
 @pytest.mark.clickhouse
@@ -72,7 +39,7 @@ def test_the_migration_derives_the_stored_429s_once(settings: Settings, tmp_path
         [migration] = [m for m in discover() if m.version == 9]
         [statement] = [s for s in render(migration.path.read_text(), settings) if s.startswith("INSERT")]
         client.command(statement)
-        mark_minute_429(client, database, int((NOW - timedelta(days=1)).timestamp()))
+        mark_copied_level(client, database, "minute_429", int((NOW - timedelta(days=1)).timestamp()))
         assert stored_429s(client, database) == derived
 
         # An older worker (or a bulk import) adds 429s to a key and minute that has minute_429 rows
@@ -84,7 +51,7 @@ def test_the_migration_derives_the_stored_429s_once(settings: Settings, tmp_path
         ]
         client.insert(rollup_table(database), later, column_names=COLUMNS)
         for _ in range(2):
-            mark_minute_429(client, database, int((NOW - timedelta(days=1)).timestamp()))
+            mark_copied_level(client, database, "minute_429", int((NOW - timedelta(days=1)).timestamp()))
         assert len(stored_429s(client, database)) == 30 * 11 + 1
     finally:
         client.command(f"DROP DATABASE IF EXISTS {database}")
@@ -106,7 +73,7 @@ def test_top_keys_by_429s_rank_from_the_copies(clickhouse: Any, settings: Settin
     # Rows written straight into the table, without their copies: no candidate is found.
     assert top() == []
 
-    mark_minute_429(clickhouse, database, int((NOW - timedelta(days=1)).timestamp()))
+    mark_copied_level(clickhouse, database, "minute_429", int((NOW - timedelta(days=1)).timestamp()))
     refused = {f"cf_k{i:02d}": 30 * ((i * 7) % 12) for i in range(12)}
     requests = {f"cf_k{i:02d}": 30 * (50 - i) + refused[f"cf_k{i:02d}"] for i in range(12)}
     expected = ["cf_k05", "cf_k10", "cf_k03", "cf_k08", "cf_k01"]  # 11, 10, 9, 8, 7 refused a minute

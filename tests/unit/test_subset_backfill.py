@@ -19,13 +19,13 @@ def one_line(sql: str) -> str:
     return re.sub(r"\s+", " ", sql).strip()
 
 
-@pytest.mark.parametrize(
-    ("version", "missing"), [(8, rollup.CLIENT_401_MISSING), (9, rollup.MINUTE_429_MISSING)], ids=["401", "429"]
-)
-def test_the_migration_backfills_what_the_rollup_marks(version: int, missing: str) -> None:
+@pytest.mark.parametrize("level", sorted(rollup.COPIED_LEVELS))
+def test_the_migration_backfills_what_the_rollup_marks(level: str) -> None:
+    """Each copied level has the migration that adds it (NNN_<level>.sql), whose backfill of the
+    stored rows is the statement ``mark_copied_level`` runs, apart from its time bound."""
     settings = Settings(clickhouse_database="meter_x")
-    [migration] = [m for m in discover() if m.version == version]
+    [migration] = [m for m in discover() if m.path.stem.endswith(f"_{level}")]
     [backfill] = [s for s in render(migration.path.read_text(encoding="utf-8"), settings) if s.startswith("INSERT")]
-    marks = missing.format(table=rollup.rollup_table(settings.clickhouse_database))
+    marks = rollup.COPIED_LEVELS[level].missing.format(table=rollup.rollup_table(settings.clickhouse_database))
     assert _SINCE in marks
     assert one_line(backfill) == one_line(marks.replace(_SINCE, ""))

@@ -44,10 +44,6 @@ _LEVELS: dict[str, tuple[list[str], str]] = {
     "day": (["key_id", "account_id", "day", "endpoint", "status", "node_id", "route"], "day"),
     "client_hour": (["key_id", "account_id", "hour", "status", "client_ip"], "hour"),
 }
-# Levels that copy the rows of another level with one status, so that a scan of them reads
-# only those (008_client_401.sql, 009_minute_429.sql): level -> (the level it copies, the status
-# it keeps).
-_SUBSETS: dict[str, tuple[str, int]] = {"client_401": ("client_hour", 401), "minute_429": ("minute", 429)}
 # Sums of each level: per-event column -> its sum's rollup column.
 _SUMS = {"requests": "requests", "bytes_out": "bytes_out", "latency_ms": "latency_ms_sum", "cost": "cost"}
 
@@ -142,9 +138,9 @@ class BatchAggregate:
                 level: (with_ip if level == "client_hour" else table).group_by(dims, use_threads=False).aggregate(sums)
                 for level, (dims, _) in _LEVELS.items()
             }
-            for level, (source, status) in _SUBSETS.items():
-                rows = levels[source]
-                levels[level] = rows.filter(pc.equal(rows.column("status"), status))
+            for level, copied in rollup.COPIED_LEVELS.items():  # one status of another level
+                rows = levels[copied.source]
+                levels[level] = rows.filter(pc.equal(rows.column("status"), copied.status))
             self._levels = levels
         return self._levels
 
@@ -169,7 +165,8 @@ class BatchAggregate:
         return _assemble([p for p in parts if p[0]])
 
     def _level_part(self, level: str, rows: pa.Table) -> tuple[int, dict[str, pa.Array]]:
-        dims, bucket = _LEVELS[_SUBSETS[level][0] if level in _SUBSETS else level]
+        copied = rollup.COPIED_LEVELS.get(level)
+        dims, bucket = _LEVELS[copied.source if copied is not None else level]
         columns = {dim: rows.column(dim) for dim in dims if dim != bucket}
         columns["bucket"] = rows.column(bucket)
         columns.update({total: rows.column(f"{column}_sum") for column, total in _SUMS.items()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
@@ -236,21 +237,6 @@ def mark_client_ips(client: Client, database: str, since_day: int) -> None:
     )
 
 
-def mark_client_401(client: Client, database: str, since: int) -> None:
-    """Write the ``client_401`` rows (008_client_401.sql) that the stored ``client_hour`` rows of
-    status 401 since ``since`` call for, where rows were written without them: a bulk import,
-    the sample data, workers of the version before. Idempotent: what is written is the difference
-    per (key, account, hour, address) between the two levels, so nothing is counted twice."""
-    client.command(CLIENT_401_MISSING.format(table=rollup_table(database)), parameters={"since": since})
-
-
-def mark_minute_429(client: Client, database: str, since: int) -> None:
-    """Write the ``minute_429`` rows (009_minute_429.sql) that the stored ``minute`` rows of
-    status 429 since ``since`` call for; idempotent as ``mark_client_401``, per (key, account,
-    minute, endpoint)."""
-    client.command(MINUTE_429_MISSING.format(table=rollup_table(database)), parameters={"since": since})
-
-
 # What a level that copies the rows of one status lacks, per its grouping: the source level's
 # sums less its own, so that running it again adds nothing. The migrations that add such a level
 # state the same for the stored rows (tests/unit/test_subset_backfill.py checks they agree).
@@ -280,9 +266,34 @@ MINUTE_429_MISSING = (
 )
 
 
+@dataclass(frozen=True)
+class CopiedLevel:
+    """A level that copies the rows of another level with one status, so that a scan of them
+    reads only those (008_client_401.sql, 009_minute_429.sql). The ingest writes them with each
+    batch (``worker.ingest.aggregate``); ``missing`` derives them for rows written without."""
+
+    source: str  # the level it copies
+    status: int  # the status it keeps
+    missing: str  # INSERT ... SELECT of what the stored source rows call for (``mark_copied_level``)
+
+
+COPIED_LEVELS: dict[str, CopiedLevel] = {
+    "client_401": CopiedLevel("client_hour", 401, CLIENT_401_MISSING),
+    "minute_429": CopiedLevel("minute", 429, MINUTE_429_MISSING),
+}
+
+
+def mark_copied_level(client: Client, database: str, level: str, since: int) -> None:
+    """Write the rows of a copied level (``COPIED_LEVELS``) that the stored source rows since
+    ``since`` call for, where rows were written without them: a bulk import, the sample data,
+    workers of the version before. Idempotent: what is written is the difference per group
+    between the two levels, so nothing is counted twice."""
+    client.command(COPIED_LEVELS[level].missing.format(table=rollup_table(database)), parameters={"since": since})
+
+
 def mark_summary_levels(client: Client, database: str, since: int) -> None:
     """The rows of the levels derived from the ``client_hour`` and ``minute`` rows since ``since``:
     what rows written straight into the table lack (the ingest writes them with each batch)."""
     mark_client_ips(client, database, since)
-    mark_client_401(client, database, since)
-    mark_minute_429(client, database, since)
+    for level in COPIED_LEVELS:
+        mark_copied_level(client, database, level, since)

@@ -14,7 +14,7 @@ ALTER TABLE {db}.usage_rollup MODIFY TTL
     bucket + INTERVAL {dedup_ttl_hours} HOUR DELETE WHERE level = 'dedup'
 SETTINGS materialize_ttl_after_modify = 0;
 
--- The rows stored before this migration (worker.store.rollup.mark_client_401 does the same
+-- The rows stored before this migration (worker.store.rollup.mark_copied_level does the same
 -- for bulk imports): per (key, account, hour, address), client_hour's 401s less what
 -- client_401 holds already, so a migration interrupted after this statement and run again
 -- adds nothing twice, and rows an older worker writes later can still be derived.

@@ -14,7 +14,7 @@ ALTER TABLE {db}.usage_rollup MODIFY TTL
     bucket + INTERVAL {dedup_ttl_hours} HOUR DELETE WHERE level = 'dedup'
 SETTINGS materialize_ttl_after_modify = 0;
 
--- The rows stored before this migration (worker.store.rollup.mark_minute_429 does the same for
+-- The rows stored before this migration (worker.store.rollup.mark_copied_level does the same for
 -- bulk imports): per (key, account, minute, endpoint), the minute level's 429s less what
 -- minute_429 holds already, so a migration interrupted after this statement and run again adds
 -- nothing twice, and rows an older worker writes later can still be derived.
