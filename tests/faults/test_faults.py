@@ -121,6 +121,15 @@ class FailingStore(RollupStore):
         super().write(rows, token)
 
 
+async def caught_up(settings: Settings, what: str, timeout: float) -> None:
+    """Wait until the worker's group has committed every record of the events topic."""
+    await wait_for(
+        lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),
+        timeout,
+        what,
+    )
+
+
 async def committed(settings: Settings) -> int:
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -141,11 +150,7 @@ async def test_failing_clickhouse_writes_are_retried_without_commit_or_loss(topi
     runtime = WorkerRuntime(settings, store=store)
     async with runtime.running():
         await publish(settings.kafka_bootstrap, settings.events_topic, first)
-        await wait_for(
-            lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),
-            30,
-            "first load written",
-        )
+        await caught_up(settings, "first load written", 30)
         committed_before = await committed(settings)
         assert committed_before == 2_000
 
@@ -156,11 +161,7 @@ async def test_failing_clickhouse_writes_are_retried_without_commit_or_loss(topi
         assert db_counts(clickhouse, settings.clickhouse_database) == expected_counts(first)
 
         store.broken = False  # the store is back
-        await wait_for(
-            lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),
-            30,
-            "recovery",
-        )
+        await caught_up(settings, "recovery", 30)
         assert runtime.consumer is not None
         assert runtime.consumer.pipeline.store_errors >= 3
     totals = db_counts(clickhouse, settings.clickhouse_database)
@@ -186,11 +187,7 @@ async def test_the_limits_go_on_counting_while_the_store_is_down_and_nothing_is_
     runtime = WorkerRuntime(settings, store=store)
     async with runtime.running():
         await publish(settings.kafka_bootstrap, settings.events_topic, first)
-        await wait_for(
-            lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),
-            30,
-            "first load written",
-        )
+        await caught_up(settings, "first load written", 30)
         assert runtime.limits is not None
         lane = runtime.limits.fast_lane
         store.broken = True
@@ -202,11 +199,7 @@ async def test_the_limits_go_on_counting_while_the_store_is_down_and_nothing_is_
         assert store.failed_writes >= 1
         assert db_counts(clickhouse, settings.clickhouse_database) == expected_counts(first)
         store.broken = False
-        await wait_for(
-            lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),
-            60,
-            "recovery",
-        )
+        await caught_up(settings, "recovery", 60)
         assert lane.records == len(first) + len(second)  # not counted again
     assert db_counts(clickhouse, settings.clickhouse_database) == expected_counts(first + second)
 
@@ -278,11 +271,7 @@ async def test_consumers_join_and_leave_2_3_2_counts_and_decisions_stay_right(
         await wait_for(lambda: bool(workers[2].consumer and workers[2].consumer.stats.batches), 30, "third works")
         await third.aclose()  # 3 -> 2
         await producer
-        await wait_for(
-            lambda: group_caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.events_topic),
-            60,
-            "all written",
-        )
+        await caught_up(settings, "all written", 60)
         await wait_for(lambda: all(cache.check(k) for k in hot_keys), 10, "every hot key blocked")
     await cache.stop()
     totals = db_counts(clickhouse, settings.clickhouse_database)
