@@ -18,7 +18,15 @@ from schemas.limits import LimitPolicy
 from schemas.usage import Granularity
 from worker.analytics import queries
 from worker.analytics.cli import add_analytics_commands
-from worker.analytics.sample import ABUSED_KEY, MANUAL_KEY, NORMAL_KEY, PROBER_KEY, STORM_IP, SampleFacts
+from worker.analytics.sample import (
+    ABUSED_KEY,
+    MANUAL_KEY,
+    NORMAL_KEY,
+    PROBER_KEY,
+    STORM_IP,
+    SampleFacts,
+    seed_sample,
+)
 from worker.analytics.signals import SignalThresholds, abuse_signals
 from worker.cli import run_command
 from worker.settings import Settings
@@ -336,6 +344,17 @@ def test_repeated_shadow_blocks_are_said_to_be_a_dry_run(clickhouse: Any, settin
     [signal] = report.signals
     assert (signal.evidence["blocks"], signal.evidence["shadow_blocks"]) == (4, 3)
     assert "3 of them shadow blocks, a dry run the nodes served" in signal.explanation
+
+
+@pytest.mark.parametrize("hour", [0, 12])
+def test_a_rate_jumps_baseline_is_seven_whole_days_at_any_hour(clickhouse: Any, settings: Settings, hour: int) -> None:
+    # In the day's first hour the recent window starts yesterday, so the baseline is days -8..-2;
+    # CI once ran at 00:59 and read 6 days of the sample's 7 (17.14/hour, not 20.0).
+    now = datetime(2026, 12, 3, hour, 59, 30, tzinfo=UTC)
+    seed_sample(clickhouse, settings.clickhouse_database, now)
+    report = abuse_signals(clickhouse, settings.clickhouse_database, now, kinds={SignalKind.rate_jump})
+    jump = {s.key_id: s for s in report.signals}[ABUSED_KEY]
+    assert jump.evidence["baseline_per_hour"] == 20.0
 
 
 def test_abuse_signals_find_each_pattern_and_explain_it(

@@ -111,10 +111,12 @@ def seed_sample(client: Client, database: str, now: datetime | None = None) -> S
     this_minute = floor_to(now, Granularity.minute)
     today = floor_to(now, Granularity.day)
 
-    # Seven quiet days before today: one batch per hour, the keys' own baseline.
+    # Eight quiet days before today: one batch per hour, the keys' own baseline. Eight, not
+    # seven: the rate-jump baseline (7 days) ends where the recent window's first day begins,
+    # so in the day's first hour it is days -8..-2.
     baseline = {NORMAL_KEY: 60, ABUSED_KEY: 20, QUIET_KEY: 5, PROBER_KEY: 2}
     accounts = {NORMAL_KEY: "acct-a", ABUSED_KEY: "acct-b", QUIET_KEY: "acct-a", PROBER_KEY: "acct-c"}
-    facts.baseline_hours = [today - timedelta(days=7) + timedelta(hours=hour) for hour in range(7 * 24)]
+    facts.baseline_hours = [today - timedelta(days=8) + timedelta(hours=hour) for hour in range(8 * 24)]
     for at in facts.baseline_hours:
         for key, per_hour in baseline.items():
             rows.add(key, accounts[key], at, per_hour, ip=f"198.51.100.{len(key) + per_hour}")
