@@ -158,13 +158,17 @@ start() {
   nohup java -Xms"$heap" -Xmx"$heap" -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$here/log4j2.properties" -Dkafka.log.file="$log_file" \
     -cp "$lib_dir/*" kafka.Kafka "$config" > "$data_dir/stdout.log" 2>&1 &
-  echo $! > "$pid_file"
+  local pid=$!
+  echo "$pid" > "$pid_file"
   for _ in $(seq 1 120); do
     if answers; then
-      echo "kafka.sh: broker up on 127.0.0.1:$port ($security, pid $(cat "$pid_file"), data $data_dir)"
+      echo "kafka.sh: broker up on 127.0.0.1:$port ($security, pid $pid, data $data_dir)"
       return 0
     fi
-    running || { tail -n 30 "$data_dir/stdout.log" "$log_file" >&2; die "broker exited during start"; }
+    # Liveness of the child itself, not running()'s command-line check: until the forked
+    # shell has exec'd java its command line is this script's, which read as "exited" once
+    # (empty logs) on a busy machine.
+    kill -0 "$pid" 2>/dev/null || { tail -n 30 "$data_dir/stdout.log" "$log_file" >&2; die "broker exited during start"; }
     sleep 0.5
   done
   die "broker did not answer on 127.0.0.1:$port within 60 s (see $log_file)"
