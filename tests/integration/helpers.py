@@ -23,9 +23,10 @@ from starlette.applications import Starlette
 
 from common.follower import TopicUnavailable, read_to_end, topic_partitions
 from common.kafka_clients import KafkaTarget
-from node.demo_api import build_node_app
-from node.keys import KeyStore
+from node.demo_api import build_node_app, demo_key_store, demo_keys
+from node.keys import KeyStore, derive_key_id
 from schemas.events import RequestEvent
+from tests.node_secret import NODE_SECRET
 from worker.settings import Settings
 from worker.store.migrations import discover
 from worker.store.rollup import rollup_table
@@ -201,3 +202,37 @@ def traffic(minutes: int = 30) -> list[list[object]]:
             if (i * 7) % 12:
                 rows.append(["minute", key, "acct", bucket, endpoint, 429, "typical", (i * 7) % 12])
     return rows
+
+
+# The limits end-to-end fleet: demo nodes holding the e2e keys under the tests' node secret.
+SECRET = NODE_SECRET
+RAW = demo_keys("e2e-seed")
+
+
+def kid(name: str) -> str:
+    return derive_key_id(RAW[name], SECRET.encode())
+
+
+class Clock:
+    """Real time plus an offset the test can advance (the worker's view of 'now')."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@contextlib.asynccontextmanager
+async def node(
+    settings: Settings, node_id: str, clock: Clock | None = None
+) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    now = (lambda: datetime.fromtimestamp(clock(), UTC)) if clock is not None else None
+    async with demo_node(settings, node_id, demo_key_store(RAW, SECRET.encode()), now) as served:
+        yield served
+
+
+async def blocked_everywhere(apps: list[Starlette], key_id: str, timeout: float = 10.0) -> float:
+    started = time.monotonic()
+    await wait_for(lambda: all(a.state.cache.check(key_id) for a in apps), timeout, f"block of {key_id} on all nodes")
+    return time.monotonic() - started

@@ -7,59 +7,31 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import pytest
 from pydantic import SecretStr
-from starlette.applications import Starlette
 
-from node.demo_api import demo_key_store, demo_keys
-from node.keys import derive_key_id
 from schemas.decisions import DecisionAction, Window
 from schemas.limits import LimitPolicy, OverrideScope
-from tests.integration.helpers import demo_node, read_topic, until_fresh_minute, wait_for
-from tests.node_secret import NODE_SECRET
+from tests.integration.helpers import (
+    RAW,
+    SECRET,
+    Clock,
+    blocked_everywhere,
+    kid,
+    node,
+    read_topic,
+    until_fresh_minute,
+    wait_for,
+)
 from worker.app import WorkerRuntime
 from worker.limits.control import manual_decision, set_override
 from worker.settings import Settings
 from worker.store.rollup import RollupStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
-
-SECRET = NODE_SECRET
-RAW = demo_keys("e2e-seed")
-
-
-def kid(name: str) -> str:
-    return derive_key_id(RAW[name], SECRET.encode())
-
-
-class Clock:
-    """Real time plus an offset the test can advance (the worker's view of 'now')."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
-@contextlib.asynccontextmanager
-async def node(
-    settings: Settings, node_id: str, clock: Clock | None = None
-) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
-    now = (lambda: datetime.fromtimestamp(clock(), UTC)) if clock is not None else None
-    async with demo_node(settings, node_id, demo_key_store(RAW, SECRET.encode()), now) as served:
-        yield served
-
-
-async def blocked_everywhere(apps: list[Starlette], key_id: str, timeout: float = 10.0) -> float:
-    started = time.monotonic()
-    await wait_for(lambda: all(a.state.cache.check(key_id) for a in apps), timeout, f"block of {key_id} on all nodes")
-    return time.monotonic() - started
 
 
 @pytest.fixture

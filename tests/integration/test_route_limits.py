@@ -11,8 +11,7 @@ from pydantic import SecretStr
 from node.demo_api import STATEMENT_COST
 from schemas.decisions import DecisionAction, Window
 from schemas.limits import LimitPolicy, OverrideScope, route_subject
-from tests.integration.helpers import wait_for
-from tests.integration.test_limits_e2e import RAW, SECRET, blocked_everywhere, kid, node
+from tests.integration.helpers import RAW, SECRET, blocked_everywhere, kid, node, wait_for
 from worker.app import WorkerRuntime
 from worker.limits.control import manual_decision, set_override
 from worker.settings import Settings
