@@ -102,7 +102,7 @@ class FastLane:
         validator: Validator,
         on_batch: OnBatch,
         *,
-        recent_max: int = 500_000,
+        recent_max: int,
         clock: Callable[[], float] = time.time,
         consumer_options: dict[str, Any] | None = None,
     ) -> None:
@@ -147,7 +147,8 @@ class FastLane:
         await keep_running(self._follow, f"fast lane on {self.topic}", 0.2, 5.0)
 
     async def _follow(self) -> None:
-        options: dict[str, Any] = {"fetch_max_wait_ms": 100, "max_partition_fetch_bytes": 4 * 1024 * 1024}
+        # The fetch pacing (wait, min bytes) comes from the settings through consumer_options.
+        options: dict[str, Any] = {"max_partition_fetch_bytes": 4 * 1024 * 1024}
         options.update(self.consumer_options)
         consumer = kafka_clients.consumer(self.kafka, enable_auto_commit=False, group_id=None, **options)
         await consumer.start()
