@@ -1,9 +1,14 @@
 """Migrations run one at a time per database: workers started together apply a backfill once,
-and a lock left by a killed run is named in the error and released by `meter migrate --release-lock`."""
+a lock left by a killed run of this host is taken over, and one left elsewhere is named in the
+error and released by `meter migrate --release-lock`."""
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +19,15 @@ from tests.integration.helpers import MINUTE_COLUMNS, migrations_up_to, stored_4
 from worker.cli import build_parser, run_command
 from worker.settings import Settings
 from worker.store.client import connect
-from worker.store.migrations import Migration, MigrationLocked, holder_name, migrate, release, try_acquire
+from worker.store.migrations import (
+    Migration,
+    MigrationLocked,
+    holder_name,
+    lock_statements,
+    migrate,
+    release,
+    try_acquire,
+)
 from worker.store.rollup import rollup_table
 
 
@@ -68,6 +81,34 @@ def test_a_lock_left_by_a_killed_run_is_named_and_released_by_the_cli(
 
         assert run_command(build_parser().parse_args(["migrate", "--release-lock"]), impatient) == 0
         assert [m.version for m in migrate(client, impatient)] == [9]
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+
+
+@pytest.mark.clickhouse
+def test_a_lock_whose_holder_died_on_this_host_is_taken_over_at_once(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The embedded engine's usual case: the one worker was killed while migrating and starts
+    again. It must not wait METER_MIGRATION_LOCK_WAIT_SECONDS for itself; the backfill runs once."""
+    database = settings.clickhouse_database
+    client = connect(settings.clickhouse_dsn, database)
+    try:
+        migrate(client, settings.model_copy(update={"migrations_dir": migrations_up_to(8, tmp_path / "before")}))
+        client.insert(rollup_table(database), traffic(minutes=300), column_names=MINUTE_COLUMNS)
+        killed = subprocess.Popen(["true"])  # stands for the killed worker: a pid of this host, gone
+        killed.wait()
+        holder = holder_name().replace(f" pid {os.getpid()} ", f" pid {killed.pid} ") + " since 2026-12-03 00:00:00 UTC"
+        client.command(lock_statements(settings, holder)[0])
+
+        caplog.set_level(logging.WARNING, logger="worker.store.migrations")
+        started = time.monotonic()
+        applied = migrate(client, settings.model_copy(update={"migration_lock_wait_seconds": 60.0}))
+        assert time.monotonic() - started < 30
+        assert [m.version for m in applied] == [9]
+        assert len(stored_429s(client, database)) == 300 * 11
+        assert f"taking over the migration lock on {database}: its holder ({holder})" in caplog.text
+        assert client.query(f"SHOW TABLES FROM {database} LIKE 'schema_migrations_lock'").result_rows == []
     finally:
         client.command(f"DROP DATABASE IF EXISTS {database}")
 

@@ -5,16 +5,20 @@ them wherever it is installed), or from ``METER_MIGRATIONS_DIR`` when that is se
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import logging
 import os
 import re
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.abc import Traversable
 from importlib.resources import files
+from pathlib import Path
 
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
@@ -108,7 +112,8 @@ def for_cluster(statement: str, cluster: str) -> str:
 # when two runs read before either writes. The lock is a table: ``CREATE TABLE`` without
 # ``IF NOT EXISTS`` succeeds for exactly one caller (on a cluster the DDL queue orders the
 # callers alike on every server); the others wait for it to go, then find the migrations
-# applied. A run killed while holding it leaves the table: waiters give up after
+# applied. A run killed while holding it leaves the table: a waiter on the same host sees that
+# the holder's pid is gone and takes it over; others give up after
 # ``METER_MIGRATION_LOCK_WAIT_SECONDS`` naming the holder and ``meter migrate --release-lock``.
 
 LOCK_TABLE = "schema_migrations_lock"
@@ -120,9 +125,21 @@ class MigrationLocked(Exception):
     """Another migration run has held the lock for longer than the wait allows."""
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace: containers sharing a host name (host networking) do not
+    share pids, so a pid means something only within it."""
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:")
+    except OSError:
+        return None
+
+
 def holder_name() -> str:
-    """Who takes the lock: enough for an operator to find the process."""
-    return f"{socket.gethostname()} pid {os.getpid()}"
+    """Who takes the lock: enough for an operator to find the process (and for a waiter on the
+    same host to tell that it is gone)."""
+    namespace = _pid_namespace()
+    where = f" in pid namespace {namespace}" if namespace else ""
+    return f"{socket.gethostname()} pid {os.getpid()}{where}"
 
 
 def _table(settings: Settings) -> str:
@@ -173,6 +190,55 @@ def try_acquire(client: Client, settings: Settings) -> bool:
     return True
 
 
+_HOLDER = re.compile(r"^(?P<host>.+) pid (?P<pid>\d+) in pid namespace (?P<namespace>\S+) since ")
+
+
+def holder_is_gone(holder: str) -> bool:
+    """Whether the lock's holder is a process of this host (and pid namespace) that no longer
+    runs: a run killed while migrating, whose lock can be taken over at once. A holder elsewhere,
+    a process that runs (another user's too), or a name this cannot read counts as alive."""
+    match = _HOLDER.match(holder)
+    namespace = _pid_namespace()
+    if match is None or namespace is None or (match["host"], match["namespace"]) != (socket.gethostname(), namespace):
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def _host_wide(settings: Settings) -> Iterator[None]:
+    """One takeover at a time on this host: without it, a second waiter that also read the dead
+    holder could drop the lock the first one took after its drop."""
+    name = hashlib.sha256(settings.clickhouse_database.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"meter-migration-takeover-{name}.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def take_over_if_gone(client: Client, settings: Settings) -> bool:
+    """Drop the lock if its holder is a process of this host that no longer runs."""
+    with _host_wide(settings):
+        holder = _holder(client, settings)  # read again under the host lock: it may be new now
+        if holder is None or not holder_is_gone(holder):
+            return False
+        log.warning(
+            "taking over the migration lock on %s: its holder (%s) no longer runs on this host",
+            settings.clickhouse_database,
+            holder,
+        )
+        release(client, settings)
+        return True
+
+
 def release(client: Client, settings: Settings) -> None:
     """Drop the lock (also what ``meter migrate --release-lock`` does for a run that died)."""
     client.command(lock_statements(settings, "")[1])
@@ -186,6 +252,8 @@ def migration_lock(client: Client, settings: Settings) -> Iterator[None]:
     retried = False
     while not try_acquire(client, settings):
         holder = _holder(client, settings)
+        if holder is not None and holder_is_gone(holder) and take_over_if_gone(client, settings):
+            continue
         if holder is None and not retried:
             retried = True  # released between the two calls: try again at once (once)
             continue
