@@ -35,6 +35,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # Nothing listens here: the address of tests that must not reach (or start) a broker.
 DEAD_BOOTSTRAP = "127.0.0.1:1"
 
+
+def days_ago(days: int, hour: int = 0, minute: int = 0, second: int = 0) -> datetime:
+    """That time of the day ``days`` before today (UTC). Rows written at a pinned date age past
+    the store's TTLs (chDB deletes them on the real clock, a second after the insert): a test
+    that needs a particular hour or second takes it on a recent day instead."""
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return today - timedelta(days=days) + timedelta(hours=hour, minutes=minute, seconds=second)
+
+
 BucketCounts = Counter[tuple[str, str, int]]  # (level, key_id, bucket epoch) -> requests
 
 STEP = {"minute": 60, "hour": 3600, "day": 86400}

@@ -16,6 +16,7 @@ from schemas.analytics import Breakdown, SignalKind, Subject, TopDimension, TopM
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.limits import LimitPolicy
 from schemas.usage import Granularity
+from tests.integration.helpers import days_ago
 from worker.analytics import queries
 from worker.analytics.cli import add_analytics_commands
 from worker.analytics.sample import (
@@ -110,7 +111,7 @@ def test_top_of_a_day_whose_minutes_are_deleted_reads_the_hour_rows(clickhouse: 
     # 10 requests 10 days ago (past the minute level's 7 days), at every level as the worker
     # writes them; the minute rows are gone as the TTL would have it. A 24 h window over that day
     # was answered from the minute rows: empty.
-    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    now = days_ago(1, 12)
     at = now - timedelta(days=10)
     key = "cfxold_0123456789abcdef01234567"
     rows = [[level, key, floor_to(at, Granularity(level)), "/v0/x", 200, "n1", "a", 10] for level in ("hour", "day")]
@@ -256,7 +257,7 @@ def test_blocked_keys_lists_blocks_in_force_only(clickhouse: Any, settings: Sett
 
 def test_an_operators_block_after_a_workers_is_listed_as_itself(clickhouse: Any, settings: Settings) -> None:
     # The operator's block has no until, limit or count: none of the older block's may show through.
-    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    now = days_ago(1, 12)
     DecisionStore(clickhouse, settings.clickhouse_database).record(
         [
             Decision(
@@ -290,7 +291,7 @@ def test_an_operators_block_after_a_workers_is_listed_as_itself(clickhouse: Any,
 def test_a_keys_signals_are_found_past_the_cap_of_other_keys(clickhouse: Any, settings: Settings) -> None:
     # 60 keys refused 403 on every request; the weakest is the one asked about. The cap (the
     # strongest 50 of a kind) applied before the key filter hid it.
-    now = datetime(2026, 11, 30, 12, 0, 30, tzinfo=UTC)
+    now = days_ago(1, 12, 0, 30)
     minute = now.replace(second=0) - timedelta(minutes=5)
     rows = [["minute", f"cfxkey_{i:024x}", minute, "/v0/x", 403, "n1", "a", 100 + i] for i in range(60)]
     clickhouse.insert(rollup_table(settings.clickhouse_database), rows, column_names=ROLLUP_COLUMNS)
@@ -306,7 +307,7 @@ def test_a_keys_signals_are_found_past_the_cap_of_other_keys(clickhouse: Any, se
 def test_a_burst_inside_the_recent_window_is_not_its_own_baseline(clickhouse: Any, settings: Settings) -> None:
     # A key silent for weeks sends 5,000 requests yesterday at 12:00; looked at over the last 24 h
     # at 10:00, yesterday's day row was part of the baseline and the jump hid itself.
-    now = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
+    now = days_ago(1, 10)
     burst = now - timedelta(hours=22)
     rows = [
         [level, "cfxdor_0123456789abcdef01234567", bucket, "/v0/x", 200, "n1", "a", 5000]
@@ -322,7 +323,7 @@ def test_a_burst_inside_the_recent_window_is_not_its_own_baseline(clickhouse: An
 
 
 def test_repeated_shadow_blocks_are_said_to_be_a_dry_run(clickhouse: Any, settings: Settings) -> None:
-    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    now = days_ago(1, 12)
     key = "cfxdry_0123456789abcdef01234567"
     DecisionStore(clickhouse, settings.clickhouse_database).record(
         [
@@ -350,7 +351,7 @@ def test_repeated_shadow_blocks_are_said_to_be_a_dry_run(clickhouse: Any, settin
 def test_a_rate_jumps_baseline_is_seven_whole_days_at_any_hour(clickhouse: Any, settings: Settings, hour: int) -> None:
     # In the day's first hour the recent window starts yesterday, so the baseline is days -8..-2;
     # CI once ran at 00:59 and read 6 days of the sample's 7 (17.14/hour, not 20.0).
-    now = datetime(2026, 12, 3, hour, 59, 30, tzinfo=UTC)
+    now = days_ago(1, hour, 59, 30)
     seed_sample(clickhouse, settings.clickhouse_database, now)
     report = abuse_signals(clickhouse, settings.clickhouse_database, now, kinds={SignalKind.rate_jump})
     jump = {s.key_id: s for s in report.signals}[ABUSED_KEY]

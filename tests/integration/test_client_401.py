@@ -5,13 +5,13 @@ and the invalid-key storm signal reads only them."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.helpers import db_counts, expected_counts, migrations_up_to, stored_429s, wait_for
+from tests.integration.helpers import days_ago, db_counts, expected_counts, migrations_up_to, stored_429s, wait_for
 from worker.analytics import signals
 from worker.app import WorkerRuntime
 from worker.settings import Settings
@@ -21,7 +21,7 @@ from worker.store.migrations import discover, migrate, render
 from worker.store.rollup import mark_copied_level, rollup_table
 
 COLUMNS = ["level", "key_id", "account_id", "bucket", "status", "client_ip", "requests"]
-HOUR = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
+HOUR = days_ago(3, 9)  # recent: a pinned date would age past the hour level's TTL
 
 
 DAY_BEFORE = int((HOUR - timedelta(days=1)).timestamp())  # the bound of the re-derivations below

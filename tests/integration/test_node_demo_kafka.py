@@ -20,7 +20,7 @@ from node.demo_api import build_node_app, demo_key_store, demo_keys, run_node
 from node.keys import derive_key_id
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.events import parse_event
-from tests.integration.helpers import free_port, read_topic, wait_for
+from tests.integration.helpers import free_port, read_topic, until_fresh_minute, wait_for
 from tests.node_secret import NODE_SECRET
 from worker.settings import Settings
 
@@ -62,7 +62,9 @@ async def test_three_nodes_enforce_one_block(
             assert (await c.get("/v0/rates", headers={"X-API-Key": RAW["revoked"]})).status_code == 401
             sent_requests += 4
 
-        # a worker publishes one block for alice, minute window, until the minute's end
+        # a worker publishes one block for alice, minute window, until the minute's end (with
+        # seconds of the minute left: a block built at :59.95 expired before it reached the nodes)
+        await until_fresh_minute(10.0)
         now = datetime.now(UTC)
         until = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
         block = Decision(
