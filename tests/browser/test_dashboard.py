@@ -196,12 +196,16 @@ def browser() -> Iterator[Browser]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def _with_baseline(facts: SampleFacts, last_hour: list[int], at: datetime) -> list[int]:
-    """The top bars of the abused, prober and normal keys over the hour before ``at``: its first
-    minute bucket is yesterday's 23:00 in the day's first minute, a quiet day's hour row."""
-    since = floor_to(at - timedelta(hours=1), Granularity.minute)
-    keys = (ABUSED_KEY, PROBER_KEY, NORMAL_KEY)
-    return [n + facts.baseline([key], since, at) for key, n in zip(keys, last_hour, strict=True)]
+def _top_bars(facts: SampleFacts, request: datetime) -> list[int]:
+    """The top bars of the abused, prober and normal keys that a page asking at ``request`` shows:
+    `/v1/top?window=1h` counts the minute buckets from floor(request - 1h), so the seeded minutes
+    (50, 6 and 1 requests a minute of these keys) drop out only from two minutes after the seed,
+    and in the day's first minute yesterday's 23:00 baseline hour row is one of the buckets."""
+    since = floor_to(request - timedelta(hours=1), Granularity.minute)
+    seeded = floor_to(facts.now, Granularity.minute)
+    minutes = sum(1 for i in range(60) if seeded - timedelta(minutes=i) >= since)
+    per_minute = ((ABUSED_KEY, 50), (PROBER_KEY, 6), (NORMAL_KEY, 1))
+    return [n * minutes + facts.baseline([key], since, request) for key, n in per_minute]
 
 
 def test_dashboard_shows_traffic_top_keys_blocks_signals_and_drill_down(
@@ -228,11 +232,11 @@ def test_dashboard_shows_traffic_top_keys_blocks_signals_and_drill_down(
     )
     values = [value for _key, value in bars[:3]]
     loaded = datetime.now(UTC)
-    expected_top = [_with_baseline(facts, [3000, 360, 60], facts.now)]
-    if floor_to(loaded, Granularity.minute) > floor_to(facts.now, Granularity.minute):
-        # The minute rolled over since the seed (real clock): the last hour lost its oldest
-        # seeded minute (50, 6 and 1 requests of these keys); nothing else may differ.
-        expected_top.append(_with_baseline(facts, [2950, 354, 59], loaded))
+    # The page asked in some minute between the seed and now (real clock): any of them.
+    first = floor_to(facts.now, Granularity.minute)
+    minutes_since = int((loaded - first) / timedelta(minutes=1))
+    asked = [max(facts.now, first + timedelta(minutes=k)) for k in range(minutes_since + 1)]
+    expected_top = [_top_bars(facts, at) for at in asked]
     assert values in expected_top
     assert bars[0][0] == ABUSED_KEY
     # Traffic chart: the bars drawn add up to what the API counts for the same 24 hours.

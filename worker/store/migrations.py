@@ -5,24 +5,23 @@ them wherever it is installed), or from ``METER_MIGRATIONS_DIR`` when that is se
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import logging
 import os
 import re
+import secrets
 import socket
-import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.abc import Traversable
 from importlib.resources import files
-from pathlib import Path
 
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
+from worker.dsn import is_embedded
 from worker.settings import Settings
 from worker.store.client import quote_identifier
 
@@ -112,9 +111,10 @@ def for_cluster(statement: str, cluster: str) -> str:
 # when two runs read before either writes. The lock is a table: ``CREATE TABLE`` without
 # ``IF NOT EXISTS`` succeeds for exactly one caller (on a cluster the DDL queue orders the
 # callers alike on every server); the others wait for it to go, then find the migrations
-# applied. A run killed while holding it leaves the table: a waiter on the same host sees that
-# the holder's pid is gone and takes it over; others give up after
-# ``METER_MIGRATION_LOCK_WAIT_SECONDS`` naming the holder and ``meter migrate --release-lock``.
+# applied. A run killed while holding it leaves the table. On the embedded engine the next run
+# takes it over at once (only one process can open that store, so the holder is gone); on a
+# server, waiters give up after ``METER_MIGRATION_LOCK_WAIT_SECONDS`` naming the holder and
+# ``meter migrate --release-lock``.
 
 LOCK_TABLE = "schema_migrations_lock"
 _POLL_SECONDS = 0.5
@@ -125,21 +125,9 @@ class MigrationLocked(Exception):
     """Another migration run has held the lock for longer than the wait allows."""
 
 
-def _pid_namespace() -> str | None:
-    """This process's pid namespace: containers sharing a host name (host networking) do not
-    share pids, so a pid means something only within it."""
-    try:
-        return os.readlink("/proc/self/ns/pid").removeprefix("pid:")
-    except OSError:
-        return None
-
-
 def holder_name() -> str:
-    """Who takes the lock: enough for an operator to find the process (and for a waiter on the
-    same host to tell that it is gone)."""
-    namespace = _pid_namespace()
-    where = f" in pid namespace {namespace}" if namespace else ""
-    return f"{socket.gethostname()} pid {os.getpid()}{where}"
+    """Who takes the lock: enough for an operator to find the process."""
+    return f"{socket.gethostname()} pid {os.getpid()}"
 
 
 def _table(settings: Settings) -> str:
@@ -168,70 +156,53 @@ def _holder(client: Client, settings: Settings) -> str | None:
     return str(rows[0][0]) if rows else None
 
 
-def try_acquire(client: Client, settings: Settings) -> bool:
-    """Take the lock if no one holds it."""
+# The holders of this process's runs that hold the lock now, and a mutex over taking, dropping
+# and judging it: no other thread can read a lock this process just took as anyone else's.
+_held: set[str] = set()
+_held_guard = threading.Lock()
+
+
+def try_acquire(client: Client, settings: Settings) -> str | None:
+    """Take the lock if no one holds it; the holder name written (None: someone holds it)."""
     since = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
-    holder = f"{holder_name()} since {since} UTC"
+    # The token tells two runs of one process apart (threads share the pid and the second).
+    holder = f"{holder_name()} since {since} UTC, run {secrets.token_hex(4)}"
     take, _ = lock_statements(settings, holder)
-    try:
-        client.command(take)
-    except DatabaseError as exc:
-        if _exists_already(exc):
-            return False
-        # The statement may have taken effect although its answer failed (an ON CLUSTER DDL
-        # that timed out waiting for a host that is down): then the lock is this run's.
+    with _held_guard:
         try:
-            ours = _holder(client, settings) == holder
-        except DatabaseError:
-            ours = False
-        if not ours:
-            raise
-        log.warning("the migration lock was taken although its statement failed (%s)", str(exc)[:200])
-    return True
+            client.command(take)
+        except DatabaseError as exc:
+            if _exists_already(exc):
+                return None
+            # The statement may have taken effect although its answer failed (an ON CLUSTER DDL
+            # that timed out waiting for a host that is down): then the lock is this run's.
+            try:
+                ours = _holder(client, settings) == holder
+            except DatabaseError:
+                ours = False
+            if not ours:
+                raise
+            log.warning("the migration lock was taken although its statement failed (%s)", str(exc)[:200])
+        _held.add(holder)
+    return holder
 
 
-_HOLDER = re.compile(r"^(?P<host>.+) pid (?P<pid>\d+) in pid namespace (?P<namespace>\S+) since ")
+def left_by_a_dead_run(holder: str, settings: Settings) -> bool:
+    """Whether a lock held by ``holder`` was left by a run that died. Known only on the embedded
+    engine: no other process can open its store while this one has it (``connect`` refuses),
+    so a holder that is none of this process's runs is a run that ended without releasing."""
+    return is_embedded(settings.clickhouse_dsn) and holder not in _held
 
 
-def holder_is_gone(holder: str) -> bool:
-    """Whether the lock's holder is a process of this host (and pid namespace) that no longer
-    runs: a run killed while migrating, whose lock can be taken over at once. A holder elsewhere,
-    a process that runs (another user's too), or a name this cannot read counts as alive."""
-    match = _HOLDER.match(holder)
-    namespace = _pid_namespace()
-    if match is None or namespace is None or (match["host"], match["namespace"]) != (socket.gethostname(), namespace):
-        return False
-    try:
-        os.kill(int(match["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):
-        return False
-    return False
-
-
-@contextlib.contextmanager
-def _host_wide(settings: Settings) -> Iterator[None]:
-    """One takeover at a time on this host: without it, a second waiter that also read the dead
-    holder could drop the lock the first one took after its drop."""
-    name = hashlib.sha256(settings.clickhouse_database.encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"meter-migration-takeover-{name}.lock"
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def take_over_if_gone(client: Client, settings: Settings) -> bool:
-    """Drop the lock if its holder is a process of this host that no longer runs."""
-    with _host_wide(settings):
-        holder = _holder(client, settings)  # read again under the host lock: it may be new now
-        if holder is None or not holder_is_gone(holder):
+def take_over_if_dead(client: Client, settings: Settings) -> bool:
+    """Drop the lock if a run that died left it (``left_by_a_dead_run``)."""
+    with _held_guard:
+        holder = _holder(client, settings)  # read again under the guard: it may be new now
+        if holder is None or not left_by_a_dead_run(holder, settings):
             return False
         log.warning(
-            "taking over the migration lock on %s: its holder (%s) no longer runs on this host",
+            "taking over the migration lock on %s: %s held it, a run that ended without releasing it "
+            "(the embedded store is open in this process only)",
             settings.clickhouse_database,
             holder,
         )
@@ -250,9 +221,9 @@ def migration_lock(client: Client, settings: Settings) -> Iterator[None]:
     started = time.monotonic()
     next_log = 0.0
     retried = False
-    while not try_acquire(client, settings):
+    while (ours := try_acquire(client, settings)) is None:
         holder = _holder(client, settings)
-        if holder is not None and holder_is_gone(holder) and take_over_if_gone(client, settings):
+        if holder is not None and left_by_a_dead_run(holder, settings) and take_over_if_dead(client, settings):
             continue
         if holder is None and not retried:
             retried = True  # released between the two calls: try again at once (once)
@@ -273,7 +244,9 @@ def migration_lock(client: Client, settings: Settings) -> Iterator[None]:
     try:
         yield
     finally:
-        release(client, settings)
+        with _held_guard:
+            release(client, settings)
+            _held.discard(ours)
 
 
 def migrate(client: Client, settings: Settings) -> list[Migration]:
