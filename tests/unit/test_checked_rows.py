@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from tests.unit.test_validate_and_aggregate import NOW, VALIDATOR, Rec, record
+from tests.unit.event_records import NOW, VALIDATOR, Rec, record
 from worker.ingest.pipeline import scan
 from worker.limits.fastlane import RecentRequests, group_batch
 from worker.records import CheckedRows, EventRow, RecordChecker, RowExchange

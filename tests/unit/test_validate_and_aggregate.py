@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pytest
 
 from schemas.events import RequestEvent, dump_event, make_event
+from tests.unit.event_records import NOW, VALIDATOR, Rec, event, rec, record
 from worker.ingest.aggregate import BatchAggregate, renders_typical_event, unrenderable
 from worker.ingest.pipeline import IngestPipeline, PreparedBatch, scan
 from worker.limits.fastlane import RecentRequests, group_batch
@@ -15,39 +15,6 @@ from worker.records import KafkaRecord, RecordChecker, Rejection, Validator, req
 from worker.settings import Settings
 from worker.store import rollup
 from worker.store.rollup import LEVELS, ROLLUP_SCHEMA
-
-NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)
-
-
-@dataclass
-class Rec:
-    value: bytes | None
-    key: bytes | None
-    partition: int = 0
-    offset: int = 0
-    topic: str = "events"
-
-
-def event(**over: object) -> dict[str, object]:
-    fields: dict[str, object] = {
-        "request_id": "r1",
-        "key_id": "k1",
-        "node_id": "n1",
-        "method": "GET",
-        "endpoint": "/v0/payments",
-        "status": 200,
-        "ts": NOW - timedelta(seconds=30),
-    }
-    fields.update(over)
-    return fields
-
-
-def rec(**over: object) -> Rec:
-    ev = make_event(**event(**over))
-    return Rec(dump_event(ev), ev["key_id"].encode())
-
-
-VALIDATOR = Validator(max_event_bytes=2048, max_age_seconds=24 * 3600, max_skew_seconds=300)
 
 
 def check(r: Rec) -> tuple[object, float] | Rejection:
@@ -118,12 +85,6 @@ def prepare(records: list[Rec], now: datetime = NOW) -> PreparedBatch:
     """The production path up to the insert: IngestPipeline.prepare with a fake store."""
     pipeline, _ = pipeline_with(now=now)
     return asyncio.run(pipeline.prepare(records, {}, lambda p: True))
-
-
-def record(partition: int, offset: int, **over: object) -> Rec:
-    r = rec(**over)
-    r.partition, r.offset = partition, offset
-    return r
 
 
 def test_aggregate_rolls_minutes_into_hours_and_days() -> None:
