@@ -19,6 +19,7 @@ from worker.dsn import is_embedded
 from worker.settings import Settings
 from worker.store.client import connect
 from worker.store.migrations import (
+    LOCK_TABLE,
     Migration,
     MigrationLocked,
     holder_name,
@@ -111,6 +112,36 @@ def test_a_lock_left_in_the_embedded_store_is_taken_over_at_once(
         assert f"taking over the migration lock on {database}: {holder} held it" in caplog.text
         assert client.query(f"SHOW TABLES FROM {database} LIKE 'schema_migrations_lock'").result_rows == []
     finally:
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+
+
+@pytest.mark.clickhouse
+def test_a_lock_whose_release_failed_is_taken_over_by_the_next_run_of_the_process(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not is_embedded(settings.clickhouse_dsn):
+        pytest.skip("the takeover is the embedded engine's")
+    database = settings.clickhouse_database
+    client = connect(settings.clickhouse_dsn, database)
+    real_command = client.command
+
+    def drop_fails(statement: str, *args: object, **kwargs: object) -> object:
+        if statement.startswith("DROP TABLE IF EXISTS") and LOCK_TABLE in statement:
+            raise DatabaseError("Code: 999. DB::Exception: the drop failed (test)")
+        return real_command(statement, *args, **kwargs)  # type: ignore[arg-type]
+
+    try:
+        before = settings.model_copy(update={"migrations_dir": migrations_up_to(8, tmp_path / "before")})
+        monkeypatch.setattr(client, "command", drop_fails)
+        with pytest.raises(DatabaseError, match="the drop failed"):
+            migrate(client, before)  # applied 001-008; the lock stays behind
+        monkeypatch.setattr(client, "command", real_command)
+        started = time.monotonic()
+        applied = migrate(client, settings.model_copy(update={"migration_lock_wait_seconds": 60.0}))
+        assert time.monotonic() - started < 30  # not the wait: no run of this process holds it
+        assert [m.version for m in applied] == [9]
+    finally:
+        monkeypatch.setattr(client, "command", real_command)
         client.command(f"DROP DATABASE IF EXISTS {database}")
 
 

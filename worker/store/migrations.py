@@ -245,8 +245,10 @@ def migration_lock(client: Client, settings: Settings) -> Iterator[None]:
         yield
     finally:
         with _held_guard:
-            release(client, settings)
-            _held.discard(ours)
+            try:
+                release(client, settings)
+            finally:  # a failed drop leaves a table to take over, not a run this process waits for
+                _held.discard(ours)
 
 
 def migrate(client: Client, settings: Settings) -> list[Migration]:
