@@ -16,6 +16,7 @@ from clickhouse_connect.driver.client import Client
 
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.usage import Granularity
+from worker.analytics.signals import SignalThresholds
 from worker.store.decisions import DecisionStore
 from worker.store.rollup import mark_summary_levels, rollup_table
 from worker.store.usage import floor_to
@@ -111,12 +112,14 @@ def seed_sample(client: Client, database: str, now: datetime | None = None) -> S
     this_minute = floor_to(now, Granularity.minute)
     today = floor_to(now, Granularity.day)
 
-    # Eight quiet days before today: one batch per hour, the keys' own baseline. Eight, not
-    # seven: the rate-jump baseline (7 days) ends where the recent window's first day begins,
-    # so in the day's first hour it is days -8..-2.
+    # Quiet days before today, one batch per hour: the keys' own baseline. One day more than the
+    # rate-jump baseline: it ends where the recent window's first day begins, so in the day's
+    # first hour it is days -8..-2 (of the default 7).
+    quiet_days = SignalThresholds().baseline_days + 1
     baseline = {NORMAL_KEY: 60, ABUSED_KEY: 20, QUIET_KEY: 5, PROBER_KEY: 2}
     accounts = {NORMAL_KEY: "acct-a", ABUSED_KEY: "acct-b", QUIET_KEY: "acct-a", PROBER_KEY: "acct-c"}
-    facts.baseline_hours = [today - timedelta(days=8) + timedelta(hours=hour) for hour in range(8 * 24)]
+    first_quiet_day = today - timedelta(days=quiet_days)
+    facts.baseline_hours = [first_quiet_day + timedelta(hours=hour) for hour in range(quiet_days * 24)]
     for at in facts.baseline_hours:
         for key, per_hour in baseline.items():
             rows.add(key, accounts[key], at, per_hour, ip=f"198.51.100.{len(key) + per_hour}")
