@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.codec import has_lz4
 
 from common import kafka_clients
-from common.retry import describe_error, retry_forever
+from common.retry import cancel_and_wait, describe_error, retry_forever
 from node.settings import NodeSettings
 from schemas.events import RequestEvent, dump_event
 
@@ -154,9 +154,7 @@ class UsageReporter:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), flush_timeout_s)
         except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         self._task = None
         await self._close_producer()
         unsent = len(self._buffer) + self._in_flight
