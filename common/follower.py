@@ -308,12 +308,19 @@ async def read_through(
         read = caught_up.done()
         failure = reading.exception() if reading.done() else None
     finally:
-        async with handing_over:  # the batch being handed over finishes first
-            for task in (reading, caught_up):
-                if not task.done():
-                    await cancel_and_wait(task)
+        try:
+            async with handing_over:  # the batch being handed over finishes first
+                await _stop_all(reading, caught_up)
+        finally:  # a second cancel ended the wait for it: still no reader left following
+            await _stop_all(reading, caught_up)
     if read:
         return
     where = kafka_clients.bootstrap(kafka)
     stalled = f"no record read for {timeout_s:g}s before its end"
     raise TopicUnavailable(f"cannot read topic {topic} on {where}: {failure or stalled}")
+
+
+async def _stop_all(*tasks: asyncio.Task[Any]) -> None:
+    for task in tasks:
+        if not task.done():
+            await cancel_and_wait(task)

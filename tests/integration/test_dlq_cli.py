@@ -204,6 +204,34 @@ async def test_reading_a_topic_through_is_bounded_by_a_stall_not_by_its_length(t
     assert len(batches) >= 2
 
 
+async def test_a_read_through_cancelled_again_during_a_batch_leaves_no_reader(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a second cancel while the reader waited for the batch being handed over skipped the
+    # cancel of its follower, which then followed the topic for as long as the process lived.
+    from common import retry
+    from common.retry import cancel_and_wait
+
+    s = topics
+    await _dead_letters(s, 1_000)
+    handing_over = asyncio.Event()
+
+    async def slow(batch: list[Any]) -> None:
+        handing_over.set()
+        await asyncio.sleep(3)
+
+    def followers() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "TopicFollower.follow"]
+
+    reading = asyncio.create_task(read_through(s, s.dlq_topic, slow, timeout_s=5))
+    await asyncio.wait_for(handing_over.wait(), 10)
+    assert followers()
+    monkeypatch.setattr(retry, "CANCEL_REPEAT_S", 0.1)  # the second cancel comes during the batch
+    await asyncio.wait_for(cancel_and_wait(reading), 10)
+    await asyncio.sleep(0.1)
+    assert not followers()
+
+
 async def test_a_replay_of_a_dlq_that_grows_meanwhile_counts_what_it_sent(topics: Settings) -> None:
     # Before: the reader was cancelled once it reached the end seen at its start, in the middle
     # of the batch being sent: letters counted as chosen but neither re-published nor failed
