@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from common import kafka_clients
 from common.kafka_clients import KafkaTarget
-from common.retry import cancel_and_wait, describe_error, retry_forever
+from common.retry import cancel_all_and_wait, cancel_and_wait, describe_error, retry_forever
 
 log = logging.getLogger(__name__)
 
@@ -310,17 +310,11 @@ async def read_through(
     finally:
         try:
             async with handing_over:  # the batch being handed over finishes first
-                await _stop_all(reading, caught_up)
+                await cancel_all_and_wait(reading, caught_up)
         finally:  # a second cancel ended the wait for it: still no reader left following
-            await _stop_all(reading, caught_up)
+            await cancel_all_and_wait(reading, caught_up)
     if read:
         return
     where = kafka_clients.bootstrap(kafka)
     stalled = f"no record read for {timeout_s:g}s before its end"
     raise TopicUnavailable(f"cannot read topic {topic} on {where}: {failure or stalled}")
-
-
-async def _stop_all(*tasks: asyncio.Task[Any]) -> None:
-    for task in tasks:
-        if not task.done():
-            await cancel_and_wait(task)

@@ -96,12 +96,29 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     and aiokafka's requests go through it. A follower cancelled while it asked for a topic's
     partitions lost the cancel and then followed the topic for ever: ``meter why`` with a
     missing topic hung in CI, and 6 to 8 of 60 reads cancelled 0-30 ms after their start never
-    stopped. Waiting with ``asyncio.wait`` also keeps a cancel of the caller itself from being
-    taken for the task's."""
+    stopped. A cancel of the caller itself is not taken for the task's: the task is ended, then
+    the caller's cancel goes on."""
     if task is None:
         return
+    caller_cancelled = False
     while not task.done():
         task.cancel()
-        await asyncio.wait({task}, timeout=CANCEL_REPEAT_S)
+        try:
+            await asyncio.wait({task}, timeout=CANCEL_REPEAT_S)
+        except asyncio.CancelledError:
+            # The caller is being stopped too (nested stops): the task is still ended first.
+            caller_cancelled = True
+    if caller_cancelled:
+        raise asyncio.CancelledError
     if not task.cancelled():
         task.result()
+
+
+async def cancel_all_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """``cancel_and_wait`` for several tasks at once, each stopped whatever the others do: an
+    error a task ended with is not raised here (the caller took what it needed from the tasks
+    that ended before; one stopped in order would leave the rest to a single cancel)."""
+    outcomes = await asyncio.gather(*(cancel_and_wait(t) for t in tasks), return_exceptions=True)
+    for task, outcome in zip(tasks, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            log.debug("stopped %s: it had ended with %s", task.get_name(), describe_error(outcome))

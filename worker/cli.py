@@ -198,7 +198,7 @@ def cmd_unblock(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from common.retry import cancel_and_wait
+    from common.retry import cancel_all_and_wait
     from worker.control_topics import current_overrides, latest_allowances, latest_decisions
     from worker.limits.explain import explain
 
@@ -209,11 +209,10 @@ def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
         try:
             return await asyncio.gather(*reads)
         finally:
-            # One read failed (a missing topic): stop the others here, their consumers closed in
-            # order, not by asyncio.run's cancel-all at exit, under which aiokafka's stop can hang
-            # (aio-libs/aiokafka#583, #773; seen in CI: `meter why` never returned).
-            for task in reads:
-                await cancel_and_wait(task)
+            # One read failed (a missing topic): stop every other one here, not by asyncio.run's
+            # single cancel at exit, which a read can lose (see cancel_and_wait; seen in CI:
+            # `meter why` never returned).
+            await cancel_all_and_wait(*reads)
 
     overrides, decisions, allowances = asyncio.run(gather())
     book = settings.policy_book()

@@ -34,10 +34,12 @@ async def test_why_names_the_override_and_says_nothing_refuses_yet(
     assert "no allowance in force" in out
 
 
+@pytest.mark.parametrize("missing", ["METER_LIMITS_TOPIC", "METER_DECISIONS_TOPIC", "METER_ALLOWANCES_TOPIC"])
 async def test_an_unreadable_topic_is_one_line_and_exit_code_2(
-    topics: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    topics: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], missing: str
 ) -> None:
-    use_settings(monkeypatch, topics, METER_ALLOWANCES_TOPIC=f"missing-{time.time_ns()}")
+    # Each of the three: a read that failed first once left the reads after it to a lost cancel.
+    use_settings(monkeypatch, topics, **{missing: f"missing-{time.time_ns()}"})
     started = time.monotonic()
     assert await _run(["why", "cfxk_why"]) == 2
     assert time.monotonic() - started < 10
@@ -70,3 +72,4 @@ async def test_reads_cancelled_at_any_point_stop(topics: Settings) -> None:
         started = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*(cancel_and_wait(r) for r in reads)), 10)
         assert time.monotonic() - started < 5
+        assert not [t for t in asyncio.all_tasks() if "TopicFollower" in getattr(t.get_coro(), "__qualname__", "")]

@@ -9,7 +9,7 @@ import contextlib
 import pytest
 
 from common import retry
-from common.retry import cancel_and_wait
+from common.retry import cancel_all_and_wait, cancel_and_wait
 
 
 async def _swallows_first_cancel(ticks: list[int]) -> None:
@@ -41,7 +41,7 @@ async def test_a_task_that_failed_raises_its_error() -> None:
         await cancel_and_wait(task)
 
 
-async def test_the_callers_own_cancel_is_not_swallowed() -> None:
+async def test_the_callers_own_cancel_goes_on_once_the_task_has_ended() -> None:
     async def stops_slowly() -> None:
         try:
             await asyncio.sleep(10)
@@ -55,8 +55,40 @@ async def test_the_callers_own_cancel_is_not_swallowed() -> None:
     stopper.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stopper
-    await asyncio.wait({task}, timeout=1)
     assert task.done()
+
+
+async def test_nested_stops_end_the_inner_task_that_lost_its_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reader stopping its follower in a finally, stopped itself by a caller: the caller's
+    # repeated cancel reaches the reader while it waits for the follower, which must still end.
+    monkeypatch.setattr(retry, "CANCEL_REPEAT_S", 0.05)
+    ticks: list[int] = []
+    inner = asyncio.create_task(_swallows_first_cancel(ticks))
+
+    async def outer() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await cancel_and_wait(inner)
+
+    task = asyncio.create_task(outer())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait(task), 2)
+    assert inner.cancelled()
+
+
+async def test_all_tasks_are_stopped_whatever_one_ended_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retry, "CANCEL_REPEAT_S", 0.05)
+
+    async def fails() -> None:
+        raise RuntimeError("topic missing")
+
+    failed = asyncio.create_task(fails())
+    others = [asyncio.create_task(_swallows_first_cancel([])) for _ in range(2)]
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_all_and_wait(failed, *others), 2)
+    assert all(t.cancelled() for t in others)
+    assert isinstance(failed.exception(), RuntimeError)
 
 
 async def test_none_is_nothing_to_stop() -> None:
