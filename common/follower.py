@@ -92,6 +92,33 @@ async def topic_partitions(kafka: KafkaTarget, topics: Sequence[str]) -> list[To
     return sorted(tps)
 
 
+class GoneTopicCheck:
+    """Notices a topic deleted under a consumer that reads it by hand-assigned partitions.
+
+    aiokafka then asks the broker for the topic's metadata in a loop without pause, logging an
+    error each time (thousands a second, for ever), while ``getmany()`` returns nothing, as if
+    the topic were quiet. When the consumer's metadata no longer lists the topic, the cluster is
+    asked (at most once per ``every_s``): ``TopicUnavailable`` if it is gone, for the caller to
+    stop the consumer and retry with backoff. Metadata that is only late (at start) is no alarm:
+    the cluster still lists the topic.
+    """
+
+    def __init__(self, kafka: KafkaTarget, topics: Sequence[str], every_s: float = 1.0) -> None:
+        self.kafka = kafka
+        self.topics = list(topics)
+        self.every_s = every_s
+        self._next_check = 0.0
+
+    async def raise_if_gone(self, consumer: Any) -> None:
+        if all(consumer.partitions_for_topic(t) is not None for t in self.topics):
+            return
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.every_s
+        await topic_partitions(self.kafka, self.topics)
+
+
 class TopicFollower:
     """Reads ``topics`` from the beginning, hands every record to ``on_records``, then follows.
 
@@ -217,6 +244,7 @@ class TopicFollower:
         self.connected = True
         self.last_error = None
         next_probe = math.inf if self.probe_interval_s is None else time.monotonic() + self.probe_interval_s
+        gone = GoneTopicCheck(self.kafka, self.topics)
         while True:
             if not pending and not self.ready.is_set():
                 self._mark_ready()
@@ -232,6 +260,8 @@ class TopicFollower:
                 # Let the loop run between partitions: a fetch of a follower that catches up holds
                 # thousands of records per partition, and the worker's limits share this loop.
                 await asyncio.sleep(0)
+            if not batches:
+                await gone.raise_if_gone(consumer)
             if pending and not batches:
                 # A compacted or transactional topic may end past its last record.
                 pending = {tp: end for tp, end in pending.items() if await consumer.position(tp) < end}
