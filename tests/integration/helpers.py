@@ -245,3 +245,34 @@ async def blocked_everywhere(apps: list[Starlette], key_id: str, timeout: float 
     started = time.monotonic()
     await wait_for(lambda: all(a.state.cache.check(key_id) for a in apps), timeout, f"block of {key_id} on all nodes")
     return time.monotonic() - started
+
+
+async def delete_topic(settings: Settings, topic: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+    finally:
+        await admin.close()
+
+
+async def create_again(settings: Settings, topic: str) -> None:
+    """The settings' topics created again after ``topic`` was deleted (the deletion completes in
+    the background: until then the broker says it exists)."""
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    from worker.topics import ensure_topics
+
+    async def listed() -> bool:
+        try:
+            await ensure_topics(settings)
+        except TopicAlreadyExistsError:
+            return False
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            return topic in await admin.list_topics()
+        finally:
+            await admin.close()
+
+    await wait_for(listed, timeout=20, what=f"{topic} created again")

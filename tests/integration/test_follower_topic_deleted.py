@@ -12,13 +12,10 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import TopicAlreadyExistsError
 
 from common.follower import TopicFollower
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import create_again, delete_topic, wait_for
 from worker.settings import Settings
-from worker.topics import ensure_topics
 
 pytestmark = [pytest.mark.kafka]
 
@@ -38,13 +35,13 @@ async def test_a_follower_whose_topic_is_deleted_says_so_and_follows_it_again(
         await asyncio.wait_for(follower.ready.wait(), 15)
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            await _delete(topics, topic)
+            await delete_topic(topics, topic)
             await wait_for(lambda: not follower.connected, timeout=10)
             assert "not found" in (follower.last_error or "")
             await asyncio.sleep(2)  # what it logs in the meantime
             flood = [r for r in caplog.records if "not found in cluster metadata" in r.getMessage()]
             assert len(flood) < 1_000, f"{len(flood)} metadata errors logged"
-        await _create_again(topics)
+        await create_again(topics, topic)
         producer = AIOKafkaProducer(bootstrap_servers=topics.kafka_bootstrap)
         await producer.start()
         try:
@@ -57,23 +54,3 @@ async def test_a_follower_whose_topic_is_deleted_says_so_and_follows_it_again(
         assert time.monotonic() - started < 20
     finally:
         await follower.stop()
-
-
-async def _delete(settings: Settings, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics([topic])
-    finally:
-        await admin.close()
-
-
-async def _create_again(settings: Settings) -> None:
-    async def created() -> bool:
-        try:  # the deletion completes in the background
-            await ensure_topics(settings)
-        except TopicAlreadyExistsError:
-            return False
-        return True
-
-    await wait_for(created, timeout=20, what="the topic created again")

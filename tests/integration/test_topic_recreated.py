@@ -3,46 +3,24 @@ records are counted, not taken for ones already written."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import TopicAlreadyExistsError
 
-from tests.integration.helpers import db_counts, expected_counts, wait_for
+from tests.integration.helpers import create_again, db_counts, delete_topic, expected_counts, wait_for
 from worker.app import WorkerRuntime
 from worker.settings import Settings
 from worker.simulate import Traffic, generate, publish
 from worker.store.rollup import RollupStore
-from worker.topics import ensure_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
 
 async def recreate(settings: Settings, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics([topic])
-    finally:
-        await admin.close()
-    for _ in range(100):  # deletion completes in the background
-        try:
-            await ensure_topics(settings)
-            admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-            await admin.start()
-            try:
-                if topic in await admin.list_topics():
-                    return
-            finally:
-                await admin.close()
-        except TopicAlreadyExistsError:
-            pass
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{topic} was not recreated")
+    await delete_topic(settings, topic)
+    await create_again(settings, topic)
 
 
 async def count_all(s: Settings, clickhouse: Any, events: list[Any], what: str) -> WorkerRuntime:
