@@ -92,31 +92,52 @@ async def topic_partitions(kafka: KafkaTarget, topics: Sequence[str]) -> list[To
     return sorted(tps)
 
 
-class GoneTopicCheck:
-    """Notices a topic deleted under a consumer that reads it by hand-assigned partitions.
+class TopicWatch:
+    """Notices topics deleted under a consumer that reads hand-assigned partitions, and their return.
 
-    aiokafka then asks the broker for the topic's metadata in a loop without pause, logging an
-    error each time (thousands a second, for ever), while ``getmany()`` returns nothing, as if
-    the topic were quiet. When the consumer's metadata no longer lists the topic, the cluster is
-    asked (at most once per ``every_s``): ``TopicUnavailable`` if it is gone, for the caller to
-    stop the consumer and retry with backoff. Metadata that is only late (at start) is no alarm:
-    the cluster still lists the topic.
+    aiokafka then asks the broker for a deleted topic's metadata in a loop without pause, logging
+    an error each time (thousands a second, for ever), while ``getmany()`` returns nothing from
+    it, as if it were quiet. ``check`` runs on every turn of the reader's loop: a dictionary
+    lookup per topic, and when the consumer's metadata lacks a topic (or one is known gone) the
+    cluster is asked, at most once per ``every_s``. Metadata that is only late (at start) is no
+    alarm: the cluster still lists the topic.
     """
 
     def __init__(self, kafka: KafkaTarget, topics: Sequence[str], every_s: float = 1.0) -> None:
         self.kafka = kafka
         self.topics = list(topics)
         self.every_s = every_s
+        self.gone: set[str] = set()
         self._next_check = 0.0
 
-    async def raise_if_gone(self, consumer: Any) -> None:
-        if all(consumer.partitions_for_topic(t) is not None for t in self.topics):
-            return
+    async def check(self, consumer: Any) -> tuple[set[str], set[str]]:
+        """(topics found gone, topics back) since the last call: both empty nearly always."""
+        unlisted = {t for t in self.topics if t not in self.gone and consumer.partitions_for_topic(t) is None}
         now = time.monotonic()
-        if now < self._next_check:
-            return
+        if not (unlisted or self.gone) or now < self._next_check:
+            return set(), set()
         self._next_check = now + self.every_s
-        await topic_partitions(self.kafka, self.topics)
+        listed = await _listed_topics(self.kafka)
+        went = unlisted - listed
+        back = self.gone & listed
+        self.gone = (self.gone | went) - back
+        return went, back
+
+    async def raise_if_gone(self, consumer: Any) -> None:
+        """For a reader of one topic: ``TopicUnavailable`` once it is gone."""
+        went, _ = await self.check(consumer)
+        if went:
+            raise TopicUnavailable(f"topic {', '.join(sorted(went))} {_NOT_LISTED} (deleted while read)")
+
+
+async def _listed_topics(kafka: KafkaTarget) -> set[str]:
+    admin = kafka_clients.admin(kafka, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        return set(await admin.list_topics())
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
 
 
 class TopicFollower:
@@ -205,8 +226,15 @@ class TopicFollower:
     async def follow(self) -> None:
         """One connection: assign every partition, read from where this follower is, follow.
 
-        Never returns; raises on the first failure (``TopicUnavailable``, a Kafka error)."""
-        tps = await topic_partitions(self.kafka, self.topics)
+        Never returns; raises on the first failure (``TopicUnavailable``, a Kafka error). Of
+        several topics, the ones the cluster lists are followed (the others are watched for)."""
+        watch = TopicWatch(self.kafka, self.topics)
+        listed = await _listed_topics(self.kafka)
+        watch.gone = {t for t in self.topics if t not in listed}
+        self._forget(watch.gone)  # gone, perhaps created again later: its offsets start over
+        if watch.gone == set(self.topics):
+            raise TopicUnavailable(f"topic {', '.join(sorted(watch.gone))} {_NOT_LISTED}")
+        tps = await topic_partitions(self.kafka, [t for t in self.topics if t not in watch.gone])
         consumer = kafka_clients.consumer(
             self.kafka,
             factory=self.consumer_factory,
@@ -221,7 +249,7 @@ class TopicFollower:
         try:
             await consumer.start()
             await self._seek(consumer, tps)
-            await self._read(consumer, tps)
+            await self._read(consumer, tps, watch)
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()
@@ -236,15 +264,14 @@ class TopicFollower:
         if fresh:
             await consumer.seek_to_beginning(*fresh)
 
-    async def _read(self, consumer: Any, tps: list[TopicPartition]) -> None:
+    async def _read(self, consumer: Any, tps: list[TopicPartition], watch: TopicWatch) -> None:
         # Partitions still to read up to their end at start (none once ready).
         pending: dict[TopicPartition, int] = {}
         if not self.ready.is_set():
             pending = {tp: end for tp, end in (await consumer.end_offsets(tps)).items() if end > 0}
         self.connected = True
-        self.last_error = None
+        self.last_error = self._missing(watch.gone)
         next_probe = math.inf if self.probe_interval_s is None else time.monotonic() + self.probe_interval_s
-        gone = GoneTopicCheck(self.kafka, self.topics)
         while True:
             if not pending and not self.ready.is_set():
                 self._mark_ready()
@@ -260,14 +287,42 @@ class TopicFollower:
                 # Let the loop run between partitions: a fetch of a follower that catches up holds
                 # thousands of records per partition, and the worker's limits share this loop.
                 await asyncio.sleep(0)
-            if not batches:
-                await gone.raise_if_gone(consumer)
+            went, back = await watch.check(consumer)
+            if went or back:
+                tps = await self._reassign(consumer, tps, watch.gone, went)
+                pending = {tp: end for tp, end in pending.items() if tp.topic not in went}
             if pending and not batches:
                 # A compacted or transactional topic may end past its last record.
                 pending = {tp: end for tp, end in pending.items() if await consumer.position(tp) < end}
             if time.monotonic() >= next_probe:
                 await self._probe(consumer, tps)
                 next_probe = time.monotonic() + (self.probe_interval_s or math.inf)
+
+    async def _reassign(
+        self, consumer: Any, tps: list[TopicPartition], gone: set[str], went: set[str]
+    ) -> list[TopicPartition]:
+        """Topics deleted (``went``) or created again: read the ones there are. A topic created
+        again is read from its start (its offsets start over); with none left, raise and retry."""
+        self._forget(went)
+        if gone == set(self.topics):
+            raise TopicUnavailable(f"{self._missing(gone)} (deleted while read)")
+        here = [t for t in self.topics if t not in gone]
+        tps = await topic_partitions(self.kafka, here)
+        await self._seek(consumer, tps)
+        self.last_error = self._missing(gone)
+        if gone:
+            log.warning("%s: %s; following %s", self.name, self.last_error, ", ".join(here))
+        else:
+            log.info("%s: following %s again", self.name, self.where)
+        return tps
+
+    def _forget(self, topics: set[str]) -> None:
+        for tp in [tp for tp in self.positions if tp.topic in topics]:
+            del self.positions[tp]
+
+    @staticmethod
+    def _missing(topics: set[str]) -> str | None:
+        return f"topic {', '.join(sorted(topics))} {_NOT_LISTED}" if topics else None
 
     async def _probe(self, consumer: Any, tps: list[TopicPartition]) -> None:
         """Ask for the end offsets: whether the broker answers, and how far behind we are."""

@@ -48,6 +48,32 @@ async def test_an_unreadable_topic_is_one_line_and_exit_code_2(
     assert not any("Traceback" in line for line in err)
 
 
+async def test_a_failed_read_stops_the_others_even_one_that_lost_its_cancel(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import contextlib
+    import threading
+
+    from worker import control_topics
+
+    async def loses_its_first_cancel(settings: Settings) -> dict[str, object]:
+        with contextlib.suppress(asyncio.CancelledError):  # Python 3.11's wait_for race
+            await asyncio.sleep(30)
+        await asyncio.sleep(30)
+        return {}
+
+    monkeypatch.setattr(control_topics, "latest_allowances", loses_its_first_cancel)
+    use_settings(monkeypatch, topics, METER_LIMITS_TOPIC=f"missing-{time.time_ns()}")
+    codes: list[int] = []
+    # A thread of its own, joined with a bound: a hang fails here, not at pytest's timeout.
+    thread = threading.Thread(target=lambda: codes.append(main(["why", "cfxk_why"])), daemon=True)
+    thread.start()
+    await asyncio.to_thread(thread.join, 10)
+    assert not thread.is_alive(), "meter why did not return"
+    assert codes == [2]
+
+
 async def _run(argv: list[str]) -> int:
     import asyncio
 
@@ -70,6 +96,9 @@ async def test_reads_cancelled_at_any_point_stop(topics: Settings) -> None:
         reads = [asyncio.create_task(read_to_end(topics, t)) for t in (topics.limits_topic, topics.decisions_topic)]
         await asyncio.sleep(random.uniform(0.0, 0.03))
         started = time.monotonic()
-        await asyncio.wait_for(asyncio.gather(*(cancel_and_wait(r) for r in reads)), 10)
+        # Not wait_for: cancel_and_wait ends its task before it takes its caller's cancel.
+        stopping = asyncio.ensure_future(asyncio.gather(*(cancel_and_wait(r) for r in reads)))
+        done, _ = await asyncio.wait({stopping}, timeout=10)
+        assert done, "a read did not stop"
         assert time.monotonic() - started < 5
         assert not [t for t in asyncio.all_tasks() if "TopicFollower" in getattr(t.get_coro(), "__qualname__", "")]

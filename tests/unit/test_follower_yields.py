@@ -8,7 +8,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from common.follower import FOLLOW_MAX_RECORDS, TopicFollower
+from common.follower import FOLLOW_MAX_RECORDS, TopicFollower, TopicWatch
 
 TOPIC = "allowances"
 TPS = [TopicPartition(TOPIC, p) for p in range(3)]
@@ -24,6 +24,9 @@ class OneFetch:
     def __init__(self) -> None:
         self.fetches = 0
         self.asked: list[int] = []  # max_records of each getmany
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {tp.partition for tp in TPS}
 
     async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: 2 for tp in tps}
@@ -55,7 +58,7 @@ async def test_other_tasks_run_between_the_partitions_of_a_fetch() -> None:
     follower = TopicFollower("127.0.0.1:1", TOPIC, on_records, "test")
     consumer = OneFetch()
     other = asyncio.create_task(other_task())
-    reading = asyncio.create_task(follower._read(consumer, TPS))
+    reading = asyncio.create_task(follower._read(consumer, TPS, TopicWatch("127.0.0.1:1", [TOPIC])))
     try:
         await asyncio.wait_for(follower.ready.wait(), 5)
     finally:

@@ -26,7 +26,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from common import kafka_clients
-from common.follower import GoneTopicCheck
+from common.follower import TopicWatch
 from common.kafka_clients import KafkaTarget
 from common.recent_set import RecentSet
 from common.retry import cancel_and_wait, keep_running
@@ -153,7 +153,7 @@ class FastLane:
         options.update(self.consumer_options)
         consumer = kafka_clients.consumer(self.kafka, enable_auto_commit=False, group_id=None, **options)
         await consumer.start()
-        gone = GoneTopicCheck(self.kafka, [self.topic])
+        watch = TopicWatch(self.kafka, [self.topic])
         try:
             self._changed.set()  # (re)apply the assignment on this consumer
             while True:
@@ -165,8 +165,8 @@ class FastLane:
                     continue
                 fetched = await consumer.getmany(timeout_ms=50, max_records=20_000)
                 records = [r for tp, rs in fetched.items() if tp.partition in self.positions for r in rs]
+                await watch.raise_if_gone(consumer)
                 if not records:
-                    await gone.raise_if_gone(consumer)
                     continue
                 for tp, rs in fetched.items():
                     if tp.partition in self.positions and rs:
