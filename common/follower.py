@@ -184,6 +184,7 @@ class TopicFollower:
         self.ready = asyncio.Event()
         self.connected = False
         self.last_error: str | None = None
+        self.missing_topics: set[str] = set()  # of ``topics``, the ones the cluster lacks now
         self.lag: int | None = None
         self.positions: dict[TopicPartition, int] = {}
         self.records_seen = 0
@@ -230,7 +231,7 @@ class TopicFollower:
         several topics, the ones the cluster lists are followed (the others are watched for)."""
         watch = TopicWatch(self.kafka, self.topics)
         listed = await _listed_topics(self.kafka)
-        watch.gone = {t for t in self.topics if t not in listed}
+        watch.gone = self.missing_topics = {t for t in self.topics if t not in listed}
         self._forget(watch.gone)  # gone, perhaps created again later: its offsets start over
         if watch.gone == set(self.topics):
             raise TopicUnavailable(f"topic {', '.join(sorted(watch.gone))} {_NOT_LISTED}")
@@ -270,7 +271,7 @@ class TopicFollower:
         if not self.ready.is_set():
             pending = {tp: end for tp, end in (await consumer.end_offsets(tps)).items() if end > 0}
         self.connected = True
-        self.last_error = self._missing(watch.gone)
+        self.last_error = self._missing()
         next_probe = math.inf if self.probe_interval_s is None else time.monotonic() + self.probe_interval_s
         while True:
             if not pending and not self.ready.is_set():
@@ -304,12 +305,13 @@ class TopicFollower:
         """Topics deleted (``went``) or created again: read the ones there are. A topic created
         again is read from its start (its offsets start over); with none left, raise and retry."""
         self._forget(went)
+        self.missing_topics = set(gone)
         if gone == set(self.topics):
-            raise TopicUnavailable(f"{self._missing(gone)} (deleted while read)")
+            raise TopicUnavailable(f"topic {', '.join(sorted(gone))} {_NOT_LISTED} (deleted while read)")
         here = [t for t in self.topics if t not in gone]
         tps = await topic_partitions(self.kafka, here)
         await self._seek(consumer, tps)
-        self.last_error = self._missing(gone)
+        self.last_error = self._missing()
         if gone:
             log.warning("%s: %s; following %s", self.name, self.last_error, ", ".join(here))
         else:
@@ -320,8 +322,9 @@ class TopicFollower:
         for tp in [tp for tp in self.positions if tp.topic in topics]:
             del self.positions[tp]
 
-    @staticmethod
-    def _missing(topics: set[str]) -> str | None:
+    def _missing(self) -> str | None:
+        """What ``last_error`` says while connected: the topics followed without (None: none)."""
+        topics = self.missing_topics
         return f"topic {', '.join(sorted(topics))} {_NOT_LISTED}" if topics else None
 
     async def _probe(self, consumer: Any, tps: list[TopicPartition]) -> None:
@@ -337,7 +340,7 @@ class TopicFollower:
         if not self.connected:
             log.info("%s: broker of %s reachable again", self.name, self.where)
         self.connected = True
-        self.last_error = None
+        self.last_error = self._missing()
         self.lag = sum([max(0, off - await consumer.position(tp)) for tp, off in end.items()])
 
     def _mark_ready(self) -> None:
