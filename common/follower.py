@@ -99,16 +99,21 @@ class TopicWatch:
     an error each time (thousands a second, for ever), while ``getmany()`` returns nothing from
     it, as if it were quiet. ``check`` runs on every turn of the reader's loop: a dictionary
     lookup per topic, and when the consumer's metadata lacks a topic (or one is known gone) the
-    cluster is asked, at most once per ``every_s``. Metadata that is only late (at start) is no
-    alarm: the cluster still lists the topic.
+    cluster is asked, at most once per ``every_s``; while a topic stays gone, twice as long
+    between askings each time, up to ``max_every_s``. Metadata that is only late (at start) is
+    no alarm: the cluster still lists the topic.
     """
 
-    def __init__(self, kafka: KafkaTarget, topics: Sequence[str], every_s: float = 1.0) -> None:
+    def __init__(
+        self, kafka: KafkaTarget, topics: Sequence[str], every_s: float = 1.0, max_every_s: float = 10.0
+    ) -> None:
         self.kafka = kafka
         self.topics = list(topics)
         self.every_s = every_s
+        self.max_every_s = max_every_s
         self.gone: set[str] = set()
         self._next_check = 0.0
+        self._wait_s = every_s
 
     async def check(self, consumer: Any) -> tuple[set[str], set[str]]:
         """(topics found gone, topics back) since the last call: both empty nearly always."""
@@ -116,11 +121,12 @@ class TopicWatch:
         now = time.monotonic()
         if not (unlisted or self.gone) or now < self._next_check:
             return set(), set()
-        self._next_check = now + self.every_s
         listed = await _listed_topics(self.kafka)
         went = unlisted - listed
         back = self.gone & listed
         self.gone = (self.gone | went) - back
+        self._wait_s = min(self._wait_s * 2, self.max_every_s) if self.gone and not went else self.every_s
+        self._next_check = time.monotonic() + self._wait_s
         return went, back
 
     async def raise_if_gone(self, consumer: Any) -> None:
@@ -164,11 +170,15 @@ class TopicFollower:
         probe_interval_s: float | None = None,
         client_id: str | None = None,
         consumer_factory: Callable[..., Any] = AIOKafkaConsumer,
+        required: Sequence[str] | None = None,
     ) -> None:
         """``probe_interval_s``: ask for the end offsets this often, since ``getmany()`` does
-        not fail when the broker is gone (``connected`` and ``lag`` then stay current)."""
+        not fail when the broker is gone (``connected`` and ``lag`` then stay current).
+        ``required``: the topics without which nothing is followed (default: all of them); the
+        others are followed when the cluster has them."""
         self.kafka = kafka
         self.topics = [topics] if isinstance(topics, str) else list(topics)
+        self.required = set(self.topics if required is None else required)
         self.on_records = on_records
         self.name = name
         self.quiet = quiet
@@ -233,8 +243,8 @@ class TopicFollower:
         listed = await _listed_topics(self.kafka)
         watch.gone = self.missing_topics = {t for t in self.topics if t not in listed}
         self._forget(watch.gone)  # gone, perhaps created again later: its offsets start over
-        if watch.gone == set(self.topics):
-            raise TopicUnavailable(f"topic {', '.join(sorted(watch.gone))} {_NOT_LISTED}")
+        if watch.gone & self.required:
+            raise TopicUnavailable(f"topic {', '.join(sorted(watch.gone & self.required))} {_NOT_LISTED}")
         tps = await topic_partitions(self.kafka, [t for t in self.topics if t not in watch.gone])
         consumer = kafka_clients.consumer(
             self.kafka,
@@ -303,11 +313,14 @@ class TopicFollower:
         self, consumer: Any, tps: list[TopicPartition], gone: set[str], went: set[str]
     ) -> list[TopicPartition]:
         """Topics deleted (``went``) or created again: read the ones there are. A topic created
-        again is read from its start (its offsets start over); with none left, raise and retry."""
+        again is read from its start (its offsets start over); without a required one, raise and
+        retry."""
         self._forget(went)
         self.missing_topics = set(gone)
-        if gone == set(self.topics):
-            raise TopicUnavailable(f"topic {', '.join(sorted(gone))} {_NOT_LISTED} (deleted while read)")
+        if gone & self.required:
+            raise TopicUnavailable(
+                f"topic {', '.join(sorted(gone & self.required))} {_NOT_LISTED} (deleted while read)"
+            )
         here = [t for t in self.topics if t not in gone]
         tps = await topic_partitions(self.kafka, here)
         await self._seek(consumer, tps)

@@ -133,6 +133,9 @@ class DecisionCache:
             probe_interval_s=probe_interval_s,
             client_id=f"meter-node-{settings.node_id}-decisions",
             consumer_factory=consumer_factory,
+            # Without the decisions topic the node is not in touch (fail-closed nodes refuse);
+            # the guard's topics are followed when they are there.
+            required=[self._topic],
         )
 
         # Versions are kept for every key ever seen (unblocked ones too) so an older block

@@ -29,11 +29,15 @@ async def _send(settings: Settings, topic: str, values: list[bytes]) -> None:
         await producer.stop()
 
 
-def _follower(settings: Settings, topics: list[str], seen: list[bytes]) -> TopicFollower:
+def _follower(
+    settings: Settings, topics: list[str], seen: list[bytes], required: list[str] | None = None
+) -> TopicFollower:
     async def on_records(records: list[Any]) -> None:
         seen.extend(r.value for r in records if r.value is not None)
 
-    return TopicFollower(settings, topics, on_records, "test", first_delay=0.2, max_delay=1.0, probe_interval_s=0.3)
+    return TopicFollower(
+        settings, topics, on_records, "test", first_delay=0.2, max_delay=1.0, probe_interval_s=0.3, required=required
+    )
 
 
 async def test_a_deleted_topic_is_said_and_read_from_its_start_once_created_again(
@@ -65,10 +69,10 @@ async def test_a_deleted_topic_is_said_and_read_from_its_start_once_created_agai
         await follower.stop()
 
 
-async def test_the_other_topics_are_followed_while_one_is_gone(topics: Settings) -> None:
+async def test_the_other_topics_are_followed_while_one_not_required_is_gone(topics: Settings) -> None:
     kept, deleted = topics.decisions_topic, topics.allowances_topic
     seen: list[bytes] = []
-    follower = _follower(topics, [kept, deleted], seen)
+    follower = _follower(topics, [kept, deleted], seen, required=[kept])
     await follower.start()
     try:
         await asyncio.wait_for(follower.ready.wait(), 15)
@@ -86,3 +90,27 @@ async def test_the_other_topics_are_followed_while_one_is_gone(topics: Settings)
         await wait_for(lambda: follower.last_error is None, what="the error cleared")
     finally:
         await follower.stop()
+
+
+async def test_a_guarded_node_needs_its_decisions_topic_not_the_guards(topics: Settings) -> None:
+    """A node's decision cache with a guard follows three topics: without the allowances topic it
+    goes on (blocks still arrive); without the decisions topic it is not available (a node that
+    fails closed refuses), as it was before it had a guard."""
+    from node.decision_cache import DecisionCache
+    from node.guard import LocalGuard
+    from schemas.limits import PolicyBook
+
+    guard = LocalGuard(PolicyBook(topics.default_policy()), topics.node_id)
+    cache = DecisionCache(topics, guard=guard, probe_interval_s=0.3, backoff_initial_s=0.1, backoff_max_s=0.5)
+    await cache.start()
+    try:
+        assert await cache.wait_ready(15)
+        await delete_topic(topics, topics.allowances_topic)
+        await wait_for(lambda: topics.allowances_topic in (cache.state().last_error or ""), what="allowances gone")
+        assert cache.available
+        await delete_topic(topics, topics.decisions_topic)
+        await wait_for(lambda: not cache.available, timeout=10, what="the cache unavailable")
+        await asyncio.sleep(1)  # probes and retries: still unavailable
+        assert not cache.available
+    finally:
+        await cache.stop()
