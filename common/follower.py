@@ -218,14 +218,27 @@ class TopicFollower:
         self.connected = False
 
     async def _run(self) -> None:
-        while True:  # follow() only ever ends by raising
+        while True:
             await retry_forever(
-                self.follow,
+                self._connection,
                 f"{self.name}: following {self.where}",
                 self.first_delay,
                 self.max_delay,
                 on_failure=self._failed,
             )
+            # A connection that was up has ended: the backoff starts over from first_delay (a
+            # node's cache back 0.2 s after a broker blip, not at the last outage's 5 s).
+            await asyncio.sleep(self.first_delay)
+
+    async def _connection(self) -> None:
+        """``follow()``, which only ever ends by raising: raised on when it never got connected
+        (retried with backoff), returned from when it had been (its failure said here)."""
+        try:
+            await self.follow()
+        except Exception as exc:
+            if not self.connected:
+                raise
+            self._failed(exc, 1, self.first_delay)
 
     def _failed(self, exc: Exception, attempt: int, delay: float) -> None:
         message = describe_error(exc)

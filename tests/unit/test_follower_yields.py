@@ -71,3 +71,39 @@ async def test_other_tasks_run_between_the_partitions_of_a_fetch() -> None:
     # and a fetch is handed over a few hundred records at a time, not thousands
     assert consumer.asked
     assert max(consumer.asked) == FOLLOW_MAX_RECORDS <= 500
+
+
+async def test_the_backoff_starts_over_after_a_connection_that_was_up() -> None:
+    """Five failed attempts raise the delay to its max; a connection that then held and failed
+    must not leave the next outage at that max (a node's cache would wait 5 s after a blip)."""
+    delays: list[float] = []
+    attempts = 0
+
+    async def follow() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 6:
+            follower.connected = True  # this one got connected, then the broker went
+        raise ConnectionError(f"down {attempts}")
+
+    async def on_records(records: list[Any]) -> None:
+        pass
+
+    follower = TopicFollower("127.0.0.1:1", TOPIC, on_records, "test", first_delay=0.01, max_delay=0.08)
+    failed = follower._failed
+
+    def record(exc: Exception, attempt: int, delay: float) -> None:
+        delays.append(delay)
+        failed(exc, attempt, delay)
+
+    follower._failed = record  # type: ignore[method-assign]
+    follower.follow = follow  # type: ignore[method-assign]
+    await follower.start()
+    try:
+        while attempts < 8:
+            await asyncio.sleep(0.01)
+    finally:
+        await follower.stop()
+    assert delays[:5] == [0.01, 0.02, 0.04, 0.08, 0.08]
+    assert delays[5:7] == [0.01, 0.01]  # the connected failure, then the first retry of the next outage
+    assert not follower.connected
