@@ -200,6 +200,7 @@ class TopicFollower:
         self.records_seen = 0
         self.bootstrap_s: float | None = None
         self._started_at = time.monotonic()
+        self._connected_at = 0.0  # when the present connection started reading
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -226,17 +227,18 @@ class TopicFollower:
                 self.max_delay,
                 on_failure=self._failed,
             )
-            # A connection that was up has ended: the backoff starts over from first_delay (a
+            # A connection that held has ended: the backoff starts over from first_delay (a
             # node's cache back 0.2 s after a broker blip, not at the last outage's 5 s).
             await asyncio.sleep(self.first_delay)
 
     async def _connection(self) -> None:
-        """``follow()``, which only ever ends by raising: raised on when it never got connected
-        (retried with backoff), returned from when it had been (its failure said here)."""
+        """``follow()``, which only ever ends by raising: raised on (retried with the growing
+        backoff) unless the connection had held for ``max_delay`` at least, so that one that
+        fails each time soon after it connects is still retried ever more slowly."""
         try:
             await self.follow()
         except Exception as exc:
-            if not self.connected:
+            if not self.connected or time.monotonic() - self._connected_at < self.max_delay:
                 raise
             self._failed(exc, 1, self.first_delay)
 
@@ -294,6 +296,7 @@ class TopicFollower:
         if not self.ready.is_set():
             pending = {tp: end for tp, end in (await consumer.end_offsets(tps)).items() if end > 0}
         self.connected = True
+        self._connected_at = time.monotonic()
         self.last_error = self._missing()
         next_probe = math.inf if self.probe_interval_s is None else time.monotonic() + self.probe_interval_s
         while True:

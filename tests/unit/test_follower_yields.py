@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -75,15 +76,17 @@ async def test_other_tasks_run_between_the_partitions_of_a_fetch() -> None:
 
 async def test_the_backoff_starts_over_after_a_connection_that_was_up() -> None:
     """Five failed attempts raise the delay to its max; a connection that then held and failed
-    must not leave the next outage at that max (a node's cache would wait 5 s after a blip)."""
+    must not leave the next outage at that max (a node's cache would wait 5 s after a blip), and
+    one that fails as soon as it connects must not reset it (a reconnect loop at full speed)."""
     delays: list[float] = []
     attempts = 0
 
     async def follow() -> None:
         nonlocal attempts
         attempts += 1
-        if attempts == 6:
-            follower.connected = True  # this one got connected, then the broker went
+        if attempts in (6, 7):
+            follower.connected = True  # connected, then the broker went: after 1 s (6), at once (7)
+            follower._connected_at = time.monotonic() - (1.0 if attempts == 6 else 0.0)
         raise ConnectionError(f"down {attempts}")
 
     async def on_records(records: list[Any]) -> None:
@@ -100,10 +103,12 @@ async def test_the_backoff_starts_over_after_a_connection_that_was_up() -> None:
     follower.follow = follow  # type: ignore[method-assign]
     await follower.start()
     try:
-        while attempts < 8:
+        while attempts < 9:
             await asyncio.sleep(0.01)
     finally:
         await follower.stop()
     assert delays[:5] == [0.01, 0.02, 0.04, 0.08, 0.08]
-    assert delays[5:7] == [0.01, 0.01]  # the connected failure, then the first retry of the next outage
+    # 6 held longer than max_delay: said with first_delay, and the next outage starts over;
+    # 7 failed as soon as it connected: retried with the growing backoff.
+    assert delays[5:8] == [0.01, 0.01, 0.02]
     assert not follower.connected
