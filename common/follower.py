@@ -146,6 +146,14 @@ async def _listed_topics(kafka: KafkaTarget) -> set[str]:
             await admin.close()
 
 
+class _ConnectionHeld(Exception):
+    """A follower's connection that had held for a while failed (``cause``)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class TopicFollower:
     """Reads ``topics`` from the beginning, hands every record to ``on_records``, then follows.
 
@@ -200,7 +208,7 @@ class TopicFollower:
         self.records_seen = 0
         self.bootstrap_s: float | None = None
         self._started_at = time.monotonic()
-        self._connected_at = 0.0  # when the present connection started reading
+        self._connected_at: float | None = None  # when the present connection started reading
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -220,27 +228,32 @@ class TopicFollower:
 
     async def _run(self) -> None:
         while True:
-            await retry_forever(
-                self._connection,
-                f"{self.name}: following {self.where}",
-                self.first_delay,
-                self.max_delay,
-                on_failure=self._failed,
-            )
-            # A connection that held has ended: the backoff starts over from first_delay (a
-            # node's cache back 0.2 s after a broker blip, not at the last outage's 5 s).
-            await asyncio.sleep(self.first_delay)
+            try:
+                await retry_forever(
+                    self._connection,
+                    f"{self.name}: following {self.where}",
+                    self.first_delay,
+                    self.max_delay,
+                    permanent=lambda exc: isinstance(exc, _ConnectionHeld),
+                    on_failure=self._failed,
+                )
+            except _ConnectionHeld as ended:
+                # The backoff starts over from first_delay (a node's cache back 0.2 s after a
+                # broker blip, not at the last outage's 5 s).
+                self._failed(ended.cause, 1, self.first_delay)
+                await asyncio.sleep(self.first_delay)
 
     async def _connection(self) -> None:
-        """``follow()``, which only ever ends by raising: raised on (retried with the growing
-        backoff) unless the connection had held for ``max_delay`` at least, so that one that
-        fails each time soon after it connects is still retried ever more slowly."""
+        """``follow()``, which only ever ends by raising; ``_ConnectionHeld`` when its connection
+        had read for ``max_delay`` at least. One that fails each time soon after it connects is
+        retried ever more slowly, not every first_delay."""
+        self._connected_at = None
         try:
             await self.follow()
         except Exception as exc:
-            if not self.connected or time.monotonic() - self._connected_at < self.max_delay:
-                raise
-            self._failed(exc, 1, self.first_delay)
+            if self._connected_at is not None and time.monotonic() - self._connected_at >= self.max_delay:
+                raise _ConnectionHeld(exc) from exc
+            raise
 
     def _failed(self, exc: Exception, attempt: int, delay: float) -> None:
         message = describe_error(exc)

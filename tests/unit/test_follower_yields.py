@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
@@ -74,7 +75,7 @@ async def test_other_tasks_run_between_the_partitions_of_a_fetch() -> None:
     assert max(consumer.asked) == FOLLOW_MAX_RECORDS <= 500
 
 
-async def test_the_backoff_starts_over_after_a_connection_that_was_up() -> None:
+async def test_the_backoff_starts_over_after_a_connection_that_was_up(caplog: pytest.LogCaptureFixture) -> None:
     """Five failed attempts raise the delay to its max; a connection that then held and failed
     must not leave the next outage at that max (a node's cache would wait 5 s after a blip), and
     one that fails as soon as it connects must not reset it (a reconnect loop at full speed)."""
@@ -85,7 +86,8 @@ async def test_the_backoff_starts_over_after_a_connection_that_was_up() -> None:
         nonlocal attempts
         attempts += 1
         if attempts in (6, 7):
-            follower.connected = True  # connected, then the broker went: after 1 s (6), at once (7)
+            follower.connected = False  # what a probe of the broker says after a blip
+            # connected, then the broker went: after reading for 1 s (6), at once (7)
             follower._connected_at = time.monotonic() - (1.0 if attempts == 6 else 0.0)
         raise ConnectionError(f"down {attempts}")
 
@@ -112,3 +114,4 @@ async def test_the_backoff_starts_over_after_a_connection_that_was_up() -> None:
     # 7 failed as soon as it connected: retried with the growing backoff.
     assert delays[5:8] == [0.01, 0.01, 0.02]
     assert not follower.connected
+    assert not [r for r in caplog.records if "succeeded" in r.getMessage()]  # a failure is no success
