@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -67,29 +67,57 @@ def valid_records(records: Iterable[Any], model: type[M]) -> Iterator[M]:
             log.error("bad %s at %s[%d]@%d: %s", model.__name__, record.topic, record.partition, record.offset, exc)
 
 
-async def topic_partitions(kafka: KafkaTarget, topics: Sequence[str]) -> list[TopicPartition]:
-    """Every partition of ``topics``; ``TopicUnavailable`` if one is missing or not readable.
-    Never creates a topic (see the module docstring)."""
+def _not_listed(topics: Iterable[str]) -> str:
+    return f"topic {', '.join(sorted(topics))} {_NOT_LISTED}"
+
+
+@contextlib.asynccontextmanager
+async def _admin(kafka: KafkaTarget) -> AsyncIterator[Any]:
     admin = kafka_clients.admin(kafka, request_timeout_ms=10_000)
     try:
         await admin.start()
-        listed = set(await admin.list_topics())
-        for topic in topics:
-            if topic not in listed:
-                raise TopicUnavailable(f"topic {topic} {_NOT_LISTED}")
-        described = await admin.describe_topics(list(topics))
+        yield admin
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
+
+
+async def _listed_topics(kafka: KafkaTarget) -> set[str]:
+    async with _admin(kafka) as admin:
+        return set(await admin.list_topics())
+
+
+async def _present_partitions(
+    kafka: KafkaTarget, topics: Sequence[str], required: Iterable[str]
+) -> tuple[set[str], list[TopicPartition]]:
+    """(the topics the cluster does not list, every partition of the others), asked with one
+    admin client; no partitions when a ``required`` topic is not listed (the caller says so), and
+    ``TopicUnavailable`` if a listed one is not readable. Never creates a topic (see the module
+    docstring)."""
+    async with _admin(kafka) as admin:
+        listed = set(await admin.list_topics())
+        missing = set(topics) - listed
+        if missing & set(required):
+            return missing, []
+        present = [t for t in topics if t in listed]
+        described = await admin.describe_topics(present) if present else []
     found = {d["topic"]: d for d in described}
     tps: list[TopicPartition] = []
-    for topic in topics:
+    for topic in present:
         desc = found.get(topic)
         code = desc["error_code"] if desc is not None else 3
         if code or desc is None or not desc["partitions"]:
             raise TopicUnavailable(f"topic {topic} {_TOPIC_ERRORS.get(code, f'not available (error {code})')}")
         tps += [TopicPartition(topic, p["partition"]) for p in desc["partitions"]]
-    return sorted(tps)
+    return missing, sorted(tps)
+
+
+async def topic_partitions(kafka: KafkaTarget, topics: Sequence[str]) -> list[TopicPartition]:
+    """Every partition of ``topics``; ``TopicUnavailable`` if one is missing or not readable."""
+    missing, tps = await _present_partitions(kafka, topics, required=topics)
+    if missing:
+        raise TopicUnavailable(_not_listed([next(t for t in topics if t in missing)]))
+    return tps
 
 
 class TopicWatch:
@@ -133,17 +161,7 @@ class TopicWatch:
         """For a reader of one topic: ``TopicUnavailable`` once it is gone."""
         went, _ = await self.check(consumer)
         if went:
-            raise TopicUnavailable(f"topic {', '.join(sorted(went))} {_NOT_LISTED} (deleted while read)")
-
-
-async def _listed_topics(kafka: KafkaTarget) -> set[str]:
-    admin = kafka_clients.admin(kafka, request_timeout_ms=10_000)
-    try:
-        await admin.start()
-        return set(await admin.list_topics())
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
+            raise TopicUnavailable(f"{_not_listed(went)} (deleted while read)")
 
 
 class _ConnectionHeld(Exception):
@@ -202,7 +220,7 @@ class TopicFollower:
         self.ready = asyncio.Event()
         self.connected = False
         self.last_error: str | None = None
-        self.missing_topics: set[str] = set()  # of ``topics``, the ones the cluster lacks now
+        self._watch: TopicWatch | None = None  # the present connection's
         self.lag: int | None = None
         self.positions: dict[TopicPartition, int] = {}
         self.records_seen = 0
@@ -267,13 +285,11 @@ class TopicFollower:
 
         Never returns; raises on the first failure (``TopicUnavailable``, a Kafka error). Of
         several topics, the ones the cluster lists are followed (the others are watched for)."""
-        watch = TopicWatch(self.kafka, self.topics)
-        listed = await _listed_topics(self.kafka)
-        watch.gone = self.missing_topics = {t for t in self.topics if t not in listed}
+        watch = self._watch = TopicWatch(self.kafka, self.topics)
+        watch.gone, tps = await _present_partitions(self.kafka, self.topics, self.required)
         self._forget(watch.gone)  # gone, perhaps created again later: its offsets start over
-        if watch.gone & self.required:
-            raise TopicUnavailable(f"topic {', '.join(sorted(watch.gone & self.required))} {_NOT_LISTED}")
-        tps = await topic_partitions(self.kafka, [t for t in self.topics if t not in watch.gone])
+        if lost := watch.gone & self.required:
+            raise TopicUnavailable(_not_listed(lost))
         consumer = kafka_clients.consumer(
             self.kafka,
             factory=self.consumer_factory,
@@ -345,11 +361,8 @@ class TopicFollower:
         again is read from its start (its offsets start over); without a required one, raise and
         retry."""
         self._forget(went)
-        self.missing_topics = set(gone)
-        if gone & self.required:
-            raise TopicUnavailable(
-                f"topic {', '.join(sorted(gone & self.required))} {_NOT_LISTED} (deleted while read)"
-            )
+        if lost := gone & self.required:
+            raise TopicUnavailable(f"{_not_listed(lost)} (deleted while read)")
         here = [t for t in self.topics if t not in gone]
         tps = await topic_partitions(self.kafka, here)
         await self._seek(consumer, tps)
@@ -364,10 +377,15 @@ class TopicFollower:
         for tp in [tp for tp in self.positions if tp.topic in topics]:
             del self.positions[tp]
 
+    @property
+    def missing_topics(self) -> set[str]:
+        """Of ``topics``, the ones the cluster lacked when last asked."""
+        return set(self._watch.gone) if self._watch is not None else set()
+
     def _missing(self) -> str | None:
         """What ``last_error`` says while connected: the topics followed without (None: none)."""
         topics = self.missing_topics
-        return f"topic {', '.join(sorted(topics))} {_NOT_LISTED}" if topics else None
+        return _not_listed(topics) if topics else None
 
     async def _probe(self, consumer: Any, tps: list[TopicPartition]) -> None:
         """Ask for the end offsets: whether the broker answers, and how far behind we are."""
