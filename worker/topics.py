@@ -8,8 +8,11 @@ when it creates topics with it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -60,7 +63,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 
 
 class TopicsRefused(Exception):
-    """The worker will not create the topics with these settings (the message says why, in one line)."""
+    """The worker will not create or use the topics with these settings, or the cluster refused to
+    create one (the message says why, in one line)."""
 
 
 @dataclass(frozen=True)
@@ -127,12 +131,34 @@ def existing_topic_verdict(
     return TopicsVerdict("; ".join(refuse) or None, "; ".join(warn) or None)
 
 
+# How long a topic the controller knows may take to reach the broker's metadata (KRaft applies
+# it asynchronously): until then it cannot be described, and its cleanup policy is unknown.
+VISIBLE_WITHIN_S = 10.0
+
+
+async def _described(admin: AIOKafkaAdminClient, names: list[str]) -> list[dict[str, Any]]:
+    """``describe_topics`` once every topic of ``names`` can be described; ``TopicsRefused`` if
+    one still cannot be after ``VISIBLE_WITHIN_S``."""
+    deadline = time.monotonic() + VISIBLE_WITHIN_S
+    while True:
+        described: list[dict[str, Any]] = await admin.describe_topics(names)
+        hidden = [t["topic"] for t in described if t["error_code"] != 0]
+        if not hidden:
+            return described
+        if time.monotonic() >= deadline:
+            raise TopicsRefused(
+                f"topic(s) {', '.join(hidden)} exist on the controller but could not be described "
+                f"within {VISIBLE_WITHIN_S:.0f} s: their settings cannot be checked"
+            )
+        await asyncio.sleep(0.1)
+
+
 async def _check_existing(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
     """Refuse (``TopicsRefused``) or warn about topics that exist as ``existing_topic_verdict`` says."""
     if not specs:
         return
-    described = await admin.describe_topics([spec.name for spec in specs])
-    partitions = {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
+    described = await _described(admin, [spec.name for spec in specs])
+    partitions = {t["topic"]: len(t["partitions"]) for t in described}
     policies: dict[str, str] = {}
     responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name) for s in specs])
     for response in responses:
@@ -147,18 +173,41 @@ async def _check_existing(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) ->
         log.warning("%s", verdict.warn)
 
 
+def _new_topic(spec: TopicSpec, settings: Settings) -> NewTopic:
+    config = {**spec.config, "min.insync.replicas": str(settings.kafka_min_insync_replicas)}
+    return NewTopic(spec.name, spec.partitions, settings.kafka_replication_factor, topic_configs=config)
+
+
+def _topic_errors(response: Any) -> dict[str, tuple[int, str]]:
+    """A CreateTopics response's errors by topic (aiokafka returns them; it does not raise)."""
+    return {name: (code, message or "") for name, code, message, *_ in response.topic_errors if code != 0}
+
+
+async def _known_to_controller(admin: AIOKafkaAdminClient, specs: list[TopicSpec], settings: Settings) -> set[str]:
+    """The topics of ``specs`` that exist on the controller. A topic created a moment ago may not
+    be listed by a broker yet; a validate-only creation asks the controller, which knows."""
+    if not specs:
+        return set()
+    response = await admin.create_topics([_new_topic(spec, settings) for spec in specs], validate_only=True)
+    exists = TopicAlreadyExistsError.errno
+    return {name for name, (code, _) in _topic_errors(response).items() if code == exists}
+
+
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create the missing topics; return the names created now. Topics that exist already are
-    checked (``existing_topic_verdict``).
+    checked (``existing_topic_verdict``), including ones created a moment ago that a broker does
+    not list yet and ones another process creates while this one does.
 
-    Raises ``TopicsRefused`` (nothing created) when the replication settings do not fit the
-    cluster (see ``replication_verdict``) or a topic that exists would lose records."""
+    Raises ``TopicsRefused`` when the replication settings do not fit the cluster (see
+    ``replication_verdict``) or a topic that exists would lose records, before creating any, and
+    when the cluster refuses a creation."""
     admin = kafka_clients.admin(settings, request_timeout_ms=15_000)
     created: list[str] = []
     try:
         await admin.start()  # inside: a failed start must still close the client
-        existing = set(await admin.list_topics())
         specs = topic_specs(settings)
+        listed = set(await admin.list_topics())
+        existing = listed | await _known_to_controller(admin, [s for s in specs if s.name not in listed], settings)
         await _check_existing(admin, [spec for spec in specs if spec.name in existing])
         missing = [spec for spec in specs if spec.name not in existing]
         if not missing:
@@ -170,22 +219,24 @@ async def ensure_topics(settings: Settings) -> list[str]:
             raise TopicsRefused(verdict.refuse)
         if verdict.warn is not None:
             log.warning("%s; topics %s", verdict.warn, ", ".join(spec.name for spec in missing))
+        raced: list[TopicSpec] = []  # created by another process since the check above
         for spec in missing:
-            config = {**spec.config, "min.insync.replicas": str(min_isr)}
-            try:
-                await admin.create_topics(
-                    [NewTopic(spec.name, spec.partitions, replication_factor=rf, topic_configs=config)]
-                )
-                created.append(spec.name)
-                log.info(
-                    "created topic %s (%d partitions, replication %d, min.insync.replicas %d)",
-                    spec.name,
-                    spec.partitions,
-                    rf,
-                    min_isr,
-                )
-            except TopicAlreadyExistsError:
-                pass
+            errors = _topic_errors(await admin.create_topics([_new_topic(spec, settings)]))
+            code, message = errors.get(spec.name, (0, ""))
+            if code == TopicAlreadyExistsError.errno:
+                raced.append(spec)
+                continue
+            if code != 0:
+                raise TopicsRefused(f"creating topic {spec.name} failed: {message} (Kafka error code {code})")
+            created.append(spec.name)
+            log.info(
+                "created topic %s (%d partitions, replication %d, min.insync.replicas %d)",
+                spec.name,
+                spec.partitions,
+                rf,
+                min_isr,
+            )
+        await _check_existing(admin, raced)
     finally:
         await admin.close()
     return created

@@ -259,14 +259,12 @@ async def delete_topic(settings: Settings, topic: str) -> None:
 async def create_again(settings: Settings, topic: str) -> None:
     """The settings' topics created again after ``topic`` was deleted (the deletion completes in
     the background: until then the broker says it exists)."""
-    from aiokafka.errors import TopicAlreadyExistsError
-
-    from worker.topics import ensure_topics
+    from worker.topics import TopicsRefused, ensure_topics
 
     async def listed() -> bool:
         try:
             await ensure_topics(settings)
-        except TopicAlreadyExistsError:
+        except TopicsRefused:  # still being deleted
             return False
         admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
         await admin.start()

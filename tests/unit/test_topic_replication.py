@@ -6,6 +6,7 @@ Before: every topic was created with replication factor 1, on any cluster, witho
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -57,9 +58,21 @@ def test_min_insync_above_replication_is_refused_at_start() -> None:
 class FakeAdmin:
     """An admin client of a cluster of ``brokers`` brokers holding ``existing`` topics."""
 
-    def __init__(self, brokers: int, existing: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        brokers: int,
+        existing: set[str] | None = None,
+        unlisted: set[str] | None = None,
+        policies: dict[str, str] | None = None,
+        refuse: dict[str, tuple[int, str]] | None = None,
+        raced: set[str] | None = None,
+    ) -> None:
         self.brokers = brokers
         self.existing = existing or set()
+        self.unlisted = unlisted or set()  # known to the controller, not yet listed by the broker
+        self.policies = policies or {}
+        self.refuse = refuse or {}  # what the controller answers a creation of these topics
+        self.raced = raced or set()  # created by another process between the check and the creation
         self.created: list[Any] = []
 
     async def start(self) -> None:
@@ -74,14 +87,25 @@ class FakeAdmin:
     async def describe_cluster(self) -> dict[str, Any]:
         return {"brokers": [{"node_id": i} for i in range(self.brokers)], "controller_id": 0}
 
-    async def create_topics(self, topics: list[Any]) -> None:
-        self.created += topics
+    async def create_topics(self, topics: list[Any], validate_only: bool = False) -> Any:
+        errors: list[tuple[str, int, str | None]] = []
+        for topic in topics:
+            if topic.name in self.existing | self.unlisted or (topic.name in self.raced and not validate_only):
+                errors.append((topic.name, 36, f"Topic '{topic.name}' already exists."))
+            elif topic.name in self.refuse:
+                errors.append((topic.name, *self.refuse[topic.name]))
+            else:
+                errors.append((topic.name, 0, None))
+                if not validate_only:
+                    self.created.append(topic)
+        return SimpleNamespace(topic_errors=errors)
 
     async def describe_topics(self, topics: list[str]) -> list[dict[str, Any]]:
         return [{"topic": t, "error_code": 0, "partitions": [{}] * 64} for t in topics]
 
     async def describe_configs(self, resources: list[Any]) -> list[Any]:
-        return []  # no cleanup.policy known: nothing to compare
+        entries = {r.name: [("cleanup.policy", self.policies[r.name])] for r in resources if r.name in self.policies}
+        return [SimpleNamespace(resources=[(0, None, 2, name, e) for name, e in entries.items()])]
 
 
 @pytest.fixture
@@ -128,6 +152,41 @@ async def test_existing_topics_are_left_alone(cluster: list[FakeAdmin]) -> None:
     s = Settings()
     cluster.append(FakeAdmin(brokers=3, existing={spec.name for spec in topic_specs(s)}))
     assert await ensure_topics(s) == []  # nothing to create: nothing refused either
+
+
+async def test_a_topic_the_broker_does_not_list_yet_is_checked_before_anything_is_created(
+    cluster: list[FakeAdmin],
+) -> None:
+    # Created a moment ago (a broker's auto-creation on a node's first read): the controller has it,
+    # the broker's metadata not yet. Before, the worker took it as missing and used it unchecked.
+    s = Settings()
+    cluster.append(FakeAdmin(brokers=1, unlisted={s.decisions_topic}, policies={s.decisions_topic: "delete"}))
+    with pytest.raises(TopicsRefused, match=f"topic {s.decisions_topic} has cleanup.policy=delete"):
+        await ensure_topics(s)
+    assert cluster[0].created == []
+
+
+async def test_a_topic_another_process_creates_meanwhile_is_checked_and_not_reported_created(
+    cluster: list[FakeAdmin],
+) -> None:
+    s = Settings()
+    cluster.append(FakeAdmin(brokers=1, raced={s.limits_topic}, policies={s.limits_topic: "compact"}))
+    created = await ensure_topics(s)
+    assert s.limits_topic not in created
+    assert s.events_topic in created
+    cluster.append(FakeAdmin(brokers=1, raced={s.limits_topic}, policies={s.limits_topic: "delete"}))
+    cluster.pop(0)
+    with pytest.raises(TopicsRefused, match=f"topic {s.limits_topic} has cleanup.policy=delete"):
+        await ensure_topics(s)
+
+
+async def test_a_creation_the_cluster_refuses_is_an_error_not_a_created_topic(cluster: list[FakeAdmin]) -> None:
+    # aiokafka returns a CreateTopics error; it does not raise. Before, it was logged as created.
+    s = Settings()
+    cluster.append(FakeAdmin(brokers=1, refuse={s.dlq_topic: (40, "Invalid config value")}))
+    with pytest.raises(TopicsRefused, match=f"creating topic {s.dlq_topic} failed: Invalid config value"):
+        await ensure_topics(s)
+    assert s.dlq_topic not in [t.name for t in cluster[0].created]
 
 
 def test_existing_topics_that_would_lose_records_are_refused_and_fewer_partitions_warned() -> None:
