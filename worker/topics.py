@@ -162,7 +162,9 @@ async def _check_existing(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) ->
     policies: dict[str, str] = {}
     responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name) for s in specs])
     for response in responses:
-        for _error, _message, _kind, name, entries, *_ in response.resources:
+        for error, message, _kind, name, entries, *_ in response.resources:
+            if error:  # e.g. no DescribeConfigs permission: the policy cannot be checked, say so
+                log.warning("cannot check the cleanup.policy of topic %s: %s (Kafka error %d)", name, message, error)
             for entry in entries:
                 if entry[0] == "cleanup.policy":
                     policies[name] = entry[1]

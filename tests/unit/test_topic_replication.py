@@ -66,6 +66,7 @@ class FakeAdmin:
         policies: dict[str, str] | None = None,
         refuse: dict[str, tuple[int, str]] | None = None,
         raced: set[str] | None = None,
+        denied: set[str] | None = None,
     ) -> None:
         self.brokers = brokers
         self.existing = existing or set()
@@ -73,6 +74,7 @@ class FakeAdmin:
         self.policies = policies or {}
         self.refuse = refuse or {}  # what the controller answers a creation of these topics
         self.raced = raced or set()  # created by another process between the check and the creation
+        self.denied = denied or set()  # topics whose configs this principal may not describe
         self.created: list[Any] = []
 
     async def start(self) -> None:
@@ -105,7 +107,10 @@ class FakeAdmin:
 
     async def describe_configs(self, resources: list[Any]) -> list[Any]:
         entries = {r.name: [("cleanup.policy", self.policies[r.name])] for r in resources if r.name in self.policies}
-        return [SimpleNamespace(resources=[(0, None, 2, name, e) for name, e in entries.items()])]
+        denied: list[Any] = [
+            (29, "Topic authorization failed.", 2, r.name, []) for r in resources if r.name in self.denied
+        ]
+        return [SimpleNamespace(resources=[(0, None, 2, name, e) for name, e in entries.items()] + denied)]
 
 
 @pytest.fixture
@@ -187,6 +192,17 @@ async def test_a_creation_the_cluster_refuses_is_an_error_not_a_created_topic(cl
     with pytest.raises(TopicsRefused, match=f"creating topic {s.dlq_topic} failed: Invalid config value"):
         await ensure_topics(s)
     assert s.dlq_topic not in [t.name for t in cluster[0].created]
+
+
+async def test_a_policy_that_cannot_be_read_is_a_warning_not_a_silent_pass(
+    cluster: list[FakeAdmin], caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Settings()
+    cluster.append(FakeAdmin(brokers=1, existing={s.decisions_topic}, denied={s.decisions_topic}))
+    with caplog.at_level(logging.WARNING, logger="worker.topics"):
+        await ensure_topics(s)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"cannot check the cleanup.policy of topic {s.decisions_topic}" in w for w in warnings), warnings
 
 
 def test_existing_topics_that_would_lose_records_are_refused_and_fewer_partitions_warned() -> None:
