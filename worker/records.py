@@ -112,6 +112,14 @@ class Rejection:
     value: bytes | None
 
 
+def validation_reason(exc: ValidationError) -> tuple[str, str]:
+    """(DLQ reason, detail) of a record its schema refused: the first error, where it is."""
+    first = exc.errors(include_url=False)[0]
+    kind = "invalid_json" if first["type"].startswith("json") else "schema_violation"
+    where = ".".join(str(p) for p in first["loc"]) or "message"
+    return kind, f"{where}: {first['msg']}"[:500]
+
+
 class Validator:
     """Checks size, schema, key consistency and event time against a sane window."""
 
@@ -140,10 +148,7 @@ class Validator:
         try:
             event: RequestEvent = _validate_event_json(value)
         except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            kind = "invalid_json" if first["type"].startswith("json") else "schema_violation"
-            where = ".".join(str(p) for p in first["loc"]) or "message"
-            return self.reject(record, kind, f"{where}: {first['msg']}"[:500])
+            return self.reject(record, *validation_reason(exc))
         if record.key is None:
             return self.reject(record, "missing_key", "message key must be the event's key_id")
         if record.key != event["key_id"].encode():

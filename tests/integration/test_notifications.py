@@ -6,6 +6,7 @@ dead-lettered; offsets are committed only once a notification is delivered or de
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -349,6 +350,37 @@ async def test_an_endpoint_that_never_recovers_gets_a_dead_letter_the_others_the
     assert all("token" not in x.endpoint for x in letters)  # no query string, no path
     assert [r.key for r in letters_raw] == [x.notification.id.encode() for x in letters]
     assert (stats.delivered, stats.dead_lettered) == (2, 4)
+
+
+async def test_a_record_that_is_no_notification_is_dead_lettered_whole_and_delivery_goes_on(
+    notify_topics: Settings,
+) -> None:
+    with receivers(([], "200")) as [receiver]:
+        settings = deliverer_settings(notify_topics, [receiver.url])
+        before, after = notification("cf_liv_webhook_before"), notification("cf_liv_webhook_after", 1)
+        await publish_notifications(settings, [before])
+        producer = kafka_clients.producer(settings, enable_idempotence=True, acks="all")
+        await producer.start()
+        try:
+            bad = await producer.send_and_wait(settings.notifications_topic, b'{"id": 7}', key=b"cf_liv_webhook_bad")
+        finally:
+            await producer.stop()
+        await publish_notifications(settings, [after])
+        async with delivering(settings) as deliverer:
+            letters = await read_topic(settings, settings.notifications_dlq_topic, at_least=1, timeout=30)
+            await wait_for(lambda: len(receiver.calls) >= 2, 20, "both notifications delivered")
+            await wait_for(lambda: committed(settings), 20, "the offsets committed past the bad record")
+            stats = deliverer.stats
+    assert sorted(json.loads(c.body)["id"] for c in receiver.calls) == sorted([before.id, after.id])
+    [letter] = letters
+    body = json.loads(letter.value)
+    assert body["reason"] == "schema_violation"
+    assert "notification" not in body  # tells it apart from an undelivered notification
+    assert base64.b64decode(body["original_b64"]) == b'{"id": 7}'
+    assert (body["source_topic"], body["source_offset"]) == (settings.notifications_topic, bad.offset)
+    assert letter.key == b"cf_liv_webhook_bad"
+    assert dict(letter.headers)["dlq.reason"] == b"schema_violation"
+    assert (stats.delivered, stats.invalid, stats.dead_lettered) == (2, 1, 0)
 
 
 async def test_a_deliverer_stopped_mid_retry_loses_nothing(notify_topics: Settings) -> None:

@@ -7,7 +7,7 @@ failure, 408, 425, 429 or 5xx is retried: the delay before attempt n+1 is drawn 
 [0, min(first × 2^(n-1), max)] (exponential backoff, full jitter; a ``Retry-After`` within
 the max is honoured), up to ``METER_NOTIFY_MAX_ATTEMPTS`` attempts. Any other answer (3xx,
 4xx) is final. What an endpoint never accepted goes to the dead-letter topic with the reason
-and the endpoint.
+and the endpoint; a record that is not a notification goes there too, whole, with its reason.
 
 Offsets are committed only after every notification of a fetch has been delivered or
 dead-lettered at every endpoint: nothing is lost, and a crash or a rebalance before the
@@ -41,7 +41,9 @@ from common.follower import topic_partitions
 from common.recent_set import RecentSet
 from common.retry import cancel_and_wait, describe_error, keep_running, retry_forever
 from schemas.notifications import Notification, UndeliveredNotification
+from worker.ingest.dlq import dead_letter
 from worker.notify.signature import HEADER, sign
+from worker.records import Rejection, validation_reason
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ class DeliveryStats:
     retries: int = 0
     dead_lettered: int = 0
     duplicates: int = 0  # skipped: already delivered or dead-lettered by this process
-    invalid: int = 0  # records that are not notifications (logged with their place)
+    invalid: int = 0  # records that are not notifications (dead-lettered with the reason)
 
     def summary(self) -> str:
         return (
@@ -225,10 +227,7 @@ class WebhookDeliverer:
             try:
                 notification = Notification.model_validate_json(record.value)
             except ValidationError as exc:
-                self.stats.invalid += 1
-                log.error(
-                    "not a notification at %s[%d]@%d, skipped: %s", record.topic, record.partition, record.offset, exc
-                )
+                await self._dead_letter_unreadable(record, exc)
                 continue
             parsed.append((notification, notification.model_dump_json().encode(), record))
 
@@ -342,6 +341,29 @@ class WebhookDeliverer:
             endpoint.label,
             attempts,
             letter.reason,
+        )
+
+    async def _dead_letter_unreadable(self, record: Any, exc: ValidationError) -> None:
+        """A record that is not a notification (nothing to deliver) goes to the dead-letter topic
+        whole, in the events' dead-letter format (``worker.ingest.dlq``): not skipped unseen."""
+        reason, detail = validation_reason(exc)
+        rejection = Rejection(record.topic, record.partition, record.offset, reason, detail, record.key, record.value)
+        value, headers = dead_letter(rejection, datetime.fromtimestamp(self.clock(), UTC))
+        producer = self._producer
+        await retry_forever(  # not lost: wait for the broker
+            lambda: producer.send_and_wait(
+                self.settings.notifications_dlq_topic, value, key=record.key, headers=headers
+            ),
+            f"dead-lettering the record at {record.topic}[{record.partition}]@{record.offset}",
+        )
+        self.stats.invalid += 1
+        log.error(
+            "not a notification at %s[%d]@%d, dead-lettered (%s): %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            reason,
+            detail,
         )
 
     def _remember(self, done: tuple[str, str]) -> None:
