@@ -100,7 +100,7 @@ async def _present_partitions(
         if missing & set(required):
             return missing, []
         present = [t for t in topics if t in listed]
-        described = await admin.describe_topics(present) if present else []
+        described = await kafka_clients.describe_topics(admin, present) if present else []
     found = {d["topic"]: d for d in described}
     tps: list[TopicPartition] = []
     for topic in present:

@@ -174,6 +174,17 @@ def admin(kafka: KafkaTarget, **options: Any) -> Any:
     return AIOKafkaAdminClient(**connection_options(kafka), **options)
 
 
+async def describe_topics(admin: AIOKafkaAdminClient, topics: list[str]) -> list[dict[str, Any]]:
+    """What ``admin.describe_topics`` returns, asked without ``allow_auto_topic_creation``:
+    aiokafka's asks with it, and a broker with auto-creation on would create a topic deleted a
+    moment ago again, with the broker's defaults (a control topic not compacted)."""
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    response = await admin._send_request(MetadataRequest(topics, allow_auto_topic_creation=False))
+    described: list[dict[str, Any]] = response.to_object()["topics"]
+    return described
+
+
 def faststream_security(kafka: KafkaTarget) -> BaseSecurity | None:
     """The same security as a FastStream security object (None for PLAINTEXT)."""
     from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512

@@ -51,6 +51,7 @@ class Operation(IntEnum):  # Kafka's AclOperation codes
     write = 4
     create = 5
     describe = 8
+    describe_configs = 10
 
 
 _LITERAL = 3  # PatternType.LITERAL
@@ -79,14 +80,15 @@ def role_acls(role: Role, s: Settings) -> list[Acl]:
             *_topic(s.limits_topic, r, d),
         ]
     if role is Role.worker:
+        dc = Operation.describe_configs  # at start: a topic's cleanup.policy is checked (worker.topics)
         return [
-            *_topic(s.events_topic, r, d, c),
-            *_topic(s.decisions_topic, r, w, d, c),
-            *_topic(s.allowances_topic, r, w, d, c),
-            *_topic(s.limits_topic, r, d, c),
-            *_topic(s.dlq_topic, w, d, c),
-            *_topic(s.notifications_topic, w, d, c),
-            *_topic(s.notifications_dlq_topic, w, d, c),
+            *_topic(s.events_topic, r, d, c, dc),
+            *_topic(s.decisions_topic, r, w, d, c, dc),
+            *_topic(s.allowances_topic, r, w, d, c, dc),
+            *_topic(s.limits_topic, r, d, c, dc),
+            *_topic(s.dlq_topic, w, d, c, dc),
+            *_topic(s.notifications_topic, w, d, c, dc),
+            *_topic(s.notifications_dlq_topic, w, d, c, dc),
             Acl(Resource.group, s.consumer_group, r),
         ]
     if role is Role.notifier:
@@ -115,7 +117,7 @@ def kafka_acls_commands(principal: str, acls: list[Acl], bootstrap: str) -> list
         by_resource.setdefault((acl.resource, acl.name), []).append(acl.operation)
     lines = []
     for (resource, name), operations in by_resource.items():
-        ops = " ".join(f"--operation {op.name.capitalize()}" for op in operations)
+        ops = " ".join(f"--operation {''.join(w.capitalize() for w in op.name.split('_'))}" for op in operations)
         target = "--cluster" if resource is Resource.cluster else f"--{resource.name} {name}"
         lines.append(
             f"kafka-acls.sh --bootstrap-server {bootstrap} --command-config admin.properties "

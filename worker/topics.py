@@ -16,7 +16,7 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from common import kafka_clients
 from worker.settings import Settings
@@ -131,48 +131,103 @@ def existing_topic_verdict(
     return TopicsVerdict("; ".join(refuse) or None, "; ".join(warn) or None)
 
 
-# How long a topic the controller knows may take to reach the broker's metadata (KRaft applies
+# How long a topic the controller knows may take to reach the brokers' metadata (KRaft applies
 # it asynchronously): until then it cannot be described, and its cleanup policy is unknown.
 VISIBLE_WITHIN_S = 10.0
+# Unknown topic or partition, leader not available: what a broker answers for a topic it has
+# not applied yet (or one deleted meanwhile: the controller tells the two apart).
+_NOT_YET = frozenset({3, 5})
+_TOPIC_AUTHORIZATION_FAILED = 29
 
 
-async def _described(admin: AIOKafkaAdminClient, names: list[str]) -> list[dict[str, Any]]:
-    """``describe_topics`` once every topic of ``names`` can be described; ``TopicsRefused`` if
-    one still cannot be after ``VISIBLE_WITHIN_S``."""
-    deadline = time.monotonic() + VISIBLE_WITHIN_S
-    while True:
-        described: list[dict[str, Any]] = await admin.describe_topics(names)
-        hidden = [t["topic"] for t in described if t["error_code"] != 0]
-        if not hidden:
-            return described
-        if time.monotonic() >= deadline:
-            raise TopicsRefused(
-                f"topic(s) {', '.join(hidden)} exist on the controller but could not be described "
-                f"within {VISIBLE_WITHIN_S:.0f} s: their settings cannot be checked"
-            )
-        await asyncio.sleep(0.1)
+def _kafka_error(code: int, message: str | None = None) -> str:
+    return f"{message or for_code(code).__name__} (Kafka error {code})"
 
 
-async def _check_existing(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
-    """Refuse (``TopicsRefused``) or warn about topics that exist as ``existing_topic_verdict`` says."""
-    if not specs:
-        return
-    described = await _described(admin, [spec.name for spec in specs])
-    partitions = {t["topic"]: len(t["partitions"]) for t in described}
-    policies: dict[str, str] = {}
-    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name) for s in specs])
+@dataclass
+class _Existing:
+    """What the check of existing topics found: their partition counts and cleanup policies,
+    and the topics that turned out not to exist (deleted meanwhile: to be created)."""
+
+    partitions: dict[str, int] = field(default_factory=dict)
+    policies: dict[str, str] = field(default_factory=dict)
+    gone: set[str] = field(default_factory=set)
+
+
+async def _read_configs(admin: AIOKafkaAdminClient, names: list[str], found: _Existing) -> set[str]:
+    """Record the cleanup policies of ``names`` in ``found``; return those not visible yet. A
+    topic this principal may not read the configs of is a warning (the check cannot run)."""
+    not_yet: set[str] = set()
+    denied: list[str] = []
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
     for response in responses:
         for error, message, _kind, name, entries, *_ in response.resources:
-            if error:  # e.g. no DescribeConfigs permission: the policy cannot be checked, say so
-                log.warning("cannot check the cleanup.policy of topic %s: %s (Kafka error %d)", name, message, error)
+            if error in _NOT_YET:
+                not_yet.add(name)
+            elif error == _TOPIC_AUTHORIZATION_FAILED:
+                denied.append(name)
+            elif error:
+                raise TopicsRefused(f"cannot read the configs of topic {name}: {_kafka_error(error, message)}")
             for entry in entries:
                 if entry[0] == "cleanup.policy":
-                    policies[name] = entry[1]
-    verdict = existing_topic_verdict(specs, partitions, policies)
+                    found.policies[name] = entry[1]
+    if denied:
+        log.warning(
+            "cannot check the cleanup.policy of topic(s) %s: not authorized (grant the worker "
+            "DescribeConfigs on its topics: `meter kafka-acls`)",
+            ", ".join(denied),
+        )
+    return not_yet
+
+
+async def _read_existing(admin: AIOKafkaAdminClient, specs: list[TopicSpec], settings: Settings) -> _Existing:
+    """Describe the topics of ``specs`` and read their cleanup policies, waiting up to
+    ``VISIBLE_WITHIN_S`` for ones a broker has not applied yet; ones the controller does not know
+    (deleted meanwhile) are ``gone``. Any other error stops the start (``TopicsRefused``)."""
+    found = _Existing()
+    pending = {spec.name: spec for spec in specs}
+    deadline = time.monotonic() + VISIBLE_WITHIN_S
+    while pending:
+        not_yet: set[str] = set()
+        for topic in await kafka_clients.describe_topics(admin, list(pending)):
+            name, code = topic["topic"], topic["error_code"]
+            if code in _NOT_YET:
+                not_yet.add(name)
+            elif code:
+                raise TopicsRefused(f"cannot describe topic {name}: {_kafka_error(code)}")
+            else:
+                found.partitions[name] = len(topic["partitions"])
+        described = [name for name in pending if name not in not_yet]
+        if described:
+            not_yet |= await _read_configs(admin, described, found)
+        pending = {name: spec for name, spec in pending.items() if name in not_yet}
+        if not pending:
+            break
+        known = await _known_to_controller(admin, list(pending.values()), settings)
+        found.gone |= set(pending) - known
+        pending = {name: spec for name, spec in pending.items() if name in known}
+        if pending and time.monotonic() >= deadline:
+            raise TopicsRefused(
+                f"topic(s) {', '.join(pending)} exist on the controller but a broker could not describe "
+                f"them within {VISIBLE_WITHIN_S:.0f} s: their settings cannot be checked"
+            )
+        await asyncio.sleep(0.1)
+    return found
+
+
+async def _check_existing(admin: AIOKafkaAdminClient, specs: list[TopicSpec], settings: Settings) -> set[str]:
+    """Refuse (``TopicsRefused``) or warn about topics that exist as ``existing_topic_verdict``
+    says; return those that turned out not to exist."""
+    if not specs:
+        return set()
+    found = await _read_existing(admin, specs, settings)
+    present = [spec for spec in specs if spec.name not in found.gone]
+    verdict = existing_topic_verdict(present, found.partitions, found.policies)
     if verdict.refuse is not None:
         raise TopicsRefused(verdict.refuse)
     if verdict.warn is not None:
         log.warning("%s", verdict.warn)
+    return found.gone
 
 
 def _new_topic(spec: TopicSpec, settings: Settings) -> NewTopic:
@@ -210,7 +265,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
         specs = topic_specs(settings)
         listed = set(await admin.list_topics())
         existing = listed | await _known_to_controller(admin, [s for s in specs if s.name not in listed], settings)
-        await _check_existing(admin, [spec for spec in specs if spec.name in existing])
+        existing -= await _check_existing(admin, [spec for spec in specs if spec.name in existing], settings)
         missing = [spec for spec in specs if spec.name not in existing]
         if not missing:
             return created
@@ -238,7 +293,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
                 rf,
                 min_isr,
             )
-        await _check_existing(admin, raced)
+        await _check_existing(admin, raced, settings)
     finally:
         await admin.close()
     return created

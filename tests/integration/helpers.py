@@ -257,15 +257,12 @@ async def delete_topic(settings: Settings, topic: str) -> None:
 
 
 async def create_again(settings: Settings, topic: str) -> None:
-    """The settings' topics created again after ``topic`` was deleted (the deletion completes in
-    the background: until then the broker says it exists)."""
-    from worker.topics import TopicsRefused, ensure_topics
+    """The settings' topics created again after ``topic`` was deleted, once a broker lists it
+    (a refusal of ``ensure_topics`` is raised: it is not a wait)."""
+    from worker.topics import ensure_topics
 
     async def listed() -> bool:
-        try:
-            await ensure_topics(settings)
-        except TopicsRefused:  # still being deleted
-            return False
+        await ensure_topics(settings)
         admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
         await admin.start()
         try:

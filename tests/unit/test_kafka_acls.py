@@ -8,6 +8,7 @@ import pytest
 from worker.cli import main
 from worker.kafka_acls import Acl, Operation, Resource, Role, kafka_acls_commands, role_acls
 from worker.settings import Settings
+from worker.topics import topic_specs
 
 S = Settings()
 CONTROL = (S.decisions_topic, S.limits_topic, S.allowances_topic)
@@ -33,6 +34,8 @@ def test_the_worker_cannot_change_limits() -> None:
     for topic in (S.decisions_topic, S.allowances_topic, S.dlq_topic):
         assert (Resource.topic, topic, Operation.write) in acls
     assert (Resource.group, S.consumer_group, Operation.read) in acls
+    # Its start checks each topic's cleanup policy (worker.topics): it reads the topics' configs.
+    assert {(Resource.topic, spec.name, Operation.describe_configs) for spec in topic_specs(S)} <= acls
 
 
 def test_operators_write_limits_and_decisions_not_events() -> None:
@@ -50,10 +53,12 @@ def test_kafka_acls_commands() -> None:
     acls = [
         Acl(Resource.topic, "usage.events", Operation.write),
         Acl(Resource.topic, "usage.events", Operation.describe),
+        Acl(Resource.topic, "usage.events", Operation.describe_configs),
     ]
     assert kafka_acls_commands("User:node", acls, "kafka:9093") == [
         "kafka-acls.sh --bootstrap-server kafka:9093 --command-config admin.properties --add "
-        "--allow-principal User:node --operation Write --operation Describe --topic usage.events"
+        "--allow-principal User:node --operation Write --operation Describe --operation DescribeConfigs "
+        "--topic usage.events"
     ]
 
 

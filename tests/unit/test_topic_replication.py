@@ -67,6 +67,10 @@ class FakeAdmin:
         refuse: dict[str, tuple[int, str]] | None = None,
         raced: set[str] | None = None,
         denied: set[str] | None = None,
+        not_yet: dict[str, int] | None = None,
+        configs_not_yet: dict[str, int] | None = None,
+        deleted: set[str] | None = None,
+        describe_errors: dict[str, int] | None = None,
     ) -> None:
         self.brokers = brokers
         self.existing = existing or set()
@@ -75,6 +79,10 @@ class FakeAdmin:
         self.refuse = refuse or {}  # what the controller answers a creation of these topics
         self.raced = raced or set()  # created by another process between the check and the creation
         self.denied = denied or set()  # topics whose configs this principal may not describe
+        self.not_yet = not_yet or {}  # topic -> how many more describes answer "unknown topic" (3)
+        self.configs_not_yet = configs_not_yet or {}  # the same for describe_configs
+        self.deleted = deleted or set()  # listed by the broker, deleted on the controller meanwhile
+        self.describe_errors = describe_errors or {}  # topic -> the error every describe answers
         self.created: list[Any] = []
 
     async def start(self) -> None:
@@ -92,7 +100,8 @@ class FakeAdmin:
     async def create_topics(self, topics: list[Any], validate_only: bool = False) -> Any:
         errors: list[tuple[str, int, str | None]] = []
         for topic in topics:
-            if topic.name in self.existing | self.unlisted or (topic.name in self.raced and not validate_only):
+            exists = (self.existing | self.unlisted) - self.deleted
+            if topic.name in exists or (topic.name in self.raced and not validate_only):
                 errors.append((topic.name, 36, f"Topic '{topic.name}' already exists."))
             elif topic.name in self.refuse:
                 errors.append((topic.name, *self.refuse[topic.name]))
@@ -102,15 +111,33 @@ class FakeAdmin:
                     self.created.append(topic)
         return SimpleNamespace(topic_errors=errors)
 
+    @staticmethod
+    def _not_yet(counts: dict[str, int], name: str) -> bool:
+        if counts.get(name, 0) > 0:
+            counts[name] -= 1
+            return True
+        return False
+
     async def describe_topics(self, topics: list[str]) -> list[dict[str, Any]]:
-        return [{"topic": t, "error_code": 0, "partitions": [{}] * 64} for t in topics]
+        described = []
+        for t in topics:
+            code = self.describe_errors.get(t, 0)
+            if t in self.deleted or self._not_yet(self.not_yet, t):
+                code = 3
+            described.append({"topic": t, "error_code": code, "partitions": [] if code else [{}] * 64})
+        return described
 
     async def describe_configs(self, resources: list[Any]) -> list[Any]:
-        entries = {r.name: [("cleanup.policy", self.policies[r.name])] for r in resources if r.name in self.policies}
-        denied: list[Any] = [
-            (29, "Topic authorization failed.", 2, r.name, []) for r in resources if r.name in self.denied
-        ]
-        return [SimpleNamespace(resources=[(0, None, 2, name, e) for name, e in entries.items()] + denied)]
+        answers: list[Any] = []
+        for name in (r.name for r in resources):
+            if name in self.denied:
+                answers.append((29, "Topic authorization failed.", 2, name, []))
+            elif self._not_yet(self.configs_not_yet, name):
+                answers.append((3, None, 2, name, []))
+            else:
+                entries = [("cleanup.policy", self.policies[name])] if name in self.policies else []
+                answers.append((0, None, 2, name, entries))
+        return [SimpleNamespace(resources=answers)]
 
 
 @pytest.fixture
@@ -120,7 +147,11 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> list[FakeAdmin]:
     def admin(kafka: Any, **options: Any) -> FakeAdmin:
         return admins[0]
 
+    async def describe_topics(admin: FakeAdmin, topics: list[str]) -> list[dict[str, Any]]:
+        return await admin.describe_topics(topics)
+
     monkeypatch.setattr(kafka_clients, "admin", admin)
+    monkeypatch.setattr(kafka_clients, "describe_topics", describe_topics)
     return admins
 
 
@@ -202,7 +233,42 @@ async def test_a_policy_that_cannot_be_read_is_a_warning_not_a_silent_pass(
     with caplog.at_level(logging.WARNING, logger="worker.topics"):
         await ensure_topics(s)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(f"cannot check the cleanup.policy of topic {s.decisions_topic}" in w for w in warnings), warnings
+    assert any(f"cannot check the cleanup.policy of topic(s) {s.decisions_topic}" in w for w in warnings), warnings
+
+
+async def test_a_topic_a_broker_applies_late_is_waited_for_then_checked(cluster: list[FakeAdmin]) -> None:
+    # Its metadata unknown to the broker for two describes, its configs for one more (brokers
+    # apply a creation on their own time): waited for, then refused for its policy.
+    s = Settings()
+    cluster.append(
+        FakeAdmin(
+            brokers=1,
+            unlisted={s.decisions_topic},
+            policies={s.decisions_topic: "delete"},
+            not_yet={s.decisions_topic: 2},
+            configs_not_yet={s.decisions_topic: 1},
+        )
+    )
+    with pytest.raises(TopicsRefused, match=f"topic {s.decisions_topic} has cleanup.policy=delete"):
+        await ensure_topics(s)
+    assert cluster[0].created == []
+
+
+async def test_a_listed_topic_deleted_before_it_is_described_is_created(cluster: list[FakeAdmin]) -> None:
+    s = Settings()
+    cluster.append(FakeAdmin(brokers=1, existing={s.limits_topic}, deleted={s.limits_topic}))
+    created = await ensure_topics(s)  # at once: the controller says it is gone, no 10 s wait
+    assert s.limits_topic in created
+
+
+async def test_a_topic_that_cannot_be_described_stops_the_start_at_once_with_the_reason(
+    cluster: list[FakeAdmin],
+) -> None:
+    s = Settings()
+    cluster.append(FakeAdmin(brokers=1, existing={s.events_topic}, describe_errors={s.events_topic: 29}))
+    with pytest.raises(TopicsRefused, match=rf"cannot describe topic {s.events_topic}: .*Kafka error 29"):
+        await ensure_topics(s)
+    assert cluster[0].created == []
 
 
 def test_existing_topics_that_would_lose_records_are_refused_and_fewer_partitions_warned() -> None:
