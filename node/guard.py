@@ -90,17 +90,20 @@ class _KeyState:
         self.anchors: dict[tuple[int, int], int] | None = None
 
     def roll(self, now: float) -> None:
+        """Start the windows ``now`` is past. Forward only: a time of a window gone by (a request
+        that started before another moved the key on, a clock stepped back) is counted in the
+        current window; resetting to it would forget the current window's count."""
         rolled = False
         for i in range(_DIVIDED):
             start = window_start(_WINDOWS[i], now)
-            if self.starts[i] != start:
+            if start > self.starts[i]:
                 self.starts[i], self.counts[i] = start, 0
                 rolled = True
         if rolled and self.anchors:
             # Only the current windows' anchors are ever read: a busy key kept every window's.
             self.anchors = {at: n for at, n in self.anchors.items() if at[1] == self.starts[at[0]]} or None
         month = month_bounds(now)[0]  # cached: no calendar arithmetic within a month
-        if self.starts[_MONTH] != month:
+        if month > self.starts[_MONTH]:
             self.starts[_MONTH], self.counts[_MONTH] = month, 0
 
 
@@ -165,11 +168,15 @@ class LocalGuard:
             state.counts[i] += 1
 
     def counts(self, key_id: str, now: float) -> list[int] | None:
-        """This node's own minute/hour/day counts of the key (what its events report)."""
+        """This node's own minute/hour/day counts of the key in the windows of ``now`` (what its
+        events report); None if the key has moved on to a later minute since (a request that
+        ended after others started the next window: the counts of its windows are gone)."""
         state = self._keys.get(key_id)
         if state is None:
             return None
         state.roll(now)
+        if state.starts[0] != window_start(_WINDOWS[0], now):
+            return None
         return state.counts[:_DIVIDED]
 
     def headroom(self, key_id: str, now: float) -> Headroom | None:

@@ -20,6 +20,7 @@ from starlette.routing import Mount, Route
 import node.middleware
 from node.decision_cache import Block
 from node.demo_api import ROUTE_SCOPES, build_node_app, demo_key_store, demo_keys
+from node.guard import LocalGuard
 from node.keys import derive_key_id
 from node.middleware import UNMATCHED_ENDPOINT, MeterMiddleware, RouteScope, starlette_route_resolver
 from schemas.allowances import Allowance, NodeGrant, WindowAllowance
@@ -648,3 +649,60 @@ async def test_public_health_is_liveness_only_details_need_the_token() -> None:
     app = build_node_app(SETTINGS, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as c:
         assert (await c.get("/health/details", headers={"Authorization": "Bearer "})).status_code == 404
+
+
+async def test_a_request_that_ends_in_the_next_minute_does_not_undo_that_minutes_count() -> None:
+    """A request started at 12:00:59.9 ends after five others filled 12:01 (limit 5). Before, its
+    event's node counts rolled the guard back to 12:00 and the next request to 12:01 again, from
+    zero: the node admitted 10 in 12:01. A clock stepped back did the same."""
+    settings = SETTINGS.model_copy(update={"limit_per_minute": 5})
+    guard = LocalGuard(settings.policy_book(), settings.node_id)
+    clock = [NOW.replace(second=59, microsecond=900_000)]
+    release = asyncio.Event()
+
+    async def slow(request: Request) -> JSONResponse:
+        await release.wait()
+        return JSONResponse({})
+
+    cache = FakeCache()
+    reporter = FakeReporter()
+    app = Starlette(
+        routes=[Route("/slow", slow), Route("/fast", ok)],
+        middleware=[
+            Middleware(
+                MeterMiddleware,
+                settings=settings,
+                keys=demo_key_store(RAW, SECRET.encode()),
+                reporter=reporter,
+                cache=cache,
+                guard=guard,
+                route_scopes=(RouteScope("/", None),),
+                now=lambda: clock[0],
+            )
+        ],
+    )
+    alice = {"X-API-Key": RAW["alice"]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as c:
+        started = asyncio.create_task(c.get("/slow", headers=alice))
+        await wait_until(lambda: len(guard) == 1)  # admitted and counted in 12:00
+        clock[0] = NOW.replace(minute=1, second=0, microsecond=100_000)
+        before = [(await c.get("/fast", headers=alice)).status_code for _ in range(6)]
+        release.set()
+        assert (await started).status_code == 200
+        after = [(await c.get("/fast", headers=alice)).status_code for _ in range(6)]
+        clock[0] = NOW.replace(second=59, microsecond=950_000)  # the clock steps back into 12:00
+        stepped = (await c.get("/fast", headers=alice)).status_code
+    assert before == [200] * 5 + [429]
+    assert after == [429] * 6
+    assert stepped == 429
+    slow_event = next(e for e in reporter.events if e["endpoint"] == "/slow")
+    assert "node_counts" not in slow_event or slow_event["node_counts"] is None  # its minute's counts are gone
+    fast_admitted = [e for e in reporter.events if e["endpoint"] == "/fast" and e["status"] == 200]
+    assert fast_admitted[-1].get("node_counts") == [5, 6, 6]
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
