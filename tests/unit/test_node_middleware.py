@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -104,23 +105,26 @@ ROUTES = [
 
 
 def make_app(
-    reporter: FakeReporter, cache: FakeCache, *, fail_open: bool = True, settings: Settings = SETTINGS
+    reporter: FakeReporter,
+    cache: FakeCache,
+    *,
+    fail_open: bool = True,
+    settings: Settings = SETTINGS,
+    routes: list[Route] | None = None,
+    **more: Any,
 ) -> Starlette:
-    return Starlette(
-        routes=ROUTES,
-        middleware=[
-            Middleware(
-                MeterMiddleware,
-                settings=settings,
-                keys=demo_key_store(RAW, SECRET.encode()),
-                reporter=reporter,
-                cache=cache,
-                route_scopes=(*ROUTE_SCOPES, RouteScope("/v0/boom", None)),  # public in code
-                fail_open=fail_open,
-                route_resolver=starlette_route_resolver(ROUTES),
-            )
-        ],
-    )
+    """The middleware over ``routes`` (default ``ROUTES`` with their scopes); ``more``: its other
+    arguments (a guard, a clock, ...)."""
+    if routes is None:
+        routes = ROUTES
+        more = {
+            "route_scopes": (*ROUTE_SCOPES, RouteScope("/v0/boom", None)),  # public in code
+            "route_resolver": starlette_route_resolver(ROUTES),
+            **more,
+        }
+    keys = demo_key_store(RAW, SECRET.encode())
+    options = {"settings": settings, "keys": keys, "reporter": reporter, "cache": cache, "fail_open": fail_open}
+    return Starlette(routes=routes, middleware=[Middleware(MeterMiddleware, **options, **more)])
 
 
 @pytest.fixture
@@ -664,22 +668,15 @@ async def test_a_request_that_ends_in_the_next_minute_does_not_undo_that_minutes
         await release.wait()
         return JSONResponse({})
 
-    cache = FakeCache()
     reporter = FakeReporter()
-    app = Starlette(
+    app = make_app(
+        reporter,
+        FakeCache(),
+        settings=settings,
         routes=[Route("/slow", slow), Route("/fast", ok)],
-        middleware=[
-            Middleware(
-                MeterMiddleware,
-                settings=settings,
-                keys=demo_key_store(RAW, SECRET.encode()),
-                reporter=reporter,
-                cache=cache,
-                guard=guard,
-                route_scopes=(RouteScope("/", None),),
-                now=lambda: clock[0],
-            )
-        ],
+        guard=guard,
+        route_scopes=(RouteScope("/", None),),
+        now=lambda: clock[0],
     )
     alice = {"X-API-Key": RAW["alice"]}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as c:
