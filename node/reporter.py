@@ -21,6 +21,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.codec import has_lz4
+from aiokafka.errors import KafkaTimeoutError
 
 from common import kafka_clients
 from common.retry import cancel_and_wait, describe_error, retry_forever
@@ -38,6 +39,15 @@ _YIELD_EVERY = 256
 _DROP_LOG_INTERVAL_S = 5.0
 # While stop() flushes, a failed send is tried again this soon (within the flush's time).
 _FLUSH_RETRY_S = 0.25
+# An idempotent producer retries a batch until it is acknowledged: aiokafka never expires it.
+# Against a broker gone after the connection, a chunk would wait for ever, the health would say
+# connected and stop() would hang. A delivery not acknowledged within this many request
+# timeouts is taken as failed: the chunk is sent again on a new producer (duplicates share
+# their request_id: the worker drops them).
+_ACK_TIMEOUTS = 2
+# How long closing a producer may take: its flush cannot finish while the broker is unreachable,
+# and what it holds is already counted (sent again, or unsent).
+_CLOSE_TIMEOUT_S = 2.0
 
 
 def default_compression() -> str | None:
@@ -286,8 +296,17 @@ class UsageReporter:
         """Await every delivery; count successes, requeue failures; return the first failure."""
         failed: list[RequestEvent] = []
         first: Exception | None = None
-        results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
-        for (event, _), result in zip(futures, results, strict=True):
+        ack_timeout_s = _ACK_TIMEOUTS * self._request_timeout_ms / 1000
+        unacknowledged: set[asyncio.Future[Any]] = set()
+        if futures:
+            _, unacknowledged = await asyncio.wait([f for _, f in futures], timeout=ack_timeout_s)
+        for event, future in futures:
+            if future in unacknowledged:
+                result: Any = KafkaTimeoutError(f"no acknowledgement within {ack_timeout_s:g} s")
+            elif future.cancelled():
+                result = RuntimeError("delivery cancelled")
+            else:
+                result = future.exception() or future.result()
             if isinstance(result, BaseException):
                 failed.append(event)
                 if first is None:
@@ -335,5 +354,12 @@ _background: set[asyncio.Task[None]] = set()
 
 
 async def _stop_quietly(producer: Any) -> None:
-    with contextlib.suppress(Exception):
-        await producer.stop()
+    """Stop ``producer`` within ``_CLOSE_TIMEOUT_S``; past it (its flush waits for a broker that
+    is gone), end its sender and connections without flushing."""
+    try:
+        await asyncio.wait_for(producer.stop(), _CLOSE_TIMEOUT_S)
+    except Exception:
+        with contextlib.suppress(Exception):
+            await producer._sender.close()
+        with contextlib.suppress(Exception):
+            await producer.client.close()

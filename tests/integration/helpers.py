@@ -271,3 +271,62 @@ async def create_again(settings: Settings, topic: str) -> None:
             await admin.close()
 
     await wait_for(listed, timeout=20, what=f"{topic} created again")
+
+
+class BrokerProxy:
+    """A TCP proxy in front of the test broker; ``cut()`` is a broker gone from the network
+    (connections reset, new ones refused) without stopping it. Use with ``route_through``."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> BrokerProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, upstream}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, upstream), pipe(upstream_reader, writer))
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+
+def route_through(monkeypatch: Any, proxy: BrokerProxy) -> None:
+    """aiokafka clients reach the broker through ``proxy`` (the broker advertises its own port)."""
+    from aiokafka import cluster
+
+    original = cluster.ClusterMetadata.broker_metadata
+
+    def through_proxy(self: Any, broker_id: Any) -> Any:
+        broker = original(self, broker_id)
+        if broker is not None and (broker.host, broker.port) == proxy.target:
+            broker = broker._replace(host="127.0.0.1", port=proxy.port)
+        return broker
+
+    monkeypatch.setattr(cluster.ClusterMetadata, "broker_metadata", through_proxy)

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaProducer
 
 from node.reporter import UsageReporter
 from schemas.events import RequestEvent, dump_event, make_event, parse_event
-from tests.integration.helpers import read_topic
+from tests.integration.helpers import BrokerProxy, read_topic, route_through
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -99,3 +99,40 @@ async def test_stop_flushes_pending(make_settings: Any, topics: Settings) -> Non
     assert reporter.state().sent == 1_000
     records = await read_topic(topics, topics.events_topic, len(produced), timeout=10)
     assert len(records) == 1_000
+
+
+async def test_a_broker_gone_after_the_connection_shows_in_the_health_and_stop_returns(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idempotent producer retries a batch until it is acknowledged (aiokafka never expires
+    it). Before: with the broker gone after the connection, the health said connected with no
+    error for as long as the outage lasted, and stop(flush_timeout_s=2) hung until it ended."""
+    host, port = topics.kafka_bootstrap.rsplit(":", 1)
+    proxy = await BrokerProxy((host, int(port))).start()
+    route_through(monkeypatch, proxy)
+    through = topics.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{proxy.port}"})
+    reporter = UsageReporter(through, request_timeout_ms=1_000, backoff_max_s=0.5)
+    produced = events(20)
+    await reporter.start()
+    try:
+        for event in produced[:10]:
+            reporter.report(event)
+        for _ in range(100):
+            if reporter.state().sent == 10:
+                break
+            await asyncio.sleep(0.1)
+        assert reporter.state().sent == 10
+        await proxy.cut()
+        for event in produced[10:]:
+            reporter.report(event)
+        await asyncio.sleep(4.0)  # two request timeouts, and some
+        state = reporter.state()
+        assert not state.connected
+        assert state.last_error is not None
+        assert state.buffered == 10  # kept, to be sent again
+    finally:
+        started = time.monotonic()
+        await asyncio.wait_for(reporter.stop(flush_timeout_s=2.0), 30)
+        stopped_in = time.monotonic() - started
+    assert stopped_in < 2.0 + 2 * 2.0 + 1.0  # the flush time, a close of the producer or two
+    assert reporter.state().buffered == 10  # reported as unsent, not lost without a word
