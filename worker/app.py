@@ -70,7 +70,11 @@ class WorkerRuntime:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.broker = kafka_clients.broker(settings, logger=log, log_level=logging.DEBUG)
+        # acks=all: a block, an allowance or a dead letter is acknowledged once every in-sync
+        # replica has it (min.insync.replicas holds); acks=1, FastStream's default, loses it with
+        # the leader. Not idempotent: its batches would never expire while the broker is away
+        # (stop would hang); one request in flight per broker keeps each partition in order.
+        self.broker = kafka_clients.broker(settings, logger=log, log_level=logging.DEBUG, acks="all")
         self._store = store
         self.consumer: PartitionWriter | None = None
         self.limits: LimitService | None = None
