@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from pydantic import ValidationError
 from starlette.routing import BaseRoute, Match
 
 from node.decision_cache import Block
@@ -155,8 +156,13 @@ def _ip(text: str) -> IPAddress | None:
         ip = ipaddress.ip_address(text)
     except ValueError:
         return None
-    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-    return mapped or ip
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:
+            # fe80::1%eth0: the zone names an interface of the receiving host, not the client
+            # (and a long one would make the event refused by the contract).
+            ip = ipaddress.IPv6Address(text.partition("%")[0])
+        return ip.ipv4_mapped or ip
+    return ip
 
 
 def starlette_route_resolver(routes: Sequence[BaseRoute]) -> RouteResolver:
@@ -467,23 +473,29 @@ class MeterMiddleware:
         cost: int,
         route: str | None,
     ) -> None:
+        counted: dict[str, Any] = {
+            "request_id": request_id,
+            "key_id": key_id,
+            "node_id": self._node_id,
+            "method": method[:16] or "GET",
+            "endpoint": endpoint,
+            "status": status,
+            "ts": ts,
+            "latency_ms": latency_ms,
+            "bytes_out": bytes_out,
+            "cost": cost,
+            "route": route,
+        }
+        described = {"account_id": account_id, "client_ip": client_ip, "node_counts": node_counts}
         try:
-            event = make_event(
-                request_id=request_id,
-                key_id=key_id,
-                node_id=self._node_id,
-                method=method[:16] or "GET",
-                endpoint=endpoint,
-                status=status,
-                ts=ts,
-                account_id=account_id,
-                latency_ms=latency_ms,
-                client_ip=client_ip,
-                bytes_out=bytes_out,
-                node_counts=node_counts,
-                cost=cost,
-                route=route,
-            )
+            try:
+                event = make_event(**counted, **described)
+            except ValidationError as exc:
+                # A describing field the contract refuses (an account id a key store made too
+                # long, an odd client address) must not un-meter the request: it is counted without.
+                where = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors(include_input=False))
+                log.warning("request %s: event reported without its %s (refused by the contract)", request_id, where)
+                event = make_event(**counted)
             self._reporter.report(event)
         except Exception:  # reporting must never fail a request
             log.exception("request %s: usage event not reported", request_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,7 @@ import node.middleware
 from node.decision_cache import Block
 from node.demo_api import ROUTE_SCOPES, build_node_app, demo_key_store, demo_keys
 from node.guard import LocalGuard
-from node.keys import derive_key_id
+from node.keys import InMemoryKeyStore, derive_key_id
 from node.middleware import UNMATCHED_ENDPOINT, MeterMiddleware, RouteScope, starlette_route_resolver
 from schemas.allowances import Allowance, NodeGrant, WindowAllowance
 from schemas.decisions import Decision, DecisionAction, Window
@@ -111,6 +112,7 @@ def make_app(
     fail_open: bool = True,
     settings: Settings = SETTINGS,
     routes: list[Route] | None = None,
+    keys: InMemoryKeyStore | None = None,
     **more: Any,
 ) -> Starlette:
     """The middleware over ``routes`` (default ``ROUTES`` with their scopes); ``more``: its other
@@ -122,7 +124,7 @@ def make_app(
             "route_resolver": starlette_route_resolver(ROUTES),
             **more,
         }
-    keys = demo_key_store(RAW, SECRET.encode())
+    keys = keys or demo_key_store(RAW, SECRET.encode())
     options = {"settings": settings, "keys": keys, "reporter": reporter, "cache": cache, "fail_open": fail_open}
     return Starlette(routes=routes, middleware=[Middleware(MeterMiddleware, **options, **more)])
 
@@ -594,6 +596,10 @@ async def test_a_route_no_rule_covers_is_closed_unless_public(reporter: FakeRepo
         (("127.0.0.0/8",), "127.0.0.1", None, "127.0.0.1"),
         (("::1/128",), "::1", "2001:DB8::7", "2001:db8::7"),
         ((), "not-an-ip", None, None),
+        # a zone names an interface of this host, not the client: dropped (a long one made the
+        # event refused by the contract: served, never counted)
+        ((), "fe80::2%eth0", None, "fe80::2"),
+        (("127.0.0.0/8",), "127.0.0.1", "fe80::1%" + "z" * 60, "fe80::1"),
     ],
 )
 async def test_forwarded_for_only_from_trusted_proxies(
@@ -613,6 +619,24 @@ async def test_forwarded_for_only_from_trusted_proxies(
         assert (await c.get("/v0/rates", headers=headers)).status_code == 200
     (event,) = reporter.events
     assert event.get("client_ip") == recorded
+
+
+async def test_a_describing_field_the_contract_refuses_does_not_unmeter_the_request(
+    reporter: FakeReporter, cache: FakeCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = demo_key_store(RAW, SECRET.encode())
+    bob = keys.lookup(kid("bob"))
+    assert bob is not None
+    keys.add(dataclasses.replace(bob, account_id="a" * 100))  # a key store's account id past the bound
+    transport = httpx.ASGITransport(app=make_app(reporter, cache, keys=keys))
+    with caplog.at_level(logging.WARNING, logger="node.middleware"):
+        async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+            assert (await c.get("/v0/rates", headers={"X-API-Key": RAW["bob"]})).status_code == 200
+    (event,) = reporter.events  # before: none, and an ERROR with a traceback per request
+    assert (event["key_id"], event["status"], event.get("account_id")) == (kid("bob"), 200, None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("reported without its account_id" in w for w in warnings), warnings
+    assert not any("a" * 100 in r.getMessage() for r in caplog.records)
 
 
 OPERATOR_REASON = "fraud team FR-991: chargeback ring, do not tell customer"
