@@ -45,6 +45,9 @@ FOLLOW_MAX_RECORDS = 500
 # (tests/integration/test_ingest.py) failed every run, likely because the broker answers a
 # connection's requests in order and a follower's offset lookups wait behind its held fetch.
 FOLLOW_FETCH_MAX_WAIT_MS = 50
+# How often a follower's consumer refreshes its metadata, so partitions added to a topic are
+# read within about this long (a block on one of them enforced). One small request per refresh.
+FOLLOW_METADATA_MAX_AGE_MS = 30_000
 
 # Kafka error codes a topic's metadata may carry, in words.
 _TOPIC_ERRORS = {3: "not found", 29: "not authorized for this principal (Kafka ACLs)"}
@@ -140,6 +143,7 @@ class TopicWatch:
         self.every_s = every_s
         self.max_every_s = max_every_s
         self.gone: set[str] = set()
+        self.partitions: dict[str, int] = {}  # topic -> partitions read (see ``grown``)
         self._next_check = 0.0
         self._wait_s = every_s
 
@@ -156,6 +160,19 @@ class TopicWatch:
         self._wait_s = min(self._wait_s * 2, self.max_every_s) if self.gone and not went else self.every_s
         self._next_check = time.monotonic() + self._wait_s
         return went, back
+
+    def reading(self, tps: Sequence[TopicPartition]) -> None:
+        """The partitions now read (what ``grown`` compares with)."""
+        self.partitions = {}
+        for tp in tps:
+            self.partitions[tp.topic] = self.partitions.get(tp.topic, 0) + 1
+
+    def grown(self, consumer: Any) -> set[str]:
+        """Topics that have more partitions in the consumer's metadata than are read: partitions
+        added while read (a hand-assigned consumer never reads them by itself)."""
+        return {
+            topic for topic, count in self.partitions.items() if len(consumer.partitions_for_topic(topic) or ()) > count
+        }
 
     async def raise_if_gone(self, consumer: Any) -> None:
         """For a reader of one topic: ``TopicUnavailable`` once it is gone."""
@@ -197,6 +214,7 @@ class TopicFollower:
         client_id: str | None = None,
         consumer_factory: Callable[..., Any] = AIOKafkaConsumer,
         required: Sequence[str] | None = None,
+        metadata_max_age_ms: int = FOLLOW_METADATA_MAX_AGE_MS,
     ) -> None:
         """``probe_interval_s``: ask for the end offsets this often, since ``getmany()`` does
         not fail when the broker is gone (``connected`` and ``lag`` then stay current).
@@ -216,6 +234,7 @@ class TopicFollower:
         self.probe_interval_s = probe_interval_s
         self.client_id = client_id
         self.consumer_factory = consumer_factory
+        self.metadata_max_age_ms = metadata_max_age_ms
 
         self.ready = asyncio.Event()
         self.connected = False
@@ -300,10 +319,14 @@ class TopicFollower:
             # Only records of committed transactions; costs nothing for plain producers.
             isolation_level="read_committed",
             fetch_max_wait_ms=self.fetch_max_wait_ms,
+            # How soon partitions added to a topic are seen (``TopicWatch.grown``): a hand-assigned
+            # consumer learns of them only from its metadata refresh (aiokafka's default: 5 min).
+            metadata_max_age_ms=self.metadata_max_age_ms,
         )
         try:
             await consumer.start()
             await self._seek(consumer, tps)
+            watch.reading(tps)
             await self._read(consumer, tps, watch)
         finally:
             with contextlib.suppress(Exception):
@@ -344,7 +367,7 @@ class TopicFollower:
                 # thousands of records per partition, and the worker's limits share this loop.
                 await asyncio.sleep(0)
             went, back = await watch.check(consumer)
-            if went or back:
+            if went or back or watch.grown(consumer):
                 tps = await self._reassign(consumer, tps, watch.gone, went)
                 pending = {tp: end for tp, end in pending.items() if tp.topic not in went}
             if pending and not batches:
@@ -364,14 +387,19 @@ class TopicFollower:
         if lost := gone & self.required:
             raise TopicUnavailable(f"{_not_listed(lost)} (deleted while read)")
         here = [t for t in self.topics if t not in gone]
-        tps = await topic_partitions(self.kafka, here)
-        await self._seek(consumer, tps)
+        new_tps = await topic_partitions(self.kafka, here)
+        added = sorted(f"{tp.topic}[{tp.partition}]" for tp in set(new_tps) - set(tps) if tp.topic not in went)
+        await self._seek(consumer, new_tps)
+        assert self._watch is not None
+        self._watch.reading(new_tps)
         self.last_error = self._missing()
         if gone:
             log.warning("%s: %s; following %s", self.name, self.last_error, ", ".join(here))
+        elif added and not went:
+            log.info("%s: partitions added: following %s too, from their start", self.name, ", ".join(added))
         else:
             log.info("%s: following %s again", self.name, self.where)
-        return tps
+        return new_tps
 
     def _forget(self, topics: set[str]) -> None:
         for tp in [tp for tp in self.positions if tp.topic in topics]:
