@@ -15,6 +15,8 @@ from collections.abc import Callable, Collection, Mapping
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
+from common.retry import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_S = 5.0
@@ -69,8 +71,8 @@ class OffsetCommitter:
 
     async def close(self, stored: StoredOffsets) -> None:
         """Shutdown: one last attempt, bounded by the commit timeout; pending retries stop."""
-        if self._retrying is not None and not self._retrying.done():
-            self._retrying.cancel()
+        task, self._retrying = self._retrying, None
+        await cancel_and_wait(task)  # a cancel lost in the commit's wait_for must not leave it running
         await self.level(stored())
 
     async def _level_with_retries(self, stored: StoredOffsets) -> None:
