@@ -49,6 +49,10 @@ FOLLOW_FETCH_MAX_WAIT_MS = 50
 # read within about this long (a block on one of them enforced). One small request per refresh.
 FOLLOW_METADATA_MAX_AGE_MS = 30_000
 
+# How long a reader's position may take (it needs the broker when the partition's offset is
+# reset): past it, the connection is taken as failed.
+POSITION_TIMEOUT_S = 10.0
+
 # Kafka error codes a topic's metadata may carry, in words.
 _TOPIC_ERRORS = {3: "not found", 29: "not authorized for this principal (Kafka ACLs)"}
 # A topic the cluster does not list: it does not exist, or the principal may not see it.
@@ -372,7 +376,7 @@ class TopicFollower:
                 pending = {tp: end for tp, end in pending.items() if tp.topic not in went}
             if pending and not batches:
                 # A compacted or transactional topic may end past its last record.
-                pending = {tp: end for tp, end in pending.items() if await consumer.position(tp) < end}
+                pending = {tp: end for tp, end in pending.items() if await self._position(consumer, tp) < end}
             if time.monotonic() >= next_probe:
                 await self._probe(consumer, tps)
                 next_probe = time.monotonic() + (self.probe_interval_s or math.inf)
@@ -429,7 +433,17 @@ class TopicFollower:
             log.info("%s: broker of %s reachable again", self.name, self.where)
         self.connected = True
         self.last_error = self._missing()
-        self.lag = sum([max(0, off - await consumer.position(tp)) for tp, off in end.items()])
+        self.lag = sum([max(0, off - await self._position(consumer, tp)) for tp, off in end.items()])
+
+    async def _position(self, consumer: Any, tp: TopicPartition) -> int:
+        """aiokafka's ``position()`` retries until the broker answers: bounded, so a broker gone
+        during the catch-up fails this connection (reconnected with backoff, and said) instead
+        of holding it for ever with ``connected`` still true."""
+        try:
+            return int(await asyncio.wait_for(consumer.position(tp), POSITION_TIMEOUT_S))
+        except TimeoutError:
+            where = f"{tp.topic}[{tp.partition}]"
+            raise TopicUnavailable(f"the broker gave no position of {where} within {POSITION_TIMEOUT_S:g} s") from None
 
     def _mark_ready(self) -> None:
         self.bootstrap_s = time.monotonic() - self._started_at

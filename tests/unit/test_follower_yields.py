@@ -10,7 +10,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from common.follower import FOLLOW_MAX_RECORDS, TopicFollower, TopicWatch
+from common.follower import FOLLOW_MAX_RECORDS, TopicFollower, TopicUnavailable, TopicWatch
 
 TOPIC = "allowances"
 TPS = [TopicPartition(TOPIC, p) for p in range(3)]
@@ -115,3 +115,25 @@ async def test_the_backoff_starts_over_after_a_connection_that_was_up(caplog: py
     assert delays[5:8] == [0.01, 0.01, 0.02]
     assert not follower.connected
     assert not [r for r in caplog.records if "succeeded" in r.getMessage()]  # a failure is no success
+
+
+class NoPosition(OneFetch):
+    """A compacted topic that ends past its last record, with the broker gone: ``position()``
+    (which aiokafka retries until the broker answers) never returns."""
+
+    async def getmany(self, **options: Any) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        await asyncio.sleep(0.01)
+        return {}
+
+    async def position(self, tp: TopicPartition) -> int:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_position_the_broker_never_gives_fails_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, the catch-up waited for it for ever, the follower saying it was connected."""
+    monkeypatch.setattr("common.follower.POSITION_TIMEOUT_S", 0.2)
+    follower = TopicFollower("127.0.0.1:1", TOPIC, lambda records: asyncio.sleep(0), "test")
+    with pytest.raises(TopicUnavailable, match=r"no position of allowances\[0\] within 0.2 s"):
+        await asyncio.wait_for(follower._read(NoPosition(), TPS, TopicWatch("127.0.0.1:1", [TOPIC])), 5)
+    assert not follower.ready.is_set()
