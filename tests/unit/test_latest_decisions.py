@@ -162,3 +162,36 @@ async def test_decisions_are_audited_together_and_the_queue_is_bounded(monkeypat
     await service._on_decisions([_record(decision(f"m{i}", DecisionAction.block), i) for i in range(2)])
     assert audit.inserts == 2  # at the bound the reader waits for the insert itself
     assert service._unaudited == []
+
+
+async def test_a_publish_retried_through_an_outage_lands_before_the_newer_ones() -> None:
+    """A block whose publish failed once and an unblock of the same key decided meanwhile: the
+    block is on the topic before the unblock. Before, the unblock went out while the block waited
+    for its retry; compaction then kept the older block (the last by offset)."""
+    landed: list[int] = []
+    failed_once = False
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        nonlocal failed_once
+        version = Decision.model_validate_json(value).version
+        if not failed_once:
+            failed_once = True
+            raise ConnectionError("broker away")
+        landed.append(version)
+
+    service = LimitService(
+        Settings(),
+        rollups=cast(Any, None),
+        audit=cast(Any, _Audit()),
+        send=send,
+        partition_count=lambda: 1,
+        stored_offsets=dict,
+        clock=Clock(T0.timestamp()),
+    )
+    block = decision("k", DecisionAction.block, until=T0 + timedelta(seconds=55))
+    unblock = decision("k", DecisionAction.unblock, at=T0 + timedelta(seconds=1))
+    first = asyncio.create_task(service.publish_decisions([block]))
+    await asyncio.sleep(0.01)  # the block's first attempt failed; its retry waits
+    await service.publish_decisions([unblock])
+    await first
+    assert landed == [block.version, unblock.version]

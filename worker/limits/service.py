@@ -128,6 +128,11 @@ class LimitService:
         )
         self._ticker: asyncio.Task[None] | None = None
         self._redivider: asyncio.Task[None] | None = None
+        # One publish at a time, in the order they were decided: a publish retried through an
+        # outage must not land after a newer one of the same key (nodes go by version, but the
+        # compacted topic keeps the last by offset: a node rebuilt from it would hold the older).
+        # Little latency lost: the producer has one request in flight per broker anyway.
+        self._publishing = asyncio.Lock()
         self._latest: dict[str, Decision] = {}  # newest decision per key seen on the topic
         # Newest operator decision per key: the guards respect an operator's unblock even after
         # the key's own limits blocked and unblocked it since (newer decisions, not the operator's).
@@ -307,9 +312,10 @@ class LimitService:
         if not records:
             return
         # A decision the nodes never hear of would leave a key unlimited: wait for the broker.
-        await retry_forever(
-            lambda: asyncio.gather(*(self.send(*r) for r in records)), f"publishing {len(records)} decisions"
-        )
+        async with self._publishing:
+            await retry_forever(
+                lambda: asyncio.gather(*(self.send(*r) for r in records)), f"publishing {len(records)} decisions"
+            )
         self.allowances_published += len(verdicts.allowances)
 
     async def _audit_forever(self) -> None:
