@@ -383,6 +383,28 @@ async def test_a_record_that_is_no_notification_is_dead_lettered_whole_and_deliv
     assert (stats.delivered, stats.invalid, stats.dead_lettered) == (2, 1, 0)
 
 
+async def test_a_large_record_that_is_no_notification_does_not_stop_the_deliveries(notify_topics: Settings) -> None:
+    # 400 kB of key and 500 kB of value fit the topic; its letter with the whole key would not
+    # (the value grows by a third in base64): the deliverer retried it for ever, committing nothing.
+    with receivers(([], "200")) as [receiver]:
+        settings = deliverer_settings(notify_topics, [receiver.url])
+        producer = kafka_clients.producer(settings, enable_idempotence=True, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(settings.notifications_topic, b"x" * 500_000, key=b"k" * 400_000)
+        finally:
+            await producer.stop()
+        after = notification("cf_liv_webhook_after_large", 2)
+        await publish_notifications(settings, [after])
+        async with delivering(settings):
+            letters = await read_topic(settings, settings.notifications_dlq_topic, at_least=1, timeout=30)
+            await wait_for(lambda: bool(receiver.calls), 20, "the notification after it delivered")
+            await wait_for(lambda: committed(settings), 20, "the offsets committed past the large record")
+    [letter] = letters
+    assert letter.key == b"k" * 256  # the key cut, as the events' dead letters have it
+    assert json.loads(letter.value)["original_size"] == 500_000
+
+
 async def test_a_deliverer_stopped_mid_retry_loses_nothing(notify_topics: Settings) -> None:
     with receivers(([], "500")) as [receiver]:
         settings = deliverer_settings(notify_topics, [receiver.url], notify_max_attempts=100)

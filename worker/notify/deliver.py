@@ -41,7 +41,7 @@ from common.follower import topic_partitions
 from common.recent_set import RecentSet
 from common.retry import cancel_and_wait, describe_error, keep_running, retry_forever
 from schemas.notifications import Notification, UndeliveredNotification
-from worker.ingest.dlq import dead_letter
+from worker.ingest.dlq import dead_letter, dead_letter_key, refused_by_broker
 from worker.notify.signature import HEADER, sign
 from worker.records import Rejection, validation_reason
 from worker.settings import Settings
@@ -350,21 +350,21 @@ class WebhookDeliverer:
         rejection = Rejection(record.topic, record.partition, record.offset, reason, detail, record.key, record.value)
         value, headers = dead_letter(rejection, datetime.fromtimestamp(self.clock(), UTC))
         producer = self._producer
-        await retry_forever(  # not lost: wait for the broker
-            lambda: producer.send_and_wait(
-                self.settings.notifications_dlq_topic, value, key=record.key, headers=headers
-            ),
-            f"dead-lettering the record at {record.topic}[{record.partition}]@{record.offset}",
-        )
+        place = f"{record.topic}[{record.partition}]@{record.offset}"
         self.stats.invalid += 1
-        log.error(
-            "not a notification at %s[%d]@%d, dead-lettered (%s): %s",
-            record.topic,
-            record.partition,
-            record.offset,
-            reason,
-            detail,
-        )
+        try:
+            await retry_forever(  # not lost: wait for the broker
+                lambda: producer.send_and_wait(
+                    self.settings.notifications_dlq_topic, value, key=dead_letter_key(rejection), headers=headers
+                ),
+                f"dead-lettering the record at {place}",
+                # A letter the broker will never take: retrying it would stop every delivery behind it.
+                permanent=refused_by_broker,
+            )
+        except Exception as exc:
+            log.error("not a notification at %s (%s) and not dead-lettered either, skipped: %s", place, reason, exc)
+            return
+        log.error("not a notification at %s, dead-lettered (%s): %s", place, reason, detail)
 
     def _remember(self, done: tuple[str, str]) -> None:
         self._done.add(done)
