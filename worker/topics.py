@@ -293,7 +293,8 @@ async def ensure_topics(settings: Settings) -> list[str]:
                 rf,
                 min_isr,
             )
-        await _check_existing(admin, raced, settings)
+        if gone := await _check_existing(admin, raced, settings):
+            log.warning("topic(s) %s created and deleted by another process meanwhile: start again", ", ".join(gone))
     finally:
         await admin.close()
     return created

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+import common.follower as follower
 import worker.limits.fastlane as fastlane
 
 
@@ -50,10 +51,9 @@ class RacingConsumer:
         return {}
 
 
-async def test_a_fetch_that_straddles_a_new_assignment_is_fetched_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    gate = asyncio.Event()
-    consumer = RacingConsumer(gate)
-    counted: list[int] = []
+def _counting_lane(monkeypatch: pytest.MonkeyPatch, consumer: RacingConsumer, counted: list[int]) -> fastlane.FastLane:
+    """A fast lane on ``consumer`` counting from offset 200 of partition 0; ``counted``: the
+    number of records of each batch it hands over."""
     monkeypatch.setattr(fastlane.kafka_clients, "consumer", lambda *a, **k: consumer)
     monkeypatch.setattr(fastlane, "group_batch", lambda records, *a: fastlane.FastBatch(records=len(records)))
 
@@ -61,7 +61,15 @@ async def test_a_fetch_that_straddles_a_new_assignment_is_fetched_again(monkeypa
         counted.append(batch.records)
 
     lane = fastlane.FastLane("127.0.0.1:1", "ev", validator=None, on_batch=on_batch, recent_max=10)  # type: ignore[arg-type]
-    lane.assign(0, 199)  # counting from 200
+    lane.assign(0, 199)
+    return lane
+
+
+async def test_a_fetch_that_straddles_a_new_assignment_is_fetched_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = asyncio.Event()
+    consumer = RacingConsumer(gate)
+    counted: list[int] = []
+    lane = _counting_lane(monkeypatch, consumer, counted)  # counting from 200
     await lane.start()
     try:
         while consumer.fetches < 1:
@@ -75,5 +83,40 @@ async def test_a_fetch_that_straddles_a_new_assignment_is_fetched_again(monkeypa
     finally:
         await lane.stop()
     assert counted == []  # the old position's records were not counted
+    assert lane.positions[0] == 150
+    assert consumer.seeks[-1] == (0, 150)
+
+
+async def test_a_new_assignment_while_the_topic_check_waits_is_not_overwritten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same race across the topic watch, which asks the cluster when the consumer's metadata
+    lacks the topic (at a start, around a refresh); found by a review of the first fix."""
+    gate = asyncio.Event()
+    consumer = RacingConsumer(gate)
+    monkeypatch.setattr(consumer, "partitions_for_topic", lambda topic: None)
+    in_check = asyncio.Event()
+
+    async def listed(kafka: Any) -> set[str]:
+        in_check.set()
+        await asyncio.sleep(0.05)
+        return {"ev"}
+
+    monkeypatch.setattr(follower, "_listed_topics", listed)
+    counted: list[int] = []
+    lane = _counting_lane(monkeypatch, consumer, counted)
+    await lane.start()
+    try:
+        while consumer.fetches < 1:
+            await asyncio.sleep(0.001)
+        gate.set()
+        await in_check.wait()  # the fetch of 200..209 is back; the topic check waits on the cluster
+        lane.revoke({0})
+        lane.assign(0, 149)
+        while consumer.fetches < 3:
+            await asyncio.sleep(0.001)
+    finally:
+        await lane.stop()
+    assert counted == []
     assert lane.positions[0] == 150
     assert consumer.seeks[-1] == (0, 150)

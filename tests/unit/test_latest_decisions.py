@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
+from aiokafka.errors import NotEnoughReplicasError
 from aiokafka.structs import ConsumerRecord
 
 from schemas.decisions import Decision, DecisionAction, Window
@@ -179,7 +180,45 @@ async def test_a_publish_retried_through_an_outage_lands_before_the_newer_ones()
             raise ConnectionError("broker away")
         landed.append(version)
 
-    service = LimitService(
+    service = _publishing_service(send)
+    block = decision("k", DecisionAction.block, until=T0 + timedelta(seconds=55))
+    unblock = decision("k", DecisionAction.unblock, at=T0 + timedelta(seconds=1))
+    first = asyncio.create_task(service.publish_decisions([block]))
+    await asyncio.sleep(0.01)  # the block's first attempt failed; its retry waits
+    await service.publish_decisions([unblock])
+    await first
+    assert landed == [block.version, unblock.version]
+
+
+async def test_a_publish_that_cannot_land_holds_back_its_key_only() -> None:
+    """One key's partition refuses its writes (below min.insync.replicas, an ACL missing): the
+    other keys' decisions still land (found by a review of a global publish lock)."""
+    landed: list[str] = []
+    refusing = True
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        if key == "stuck" and refusing:
+            await asyncio.sleep(0.01)
+            raise NotEnoughReplicasError()
+        landed.append(key)
+
+    service = _publishing_service(send)
+    until = T0 + timedelta(seconds=55)
+    stuck = asyncio.create_task(service.publish_decisions([decision("stuck", DecisionAction.block, until=until)]))
+    await asyncio.sleep(0.05)
+    later = asyncio.create_task(service.publish_decisions([decision("stuck", DecisionAction.unblock)]))
+    await asyncio.wait_for(service.publish_decisions([decision("healthy", DecisionAction.block, until=until)]), 3)
+    assert landed == ["healthy"]
+    assert not later.done()  # the same key's newer decision waits for the older one
+    stuck.cancel()  # the older one given up (a stopping worker), its partition writable again
+    refusing = False
+    await asyncio.gather(stuck, return_exceptions=True)
+    await asyncio.wait_for(later, 3)  # then the newer one goes out
+    assert landed == ["healthy", "stuck"]
+
+
+def _publishing_service(send: Any) -> LimitService:
+    return LimitService(
         Settings(),
         rollups=cast(Any, None),
         audit=cast(Any, _Audit()),
@@ -188,10 +227,3 @@ async def test_a_publish_retried_through_an_outage_lands_before_the_newer_ones()
         stored_offsets=dict,
         clock=Clock(T0.timestamp()),
     )
-    block = decision("k", DecisionAction.block, until=T0 + timedelta(seconds=55))
-    unblock = decision("k", DecisionAction.unblock, at=T0 + timedelta(seconds=1))
-    first = asyncio.create_task(service.publish_decisions([block]))
-    await asyncio.sleep(0.01)  # the block's first attempt failed; its retry waits
-    await service.publish_decisions([unblock])
-    await first
-    assert landed == [block.version, unblock.version]

@@ -164,12 +164,13 @@ class FastLane:
                     await self._changed.wait()
                     continue
                 fetched = await consumer.getmany(timeout_ms=50, max_records=20_000)
+                await watch.raise_if_gone(consumer)
                 if self._changed.is_set():
-                    # Revoked and assigned again while the fetch waited: its records may come from
-                    # the old position, not from the new one. Apply the assignment, fetch again.
+                    # Revoked and assigned again while the fetch (or the watch) waited: its records
+                    # may come from the old position, not the new one. Apply the assignment, fetch
+                    # again. No await from here until the positions are taken.
                     continue
                 records = [r for tp, rs in fetched.items() if tp.partition in self.positions for r in rs]
-                await watch.raise_if_gone(consumer)
                 if not records:
                     continue
                 for tp, rs in fetched.items():

@@ -5,9 +5,10 @@ rollover, audits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from common.follower import TopicFollower, valid_records
@@ -128,11 +129,7 @@ class LimitService:
         )
         self._ticker: asyncio.Task[None] | None = None
         self._redivider: asyncio.Task[None] | None = None
-        # One publish at a time, in the order they were decided: a publish retried through an
-        # outage must not land after a newer one of the same key (nodes go by version, but the
-        # compacted topic keeps the last by offset: a node rebuilt from it would hold the older).
-        # Little latency lost: the producer has one request in flight per broker anyway.
-        self._publishing = asyncio.Lock()
+        self._publishing: dict[str, asyncio.Future[None]] = {}  # key -> its newest publish (_in_key_order)
         self._latest: dict[str, Decision] = {}  # newest decision per key seen on the topic
         # Newest operator decision per key: the guards respect an operator's unblock even after
         # the key's own limits blocked and unblocked it since (newer decisions, not the operator's).
@@ -311,12 +308,32 @@ class LimitService:
         records += [(topics.allowances_topic, a.key_id, a.model_dump_json().encode()) for a in verdicts.allowances]
         if not records:
             return
-        # A decision the nodes never hear of would leave a key unlimited: wait for the broker.
-        async with self._publishing:
+        async with self._in_key_order({key for _, key, _ in records}):
+            # A decision the nodes never hear of would leave a key unlimited: wait for the broker.
             await retry_forever(
                 lambda: asyncio.gather(*(self.send(*r) for r in records)), f"publishing {len(records)} decisions"
             )
         self.allowances_published += len(verdicts.allowances)
+
+    @contextlib.asynccontextmanager
+    async def _in_key_order(self, keys: set[str]) -> AsyncIterator[None]:
+        """Enter once every earlier publish of ``keys`` has ended (landed, or given up): one
+        retried through an outage must not land after a newer one of the same key (nodes go by
+        version, but the compacted topic keeps the last by offset: a node rebuilt from it would
+        hold the older). Other keys' publishes never wait on it."""
+        earlier = {self._publishing[key] for key in keys if key in self._publishing}
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for key in keys:
+            self._publishing[key] = mine
+        try:
+            if earlier:
+                await asyncio.wait(earlier)
+            yield
+        finally:
+            mine.set_result(None)
+            for key in keys:
+                if self._publishing.get(key) is mine:
+                    del self._publishing[key]
 
     async def _audit_forever(self) -> None:
         while True:
