@@ -42,6 +42,9 @@ from schemas.limits import LimitPolicy, PolicyBook, route_subject
 _WINDOWS = (Window.minute, Window.hour, Window.day, Window.month)
 _DIVIDED = 3  # _WINDOWS[:_DIVIDED]: reported in node_counts, divided into allowances
 _MONTH = 3
+# A time this far before a key's current minute is a clock set back, not a late request (a
+# request waits for the division at most node_burst_wait_ms, 10 s).
+_CLOCK_STEP_S = 15.0
 
 
 class RefusedBy(StrEnum):
@@ -90,9 +93,13 @@ class _KeyState:
         self.anchors: dict[tuple[int, int], int] | None = None
 
     def roll(self, now: float) -> None:
-        """Start the windows ``now`` is past. Forward only: a time of a window gone by (a request
-        that started before another moved the key on, a clock stepped back) is counted in the
-        current window; resetting to it would forget the current window's count."""
+        """Start the windows ``now`` is past. Forward only: a time a little before the current
+        windows (a request that waited for the division while another moved the key on) is
+        counted in them; going back to its windows would forget the current ones' counts. A
+        time further back is the clock set back: the windows start over from it (else one
+        request seen while the clock ran ahead would hold the key in that future window)."""
+        if now < self.starts[0] - _CLOCK_STEP_S:
+            self.starts, self.counts, self.anchors = [0, 0, 0, 0], [0, 0, 0, 0], None
         rolled = False
         for i in range(_DIVIDED):
             start = window_start(_WINDOWS[i], now)
@@ -172,11 +179,9 @@ class LocalGuard:
         events report); None if the key has moved on to a later minute since (a request that
         ended after others started the next window: the counts of its windows are gone)."""
         state = self._keys.get(key_id)
-        if state is None:
+        if state is None or window_start(_WINDOWS[0], now) < state.starts[0]:
             return None
         state.roll(now)
-        if state.starts[0] != window_start(_WINDOWS[0], now):
-            return None
         return state.counts[:_DIVIDED]
 
     def headroom(self, key_id: str, now: float) -> Headroom | None:

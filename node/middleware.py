@@ -22,6 +22,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -134,6 +135,9 @@ def route_path(scope: Scope) -> str:
     return path
 
 
+_REFUSED_LOG_INTERVAL_S = 10.0
+
+
 def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
     """The client's address: the peer's, unless the peer is a trusted proxy; then the nearest
     ``X-Forwarded-For`` hop (from the right) that is not one, since a client may write anything
@@ -207,6 +211,9 @@ class MeterMiddleware:
         self._reporter = reporter
         self._cache = cache
         self._guard = guard
+        self._refused_fields: set[str] = set()  # see _warn_refused_fields
+        self._refused_events = 0
+        self._refused_logged_at = -math.inf
         self._route_scopes = (*route_scopes, *(RouteScope(p, None) for p in settings.node_public_routes))
         self._trusted: tuple[IPNetwork, ...] = tuple(settings.node_trusted_proxies)
         self._fail_open = fail_open
@@ -491,14 +498,33 @@ class MeterMiddleware:
             try:
                 event = make_event(**counted, **described)
             except ValidationError as exc:
+                refused = {str(e["loc"][0]) for e in exc.errors(include_input=False) if e["loc"]}
+                if not refused <= described.keys():
+                    raise
                 # A describing field the contract refuses (an account id a key store made too
-                # long, an odd client address) must not un-meter the request: it is counted without.
-                where = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors(include_input=False))
-                log.warning("request %s: event reported without its %s (refused by the contract)", request_id, where)
-                event = make_event(**counted)
+                # long, an odd client address) must not un-meter the request: counted without it.
+                self._refused_fields.update(refused)
+                self._warn_refused_fields()
+                event = make_event(**counted, **{k: v for k, v in described.items() if k not in refused})
             self._reporter.report(event)
+        except ValidationError as exc:  # a counted field: a bug of this node; no input in the log
+            log.error("request %s: usage event not reported: %s", request_id, exc.errors(include_input=False))
         except Exception:  # reporting must never fail a request
             log.exception("request %s: usage event not reported", request_id)
+
+    def _warn_refused_fields(self) -> None:
+        """One warning per ``_REFUSED_LOG_INTERVAL_S`` at most: a key store's bad account id
+        would otherwise log once per request of its keys."""
+        self._refused_events += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= _REFUSED_LOG_INTERVAL_S:
+            log.warning(
+                "%d event(s) reported without their %s (refused by the event contract) since the last warning",
+                self._refused_events,
+                ", ".join(sorted(self._refused_fields)),
+            )
+            self._refused_logged_at, self._refused_events = now, 0
+            self._refused_fields.clear()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

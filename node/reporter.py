@@ -21,7 +21,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.codec import has_lz4
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 
 from common import kafka_clients
 from common.retry import cancel_and_wait, describe_error, retry_forever
@@ -300,6 +300,8 @@ class UsageReporter:
         unacknowledged: set[asyncio.Future[Any]] = set()
         if futures:
             _, unacknowledged = await asyncio.wait([f for _, f in futures], timeout=ack_timeout_s)
+            for future in unacknowledged:  # failed later when its producer closes: nothing to log then
+                future.add_done_callback(_outcome_seen)
         for event, future in futures:
             if future in unacknowledged:
                 result: Any = KafkaTimeoutError(f"no acknowledgement within {ack_timeout_s:g} s")
@@ -353,13 +355,25 @@ class UsageReporter:
 _background: set[asyncio.Task[None]] = set()
 
 
+def _outcome_seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _stop_quietly(producer: Any) -> None:
-    """Stop ``producer`` within ``_CLOSE_TIMEOUT_S``; past it (its flush waits for a broker that
-    is gone), end its sender and connections without flushing."""
-    try:
+    """Stop ``producer``; each step within ``_CLOSE_TIMEOUT_S``. Past the first (its flush waits
+    for a broker that is gone), fail what it still holds (so its flush ends and nothing of it
+    is left waiting), then end its sender and connections without flushing."""
+    with contextlib.suppress(Exception):
         await asyncio.wait_for(producer.stop(), _CLOSE_TIMEOUT_S)
-    except Exception:
+        return
+    with contextlib.suppress(Exception):
+        held = producer._message_accumulator
+        batches = [b for queued in held._batches.values() for b in queued] + list(held._pending_batches)
+        held.fail_all(KafkaConnectionError("producer closed while the broker was away"))
+        for batch in batches:  # failed on purpose: not an error for asyncio to log at exit
+            _outcome_seen(batch.future)
+            _outcome_seen(batch._drain_waiter)
+    for part in ("_sender", "client"):
         with contextlib.suppress(Exception):
-            await producer._sender.close()
-        with contextlib.suppress(Exception):
-            await producer.client.close()
+            await asyncio.wait_for(getattr(producer, part).close(), _CLOSE_TIMEOUT_S)

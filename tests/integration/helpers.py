@@ -275,11 +275,13 @@ async def create_again(settings: Settings, topic: str) -> None:
 
 class BrokerProxy:
     """A TCP proxy in front of the test broker; ``cut()`` is a broker gone from the network
-    (connections reset, new ones refused) without stopping it. Use with ``route_through``."""
+    (connections reset, new ones refused) without stopping it, ``frozen`` a network partition
+    (connections stay open, nothing gets through). Use with ``route_through``."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.port = 0
+        self.frozen = False
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -299,6 +301,8 @@ class BrokerProxy:
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             try:
                 while data := await source.read(65536):
+                    while self.frozen:
+                        await asyncio.sleep(0.05)
                     sink.write(data)
                     await sink.drain()
             except (OSError, asyncio.IncompleteReadError):

@@ -337,3 +337,30 @@ def test_a_global_shadow_turns_every_policy_into_a_dry_run() -> None:
     refusal = guard.admit("k", "", T0 + 0.1)
     assert refusal is not None
     assert refusal.shadow
+
+
+def test_a_time_a_little_before_the_current_minute_counts_in_it() -> None:
+    """A request that waited for the division while others moved the key into the next minute:
+    before, it rolled the key back (count 0) and the next one forward (0 again): twice the limit."""
+    g = guard(LimitPolicy(per_minute=5, per_hour=None, per_day=None))
+    nxt = MINUTE + 60
+    assert [g.admit("k", "a", nxt + 1) is None for _ in range(5)] == [True] * 5
+    late = g.admit("k", "a", nxt - 0.2)  # started in the minute before, admitted now
+    assert late is not None
+    assert late.by is RefusedBy.local_limit
+    assert g.admit("k", "a", nxt + 2) is not None
+    assert g.counts("k", nxt - 0.2) is None  # that minute's counts are gone: nothing to report
+    assert g.counts("k", nxt + 2) == [5, 5, 5]
+
+
+def test_a_clock_set_back_starts_the_windows_over_instead_of_holding_the_key_in_the_future() -> None:
+    """Found by a review of the forward-only windows: one request seen while the clock ran an hour
+    ahead held the key in that hour's windows, refusing it at 10% of its limit after the clock
+    was set right."""
+    g = guard(LimitPolicy(per_minute=100, per_hour=1000, per_day=None))
+    assert g.admit("k", "a", T0 + 3600) is None  # the clock an hour ahead
+    admitted = sum(g.admit("k", "a", T0 + i * 6) is None for i in range(600))  # 10 a minute for an hour
+    assert admitted == 600
+    headroom = g.headroom("k", T0 + 3599)
+    assert headroom is not None
+    assert headroom.reset_s <= 60
