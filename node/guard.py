@@ -96,10 +96,14 @@ class _KeyState:
         """Start the windows ``now`` is past. Forward only: a time a little before the current
         windows (a request that waited for the division while another moved the key on) is
         counted in them; going back to its windows would forget the current ones' counts. A
-        time further back is the clock set back: the windows start over from it (else one
-        request seen while the clock ran ahead would hold the key in that future window)."""
-        if now < self.starts[0] - _CLOCK_STEP_S:
-            self.starts, self.counts, self.anchors = [0, 0, 0, 0], [0, 0, 0, 0], None
+        time further back than a window's start is the clock set back out of that window: it
+        starts over from ``now`` (else one request seen while the clock ran ahead would hold the
+        key in that future window). The windows ``now`` is still in keep their counts."""
+        for i in range(4):
+            if now < self.starts[i] - _CLOCK_STEP_S:
+                self.starts[i], self.counts[i] = 0, 0
+                if self.anchors:
+                    self.anchors = {at: n for at, n in self.anchors.items() if at[0] != i} or None
         rolled = False
         for i in range(_DIVIDED):
             start = window_start(_WINDOWS[i], now)

@@ -294,7 +294,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
                 min_isr,
             )
         if gone := await _check_existing(admin, raced, settings):
-            log.warning("topic(s) %s created and deleted by another process meanwhile: start again", ", ".join(gone))
+            raise TopicsRefused(f"topic(s) {', '.join(gone)} created and deleted by another process meanwhile")
     finally:
         await admin.close()
     return created

@@ -364,3 +364,18 @@ def test_a_clock_set_back_starts_the_windows_over_instead_of_holding_the_key_in_
     headroom = g.headroom("k", T0 + 3599)
     assert headroom is not None
     assert headroom.reset_s <= 60
+
+
+def test_a_clock_set_back_within_the_hour_keeps_the_hours_count() -> None:
+    """Found by a review of the first clock-step rule, which started every window over: a full
+    hour admitted 100 more after a 25 s step back (a drifting clock corrected each 10 minutes
+    let one node admit 146,980 in a day against 5,000)."""
+    g = guard(LimitPolicy(per_minute=100, per_hour=1000, per_day=None))
+    admitted = sum(g.admit("k", "a", T0 + m * 60 + i * 0.5) is None for m in range(10) for i in range(100))
+    assert admitted == 1000
+    refusal = g.admit("k", "a", T0 + 600)
+    assert refusal is not None
+    assert refusal.window is Window.hour
+    stepped_back = sum(g.admit("k", "a", T0 + 575 + i * 0.1) is None for i in range(100))
+    assert stepped_back == 0
+    assert g.counts("k", T0 + 585) == [0, 1000, 1000]  # the minute started over, the hour kept

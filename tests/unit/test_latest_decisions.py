@@ -227,3 +227,33 @@ def _publishing_service(send: Any) -> LimitService:
         stored_offsets=dict,
         clock=Clock(T0.timestamp()),
     )
+
+
+async def test_a_publish_cancelled_while_it_waits_does_not_let_a_newer_one_pass_the_older() -> None:
+    """Found by a review: a waiter cancelled (the ticker at stop) released the next publish of
+    its key while the older one still retried: the topic got the newest, then the oldest."""
+    landed: list[int] = []
+    refusing = True
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        decided = Decision.model_validate_json(value)
+        if decided.action is DecisionAction.block and refusing:
+            raise NotEnoughReplicasError()
+        landed.append(decided.version)
+
+    service = _publishing_service(send)
+    oldest = decision("k", DecisionAction.block, until=T0 + timedelta(seconds=55))
+    cancelled = decision("k", DecisionAction.unblock, at=T0 + timedelta(seconds=1))
+    newest = decision("k", DecisionAction.unblock, at=T0 + timedelta(seconds=2))
+    first = asyncio.create_task(service.publish_decisions([oldest]))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(service.publish_decisions([cancelled]))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    last = asyncio.create_task(service.publish_decisions([newest]))
+    await asyncio.sleep(0.05)
+    refusing = False
+    await asyncio.wait_for(asyncio.gather(first, last), 5)
+    assert landed == [oldest.version, newest.version]
+    assert service._publishing == {}  # nothing left behind

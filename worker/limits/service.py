@@ -330,10 +330,19 @@ class LimitService:
                 await asyncio.wait(earlier)
             yield
         finally:
-            mine.set_result(None)
-            for key in keys:
-                if self._publishing.get(key) is mine:
-                    del self._publishing[key]
+            # Cancelled while an earlier publish still retries: the newer ones wait for it all
+            # the same (they wait on this one only).
+            if pending := {f for f in earlier if not f.done()}:
+                waiting = asyncio.ensure_future(asyncio.wait(pending))
+                waiting.add_done_callback(lambda _: self._published(keys, mine))
+            else:
+                self._published(keys, mine)
+
+    def _published(self, keys: set[str], mine: asyncio.Future[None]) -> None:
+        mine.set_result(None)
+        for key in keys:
+            if self._publishing.get(key) is mine:
+                del self._publishing[key]
 
     async def _audit_forever(self) -> None:
         while True:
