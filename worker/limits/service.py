@@ -332,10 +332,16 @@ class LimitService:
         finally:
             # Cancelled while an earlier publish still retries: the newer ones wait for it all
             # the same (they wait on this one only).
-            if pending := {f for f in earlier if not f.done()}:
-                waiting = asyncio.ensure_future(asyncio.wait(pending))
-                waiting.add_done_callback(lambda _: self._published(keys, mine))
-            else:
+            pending = {f for f in earlier if not f.done()}
+
+            def one_ended(ended: asyncio.Future[None]) -> None:
+                pending.discard(ended)
+                if not pending:
+                    self._published(keys, mine)
+
+            for future in list(pending):
+                future.add_done_callback(one_ended)
+            if not pending:
                 self._published(keys, mine)
 
     def _published(self, keys: set[str], mine: asyncio.Future[None]) -> None:
