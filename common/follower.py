@@ -372,7 +372,7 @@ class TopicFollower:
                 await asyncio.sleep(0)
             went, back = await watch.check(consumer)
             if went or back or watch.grown(consumer):
-                tps = await self._reassign(consumer, tps, watch.gone, went)
+                tps = await self._reassign(consumer, tps, watch, went)
                 pending = {tp: end for tp, end in pending.items() if tp.topic not in went}
             if pending and not batches:
                 # A compacted or transactional topic may end past its last record.
@@ -382,24 +382,22 @@ class TopicFollower:
                 next_probe = time.monotonic() + (self.probe_interval_s or math.inf)
 
     async def _reassign(
-        self, consumer: Any, tps: list[TopicPartition], gone: set[str], went: set[str]
+        self, consumer: Any, tps: list[TopicPartition], watch: TopicWatch, went: set[str]
     ) -> list[TopicPartition]:
-        """Topics deleted (``went``) or created again: read the ones there are. A topic created
-        again is read from its start (its offsets start over); without a required one, raise and
-        retry."""
+        """Topics deleted (``went``), created again or grown: read the partitions there are. A
+        topic created again, and a partition added, is read from its start (its offsets start
+        over); without a required topic, raise and retry."""
         self._forget(went)
-        if lost := gone & self.required:
+        if lost := watch.gone & self.required:
             raise TopicUnavailable(f"{_not_listed(lost)} (deleted while read)")
-        here = [t for t in self.topics if t not in gone]
+        here = [t for t in self.topics if t not in watch.gone]
         new_tps = await topic_partitions(self.kafka, here)
-        added = sorted(f"{tp.topic}[{tp.partition}]" for tp in set(new_tps) - set(tps) if tp.topic not in went)
         await self._seek(consumer, new_tps)
-        assert self._watch is not None
-        self._watch.reading(new_tps)
+        watch.reading(new_tps)
         self.last_error = self._missing()
-        if gone:
+        if watch.gone:
             log.warning("%s: %s; following %s", self.name, self.last_error, ", ".join(here))
-        elif added and not went:
+        elif added := sorted(f"{tp.topic}[{tp.partition}]" for tp in set(new_tps) - set(tps)):
             log.info("%s: partitions added: following %s too, from their start", self.name, ", ".join(added))
         else:
             log.info("%s: following %s again", self.name, self.where)

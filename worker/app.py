@@ -21,12 +21,11 @@ from starlette.routing import Mount
 
 from common import kafka_clients
 from common.listen import listening_socket
-from common.retry import retry_forever
 from worker.analytics.api import build_query_app
 from worker.dsn import redact_dsn
 from worker.faststream_batch import raw_batch_parser, raw_decoder
 from worker.ingest.consumer import PartitionWriter
-from worker.ingest.dlq import dead_letter_key, refused_by_broker
+from worker.ingest.dlq import dead_letter_key, record_id, send_or_skip
 from worker.ingest.pipeline import IngestPipeline
 from worker.ingest.recent_hashes import RecentHashes
 from worker.limits.guard_runner import GuardRunner
@@ -128,24 +127,14 @@ class WorkerRuntime:
         await self.consumer.handle(message.raw_message)
 
     async def _dead_letter(self, rejection: Rejection, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        # Bad input is never dropped silently: if the DLQ cannot be written, wait for it. A
-        # record the broker will never take (too large even truncated) is logged and skipped:
-        # retrying it would stall the partition here and on every next owner.
-        place = f"{rejection.topic}[{rejection.partition}]@{rejection.offset}"
-        try:
-            await retry_forever(
-                lambda: self.broker.publish(
-                    value,
-                    self.settings.dlq_topic,
-                    key=dead_letter_key(rejection),
-                    headers={k: v.decode() for k, v in headers},
-                ),
-                f"dead-lettering {place}",
-                permanent=refused_by_broker,
-            )
-        except Exception as exc:
+        place = record_id(rejection.topic, rejection.partition, rejection.offset)
+
+        async def publish() -> None:
+            key, text_headers = dead_letter_key(rejection), {k: v.decode() for k, v in headers}
+            await self.broker.publish(value, self.settings.dlq_topic, key=key, headers=text_headers)
+
+        if not await send_or_skip(publish, place, rejection.reason):
             self.dead_letters_dropped += 1
-            log.error("record %s (%s) could not be dead-lettered and is skipped: %s", place, rejection.reason, exc)
 
     async def _send(self, topic: str, key: str, value: bytes) -> None:
         await self.broker.publish(value, topic, key=key.encode())

@@ -284,7 +284,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
                 raced.append(spec)
                 continue
             if code != 0:
-                raise TopicsRefused(f"creating topic {spec.name} failed: {message} (Kafka error code {code})")
+                raise TopicsRefused(f"creating topic {spec.name} failed: {_kafka_error(code, message)}")
             created.append(spec.name)
             log.info(
                 "created topic %s (%d partitions, replication %d, min.insync.replicas %d)",

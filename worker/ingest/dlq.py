@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +20,10 @@ from typing import Any, TypeVar
 
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
+from common.retry import retry_forever
 from worker.records import Rejection
+
+log = logging.getLogger(__name__)
 
 # (topic, key, value, headers) -> awaitable publish; the worker passes its broker's publish.
 Publish = Callable[[bytes | None, bytes, list[tuple[str, bytes]]], Awaitable[None]]
@@ -60,6 +64,18 @@ def dead_letter(rejection: Rejection, now: datetime | None = None) -> tuple[byte
 def refused_by_broker(exc: Exception) -> bool:
     """A publish failure no retry can fix: the record itself is refused for its size."""
     return isinstance(exc, MessageSizeTooLargeError | RecordTooLargeError)
+
+
+async def send_or_skip(send: Callable[[], Awaitable[Any]], place: str, reason: str) -> bool:
+    """Send one dead letter, waiting for the broker (bad input is never dropped silently); a
+    letter the broker will never take (too large even cut) is logged with its place and skipped:
+    retrying it would stall everything behind it. False: skipped."""
+    try:
+        await retry_forever(send, f"dead-lettering {place}", permanent=refused_by_broker)
+    except Exception as exc:
+        log.error("record %s (%s) could not be dead-lettered and is skipped: %s", place, reason, exc)
+        return False
+    return True
 
 
 def dead_letter_key(rejection: Rejection) -> bytes | None:

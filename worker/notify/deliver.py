@@ -41,7 +41,7 @@ from common.follower import topic_partitions
 from common.recent_set import RecentSet
 from common.retry import cancel_and_wait, describe_error, keep_running, retry_forever
 from schemas.notifications import Notification, UndeliveredNotification
-from worker.ingest.dlq import dead_letter, dead_letter_key, refused_by_broker
+from worker.ingest.dlq import dead_letter, dead_letter_key, record_id, send_or_skip
 from worker.notify.signature import HEADER, sign
 from worker.records import Rejection, validation_reason
 from worker.settings import Settings
@@ -350,21 +350,11 @@ class WebhookDeliverer:
         rejection = Rejection(record.topic, record.partition, record.offset, reason, detail, record.key, record.value)
         value, headers = dead_letter(rejection, datetime.fromtimestamp(self.clock(), UTC))
         producer = self._producer
-        place = f"{record.topic}[{record.partition}]@{record.offset}"
+        place = record_id(record.topic, record.partition, record.offset)
         self.stats.invalid += 1
-        try:
-            await retry_forever(  # not lost: wait for the broker
-                lambda: producer.send_and_wait(
-                    self.settings.notifications_dlq_topic, value, key=dead_letter_key(rejection), headers=headers
-                ),
-                f"dead-lettering the record at {place}",
-                # A letter the broker will never take: retrying it would stop every delivery behind it.
-                permanent=refused_by_broker,
-            )
-        except Exception as exc:
-            log.error("not a notification at %s (%s) and not dead-lettered either, skipped: %s", place, reason, exc)
-            return
-        log.error("not a notification at %s, dead-lettered (%s): %s", place, reason, detail)
+        topic, key = self.settings.notifications_dlq_topic, dead_letter_key(rejection)
+        if await send_or_skip(lambda: producer.send_and_wait(topic, value, key=key, headers=headers), place, reason):
+            log.error("not a notification at %s, dead-lettered (%s): %s", place, reason, detail)
 
     def _remember(self, done: tuple[str, str]) -> None:
         self._done.add(done)
