@@ -427,11 +427,14 @@ class TopicFollower:
             self.connected = False
             self.last_error = describe_error(exc)
             return
+        # The lag first: the state below changes at once (no await between), never connected
+        # again with the lag of before.
+        lag = sum([max(0, off - await self._position(consumer, tp)) for tp, off in end.items()])
         if not self.connected:
             log.info("%s: broker of %s reachable again", self.name, self.where)
         self.connected = True
         self.last_error = self._missing()
-        self.lag = sum([max(0, off - await self._position(consumer, tp)) for tp, off in end.items()])
+        self.lag = lag
 
     async def _position(self, consumer: Any, tp: TopicPartition) -> int:
         """aiokafka's ``position()`` retries until the broker answers: bounded, so a broker gone
