@@ -22,7 +22,6 @@ import asyncio
 import ipaddress
 import json
 import logging
-import math
 import re
 import time
 import uuid
@@ -34,6 +33,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 from starlette.routing import BaseRoute, Match
 
+from common.log_throttle import LogThrottle
 from node.decision_cache import Block
 from node.guard import Headroom, LocalGuard, Refusal, RefusedBy
 from node.keys import KeyIdDeriver, KeyRecord, KeyStore, is_well_formed
@@ -212,8 +212,7 @@ class MeterMiddleware:
         self._cache = cache
         self._guard = guard
         self._refused_fields: set[str] = set()  # see _warn_refused_fields
-        self._refused_events = 0
-        self._refused_logged_at = -math.inf
+        self._refused_log = LogThrottle(_REFUSED_LOG_INTERVAL_S)
         self._route_scopes = (*route_scopes, *(RouteScope(p, None) for p in settings.node_public_routes))
         self._trusted: tuple[IPNetwork, ...] = tuple(settings.node_trusted_proxies)
         self._fail_open = fail_open
@@ -515,15 +514,13 @@ class MeterMiddleware:
     def _warn_refused_fields(self) -> None:
         """One warning per ``_REFUSED_LOG_INTERVAL_S`` at most: a key store's bad account id
         would otherwise log once per request of its keys."""
-        self._refused_events += 1
-        now = time.monotonic()
-        if now - self._refused_logged_at >= _REFUSED_LOG_INTERVAL_S:
+        events = self._refused_log.tick()
+        if events is not None:
             log.warning(
                 "%d event(s) reported without their %s (refused by the event contract) since the last warning",
-                self._refused_events,
+                events,
                 ", ".join(sorted(self._refused_fields)),
             )
-            self._refused_logged_at, self._refused_events = now, 0
             self._refused_fields.clear()
 
 

@@ -24,6 +24,7 @@ from aiokafka.codec import has_lz4
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 
 from common import kafka_clients
+from common.log_throttle import LogThrottle
 from common.retry import cancel_and_wait, describe_error, retry_forever
 from node.settings import NodeSettings
 from schemas.events import RequestEvent, dump_event
@@ -113,8 +114,7 @@ class UsageReporter:
         self._retried = 0
         self._dropped = 0
         self._invalid = 0
-        self._dropped_logged = 0
-        self._last_drop_log = 0.0
+        self._drop_log = LogThrottle(_DROP_LOG_INTERVAL_S)
         self._last_error: str | None = None
         self._last_sent_at: float | None = None
 
@@ -131,17 +131,15 @@ class UsageReporter:
             self._wakeup.set()
 
     def _log_drops(self) -> None:
-        now = time.monotonic()
-        if now - self._last_drop_log >= _DROP_LOG_INTERVAL_S:
-            self._last_drop_log = now
+        since_last = self._drop_log.tick()
+        if since_last is not None:
             log.warning(
                 "usage reporter buffer full: %d events dropped (%d since last warning; bound %d, kafka %s)",
                 self._dropped,
-                self._dropped - self._dropped_logged,
+                since_last,
                 self._max_buffer,
                 "connected" if self._connected else "unreachable",
             )
-            self._dropped_logged = self._dropped
 
     # -- lifecycle ----------------------------------------------------------------------
 
