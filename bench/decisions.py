@@ -190,28 +190,25 @@ Emit = Callable[[dict[str, Any]], None]
 
 
 def time_publishing(emit: Emit) -> None:
-    """``LimitService._publish`` until acked, for the calls that send something (the re-divider
-    and the ticker call it ~36 times a second with nothing to send)."""
-    from worker.limits.service import LimitService
+    """``KeyedPublisher._deliver``: one decision or allowance record, from the start of its
+    send (in the background, after the earlier records of its key) until acked."""
+    from worker.limits.publisher import KeyedPublisher
 
-    original = LimitService._publish
+    original = KeyedPublisher._deliver
 
-    async def publish(self: LimitService, verdicts: Any) -> None:
-        if not (verdicts.decisions or verdicts.allowances):
-            await original(self, verdicts)
-            return
+    async def deliver(self: KeyedPublisher, topic: str, key: str, value: bytes) -> None:
         t0 = time.perf_counter()
         try:
-            await original(self, verdicts)
+            await original(self, topic, key, value)
         finally:
             emit({"t": time.time(), "phase": "publish", "dt": time.perf_counter() - t0})
 
-    LimitService._publish = publish  # type: ignore[method-assign]
+    KeyedPublisher._deliver = deliver  # type: ignore[method-assign]
 
 
 def time_fast_lane(emit: Emit) -> None:
     """The fast lane, per fetch: records, age of the newest and oldest (their CreateTime, set by
-    the node's producer) when it starts grouping them, and grouping + counting + publishing
+    the node's producer) when it starts grouping them, and grouping + counting + queueing the publishes
     time; emitted once a second (``emitted_each_second``)."""
     from worker.limits import fastlane
     from worker.limits.service import LimitService
@@ -946,14 +943,14 @@ def render(r: dict[str, Any], for_file: bool) -> str:
             ("gap: getmany wait between batches", "gap"),
             ("handle: the batch handler, per batch", "handle"),
             ("dedup lookup (`seen_hashes`), per call", "dedup"),
-            ("publishing decisions and allowances (until acked), per call that publishes any", "publish"),
+            ("publishing a decision or allowance record (in the background, until acked), per record", "publish"),
             ("ClickHouse write, per call", "write"),
             ("offset commit, per call", "commit"),
             ("age of newest record at batch start", "age_newest"),
             ("age of oldest record at batch start", "age_oldest"),
             ("fast lane: age of newest record when grouped, per fetch", "fast_age_newest"),
             ("fast lane: age of oldest record when grouped, per fetch", "fast_age_oldest"),
-            ("fast lane: grouping + counting + publishing, per fetch", "fast_handle"),
+            ("fast lane: grouping + counting + queueing its publishes, per fetch", "fast_handle"),
             ("event loop: lateness of a 1 ms sleep (how long a task held the loop)", "loop_late"),
         ):
             dd = ph.get(key)

@@ -39,6 +39,7 @@ async def retry_forever(
     permanent: Callable[[Exception], bool] = transient_only,
     *,
     on_failure: OnFailure | None = None,
+    on_recovery: Callable[[int], None] | None = None,
     sleep: Sleep = asyncio.sleep,
 ) -> T:
     """Await ``call()`` until it succeeds, doubling the delay after each failure up to ``max_delay``.
@@ -51,7 +52,8 @@ async def retry_forever(
 
     Each other failure is logged (``what`` failed, the attempt, the delay), or handed to
     ``on_failure`` instead when the caller reports failures its own way. ``sleep`` waits out
-    the delay (a caller that must wake early on shutdown passes its own).
+    the delay (a caller that must wake early on shutdown passes its own). A success after
+    failures is logged, or handed to ``on_recovery`` (the attempts it took) instead.
     """
     delay = first_delay
     attempt = 0
@@ -71,7 +73,9 @@ async def retry_forever(
             await sleep(delay)
             delay = min(delay * 2, max_delay)
         else:
-            if attempt > 1:
+            if attempt > 1 and on_recovery is not None:
+                on_recovery(attempt)
+            elif attempt > 1:
                 log.warning("%s succeeded after %d attempts", what, attempt)
             return result
 

@@ -148,6 +148,13 @@ class _StateCollector(Collector):
             yield CounterMetricFamily(
                 "meter_allowances_published", "Allowance records published", rt.limits.allowances_published
             )
+            keys_waiting, records_waiting = rt.limits.publisher.waiting()
+            yield GaugeMetricFamily(
+                "meter_publish_waiting_records",
+                "Decision and allowance records queued or being sent, not acknowledged yet",
+                records_waiting,
+            )
+            yield GaugeMetricFamily("meter_publish_waiting_keys", "Keys with such records", keys_waiting)
             yield GaugeMetricFamily("meter_hot_keys", "Keys whose remainder is divided among nodes", len(engine.hot))
             yield CounterMetricFamily(
                 "meter_key_account_changes", "Keys whose events named another account", engine.account_changes

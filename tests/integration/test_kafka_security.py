@@ -42,6 +42,7 @@ from schemas.limits import LimitOverride, LimitPolicy, OverrideScope
 from tests.integration.helpers import REPO_ROOT, until_fresh_minute, wait_for
 from worker.app import WorkerRuntime
 from worker.limits.control import manual_decision, set_override
+from worker.limits.publisher import KeyedPublisher
 from worker.settings import Settings
 from worker.simulate import Traffic, generate, publish
 from worker.store.client import connect, quote_identifier
@@ -236,6 +237,37 @@ async def test_worker_writes_decisions_through_its_broker_and_reads_events_in_it
         await consumer.commit()
     finally:
         await consumer.stop()
+
+
+async def test_a_topic_the_worker_may_not_write_holds_back_its_own_records_only(
+    as_role: Callable[..., Settings],
+) -> None:
+    """An ACL missing (here: the limits topic, which the worker role may not write) refuses one
+    record; the decision queued with it, through the same publisher and broker, lands. Before,
+    the whole batch was retried until the refused record landed, and the fast lane waited."""
+    worker, node = as_role("worker"), as_role("node")
+    broker = kafka_clients.broker(worker)
+    await broker.start()
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        await broker.publish(value, topic, key=key.encode())
+
+    publisher = KeyedPublisher(send)
+    try:
+        decision = a_block("key-queued", version=9)
+        publisher.submit(
+            [
+                (worker.limits_topic, "key-refused", b"{}"),
+                (worker.decisions_topic, "key-queued", decision.model_dump_json().encode()),
+            ]
+        )
+        await wait_for(lambda: publisher.published[worker.decisions_topic] == 1, timeout=20)
+        assert publisher.waiting() == (1, 1)  # the refused record, retried on its own
+    finally:
+        await publisher.close(0.5)
+        await broker.stop()
+    seen = list(valid_records(await read_to_end(node, node.decisions_topic), Decision))
+    assert any(d.key_id == "key-queued" and d.version == 9 for d in seen)
 
 
 async def test_worker_cannot_change_limits_nor_use_another_group(as_role: Callable[..., Settings]) -> None:

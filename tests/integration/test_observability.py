@@ -62,6 +62,11 @@ async def test_metrics_and_health_reflect_what_the_worker_did(topics: Settings, 
         assert m[("meter_batch_size_count", ())] >= 1
         assert m[("meter_store_write_seconds_count", ())] >= 1
         assert m[("meter_live_keys", ())] > 0
+        assert runtime.limits is not None
+        limits = runtime.limits
+        await wait_for(lambda: limits.publisher.waiting() == (0, 0), 10, "decisions and allowances acknowledged")
+        m = samples((await http.get("/metrics")).text)
+        assert m[("meter_publish_waiting_records", ())] == m[("meter_publish_waiting_keys", ())] == 0
         assert all(v == 0 for (name, _), v in m.items() if name == "meter_consumer_lag")
 
         # ClickHouse unreachable: readiness says so, with the reason.

@@ -5,10 +5,9 @@ rollover, audits."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from common.follower import TopicFollower, valid_records
@@ -19,6 +18,7 @@ from schemas.limits import LimitOverride
 from schemas.notifications import Notification
 from worker.limits.engine import AllowancePolicy, LimitEngine, Verdicts, partition_of
 from worker.limits.fastlane import FastBatch, FastLane
+from worker.limits.publisher import KeyedPublisher, Send
 from worker.limits.thresholds import ThresholdTracker
 from worker.records import Validator
 from worker.settings import Settings
@@ -28,12 +28,13 @@ from worker.store.rollup import RollupStore
 
 log = logging.getLogger(__name__)
 
-# (topic, message key, value): one record to publish
-Send = Callable[[str, str, bytes], Awaitable[Any]]
 FOLLOWERS_READY_TIMEOUT = 30.0
 # How long a revoke or a stop waits for the queued notifications to be published and recorded
 # (the next owner reads the record; what is not in it yet may be notified again, same id).
 NOTIFICATIONS_FLUSH_TIMEOUT = 10.0
+# How long a stop waits for the decisions and allowances queued to land (the broker away: not
+# for ever; the next owner of their partitions decides again from the stored counts).
+PUBLISH_FLUSH_TIMEOUT_S = 10.0
 # Audit rows (decisions, notifications) go to the store at most this often, each kind in one
 # insert: every insert is a part for the engine to merge, and one per decisions batch or per
 # notifying fast-lane batch cost the worker more CPU than its rollup inserts at 5,000 events/s
@@ -129,12 +130,11 @@ class LimitService:
         )
         self._ticker: asyncio.Task[None] | None = None
         self._redivider: asyncio.Task[None] | None = None
-        self._publishing: dict[str, asyncio.Future[None]] = {}  # key -> its newest publish (_in_key_order)
+        self.publisher = KeyedPublisher(send, latest_only={settings.allowances_topic})
         self._latest: dict[str, Decision] = {}  # newest decision per key seen on the topic
         # Newest operator decision per key: the guards respect an operator's unblock even after
         # the key's own limits blocked and unblocked it since (newer decisions, not the operator's).
         self._by_operator: dict[str, Decision] = {}
-        self.allowances_published = 0
         # Notifications wait here for their own task: publishing and recording them never holds
         # up the fast lane's decisions.
         self._outbox: list[Notification] = []
@@ -169,6 +169,7 @@ class LimitService:
         await self.decisions.stop()
         await self.overrides.stop()
         await self.allowances.stop()
+        await self.publisher.close(PUBLISH_FLUSH_TIMEOUT_S)
         notifier, self._notifier = self._notifier, None
         if notifier is not None:
             await self._flush_notifications_within()
@@ -219,7 +220,7 @@ class LimitService:
         for decision in self._latest.values():
             self.engine.restore(decision)
         published = self.engine.evaluate_all(partitions)
-        await self._publish(Verdicts(published, notifications=self.engine.notify_all(partitions)))
+        self._publish(Verdicts(published, notifications=self.engine.notify_all(partitions)))
         log.info(
             "limit counters rebuilt for partitions %s: %d keys live, %d blocks issued on rebuild",
             sorted(partitions),
@@ -239,7 +240,7 @@ class LimitService:
         verdicts = self.engine.observe(batch.counts, batch.nodes)
         self._report_account_changes()
         if verdicts:
-            await self._publish(verdicts)
+            self._publish(verdicts)
 
     def _report_account_changes(self) -> None:
         """A key's events naming another account: a move in the key store, or nodes that
@@ -296,59 +297,25 @@ class LimitService:
         return _forget_settled(self._latest, now, memory_s)
 
     async def publish_decisions(self, decisions: list[Decision]) -> None:
-        """Publish decisions made outside the engine's own evaluation (the abuse guards')."""
-        await self._publish(Verdicts(decisions))
+        """Publish decisions made outside the engine's own evaluation (the abuse guards'):
+        queued, sent in the background like the engine's own."""
+        self._publish(Verdicts(decisions))
 
-    async def _publish(self, verdicts: Verdicts) -> None:
+    def _publish(self, verdicts: Verdicts) -> None:
+        """Queue what the engine decided; the publisher sends it in the background, in order
+        per key (``KeyedPublisher``): nothing that decides waits for the broker."""
         if verdicts.notifications:
             self._outbox += verdicts.notifications
             self._outbox_ready.set()
         topics = self.settings
-        records = [(topics.decisions_topic, d.key_id, d.model_dump_json().encode()) for d in verdicts.decisions]
-        records += [(topics.allowances_topic, a.key_id, a.model_dump_json().encode()) for a in verdicts.allowances]
-        if not records:
-            return
-        async with self._in_key_order({key for _, key, _ in records}):
-            # A decision the nodes never hear of would leave a key unlimited: wait for the broker.
-            await retry_forever(
-                lambda: asyncio.gather(*(self.send(*r) for r in records)), f"publishing {len(records)} decisions"
-            )
-        self.allowances_published += len(verdicts.allowances)
+        self.publisher.submit(
+            [(topics.decisions_topic, d.key_id, d.model_dump_json().encode()) for d in verdicts.decisions]
+            + [(topics.allowances_topic, a.key_id, a.model_dump_json().encode()) for a in verdicts.allowances]
+        )
 
-    @contextlib.asynccontextmanager
-    async def _in_key_order(self, keys: set[str]) -> AsyncIterator[None]:
-        """Enter once every earlier publish of ``keys`` has ended (landed, or given up): one
-        retried through an outage must not land after a newer one of the same key (nodes go by
-        version, but the compacted topic keeps the last by offset: a node rebuilt from it would
-        hold the older). Other keys' publishes never wait on it."""
-        earlier = {self._publishing[key] for key in keys if key in self._publishing}
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for key in keys:
-            self._publishing[key] = mine
-        try:
-            if earlier:
-                await asyncio.wait(earlier)
-            yield
-        finally:
-            # Cancelled while an earlier publish still retries: the newer ones wait for it all
-            # the same (they wait on this one only).
-            pending = {f for f in earlier if not f.done()}
-
-            def one_ended(ended: asyncio.Future[None]) -> None:
-                pending.discard(ended)
-                if not pending:
-                    self._published(keys, mine)
-
-            for future in list(pending):
-                future.add_done_callback(one_ended)
-            if not pending:
-                self._published(keys, mine)
-
-    def _published(self, keys: set[str], mine: asyncio.Future[None]) -> None:
-        mine.set_result(None)
-        for key in keys:
-            if self._publishing.get(key) is mine:
-                del self._publishing[key]
+    @property
+    def allowances_published(self) -> int:
+        return self.publisher.published[self.settings.allowances_topic]
 
     async def _audit_forever(self) -> None:
         while True:
@@ -438,7 +405,7 @@ class LimitService:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self._publish(Verdicts(allowances=self.engine.redivide()))
+                self._publish(Verdicts(allowances=self.engine.redivide()))
             except Exception:
                 log.exception("re-division failed")
 
@@ -447,7 +414,7 @@ class LimitService:
         while True:
             await asyncio.sleep(0.25)
             try:
-                await self._publish(Verdicts(self.engine.tick()))
+                self._publish(Verdicts(self.engine.tick()))
                 idle_check += 1
                 if idle_check >= 240:  # once a minute
                     idle_check = 0
