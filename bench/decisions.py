@@ -195,13 +195,14 @@ def time_publishing(emit: Emit) -> None:
     from worker.limits.publisher import KeyedPublisher
 
     original = KeyedPublisher._deliver
+    record = emitted_each_second(emit, "publish_values")
 
     async def deliver(self: KeyedPublisher, topic: str, key: str, value: bytes) -> None:
         t0 = time.perf_counter()
         try:
             await original(self, topic, key, value)
         finally:
-            emit({"t": time.time(), "phase": "publish", "dt": time.perf_counter() - t0})
+            record(time.perf_counter() - t0)
 
     KeyedPublisher._deliver = deliver  # type: ignore[method-assign]
 
@@ -757,6 +758,11 @@ def summarise(
         }
         for name in ("dedup", "publish", "write", "commit"):
             phases[name] = dist([x["dt"] for x in stats if x.get("phase") == name])
+        published = [v for x in stats if x.get("phase") == "publish_values" for v in x["values"]]
+        if published:
+            phases["publish"] = dist(published)
+            span = stats[-1]["t"] - stats[0]["t"]
+            phases["published_per_s"] = len(published) / span if span > 0 else float("nan")
         late = [v for x in stats if x.get("phase") == "loop" for v in x["values"]]
         if late:
             phases["loop_late"] = dist(late)
@@ -964,6 +970,11 @@ def render(r: dict[str, Any], for_file: bool) -> str:
             add(
                 f"Fast lane: {ph['fast_fetches_per_s']:.0f} fetches/s, records per fetch p50 "
                 f"{ph['fast_records']['p50']:.0f} / max {ph['fast_records']['max']:.0f}."
+                + (
+                    f" Decision and allowance records published: {ph['published_per_s']:.0f}/s."
+                    if "published_per_s" in ph
+                    else ""
+                )
             )
     return "\n".join(lines)
 

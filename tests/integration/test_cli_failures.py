@@ -114,9 +114,9 @@ def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _run(argv: list[str], failure: str, env: dict[str, str], template: Path) -> Outcome:
+def _run(argv: list[str], failure: str, env: dict[str, str], template: Path, scratch: Path) -> Outcome:
     if env["METER_CLICKHOUSE_DSN"] == FRESH:  # each command its own copy: none holds another's
-        copy = Path(tempfile.mkdtemp(prefix="meter-cli-")) / "clickhouse"
+        copy = Path(tempfile.mkdtemp(prefix="store-", dir=scratch)) / "clickhouse"  # pytest's, cleaned up
         shutil.copytree(template, copy)
         env = env | {"METER_CLICKHOUSE_DSN": f"chdb://{copy}"}
     proc = subprocess.Popen(
@@ -141,7 +141,7 @@ def _run(argv: list[str], failure: str, env: dict[str, str], template: Path) -> 
 
 
 def test_every_command_fails_in_one_line_without_a_traceback(
-    topics: Settings, held_store: str, migrated_store: Path
+    topics: Settings, held_store: str, migrated_store: Path, tmp_path: Path
 ) -> None:
     base = cli_env(
         topics,
@@ -158,7 +158,7 @@ def test_every_command_fails_in_one_line_without_a_traceback(
     }
     jobs = [(argv, name, base | extra) for name, extra in failures.items() for argv in COMMANDS]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        outcomes = list(pool.map(lambda job: _run(job[0], job[1], job[2], migrated_store), jobs))
+        outcomes = list(pool.map(lambda job: _run(job[0], job[1], job[2], migrated_store, tmp_path), jobs))
 
     problems = []
     for o in outcomes:
