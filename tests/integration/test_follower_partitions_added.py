@@ -4,7 +4,6 @@ running node, whose health said available with no lag."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -38,8 +37,14 @@ async def test_partitions_added_while_followed_are_read_from_their_start(
         await producer.send_and_wait(topic, b"first", key=b"a", partition=0)
         await wait_for(lambda: seen == [(0, b"first")], what="the record of the first partition")
         await admin.create_partitions({topic: NewPartitions(total_count=3)})
-        await asyncio.sleep(0.5)  # the producer's metadata must know them to send there
-        await producer.client.force_metadata_update()
+
+        async def producer_knows_them() -> bool:
+            # To send there the producer's metadata must list them; right after a broker start
+            # the broker can take seconds to apply the change (one slow first run: 19.6 s).
+            await producer.client.force_metadata_update()
+            return len(producer.client.cluster.partitions_for_topic(topic) or ()) == 3
+
+        await wait_for(producer_knows_them, timeout=30, what="the producer's metadata of the added partitions")
         with caplog.at_level(logging.INFO, logger="common.follower"):
             for partition in (1, 2):
                 await producer.send_and_wait(topic, b"new-%d" % partition, key=b"b", partition=partition)
