@@ -242,9 +242,10 @@ async def test_worker_writes_decisions_through_its_broker_and_reads_events_in_it
 async def test_a_topic_the_worker_may_not_write_holds_back_its_own_records_only(
     as_role: Callable[..., Settings],
 ) -> None:
-    """An ACL missing (here: the limits topic, which the worker role may not write) refuses one
-    record; the decision queued with it, through the same publisher and broker, lands. Before,
-    the whole batch was retried until the refused record landed, and the fast lane waited."""
+    """The worker's publisher on the real secured broker: an ACL missing (here on the limits
+    topic, which the worker role may not write) refuses one record, and the decision of the same
+    key queued after it, through the same publisher and FastStream broker, lands. (Unit tests in
+    tests/unit/test_keyed_publisher.py and test_latest_decisions.py cover the service's use.)"""
     worker, node = as_role("worker"), as_role("node")
     broker = kafka_clients.broker(worker)
     await broker.start()
@@ -254,11 +255,11 @@ async def test_a_topic_the_worker_may_not_write_holds_back_its_own_records_only(
 
     publisher = KeyedPublisher(send)
     try:
-        decision = a_block("key-queued", version=9)
+        decision = a_block("key-both", version=9)
         publisher.submit(
             [
-                (worker.limits_topic, "key-refused", b"{}"),
-                (worker.decisions_topic, "key-queued", decision.model_dump_json().encode()),
+                (worker.limits_topic, "key-both", b"{}"),
+                (worker.decisions_topic, "key-both", decision.model_dump_json().encode()),
             ]
         )
         await wait_for(lambda: publisher.published[worker.decisions_topic] == 1, timeout=20)
@@ -267,7 +268,7 @@ async def test_a_topic_the_worker_may_not_write_holds_back_its_own_records_only(
         await publisher.close(0.5)
         await broker.stop()
     seen = list(valid_records(await read_to_end(node, node.decisions_topic), Decision))
-    assert any(d.key_id == "key-queued" and d.version == 9 for d in seen)
+    assert any(d.key_id == "key-both" and d.version == 9 for d in seen)
 
 
 async def test_worker_cannot_change_limits_nor_use_another_group(as_role: Callable[..., Settings]) -> None:

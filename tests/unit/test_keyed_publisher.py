@@ -1,5 +1,6 @@
-"""The worker's publisher of decisions and allowances: per key in order, keys independent,
-waiting allowances superseded, failures logged once per interval, a stop bounded."""
+"""The worker's publisher of decisions and allowances: per topic and key in order, keys and
+topics independent, a waiting record superseded by a newer one, failures logged once per
+interval, revoked keys dropped, a stop bounded."""
 
 from __future__ import annotations
 
@@ -16,41 +17,64 @@ DECISIONS, ALLOWANCES = "decisions", "allowances"
 
 
 class Broker:
-    """Records what landed; refuses the keys in ``refusing`` (a partition below min ISR)."""
+    """Records what landed; refuses the (topic, key) pairs in ``refusing`` (a partition below
+    min ISR, an ACL missing on a topic)."""
 
     def __init__(self) -> None:
         self.landed: list[tuple[str, str, bytes]] = []
-        self.refusing: set[str] = set()
+        self.refusing: set[tuple[str, str]] = set()
         self.attempts = 0
 
     async def send(self, topic: str, key: str, value: bytes) -> None:
         self.attempts += 1
         await asyncio.sleep(0)
-        if key in self.refusing:
+        if (topic, key) in self.refusing:
             raise NotEnoughReplicasError()
         self.landed.append((topic, key, value))
 
 
-async def test_a_newer_allowance_replaces_one_still_waiting_and_decisions_are_all_sent() -> None:
+async def test_a_refused_allowance_does_not_hold_back_the_same_keys_decisions() -> None:
+    """Found by a review: with one queue per key, a stuck allowance held back the key's blocks."""
     broker = Broker()
-    broker.refusing.add("k")
-    publisher = KeyedPublisher(broker.send, latest_only={ALLOWANCES})
-    publisher.submit([(ALLOWANCES, "k", b"a1")])  # being sent, refused
+    broker.refusing.add((ALLOWANCES, "hot"))
+    publisher = KeyedPublisher(broker.send)
+    publisher.submit([(ALLOWANCES, "hot", b"a1"), (DECISIONS, "hot", b"block")])
+    await asyncio.sleep(0.1)
+    assert broker.landed == [(DECISIONS, "hot", b"block")]
+    assert publisher.waiting() == (1, 1)  # the allowance, retried on its own
+
+
+async def test_a_newer_record_replaces_one_still_waiting_behind_the_one_in_flight() -> None:
+    broker = Broker()
+    broker.refusing.add((DECISIONS, "k"))
+    publisher = KeyedPublisher(broker.send)
+    publisher.submit([(DECISIONS, "k", b"v1")])  # being sent, refused
     await asyncio.sleep(0.01)
-    publisher.submit([(DECISIONS, "k", b"d1"), (ALLOWANCES, "k", b"a2")])
-    publisher.submit([(ALLOWANCES, "k", b"a3"), (DECISIONS, "k", b"d2")])
-    assert publisher.superseded == 1  # a2: waiting when a3 came
+    publisher.submit([(DECISIONS, "k", b"v2"), (DECISIONS, "k", b"v3")])
+    publisher.submit([(DECISIONS, "k", b"v4")])
+    assert publisher.superseded == 2  # v2 and v3: a long outage holds two records per slot at most
+    assert publisher.waiting() == (1, 2)
     broker.refusing.clear()
     await asyncio.wait_for(publisher.flush(), 5)
-    # a1 was in flight: it lands first (a newer one must not be overtaken by it later)
-    assert [v for _, _, v in broker.landed] == [b"a1", b"d1", b"a3", b"d2"]
-    assert publisher.published == {ALLOWANCES: 2, DECISIONS: 2}
+    # v1 was in flight: it lands first (it must not land after a newer one)
+    assert [v for _, _, v in broker.landed] == [b"v1", b"v4"]
+    assert publisher.published == {DECISIONS: 2}
+    assert publisher.waiting() == (0, 0)
+
+
+async def test_one_queued_record_is_counted_once() -> None:
+    publisher = KeyedPublisher(Broker().send)
+    publisher.submit([(DECISIONS, "k", b"v")])
+    assert publisher.waiting() == (1, 1)
+    await asyncio.sleep(0)  # its sender has taken it
+    assert publisher.waiting() == (1, 1)
+    await asyncio.wait_for(publisher.flush(), 5)
     assert publisher.waiting() == (0, 0)
 
 
 async def test_failures_are_logged_once_per_interval_with_what_waits(caplog: pytest.LogCaptureFixture) -> None:
     broker = Broker()
-    broker.refusing.update(f"k{i}" for i in range(50))
+    broker.refusing.update((DECISIONS, f"k{i}") for i in range(50))
     publisher = KeyedPublisher(broker.send, log_interval_s=60)
     publisher.submit([(DECISIONS, f"k{i}", b"d") for i in range(50)])
     with caplog.at_level(logging.WARNING, logger="worker.limits.publisher"):
@@ -62,21 +86,46 @@ async def test_failures_are_logged_once_per_interval_with_what_waits(caplog: pyt
     recoveries = [r for r in caplog.records if "landed" in r.getMessage()]
     assert len(failures) == 1
     assert len(recoveries) == 1
-    assert "50 keys waiting" in failures[0].getMessage()
+    assert "50 records of 50 keys waiting" in failures[0].getMessage()
     assert len(broker.landed) == 50
+
+
+async def test_revoked_keys_are_dropped_and_no_longer_retried(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a review: the old owner kept retrying for hours, and its older record could
+    land after the new owner's newer one (the compacted topic then keeps the older)."""
+    broker = Broker()
+    broker.refusing.update({(DECISIONS, "gone"), (DECISIONS, "kept")})
+    publisher = KeyedPublisher(broker.send)
+    publisher.submit([(DECISIONS, "gone", b"old"), (DECISIONS, "kept", b"mine")])
+    await asyncio.sleep(0.05)
+    publisher.submit([(DECISIONS, "gone", b"older still waiting")])
+    with caplog.at_level(logging.WARNING, logger="worker.limits.publisher"):
+        await publisher.forget(lambda key: key != "gone")
+    assert "2 decision/allowance records of keys whose partitions were revoked dropped" in caplog.text
+    attempts = broker.attempts
+    broker.refusing.clear()
+    await asyncio.wait_for(publisher.flush(), 5)
+    assert broker.landed == [(DECISIONS, "kept", b"mine")]
+    assert broker.attempts == attempts + 1  # only the kept key tried again
+    assert publisher.forgotten == 2
 
 
 async def test_a_stop_gives_up_within_its_bound_and_says_what_is_left(caplog: pytest.LogCaptureFixture) -> None:
     broker = Broker()
-    broker.refusing.add("stuck")
+    broker.refusing.add((DECISIONS, "stuck"))
     publisher = KeyedPublisher(broker.send)
-    publisher.submit([(DECISIONS, "stuck", b"d1"), (DECISIONS, "stuck", b"d2"), (DECISIONS, "ok", b"d")])
+    publisher.submit([(DECISIONS, "stuck", b"d1"), (DECISIONS, "ok", b"d")])
+    await asyncio.sleep(0)
+    publisher.submit([(DECISIONS, "stuck", b"d2")])
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="worker.limits.publisher"):
         await publisher.close(0.3)
+        publisher.submit([(DECISIONS, "late", b"after the stop")])
     assert 0.3 <= time.monotonic() - started < 2
     assert broker.landed == [(DECISIONS, "ok", b"d")]
     assert "2 decision/allowance records of 1 keys not published" in caplog.text
+    assert "1 decision/allowance records decided after the stop not published" in caplog.text
     attempts = broker.attempts
     await asyncio.sleep(0.5)
-    assert broker.attempts == attempts  # nothing retries after the stop
+    assert broker.attempts == attempts  # nothing retries after the stop, nothing starts
+    assert publisher.waiting() == (0, 0)

@@ -217,6 +217,26 @@ async def test_a_record_that_cannot_land_holds_back_its_key_only() -> None:
     assert landed == ["healthy block", "stuck block", "stuck unblock"]  # the same key's, in order
 
 
+async def test_a_revoked_partitions_refused_decisions_are_dropped_not_retried() -> None:
+    """Found by a review: the old owner kept retrying a refused decision after its partition
+    moved; once the partition took writes again, it landed after the new owner's newer one."""
+    attempts = 0
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise NotEnoughReplicasError()
+
+    service = _publishing_service(send)
+    await service.publish_decisions([decision("k", DecisionAction.block, until=T0 + timedelta(seconds=55))])
+    await asyncio.sleep(0.05)
+    await service.on_revoked({0})  # the only partition (partition_count=1)
+    assert service.publisher.waiting() == (0, 0)
+    tried = attempts
+    await asyncio.sleep(0.5)
+    assert attempts == tried
+
+
 def _publishing_service(send: Any) -> LimitService:
     return LimitService(
         Settings(),

@@ -1,10 +1,11 @@
 """Decisions and allowances onto their compacted topics: each key's records in the order they
 were decided, no key waiting on another's, and no caller waiting on the broker.
 
-Order matters within a key: nodes go by version, but a compacted topic keeps the last record by
-offset, so a node rebuilt from it would hold whichever landed last. Across keys it does not: one
-key's partition refusing its writes (below ``min.insync.replicas``, an ACL missing) must not hold
-back every other key's blocks, nor the fast lane that decides them.
+Order matters per topic and key: nodes go by version, but a compacted topic keeps the last
+record by offset, so a node rebuilt from it would hold whichever landed last. Across keys, and
+across the two topics, it does not: one key's partition refusing its writes (below
+``min.insync.replicas``, an ACL missing) must not hold back every other key's blocks, that key's
+blocks behind its allowances, nor the fast lane that decides them.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from common.log_throttle import LogThrottle
@@ -23,56 +24,73 @@ log = logging.getLogger(__name__)
 
 Record = tuple[str, str, bytes]  # (topic, message key: the key id, value)
 Send = Callable[[str, str, bytes], Awaitable[Any]]
-# Failures and recoveries are logged once per interval at most: a broker away with 10,000 keys
-# waiting would otherwise log 10,000 lines per retry round.
+Slot = tuple[str, str]  # (topic, key): what the compacted topic keeps one record of
+# Failures, recoveries and dropped records are logged once per interval at most: a broker away
+# with 10,000 keys waiting would otherwise log 10,000 lines per retry round.
 LOG_INTERVAL_S = 10.0
 
 
 class KeyedPublisher:
-    """One sender task per key with records waiting; each record retried until it lands.
+    """One sender task per (topic, key) with a record to send; each record retried until it lands.
 
-    ``latest_only``: topics where a newer record of a key replaces one of that key still
-    waiting (not yet being sent): the compacted topic would keep only the newer, and the nodes
-    act on the newest version. Elsewhere (decisions: each is audited) every record is sent.
+    A slot holds at most the record being sent and the newest one waiting: a newer record
+    replaces one still waiting (``superseded``), since the compacted topic would keep only the
+    newer and the nodes act on the newest version. So a long outage holds at most two records
+    per key and topic, however often the engine decides meanwhile. (Decisions are audited as
+    read from the topic: one superseded before it could be sent reached no node and is not.)
     """
 
-    def __init__(
-        self,
-        send: Send,
-        latest_only: Collection[str] = (),
-        retry_max_s: float = 10.0,
-        log_interval_s: float = LOG_INTERVAL_S,
-    ) -> None:
+    def __init__(self, send: Send, retry_max_s: float = 10.0, log_interval_s: float = LOG_INTERVAL_S) -> None:
         self._send = send
-        self._latest_only = frozenset(latest_only)
         self._retry_max_s = retry_max_s
-        self._waiting: dict[str, deque[Record]] = {}  # key -> records not yet being sent
-        self._senders: dict[str, asyncio.Task[None]] = {}  # key -> its sender (one record in flight)
+        self._waiting: dict[Slot, bytes] = {}  # the newest record of a slot not yet being sent
+        self._in_flight: set[Slot] = set()
+        self._retrying: set[Slot] = set()  # in flight and refused at least once
+        self._senders: dict[Slot, asyncio.Task[None]] = {}
+        self._closed = False
         self._failures = LogThrottle(log_interval_s)
         self._recoveries = LogThrottle(log_interval_s)
+        self._refusals = LogThrottle(log_interval_s)
         self.published: Counter[str] = Counter()  # records landed, per topic
-        self.superseded = 0  # waiting records a newer one of the same key and topic replaced
+        self.superseded = 0  # waiting records a newer one of the same slot replaced (never sent)
+        self.forgotten = 0  # waiting or in-flight records dropped (partitions revoked, or after the stop)
 
     def submit(self, records: Iterable[Record]) -> None:
         """Queue records (in the order decided) and return at once: they are sent in the background."""
-        for record in records:
-            topic, key, _ = record
-            queue = self._waiting.get(key)
-            if queue is None:
-                queue = self._waiting[key] = deque()
-            elif topic in self._latest_only and any(r[0] == topic for r in queue):
-                kept = deque(r for r in queue if r[0] != topic)
-                self.superseded += len(queue) - len(kept)
-                queue = self._waiting[key] = kept
-            queue.append(record)
-            if key not in self._senders:
-                self._senders[key] = asyncio.create_task(self._drain(key), name="publish-key")
+        for topic, key, value in records:
+            slot = (topic, key)
+            if self._closed:
+                self._forget_after_close(slot)
+                continue
+            if slot in self._waiting:
+                self.superseded += 1
+            self._waiting[slot] = value
+            if slot not in self._senders:
+                self._senders[slot] = asyncio.create_task(self._drain(slot), name="publish-slot")
 
     def waiting(self) -> tuple[int, int]:
-        """(keys, records) not published yet: queued, or being sent (one per key with a sender)."""
-        return len(self._waiting.keys() | self._senders.keys()), sum(map(len, self._waiting.values())) + len(
-            self._senders
-        )
+        """(keys, records) not acknowledged yet: waiting, or being sent."""
+        slots = self._waiting.keys() | self._in_flight
+        return len({key for _, key in slots}), len(self._waiting) + len(self._in_flight)
+
+    async def forget(self, owned: Callable[[str], bool]) -> None:
+        """Drop what waits for the keys no longer ``owned`` (their partitions revoked), and stop
+        retrying their refused records: the next owner decides them again from the stored
+        counts, and an older record of ours retried through an outage must not land after its
+        newer ones. A first attempt in flight is left to end (milliseconds)."""
+        waiting = [slot for slot in self._waiting if not owned(slot[1])]
+        retrying = [slot for slot in self._retrying if not owned(slot[1])]
+        for slot in waiting:
+            del self._waiting[slot]
+        await cancel_all_and_wait(*(self._senders[slot] for slot in retrying if slot in self._senders))
+        if dropped := len(waiting) + len(retrying):
+            self.forgotten += dropped
+            log.warning(
+                "%d decision/allowance records of keys whose partitions were revoked dropped unpublished "
+                "(%d being retried): their new owner decides them again",
+                dropped,
+                len(retrying),
+            )
 
     async def flush(self) -> None:
         """Until everything queued so far (and queued meanwhile) has landed."""
@@ -81,7 +99,9 @@ class KeyedPublisher:
 
     async def close(self, timeout_s: float) -> None:
         """Let the queued records land for up to ``timeout_s``, then stop trying: a stop must
-        not wait on a broker that is away. What is left is said in a warning."""
+        not wait on a broker that is away. What is left is said in a warning; records
+        submitted afterwards are dropped (said too)."""
+        self._closed = True
         deadline = time.monotonic() + timeout_s
         while self._senders and (left := deadline - time.monotonic()) > 0:
             await asyncio.wait(set(self._senders.values()), timeout=left)
@@ -94,22 +114,36 @@ class KeyedPublisher:
                 keys,
                 timeout_s,
             )
+            self.forgotten += records
             await cancel_all_and_wait(*self._senders.values())
+            self._waiting.clear()
 
-    async def _drain(self, key: str) -> None:
+    def _forget_after_close(self, slot: Slot) -> None:
+        self.forgotten += 1
+        dropped = self._refusals.tick()
+        if dropped is not None:
+            log.warning("%d decision/allowance records decided after the stop not published (last: %s)", dropped, slot)
+
+    async def _drain(self, slot: Slot) -> None:
+        topic, key = slot
         try:
-            while queue := self._waiting.get(key):
-                topic, _, value = queue.popleft()
+            while (value := self._waiting.pop(slot, None)) is not None:
+                self._in_flight.add(slot)
                 await self._deliver(topic, key, value)
+                self._in_flight.discard(slot)
                 self.published[topic] += 1
-            self._waiting.pop(key, None)
         finally:
-            del self._senders[key]
+            self._in_flight.discard(slot)
+            self._retrying.discard(slot)
+            del self._senders[slot]
+            if slot in self._waiting and not self._closed:  # queued while this sender was cancelled
+                self._senders[slot] = asyncio.create_task(self._drain(slot), name="publish-slot")
 
     async def _deliver(self, topic: str, key: str, value: bytes) -> None:
         """One record, retried until the broker has it."""
 
         def failed(exc: Exception, attempt: int, delay: float) -> None:
+            self._retrying.add((topic, key))
             since_last = self._failures.tick()
             if since_last is not None:
                 keys, records = self.waiting()
@@ -127,6 +161,7 @@ class KeyedPublisher:
                 )
 
         def recovered(attempts: int) -> None:
+            self._retrying.discard((topic, key))
             since_last = self._recoveries.tick()
             if since_last is not None:
                 log.warning(

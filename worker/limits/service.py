@@ -130,7 +130,7 @@ class LimitService:
         )
         self._ticker: asyncio.Task[None] | None = None
         self._redivider: asyncio.Task[None] | None = None
-        self.publisher = KeyedPublisher(send, latest_only={settings.allowances_topic})
+        self.publisher = KeyedPublisher(send)
         self._latest: dict[str, Decision] = {}  # newest decision per key seen on the topic
         # Newest operator decision per key: the guards respect an operator's unblock even after
         # the key's own limits blocked and unblocked it since (newer decisions, not the operator's).
@@ -232,6 +232,8 @@ class LimitService:
         self.fast_lane.revoke(partitions)
         for p in partitions:
             self.engine.revoke(p)
+        total = self.partition_count()
+        await self.publisher.forget(lambda key: partition_of(key, total) not in partitions)
         # The next owner learns from the audit what was notified: record it before letting go.
         await self._flush_notifications_within()
 
