@@ -98,7 +98,7 @@ async def test_revoked_keys_are_dropped_and_no_longer_retried(caplog: pytest.Log
     publisher = KeyedPublisher(broker.send)
     publisher.submit([(DECISIONS, "gone", b"old"), (DECISIONS, "kept", b"mine")])
     await asyncio.sleep(0.05)
-    publisher.submit([(DECISIONS, "gone", b"older still waiting")])
+    publisher.submit([(DECISIONS, "gone", b"newer, waiting")])
     with caplog.at_level(logging.WARNING, logger="worker.limits.publisher"):
         await publisher.forget(lambda key: key != "gone")
     assert "2 decision/allowance records of keys whose partitions were revoked dropped" in caplog.text
@@ -107,6 +107,30 @@ async def test_revoked_keys_are_dropped_and_no_longer_retried(caplog: pytest.Log
     await asyncio.wait_for(publisher.flush(), 5)
     assert broker.landed == [(DECISIONS, "kept", b"mine")]
     assert broker.attempts == attempts + 1  # only the kept key tried again
+    assert publisher.forgotten == 2
+
+
+async def test_a_first_attempt_refused_after_the_revoke_is_not_retried() -> None:
+    """Found by a review: ``forget`` left a first attempt in flight alone, and when it was
+    refused it was retried for ever; ownership is now checked before each retry."""
+    owned = {"gone": True}
+    attempts = 0
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        nonlocal attempts
+        attempts += 1
+        await asyncio.sleep(0.05)  # the Kafka client holds a refused send up to its request timeout
+        raise NotEnoughReplicasError()
+
+    publisher = KeyedPublisher(send, owns=lambda key: owned[key])
+    publisher.submit([(DECISIONS, "gone", b"old")])
+    await asyncio.sleep(0.01)
+    owned["gone"] = False
+    await publisher.forget(lambda key: owned[key])  # nothing waits nor retries yet
+    publisher.submit([(DECISIONS, "gone", b"queued behind it")])
+    await asyncio.sleep(0.3)
+    assert attempts == 1
+    assert publisher.waiting() == (0, 0)
     assert publisher.forgotten == 2
 
 

@@ -217,28 +217,35 @@ async def test_a_record_that_cannot_land_holds_back_its_key_only() -> None:
     assert landed == ["healthy block", "stuck block", "stuck unblock"]  # the same key's, in order
 
 
-async def test_a_revoked_partitions_refused_decisions_are_dropped_not_retried() -> None:
-    """Found by a review: the old owner kept retrying a refused decision after its partition
-    moved; once the partition took writes again, it landed after the new owner's newer one."""
+@pytest.mark.parametrize("revoked_after_s", [0.05, 0.005], ids=["while-retried", "first-attempt-in-flight"])
+async def test_a_revoked_partitions_refused_decisions_are_dropped_not_retried(revoked_after_s: float) -> None:
+    """Found by reviews: the old owner kept retrying a refused decision after its partition
+    moved (also one whose first attempt was still in flight at the revoke: the Kafka client
+    holds a refused send up to its request timeout); once the partition took writes again, it
+    landed after the new owner's newer one."""
     attempts = 0
 
     async def send(topic: str, key: str, value: bytes) -> None:
         nonlocal attempts
         attempts += 1
+        await asyncio.sleep(0.02)
         raise NotEnoughReplicasError()
 
     service = _publishing_service(send)
     await service.publish_decisions([decision("k", DecisionAction.block, until=T0 + timedelta(seconds=55))])
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(revoked_after_s)
     await service.on_revoked({0})  # the only partition (partition_count=1)
+    await asyncio.sleep(0.1)  # a first attempt in flight at the revoke has failed by now
     assert service.publisher.waiting() == (0, 0)
+    assert service.publisher.forgotten == 1
     tried = attempts
     await asyncio.sleep(0.5)
     assert attempts == tried
 
 
 def _publishing_service(send: Any) -> LimitService:
-    return LimitService(
+    """A service owning the one partition (its records are retried while it owns it)."""
+    service = LimitService(
         Settings(),
         rollups=cast(Any, None),
         audit=cast(Any, _Audit()),
@@ -247,3 +254,5 @@ def _publishing_service(send: Any) -> LimitService:
         stored_offsets=dict,
         clock=Clock(T0.timestamp()),
     )
+    service.engine.assign(0, [])
+    return service

@@ -40,8 +40,15 @@ class KeyedPublisher:
     read from the topic: one superseded before it could be sent reached no node and is not.)
     """
 
-    def __init__(self, send: Send, retry_max_s: float = 10.0, log_interval_s: float = LOG_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        send: Send,
+        owns: Callable[[str], bool] = lambda key: True,
+        retry_max_s: float = 10.0,
+        log_interval_s: float = LOG_INTERVAL_S,
+    ) -> None:
         self._send = send
+        self._owns = owns  # whether this worker still owns the key's partition: retried only then
         self._retry_max_s = retry_max_s
         self._waiting: dict[Slot, bytes] = {}  # the newest record of a slot not yet being sent
         self._in_flight: set[Slot] = set()
@@ -51,6 +58,7 @@ class KeyedPublisher:
         self._failures = LogThrottle(log_interval_s)
         self._recoveries = LogThrottle(log_interval_s)
         self._refusals = LogThrottle(log_interval_s)
+        self._disowned = LogThrottle(log_interval_s)
         self.published: Counter[str] = Counter()  # records landed, per topic
         self.superseded = 0  # waiting records a newer one of the same slot replaced (never sent)
         self.forgotten = 0  # waiting or in-flight records dropped (partitions revoked, or after the stop)
@@ -77,7 +85,11 @@ class KeyedPublisher:
         """Drop what waits for the keys no longer ``owned`` (their partitions revoked), and stop
         retrying their refused records: the next owner decides them again from the stored
         counts, and an older record of ours retried through an outage must not land after its
-        newer ones. A first attempt in flight is left to end (milliseconds)."""
+        newer ones. A first attempt in flight is left to end: if it is refused, ``owns`` stops
+        its retries. (A record handed to the Kafka client may still land until the client's
+        request timeout expires it: a node that follows the topic goes by version and ignores
+        it; one rebuilt from the compacted topic in that window holds it until a newer record
+        of the key, or the block's end.)"""
         waiting = [slot for slot in self._waiting if not owned(slot[1])]
         retrying = [slot for slot in self._retrying if not owned(slot[1])]
         for slot in waiting:
@@ -129,7 +141,11 @@ class KeyedPublisher:
         try:
             while (value := self._waiting.pop(slot, None)) is not None:
                 self._in_flight.add(slot)
-                await self._deliver(topic, key, value)
+                try:
+                    await self._deliver(topic, key, value)
+                except Exception:  # refused, and the key's partition is no longer ours: not retried
+                    self._drop_disowned(slot)
+                    return
                 self._in_flight.discard(slot)
                 self.published[topic] += 1
         finally:
@@ -139,8 +155,21 @@ class KeyedPublisher:
             if slot in self._waiting and not self._closed:  # queued while this sender was cancelled
                 self._senders[slot] = asyncio.create_task(self._drain(slot), name="publish-slot")
 
+    def _drop_disowned(self, slot: Slot) -> None:
+        dropped = 1 + (self._waiting.pop(slot, None) is not None)
+        self.forgotten += dropped
+        since_last = self._disowned.tick()
+        if since_last is not None:
+            log.warning(
+                "%d decision/allowance records refused after their partition was revoked dropped (last: %s): "
+                "their new owner decides them again",
+                since_last,
+                slot,
+            )
+
     async def _deliver(self, topic: str, key: str, value: bytes) -> None:
-        """One record, retried until the broker has it."""
+        """One record, retried until the broker has it or its key's partition is no longer
+        ours (raised then)."""
 
         def failed(exc: Exception, attempt: int, delay: float) -> None:
             self._retrying.add((topic, key))
@@ -177,6 +206,7 @@ class KeyedPublisher:
             f"publishing to {topic}",
             0.2,
             self._retry_max_s,
+            permanent=lambda exc: not self._owns(key),
             on_failure=failed,
             on_recovery=recovered,
         )

@@ -130,7 +130,7 @@ class LimitService:
         )
         self._ticker: asyncio.Task[None] | None = None
         self._redivider: asyncio.Task[None] | None = None
-        self.publisher = KeyedPublisher(send)
+        self.publisher = KeyedPublisher(send, owns=self._owns)
         self._latest: dict[str, Decision] = {}  # newest decision per key seen on the topic
         # Newest operator decision per key: the guards respect an operator's unblock even after
         # the key's own limits blocked and unblocked it since (newer decisions, not the operator's).
@@ -228,12 +228,14 @@ class LimitService:
             len(published),
         )
 
+    def _owns(self, key_id: str) -> bool:
+        return partition_of(key_id, self.partition_count()) in self.engine.partitions
+
     async def on_revoked(self, partitions: set[int]) -> None:
         self.fast_lane.revoke(partitions)
         for p in partitions:
             self.engine.revoke(p)
-        total = self.partition_count()
-        await self.publisher.forget(lambda key: partition_of(key, total) not in partitions)
+        await self.publisher.forget(self._owns)
         # The next owner learns from the audit what was notified: record it before letting go.
         await self._flush_notifications_within()
 
