@@ -153,3 +153,24 @@ async def test_a_stop_gives_up_within_its_bound_and_says_what_is_left(caplog: py
     await asyncio.sleep(0.5)
     assert broker.attempts == attempts  # nothing retries after the stop, nothing starts
     assert publisher.waiting() == (0, 0)
+
+
+async def test_each_record_has_an_outcome_a_caller_can_pace_on() -> None:
+    """The fast lane waits (bounded) for its records' outcomes: True once landed, False as soon
+    as a record never will be sent, so it is never held for a record that cannot land."""
+    broker = Broker()
+    broker.refusing.add((DECISIONS, "stuck"))
+    publisher = KeyedPublisher(broker.send, owns=lambda key: key != "revoked")
+    landed, stuck = publisher.submit([(DECISIONS, "ok", b"d"), (DECISIONS, "stuck", b"v1")])
+    await asyncio.sleep(0.01)  # v1 in flight, refused, retried
+    replaced, newest = publisher.submit([(DECISIONS, "stuck", b"v2"), (DECISIONS, "stuck", b"v3")])
+    assert await asyncio.wait_for(landed, 1) is True
+    assert replaced.done()
+    assert replaced.result() is False  # superseded by v3 while waiting
+    assert not stuck.done()
+    assert not newest.done()
+    await publisher.close(0.3)
+    assert stuck.result() is False  # in flight at the stop
+    assert newest.result() is False  # waiting at the stop
+    (after,) = publisher.submit([(DECISIONS, "ok", b"late")])
+    assert after.result() is False

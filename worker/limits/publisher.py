@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 Record = tuple[str, str, bytes]  # (topic, message key: the key id, value)
 Send = Callable[[str, str, bytes], Awaitable[Any]]
 Slot = tuple[str, str]  # (topic, key): what the compacted topic keeps one record of
+Outcome = asyncio.Future[bool]  # a record's: True once it landed, False if it never will
+Pending = tuple[bytes, Outcome]
 # Failures, recoveries and dropped records are logged once per interval at most: a broker away
 # with 10,000 keys waiting would otherwise log 10,000 lines per retry round.
 LOG_INTERVAL_S = 10.0
@@ -50,8 +52,8 @@ class KeyedPublisher:
         self._send = send
         self._owns = owns  # whether this worker still owns the key's partition: retried only then
         self._retry_max_s = retry_max_s
-        self._waiting: dict[Slot, bytes] = {}  # the newest record of a slot not yet being sent
-        self._in_flight: set[Slot] = set()
+        self._waiting: dict[Slot, Pending] = {}  # the newest record of a slot not yet being sent
+        self._in_flight: dict[Slot, Outcome] = {}
         self._retrying: set[Slot] = set()  # in flight and refused at least once
         self._senders: dict[Slot, asyncio.Task[None]] = {}
         self._closed = False
@@ -63,22 +65,33 @@ class KeyedPublisher:
         self.superseded = 0  # waiting records a newer one of the same slot replaced (never sent)
         self.forgotten = 0  # waiting or in-flight records dropped (partitions revoked, or after the stop)
 
-    def submit(self, records: Iterable[Record]) -> None:
-        """Queue records (in the order decided) and return at once: they are sent in the background."""
+    def submit(self, records: Iterable[Record]) -> list[Outcome]:
+        """Queue records (in the order decided) and return at once: they are sent in the
+        background. One outcome per record: True once it landed, False if it never will (a newer
+        one replaced it, its partition was revoked, the stop) -- for a caller that wants to pace
+        itself on the broker without being held by a record that cannot land."""
+        loop = asyncio.get_running_loop()
+        outcomes: list[Outcome] = []
         for topic, key, value in records:
             slot = (topic, key)
+            outcome: Outcome = loop.create_future()
+            outcomes.append(outcome)
             if self._closed:
                 self._forget_after_close(slot)
+                outcome.set_result(False)
                 continue
-            if slot in self._waiting:
+            replaced = self._waiting.get(slot)
+            if replaced is not None:
                 self.superseded += 1
-            self._waiting[slot] = value
+                _settle(replaced[1], False)
+            self._waiting[slot] = (value, outcome)
             if slot not in self._senders:
                 self._senders[slot] = asyncio.create_task(self._drain(slot), name="publish-slot")
+        return outcomes
 
     def waiting(self) -> tuple[int, int]:
         """(keys, records) not acknowledged yet: waiting, or being sent."""
-        slots = self._waiting.keys() | self._in_flight
+        slots = self._waiting.keys() | self._in_flight.keys()
         return len({key for _, key in slots}), len(self._waiting) + len(self._in_flight)
 
     async def forget(self, owned: Callable[[str], bool]) -> None:
@@ -93,7 +106,7 @@ class KeyedPublisher:
         waiting = [slot for slot in self._waiting if not owned(slot[1])]
         retrying = [slot for slot in self._retrying if not owned(slot[1])]
         for slot in waiting:
-            del self._waiting[slot]
+            _settle(self._waiting.pop(slot)[1], False)
         await cancel_all_and_wait(*(self._senders[slot] for slot in retrying if slot in self._senders))
         if dropped := len(waiting) + len(retrying):
             self.forgotten += dropped
@@ -128,6 +141,8 @@ class KeyedPublisher:
             )
             self.forgotten += records
             await cancel_all_and_wait(*self._senders.values())
+            for _, outcome in self._waiting.values():
+                _settle(outcome, False)
             self._waiting.clear()
 
     def _forget_after_close(self, slot: Slot) -> None:
@@ -139,24 +154,30 @@ class KeyedPublisher:
     async def _drain(self, slot: Slot) -> None:
         topic, key = slot
         try:
-            while (value := self._waiting.pop(slot, None)) is not None:
-                self._in_flight.add(slot)
+            while (pending := self._waiting.pop(slot, None)) is not None:
+                value, outcome = pending
+                self._in_flight[slot] = outcome
                 try:
                     await self._deliver(topic, key, value)
                 except Exception:  # refused, and the key's partition is no longer ours: not retried
                     self._drop_disowned(slot)
                     return
-                self._in_flight.discard(slot)
+                del self._in_flight[slot]
                 self.published[topic] += 1
+                _settle(outcome, True)
         finally:
-            self._in_flight.discard(slot)
+            if (unsent := self._in_flight.pop(slot, None)) is not None:
+                _settle(unsent, False)
             self._retrying.discard(slot)
             del self._senders[slot]
             if slot in self._waiting and not self._closed:  # queued while this sender was cancelled
                 self._senders[slot] = asyncio.create_task(self._drain(slot), name="publish-slot")
 
     def _drop_disowned(self, slot: Slot) -> None:
-        dropped = 1 + (self._waiting.pop(slot, None) is not None)
+        queued = self._waiting.pop(slot, None)
+        if queued is not None:
+            _settle(queued[1], False)
+        dropped = 1 + (queued is not None)
         self.forgotten += dropped
         since_last = self._disowned.tick()
         if since_last is not None:
@@ -210,3 +231,8 @@ class KeyedPublisher:
             on_failure=failed,
             on_recovery=recovered,
         )
+
+
+def _settle(outcome: Outcome, landed: bool) -> None:
+    if not outcome.done():
+        outcome.set_result(landed)
