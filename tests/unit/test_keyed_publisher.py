@@ -174,3 +174,22 @@ async def test_each_record_has_an_outcome_a_caller_can_pace_on() -> None:
     assert newest.result() is False  # waiting at the stop
     (after,) = publisher.submit([(DECISIONS, "ok", b"late")])
     assert after.result() is False
+
+
+async def test_records_dropped_at_a_revoke_have_their_outcome_at_once() -> None:
+    broker = Broker()
+    broker.refusing.update({(DECISIONS, "retried"), (DECISIONS, "first")})
+    owned = {"retried": True, "first": True, "queued": True}
+    publisher = KeyedPublisher(broker.send, owns=lambda key: owned[key])
+    (retried,) = publisher.submit([(DECISIONS, "retried", b"v1")])
+    await asyncio.sleep(0.01)  # refused once: retried
+    (queued,) = publisher.submit([(DECISIONS, "retried", b"v2")])
+    owned["retried"] = False
+    await publisher.forget(lambda key: owned[key])
+    assert retried.result() is False  # its retries stopped
+    assert queued.result() is False  # dropped while waiting
+    (first,) = publisher.submit([(DECISIONS, "first", b"v")])
+    owned["first"] = False  # revoked while its first attempt is in flight, then refused
+    await asyncio.sleep(0.05)
+    assert first.result() is False
+    assert publisher.waiting() == (0, 0)

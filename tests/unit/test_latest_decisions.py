@@ -5,6 +5,7 @@ per key ever decided on does not grow without end."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -14,6 +15,8 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas.decisions import Decision, DecisionAction, Window
 from tests.clock import Clock
+from worker.limits.engine import Verdicts
+from worker.limits.fastlane import FastBatch
 from worker.limits.service import LimitService, still_matters
 from worker.settings import Settings
 
@@ -241,6 +244,39 @@ async def test_a_revoked_partitions_refused_decisions_are_dropped_not_retried(re
     tried = attempts
     await asyncio.sleep(0.5)
     assert attempts == tried
+
+
+async def test_the_fast_lane_waits_for_its_acks_but_not_on_a_record_that_cannot_land(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Paced on its publishes' acks; a refused record holds it once, for the bound, and not on
+    every fetch of the outage (found by a review); the pacing resumes once all has landed."""
+    refusing = True
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        await asyncio.sleep(0.01)  # the broker's ack
+        if key == "stuck" and refusing:
+            raise NotEnoughReplicasError()
+
+    service = _publishing_service(send)
+    keys = iter(["stuck", "other", "other2", "other3"])
+    until = T0 + timedelta(seconds=55)
+    monkeypatch.setattr(
+        service.engine,
+        "observe",
+        lambda counts, nodes: Verdicts([decision(next(keys), DecisionAction.block, until=until)]),
+    )
+
+    async def one_fetch() -> float:
+        started = time.monotonic()
+        await service._on_fast_batch(FastBatch())
+        return time.monotonic() - started
+
+    assert 0.09 < await one_fetch() < 0.5  # "stuck": refused, the wait runs out
+    assert await one_fetch() < 0.05  # "other": not held (for the 0.1 s bound) while "stuck" retries
+    refusing = False
+    await asyncio.wait_for(service.publisher.flush(), 5)
+    assert await one_fetch() > 0.009  # "other2": paced again, on its ack (10 ms)
 
 
 def _publishing_service(send: Any) -> LimitService:

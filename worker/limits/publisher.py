@@ -89,6 +89,10 @@ class KeyedPublisher:
                 self._senders[slot] = asyncio.create_task(self._drain(slot), name="publish-slot")
         return outcomes
 
+    def idle(self) -> bool:
+        """Nothing waits or is being sent."""
+        return not self._waiting and not self._in_flight
+
     def waiting(self) -> tuple[int, int]:
         """(keys, records) not acknowledged yet: waiting, or being sent."""
         slots = self._waiting.keys() | self._in_flight.keys()

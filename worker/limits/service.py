@@ -134,6 +134,7 @@ class LimitService:
         self._ticker: asyncio.Task[None] | None = None
         self._redivider: asyncio.Task[None] | None = None
         self.publisher = KeyedPublisher(send, owns=self._owns)
+        self._paced = True  # the fast lane waits for its publishes' acks (see _on_fast_batch)
         self._latest: dict[str, Decision] = {}  # newest decision per key seen on the topic
         # Newest operator decision per key: the guards respect an operator's unblock even after
         # the key's own limits blocked and unblocked it since (newer decisions, not the operator's).
@@ -246,11 +247,17 @@ class LimitService:
     async def _on_fast_batch(self, batch: FastBatch) -> None:
         verdicts = self.engine.observe(batch.counts, batch.nodes)
         self._report_account_changes()
-        if verdicts and (outcomes := self._publish(verdicts)):
-            # Paced on the broker as when it waited for every ack (without it, interleaved runs
-            # of bench.decisions put the worker at 5-10 points of a core more for the same
-            # decisions), but never held for long by a record that cannot land.
-            await asyncio.wait(outcomes, timeout=FAST_LANE_PUBLISH_WAIT_S)
+        if not verdicts:
+            return
+        # Paced on the broker as when it waited for every ack (without it, interleaved runs of
+        # bench.decisions put the worker at 5-10 points of a core more for the same decisions),
+        # but not held by a record that cannot land: once a wait runs out, the pacing stops
+        # until everything published has landed.
+        paced = self._paced or self.publisher.idle()
+        outcomes = self._publish(verdicts)
+        if paced and outcomes:
+            _, pending = await asyncio.wait(outcomes, timeout=FAST_LANE_PUBLISH_WAIT_S)
+            self._paced = not pending
 
     def _report_account_changes(self) -> None:
         """A key's events naming another account: a move in the key store, or nodes that
