@@ -250,7 +250,7 @@ class LimitService:
         if not verdicts:
             return
         # Paced on the broker as when it waited for every ack (without it, interleaved runs of
-        # bench.decisions put the worker at 5-10 points of a core more for the same decisions),
+        # bench.decisions put the worker at 1-10 points of a core more for the same decisions),
         # but not held by a record that cannot land: once a wait runs out, the pacing stops
         # until everything published has landed.
         paced = self._paced or self.publisher.idle()
