@@ -209,7 +209,7 @@ def time_publishing(emit: Emit) -> None:
 
 def time_fast_lane(emit: Emit) -> None:
     """The fast lane, per fetch: records, age of the newest and oldest (their CreateTime, set by
-    the node's producer) when it starts grouping them, and grouping + counting + queueing the publishes
+    the node's producer) when it starts grouping them, and grouping + counting + publishing (with its wait for the acks)
     time; emitted once a second (``emitted_each_second``)."""
     from worker.limits import fastlane
     from worker.limits.service import LimitService
@@ -956,7 +956,10 @@ def render(r: dict[str, Any], for_file: bool) -> str:
             ("age of oldest record at batch start", "age_oldest"),
             ("fast lane: age of newest record when grouped, per fetch", "fast_age_newest"),
             ("fast lane: age of oldest record when grouped, per fetch", "fast_age_oldest"),
-            ("fast lane: grouping + counting + queueing its publishes, per fetch", "fast_handle"),
+            (
+                "fast lane: grouping + counting + publishing (its wait for the acks, ≤ 100 ms, included), per fetch",
+                "fast_handle",
+            ),
             ("event loop: lateness of a 1 ms sleep (how long a task held the loop)", "loop_late"),
         ):
             dd = ph.get(key)

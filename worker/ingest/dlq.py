@@ -25,9 +25,6 @@ from worker.records import Rejection
 
 log = logging.getLogger(__name__)
 
-# (topic, key, value, headers) -> awaitable publish; the worker passes its broker's publish.
-Publish = Callable[[bytes | None, bytes, list[tuple[str, bytes]]], Awaitable[None]]
-
 # 512 KiB of original -> ~700 KB of base64: well under the 1 MiB producer / broker limit.
 MAX_ORIGINAL_BYTES = 512 * 1024
 MAX_KEY_BYTES = 256
