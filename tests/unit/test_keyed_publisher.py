@@ -95,12 +95,14 @@ async def test_revoked_keys_are_dropped_and_no_longer_retried(caplog: pytest.Log
     land after the new owner's newer one (the compacted topic then keeps the older)."""
     broker = Broker()
     broker.refusing.update({(DECISIONS, "gone"), (DECISIONS, "kept")})
-    publisher = KeyedPublisher(broker.send)
+    revoked: set[str] = set()
+    publisher = KeyedPublisher(broker.send, owns=lambda key: key not in revoked)
     publisher.submit([(DECISIONS, "gone", b"old"), (DECISIONS, "kept", b"mine")])
     await asyncio.sleep(0.05)
     publisher.submit([(DECISIONS, "gone", b"newer, waiting")])
+    revoked.add("gone")
     with caplog.at_level(logging.WARNING, logger="worker.limits.publisher"):
-        await publisher.forget(lambda key: key != "gone")
+        await publisher.forget()
     assert "2 decision/allowance records of keys whose partitions were revoked dropped" in caplog.text
     attempts = broker.attempts
     broker.refusing.clear()
@@ -126,7 +128,7 @@ async def test_a_first_attempt_refused_after_the_revoke_is_not_retried() -> None
     publisher.submit([(DECISIONS, "gone", b"old")])
     await asyncio.sleep(0.01)
     owned["gone"] = False
-    await publisher.forget(lambda key: owned[key])  # nothing waits nor retries yet
+    await publisher.forget()  # nothing waits nor retries yet
     publisher.submit([(DECISIONS, "gone", b"queued behind it")])
     await asyncio.sleep(0.3)
     assert attempts == 1
@@ -185,7 +187,7 @@ async def test_records_dropped_at_a_revoke_have_their_outcome_at_once() -> None:
     await asyncio.sleep(0.01)  # refused once: retried
     (queued,) = publisher.submit([(DECISIONS, "retried", b"v2")])
     owned["retried"] = False
-    await publisher.forget(lambda key: owned[key])
+    await publisher.forget()
     assert retried.result() is False  # its retries stopped
     assert queued.result() is False  # dropped while waiting
     (first,) = publisher.submit([(DECISIONS, "first", b"v")])

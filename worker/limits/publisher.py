@@ -98,17 +98,17 @@ class KeyedPublisher:
         slots = self._waiting.keys() | self._in_flight.keys()
         return len({key for _, key in slots}), len(self._waiting) + len(self._in_flight)
 
-    async def forget(self, owned: Callable[[str], bool]) -> None:
-        """Drop what waits for the keys no longer ``owned`` (their partitions revoked), and stop
-        retrying their refused records: the next owner decides them again from the stored
-        counts, and an older record of ours retried through an outage must not land after its
-        newer ones. A first attempt in flight is left to end: if it is refused, ``owns`` stops
-        its retries. (A record handed to the Kafka client may still land until the client's
+    async def forget(self) -> None:
+        """Drop what waits for the keys this worker no longer ``owns`` (their partitions
+        revoked), and stop retrying their refused records: the next owner decides them again
+        from the stored counts, and an older record of ours retried through an outage must not
+        land after its newer ones. A first attempt in flight is left to end: if it is refused,
+        ``owns`` stops its retries. (A record handed to the Kafka client may still land until the client's
         request timeout expires it: a node that follows the topic goes by version and ignores
         it; one rebuilt from the compacted topic in that window holds it until a newer record
         of the key, or the block's end.)"""
-        waiting = [slot for slot in self._waiting if not owned(slot[1])]
-        retrying = [slot for slot in self._retrying if not owned(slot[1])]
+        waiting = [slot for slot in self._waiting if not self._owns(slot[1])]
+        retrying = [slot for slot in self._retrying if not self._owns(slot[1])]
         for slot in waiting:
             _settle(self._waiting.pop(slot)[1], False)
         await cancel_all_and_wait(*(self._senders[slot] for slot in retrying if slot in self._senders))

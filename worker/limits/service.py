@@ -239,7 +239,7 @@ class LimitService:
         self.fast_lane.revoke(partitions)
         for p in partitions:
             self.engine.revoke(p)
-        await self.publisher.forget(self._owns)
+        await self.publisher.forget()
         # The next owner learns from the audit what was notified: record it before letting go.
         await self._flush_notifications_within()
 
