@@ -191,7 +191,7 @@ def structure_sizes(runtime: WorkerRuntime) -> Sample:
         "dedup_cache_hashes": recent.size if recent is not None else 0,
         "dedup_cache_minutes": len(recent._sets) if recent is not None else 0,
         "dedup_store_minutes": sum(len(m) for m in recent._incomplete.values()) if recent is not None else 0,
-        "notify_outbox": len(limits._outbox),
+        "notify_outbox": limits.notifier.waiting()[1] + len(limits._landed),
         "address_table_bytes": consumer.pipeline.addresses.nbytes,
         "multi_address_keys": consumer.pipeline.addresses.multi_address_keys,
         "checked_rows_to_ingest": exchange.to_ingest.size if exchange is not None else 0,
@@ -479,7 +479,7 @@ STRUCTURES = {
     "dedup_cache_hashes": "recent-hash dedup cache: METER_DEDUP_CACHE_MAX_HASHES = {dedup_cache_max_hashes:,}",
     "dedup_cache_minutes": "(partition, minute) sets of the dedup cache",
     "dedup_store_minutes": "minutes the dedup cache forgot (asked of the store; pruned past the dedup horizon)",
-    "notify_outbox": "notifications waiting to be published",
+    "notify_outbox": "notifications waiting to be published or recorded",
     "address_table_bytes": "bytes of the first-address tables of the client address counts (2 days kept)",
     "multi_address_keys": "keys with 2+ client addresses on a day kept (a set of fingerprints each)",
     "checked_rows_to_ingest": "rows the fast lane checked, waiting for the ingest path: "

@@ -132,36 +132,43 @@ class _StateCollector(Collector):
         age = time.monotonic() - s.last_batch_at if s.last_batch_at else -1.0
         yield GaugeMetricFamily("meter_last_batch_age_seconds", "Seconds since the last batch (-1: none)", value=age)
         if rt.limits is not None:
-            engine = rt.limits.engine
-            yield GaugeMetricFamily("meter_live_keys", "Keys with live window counters", value=engine.live_keys())
-            yield GaugeMetricFamily("meter_blocked_keys", "Keys this worker holds blocked", value=len(engine.blocks))
-            published = CounterMetricFamily("meter_decisions_published", "Decisions published", labels=["action"])
-            for action, n in engine.published_by_action.items():
-                published.add_metric([action], n)
-            yield published
-            lane = rt.limits.fast_lane
-            yield CounterMetricFamily(
-                "meter_fast_lane_records", "Records counted by the limits' fast lane", lane.records
-            )
-            if lane.exchange is not None:
-                yield from _exchange_metrics(lane.exchange)
-            yield CounterMetricFamily(
-                "meter_allowances_published", "Allowance records published", rt.limits.allowances_published
-            )
-            keys_waiting, records_waiting = rt.limits.publisher.waiting()
-            yield GaugeMetricFamily(
-                "meter_publish_waiting_records",
-                "Decision and allowance records queued or being sent, not acknowledged yet",
-                records_waiting,
-            )
-            yield GaugeMetricFamily("meter_publish_waiting_keys", "Keys with such records", keys_waiting)
-            yield GaugeMetricFamily("meter_hot_keys", "Keys whose remainder is divided among nodes", len(engine.hot))
-            yield CounterMetricFamily(
-                "meter_key_account_changes", "Keys whose events named another account", engine.account_changes
-            )
+            yield from _limit_metrics(rt.limits)
         yield CounterMetricFamily(
             "meter_dead_letters_dropped", "Rejected records the DLQ refused (logged, skipped)", rt.dead_letters_dropped
         )
+
+
+def _limit_metrics(limits: LimitService) -> Iterator[Any]:
+    """The limit side's state: keys, blocks, what was published and what waits."""
+    engine = limits.engine
+    yield GaugeMetricFamily("meter_live_keys", "Keys with live window counters", value=engine.live_keys())
+    yield GaugeMetricFamily("meter_blocked_keys", "Keys this worker holds blocked", value=len(engine.blocks))
+    published = CounterMetricFamily("meter_decisions_published", "Decisions published", labels=["action"])
+    for action, n in engine.published_by_action.items():
+        published.add_metric([action], n)
+    yield published
+    lane = limits.fast_lane
+    yield CounterMetricFamily("meter_fast_lane_records", "Records counted by the limits' fast lane", lane.records)
+    if lane.exchange is not None:
+        yield from _exchange_metrics(lane.exchange)
+    yield CounterMetricFamily("meter_allowances_published", "Allowance records published", limits.allowances_published)
+    keys_waiting, records_waiting = limits.publisher.waiting()
+    yield GaugeMetricFamily(
+        "meter_publish_waiting_records",
+        "Decision and allowance records queued or being sent, not acknowledged yet",
+        records_waiting,
+    )
+    yield GaugeMetricFamily("meter_publish_waiting_keys", "Keys with such records", keys_waiting)
+    _, notifications_waiting = limits.notifier.waiting()
+    yield GaugeMetricFamily(
+        "meter_notifications_waiting",
+        "Notifications queued or being sent, not acknowledged yet",
+        notifications_waiting,
+    )
+    yield GaugeMetricFamily("meter_hot_keys", "Keys whose remainder is divided among nodes", len(engine.hot))
+    yield CounterMetricFamily(
+        "meter_key_account_changes", "Keys whose events named another account", engine.account_changes
+    )
 
 
 def _exchange_metrics(exchange: RowExchange) -> Iterator[Any]:

@@ -195,3 +195,56 @@ async def test_records_dropped_at_a_revoke_have_their_outcome_at_once() -> None:
     await asyncio.sleep(0.05)
     assert first.result() is False
     assert publisher.waiting() == (0, 0)
+
+
+NOTIFICATIONS = "notifications"
+
+
+async def test_without_superseding_every_record_of_a_key_lands_in_order() -> None:
+    """Notifications: each must be delivered, none replaced by a newer one of its key."""
+    broker = Broker()
+    broker.refusing.add((NOTIFICATIONS, "k"))
+    publisher = KeyedPublisher(broker.send, supersede=False, what="notifications")
+    publisher.submit([(NOTIFICATIONS, "k", b"50%")])  # in flight, refused
+    await asyncio.sleep(0.01)
+    outcomes = publisher.submit([(NOTIFICATIONS, "k", b"80%"), (NOTIFICATIONS, "k", b"100%")])
+    assert publisher.superseded == 0
+    assert publisher.waiting() == (1, 3)
+    broker.refusing.clear()
+    await asyncio.wait_for(publisher.flush(), 5)
+    assert [v for _, _, v in broker.landed] == [b"50%", b"80%", b"100%"]
+    assert [o.result() for o in outcomes] == [True, True]
+
+
+async def test_without_superseding_a_revoked_keys_queue_is_dropped_whole(caplog: pytest.LogCaptureFixture) -> None:
+    broker = Broker()
+    broker.refusing.add((NOTIFICATIONS, "gone"))
+    owned = {"gone": True}
+    publisher = KeyedPublisher(broker.send, owns=lambda key: owned[key], supersede=False, what="notifications")
+    (first,) = publisher.submit([(NOTIFICATIONS, "gone", b"n1")])
+    await asyncio.sleep(0.01)  # refused once: retried
+    queued = publisher.submit([(NOTIFICATIONS, "gone", b"n2"), (NOTIFICATIONS, "gone", b"n3")])
+    owned["gone"] = False
+    with caplog.at_level(logging.WARNING, logger="worker.limits.publisher"):
+        await publisher.forget()
+    assert "3 notifications of keys whose partitions were revoked dropped" in caplog.text
+    assert [o.result() for o in [first, *queued]] == [False, False, False]
+    assert publisher.waiting() == (0, 0)
+    assert publisher.forgotten == 3
+
+
+async def test_records_of_revoked_keys_get_one_attempt_before_the_revoke_lets_go() -> None:
+    """``settle_disowned``: a revoke waits for the revoked keys' records to be tried once (so
+    what lands is recorded before the next owner reads it); a refused one is not retried."""
+    broker = Broker()
+    broker.refusing.add((NOTIFICATIONS, "refused"))
+    owned = {"lands": True, "refused": True, "kept": True}
+    publisher = KeyedPublisher(broker.send, owns=lambda key: owned[key], supersede=False)
+    lands, refused, _ = publisher.submit(
+        [(NOTIFICATIONS, "lands", b"a"), (NOTIFICATIONS, "refused", b"b"), (NOTIFICATIONS, "kept", b"c")]
+    )
+    owned.update(lands=False, refused=False)
+    await asyncio.wait_for(publisher.settle_disowned(), 2)
+    assert lands.result() is True
+    assert refused.result() is False
+    assert broker.attempts == 3

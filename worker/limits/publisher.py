@@ -1,11 +1,13 @@
-"""Decisions and allowances onto their compacted topics: each key's records in the order they
-were decided, no key waiting on another's, and no caller waiting on the broker.
+"""Decisions and allowances onto their compacted topics, notifications onto theirs: each key's
+records in the order they were decided, no key waiting on another's, and no caller waiting on
+the broker.
 
 Order matters per topic and key: nodes go by version, but a compacted topic keeps the last
 record by offset, so a node rebuilt from it would hold whichever landed last. Across keys, and
 across the two topics, it does not: one key's partition refusing its writes (below
 ``min.insync.replicas``, an ACL missing) must not hold back every other key's blocks, that key's
-blocks behind its allowances, nor the fast lane that decides them.
+blocks behind its allowances, nor the fast lane that decides them. Notifications are keyed the
+same way, but each one must be delivered: none is superseded.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -35,11 +37,13 @@ LOG_INTERVAL_S = 10.0
 class KeyedPublisher:
     """One sender task per (topic, key) with a record to send; each record retried until it lands.
 
-    A slot holds at most the record being sent and the newest one waiting: a newer record
-    replaces one still waiting (``superseded``), since the compacted topic would keep only the
-    newer and the nodes act on the newest version. So a long outage holds at most two records
-    per key and topic, however often the engine decides meanwhile. (Decisions are audited as
-    read from the topic: one superseded before it could be sent reached no node and is not.)
+    With ``supersede`` (decisions, allowances) a slot holds at most the record being sent and
+    the newest one waiting: a newer record replaces one still waiting (``superseded``), since
+    the compacted topic would keep only the newer and the nodes act on the newest version. So a
+    long outage holds at most two records per key and topic, however often the engine decides
+    meanwhile. (Decisions are audited as read from the topic: one superseded before it could be
+    sent reached no node and is not.) Without it (notifications) every record waits its turn.
+    ``what`` names the records in the log lines.
     """
 
     def __init__(
@@ -48,11 +52,16 @@ class KeyedPublisher:
         owns: Callable[[str], bool] = lambda key: True,
         retry_max_s: float = 10.0,
         log_interval_s: float = LOG_INTERVAL_S,
+        *,
+        supersede: bool = True,
+        what: str = "decision/allowance records",
     ) -> None:
         self._send = send
         self._owns = owns  # whether this worker still owns the key's partition: retried only then
         self._retry_max_s = retry_max_s
-        self._waiting: dict[Slot, Pending] = {}  # the newest record of a slot not yet being sent
+        self._supersede = supersede
+        self.what = what
+        self._waiting: dict[Slot, deque[Pending]] = {}  # a slot's records not yet being sent, oldest first
         self._in_flight: dict[Slot, Outcome] = {}
         self._retrying: set[Slot] = set()  # in flight and refused at least once
         self._senders: dict[Slot, asyncio.Task[None]] = {}
@@ -80,11 +89,11 @@ class KeyedPublisher:
                 self._forget_after_close(slot)
                 outcome.set_result(False)
                 continue
-            replaced = self._waiting.get(slot)
-            if replaced is not None:
+            queue = self._waiting.setdefault(slot, deque())
+            if self._supersede and queue:
                 self.superseded += 1
-                _settle(replaced[1], False)
-            self._waiting[slot] = (value, outcome)
+                _settle(queue.pop()[1], False)
+            queue.append((value, outcome))
             if slot not in self._senders:
                 self._senders[slot] = asyncio.create_task(self._drain(slot), name="publish-slot")
         return outcomes
@@ -96,7 +105,7 @@ class KeyedPublisher:
     def waiting(self) -> tuple[int, int]:
         """(keys, records) not acknowledged yet: waiting, or being sent."""
         slots = self._waiting.keys() | self._in_flight.keys()
-        return len({key for _, key in slots}), len(self._waiting) + len(self._in_flight)
+        return len({key for _, key in slots}), sum(map(len, self._waiting.values())) + len(self._in_flight)
 
     async def forget(self) -> None:
         """Drop what waits for the keys this worker no longer ``owns`` (their partitions
@@ -109,17 +118,24 @@ class KeyedPublisher:
         of the key, or the block's end.)"""
         waiting = [slot for slot in self._waiting if not self._owns(slot[1])]
         retrying = [slot for slot in self._retrying if not self._owns(slot[1])]
-        for slot in waiting:
-            _settle(self._waiting.pop(slot)[1], False)
+        dropped = sum(_settle_all(self._waiting.pop(slot)) for slot in waiting)
         await cancel_all_and_wait(*(self._senders[slot] for slot in retrying if slot in self._senders))
-        if dropped := len(waiting) + len(retrying):
+        if dropped := dropped + len(retrying):
             self.forgotten += dropped
             log.warning(
-                "%d decision/allowance records of keys whose partitions were revoked dropped unpublished "
+                "%d %s of keys whose partitions were revoked dropped unpublished "
                 "(%d being retried): their new owner decides them again",
                 dropped,
+                self.what,
                 len(retrying),
             )
+
+    async def settle_disowned(self) -> None:
+        """Until no record of a key this worker no longer ``owns`` is being sent: each gets one
+        attempt (a refused one is not retried), so a revoke can let them land before the next
+        owner reads what landed."""
+        while senders := [task for (_, key), task in self._senders.items() if not self._owns(key)]:
+            await asyncio.wait(senders)
 
     async def flush(self) -> None:
         """Until everything queued so far (and queued meanwhile) has landed."""
@@ -137,28 +153,29 @@ class KeyedPublisher:
         if self._senders:
             keys, records = self.waiting()
             log.warning(
-                "%d decision/allowance records of %d keys not published within %.0fs of the stop: "
+                "%d %s of %d keys not published within %.0fs of the stop: "
                 "the next owner of their partitions decides them again from the stored counts",
                 records,
+                self.what,
                 keys,
                 timeout_s,
             )
             self.forgotten += records
             await cancel_all_and_wait(*self._senders.values())
-            for _, outcome in self._waiting.values():
-                _settle(outcome, False)
+            for queue in self._waiting.values():
+                _settle_all(queue)
             self._waiting.clear()
 
     def _forget_after_close(self, slot: Slot) -> None:
         self.forgotten += 1
         dropped = self._refusals.tick()
         if dropped is not None:
-            log.warning("%d decision/allowance records decided after the stop not published (last: %s)", dropped, slot)
+            log.warning("%d %s decided after the stop not published (last: %s)", dropped, self.what, slot)
 
     async def _drain(self, slot: Slot) -> None:
         topic, key = slot
         try:
-            while (pending := self._waiting.pop(slot, None)) is not None:
+            while (pending := self._next(slot)) is not None:
                 value, outcome = pending
                 self._in_flight[slot] = outcome
                 try:
@@ -177,18 +194,25 @@ class KeyedPublisher:
             if slot in self._waiting and not self._closed:  # queued while this sender was cancelled
                 self._senders[slot] = asyncio.create_task(self._drain(slot), name="publish-slot")
 
+    def _next(self, slot: Slot) -> Pending | None:
+        """The slot's oldest record waiting, taken off its queue (the queue dropped once empty)."""
+        queue = self._waiting.get(slot)
+        if queue is None:
+            return None
+        pending = queue.popleft()
+        if not queue:
+            del self._waiting[slot]
+        return pending
+
     def _drop_disowned(self, slot: Slot) -> None:
-        queued = self._waiting.pop(slot, None)
-        if queued is not None:
-            _settle(queued[1], False)
-        dropped = 1 + (queued is not None)
-        self.forgotten += dropped
+        self.forgotten += 1 + _settle_all(self._waiting.pop(slot, deque()))
         since_last = self._disowned.tick()
         if since_last is not None:
             log.warning(
-                "%d decision/allowance records refused after their partition was revoked dropped (last: %s): "
+                "%d %s refused after their partition was revoked dropped (last: %s): "
                 "their new owner decides them again",
                 since_last,
+                self.what,
                 slot,
             )
 
@@ -240,3 +264,10 @@ class KeyedPublisher:
 def _settle(outcome: Outcome, landed: bool) -> None:
     if not outcome.done():
         outcome.set_result(landed)
+
+
+def _settle_all(queue: deque[Pending]) -> int:
+    """Settle the records of a dropped queue as never landing; how many there were."""
+    for _, outcome in queue:
+        _settle(outcome, False)
+    return len(queue)

@@ -5,6 +5,7 @@ rollover, audits."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -83,6 +84,17 @@ async def _finish_within(work: Coroutine[Any, Any, None], unfinished: Callable[[
         log.warning("%s", unfinished())
 
 
+async def _stop_then_finish(
+    recorder: asyncio.Task[None] | None,
+    last_record: Callable[[], Coroutine[Any, Any, None]],
+    unfinished: Callable[[], str],
+) -> None:
+    """Stop a recording loop (None: not started), then give its last insert the bounded time."""
+    if recorder is not None:
+        await cancel_and_wait(recorder)
+        await _finish_within(last_record(), unfinished)
+
+
 class LimitService:
     """The limit side of one worker: wires the ``LimitEngine`` to Kafka and ClickHouse.
 
@@ -139,14 +151,14 @@ class LimitService:
         # Newest operator decision per key: the guards respect an operator's unblock even after
         # the key's own limits blocked and unblocked it since (newer decisions, not the operator's).
         self._by_operator: dict[str, Decision] = {}
-        # Notifications wait here for their own task: publishing and recording them never holds
-        # up the fast lane's decisions.
-        self._outbox: list[Notification] = []
-        self._outbox_ready = asyncio.Event()
-        self._outbox_lock = asyncio.Lock()
-        self._notifier: asyncio.Task[None] | None = None
+        # Notifications are sent like decisions, in the background, each key's in order, but
+        # none superseded: one the broker refuses holds back only its own key's later ones.
+        # Once landed they wait here to be recorded (for audit and the next owner of the key).
+        self.notifier = KeyedPublisher(send, owns=self._owns, supersede=False, what="notifications")
+        self._landed: list[Notification] = []
+        self._recording = asyncio.Lock()  # a revoke's record waits for the one under way
+        self._notification_recorder: asyncio.Task[None] | None = None
         self._notification_store: NotificationStore | None = None
-        self.notifications_published = 0
         # Decisions read from the topic, not yet in the audit table (a worker that stops without
         # recording them records them when it reads the topic again from its start).
         self._unaudited: list[Decision] = []
@@ -159,7 +171,9 @@ class LimitService:
         await self.fast_lane.start()
         self._ticker = asyncio.create_task(self._tick_forever(), name="limits-tick")
         self._redivider = asyncio.create_task(self._redivide_forever(), name="limits-redivide")
-        self._notifier = asyncio.create_task(self._notify_forever(), name="limits-notify")
+        self._notification_recorder = asyncio.create_task(
+            self._record_notifications_forever(), name="limits-notifications-record"
+        )
         self._auditor = asyncio.create_task(self._audit_forever(), name="limits-audit")
 
     async def stop(self) -> None:
@@ -173,21 +187,27 @@ class LimitService:
         await self.decisions.stop()
         await self.overrides.stop()
         await self.allowances.stop()
-        await self.publisher.close(PUBLISH_FLUSH_TIMEOUT_S)
-        notifier, self._notifier = self._notifier, None
-        if notifier is not None:
-            await self._flush_notifications_within()
-        await cancel_and_wait(notifier)
+        await asyncio.gather(
+            self.publisher.close(PUBLISH_FLUSH_TIMEOUT_S), self.notifier.close(NOTIFICATIONS_FLUSH_TIMEOUT)
+        )
+        recorder, self._notification_recorder = self._notification_recorder, None
+        await _stop_then_finish(
+            recorder,
+            self._record_notifications,
+            lambda: (
+                f"{len(self._landed)} published notifications not recorded within "
+                f"{NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s: the next owner of their keys may publish them again (same id)"
+            ),
+        )
         auditor, self._auditor = self._auditor, None
-        if auditor is not None:
-            await cancel_and_wait(auditor)
-            await _finish_within(
-                self._record_decisions(),
-                lambda: (
-                    f"{len(self._unaudited)} decisions not recorded in the audit within "
-                    f"{NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s: recorded when the topic is read again"
-                ),
-            )
+        await _stop_then_finish(
+            auditor,
+            self._record_decisions,
+            lambda: (
+                f"{len(self._unaudited)} decisions not recorded in the audit within "
+                f"{NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s: recorded when the topic is read again"
+            ),
+        )
 
     # hooks of the ingest consumer ------------------------------------------------------
     async def on_assigned(self, partitions: set[int]) -> None:
@@ -240,8 +260,15 @@ class LimitService:
         for p in partitions:
             self.engine.revoke(p)
         await self.publisher.forget()
-        # The next owner learns from the audit what was notified: record it before letting go.
-        await self._flush_notifications_within()
+        # The next owner learns from the audit what was notified: the revoked keys'
+        # notifications get their attempt and what landed is recorded before letting go.
+        await _finish_within(
+            self._settle_revoked_notifications(),
+            lambda: (
+                f"notifications of revoked partitions {sorted(partitions)} not published and recorded within "
+                f"{NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s: the next owner of their keys may publish them again (same id)"
+            ),
+        )
 
     # the fast lane ---------------------------------------------------------------------
     async def _on_fast_batch(self, batch: FastBatch) -> None:
@@ -322,10 +349,13 @@ class LimitService:
         """Queue what the engine decided; the publisher sends it in the background, in order
         per key and topic (``KeyedPublisher``). The records' outcomes, for a caller that paces
         itself on them."""
-        if verdicts.notifications:
-            self._outbox += verdicts.notifications
-            self._outbox_ready.set()
         topics = self.settings
+        if notifications := verdicts.notifications:
+            sent = self.notifier.submit(
+                (topics.notifications_topic, n.key_id, n.model_dump_json().encode()) for n in notifications
+            )
+            for notification, outcome in zip(notifications, sent, strict=True):
+                outcome.add_done_callback(functools.partial(self._notification_sent, notification))
         return self.publisher.submit(
             [(topics.decisions_topic, d.key_id, d.model_dump_json().encode()) for d in verdicts.decisions]
             + [(topics.allowances_topic, a.key_id, a.model_dump_json().encode()) for a in verdicts.allowances]
@@ -359,51 +389,42 @@ class LimitService:
             self._notification_store = NotificationStore(self.rollups.client, self.settings.clickhouse_database)
         return self._notification_store
 
-    async def _notify_forever(self) -> None:
-        while True:
-            await self._outbox_ready.wait()
-            try:
-                await self._flush_notifications()
-            except Exception:
-                log.exception("publishing notifications failed; they stay queued")
-                await asyncio.sleep(1.0)
-            await asyncio.sleep(AUDIT_INTERVAL_S)  # the next ones are published and recorded together
+    @property
+    def notifications_published(self) -> int:
+        return self.notifier.published[self.settings.notifications_topic]
 
-    async def _flush_notifications(self) -> None:
-        """Publish the queued notifications (keyed by key id), then record them for audit and
-        for the next owner of their keys. Published before recorded: a crash in between makes
-        the next owner publish them again (same id), never lose them."""
-        async with self._outbox_lock:
-            self._outbox_ready.clear()
-            batch, self._outbox = self._outbox, []
+    def _notification_sent(self, notification: Notification, outcome: Outcome) -> None:
+        if not outcome.cancelled() and outcome.result():
+            n = notification
+            log.debug("notified %s: %s %s of %s >= %s", n.key_id, n.window.value, n.count, n.limit, n.threshold)
+            self._landed.append(n)
+
+    async def _record_notifications_forever(self) -> None:
+        while True:
+            await asyncio.sleep(AUDIT_INTERVAL_S)  # the ones landed meanwhile go in one insert
+            await self._record_notifications()
+
+    async def _record_notifications(self) -> None:
+        """Record the notifications landed since the last call, in one insert; retried until the
+        store is back. Published before recorded: a crash in between makes the next owner publish
+        them again (same id), never lose them."""
+        async with self._recording:
+            batch, self._landed = self._landed, []
             if not batch:
                 return
-            topic = self.settings.notifications_topic
             try:
                 await retry_forever(
-                    lambda: asyncio.gather(*(self.send(topic, n.key_id, n.model_dump_json().encode()) for n in batch)),
-                    f"publishing {len(batch)} notifications",
+                    lambda: asyncio.to_thread(self._notifications_audit().record, batch),
+                    f"recording {len(batch)} notifications",
                 )
             except BaseException:
-                self._outbox[:0] = batch  # not (all) published: keep them, in order, for the next try
-                self._outbox_ready.set()
+                self._landed[:0] = batch  # stopped before it landed: kept for the last try
                 raise
-            self.notifications_published += len(batch)
-            for n in batch:
-                log.debug("notified %s: %s %s of %s >= %s", n.key_id, n.window.value, n.count, n.limit, n.threshold)
-            await retry_forever(
-                lambda: asyncio.to_thread(self._notifications_audit().record, batch),
-                f"recording {len(batch)} notifications",
-            )
 
-    async def _flush_notifications_within(self) -> None:
-        await _finish_within(
-            self._flush_notifications(),
-            lambda: (
-                f"notifications not published and recorded within {NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s "
-                f"({len(self._outbox)} queued): the next owner of their keys may publish them again (same id)"
-            ),
-        )
+    async def _settle_revoked_notifications(self) -> None:
+        await self.notifier.settle_disowned()
+        await self.notifier.forget()  # none is left; says so if one is
+        await self._record_notifications()
 
     async def _followers_ready(self) -> None:
         try:
