@@ -398,13 +398,17 @@ class MeterMiddleware:
 
     def _rate_limited(self, block: Block, now: datetime) -> _Denial:
         seconds = block.seconds_left(now) or self._open_block_retry_after_s
+        window_s = WINDOW_SECONDS.get(block.window)
+        if window_s is not None:
+            # A window's block ends with it: never longer, even with this node's clock behind
+            # the worker's (within the skew the worker accepts).
+            seconds = min(seconds, window_s)
+        if block.window is Window.month and block.until is not None:  # Retry-After is to the month end
+            window_s = window_seconds(Window.month, block.until.timestamp() - 1)
         headers: list[tuple[bytes, bytes]] = [(b"retry-after", str(seconds).encode())]
         if block.limit is not None:
             headers.append((b"ratelimit-limit", str(block.limit).encode()))
         headers += [(b"ratelimit-remaining", b"0"), (b"ratelimit-reset", str(seconds).encode())]
-        window_s = WINDOW_SECONDS.get(block.window)
-        if block.window is Window.month and block.until is not None:  # Retry-After is to the month end
-            window_s = window_seconds(Window.month, block.until.timestamp() - 1)
         route = split_subject(block.key_id)[1]
         details: tuple[tuple[str, object], ...] = (
             ("window", block.window.value),
@@ -550,7 +554,9 @@ def _ratelimit_headers(room: Headroom) -> list[tuple[bytes, bytes]]:
 
 
 def _refused(refusal: Refusal, now: float) -> _Denial:
-    seconds = max(1, int(refusal.until - now + 0.999))
+    window_s = window_seconds(refusal.window, refusal.until - 1)
+    # Never past the window's length: this node's clock may have stepped back since it counted.
+    seconds = min(window_s, max(1, int(refusal.until - now + 0.999)))
     window = refusal.window.value
     if refusal.version is None:
         message = (
@@ -568,7 +574,7 @@ def _refused(refusal: Refusal, now: float) -> _Denial:
         (b"ratelimit-limit", str(refusal.limit).encode()),
         (b"ratelimit-remaining", b"0"),
         (b"ratelimit-reset", str(seconds).encode()),
-        (b"ratelimit-policy", f"{refusal.limit};w={window_seconds(refusal.window, refusal.until - 1)}".encode()),
+        (b"ratelimit-policy", f"{refusal.limit};w={window_s}".encode()),
     )
     details: tuple[tuple[str, object], ...] = (
         ("window", window),

@@ -70,6 +70,6 @@ async def test_a_guard_blocks_a_key_with_many_auth_failures_and_an_unblock_lifts
         )
         await asyncio.sleep(1.0)  # several guard rounds: the key still breaks the rule
         assert runtime.guards is not None
-        published = runtime.guards.blocks_published
+        published = runtime.guards.blocks_issued
     assert published == 1
     assert [d.action for d in audit.history("prober")] == [DecisionAction.unblock, DecisionAction.block]

@@ -22,7 +22,7 @@ from starlette.routing import Mount, Route
 import node.middleware
 from node.decision_cache import Block
 from node.demo_api import ROUTE_SCOPES, build_node_app, demo_key_store, demo_keys
-from node.guard import LocalGuard
+from node.guard import LocalGuard, Refusal, RefusedBy
 from node.keys import InMemoryKeyStore, derive_key_id
 from node.middleware import UNMATCHED_ENDPOINT, MeterMiddleware, RouteScope, starlette_route_resolver
 from schemas.allowances import Allowance, NodeGrant, WindowAllowance
@@ -280,6 +280,8 @@ async def test_blocked_429(client: httpx.AsyncClient, reporter: FakeReporter, ca
     ("window", "limit", "seconds", "retry_after", "words"),
     [
         (Window.minute, 100, 0.2, "1", "100 requests per minute"),
+        # This node's clock 10 s behind the worker's: the block still ends with its minute.
+        (Window.minute, 100, 70, "60", "100 requests per minute"),
         (Window.hour, 1000, 1799.01, "1800", "1000 requests per hour"),
         (Window.day, 5000, 40_000, "40000", "5000 requests per day"),
         (Window.manual, None, 3600, "3600", "blocked by an operator."),
@@ -731,3 +733,13 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> N
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+def test_a_local_refusals_retry_after_never_exceeds_its_window() -> None:
+    """The node counted the minute ending at ``until``, then its clock stepped back 10 s."""
+    until = 1_700_000_040.0  # a minute's end
+    refusal = Refusal(RefusedBy.local_limit, Window.minute, limit=100, count=100, until=until)
+    headers = dict(node.middleware._refused(refusal, now=until - 70).headers)
+    assert headers[b"retry-after"] == headers[b"ratelimit-reset"] == b"60"
+    assert headers[b"ratelimit-policy"] == b"100;w=60"
+    assert dict(node.middleware._refused(refusal, now=until - 29.5).headers)[b"retry-after"] == b"30"

@@ -44,7 +44,7 @@ class GuardRunner:
         self.publish = publish
         self.interval_s = interval_s
         self.clock = clock
-        self.blocks_published = 0
+        self.blocks_issued = 0  # handed to the publisher, which sends them in the background
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -64,7 +64,7 @@ class GuardRunner:
             await asyncio.sleep(self.interval_s)
 
     async def run_once(self) -> list[Decision]:
-        """One round: the blocks it published."""
+        """One round: the blocks it issued (queued for publishing)."""
         rules, now = self.rules, self.clock()
         ips: list[tuple[str, int]] = []
         auth: list[tuple[str, int]] = []
@@ -88,6 +88,6 @@ class GuardRunner:
                 blocks.append(decision)
         if blocks:
             await self.publish(blocks)
-            self.blocks_published += len(blocks)
+            self.blocks_issued += len(blocks)
             log.warning("abuse guards blocked %d keys%s", len(blocks), " (shadow)" if rules.shadow else "")
         return blocks
