@@ -248,3 +248,28 @@ async def test_records_of_revoked_keys_get_one_attempt_before_the_revoke_lets_go
     assert lands.result() is True
     assert refused.result() is False
     assert broker.attempts == 3
+
+
+async def test_a_retry_that_lands_as_its_key_is_revoked_is_not_counted_as_dropped() -> None:
+    """Found by a review: ``forget`` counted every retrying record as dropped, one whose retry
+    landed meanwhile too (then counted as published and as forgotten)."""
+    refusing, owned, acked = True, {"k": True}, asyncio.Event()
+    landed: list[bytes] = []
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        if refusing:
+            raise NotEnoughReplicasError()
+        await acked.wait()  # the retry's request is out; its ack comes back with the revoke
+        landed.append(value)
+
+    publisher = KeyedPublisher(send, owns=lambda key: owned[key], supersede=False)
+    (outcome,) = publisher.submit([(NOTIFICATIONS, "k", b"x")])
+    await asyncio.sleep(0.05)
+    refusing = False
+    await asyncio.sleep(0.3)  # retried: in flight
+    owned["k"] = False
+    acked.set()
+    await publisher.forget()
+    assert outcome.result() is True
+    assert landed == [b"x"]
+    assert (publisher.published[NOTIFICATIONS], publisher.forgotten) == (1, 0)

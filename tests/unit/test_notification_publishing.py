@@ -4,6 +4,8 @@ back only its own key's later ones; each recorded once it landed, and before a r
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -107,3 +109,53 @@ async def test_a_revoke_records_what_its_keys_notified_before_letting_go() -> No
     assert audit.recorded == [("k1", "80%")]
     assert service.notifier.waiting() == (0, 0)  # k2's refused: left to the next owner
     await service.stop()
+
+
+async def test_a_revoked_key_in_retry_backoff_neither_holds_the_revoke_nor_sends_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by a review: the revoke waited for a refused key's sender asleep in its backoff,
+    ran out of time before recording what had landed, and the sender went on after it."""
+    monkeypatch.setattr(service_module, "NOTIFICATIONS_FLUSH_TIMEOUT", 1.0)
+    broker, audit = Broker(delay_s=0.01), Audit()
+    broker.refusing.add("stuck")
+    service = limit_service(broker, audit)
+    service._publish(Verdicts(notifications=[notification("stuck", 80)]))
+    await asyncio.sleep(0.7)  # refused at ~0, 0.2, 0.6: now asleep 0.8 s before the next try
+    service._publish(Verdicts(notifications=[notification("healthy", 80), notification("stuck", 100)]))
+    started = time.monotonic()
+    await service.on_revoked({0})
+    assert time.monotonic() - started < 0.4
+    assert audit.recorded == [("healthy", "80%")]
+    assert service.notifier.waiting() == (0, 0)
+    assert service.notifier.forgotten == 2  # the stuck key's two: its new owner notifies them
+    broker.refusing.clear()
+    await asyncio.sleep(1.0)
+    assert broker.landed == [("healthy", "80%")]  # nothing sent after the revoke
+    await service.stop()
+
+
+class SlowAudit(Audit):
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+
+    def record(self, notifications: list[Notification]) -> None:
+        self.started.set()
+        time.sleep(0.3)  # the engine busy merging
+        super().record(notifications)
+
+
+async def test_a_stop_during_an_insert_records_its_notifications_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: the stop cancelled the recording loop inside its insert, whose thread
+    went on and landed, and the batch, put back as not recorded, was inserted again."""
+    monkeypatch.setattr(service_module, "AUDIT_INTERVAL_S", 0.02)
+    broker, audit = Broker(), SlowAudit()
+    service = limit_service(broker, audit)
+    service._notification_recorder = asyncio.create_task(service._record_notifications_forever())
+    service._publish(Verdicts(notifications=[notification("k", 80)]))
+    while not audit.started.is_set():
+        await asyncio.sleep(0.005)
+    await service.stop()
+    await asyncio.sleep(0.4)  # an insert's thread left running would land by now
+    assert audit.recorded == [("k", "80%")]

@@ -117,25 +117,37 @@ class KeyedPublisher:
         it; one rebuilt from the compacted topic in that window holds it until a newer record
         of the key, or the block's end.)"""
         waiting = [slot for slot in self._waiting if not self._owns(slot[1])]
-        retrying = [slot for slot in self._retrying if not self._owns(slot[1])]
         dropped = sum(_settle_all(self._waiting.pop(slot)) for slot in waiting)
-        await cancel_all_and_wait(*(self._senders[slot] for slot in retrying if slot in self._senders))
-        if dropped := dropped + len(retrying):
+        retried = await self._stop_retrying_disowned()
+        if dropped := dropped + retried:
             self.forgotten += dropped
             log.warning(
                 "%d %s of keys whose partitions were revoked dropped unpublished "
                 "(%d being retried): their new owner decides them again",
                 dropped,
                 self.what,
-                len(retrying),
+                retried,
             )
 
     async def settle_disowned(self) -> None:
-        """Until no record of a key this worker no longer ``owns`` is being sent: each gets one
-        attempt (a refused one is not retried), so a revoke can let them land before the next
-        owner reads what landed."""
+        """Until no record of a key this worker no longer ``owns`` is being sent: a record
+        already refused is dropped, each other one waiting gets one attempt in its key's order
+        (a refusal drops the key's rest), so a revoke can let them land before the next owner
+        reads what landed."""
+        if retried := await self._stop_retrying_disowned():
+            self.forgotten += retried
+            log.warning("%d %s of revoked keys dropped while being retried", retried, self.what)
         while senders := [task for (_, key), task in self._senders.items() if not self._owns(key)]:
             await asyncio.wait(senders)
+
+    async def _stop_retrying_disowned(self) -> int:
+        """Stop the retries of the keys this worker no longer ``owns``; how many records that
+        dropped (a retry that landed meanwhile is not one). Their waiting records, if any, get
+        a new sender (``_drain``)."""
+        retrying = [slot for slot in self._retrying if not self._owns(slot[1])]
+        outcomes = [self._in_flight[slot] for slot in retrying if slot in self._in_flight]
+        await cancel_all_and_wait(*(self._senders[slot] for slot in retrying if slot in self._senders))
+        return sum(1 for outcome in outcomes if outcome.done() and not outcome.result())
 
     async def flush(self) -> None:
         """Until everything queued so far (and queued meanwhile) has landed."""

@@ -39,6 +39,8 @@ PUBLISH_FLUSH_TIMEOUT_S = 10.0
 # How long the fast lane waits, at most, for the decisions and allowances of a fetch to be
 # acknowledged before its next fetch (p50 ~3 ms, p99 ~25 ms at 5,000 events/s).
 FAST_LANE_PUBLISH_WAIT_S = 0.1
+# How long a stop waits for an audit insert under way to end before stopping its loop.
+INSERT_UNDER_WAY_WAIT_S = 2.0
 # Audit rows (decisions, notifications) go to the store at most this often, each kind in one
 # insert: every insert is a part for the engine to merge, and one per decisions batch or per
 # notifying fast-lane batch cost the worker more CPU than its rollup inserts at 5,000 events/s
@@ -75,24 +77,40 @@ def _forget_settled(newest: dict[str, Decision], now: float, unblock_memory_s: f
     return len(settled)
 
 
-async def _finish_within(work: Coroutine[Any, Any, None], unfinished: Callable[[], str]) -> None:
-    """``work`` for up to NOTIFICATIONS_FLUSH_TIMEOUT, else a warning saying what is left
-    (``unfinished``, read when the time is up): a stop must not wait on Kafka or the store."""
+async def _finish_within(
+    work: Coroutine[Any, Any, None], unfinished: Callable[[], str], timeout_s: float | None = None
+) -> None:
+    """``work`` for up to ``timeout_s`` (default NOTIFICATIONS_FLUSH_TIMEOUT), else a warning
+    saying what is left (``unfinished``, read when the time is up): a stop must not wait on
+    Kafka or the store."""
     try:
-        await asyncio.wait_for(work, NOTIFICATIONS_FLUSH_TIMEOUT)
+        await asyncio.wait_for(work, NOTIFICATIONS_FLUSH_TIMEOUT if timeout_s is None else timeout_s)
     except TimeoutError:
         log.warning("%s", unfinished())
 
 
 async def _stop_then_finish(
     recorder: asyncio.Task[None] | None,
+    recording: asyncio.Lock,
     last_record: Callable[[], Coroutine[Any, Any, None]],
     unfinished: Callable[[], str],
 ) -> None:
-    """Stop a recording loop (None: not started), then give its last insert the bounded time."""
-    if recorder is not None:
-        await cancel_and_wait(recorder)
-        await _finish_within(last_record(), unfinished)
+    """Stop a recording loop (None: not started), then give its last insert the bounded time.
+    The loop is stopped between its inserts (``recording`` held by one under way), waited for
+    a little: an insert's thread cannot be stopped, and its batch, kept for the last insert,
+    would be recorded twice."""
+    if recorder is None:
+        return
+    try:
+        await asyncio.wait_for(recording.acquire(), INSERT_UNDER_WAY_WAIT_S)
+    except TimeoutError:
+        await cancel_and_wait(recorder)  # an insert that does not land: its retries are stopped
+    else:
+        try:
+            await cancel_and_wait(recorder)
+        finally:
+            recording.release()
+    await _finish_within(last_record(), unfinished)
 
 
 class LimitService:
@@ -103,6 +121,7 @@ class LimitService:
     decides (and records decisions for audit); unblocks at rollover on a timer.
     """
 
+    # long: the wiring of the limit side's parts (followers, fast lane, publishers, audit state)
     def __init__(
         self,
         settings: Settings,
@@ -156,12 +175,13 @@ class LimitService:
         # Once landed they wait here to be recorded (for audit and the next owner of the key).
         self.notifier = KeyedPublisher(send, owns=self._owns, supersede=False, what="notifications")
         self._landed: list[Notification] = []
-        self._recording = asyncio.Lock()  # a revoke's record waits for the one under way
+        self._recording = asyncio.Lock()  # one notifications insert at a time (see _stop_then_finish)
         self._notification_recorder: asyncio.Task[None] | None = None
         self._notification_store: NotificationStore | None = None
         # Decisions read from the topic, not yet in the audit table (a worker that stops without
         # recording them records them when it reads the topic again from its start).
         self._unaudited: list[Decision] = []
+        self._auditing = asyncio.Lock()  # one decisions insert at a time
         self._auditor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -193,6 +213,7 @@ class LimitService:
         recorder, self._notification_recorder = self._notification_recorder, None
         await _stop_then_finish(
             recorder,
+            self._recording,
             self._record_notifications,
             lambda: (
                 f"{len(self._landed)} published notifications not recorded within "
@@ -202,6 +223,7 @@ class LimitService:
         auditor, self._auditor = self._auditor, None
         await _stop_then_finish(
             auditor,
+            self._auditing,
             self._record_decisions,
             lambda: (
                 f"{len(self._unaudited)} decisions not recorded in the audit within "
@@ -261,13 +283,22 @@ class LimitService:
             self.engine.revoke(p)
         await self.publisher.forget()
         # The next owner learns from the audit what was notified: the revoked keys'
-        # notifications get their attempt and what landed is recorded before letting go.
+        # notifications get their attempt and what landed is recorded before letting go, each
+        # step in half the time a stop has (the recording must not be starved by a slow send).
+        half = NOTIFICATIONS_FLUSH_TIMEOUT / 2
         await _finish_within(
-            self._settle_revoked_notifications(),
+            self.notifier.settle_disowned(),
+            lambda: f"notifications of revoked partitions {sorted(partitions)} still being sent after {half:.0f}s",
+            half,
+        )
+        await self.notifier.forget()  # stops what is left: the next owner notifies it (same id)
+        await _finish_within(
+            self._record_notifications(),
             lambda: (
-                f"notifications of revoked partitions {sorted(partitions)} not published and recorded within "
-                f"{NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s: the next owner of their keys may publish them again (same id)"
+                f"{len(self._landed)} published notifications not recorded within {half:.0f}s of a revoke: "
+                "the next owner of their keys may publish them again (same id)"
             ),
+            half,
         )
 
     # the fast lane ---------------------------------------------------------------------
@@ -372,16 +403,17 @@ class LimitService:
 
     async def _record_decisions(self) -> None:
         """The decisions read since the last call, in one insert; retried until the store is back."""
-        batch, self._unaudited = self._unaudited, []
-        if not batch:
-            return
-        try:
-            await retry_forever(
-                lambda: asyncio.to_thread(self.audit.record, batch), f"recording {len(batch)} decisions"
-            )
-        except BaseException:
-            self._unaudited[:0] = batch  # stopped before it landed: kept for the last try (a copy collapses)
-            raise
+        async with self._auditing:
+            batch, self._unaudited = self._unaudited, []
+            if not batch:
+                return
+            try:
+                await retry_forever(
+                    lambda: asyncio.to_thread(self.audit.record, batch), f"recording {len(batch)} decisions"
+                )
+            except BaseException:
+                self._unaudited[:0] = batch  # stopped before it landed: kept for the last try (a copy collapses)
+                raise
 
     # notifications ---------------------------------------------------------------------
     def _notifications_audit(self) -> NotificationStore:
@@ -420,11 +452,6 @@ class LimitService:
             except BaseException:
                 self._landed[:0] = batch  # stopped before it landed: kept for the last try
                 raise
-
-    async def _settle_revoked_notifications(self) -> None:
-        await self.notifier.settle_disowned()
-        await self.notifier.forget()  # none is left; says so if one is
-        await self._record_notifications()
 
     async def _followers_ready(self) -> None:
         try:
