@@ -163,7 +163,7 @@ async def test_worker_followers_survive_any_record(
     with caplog.at_level(logging.ERROR):
         # A hang (a record retried forever) fails as a timeout, an exception as itself.
         await asyncio.wait_for(service._on_decisions(cast(Any, decisions)), 20)
-        await asyncio.wait_for(service._record_decisions(), 20)  # the audit's insert, done by its task
+        await asyncio.wait_for(service._unaudited.record(), 20)  # the audit's insert, done by its task
         await asyncio.wait_for(service._on_overrides(cast(Any, overrides)), 20)
         await asyncio.wait_for(service._on_allowances(cast(Any, allowances)), 20)
         service.engine.evaluate_all(range(1))

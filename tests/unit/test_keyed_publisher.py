@@ -273,3 +273,33 @@ async def test_a_retry_that_lands_as_its_key_is_revoked_is_not_counted_as_droppe
     assert outcome.result() is True
     assert landed == [b"x"]
     assert (publisher.published[NOTIFICATIONS], publisher.forgotten) == (1, 0)
+
+
+async def test_a_retry_acked_as_the_revoke_settles_leaves_its_keys_next_record_its_attempt() -> None:
+    """Found by a review: the retry landed between the settle's look at it and its cancel, and
+    the cancel then cut the key's next record short, counted neither published nor dropped."""
+    refusing, owned = True, {"k": True}
+    retry_ack: asyncio.Future[None] | None = None
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        nonlocal retry_ack
+        if refusing:
+            raise NotEnoughReplicasError()
+        if value == b"x":
+            retry_ack = asyncio.get_running_loop().create_future()
+            await retry_ack
+        else:
+            await asyncio.sleep(0.05)  # y's one attempt
+
+    publisher = KeyedPublisher(send, owns=lambda key: owned[key], supersede=False)
+    x, y = publisher.submit([(NOTIFICATIONS, "k", b"x"), (NOTIFICATIONS, "k", b"y")])
+    await asyncio.sleep(0.05)
+    refusing = False
+    while retry_ack is None:
+        await asyncio.sleep(0.01)
+    owned["k"] = False  # the revoke
+    settle = asyncio.create_task(publisher.settle_disowned())
+    retry_ack.set_result(None)  # x's ack arrives in the same loop turn
+    await asyncio.wait_for(settle, 2)
+    assert (x.result(), y.result()) == (True, True)
+    assert (publisher.published[NOTIFICATIONS], publisher.forgotten) == (2, 0)

@@ -5,6 +5,7 @@ per key ever decided on does not grow without end."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -152,7 +153,7 @@ async def test_decisions_read_while_the_readers_stop_are_still_audited() -> None
     service.fast_lane.stop = last_batch_on_stop  # type: ignore[method-assign]
     await service.stop()
     assert audit.rows == ["k1", "k2"]
-    assert service._unaudited == []
+    assert len(service._unaudited) == 0
 
 
 async def test_decisions_are_audited_together_and_the_queue_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,12 +161,12 @@ async def test_decisions_are_audited_together_and_the_queue_is_bounded(monkeypat
     service = _audited_service(audit)
     await service._on_decisions([_record(decision(f"k{i}", DecisionAction.block), i) for i in range(3)])
     assert audit.inserts == 0  # queued for the auditor's next insert
-    await service._record_decisions()
+    await service._unaudited.record()
     assert (audit.inserts, audit.rows) == (1, ["k0", "k1", "k2"])
     monkeypatch.setattr("worker.limits.service.MAX_UNAUDITED", 2)
     await service._on_decisions([_record(decision(f"m{i}", DecisionAction.block), i) for i in range(2)])
     assert audit.inserts == 2  # at the bound the reader waits for the insert itself
-    assert service._unaudited == []
+    assert len(service._unaudited) == 0
 
 
 async def test_a_publish_retried_through_an_outage_lands_before_the_newer_ones() -> None:
@@ -292,3 +293,29 @@ def _publishing_service(send: Any) -> LimitService:
     )
     service.engine.assign(0, [])
     return service
+
+
+async def test_a_stop_during_the_readers_own_insert_records_the_decisions_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: at the bound the decisions reader inserts itself; the stop cancelled it
+    inside the insert, the batch went back and the thread landed too: recorded twice."""
+    monkeypatch.setattr("worker.limits.service.MAX_UNAUDITED", 2)
+    started = threading.Event()
+
+    class SlowAudit(_Recording):
+        def record(self, decisions: list[Decision]) -> list[Decision]:
+            started.set()
+            time.sleep(0.3)
+            return super().record(decisions)
+
+    audit = SlowAudit()
+    service = _audited_service(audit)
+    service._auditor = asyncio.create_task(service._audit_forever())
+    reader = asyncio.create_task(
+        service._on_decisions([_record(decision(f"k{i}", DecisionAction.block), i) for i in range(2)])
+    )
+    while not started.is_set():
+        await asyncio.sleep(0.005)
+    reader.cancel()  # what the decisions follower's stop does to its task
+    await service.stop()
+    await asyncio.sleep(0.4)
+    assert audit.rows == ["k0", "k1"]

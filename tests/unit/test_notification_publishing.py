@@ -159,3 +159,22 @@ async def test_a_stop_during_an_insert_records_its_notifications_once(monkeypatc
     await service.stop()
     await asyncio.sleep(0.4)  # an insert's thread left running would land by now
     assert audit.recorded == [("k", "80%")]
+
+
+async def test_a_revoke_whose_insert_outlasts_its_time_records_the_notifications_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by a review: the revoke's bounded wait cancelled the insert's caller, the batch went
+    back, and the insert's thread landed as well: recorded twice."""
+    monkeypatch.setattr(service_module, "NOTIFICATIONS_FLUSH_TIMEOUT", 0.4)  # 0.2 s per step
+    monkeypatch.setattr(service_module, "AUDIT_INTERVAL_S", 0.05)
+    broker, audit = Broker(), SlowAudit()  # an insert takes 0.3 s
+    service = limit_service(broker, audit)
+    service._notification_recorder = asyncio.create_task(service._record_notifications_forever())
+    service._publish(Verdicts(notifications=[notification("k", 80)]))
+    await asyncio.sleep(0)
+    await service.on_revoked({0})
+    await asyncio.sleep(1.0)  # the recording loop's next rounds
+    await service.stop()
+    await asyncio.sleep(0.4)
+    assert audit.recorded == [("k", "80%")]

@@ -144,10 +144,21 @@ class KeyedPublisher:
         """Stop the retries of the keys this worker no longer ``owns``; how many records that
         dropped (a retry that landed meanwhile is not one). Their waiting records, if any, get
         a new sender (``_drain``)."""
-        retrying = [slot for slot in self._retrying if not self._owns(slot[1])]
-        outcomes = [self._in_flight[slot] for slot in retrying if slot in self._in_flight]
-        await cancel_all_and_wait(*(self._senders[slot] for slot in retrying if slot in self._senders))
-        return sum(1 for outcome in outcomes if outcome.done() and not outcome.result())
+        retrying = {
+            slot: self._in_flight[slot]
+            for slot in self._retrying
+            if not self._owns(slot[1]) and slot in self._in_flight and slot in self._senders
+        }
+        await asyncio.sleep(0)  # a retry whose ack is back lands now (then its key's next record is left alone)
+        stopping = [
+            self._senders[slot]
+            for slot, outcome in retrying.items()
+            if slot in self._retrying and self._in_flight.get(slot) is outcome
+        ]
+        for sender in stopping:
+            sender.cancel()  # in this step: no later record of the key can start meanwhile
+        await cancel_all_and_wait(*stopping)
+        return sum(1 for outcome in retrying.values() if outcome.done() and not outcome.result())
 
     async def flush(self) -> None:
         """Until everything queued so far (and queued meanwhile) has landed."""

@@ -17,6 +17,7 @@ from schemas.allowances import AllowanceVersion
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.limits import LimitOverride
 from schemas.notifications import Notification
+from worker.limits.audit_buffer import AuditBuffer
 from worker.limits.engine import AllowancePolicy, LimitEngine, Verdicts, partition_of
 from worker.limits.fastlane import FastBatch, FastLane
 from worker.limits.publisher import KeyedPublisher, Outcome, Send
@@ -39,8 +40,6 @@ PUBLISH_FLUSH_TIMEOUT_S = 10.0
 # How long the fast lane waits, at most, for the decisions and allowances of a fetch to be
 # acknowledged before its next fetch (p50 ~3 ms, p99 ~25 ms at 5,000 events/s).
 FAST_LANE_PUBLISH_WAIT_S = 0.1
-# How long a stop waits for an audit insert under way to end before stopping its loop.
-INSERT_UNDER_WAY_WAIT_S = 2.0
 # Audit rows (decisions, notifications) go to the store at most this often, each kind in one
 # insert: every insert is a part for the engine to merge, and one per decisions batch or per
 # notifying fast-lane batch cost the worker more CPU than its rollup inserts at 5,000 events/s
@@ -90,27 +89,12 @@ async def _finish_within(
 
 
 async def _stop_then_finish(
-    recorder: asyncio.Task[None] | None,
-    recording: asyncio.Lock,
-    last_record: Callable[[], Coroutine[Any, Any, None]],
-    unfinished: Callable[[], str],
+    recorder: asyncio.Task[None] | None, buffer: AuditBuffer[Any], unfinished: Callable[[], str]
 ) -> None:
-    """Stop a recording loop (None: not started), then give its last insert the bounded time.
-    The loop is stopped between its inserts (``recording`` held by one under way), waited for
-    a little: an insert's thread cannot be stopped, and its batch, kept for the last insert,
-    would be recorded twice."""
-    if recorder is None:
-        return
-    try:
-        await asyncio.wait_for(recording.acquire(), INSERT_UNDER_WAY_WAIT_S)
-    except TimeoutError:
-        await cancel_and_wait(recorder)  # an insert that does not land: its retries are stopped
-    else:
-        try:
-            await cancel_and_wait(recorder)
-        finally:
-            recording.release()
-    await _finish_within(last_record(), unfinished)
+    """Stop a recording loop (None: not started), then give the last insert the bounded time."""
+    if recorder is not None:
+        await cancel_and_wait(recorder)
+        await _finish_within(buffer.record(), unfinished)
 
 
 class LimitService:
@@ -174,14 +158,14 @@ class LimitService:
         # none superseded: one the broker refuses holds back only its own key's later ones.
         # Once landed they wait here to be recorded (for audit and the next owner of the key).
         self.notifier = KeyedPublisher(send, owns=self._owns, supersede=False, what="notifications")
-        self._landed: list[Notification] = []
-        self._recording = asyncio.Lock()  # one notifications insert at a time (see _stop_then_finish)
+        self._landed: AuditBuffer[Notification] = AuditBuffer(
+            lambda batch: self._notifications_audit().record(batch), "notifications"
+        )
         self._notification_recorder: asyncio.Task[None] | None = None
         self._notification_store: NotificationStore | None = None
         # Decisions read from the topic, not yet in the audit table (a worker that stops without
         # recording them records them when it reads the topic again from its start).
-        self._unaudited: list[Decision] = []
-        self._auditing = asyncio.Lock()  # one decisions insert at a time
+        self._unaudited: AuditBuffer[Decision] = AuditBuffer(lambda batch: self.audit.record(batch), "decisions")
         self._auditor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -213,8 +197,7 @@ class LimitService:
         recorder, self._notification_recorder = self._notification_recorder, None
         await _stop_then_finish(
             recorder,
-            self._recording,
-            self._record_notifications,
+            self._landed,
             lambda: (
                 f"{len(self._landed)} published notifications not recorded within "
                 f"{NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s: the next owner of their keys may publish them again (same id)"
@@ -223,8 +206,7 @@ class LimitService:
         auditor, self._auditor = self._auditor, None
         await _stop_then_finish(
             auditor,
-            self._auditing,
-            self._record_decisions,
+            self._unaudited,
             lambda: (
                 f"{len(self._unaudited)} decisions not recorded in the audit within "
                 f"{NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s: recorded when the topic is read again"
@@ -293,9 +275,9 @@ class LimitService:
         )
         await self.notifier.forget()  # stops what is left: the next owner notifies it (same id)
         await _finish_within(
-            self._record_notifications(),
+            self._landed.record(),
             lambda: (
-                f"{len(self._landed)} published notifications not recorded within {half:.0f}s of a revoke: "
+                f"published notifications not all recorded within {half:.0f}s of a revoke: "
                 "the next owner of their keys may publish them again (same id)"
             ),
             half,
@@ -341,9 +323,9 @@ class LimitService:
             if decision.source == "operator":
                 _keep_newest(self._by_operator, decision)
             self.engine.seen(decision)
-        self._unaudited += batch
+        self._unaudited.add(batch)
         if len(self._unaudited) >= MAX_UNAUDITED:
-            await self._record_decisions()
+            await self._unaudited.record()
 
     async def _on_overrides(self, records: list[Any]) -> None:
         for override in valid_records(records, LimitOverride):
@@ -399,21 +381,7 @@ class LimitService:
     async def _audit_forever(self) -> None:
         while True:
             await asyncio.sleep(AUDIT_INTERVAL_S)
-            await self._record_decisions()
-
-    async def _record_decisions(self) -> None:
-        """The decisions read since the last call, in one insert; retried until the store is back."""
-        async with self._auditing:
-            batch, self._unaudited = self._unaudited, []
-            if not batch:
-                return
-            try:
-                await retry_forever(
-                    lambda: asyncio.to_thread(self.audit.record, batch), f"recording {len(batch)} decisions"
-                )
-            except BaseException:
-                self._unaudited[:0] = batch  # stopped before it landed: kept for the last try (a copy collapses)
-                raise
+            await self._unaudited.record()  # the decisions read meanwhile, in one insert
 
     # notifications ---------------------------------------------------------------------
     def _notifications_audit(self) -> NotificationStore:
@@ -429,29 +397,14 @@ class LimitService:
         if not outcome.cancelled() and outcome.result():
             n = notification
             log.debug("notified %s: %s %s of %s >= %s", n.key_id, n.window.value, n.count, n.limit, n.threshold)
-            self._landed.append(n)
+            self._landed.add([n])
 
     async def _record_notifications_forever(self) -> None:
         while True:
-            await asyncio.sleep(AUDIT_INTERVAL_S)  # the ones landed meanwhile go in one insert
-            await self._record_notifications()
-
-    async def _record_notifications(self) -> None:
-        """Record the notifications landed since the last call, in one insert; retried until the
-        store is back. Published before recorded: a crash in between makes the next owner publish
-        them again (same id), never lose them."""
-        async with self._recording:
-            batch, self._landed = self._landed, []
-            if not batch:
-                return
-            try:
-                await retry_forever(
-                    lambda: asyncio.to_thread(self._notifications_audit().record, batch),
-                    f"recording {len(batch)} notifications",
-                )
-            except BaseException:
-                self._landed[:0] = batch  # stopped before it landed: kept for the last try
-                raise
+            # The ones landed meanwhile, in one insert. Published before recorded: a crash in
+            # between makes the next owner publish them again (same id), never lose them.
+            await asyncio.sleep(AUDIT_INTERVAL_S)
+            await self._landed.record()
 
     async def _followers_ready(self) -> None:
         try:
