@@ -39,6 +39,7 @@ async def test_an_insert_that_lands_after_its_caller_was_cancelled_is_not_record
     buffer: AuditBuffer[str] = AuditBuffer(store.insert, "rows")
     buffer.add(["a", "b"])
     await cancel_once_started(store, buffer)
+    assert len(buffer) == 2  # not recorded yet: still counted (found by a review)
     buffer.add(["c"])
     await buffer.record()  # waits for the insert left running, then inserts the rest
     assert store.rows == ["a", "b", "c"]

@@ -269,8 +269,8 @@ async def test_a_retry_that_lands_as_its_key_is_revoked_is_not_counted_as_droppe
     await asyncio.sleep(0.3)  # retried: in flight
     owned["k"] = False
     acked.set()
-    await publisher.forget()
-    assert outcome.result() is True
+    await publisher.forget()  # an attempt in flight is left to end
+    assert await asyncio.wait_for(outcome, 1) is True
     assert landed == [b"x"]
     assert (publisher.published[NOTIFICATIONS], publisher.forgotten) == (1, 0)
 
@@ -303,3 +303,75 @@ async def test_a_retry_acked_as_the_revoke_settles_leaves_its_keys_next_record_i
     await asyncio.wait_for(settle, 2)
     assert (x.result(), y.result()) == (True, True)
     assert (publisher.published[NOTIFICATIONS], publisher.forgotten) == (2, 0)
+
+
+async def test_a_retry_refused_as_the_revoke_settles_is_counted_once() -> None:
+    """Found by a review: the settle counted a retry refused in its own turn, and so did the
+    sender that dropped it."""
+    refusing, owned = True, {"k": True}
+    retry_ack: asyncio.Future[None] | None = None
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        nonlocal retry_ack
+        if refusing:
+            raise NotEnoughReplicasError()
+        retry_ack = asyncio.get_running_loop().create_future()
+        await retry_ack
+
+    publisher = KeyedPublisher(send, owns=lambda key: owned[key], supersede=False)
+    (x,) = publisher.submit([(NOTIFICATIONS, "k", b"x")])
+    await asyncio.sleep(0.05)
+    refusing = False
+    while retry_ack is None:
+        await asyncio.sleep(0.01)
+    owned["k"] = False
+    settle = asyncio.create_task(publisher.settle_disowned())
+    retry_ack.set_exception(NotEnoughReplicasError())  # refused in the same turn
+    await asyncio.wait_for(settle, 2)
+    assert x.result() is False
+    assert publisher.forgotten == 1
+
+
+async def test_a_slow_ack_of_a_retry_at_the_revoke_lands_and_the_next_record_gets_its_attempt() -> None:
+    """Found by a review: the settle cancelled the sender after one loop turn; an ack two turns
+    away (aiokafka's requests go through ``wait_for``) landed anyway and the late cancel cut the
+    key's next record, counted nowhere. Attempts in flight are no longer cancelled."""
+    refusing, owned = True, {"k": True}
+    retry_ack: asyncio.Future[None] | None = None
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        nonlocal retry_ack
+        if refusing:
+            raise NotEnoughReplicasError()
+        if value == b"x":
+            retry_ack = asyncio.get_running_loop().create_future()
+            await asyncio.wait_for(retry_ack, 5)
+        else:
+            await asyncio.sleep(0.2)
+
+    publisher = KeyedPublisher(send, owns=lambda key: owned[key], supersede=False)
+    x, y = publisher.submit([(NOTIFICATIONS, "k", b"x"), (NOTIFICATIONS, "k", b"y")])
+    await asyncio.sleep(0.05)
+    refusing = False
+    while retry_ack is None:
+        await asyncio.sleep(0.01)
+    owned["k"] = False
+    settle = asyncio.create_task(publisher.settle_disowned())
+    retry_ack.set_result(None)
+    await asyncio.wait_for(settle, 3)
+    assert (x.result(), y.result()) == (True, True)
+    assert (publisher.published[NOTIFICATIONS], publisher.forgotten) == (2, 0)
+
+
+async def test_a_revoke_does_not_wait_out_a_retry_delay() -> None:
+    broker = Broker()
+    broker.refusing.add((NOTIFICATIONS, "k"))
+    owned = {"k": True}
+    publisher = KeyedPublisher(broker.send, owns=lambda key: owned[key], retry_max_s=60, supersede=False)
+    (x,) = publisher.submit([(NOTIFICATIONS, "k", b"x")])
+    await asyncio.sleep(1.0)  # refused 4 times: now 1.6 s before the next try
+    attempts = broker.attempts
+    owned["k"] = False
+    await asyncio.wait_for(publisher.settle_disowned(), 0.2)
+    assert x.result() is False
+    assert (broker.attempts, publisher.forgotten, publisher.waiting()) == (attempts, 1, (0, 0))

@@ -28,7 +28,7 @@ class AuditBuffer(Generic[T]):
         self._items: list[T] = []
         self._lock = asyncio.Lock()
         self._left: asyncio.Future[Any] | None = None  # an insert whose caller was cancelled
-        self._in_insert = 0
+        self._in_insert = 0  # rows of the insert under way (left running or not)
 
     def __len__(self) -> int:
         """Rows not recorded yet (an insert under way included)."""
@@ -44,6 +44,7 @@ class AuditBuffer(Generic[T]):
             if self._left is not None:
                 await asyncio.wait({self._left})
                 self._left = None
+                self._in_insert = 0
             batch, self._items = self._items, []
             if not batch:
                 return
@@ -64,11 +65,13 @@ class AuditBuffer(Generic[T]):
                 elif not running.done():
                     self._left = running
                     running.add_done_callback(functools.partial(self._after_left, batch))
-                raise
-            finally:
+                    raise  # its rows stay counted until it ends
                 self._in_insert = 0
+                raise
+            self._in_insert = 0
 
     def _after_left(self, batch: list[T], insert: asyncio.Future[Any]) -> None:
+        self._in_insert = 0
         if _failed(insert):
             self._items[:0] = batch  # it did not land: the next insert takes it
 

@@ -63,7 +63,7 @@ class KeyedPublisher:
         self.what = what
         self._waiting: dict[Slot, deque[Pending]] = {}  # a slot's records not yet being sent, oldest first
         self._in_flight: dict[Slot, Outcome] = {}
-        self._retrying: set[Slot] = set()  # in flight and refused at least once
+        self._delays: dict[Slot, asyncio.Future[None]] = {}  # retry delays under way: a revoke ends them
         self._senders: dict[Slot, asyncio.Task[None]] = {}
         self._closed = False
         self._failures = LogThrottle(log_interval_s)
@@ -111,54 +111,64 @@ class KeyedPublisher:
         """Drop what waits for the keys this worker no longer ``owns`` (their partitions
         revoked), and stop retrying their refused records: the next owner decides them again
         from the stored counts, and an older record of ours retried through an outage must not
-        land after its newer ones. A first attempt in flight is left to end: if it is refused,
-        ``owns`` stops its retries. (A record handed to the Kafka client may still land until the client's
-        request timeout expires it: a node that follows the topic goes by version and ignores
-        it; one rebuilt from the compacted topic in that window holds it until a newer record
-        of the key, or the block's end.)"""
+        land after its newer ones. An attempt in flight is left to end (it cannot be taken
+        back from the Kafka client): if it is refused, it is not retried. (A record handed to
+        the Kafka client may still land until the client's request timeout expires it: a node
+        that follows the topic goes by version and ignores it; one rebuilt from the compacted
+        topic in that window holds it until a newer record of the key, or the block's end.)"""
+        before = self.forgotten
         waiting = [slot for slot in self._waiting if not self._owns(slot[1])]
-        dropped = sum(_settle_all(self._waiting.pop(slot)) for slot in waiting)
-        retried = await self._stop_retrying_disowned()
-        if dropped := dropped + retried:
-            self.forgotten += dropped
+        self.forgotten += sum(_settle_all(self._waiting.pop(slot)) for slot in waiting)
+        retrying = await self._stop_disowned_retries()
+        if dropped := self.forgotten - before:
             log.warning(
-                "%d %s of keys whose partitions were revoked dropped unpublished "
-                "(%d being retried): their new owner decides them again",
+                "%d %s of keys whose partitions were revoked dropped unpublished (%d being retried): "
+                "their new owner decides them again",
                 dropped,
                 self.what,
-                retried,
+                retrying,
             )
 
     async def settle_disowned(self) -> None:
-        """Until no record of a key this worker no longer ``owns`` is being sent: a record
-        already refused is dropped, each other one waiting gets one attempt in its key's order
-        (a refusal drops the key's rest), so a revoke can let them land before the next owner
-        reads what landed."""
-        if retried := await self._stop_retrying_disowned():
-            self.forgotten += retried
-            log.warning("%d %s of revoked keys dropped while being retried", retried, self.what)
+        """Until no record of a key this worker no longer ``owns`` is being sent: a key whose
+        record was refused before is dropped, each other one waiting gets one attempt in its
+        key's order (a refusal drops the key's rest), so a revoke can let them land before the
+        next owner reads what landed."""
+        await self._stop_disowned_retries()
         while senders := [task for (_, key), task in self._senders.items() if not self._owns(key)]:
             await asyncio.wait(senders)
 
-    async def _stop_retrying_disowned(self) -> int:
-        """Stop the retries of the keys this worker no longer ``owns``; how many records that
-        dropped (a retry that landed meanwhile is not one). Their waiting records, if any, get
-        a new sender (``_drain``)."""
-        retrying = {
-            slot: self._in_flight[slot]
-            for slot in self._retrying
-            if not self._owns(slot[1]) and slot in self._in_flight and slot in self._senders
-        }
-        await asyncio.sleep(0)  # a retry whose ack is back lands now (then its key's next record is left alone)
-        stopping = [
+    async def _stop_disowned_retries(self) -> int:
+        """End the retry delays of the keys this worker no longer owns, and wait for their
+        senders to drop their records (``_drop_disowned``, each counted there once); an
+        attempt in flight is not one of them. How many senders that stopped."""
+        woken = [
             self._senders[slot]
-            for slot, outcome in retrying.items()
-            if slot in self._retrying and self._in_flight.get(slot) is outcome
+            for slot, delay in self._delays.items()
+            if not self._owns(slot[1]) and not delay.done() and slot in self._senders
         ]
-        for sender in stopping:
-            sender.cancel()  # in this step: no later record of the key can start meanwhile
-        await cancel_all_and_wait(*stopping)
-        return sum(1 for outcome in retrying.values() if outcome.done() and not outcome.result())
+        for slot, delay in list(self._delays.items()):
+            if not self._owns(slot[1]):
+                _settle_none(delay)
+        if woken:
+            await asyncio.wait(woken)
+        return len(woken)
+
+    async def _retry_delay(self, slot: Slot, delay_s: float) -> None:
+        """The delay before a slot's next attempt; ``_Disowned`` once its key is no longer ours
+        (at once when ``_wake_disowned`` ends it: a revoke does not wait out a backoff)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay_s
+        while (left := deadline - loop.time()) > 0 and self._owns(slot[1]):
+            woken = self._delays[slot] = loop.create_future()
+            timer = loop.call_later(left, _settle_none, woken)
+            try:
+                await woken
+            finally:
+                timer.cancel()
+                del self._delays[slot]
+        if not self._owns(slot[1]):
+            raise _Disowned(slot[1])
 
     async def flush(self) -> None:
         """Until everything queued so far (and queued meanwhile) has landed."""
@@ -203,6 +213,9 @@ class KeyedPublisher:
                 self._in_flight[slot] = outcome
                 try:
                     await self._deliver(topic, key, value)
+                except _Disowned:  # its partition revoked while it waited to retry
+                    self._drop_disowned(slot, refused_now=False)
+                    return
                 except Exception:  # refused, and the key's partition is no longer ours: not retried
                     self._drop_disowned(slot)
                     return
@@ -212,7 +225,6 @@ class KeyedPublisher:
         finally:
             if (unsent := self._in_flight.pop(slot, None)) is not None:
                 _settle(unsent, False)
-            self._retrying.discard(slot)
             del self._senders[slot]
             if slot in self._waiting and not self._closed:  # queued while this sender was cancelled
                 self._senders[slot] = asyncio.create_task(self._drain(slot), name="publish-slot")
@@ -227,9 +239,9 @@ class KeyedPublisher:
             del self._waiting[slot]
         return pending
 
-    def _drop_disowned(self, slot: Slot) -> None:
+    def _drop_disowned(self, slot: Slot, refused_now: bool = True) -> None:
         self.forgotten += 1 + _settle_all(self._waiting.pop(slot, deque()))
-        since_last = self._disowned.tick()
+        since_last = self._disowned.tick() if refused_now else None  # else said by ``forget``
         if since_last is not None:
             log.warning(
                 "%d %s refused after their partition was revoked dropped (last: %s): "
@@ -244,7 +256,6 @@ class KeyedPublisher:
         ours (raised then)."""
 
         def failed(exc: Exception, attempt: int, delay: float) -> None:
-            self._retrying.add((topic, key))
             since_last = self._failures.tick()
             if since_last is not None:
                 keys, records = self.waiting()
@@ -262,7 +273,6 @@ class KeyedPublisher:
                 )
 
         def recovered(attempts: int) -> None:
-            self._retrying.discard((topic, key))
             since_last = self._recoveries.tick()
             if since_last is not None:
                 log.warning(
@@ -281,7 +291,17 @@ class KeyedPublisher:
             permanent=lambda exc: not self._owns(key),
             on_failure=failed,
             on_recovery=recovered,
+            sleep=lambda delay: self._retry_delay((topic, key), delay),
         )
+
+
+class _Disowned(Exception):
+    """A record's key is no longer this worker's: its retries stop."""
+
+
+def _settle_none(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _settle(outcome: Outcome, landed: bool) -> None:
