@@ -11,7 +11,7 @@ import time
 import pytest
 from aiokafka.errors import NotEnoughReplicasError
 
-from worker.limits.publisher import KeyedPublisher
+from worker.limits.publisher import KeyedPublisher, Outcome
 
 DECISIONS, ALLOWANCES = "decisions", "allowances"
 
@@ -275,31 +275,45 @@ async def test_a_retry_that_lands_as_its_key_is_revoked_is_not_counted_as_droppe
     assert (publisher.published[NOTIFICATIONS], publisher.forgotten) == (1, 0)
 
 
+class RetryAtTheRevoke:
+    """Key k's record x refused once, then retried with its answer held until the test gives it
+    at the moment of the revoke; later records of k take ``later_s`` each."""
+
+    def __init__(self, two_hops: bool = False, later_s: float = 0.05) -> None:
+        self.refusing = True
+        self.owned = {"k": True}
+        self.answer: asyncio.Future[None] | None = None
+        self.two_hops = two_hops  # the answer through ``wait_for``, as aiokafka's requests
+        self.later_s = later_s
+
+    async def send(self, topic: str, key: str, value: bytes) -> None:
+        if self.refusing:
+            raise NotEnoughReplicasError()
+        if value != b"x":
+            await asyncio.sleep(self.later_s)
+            return
+        self.answer = asyncio.get_running_loop().create_future()
+        await (asyncio.wait_for(self.answer, 5) if self.two_hops else self.answer)
+
+    async def revoke_during_the_retry(self, values: list[bytes]) -> tuple[KeyedPublisher, list[Outcome]]:
+        publisher = KeyedPublisher(self.send, owns=lambda key: self.owned[key], supersede=False)
+        outcomes = publisher.submit([(NOTIFICATIONS, "k", v) for v in values])
+        await asyncio.sleep(0.05)
+        self.refusing = False
+        while self.answer is None:
+            await asyncio.sleep(0.01)
+        self.owned["k"] = False
+        return publisher, outcomes
+
+
 async def test_a_retry_acked_as_the_revoke_settles_leaves_its_keys_next_record_its_attempt() -> None:
     """Found by a review: the retry landed between the settle's look at it and its cancel, and
     the cancel then cut the key's next record short, counted neither published nor dropped."""
-    refusing, owned = True, {"k": True}
-    retry_ack: asyncio.Future[None] | None = None
-
-    async def send(topic: str, key: str, value: bytes) -> None:
-        nonlocal retry_ack
-        if refusing:
-            raise NotEnoughReplicasError()
-        if value == b"x":
-            retry_ack = asyncio.get_running_loop().create_future()
-            await retry_ack
-        else:
-            await asyncio.sleep(0.05)  # y's one attempt
-
-    publisher = KeyedPublisher(send, owns=lambda key: owned[key], supersede=False)
-    x, y = publisher.submit([(NOTIFICATIONS, "k", b"x"), (NOTIFICATIONS, "k", b"y")])
-    await asyncio.sleep(0.05)
-    refusing = False
-    while retry_ack is None:
-        await asyncio.sleep(0.01)
-    owned["k"] = False  # the revoke
+    broker = RetryAtTheRevoke()
+    publisher, (x, y) = await broker.revoke_during_the_retry([b"x", b"y"])
     settle = asyncio.create_task(publisher.settle_disowned())
-    retry_ack.set_result(None)  # x's ack arrives in the same loop turn
+    assert broker.answer is not None
+    broker.answer.set_result(None)  # x's ack arrives in the same loop turn
     await asyncio.wait_for(settle, 2)
     assert (x.result(), y.result()) == (True, True)
     assert (publisher.published[NOTIFICATIONS], publisher.forgotten) == (2, 0)
@@ -308,25 +322,11 @@ async def test_a_retry_acked_as_the_revoke_settles_leaves_its_keys_next_record_i
 async def test_a_retry_refused_as_the_revoke_settles_is_counted_once() -> None:
     """Found by a review: the settle counted a retry refused in its own turn, and so did the
     sender that dropped it."""
-    refusing, owned = True, {"k": True}
-    retry_ack: asyncio.Future[None] | None = None
-
-    async def send(topic: str, key: str, value: bytes) -> None:
-        nonlocal retry_ack
-        if refusing:
-            raise NotEnoughReplicasError()
-        retry_ack = asyncio.get_running_loop().create_future()
-        await retry_ack
-
-    publisher = KeyedPublisher(send, owns=lambda key: owned[key], supersede=False)
-    (x,) = publisher.submit([(NOTIFICATIONS, "k", b"x")])
-    await asyncio.sleep(0.05)
-    refusing = False
-    while retry_ack is None:
-        await asyncio.sleep(0.01)
-    owned["k"] = False
+    broker = RetryAtTheRevoke()
+    publisher, (x,) = await broker.revoke_during_the_retry([b"x"])
     settle = asyncio.create_task(publisher.settle_disowned())
-    retry_ack.set_exception(NotEnoughReplicasError())  # refused in the same turn
+    assert broker.answer is not None
+    broker.answer.set_exception(NotEnoughReplicasError())  # refused in the same turn
     await asyncio.wait_for(settle, 2)
     assert x.result() is False
     assert publisher.forgotten == 1
@@ -336,28 +336,11 @@ async def test_a_slow_ack_of_a_retry_at_the_revoke_lands_and_the_next_record_get
     """Found by a review: the settle cancelled the sender after one loop turn; an ack two turns
     away (aiokafka's requests go through ``wait_for``) landed anyway and the late cancel cut the
     key's next record, counted nowhere. Attempts in flight are no longer cancelled."""
-    refusing, owned = True, {"k": True}
-    retry_ack: asyncio.Future[None] | None = None
-
-    async def send(topic: str, key: str, value: bytes) -> None:
-        nonlocal retry_ack
-        if refusing:
-            raise NotEnoughReplicasError()
-        if value == b"x":
-            retry_ack = asyncio.get_running_loop().create_future()
-            await asyncio.wait_for(retry_ack, 5)
-        else:
-            await asyncio.sleep(0.2)
-
-    publisher = KeyedPublisher(send, owns=lambda key: owned[key], supersede=False)
-    x, y = publisher.submit([(NOTIFICATIONS, "k", b"x"), (NOTIFICATIONS, "k", b"y")])
-    await asyncio.sleep(0.05)
-    refusing = False
-    while retry_ack is None:
-        await asyncio.sleep(0.01)
-    owned["k"] = False
+    broker = RetryAtTheRevoke(two_hops=True, later_s=0.2)
+    publisher, (x, y) = await broker.revoke_during_the_retry([b"x", b"y"])
     settle = asyncio.create_task(publisher.settle_disowned())
-    retry_ack.set_result(None)
+    assert broker.answer is not None
+    broker.answer.set_result(None)
     await asyncio.wait_for(settle, 3)
     assert (x.result(), y.result()) == (True, True)
     assert (publisher.published[NOTIFICATIONS], publisher.forgotten) == (2, 0)
