@@ -358,3 +358,76 @@ async def test_a_revoke_does_not_wait_out_a_retry_delay() -> None:
     await asyncio.wait_for(publisher.settle_disowned(), 0.2)
     assert x.result() is False
     assert (broker.attempts, publisher.forgotten, publisher.waiting()) == (attempts, 1, (0, 0))
+
+
+class AlwaysRefused:
+    attempts = 0
+
+    async def send(self, topic: str, key: str, value: bytes) -> None:
+        self.attempts += 1
+        await asyncio.sleep(0)
+        raise NotEnoughReplicasError()
+
+
+async def test_a_revoke_stops_a_retry_for_good_even_if_the_key_is_owned_again_meanwhile() -> None:
+    """Found by a review: a key owned again before its woken sender ran went back to retrying,
+    and ``forget`` waited on it for as long as the broker refused."""
+    broker, owned = AlwaysRefused(), {"k": True}
+    publisher = KeyedPublisher(broker.send, owns=lambda key: owned[key], retry_max_s=2)
+    (x,) = publisher.submit([(DECISIONS, "k", b"x")])
+    await asyncio.sleep(0.5)
+    owned["k"] = False
+    forget = asyncio.create_task(publisher.forget())
+    await asyncio.sleep(0)  # the delay is ended; its sender has not run yet
+    owned["k"] = True
+    await asyncio.wait_for(forget, 1)
+    assert (x.result(), publisher.forgotten, publisher.waiting()) == (False, 1, (0, 0))
+
+
+async def test_a_retry_whose_delay_ran_out_as_the_revoke_came_is_dropped_before_forget_returns() -> None:
+    """Found by a review: a sender whose delay had just run out was neither waited for nor
+    counted by ``forget``; it dropped its record a turn later, unlogged."""
+    broker, owned = AlwaysRefused(), {"k": True}
+    publisher = KeyedPublisher(broker.send, owns=lambda key: owned[key], retry_max_s=60)
+    (x,) = publisher.submit([(DECISIONS, "k", b"x")])
+    await asyncio.sleep(0.1)
+    for delay in publisher._delays.values():
+        delay.set_result(None)  # runs out in this turn, as its timer would
+    owned["k"] = False
+    await publisher.forget()
+    assert (x.done(), publisher.forgotten, publisher.waiting()) == (True, 1, (0, 0))
+
+
+async def test_a_stop_counts_each_record_left_once() -> None:
+    """Found by a review: the stop counted what was left, then cancelled the senders a loop turn
+    later; a record that landed, or was dropped by its own sender, in that turn counted twice."""
+    owned = {"k": True}
+    publisher = KeyedPublisher(AlwaysRefused().send, owns=lambda key: owned[key])
+    (x,) = publisher.submit([(DECISIONS, "k", b"x")])
+    await asyncio.sleep(0.1)  # asleep before its next try
+    owned["k"] = False  # revoked, and its delay runs out as the stop's time does
+    for delay in publisher._delays.values():
+        delay.set_result(None)
+    await publisher.close(0)
+    assert (x.result(), publisher.forgotten) == (False, 1)
+
+    answer: asyncio.Future[None] | None = None
+
+    async def held(topic: str, key: str, value: bytes) -> None:
+        nonlocal answer
+        answer = asyncio.get_running_loop().create_future()
+        await answer
+
+    publisher = KeyedPublisher(held)
+    (y,) = publisher.submit([(DECISIONS, "k", b"y")])
+    await asyncio.sleep(0.01)
+    counted = publisher.waiting
+
+    def ack_as_the_stop_counts() -> tuple[int, int]:
+        assert answer is not None
+        answer.set_result(None)  # the ack comes back in the turn the stop's time runs out
+        return counted()
+
+    publisher.waiting = ack_as_the_stop_counts  # type: ignore[method-assign]
+    await publisher.close(0.05)
+    assert (y.result(), publisher.published[DECISIONS], publisher.forgotten) == (True, 1, 0)

@@ -64,6 +64,7 @@ class KeyedPublisher:
         self._waiting: dict[Slot, deque[Pending]] = {}  # a slot's records not yet being sent, oldest first
         self._in_flight: dict[Slot, Outcome] = {}
         self._delays: dict[Slot, asyncio.Future[None]] = {}  # retry delays under way: a revoke ends them
+        self._stopped: set[Slot] = set()  # slots whose retries a revoke stopped (until their sender ends)
         self._senders: dict[Slot, asyncio.Task[None]] = {}
         self._closed = False
         self._failures = LogThrottle(log_interval_s)
@@ -116,17 +117,17 @@ class KeyedPublisher:
         the Kafka client may still land until the client's request timeout expires it: a node
         that follows the topic goes by version and ignores it; one rebuilt from the compacted
         topic in that window holds it until a newer record of the key, or the block's end.)"""
-        before = self.forgotten
         waiting = [slot for slot in self._waiting if not self._owns(slot[1])]
-        self.forgotten += sum(_settle_all(self._waiting.pop(slot)) for slot in waiting)
-        retrying = await self._stop_disowned_retries()
-        if dropped := self.forgotten - before:
+        dropped = sum(_settle_all(self._waiting.pop(slot)) for slot in waiting)
+        self.forgotten += dropped
+        retried = await self._stop_disowned_retries()
+        if dropped + retried:
             log.warning(
                 "%d %s of keys whose partitions were revoked dropped unpublished (%d being retried): "
                 "their new owner decides them again",
-                dropped,
+                dropped + retried,
                 self.what,
-                retrying,
+                retried,
             )
 
     async def settle_disowned(self) -> None:
@@ -134,32 +135,31 @@ class KeyedPublisher:
         record was refused before is dropped, each other one waiting gets one attempt in its
         key's order (a refusal drops the key's rest), so a revoke can let them land before the
         next owner reads what landed."""
-        await self._stop_disowned_retries()
+        if retried := await self._stop_disowned_retries():
+            log.warning("%d %s of revoked keys dropped while being retried", retried, self.what)
         while senders := [task for (_, key), task in self._senders.items() if not self._owns(key)]:
             await asyncio.wait(senders)
 
     async def _stop_disowned_retries(self) -> int:
-        """End the retry delays of the keys this worker no longer owns, and wait for their
-        senders to drop their records (``_drop_disowned``, each counted there once); an
-        attempt in flight is not one of them. How many senders that stopped."""
-        woken = [
-            self._senders[slot]
-            for slot, delay in self._delays.items()
-            if not self._owns(slot[1]) and not delay.done() and slot in self._senders
-        ]
-        for slot, delay in list(self._delays.items()):
-            if not self._owns(slot[1]):
-                _settle_none(delay)
-        if woken:
-            await asyncio.wait(woken)
-        return len(woken)
+        """Stop for good the retries of the keys this worker no longer owns (their delays end
+        now, and a key owned again meanwhile is not retried either), and wait until their
+        senders have dropped their records (``_drop_disowned``); how many records that dropped
+        (said by the caller). An attempt in flight is not waited for."""
+        slots = [slot for slot in self._delays if not self._owns(slot[1])]
+        for slot in slots:
+            self._stopped.add(slot)
+            _settle_none(self._delays[slot])
+        before = self.forgotten
+        if senders := [self._senders[slot] for slot in slots if slot in self._senders]:
+            await asyncio.wait(senders)
+        return self.forgotten - before
 
     async def _retry_delay(self, slot: Slot, delay_s: float) -> None:
         """The delay before a slot's next attempt; ``_Disowned`` once its key is no longer ours
-        (at once when ``_wake_disowned`` ends it: a revoke does not wait out a backoff)."""
+        (at once when ``_stop_disowned_retries`` ends it: a revoke does not wait out a backoff)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + delay_s
-        while (left := deadline - loop.time()) > 0 and self._owns(slot[1]):
+        while (left := deadline - loop.time()) > 0 and self._owns(slot[1]) and slot not in self._stopped:
             woken = self._delays[slot] = loop.create_future()
             timer = loop.call_later(left, _settle_none, woken)
             try:
@@ -167,7 +167,7 @@ class KeyedPublisher:
             finally:
                 timer.cancel()
                 del self._delays[slot]
-        if not self._owns(slot[1]):
+        if slot in self._stopped or not self._owns(slot[1]):
             raise _Disowned(slot[1])
 
     async def flush(self) -> None:
@@ -193,10 +193,8 @@ class KeyedPublisher:
                 keys,
                 timeout_s,
             )
-            self.forgotten += records
-            await cancel_all_and_wait(*self._senders.values())
-            for queue in self._waiting.values():
-                _settle_all(queue)
+            await cancel_all_and_wait(*self._senders.values())  # each counts its record in flight
+            self.forgotten += sum(_settle_all(queue) for queue in self._waiting.values())
             self._waiting.clear()
 
     def _forget_after_close(self, slot: Slot) -> None:
@@ -213,20 +211,19 @@ class KeyedPublisher:
                 self._in_flight[slot] = outcome
                 try:
                     await self._deliver(topic, key, value)
-                except _Disowned:  # its partition revoked while it waited to retry
-                    self._drop_disowned(slot, refused_now=False)
-                    return
-                except Exception:  # refused, and the key's partition is no longer ours: not retried
-                    self._drop_disowned(slot)
+                except Exception:  # refused, and the key's partition is no longer ours (or was revoked
+                    self._drop_disowned(slot)  # while it waited to retry): not retried
                     return
                 del self._in_flight[slot]
                 self.published[topic] += 1
                 _settle(outcome, True)
         finally:
             if (unsent := self._in_flight.pop(slot, None)) is not None:
+                self.forgotten += 1  # the one place a record in flight is counted as dropped
                 _settle(unsent, False)
+            self._stopped.discard(slot)
             del self._senders[slot]
-            if slot in self._waiting and not self._closed:  # queued while this sender was cancelled
+            if slot in self._waiting and not self._closed:  # queued while this sender was ending
                 self._senders[slot] = asyncio.create_task(self._drain(slot), name="publish-slot")
 
     def _next(self, slot: Slot) -> Pending | None:
@@ -239,13 +236,17 @@ class KeyedPublisher:
             del self._waiting[slot]
         return pending
 
-    def _drop_disowned(self, slot: Slot, refused_now: bool = True) -> None:
-        self.forgotten += 1 + _settle_all(self._waiting.pop(slot, deque()))
-        since_last = self._disowned.tick() if refused_now else None  # else said by ``forget``
+    def _drop_disowned(self, slot: Slot) -> None:
+        """A slot whose key is no longer ours: its record in flight (counted by ``_drain``) and
+        the records waiting behind it are dropped."""
+        self.forgotten += _settle_all(self._waiting.pop(slot, deque()))
+        if slot in self._stopped:
+            return  # said by ``forget`` or ``settle_disowned``, which stopped it
+        since_last = self._disowned.tick()
         if since_last is not None:
             log.warning(
-                "%d %s refused after their partition was revoked dropped (last: %s): "
-                "their new owner decides them again",
+                "%d keys' %s dropped unpublished after their partition was revoked (refused, or waiting to be "
+                "retried; last: %s): their new owner decides them again",
                 since_last,
                 self.what,
                 slot,
