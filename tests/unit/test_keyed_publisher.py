@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 from aiokafka.errors import NotEnoughReplicasError
 
+from worker.limits import publisher as publisher_module
 from worker.limits.publisher import KeyedPublisher, Outcome
 
 DECISIONS, ALLOWANCES = "decisions", "allowances"
@@ -360,12 +362,34 @@ async def test_a_revoke_does_not_wait_out_a_retry_delay() -> None:
     assert (broker.attempts, publisher.forgotten, publisher.waiting()) == (attempts, 1, (0, 0))
 
 
+class HeldAnswer:
+    """Each record's send waits for its answer; ``answer_then`` answers the first record sent
+    when the stop starts cancelling (the ack back in the turn the stop's time runs out)."""
+
+    def __init__(self) -> None:
+        self.answers: list[asyncio.Future[None]] = []
+
+    async def send(self, topic: str, key: str, value: bytes) -> None:
+        answer = asyncio.get_running_loop().create_future()
+        self.answers.append(answer)
+        await answer
+
+    def answer_then(self, cancel: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        async def answered_then_cancel(*tasks: asyncio.Task[None]) -> None:
+            self.answers[0].set_result(None)
+            await cancel(*tasks)
+
+        return answered_then_cancel
+
+
 class AlwaysRefused:
-    attempts = 0
+    def __init__(self, answer_s: float = 0.0) -> None:
+        self.attempts = 0
+        self.answer_s = answer_s
 
     async def send(self, topic: str, key: str, value: bytes) -> None:
         self.attempts += 1
-        await asyncio.sleep(0)
+        await asyncio.sleep(self.answer_s)
         raise NotEnoughReplicasError()
 
 
@@ -411,23 +435,100 @@ async def test_a_stop_counts_each_record_left_once() -> None:
     await publisher.close(0)
     assert (x.result(), publisher.forgotten) == (False, 1)
 
-    answer: asyncio.Future[None] | None = None
-
-    async def held(topic: str, key: str, value: bytes) -> None:
-        nonlocal answer
-        answer = asyncio.get_running_loop().create_future()
-        await answer
-
-    publisher = KeyedPublisher(held)
+    held = HeldAnswer()
+    publisher = KeyedPublisher(held.send)
     (y,) = publisher.submit([(DECISIONS, "k", b"y")])
     await asyncio.sleep(0.01)
-    counted = publisher.waiting
-
-    def ack_as_the_stop_counts() -> tuple[int, int]:
-        assert answer is not None
-        answer.set_result(None)  # the ack comes back in the turn the stop's time runs out
-        return counted()
-
-    publisher.waiting = ack_as_the_stop_counts  # type: ignore[method-assign]
-    await publisher.close(0.05)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(publisher_module, "cancel_all_and_wait", held.answer_then(publisher_module.cancel_all_and_wait))
+        await publisher.close(0.05)  # the ack comes back as the stop's time runs out
     assert (y.result(), publisher.published[DECISIONS], publisher.forgotten) == (True, 1, 0)
+
+
+async def test_a_record_submitted_once_the_key_is_owned_again_is_not_dropped_by_the_stopped_sender() -> None:
+    """Found by a review: the stopped sender dropped its whole queue, a record decided after the
+    key was owned again included."""
+    owned = {"k": True}
+    attempts: list[bytes] = []
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        attempts.append(value)
+        await asyncio.sleep(0)
+        if value == b"old":
+            raise NotEnoughReplicasError()
+
+    publisher = KeyedPublisher(send, owns=lambda key: owned[key], retry_max_s=60)
+    (old,) = publisher.submit([(DECISIONS, "k", b"old")])
+    await asyncio.sleep(0.1)  # old refused, asleep before its retry
+    owned["k"] = False
+    forget = asyncio.create_task(publisher.forget())
+    await asyncio.sleep(0)  # k's retries stopped; its sender has not run yet
+    owned["k"] = True
+    (new,) = publisher.submit([(DECISIONS, "k", b"new")])  # decided by this worker, owning k again
+    await asyncio.wait_for(forget, 1)
+    await asyncio.wait_for(publisher.flush(), 1)
+    assert old.result() is False  # the stop holds for the retried record
+    assert new.result() is True, f"attempts: {attempts}, forgotten: {publisher.forgotten}"
+    assert (publisher.published[DECISIONS], publisher.forgotten) == (1, 1)
+
+
+async def test_forget_says_only_what_it_stopped(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a review: forget said every record dropped while it waited, another sender's
+    refusal (logged by that sender) included."""
+    owned = {"a": True, "b": True}
+    answer: dict[str, asyncio.Future[None]] = {}
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        if key == "a":
+            await asyncio.sleep(0)
+            raise NotEnoughReplicasError()
+        answer[key] = asyncio.get_running_loop().create_future()
+        await answer[key]
+
+    publisher = KeyedPublisher(send, owns=lambda key: owned[key], retry_max_s=60)
+    (a,) = publisher.submit([(DECISIONS, "a", b"a1")])
+    await asyncio.sleep(0.1)  # a: asleep before its retry
+    (b,) = publisher.submit([(DECISIONS, "b", b"b1")])
+    await asyncio.sleep(0)  # b: its first attempt in flight
+    owned.update(a=False, b=False)
+    with caplog.at_level(logging.WARNING, logger="worker.limits.publisher"):
+        forget = asyncio.create_task(publisher.forget())
+        await asyncio.sleep(0)
+        answer["b"].set_exception(NotEnoughReplicasError())  # b refused while forget waits on a
+        await forget
+    assert (a.result(), b.result(), publisher.forgotten) == (False, False, 2)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "1 keys' decision/allowance records dropped unpublished" in said[0]  # b, by its sender
+    assert (
+        "1 decision/allowance records of keys whose partitions were revoked dropped unpublished (1 being retried)"
+        in said[1]
+    ), said
+
+
+async def test_a_revoke_does_not_wait_for_a_key_owned_again_meanwhile() -> None:
+    """Found by a review: ``settle_disowned`` waited for every sender it had collected, also one
+    of a key owned again, which the broker kept refusing: for ever."""
+    owned = {"k": True}
+    publisher = KeyedPublisher(AlwaysRefused(answer_s=0.05).send, owns=lambda key: owned[key], supersede=False)
+    (x,) = publisher.submit([(NOTIFICATIONS, "k", b"x")])
+    await asyncio.sleep(0)  # its first attempt in flight
+    owned["k"] = False
+    settle = asyncio.create_task(publisher.settle_disowned())
+    await asyncio.sleep(0)  # the settle waits for its sender
+    owned["k"] = True  # refused, but ours again: retried
+    await asyncio.wait_for(settle, 1)
+    assert not x.done()
+    await publisher.close(0)
+
+
+async def test_a_record_acked_as_the_stop_gives_up_is_not_said_unpublished(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a review: the stop's warning counted what was left before cancelling it."""
+    held = HeldAnswer()
+    publisher = KeyedPublisher(held.send)
+    publisher.submit([(DECISIONS, "k", b"acked late"), (DECISIONS, "other", b"never acked")])
+    await asyncio.sleep(0.01)
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.WARNING, logger="worker.limits.publisher"):
+        patch.setattr(publisher_module, "cancel_all_and_wait", held.answer_then(publisher_module.cancel_all_and_wait))
+        await publisher.close(0.05)
+    assert (publisher.published[DECISIONS], publisher.forgotten) == (1, 1)
+    assert "1 decision/allowance records of 2 keys not published within 0.05s of the stop" in caplog.text

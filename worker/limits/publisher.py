@@ -29,6 +29,8 @@ Send = Callable[[str, str, bytes], Awaitable[Any]]
 Slot = tuple[str, str]  # (topic, key): what the compacted topic keeps one record of
 Outcome = asyncio.Future[bool]  # a record's: True once it landed, False if it never will
 Pending = tuple[bytes, Outcome]
+# How often a revoke's wait for the revoked keys' senders looks again at which keys are ours.
+SETTLE_LOOK_AGAIN_S = 0.1
 # Failures, recoveries and dropped records are logged once per interval at most: a broker away
 # with 10,000 keys waiting would otherwise log 10,000 lines per retry round.
 LOG_INTERVAL_S = 10.0
@@ -64,7 +66,9 @@ class KeyedPublisher:
         self._waiting: dict[Slot, deque[Pending]] = {}  # a slot's records not yet being sent, oldest first
         self._in_flight: dict[Slot, Outcome] = {}
         self._delays: dict[Slot, asyncio.Future[None]] = {}  # retry delays under way: a revoke ends them
-        self._stopped: set[Slot] = set()  # slots whose retries a revoke stopped (until their sender ends)
+        # Slots whose retries a revoke stopped, until their sender ends: the count of what they
+        # dropped, shared by the slots of one stop, for the stopper to say.
+        self._stopped: dict[Slot, list[int]] = {}
         self._senders: dict[Slot, asyncio.Task[None]] = {}
         self._closed = False
         self._failures = LogThrottle(log_interval_s)
@@ -137,22 +141,23 @@ class KeyedPublisher:
         next owner reads what landed."""
         if retried := await self._stop_disowned_retries():
             log.warning("%d %s of revoked keys dropped while being retried", retried, self.what)
+        # Looked at again on each end: a key owned again meanwhile is retried, not waited for.
         while senders := [task for (_, key), task in self._senders.items() if not self._owns(key)]:
-            await asyncio.wait(senders)
+            await asyncio.wait(senders, timeout=SETTLE_LOOK_AGAIN_S, return_when=asyncio.FIRST_COMPLETED)
 
     async def _stop_disowned_retries(self) -> int:
         """Stop for good the retries of the keys this worker no longer owns (their delays end
         now, and a key owned again meanwhile is not retried either), and wait until their
         senders have dropped their records (``_drop_disowned``); how many records that dropped
         (said by the caller). An attempt in flight is not waited for."""
-        slots = [slot for slot in self._delays if not self._owns(slot[1])]
+        slots = [slot for slot in self._delays if not self._owns(slot[1]) and slot not in self._stopped]
+        dropped = [0]
         for slot in slots:
-            self._stopped.add(slot)
+            self._stopped[slot] = dropped
             _settle_none(self._delays[slot])
-        before = self.forgotten
         if senders := [self._senders[slot] for slot in slots if slot in self._senders]:
             await asyncio.wait(senders)
-        return self.forgotten - before
+        return dropped[0]
 
     async def _retry_delay(self, slot: Slot, delay_s: float) -> None:
         """The delay before a slot's next attempt; ``_Disowned`` once its key is no longer ours
@@ -184,18 +189,20 @@ class KeyedPublisher:
         while self._senders and (left := deadline - time.monotonic()) > 0:
             await asyncio.wait(set(self._senders.values()), timeout=left)
         if self._senders:
-            keys, records = self.waiting()
-            log.warning(
-                "%d %s of %d keys not published within %.0fs of the stop: "
-                "the next owner of their partitions decides them again from the stored counts",
-                records,
-                self.what,
-                keys,
-                timeout_s,
-            )
+            before = self.forgotten
+            keys = len({key for _, key in self._senders})
             await cancel_all_and_wait(*self._senders.values())  # each counts its record in flight
             self.forgotten += sum(_settle_all(queue) for queue in self._waiting.values())
             self._waiting.clear()
+            if dropped := self.forgotten - before:  # a record acked as the time ran out landed
+                log.warning(
+                    "%d %s of %d keys not published within %gs of the stop: "
+                    "the next owner of their partitions decides them again from the stored counts",
+                    dropped,
+                    self.what,
+                    keys,
+                    timeout_s,
+                )
 
     def _forget_after_close(self, slot: Slot) -> None:
         self.forgotten += 1
@@ -218,10 +225,12 @@ class KeyedPublisher:
                 self.published[topic] += 1
                 _settle(outcome, True)
         finally:
+            stopped = self._stopped.pop(slot, None)
             if (unsent := self._in_flight.pop(slot, None)) is not None:
                 self.forgotten += 1  # the one place a record in flight is counted as dropped
+                if stopped is not None:
+                    stopped[0] += 1
                 _settle(unsent, False)
-            self._stopped.discard(slot)
             del self._senders[slot]
             if slot in self._waiting and not self._closed:  # queued while this sender was ending
                 self._senders[slot] = asyncio.create_task(self._drain(slot), name="publish-slot")
@@ -239,9 +248,14 @@ class KeyedPublisher:
     def _drop_disowned(self, slot: Slot) -> None:
         """A slot whose key is no longer ours: its record in flight (counted by ``_drain``) and
         the records waiting behind it are dropped."""
-        self.forgotten += _settle_all(self._waiting.pop(slot, deque()))
-        if slot in self._stopped:
+        if (stopped := self._stopped.get(slot)) is not None:
+            if self._owns(slot[1]):
+                return  # owned again since the stop: what was queued since is sent by a new sender
+            dropped = _settle_all(self._waiting.pop(slot, deque()))
+            self.forgotten += dropped
+            stopped[0] += dropped
             return  # said by ``forget`` or ``settle_disowned``, which stopped it
+        self.forgotten += _settle_all(self._waiting.pop(slot, deque()))
         since_last = self._disowned.tick()
         if since_last is not None:
             log.warning(
