@@ -532,3 +532,27 @@ async def test_a_record_acked_as_the_stop_gives_up_is_not_said_unpublished(caplo
         await publisher.close(0.05)
     assert (publisher.published[DECISIONS], publisher.forgotten) == (1, 1)
     assert "1 decision/allowance records of 2 keys not published within 0.05s of the stop" in caplog.text
+
+
+async def test_a_queue_kept_for_a_key_owned_again_as_the_stop_begins_is_settled_by_the_stop() -> None:
+    """Found by a review: the stopped sender kept the queue of a key owned again, but the stop
+    had begun, so no sender took it and the stop (finding no sender) left it unsettled."""
+    owned = {"k": True}
+
+    async def send(topic: str, key: str, value: bytes) -> None:
+        await asyncio.sleep(0)
+        if value == b"n1":
+            raise NotEnoughReplicasError()
+
+    publisher = KeyedPublisher(send, owns=lambda key: owned[key], retry_max_s=60, supersede=False)
+    n1, n2 = publisher.submit([(NOTIFICATIONS, "k", b"n1"), (NOTIFICATIONS, "k", b"n2")])
+    await asyncio.sleep(0.1)  # n1 refused, in its retry delay; n2 waits
+    closing = asyncio.create_task(publisher.close(5))
+    await asyncio.sleep(0)
+    owned["k"] = False
+    settle = asyncio.create_task(publisher.settle_disowned())
+    await asyncio.sleep(0)
+    owned["k"] = True
+    await asyncio.wait_for(asyncio.gather(settle, closing), 6)
+    assert (n1.result(), n2.result(), publisher.forgotten) == (False, False, 2)
+    assert publisher.idle()

@@ -188,21 +188,21 @@ class KeyedPublisher:
         deadline = time.monotonic() + timeout_s
         while self._senders and (left := deadline - time.monotonic()) > 0:
             await asyncio.wait(set(self._senders.values()), timeout=left)
-        if self._senders:
-            before = self.forgotten
-            keys = len({key for _, key in self._senders})
-            await cancel_all_and_wait(*self._senders.values())  # each counts its record in flight
-            self.forgotten += sum(_settle_all(queue) for queue in self._waiting.values())
-            self._waiting.clear()
-            if dropped := self.forgotten - before:  # a record acked as the time ran out landed
-                log.warning(
-                    "%d %s of %d keys not published within %gs of the stop: "
-                    "the next owner of their partitions decides them again from the stored counts",
-                    dropped,
-                    self.what,
-                    keys,
-                    timeout_s,
-                )
+        before = self.forgotten
+        keys = len({key for _, key in self._senders.keys() | self._waiting.keys()})
+        await cancel_all_and_wait(*self._senders.values())  # each counts its record in flight
+        # What waits, also a queue a stopped sender kept for a key owned again as the stop began.
+        self.forgotten += sum(_settle_all(queue) for queue in self._waiting.values())
+        self._waiting.clear()
+        if dropped := self.forgotten - before:  # a record acked as the time ran out landed
+            log.warning(
+                "%d %s of %d keys not published within %gs of the stop: "
+                "the next owner of their partitions decides them again from the stored counts",
+                dropped,
+                self.what,
+                keys,
+                timeout_s,
+            )
 
     def _forget_after_close(self, slot: Slot) -> None:
         self.forgotten += 1
