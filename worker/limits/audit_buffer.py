@@ -60,13 +60,13 @@ class AuditBuffer(Generic[T]):
             try:
                 await retry_forever(attempt, f"recording {len(batch)} {self.what}")
             except BaseException:
-                if running is None or (running.done() and _failed(running)):
-                    self._items[:0] = batch  # no insert of it under way: kept for the next one
-                elif not running.done():
-                    self._left = running
+                if running is not None and not running.done():
+                    self._left = running  # its rows stay counted until it ends
                     running.add_done_callback(functools.partial(self._after_left, batch))
-                    raise  # its rows stay counted until it ends
-                self._in_insert = 0
+                else:
+                    self._in_insert = 0
+                    if running is None or _failed(running):
+                        self._items[:0] = batch  # no insert of it under way: kept for the next one
                 raise
             self._in_insert = 0
 

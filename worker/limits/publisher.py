@@ -17,13 +17,14 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from common.log_throttle import LogThrottle
 from common.retry import cancel_all_and_wait, describe_error, retry_forever
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Record = tuple[str, str, bytes]  # (topic, message key: the key id, value)
 Send = Callable[[str, str, bytes], Awaitable[Any]]
 Slot = tuple[str, str]  # (topic, key): what the compacted topic keeps one record of
@@ -154,7 +155,7 @@ class KeyedPublisher:
         dropped = [0]
         for slot in slots:
             self._stopped[slot] = dropped
-            _settle_none(self._delays[slot])
+            _settle(self._delays[slot], None)
         if senders := [self._senders[slot] for slot in slots if slot in self._senders]:
             await asyncio.wait(senders)
         return dropped[0]
@@ -166,7 +167,7 @@ class KeyedPublisher:
         deadline = loop.time() + delay_s
         while (left := deadline - loop.time()) > 0 and self._owns(slot[1]) and slot not in self._stopped:
             woken = self._delays[slot] = loop.create_future()
-            timer = loop.call_later(left, _settle_none, woken)
+            timer = loop.call_later(left, _settle, woken, None)
             try:
                 await woken
             finally:
@@ -248,14 +249,14 @@ class KeyedPublisher:
     def _drop_disowned(self, slot: Slot) -> None:
         """A slot whose key is no longer ours: its record in flight (counted by ``_drain``) and
         the records waiting behind it are dropped."""
-        if (stopped := self._stopped.get(slot)) is not None:
-            if self._owns(slot[1]):
-                return  # owned again since the stop: what was queued since is sent by a new sender
-            dropped = _settle_all(self._waiting.pop(slot, deque()))
-            self.forgotten += dropped
+        stopped = self._stopped.get(slot)
+        if stopped is not None and self._owns(slot[1]):
+            return  # owned again since the stop: what was queued since is sent by a new sender
+        dropped = _settle_all(self._waiting.pop(slot, deque()))
+        self.forgotten += dropped
+        if stopped is not None:
             stopped[0] += dropped
             return  # said by ``forget`` or ``settle_disowned``, which stopped it
-        self.forgotten += _settle_all(self._waiting.pop(slot, deque()))
         since_last = self._disowned.tick()
         if since_last is not None:
             log.warning(
@@ -314,14 +315,10 @@ class _Disowned(Exception):
     """A record's key is no longer this worker's: its retries stop."""
 
 
-def _settle_none(future: asyncio.Future[None]) -> None:
+def _settle(future: asyncio.Future[T], value: T) -> None:
+    """A record's outcome, or a retry delay's end, unless it is settled already."""
     if not future.done():
-        future.set_result(None)
-
-
-def _settle(outcome: Outcome, landed: bool) -> None:
-    if not outcome.done():
-        outcome.set_result(landed)
+        future.set_result(value)
 
 
 def _settle_all(queue: deque[Pending]) -> int:

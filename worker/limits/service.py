@@ -88,13 +88,15 @@ async def _finish_within(
         log.warning("%s", unfinished())
 
 
-async def _stop_then_finish(
-    recorder: asyncio.Task[None] | None, buffer: AuditBuffer[Any], unfinished: Callable[[], str]
-) -> None:
-    """Stop a recording loop (None: not started), then give the last insert the bounded time."""
+async def _stop_then_finish(recorder: asyncio.Task[None] | None, buffer: AuditBuffer[Any], then: str) -> None:
+    """Stop a recording loop (None: not started), then give the last insert the bounded time;
+    past it, a warning says how many rows are left and ``then`` what becomes of them."""
     if recorder is not None:
         await cancel_and_wait(recorder)
-        await _finish_within(buffer.record(), unfinished)
+        await _finish_within(
+            buffer.record(),
+            lambda: f"{len(buffer)} {buffer.what} not recorded within {NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s: {then}",
+        )
 
 
 class LimitService:
@@ -195,23 +197,9 @@ class LimitService:
             self.publisher.close(PUBLISH_FLUSH_TIMEOUT_S), self.notifier.close(NOTIFICATIONS_FLUSH_TIMEOUT)
         )
         recorder, self._notification_recorder = self._notification_recorder, None
-        await _stop_then_finish(
-            recorder,
-            self._landed,
-            lambda: (
-                f"{len(self._landed)} published notifications not recorded within "
-                f"{NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s: the next owner of their keys may publish them again (same id)"
-            ),
-        )
+        await _stop_then_finish(recorder, self._landed, "the next owner of their keys may publish them again (same id)")
         auditor, self._auditor = self._auditor, None
-        await _stop_then_finish(
-            auditor,
-            self._unaudited,
-            lambda: (
-                f"{len(self._unaudited)} decisions not recorded in the audit within "
-                f"{NOTIFICATIONS_FLUSH_TIMEOUT:.0f}s: recorded when the topic is read again"
-            ),
-        )
+        await _stop_then_finish(auditor, self._unaudited, "recorded when the topic is read again")
 
     # hooks of the ingest consumer ------------------------------------------------------
     async def on_assigned(self, partitions: set[int]) -> None:
