@@ -123,6 +123,7 @@ class _Denial:
     headers: tuple[tuple[bytes, bytes], ...] = ()
     details: tuple[tuple[str, object], ...] = ()  # extra fields of the JSON body
     shadow: bool = False  # from a shadow policy: not sent, the request is served and counted
+    spends: bool = True  # False: refused before the limits were checked; its event costs 0
 
 
 def route_path(scope: Scope) -> str:
@@ -288,6 +289,7 @@ class MeterMiddleware:
 
         # Only a served request spends its route's cost and counts against its route limit.
         served = rule if denial is None and record is not None else None
+        cost = served.cost if served is not None else 1 if denial is None or denial.spends else 0
         inner = scope
         try:
             if denial is not None:
@@ -311,7 +313,7 @@ class MeterMiddleware:
                 node_counts=(
                     self._guard.counts(key_id, epoch) if self._guard is not None and record is not None else None
                 ),
-                cost=served.cost if served is not None else 1,
+                cost=cost,
                 route=served.route if served is not None else None,
             )
 
@@ -344,6 +346,9 @@ class MeterMiddleware:
                 "meter_unavailable",
                 "Usage limits cannot be checked right now; retry shortly.",
                 ((b"retry-after", b"5"),),
+                # A client retrying through an outage must not find itself blocked once the
+                # meter is back: the node's guard does not count these refusals, nor does the worker.
+                spends=False,
             )
         return record, self._rate_limited(block, now) if block is not None else None  # shadow: noted only
 

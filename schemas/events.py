@@ -85,8 +85,9 @@ class RequestEvent(TypedDict):
         Annotated[list[Annotated[int, Field(ge=0, le=10**12)]], Field(min_length=3, max_length=3)] | None
     ]
     # What the request spends of its key's limits (the node's route configuration; absent: 1).
-    # Windows, node_counts and allowances are sums of cost.
-    cost: NotRequired[Annotated[int, Field(ge=1, le=MAX_COST)]]
+    # Windows, node_counts and allowances are sums of cost. 0: the request spent nothing, e.g. a
+    # fail-closed node's 503 while it could not check the limits (stored, not counted).
+    cost: NotRequired[Annotated[int, Field(ge=0, le=MAX_COST)]]
     # The route limit the request also counts against (key x route), if its route has one.
     route: NotRequired[RouteName | None]
 

@@ -25,8 +25,10 @@ from common.follower import TopicUnavailable, read_to_end, topic_partitions
 from common.kafka_clients import KafkaTarget
 from node.demo_api import build_node_app, demo_key_store, demo_keys
 from node.keys import KeyStore, derive_key_id
+from schemas.decisions import Window
 from schemas.events import RequestEvent
 from tests.node_secret import NODE_SECRET
+from worker.app import WorkerRuntime
 from worker.settings import Settings
 from worker.store.migrations import discover
 from worker.store.rollup import rollup_table
@@ -146,7 +148,9 @@ async def demo_node(
 ) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
     """One demo API node (reporter, decision cache, guard) on the real broker, served in-process
     (``now``: its clock, when a test moves time)."""
-    app = build_node_app(settings.model_copy(update={"node_id": node_id}), keys, now=now)
+    app = build_node_app(
+        settings.model_copy(update={"node_id": node_id}), keys, fail_open=settings.node_fail_open, now=now
+    )
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=("192.0.2.10", 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
@@ -239,6 +243,17 @@ async def node(
     now = (lambda: datetime.fromtimestamp(clock(), UTC)) if clock is not None else None
     async with demo_node(settings, node_id, demo_key_store(RAW, SECRET.encode()), now) as served:
         yield served
+
+
+def window_count(worker: WorkerRuntime, subject: str, window: Window) -> int:
+    """The worker's live count of ``subject`` in the current ``window`` (0 if it holds none)."""
+    assert worker.limits is not None
+    engine = worker.limits.engine
+    for counters in engine.partitions.values():
+        kw = counters.keys.get(subject)
+        if kw is not None:
+            return kw.count(window, engine.clock())
+    return 0
 
 
 async def blocked_everywhere(apps: list[Starlette], key_id: str, timeout: float = 10.0) -> float:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from node.decision_cache import DecisionCache
 from schemas.decisions import DecisionAction, Window
 from schemas.limits import LimitPolicy, OverrideScope
 from tests.integration.helpers import (
@@ -25,7 +26,9 @@ from tests.integration.helpers import (
     read_topic,
     until_fresh_minute,
     wait_for,
+    window_count,
 )
+from worker.analytics.queries import key_state
 from worker.app import WorkerRuntime
 from worker.limits.control import manual_decision, set_override
 from worker.settings import Settings
@@ -177,3 +180,47 @@ async def test_overrides_and_manual_block_unblock_reach_every_node(e2e_settings:
         parameters={"k": kid("alice")},
     ).result_rows
     assert [(a, s) for a, s, _ in audited] == [("block", "operator"), ("unblock", "operator")]
+
+
+async def test_a_fail_closed_nodes_503s_are_stored_and_use_up_nothing(
+    e2e_settings: Settings, clickhouse: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client retrying through an outage of a fail-closed node is not blocked for its refused
+    retries once the meter is back: their events cost 0, for the worker, its rebuild and key-state."""
+    settings = e2e_settings.model_copy(update={"node_fail_open": False})
+    store = RollupStore(clickhouse, settings.clickhouse_database)
+    headers = {"X-API-Key": RAW["carol"]}
+    carol = kid("carol")
+    first = WorkerRuntime(settings, store=store)
+    async with node(settings, "node-1") as (app, client):
+        await until_fresh_minute(45)
+        async with first.running():
+            with monkeypatch.context() as outage:  # the node out of touch with the broker
+                outage.setattr(DecisionCache, "available", property(lambda self: False))
+                for _ in range(150):
+                    assert (await client.get("/v0/payments", headers=headers)).status_code == 503
+            for _ in range(99):
+                assert (await client.get("/v0/payments", headers=headers)).status_code == 200
+            await wait_for(lambda: first.consumer is not None and first.consumer.stats.counted >= 249, 15, "counted")
+            assert window_count(first, carol, Window.minute) == 99
+            assert app.state.cache.check(carol) is None
+            assert (await client.get("/v0/payments", headers=headers)).status_code == 200  # the 100th
+            await blocked_everywhere([app], carol)
+            assert app.state.cache.check(carol).count == 100
+
+            def stored() -> list[tuple[int, int, int]]:
+                return clickhouse.query(
+                    f"SELECT status, sum(requests), sum(cost) FROM `{settings.clickhouse_database}`.usage_rollup "
+                    "WHERE level = 'minute' AND key_id = {k:String} GROUP BY status ORDER BY status",
+                    parameters={"k": carol},
+                ).result_rows
+
+            await wait_for(lambda: sum(n for _, n, _ in stored()) >= 250, 15, "the rows written")
+            assert stored() == [(200, 100, 100), (503, 150, 0)]
+            state = key_state(clickhouse, settings.clickhouse_database, carol, LimitPolicy())
+            assert [w.count for w in state.windows if w.window is Window.minute] == [100]
+
+        # A new worker rebuilds the count from the rollups: the 503s add nothing there either.
+        second = WorkerRuntime(settings, store=store)
+        async with second.running():
+            await wait_for(lambda: window_count(second, carol, Window.minute) == 100, 20, "rebuilt")

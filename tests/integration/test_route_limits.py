@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from node.demo_api import STATEMENT_COST
 from schemas.decisions import DecisionAction, Window
 from schemas.limits import LimitPolicy, OverrideScope, route_subject
-from tests.integration.helpers import RAW, SECRET, blocked_everywhere, kid, node, wait_for
+from tests.integration.helpers import RAW, SECRET, blocked_everywhere, kid, node, wait_for, window_count
 from worker.app import WorkerRuntime
 from worker.limits.control import manual_decision, set_override
 from worker.settings import Settings
@@ -34,16 +34,6 @@ def route_settings(topics: Settings) -> Settings:
             "limit_per_minute": 1_000,  # the key's own limits stay out of the way
         }
     )
-
-
-def window_count(worker: WorkerRuntime, subject: str, window: Window) -> int:
-    assert worker.limits is not None
-    engine = worker.limits.engine
-    for counters in engine.partitions.values():
-        kw = counters.keys.get(subject)
-        if kw is not None:
-            return kw.count(window, engine.clock())
-    return 0
 
 
 async def test_a_route_limit_spread_over_two_nodes_blocks_the_route_only_and_survives_a_restart(

@@ -44,7 +44,8 @@ def test_a_version_1_event_without_cost_or_route_is_still_accepted() -> None:
     assert "route" not in event
 
 
-@pytest.mark.parametrize(("cost", "route"), [(1, None), (10, "statements"), (MAX_COST, "a.b-c_9")])
+# cost 0: a fail-closed node's 503, a request that spent nothing of its key's limits
+@pytest.mark.parametrize(("cost", "route"), [(0, None), (1, None), (10, "statements"), (MAX_COST, "a.b-c_9")])
 def test_cost_and_route_round_trip(cost: int, route: str | None) -> None:
     event = make_event(**BASE, cost=cost, route=route)
     assert parse_event(dump_event(event)) == {k: v for k, v in event.items() if v is not None}
@@ -70,7 +71,7 @@ def test_offset_timestamps_are_normalised_to_the_same_instant() -> None:
         ("key_id", "k" * 65),
         ("method", ""),
         ("v", EVENT_SCHEMA_VERSION + 1),  # a version this build does not know
-        ("cost", 0),
+        ("cost", -1),
         ("cost", MAX_COST + 1),
         ("route", "Reports"),  # route names are lower case
         ("route", "a@b"),  # the mark that joins key and route never occurs in one

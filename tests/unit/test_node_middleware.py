@@ -330,6 +330,24 @@ async def test_fail_open_and_fail_closed(reporter: FakeReporter, cache: FakeCach
     async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
         assert (await c.get("/v0/rates", headers={"X-API-Key": RAW["bob"]})).status_code == 429
     assert [e["status"] for e in reporter.events] == [200, 503, 429]
+    # The 503 spent nothing of the key's limits: the worker does not count it (the 429 is skipped
+    # by its status).
+    assert [e["cost"] for e in reporter.events] == [1, 0, 1]
+
+
+async def test_fail_closed_refusals_use_up_nothing_of_the_guard(reporter: FakeReporter, cache: FakeCache) -> None:
+    """A client retrying through an outage finds its whole minute once the meter is back."""
+    guard = LocalGuard(SETTINGS.policy_book(), SETTINGS.node_id)
+    app = make_app(reporter, cache, fail_open=False, guard=guard, now=lambda: NOW)
+    headers = {"X-API-Key": RAW["bob"]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as c:
+        cache.available = False
+        assert {(await c.get("/v0/rates", headers=headers)).status_code for _ in range(150)} == {503}
+        cache.available = True
+        served = await c.get("/v0/rates", headers=headers)
+    assert served.status_code == 200
+    assert served.headers["ratelimit-remaining"] == "99"
+    assert [e["cost"] for e in reporter.events] == [0] * 150 + [1]
 
 
 async def test_health_unmetered(client: httpx.AsyncClient, reporter: FakeReporter) -> None:

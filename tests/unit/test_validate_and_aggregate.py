@@ -177,6 +177,7 @@ def test_the_fast_lane_counts_without_429s_or_duplicates_and_reads_node_counts()
         for i in range(5)
     ]
     records.append(record(0, 5, request_id="r-refused", ts=NOW, status=429))  # refused: no allowance used
+    records.append(record(0, 8, request_id="r-closed", ts=NOW, status=503, cost=0))  # a fail-closed node's
     records.append(record(0, 6, request_id="r0", ts=NOW))  # a retry of r0
     records.append(Rec(b"{not json", b"k1", 0, 7))  # dead-lettered by the ingest path, not counted here
     batch = group_batch(records, RecordChecker(VALIDATOR, None, None), RecentRequests(100), NOW.timestamp() + 10)
@@ -184,7 +185,7 @@ def test_the_fast_lane_counts_without_429s_or_duplicates_and_reads_node_counts()
     assert batch.counts == {(0, "k1", "", minute): 5}
     assert batch.duplicates == 1
     report = batch.nodes[(0, "k1")]["n1"]
-    assert report.arrivals == 6  # the refusal says where the traffic is
+    assert report.arrivals == 7  # the refusals say where the traffic is
     assert report.counts == (5, 7, 9)  # from the latest event that carried them
 
 

@@ -377,11 +377,12 @@ def key_state(
     month_start, month_end = month_bounds(as_of.timestamp())
     bounds[Window.month] = (datetime.fromtimestamp(month_start, UTC), datetime.fromtimestamp(month_end, UTC))
     result = client.query(
-        # 429s are refused by the limiter and, as in the workers, do not use up the allowance.
-        "SELECT sumIf(requests, level = 'minute' AND bucket = {m:DateTime('UTC')} AND status != 429), "
-        "sumIf(requests, level = 'hour' AND bucket = {h:DateTime('UTC')} AND status != 429), "
-        "sumIf(requests, level = 'day' AND bucket = {d:DateTime('UTC')} AND status != 429), "
-        "sumIf(requests, level = 'day' AND bucket >= {mo:DateTime('UTC')} AND bucket < {me:DateTime('UTC')} "
+        # As the workers count: sums of cost (a route's cost, 0 for a fail-closed node's 503), and
+        # 429s, refused by the limiter, use up nothing.
+        "SELECT sumIf(cost, level = 'minute' AND bucket = {m:DateTime('UTC')} AND status != 429), "
+        "sumIf(cost, level = 'hour' AND bucket = {h:DateTime('UTC')} AND status != 429), "
+        "sumIf(cost, level = 'day' AND bucket = {d:DateTime('UTC')} AND status != 429), "
+        "sumIf(cost, level = 'day' AND bucket >= {mo:DateTime('UTC')} AND bucket < {me:DateTime('UTC')} "
         "AND status != 429), "
         f"anyIf(account_id, account_id != '') FROM {rollup_table(database)} "
         "WHERE level IN ('minute', 'hour', 'day') AND key_id = {key:String} "

@@ -70,7 +70,7 @@ def group_batch(
         if not recent.add(digest):
             batch.duplicates += 1
             continue
-        if status != REFUSED:
+        if cost and status != REFUSED:  # cost 0: refused by a node that could not check the limits
             slot = (partition, key_id, account, minute)
             counts[slot] = counts.get(slot, 0) + cost
             if route:  # the key on its route: a subject of its own (route limits)
