@@ -352,6 +352,30 @@ async def test_an_endpoint_that_never_recovers_gets_a_dead_letter_the_others_the
     assert (stats.delivered, stats.dead_lettered) == (2, 4)
 
 
+async def test_a_failing_endpoint_does_not_hold_back_the_next_fetch_for_the_others(notify_topics: Settings) -> None:
+    # Each fetch waited for every endpoint: one that kept failing (up to 8 attempts, 60 s apart)
+    # held every later notification back from all the others.
+    with receivers(([], "500"), ([], "200")) as [down, up]:
+        settings = deliverer_settings(notify_topics, [down.url, up.url], notify_max_attempts=100)
+        first = notification("cf_liv_webhook_pace")
+        start = int(first.window_start.timestamp())
+        second = first.model_copy(  # the key's next crossing in the same minute
+            update={"id": notification_id(first.key_id, Window.minute, start, "90%"), "threshold": "90%", "count": 90}
+        )
+        await publish_notifications(settings, [first])
+        async with delivering(settings):
+            await wait_for(lambda: len(up.calls) == 1 and len(down.calls) >= 2, 20, "the first, and retries")
+            await publish_notifications(settings, [second])  # a later fetch, the same key
+            await wait_for(lambda: len(up.calls) == 2, 10, "the second at the healthy endpoint")
+            assert {json.loads(c.body)["id"] for c in down.calls} == {first.id}  # still retrying the first
+            assert not await committed(settings)  # the first has not ended at every endpoint
+            down.then = "200"
+            await wait_for(lambda: len(down.answered("200")) == 2, 20, "both at the endpoint that recovered")
+            await wait_for(lambda: committed(settings), 20, "committed")
+        assert [json.loads(c.body)["id"] for c in down.answered("200")] == [first.id, second.id]  # in order
+        assert [json.loads(c.body)["id"] for c in up.calls] == [first.id, second.id]
+
+
 async def test_a_record_that_is_no_notification_is_dead_lettered_whole_and_delivery_goes_on(
     notify_topics: Settings,
 ) -> None:

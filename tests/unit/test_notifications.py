@@ -5,7 +5,6 @@ test_notifications.py runs it against a real receiver and the real broker)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -401,43 +400,6 @@ async def test_an_endpoint_that_never_accepts_is_dead_lettered_after_the_last_at
     assert letter.endpoint.startswith("http://receiver.test/… #")
     assert key == letter.notification.id.encode()
     assert (stats.dead_lettered, stats.duplicates) == (1, 1)
-
-
-async def test_an_endpoint_that_keeps_failing_does_not_hold_back_the_others() -> None:
-    # Each notification waited for every endpoint's retries: the healthy endpoint got a key's
-    # second notification only once the failing one had used all its attempts on the first.
-    seen: list[str] = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(f"{request.url.host}:{request.headers['X-Meter-Notification-Id']}")
-        return httpx.Response(503 if request.url.host == "down.test" else 200)
-
-    async def sleep(seconds: float) -> None:
-        await asyncio.sleep(0.001)
-
-    settings = Settings(
-        notify_webhook_urls=("http://down.test/hook", "http://up.test/hook"),
-        notify_webhook_secret=SecretStr(SECRET),
-        notify_max_attempts=3,
-    )
-    deliverer = WebhookDeliverer(settings, sleep=sleep, jitter=lambda: 0.5, transport=httpx.MockTransport(answer))
-    letters: list[Any] = []
-
-    async def send_and_wait(topic: str, value: bytes, key: bytes) -> None:
-        letters.append(value)
-
-    deliverer._producer = SimpleNamespace(send_and_wait=send_and_wait)
-    records = [
-        SimpleNamespace(
-            topic="usage.notifications", partition=0, offset=i, value=json.dumps(_notification(id=nid)).encode()
-        )
-        for i, nid in enumerate(["ntf_first", "ntf_second"])
-    ]
-    await deliverer._deliver_in_order(records)
-    await deliverer.client.aclose()
-    assert seen.index("up.test:ntf_second") < seen.index("down.test:ntf_first") + 3  # before its last attempt
-    assert seen.count("down.test:ntf_first") == seen.count("down.test:ntf_second") == 3
-    assert (deliverer.stats.delivered, deliverer.stats.dead_lettered, len(letters)) == (2, 2, 2)
 
 
 async def test_a_retry_after_of_other_digits_leaves_the_wait_to_the_backoff() -> None:

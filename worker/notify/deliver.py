@@ -9,14 +9,17 @@ the max is honoured), up to ``METER_NOTIFY_MAX_ATTEMPTS`` attempts. Any other an
 4xx) is final. What an endpoint never accepted goes to the dead-letter topic with the reason
 and the endpoint; a record that is not a notification goes there too, whole, with its reason.
 
-Offsets are committed only after every notification of a fetch has been delivered or
-dead-lettered at every endpoint: nothing is lost, and a crash or a rebalance before the
-commit delivers again (at-least-once; receivers deduplicate on the notification's ``id``, sent
-as ``X-Meter-Notification-Id`` too). Within this process a notification already delivered to
-an endpoint is not sent to it again (a worker may publish a crossing twice, same id).
-Notifications of one key are posted to each endpoint in order, one at a time (each endpoint on
-its own: one that keeps failing does not hold back the others); different keys concurrently, at
-most ``METER_NOTIFY_CONCURRENCY_PER_ENDPOINT`` requests in flight per endpoint.
+Each endpoint goes at its own pace: the deliverer keeps fetching while an endpoint retries, so
+one that keeps failing holds back neither the others' notifications of the same fetch nor
+those of later fetches, until it is ``MAX_OUTSTANDING_DELIVERIES`` behind (then fetching pauses).
+A partition's offset is committed only up to its first notification that some endpoint has not
+delivered or dead-lettered yet (``worker.notify.progress``): nothing is lost, and a crash or a
+rebalance delivers again what was not committed (at-least-once; receivers deduplicate on the
+notification's ``id``, sent as ``X-Meter-Notification-Id`` too). Within this process a
+notification already delivered to an endpoint is not sent to it again (a worker may publish a
+crossing twice, same id). Notifications of one key are posted to each endpoint in order, one at
+a time, across fetches; different keys concurrently, at most
+``METER_NOTIFY_CONCURRENCY_PER_ENDPOINT`` requests in flight per endpoint.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from pydantic import ValidationError
 
 from common import kafka_clients
@@ -42,6 +47,7 @@ from common.recent_set import RecentSet
 from common.retry import cancel_and_wait, describe_error, keep_running, retry_forever
 from schemas.notifications import Notification, UndeliveredNotification
 from worker.ingest.dlq import dead_letter, dead_letter_key, record_id, send_or_skip
+from worker.notify.progress import PartitionProgress
 from worker.notify.signature import HEADER, sign
 from worker.records import Rejection, validation_reason
 from worker.settings import Settings
@@ -51,6 +57,9 @@ log = logging.getLogger(__name__)
 USER_AGENT = "usage-meter-notify/1"
 RETRIED_STATUSES = frozenset({408, 425, 429})  # and every 5xx
 FETCH_MAX_RECORDS = 200
+# (notification, endpoint) deliveries in flight before fetching pauses: an endpoint that keeps
+# failing holds back the others only once it is this far behind.
+MAX_OUTSTANDING_DELIVERIES = 10_000
 REMEMBERED_DELIVERIES = 100_000  # (notification, endpoint) pairs done, to skip a duplicate
 _MAX_POLL_INTERVAL_MS = 86_400_000
 
@@ -112,6 +121,88 @@ def _clean(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:500]
 
 
+class _InFlight(ConsumerRebalanceListener):  # type: ignore[misc]
+    """One connection's deliveries in flight: each partition's progress, the newest chain of
+    deliveries per (endpoint, partition, key), and the first error one of them raised (a bug:
+    the fetch loop raises it and reconnects, and what was not committed is delivered again)."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.progress: dict[TopicPartition, PartitionProgress] = {}
+        self.chains: dict[tuple[str, TopicPartition, bytes | None], asyncio.Task[None]] = {}  # the newest
+        self.running: dict[asyncio.Task[None], TopicPartition] = {}  # every chain not ended, and its partition
+        self.committed: dict[TopicPartition, int] = {}
+        self.failure: BaseException | None = None
+
+    @property
+    def outstanding(self) -> int:
+        return sum(p.outstanding for p in self.progress.values())
+
+    def chain(self, slot: tuple[str, TopicPartition, bytes | None], deliver: Callable[[], Awaitable[None]]) -> None:
+        """Run ``deliver`` once the chain of ``slot`` before it has ended."""
+        task = asyncio.create_task(self._after(self.chains.get(slot), deliver))
+        self.chains[slot] = task
+        self.running[task] = slot[1]
+        task.add_done_callback(partial(self._ended, slot))
+
+    @staticmethod
+    async def _after(before: asyncio.Task[None] | None, deliver: Callable[[], Awaitable[None]]) -> None:
+        if before is not None:
+            await asyncio.wait({before})
+            if before.cancelled() or before.exception() is not None:
+                # Not past a notification that did not end: the fetch loop raises the failure
+                # (or drops the partition) and the rest is delivered again from the commit point.
+                return
+        await deliver()
+
+    def _ended(self, slot: tuple[str, TopicPartition, bytes | None], task: asyncio.Task[None]) -> None:
+        self.running.pop(task, None)
+        if self.chains.get(slot) is task:
+            del self.chains[slot]
+        if not task.cancelled() and task.exception() is not None and self.failure is None:
+            self.failure = task.exception()
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def commit(self, partitions: Collection[TopicPartition] | None = None) -> None:
+        """Commit each owned partition (of ``partitions``, default all) up to its commit point."""
+        assigned = self.consumer.assignment()
+        points = {}
+        for tp, progress in self.progress.items():
+            if tp not in assigned or (partitions is not None and tp not in partitions):
+                continue
+            point = progress.commit_point()
+            if point is not None and point != self.committed.get(tp):
+                points[tp] = point
+        if points:
+            await self.consumer.commit(points)
+            self.committed.update(points)
+
+    async def drop(self, partitions: Collection[TopicPartition]) -> None:
+        """Stop the deliveries of ``partitions`` and forget them (their owner delivers again what
+        was not committed; receivers deduplicate by the notification's id)."""
+        for task, tp in list(self.running.items()):
+            if tp in partitions:
+                with contextlib.suppress(Exception):  # a failure is the fetch loop's to raise
+                    await cancel_and_wait(task)
+                self.running.pop(task, None)  # ended: its callback may not have run yet
+        for slot in [slot for slot in self.chains if slot[1] in partitions]:
+            del self.chains[slot]
+        for tp in partitions:
+            self.progress.pop(tp, None)
+            self.committed.pop(tp, None)
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        partitions = set(revoked)
+        await self.commit(partitions)  # what ended is not delivered again by the next owner
+        await self.drop(partitions)
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        pass  # read from the committed offsets; a partition's progress starts with its first fetch
+
+
 class WebhookDeliverer:
     """Consumes the notifications topic and posts each notification to every endpoint (see the
     module docstring). ``start`` / ``stop`` inside a running loop (the worker), or ``run``."""
@@ -171,8 +262,8 @@ class WebhookDeliverer:
 
     # -- consuming -------------------------------------------------------------------------
     def _max_poll_interval_ms(self) -> int:
-        """Longer than a fetch can take to deliver (every attempt of every notification of one
-        key timing out), so the group does not take the partitions away meanwhile."""
+        """Generous: the loop polls every 500 ms, but a record that is not a notification is
+        dead-lettered before the next poll, waiting for the broker as long as it takes."""
         s = self.settings
         per_notification = s.notify_max_attempts * (s.notify_webhook_timeout_s + s.notify_retry_max_delay_s)
         return int(min(_MAX_POLL_INTERVAL_MS, max(300_000, 1000 * 1.2 * FETCH_MAX_RECORDS * per_notification)))
@@ -186,7 +277,6 @@ class WebhookDeliverer:
         producer = kafka_clients.producer(s, enable_idempotence=True, acks="all")
         consumer = kafka_clients.consumer(
             s,
-            s.notifications_topic,
             group_id=s.notify_consumer_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -195,47 +285,61 @@ class WebhookDeliverer:
             session_timeout_ms=s.consumer_session_timeout_ms,
             heartbeat_interval_ms=s.consumer_heartbeat_interval_ms,
         )
+        in_flight = _InFlight(consumer)
+        consumer.subscribe([s.notifications_topic], listener=in_flight)
         try:
             await producer.start()
             self._producer = producer
             await consumer.start()
             while True:
+                # Past the bound (an endpoint far behind), fetch nothing more but keep polling:
+                # the group keeps this member, and a rebalance is handled meanwhile.
+                if in_flight.outstanding >= MAX_OUTSTANDING_DELIVERIES:
+                    consumer.pause(*consumer.assignment())
+                else:
+                    consumer.resume(*consumer.paused())
                 batches = await consumer.getmany(timeout_ms=500, max_records=FETCH_MAX_RECORDS)
-                if not batches:
-                    continue
-                by_key: dict[tuple[Any, bytes | None], list[Any]] = {}
                 for tp, records in batches.items():
-                    for record in records:
-                        by_key.setdefault((tp, record.key), []).append(record)
-                await asyncio.gather(*(self._deliver_in_order(records) for records in by_key.values()))
-                # Everything fetched is delivered or dead-lettered: only now move on.
-                await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+                    await self._hand_over(in_flight, tp, records)
+                in_flight.raise_failure()
+                # Only what every endpoint delivered or dead-lettered, in offset order.
+                await in_flight.commit()
         finally:
+            await in_flight.drop(set(in_flight.progress))
             self._producer = None
             with contextlib.suppress(Exception):
                 await consumer.stop()
             with contextlib.suppress(Exception):
                 await producer.stop()
 
-    async def _deliver_in_order(self, records: list[Any]) -> None:
-        """One key's notifications, in order to each endpoint; the endpoints independently (one
-        that keeps failing does not hold back the others' next notifications)."""
-        parsed = []
+    async def _hand_over(self, in_flight: _InFlight, tp: TopicPartition, records: list[Any]) -> None:
+        """One partition's fetch to every endpoint: each key's notifications in order, after the
+        ones of that key still in flight to that endpoint (each endpoint on its own: one that keeps
+        failing does not hold back the others' next notifications)."""
+        progress = in_flight.progress.setdefault(tp, PartitionProgress())
+        by_key: dict[bytes | None, list[tuple[Notification, bytes, Any]]] = {}
         for record in records:
             if record.value is None:
+                progress.add(record.offset, 0)
                 continue
             try:
                 notification = Notification.model_validate_json(record.value)
             except ValidationError as exc:
                 await self._dead_letter_unreadable(record, exc)
+                progress.add(record.offset, 0)
                 continue
-            parsed.append((notification, notification.model_dump_json().encode(), record))
+            progress.add(record.offset, len(self.endpoints))
+            by_key.setdefault(record.key, []).append((notification, notification.model_dump_json().encode(), record))
+        for key, parsed in by_key.items():
+            for endpoint in self.endpoints:
+                in_flight.chain((endpoint.url, tp, key), partial(self._deliver_each, endpoint, parsed, progress))
 
-        async def to(endpoint: Endpoint) -> None:
-            for notification, body, record in parsed:
-                await self._deliver(endpoint, notification, body, record)
-
-        await asyncio.gather(*(to(endpoint) for endpoint in self.endpoints))
+    async def _deliver_each(
+        self, endpoint: Endpoint, parsed: list[tuple[Notification, bytes, Any]], progress: PartitionProgress
+    ) -> None:
+        for notification, body, record in parsed:
+            await self._deliver(endpoint, notification, body, record)
+            progress.done(record.offset)
 
     # -- delivering ------------------------------------------------------------------------
     async def _deliver(self, endpoint: Endpoint, n: Notification, body: bytes, record: Any) -> None:
