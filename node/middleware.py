@@ -102,7 +102,7 @@ class RouteScope:
     route: str | None = None
 
     def __post_init__(self) -> None:
-        # The event contract's bounds, checked at start-up rather than on each request's event.
+        # The event contract's bounds (a served request's cost: 0 is a refusal's), checked at start-up.
         if not 1 <= self.cost <= MAX_COST:
             raise ValueError(f"route {self.prefix}: cost {self.cost} is not within 1..{MAX_COST}")
         if self.route is not None and not _ROUTE_NAME.fullmatch(self.route):

@@ -11,7 +11,8 @@ import ipaddress
 from functools import lru_cache
 from typing import Annotated, Any, NotRequired
 
-from pydantic import AfterValidator, AwareDatetime, ConfigDict, Field, StringConstraints, TypeAdapter
+from pydantic import AfterValidator, AwareDatetime, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from typing_extensions import TypedDict
 
 from schemas.bounds import CONTROL_CHARACTERS, PRINTABLE, Identifier, Label
@@ -64,7 +65,14 @@ class RequestEvent(TypedDict):
 
     # Strict: "200" is not a status and 12 is not a request id; a producer that sends the
     # wrong JSON type has a bug worth seeing in the DLQ, not silently coerced.
-    __pydantic_config__ = ConfigDict(strict=True)  # type: ignore[misc]
+    # The zero-cost rule (``zero_cost_violation``) in the published JSON Schema.
+    __pydantic_config__ = ConfigDict(  # type: ignore[misc]
+        strict=True,
+        json_schema_extra={
+            "if": {"properties": {"cost": {"const": 0}}, "required": ["cost"]},
+            "then": {"properties": {"status": {"const": 503}, "route": {"type": "null"}}},
+        },
+    )
 
     v: NotRequired[Annotated[int, Field(ge=1, le=EVENT_SCHEMA_VERSION)]]
     request_id: _Text
@@ -85,8 +93,9 @@ class RequestEvent(TypedDict):
         Annotated[list[Annotated[int, Field(ge=0, le=10**12)]], Field(min_length=3, max_length=3)] | None
     ]
     # What the request spends of its key's limits (the node's route configuration; absent: 1).
-    # Windows, node_counts and allowances are sums of cost. 0: the request spent nothing, e.g. a
-    # fail-closed node's 503 while it could not check the limits (stored, not counted).
+    # Windows, node_counts and allowances are sums of cost. 0: the request spent nothing, a
+    # fail-closed node's 503 while it could not check the limits (stored, not counted; only
+    # then: ``zero_cost_violation``).
     cost: NotRequired[Annotated[int, Field(ge=0, le=MAX_COST)]]
     # The route limit the request also counts against (key x route), if its route has one.
     route: NotRequired[RouteName | None]
@@ -94,16 +103,40 @@ class RequestEvent(TypedDict):
 
 EVENT_ADAPTER: TypeAdapter[RequestEvent] = TypeAdapter(RequestEvent)
 
+# The one rule the fields' bounds cannot say: cost 0 (spent nothing) is only a node's refusal
+# before the limits could be checked, a 503 without a route. A producer that leaves cost at its
+# zero value on served requests is refused (dead-lettered with the reason), not silently uncounted.
+UNCHECKED_REFUSAL_STATUS = 503
+ZERO_COST_RULE = "cost 0 is only for a 503 without a route (a node's refusal before the limits were checked)"
+
+
+def zero_cost_violation(event: RequestEvent) -> ValidationError | None:
+    """The error of an event that breaks the zero-cost rule, else None. Cheap: one lookup for
+    the events of every other cost (the worker runs it once per event)."""
+    if event.get("cost") != 0 or (event["status"] == UNCHECKED_REFUSAL_STATUS and not event.get("route")):
+        return None
+    return ValidationError.from_exception_data(
+        "RequestEvent",
+        [InitErrorDetails(type=PydanticCustomError("zero_cost", ZERO_COST_RULE), loc=("cost",), input=0)],
+    )
+
 
 def parse_event(raw: bytes | str) -> RequestEvent:
     """Validate one message value; raises ``pydantic.ValidationError`` on anything off-contract."""
-    return EVENT_ADAPTER.validate_json(raw)
+    return _checked(EVENT_ADAPTER.validate_json(raw))
 
 
 def make_event(**fields: Any) -> RequestEvent:
     """Build a validated event from Python values (used by nodes, tests and the simulator)."""
     fields.setdefault("v", EVENT_SCHEMA_VERSION)
-    return EVENT_ADAPTER.validate_python(fields, strict=False)
+    return _checked(EVENT_ADAPTER.validate_python(fields, strict=False))
+
+
+def _checked(event: RequestEvent) -> RequestEvent:
+    error = zero_cost_violation(event)
+    if error is not None:
+        raise error
+    return event
 
 
 def dump_event(event: RequestEvent) -> bytes:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from common.retry import describe_error
 from schemas.decisions import WINDOW_SECONDS, Window
-from schemas.events import EVENT_ADAPTER, RequestEvent
+from schemas.events import EVENT_ADAPTER, RequestEvent, zero_cost_violation
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,9 @@ class Validator:
             event: RequestEvent = _validate_event_json(value)
         except ValidationError as exc:
             return self.reject(record, *validation_reason(exc))
+        zero_cost = zero_cost_violation(event)
+        if zero_cost is not None:
+            return self.reject(record, *validation_reason(zero_cost))
         if record.key is None:
             return self.reject(record, "missing_key", "message key must be the event's key_id")
         if record.key != event["key_id"].encode():

@@ -28,6 +28,7 @@ from tests.integration.backtest_reference import (  # noqa: F401 (the fixtures n
 from worker.analytics.backtest import BeyondMinuteLevel, backtest
 from worker.refusals import OutOfRange
 from worker.settings import Settings
+from worker.store.rollup import rollup_table
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.no_kafka]
 
@@ -193,6 +194,24 @@ def test_an_empty_store_answers_zeros(clickhouse: Any, settings: Settings, now: 
     request = BacktestRequest(**CANDIDATE, span=timedelta(days=1))
     result = backtest(clickhouse, settings.clickhouse_database, request, overrides(), minute_days=7, now=now)
     assert (result.keys, result.requests, result.candidate.keys_refused, result.top) == (0, 0, 0, [])
+
+
+def test_a_fail_closed_nodes_503s_are_no_demand(clickhouse: Any, settings: Settings, now: datetime) -> None:
+    """Refused before any limit was checked (cost 0), they were counted by no limiter and no
+    policy would have served them: the replay of the policy in force refuses nothing the live
+    limiter did not."""
+    minute = now.replace(second=0, microsecond=0) - timedelta(hours=1)
+    columns = ["level", "key_id", "account_id", "bucket", "endpoint", "status", "route", "requests", "cost"]
+    rows = [
+        ["minute", "cf_closed", "acct", minute, "/v0/payments", 503, "", 150, 0],
+        ["minute", "cf_closed", "acct", minute, "/v0/payments", 200, "", 100, 100],
+    ]
+    clickhouse.insert(rollup_table(settings.clickhouse_database), rows, column_names=columns)
+    request = BacktestRequest(per_minute=100, per_hour=None, per_day=None, span=timedelta(days=1))
+    book = PolicyBook(LimitPolicy(per_minute=100, per_hour=None, per_day=None))
+    result = backtest(clickhouse, settings.clickhouse_database, request, book, minute_days=7, now=now)
+    assert (result.keys, result.requests) == (1, 100)
+    assert result.in_force.refused == result.candidate.refused == 0
 
 
 def test_a_span_beyond_the_minute_level_is_refused_naming_the_bound(

@@ -20,6 +20,14 @@ from tests.integration.helpers import REPO_ROOT
 CONTRACTS_DIR = REPO_ROOT / "docs" / "contracts"
 REGENERATE = ".venv/bin/python -m schemas.json_schemas docs/contracts"
 NOW = datetime(2026, 11, 27, 12, 30, tzinfo=UTC)
+EVENT: dict[str, Any] = {
+    "request_id": "r1",
+    "key_id": "k1",
+    "node_id": "n1",
+    "method": "GET",
+    "endpoint": "/v0/rates",
+    "ts": NOW,
+}
 
 
 @pytest.mark.parametrize("name", list(CONTRACTS))
@@ -36,9 +44,7 @@ def test_no_stale_schema_files() -> None:
 
 def _samples() -> dict[str, tuple[bytes, bytes]]:
     """(valid, invalid) wire records per contract, the valid ones as our code writes them."""
-    event = make_event(
-        request_id="r1", key_id="k1", node_id="n1", method="GET", endpoint="/v0/rates", status=200, ts=NOW
-    )
+    event = make_event(**EVENT, status=200)
     decision = Decision(
         key_id="k1",
         action=DecisionAction.block,
@@ -94,3 +100,13 @@ def test_records_we_write_pass_the_published_schema_and_bad_ones_do_not(name: st
     good, bad = _samples()[name]
     assert validator.is_valid(json.loads(good)), list(validator.iter_errors(json.loads(good)))
     assert not validator.is_valid(json.loads(bad))
+
+
+def test_the_published_event_schema_carries_the_zero_cost_rule() -> None:
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    validator = jsonschema_rs.validator_for(json_schema("request-event"))
+    wire = json.loads(dump_event(make_event(**EVENT, status=503, cost=0)))
+    assert validator.is_valid(wire)
+    assert not validator.is_valid({**wire, "status": 200})
+    assert not validator.is_valid({**wire, "route": "statements"})
+    assert validator.is_valid({**wire, "status": 200, "cost": 2})

@@ -44,11 +44,23 @@ def test_a_version_1_event_without_cost_or_route_is_still_accepted() -> None:
     assert "route" not in event
 
 
-# cost 0: a fail-closed node's 503, a request that spent nothing of its key's limits
-@pytest.mark.parametrize(("cost", "route"), [(0, None), (1, None), (10, "statements"), (MAX_COST, "a.b-c_9")])
+@pytest.mark.parametrize(("cost", "route"), [(1, None), (10, "statements"), (MAX_COST, "a.b-c_9")])
 def test_cost_and_route_round_trip(cost: int, route: str | None) -> None:
     event = make_event(**BASE, cost=cost, route=route)
     assert parse_event(dump_event(event)) == {k: v for k, v in event.items() if v is not None}
+
+
+def test_cost_0_is_only_a_503_without_a_route() -> None:
+    """A fail-closed node's refusal spent nothing; anything else at cost 0 is a producer's bug
+    (a cost left at its zero value), refused rather than silently uncounted."""
+    refusal = make_event(**{**BASE, "status": 503}, cost=0)
+    assert parse_event(dump_event(refusal))["cost"] == 0
+    for status, route in ((200, None), (429, None), (503, "statements")):
+        with pytest.raises(ValidationError, match="cost 0 is only for a 503 without a route"):
+            make_event(**{**BASE, "status": status}, cost=0, route=route)
+        wire = dump_event(make_event(**{**BASE, "status": status}, route=route))[:-1] + b',"cost":0}'
+        with pytest.raises(ValidationError, match="zero_cost"):
+            parse_event(wire)
 
 
 def test_offset_timestamps_are_normalised_to_the_same_instant() -> None:

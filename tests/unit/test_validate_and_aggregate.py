@@ -40,6 +40,8 @@ def test_valid_record() -> None:
         (Rec(dump_event(make_event(**event())), b"other"), "key_mismatch"),
         (rec(ts=NOW - timedelta(hours=25)), "ts_too_old"),
         (rec(ts=NOW + timedelta(minutes=6)), "ts_in_future"),
+        # cost 0 on a served request: a producer's bug, not a request that spent nothing
+        (Rec(dump_event(make_event(**event()))[:-1] + b',"cost":0}', b"k1"), "schema_violation"),
     ],
 )
 def test_rejections_name_their_reason(record: Rec, reason: str) -> None:
@@ -177,7 +179,9 @@ def test_the_fast_lane_counts_without_429s_or_duplicates_and_reads_node_counts()
         for i in range(5)
     ]
     records.append(record(0, 5, request_id="r-refused", ts=NOW, status=429))  # refused: no allowance used
-    records.append(record(0, 8, request_id="r-closed", ts=NOW, status=503, cost=0))  # a fail-closed node's
+    # A fail-closed node's refusals: cost 0, so no count, not even a slot of 0 for their key.
+    records.append(record(0, 8, request_id="r-closed", ts=NOW, status=503, cost=0))
+    records.append(record(0, 9, request_id="r-closed-2", key_id="k2", ts=NOW, status=503, cost=0))
     records.append(record(0, 6, request_id="r0", ts=NOW))  # a retry of r0
     records.append(Rec(b"{not json", b"k1", 0, 7))  # dead-lettered by the ingest path, not counted here
     batch = group_batch(records, RecordChecker(VALIDATOR, None, None), RecentRequests(100), NOW.timestamp() + 10)

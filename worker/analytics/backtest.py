@@ -6,7 +6,8 @@ The replay is the fixed-window limiter itself, exact at minute granularity:
   in force refused was still asked for, and a looser policy would have admitted it. The
   candidate and the policy in force are replayed on that same demand, so they compare like with
   like; the stored 429s are shown beside them (``observed_refused``). A client that retried
-  after a 429 is demand twice, as it was on the wire.
+  after a 429 is demand twice, as it was on the wire. Not demand: a fail-closed node's 503s
+  (cost 0, refused before any limit was checked: no policy would have served them).
 - **The limiter replayed**: fixed UTC windows; a request is admitted while its key's minute,
   hour and day counts (of admitted requests) are all below their limits, and then counts in
   all three; a refused request counts nowhere (as in the live counters).
@@ -66,7 +67,8 @@ WINDOWS = (Window.minute, Window.hour, Window.day)
 
 SEMANTICS = (
     "Replay of the fixed-window limiter on the minute rollups, exact at minute granularity: demand is every "
-    "stored request (429s included); a request is admitted while the key's minute, hour and day counts of "
+    "stored request (429s included; not a fail-closed node's 503s, which no policy would have served); a "
+    "request is admitted while the key's minute, hour and day counts of "
     "admitted requests are below their limits, refused requests count nowhere; the order within a minute does "
     "not change what a minute admits; a refusal is charged to the longest window whose limit was reached. "
     "The policy in force is today's (default + overrides) for the whole span, replayed on the same demand; "
@@ -180,15 +182,20 @@ def _outcome(p: str) -> str:
 _PER_KEY = """
     SELECT *, {policies} FROM (
         SELECT key_id, {account} AS ai,
-            sumIf(requests, bucket >= {since:DateTime('UTC')}) AS total,
+            sumIf({demand}, bucket >= {since:DateTime('UTC')}) AS total,
             sumIf(requests, bucket >= {since:DateTime('UTC')} AND status = 429) AS observed,
-            sum(requests) AS scanned,
-            groupArray(toUInt32(bucket)) AS bs, groupArray(toInt64(requests)) AS xs
+            sum({demand}) AS scanned,
+            groupArray(toUInt32(bucket)) AS bs, groupArray(toInt64({demand})) AS xs
         FROM {table}
         WHERE level = 'minute' AND bucket >= {scan_from:DateTime('UTC')} AND bucket < {until:DateTime('UTC')} {subject}
         GROUP BY key_id {having}
     )
 """
+
+# A row's demand in requests, without a fail-closed node's 503s (cost 0: no policy would have
+# served them, the node could not check any). Every other request costs at least 1, so
+# least() is exact unless one row mixes those 503s with requests of a route costing more than 1.
+_DEMAND = "least(requests, cost)"
 
 _ACCOUNT = "argMax(transform(account_id, {oa:Array(String)}, arrayEnumerate({oa:Array(String)}), 0), bucket)"
 
@@ -321,6 +328,7 @@ def _sql(template: str, table: str, scope: BacktestScope, params: dict[str, Any]
     account = _ACCOUNT if params["oa"] else "toUInt32(0)"
     return (
         template.replace("{policies}", _POLICIES)
+        .replace("{demand}", _DEMAND)
         .replace("{account}", account)
         .replace("{subject}", _SUBJECT[scope])
         .replace("{having}", _HAVING[scope])
