@@ -149,9 +149,10 @@ class Validator:
             event: RequestEvent = _validate_event_json(value)
         except ValidationError as exc:
             return self.reject(record, *validation_reason(exc))
-        zero_cost = zero_cost_violation(event)
-        if zero_cost is not None:
-            return self.reject(record, *validation_reason(zero_cost))
+        if event.get("cost") == 0:  # the rule's call only then: this runs once per event
+            zero_cost = zero_cost_violation(event)
+            if zero_cost is not None:
+                return self.reject(record, *validation_reason(zero_cost))
         if record.key is None:
             return self.reject(record, "missing_key", "message key must be the event's key_id")
         if record.key != event["key_id"].encode():
