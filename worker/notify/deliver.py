@@ -11,7 +11,7 @@ and the endpoint; a record that is not a notification goes there too, whole, wit
 
 Each endpoint goes at its own pace: the deliverer keeps fetching while an endpoint retries, so
 one that keeps failing holds back neither the others' notifications of the same fetch nor
-those of later fetches, until it is ``MAX_OUTSTANDING_DELIVERIES`` behind (then fetching pauses).
+those of later fetches, until it is ``MAX_HELD_NOTIFICATIONS`` behind (then fetching pauses).
 A partition's offset is committed only up to its first notification that some endpoint has not
 delivered or dead-lettered yet (``worker.notify.progress``): nothing is lost, and a crash or a
 rebalance delivers again what was not committed (at-least-once; receivers deduplicate on the
@@ -44,7 +44,7 @@ from pydantic import ValidationError
 from common import kafka_clients
 from common.follower import topic_partitions
 from common.recent_set import RecentSet
-from common.retry import cancel_and_wait, describe_error, keep_running, retry_forever
+from common.retry import cancel_all_and_wait, cancel_and_wait, describe_error, keep_running, retry_forever
 from schemas.notifications import Notification, UndeliveredNotification
 from worker.ingest.dlq import dead_letter, dead_letter_key, record_id, send_or_skip
 from worker.notify.progress import PartitionProgress
@@ -57,11 +57,12 @@ log = logging.getLogger(__name__)
 USER_AGENT = "usage-meter-notify/1"
 RETRIED_STATUSES = frozenset({408, 425, 429})  # and every 5xx
 FETCH_MAX_RECORDS = 200
-# (notification, endpoint) deliveries in flight before fetching pauses: an endpoint that keeps
-# failing holds back the others only once it is this far behind.
-MAX_OUTSTANDING_DELIVERIES = 10_000
+# Notifications fetched and not committed (behind the oldest one some endpoint has not ended)
+# before fetching pauses: an endpoint that keeps failing holds back the others only once it is
+# this far behind; memory and what a crash or rebalance delivers again stay bounded by it.
+MAX_HELD_NOTIFICATIONS = 10_000
+_DEAD_LETTERS = "dead letters"  # the chains' slot of records that are not notifications (never a URL)
 REMEMBERED_DELIVERIES = 100_000  # (notification, endpoint) pairs done, to skip a duplicate
-_MAX_POLL_INTERVAL_MS = 86_400_000
 
 Sleep = Callable[[float], Awaitable[Any]]
 
@@ -121,6 +122,21 @@ def _clean(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:500]
 
 
+async def _then_done(step: Callable[[], Awaitable[None]], progress: PartitionProgress, offset: int) -> None:
+    await step()
+    progress.done(offset)
+
+
+async def _stop_clients(*clients: Any) -> None:
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await client.stop()
+
+
+class _Skipped(Exception):
+    """A chain not run: the one before it in its slot was cancelled, failed or not run."""
+
+
 class _InFlight(ConsumerRebalanceListener):  # type: ignore[misc]
     """One connection's deliveries in flight: each partition's progress, the newest chain of
     deliveries per (endpoint, partition, key), and the first error one of them raised (a bug:
@@ -135,8 +151,10 @@ class _InFlight(ConsumerRebalanceListener):  # type: ignore[misc]
         self.failure: BaseException | None = None
 
     @property
-    def outstanding(self) -> int:
-        return sum(p.outstanding for p in self.progress.values())
+    def held(self) -> int:
+        """Notifications fetched and not committed yet (ended or not): what a crash or a
+        rebalance delivers again, and what memory holds."""
+        return sum(p.held for p in self.progress.values())
 
     def chain(self, slot: tuple[str, TopicPartition, bytes | None], deliver: Callable[[], Awaitable[None]]) -> None:
         """Run ``deliver`` once the chain of ``slot`` before it has ended."""
@@ -150,17 +168,21 @@ class _InFlight(ConsumerRebalanceListener):  # type: ignore[misc]
         if before is not None:
             await asyncio.wait({before})
             if before.cancelled() or before.exception() is not None:
-                # Not past a notification that did not end: the fetch loop raises the failure
-                # (or drops the partition) and the rest is delivered again from the commit point.
-                return
+                # Never past a notification that did not end, down the whole chain: the fetch
+                # loop raises the failure (or the partition was dropped) and the rest is
+                # delivered again from the commit point.
+                raise _Skipped
         await deliver()
 
     def _ended(self, slot: tuple[str, TopicPartition, bytes | None], task: asyncio.Task[None]) -> None:
         self.running.pop(task, None)
         if self.chains.get(slot) is task:
             del self.chains[slot]
-        if not task.cancelled() and task.exception() is not None and self.failure is None:
-            self.failure = task.exception()
+        if task.cancelled() or self.failure is not None:
+            return
+        error = task.exception()
+        if error is not None and not isinstance(error, _Skipped):
+            self.failure = error
 
     def raise_failure(self) -> None:
         if self.failure is not None:
@@ -170,23 +192,27 @@ class _InFlight(ConsumerRebalanceListener):  # type: ignore[misc]
         """Commit each owned partition (of ``partitions``, default all) up to its commit point."""
         assigned = self.consumer.assignment()
         points = {}
+        sources = {}
         for tp, progress in self.progress.items():
             if tp not in assigned or (partitions is not None and tp not in partitions):
                 continue
             point = progress.commit_point()
             if point is not None and point != self.committed.get(tp):
-                points[tp] = point
+                points[tp], sources[tp] = point, progress
         if points:
             await self.consumer.commit(points)
-            self.committed.update(points)
+            for tp, point in points.items():
+                if self.progress.get(tp) is sources[tp]:  # not dropped (a revoke) meanwhile
+                    self.committed[tp] = point
 
     async def drop(self, partitions: Collection[TopicPartition]) -> None:
         """Stop the deliveries of ``partitions`` and forget them (their owner delivers again what
         was not committed; receivers deduplicate by the notification's id)."""
-        for task, tp in list(self.running.items()):
-            if tp in partitions:
-                with contextlib.suppress(Exception):  # a failure is the fetch loop's to raise
-                    await cancel_and_wait(task)
+        tasks = [task for task, tp in self.running.items() if tp in partitions]
+        try:
+            await cancel_all_and_wait(*tasks)  # every one cancelled at once; errors are not raised
+        finally:
+            for task in tasks:
                 self.running.pop(task, None)  # ended: its callback may not have run yet
         for slot in [slot for slot in self.chains if slot[1] in partitions]:
             del self.chains[slot]
@@ -196,8 +222,12 @@ class _InFlight(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
         partitions = set(revoked)
-        await self.commit(partitions)  # what ended is not delivered again by the next owner
-        await self.drop(partitions)
+        try:
+            await self.commit(partitions)  # what ended is not delivered again by the next owner
+        except Exception as exc:  # e.g. the member's session already lost: the next owner redelivers
+            log.warning("notify: committing revoked partitions failed (%s)", describe_error(exc))
+        finally:
+            await self.drop(partitions)
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         pass  # read from the committed offsets; a partition's progress starts with its first fetch
@@ -261,13 +291,6 @@ class WebhookDeliverer:
         await keep_running(self._consume, f"notify: consuming {s.notifications_topic}", 0.5, 10.0)
 
     # -- consuming -------------------------------------------------------------------------
-    def _max_poll_interval_ms(self) -> int:
-        """Generous: the loop polls every 500 ms, but a record that is not a notification is
-        dead-lettered before the next poll, waiting for the broker as long as it takes."""
-        s = self.settings
-        per_notification = s.notify_max_attempts * (s.notify_webhook_timeout_s + s.notify_retry_max_delay_s)
-        return int(min(_MAX_POLL_INTERVAL_MS, max(300_000, 1000 * 1.2 * FETCH_MAX_RECORDS * per_notification)))
-
     async def _consume(self) -> None:
         """One connection: never returns; raises on a failure (``keep_running`` reconnects)."""
         s = self.settings
@@ -281,7 +304,6 @@ class WebhookDeliverer:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
-            max_poll_interval_ms=self._max_poll_interval_ms(),
             session_timeout_ms=s.consumer_session_timeout_ms,
             heartbeat_interval_ms=s.consumer_heartbeat_interval_ms,
         )
@@ -294,28 +316,29 @@ class WebhookDeliverer:
             while True:
                 # Past the bound (an endpoint far behind), fetch nothing more but keep polling:
                 # the group keeps this member, and a rebalance is handled meanwhile.
-                if in_flight.outstanding >= MAX_OUTSTANDING_DELIVERIES:
+                if in_flight.held >= MAX_HELD_NOTIFICATIONS:
                     consumer.pause(*consumer.assignment())
                 else:
                     consumer.resume(*consumer.paused())
                 batches = await consumer.getmany(timeout_ms=500, max_records=FETCH_MAX_RECORDS)
                 for tp, records in batches.items():
-                    await self._hand_over(in_flight, tp, records)
+                    self._hand_over(in_flight, tp, records)  # no await: a revoke cannot cut into it
                 in_flight.raise_failure()
                 # Only what every endpoint delivered or dead-lettered, in offset order.
                 await in_flight.commit()
         finally:
-            await in_flight.drop(set(in_flight.progress))
-            self._producer = None
-            with contextlib.suppress(Exception):
-                await consumer.stop()
-            with contextlib.suppress(Exception):
-                await producer.stop()
+            try:
+                await in_flight.drop(set(in_flight.progress))
+            finally:
+                self._producer = None
+                # Shielded: a stop repeats its cancel, and the group must still be left.
+                await asyncio.shield(_stop_clients(consumer, producer))
 
-    async def _hand_over(self, in_flight: _InFlight, tp: TopicPartition, records: list[Any]) -> None:
+    def _hand_over(self, in_flight: _InFlight, tp: TopicPartition, records: list[Any]) -> None:
         """One partition's fetch to every endpoint: each key's notifications in order, after the
         ones of that key still in flight to that endpoint (each endpoint on its own: one that keeps
-        failing does not hold back the others' next notifications)."""
+        failing does not hold back the others' next notifications). Records that are not
+        notifications are dead-lettered the same way, in order, by a chain of their own."""
         progress = in_flight.progress.setdefault(tp, PartitionProgress())
         by_key: dict[bytes | None, list[tuple[Notification, bytes, Any]]] = {}
         for record in records:
@@ -325,8 +348,9 @@ class WebhookDeliverer:
             try:
                 notification = Notification.model_validate_json(record.value)
             except ValidationError as exc:
-                await self._dead_letter_unreadable(record, exc)
-                progress.add(record.offset, 0)
+                progress.add(record.offset, 1)
+                unreadable = partial(self._dead_letter_unreadable, record, exc)
+                in_flight.chain((_DEAD_LETTERS, tp, None), partial(_then_done, unreadable, progress, record.offset))
                 continue
             progress.add(record.offset, len(self.endpoints))
             by_key.setdefault(record.key, []).append((notification, notification.model_dump_json().encode(), record))

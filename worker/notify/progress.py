@@ -18,7 +18,11 @@ class PartitionProgress:
         self._left: dict[int, int] = {}  # offset -> deliveries not ended yet
         self._order: deque[int] = deque()  # the offsets handed over, in order
         self._next: int | None = None  # the commit point: everything before it has ended
-        self.outstanding = 0  # deliveries not ended, over every offset
+
+    @property
+    def held(self) -> int:
+        """Offsets handed over and not passed by the commit point yet."""
+        return len(self._order)
 
     def add(self, offset: int, deliveries: int) -> None:
         """``offset`` handed to ``deliveries`` endpoints (0: nothing to deliver, ended at once)."""
@@ -26,7 +30,6 @@ class PartitionProgress:
             raise ValueError(f"offset {offset} handed over after {self._order[-1]}")
         self._order.append(offset)
         self._left[offset] = deliveries
-        self.outstanding += deliveries
 
     def done(self, offset: int) -> None:
         """One endpoint delivered or dead-lettered ``offset``."""
@@ -34,7 +37,6 @@ class PartitionProgress:
         if left <= 0:
             raise ValueError(f"offset {offset}: more deliveries ended than were handed over")
         self._left[offset] = left - 1
-        self.outstanding -= 1
 
     def commit_point(self) -> int | None:
         """The offset to commit (the first not ended, or one past the last handed over), or None
