@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -116,6 +116,27 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         raise asyncio.CancelledError
     if not task.cancelled():
         task.result()
+
+
+async def finish_despite_cancels(step: Coroutine[Any, Any, None], timeout: float) -> None:
+    """Run ``step`` to its end even if the caller is cancelled meanwhile (a stop's cancel is
+    repeated: ``cancel_and_wait``), then let the caller's cancel go on. A step still running
+    after ``timeout`` is cancelled and logged: a stop must end."""
+    task = asyncio.create_task(step)
+    deadline = asyncio.get_running_loop().time() + timeout
+    caller_cancelled = False
+    while not task.done():
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            log.warning("%s did not end within %.0f s; cancelled", task.get_coro(), timeout)
+            await cancel_all_and_wait(task)
+            break
+        try:
+            await asyncio.wait({task}, timeout=left)
+        except asyncio.CancelledError:
+            caller_cancelled = True
+    if caller_cancelled:
+        raise asyncio.CancelledError
 
 
 async def cancel_all_and_wait(*tasks: asyncio.Task[Any]) -> None:

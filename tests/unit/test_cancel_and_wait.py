@@ -9,7 +9,7 @@ import contextlib
 import pytest
 
 from common import retry
-from common.retry import cancel_all_and_wait, cancel_and_wait
+from common.retry import cancel_all_and_wait, cancel_and_wait, finish_despite_cancels
 
 
 async def _swallows_first_cancel(ticks: list[int]) -> None:
@@ -93,3 +93,37 @@ async def test_all_tasks_are_stopped_whatever_one_ended_with(monkeypatch: pytest
 
 async def test_none_is_nothing_to_stop() -> None:
     await cancel_and_wait(None)
+
+
+async def test_a_step_finished_despite_cancels_ends_even_through_a_repeated_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stop's cancel repeats every CANCEL_REPEAT_S: a shield gave up at the second one and
+    left the step (a consumer leaving its group) running after the stop returned."""
+    monkeypatch.setattr(retry, "CANCEL_REPEAT_S", 0.05)
+    ended: list[str] = []
+
+    async def slow_stop() -> None:
+        await asyncio.sleep(0.3)
+        ended.append("left the group")
+
+    async def owner() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await finish_despite_cancels(slow_stop(), timeout=5)
+
+    task = asyncio.create_task(owner())
+    await asyncio.sleep(0.01)
+    await cancel_and_wait(task)
+    assert ended == ["left the group"]
+    assert task.cancelled()
+
+
+async def test_a_step_past_its_timeout_is_cancelled() -> None:
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    started = asyncio.get_running_loop().time()
+    await finish_despite_cancels(hangs(), timeout=0.1)
+    assert asyncio.get_running_loop().time() - started < 1

@@ -83,7 +83,7 @@ def deliverer(answer: Callable[[httpx.Request], httpx.Response], **more: Any) ->
     d = WebhookDeliverer(settings, sleep=sleep, jitter=lambda: 0.5, transport=httpx.MockTransport(answer))
     letters: list[bytes] = []
 
-    async def send_and_wait(topic: str, value: bytes, key: bytes) -> None:
+    async def send_and_wait(topic: str, value: bytes, key: bytes, headers: Any = None) -> None:
         letters.append(value)
 
     d._producer = SimpleNamespace(send_and_wait=send_and_wait)
@@ -274,6 +274,7 @@ class ScriptedConsumer(FakeConsumer):
         pass
 
     async def stop(self) -> None:
+        await asyncio.sleep(0.7)  # leaving the group takes longer than a stop's repeated cancel
         self.stopped = True
 
     def pause(self, *tps: TopicPartition) -> None:
@@ -332,4 +333,48 @@ async def test_fetching_pauses_at_the_bound_and_a_stop_ends_every_chain_and_leav
     assert consumer.stopped
     assert stopped_producer.is_set()
     assert not [t for t in running if not t.done()]
+    await d.client.aclose()
+
+
+async def test_a_revokes_commit_waits_for_the_loops_so_commits_never_go_backwards() -> None:
+    async def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200)
+
+    class SlowFirstCommit(FakeConsumer):
+        calls = 0
+
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                await asyncio.sleep(0.1)  # aiokafka retries a commit after a backoff
+            self.commits.append(dict(offsets))
+
+    d, _ = deliverer(answer)
+    consumer = SlowFirstCommit()
+    in_flight = _InFlight(consumer)
+    d._hand_over(in_flight, TP, records("ntf_a"))
+    await settle(in_flight)
+    loops = asyncio.create_task(in_flight.commit())  # offset 1, slowly
+    await asyncio.sleep(0.01)
+    d._hand_over(in_flight, TP, records("ntf_b", first=1))
+    await settle(in_flight)
+    await in_flight.on_partitions_revoked({TP})  # offset 2
+    await loops
+    assert consumer.commits == [{TP: 1}, {TP: 2}]
+    await d.client.aclose()
+
+
+async def test_a_record_that_is_no_notification_fetched_again_is_not_dead_lettered_again() -> None:
+    async def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200)
+
+    d, letters = deliverer(answer)
+    in_flight = _InFlight(FakeConsumer())
+    bad = SimpleNamespace(topic=TP.topic, partition=0, offset=0, key=b"k", value=b"{not json", headers=())
+    for _ in range(2):  # fetched again after a revoke
+        d._hand_over(in_flight, TP, [bad])
+        await settle(in_flight)
+        await in_flight.drop({TP})
+    assert len(letters) == 1
+    assert (d.stats.invalid, d.stats.duplicates) == (1, 1)
     await d.client.aclose()

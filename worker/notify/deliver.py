@@ -44,7 +44,14 @@ from pydantic import ValidationError
 from common import kafka_clients
 from common.follower import topic_partitions
 from common.recent_set import RecentSet
-from common.retry import cancel_all_and_wait, cancel_and_wait, describe_error, keep_running, retry_forever
+from common.retry import (
+    cancel_all_and_wait,
+    cancel_and_wait,
+    describe_error,
+    finish_despite_cancels,
+    keep_running,
+    retry_forever,
+)
 from schemas.notifications import Notification, UndeliveredNotification
 from worker.ingest.dlq import dead_letter, dead_letter_key, record_id, send_or_skip
 from worker.notify.progress import PartitionProgress
@@ -61,6 +68,7 @@ FETCH_MAX_RECORDS = 200
 # before fetching pauses: an endpoint that keeps failing holds back the others only once it is
 # this far behind; memory and what a crash or rebalance delivers again stay bounded by it.
 MAX_HELD_NOTIFICATIONS = 10_000
+CLIENTS_STOP_TIMEOUT_S = 30.0  # leaving the group and flushing the producer, at most
 _DEAD_LETTERS = "dead letters"  # the chains' slot of records that are not notifications (never a URL)
 REMEMBERED_DELIVERIES = 100_000  # (notification, endpoint) pairs done, to skip a duplicate
 
@@ -149,6 +157,9 @@ class _InFlight(ConsumerRebalanceListener):  # type: ignore[misc]
         self.running: dict[asyncio.Task[None], TopicPartition] = {}  # every chain not ended, and its partition
         self.committed: dict[TopicPartition, int] = {}
         self.failure: BaseException | None = None
+        # One commit at a time: aiokafka retries a commit after a backoff without looking at the
+        # assignment again, so a revoke's commit could land first and be overwritten with less.
+        self._commit_lock = asyncio.Lock()
 
     @property
     def held(self) -> int:
@@ -190,6 +201,10 @@ class _InFlight(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def commit(self, partitions: Collection[TopicPartition] | None = None) -> None:
         """Commit each owned partition (of ``partitions``, default all) up to its commit point."""
+        async with self._commit_lock:
+            await self._commit(partitions)
+
+    async def _commit(self, partitions: Collection[TopicPartition] | None) -> None:
         assigned = self.consumer.assignment()
         points = {}
         sources = {}
@@ -331,8 +346,8 @@ class WebhookDeliverer:
                 await in_flight.drop(set(in_flight.progress))
             finally:
                 self._producer = None
-                # Shielded: a stop repeats its cancel, and the group must still be left.
-                await asyncio.shield(_stop_clients(consumer, producer))
+                # To its end, whatever cancels the caller meanwhile: the group must be left.
+                await finish_despite_cancels(_stop_clients(consumer, producer), CLIENTS_STOP_TIMEOUT_S)
 
     def _hand_over(self, in_flight: _InFlight, tp: TopicPartition, records: list[Any]) -> None:
         """One partition's fetch to every endpoint: each key's notifications in order, after the
@@ -474,15 +489,20 @@ class WebhookDeliverer:
     async def _dead_letter_unreadable(self, record: Any, exc: ValidationError) -> None:
         """A record that is not a notification (nothing to deliver) goes to the dead-letter topic
         whole, in the events' dead-letter format (``worker.ingest.dlq``): not skipped unseen."""
+        place = record_id(record.topic, record.partition, record.offset)
+        done = (place, _DEAD_LETTERS)
+        if done in self._done:  # fetched again (a revoke, a restart): dead-lettered already
+            self.stats.duplicates += 1
+            return
         reason, detail = validation_reason(exc)
         rejection = Rejection(record.topic, record.partition, record.offset, reason, detail, record.key, record.value)
         value, headers = dead_letter(rejection, datetime.fromtimestamp(self.clock(), UTC))
         producer = self._producer
-        place = record_id(record.topic, record.partition, record.offset)
-        self.stats.invalid += 1
         topic, key = self.settings.notifications_dlq_topic, dead_letter_key(rejection)
         if await send_or_skip(lambda: producer.send_and_wait(topic, value, key=key, headers=headers), place, reason):
             log.error("not a notification at %s, dead-lettered (%s): %s", place, reason, detail)
+        self.stats.invalid += 1
+        self._remember(done)
 
     def _remember(self, done: tuple[str, str]) -> None:
         self._done.add(done)
