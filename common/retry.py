@@ -118,23 +118,32 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         task.result()
 
 
-async def finish_despite_cancels(step: Coroutine[Any, Any, None], timeout: float) -> None:
+async def finish_despite_cancels(step: Coroutine[Any, Any, None], what: str, timeout: float) -> None:
     """Run ``step`` to its end even if the caller is cancelled meanwhile (a stop's cancel is
-    repeated: ``cancel_and_wait``), then let the caller's cancel go on. A step still running
-    after ``timeout`` is cancelled and logged: a stop must end."""
+    repeated: ``cancel_and_wait``), then let the caller's cancel go on. Bounded: past
+    ``timeout`` the step is cancelled, and one that still runs ``CANCEL_REPEAT_S`` later is
+    left to end on its own (a stop must end). Its error is logged, never raised."""
     task = asyncio.create_task(step)
-    deadline = asyncio.get_running_loop().time() + timeout
-    caller_cancelled = False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    caller_cancelled = cancelled = False
     while not task.done():
-        left = deadline - asyncio.get_running_loop().time()
-        if left <= 0:
-            log.warning("%s did not end within %.0f s; cancelled", task.get_coro(), timeout)
-            await cancel_all_and_wait(task)
+        left = deadline - loop.time()
+        if left <= 0 and cancelled:
+            log.warning("%s: still running after its cancel; left to end on its own", what)
             break
+        if left <= 0:
+            log.warning("%s did not end within %g s; cancelling it", what, timeout)
+            task.cancel()
+            cancelled, deadline = True, loop.time() + CANCEL_REPEAT_S
+            continue
         try:
             await asyncio.wait({task}, timeout=left)
         except asyncio.CancelledError:
             caller_cancelled = True
+    error = task.exception() if task.done() and not task.cancelled() else None
+    if error is not None:
+        log.warning("%s failed: %s", what, describe_error(error))
     if caller_cancelled:
         raise asyncio.CancelledError
 

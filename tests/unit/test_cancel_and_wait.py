@@ -111,7 +111,7 @@ async def test_a_step_finished_despite_cancels_ends_even_through_a_repeated_stop
         try:
             await asyncio.sleep(10)
         finally:
-            await finish_despite_cancels(slow_stop(), timeout=5)
+            await finish_despite_cancels(slow_stop(), "leaving the group", timeout=5)
 
     task = asyncio.create_task(owner())
     await asyncio.sleep(0.01)
@@ -120,10 +120,39 @@ async def test_a_step_finished_despite_cancels_ends_even_through_a_repeated_stop
     assert task.cancelled()
 
 
-async def test_a_step_past_its_timeout_is_cancelled() -> None:
-    async def hangs() -> None:
-        await asyncio.Event().wait()
+async def test_a_step_past_its_timeout_is_cancelled_and_one_deaf_to_it_left_behind(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(retry, "CANCEL_REPEAT_S", 0.05)
+    cancelled: list[str] = []
 
+    async def hangs() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append("hangs")
+            raise
+
+    released = False
+
+    async def deaf() -> None:
+        while not released:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.01)
+
+    await finish_despite_cancels(hangs(), "hanging step", timeout=0.1)
+    assert cancelled == ["hangs"]
     started = asyncio.get_running_loop().time()
-    await finish_despite_cancels(hangs(), timeout=0.1)
+    await finish_despite_cancels(deaf(), "deaf step", timeout=0.1)  # returns: a stop must end
     assert asyncio.get_running_loop().time() - started < 1
+    assert "hanging step did not end within 0.1 s; cancelling it" in caplog.text
+    assert "deaf step: still running after its cancel" in caplog.text
+    released = True  # the test's loop would wait for it at its end
+
+
+async def test_a_steps_error_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    async def fails() -> None:
+        raise RuntimeError("stop failed")
+
+    await finish_despite_cancels(fails(), "the step", timeout=1)
+    assert "the step failed: RuntimeError: stop failed" in caplog.text

@@ -378,3 +378,32 @@ async def test_a_record_that_is_no_notification_fetched_again_is_not_dead_letter
     assert len(letters) == 1
     assert (d.stats.invalid, d.stats.duplicates) == (1, 1)
     await d.client.aclose()
+
+
+async def test_a_commit_waiting_behind_a_revoke_does_not_commit_the_revoked_partition() -> None:
+    async def answer(request: httpx.Request) -> httpx.Response:
+        nid = request.headers["X-Meter-Notification-Id"]
+        if nid == "ntf_b":
+            await asyncio.sleep(0.03)  # ends while the revoke's commit is on its way
+        if nid == "ntf_c" and request.url.host == "down.test":
+            await asyncio.Event().wait()  # the drop has a chain to wait for
+        return httpx.Response(200)
+
+    class SlowCommits(FakeConsumer):
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            await asyncio.sleep(0.05)
+            self.commits.append(dict(offsets))
+
+    d, _ = deliverer(answer, notify_webhook_timeout_s=60.0)
+    consumer = SlowCommits()
+    in_flight = _InFlight(consumer)
+    d._hand_over(in_flight, TP, records("ntf_a", key=b"a"))
+    await asyncio.sleep(0.01)  # ntf_a ended everywhere
+    d._hand_over(in_flight, TP, records("ntf_b", first=1, key=b"b"))
+    d._hand_over(in_flight, TP, records("ntf_c", first=2, key=b"c"))
+    revoke = asyncio.create_task(in_flight.on_partitions_revoked({TP}))  # commits 1
+    await asyncio.sleep(0.01)
+    await in_flight.commit()  # the loop's, waiting for the lock: by then the partition is gone
+    await revoke
+    assert consumer.commits == [{TP: 1}]
+    await d.client.aclose()

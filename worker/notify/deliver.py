@@ -237,12 +237,16 @@ class _InFlight(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
         partitions = set(revoked)
-        try:
-            await self.commit(partitions)  # what ended is not delivered again by the next owner
-        except Exception as exc:  # e.g. the member's session already lost: the next owner redelivers
-            log.warning("notify: committing revoked partitions failed (%s)", describe_error(exc))
-        finally:
-            await self.drop(partitions)
+        # The lock until the partitions are dropped: a commit of the loop waiting for it would
+        # commit them again meanwhile (the assignment still lists them), possibly after the
+        # next owner's. The chains the drop waits for never take it.
+        async with self._commit_lock:
+            try:
+                await self._commit(partitions)  # what ended is not delivered again by the next owner
+            except Exception as exc:  # e.g. the member's session already lost: the next owner redelivers
+                log.warning("notify: committing revoked partitions failed (%s)", describe_error(exc))
+            finally:
+                await self.drop(partitions)
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         pass  # read from the committed offsets; a partition's progress starts with its first fetch
@@ -347,7 +351,8 @@ class WebhookDeliverer:
             finally:
                 self._producer = None
                 # To its end, whatever cancels the caller meanwhile: the group must be left.
-                await finish_despite_cancels(_stop_clients(consumer, producer), CLIENTS_STOP_TIMEOUT_S)
+                stopping = _stop_clients(consumer, producer)
+                await finish_despite_cancels(stopping, "notify: stopping the Kafka clients", CLIENTS_STOP_TIMEOUT_S)
 
     def _hand_over(self, in_flight: _InFlight, tp: TopicPartition, records: list[Any]) -> None:
         """One partition's fetch to every endpoint: each key's notifications in order, after the
