@@ -155,7 +155,6 @@ class _InFlight(ConsumerRebalanceListener):  # type: ignore[misc]
         self.progress: dict[TopicPartition, PartitionProgress] = {}
         self.chains: dict[tuple[str, TopicPartition, bytes | None], asyncio.Task[None]] = {}  # the newest
         self.running: dict[asyncio.Task[None], TopicPartition] = {}  # every chain not ended, and its partition
-        self.committed: dict[TopicPartition, int] = {}
         self.failure: BaseException | None = None
         # One commit at a time: aiokafka retries a commit after a backoff without looking at the
         # assignment again, so a revoke's commit could land first and be overwritten with less.
@@ -206,19 +205,17 @@ class _InFlight(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _commit(self, partitions: Collection[TopicPartition] | None) -> None:
         assigned = self.consumer.assignment()
-        points = {}
-        sources = {}
+        moved: dict[TopicPartition, tuple[PartitionProgress, int]] = {}
         for tp, progress in self.progress.items():
             if tp not in assigned or (partitions is not None and tp not in partitions):
                 continue
             point = progress.commit_point()
-            if point is not None and point != self.committed.get(tp):
-                points[tp], sources[tp] = point, progress
-        if points:
-            await self.consumer.commit(points)
-            for tp, point in points.items():
-                if self.progress.get(tp) is sources[tp]:  # not dropped (a revoke) meanwhile
-                    self.committed[tp] = point
+            if point is not None and point != progress.committed:
+                moved[tp] = progress, point
+        if moved:
+            await self.consumer.commit({tp: point for tp, (_, point) in moved.items()})
+            for progress, point in moved.values():
+                progress.committed = point  # a progress dropped meanwhile is no longer read
 
     async def drop(self, partitions: Collection[TopicPartition]) -> None:
         """Stop the deliveries of ``partitions`` and forget them (their owner delivers again what
@@ -233,7 +230,6 @@ class _InFlight(ConsumerRebalanceListener):  # type: ignore[misc]
             del self.chains[slot]
         for tp in partitions:
             self.progress.pop(tp, None)
-            self.committed.pop(tp, None)
 
     async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
         partitions = set(revoked)

@@ -18,6 +18,7 @@ class PartitionProgress:
         self._left: dict[int, int] = {}  # offset -> deliveries not ended yet
         self._order: deque[int] = deque()  # the offsets handed over, in order
         self._next: int | None = None  # the commit point: everything before it has ended
+        self.committed: int | None = None  # the point last committed (the caller's to set)
 
     @property
     def held(self) -> int:
