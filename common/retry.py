@@ -107,11 +107,8 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     caller_cancelled = False
     while not task.done():
         task.cancel()
-        try:
-            await asyncio.wait({task}, timeout=CANCEL_REPEAT_S)
-        except asyncio.CancelledError:
-            # The caller is being stopped too (nested stops): the task is still ended first.
-            caller_cancelled = True
+        # The caller may be stopped too (nested stops): the task is still ended first.
+        caller_cancelled |= await _cancelled_while_waiting(task, CANCEL_REPEAT_S)
     if caller_cancelled:
         raise asyncio.CancelledError
     if not task.cancelled():
@@ -137,15 +134,22 @@ async def finish_despite_cancels(step: Coroutine[Any, Any, None], what: str, tim
             task.cancel()
             cancelled, deadline = True, loop.time() + CANCEL_REPEAT_S
             continue
-        try:
-            await asyncio.wait({task}, timeout=left)
-        except asyncio.CancelledError:
-            caller_cancelled = True
+        caller_cancelled |= await _cancelled_while_waiting(task, left)
     error = task.exception() if task.done() and not task.cancelled() else None
     if error is not None:
         log.warning("%s failed: %s", what, describe_error(error))
     if caller_cancelled:
         raise asyncio.CancelledError
+
+
+async def _cancelled_while_waiting(task: asyncio.Task[Any], timeout: float) -> bool:
+    """Wait up to ``timeout`` for ``task``; True if the caller was cancelled meanwhile (the wait
+    ends there: the caller re-raises its cancel once it is done with the task)."""
+    try:
+        await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        return True
+    return False
 
 
 async def cancel_all_and_wait(*tasks: asyncio.Task[Any]) -> None:

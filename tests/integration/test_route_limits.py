@@ -9,9 +9,11 @@ import pytest
 from pydantic import SecretStr
 
 from node.demo_api import STATEMENT_COST
+from schemas.analytics import KeyState, WindowState
 from schemas.decisions import DecisionAction, Window
 from schemas.limits import LimitPolicy, OverrideScope, route_subject
 from tests.integration.helpers import RAW, SECRET, blocked_everywhere, kid, node, wait_for, window_count
+from worker.analytics.queries import key_state
 from worker.app import WorkerRuntime
 from worker.limits.control import manual_decision, set_override
 from worker.settings import Settings
@@ -22,6 +24,10 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 STATEMENT = "/v0/payments/statement"
 # 3 statements a day per key (each costs STATEMENT_COST; a day: no window ends during the test).
 ROUTE_DAILY = 3 * STATEMENT_COST
+
+
+def _day(state: KeyState) -> WindowState:
+    return next(w for w in state.windows if w.window is Window.day)
 
 
 @pytest.fixture
@@ -56,6 +62,26 @@ async def test_a_route_limit_spread_over_two_nodes_blocks_the_route_only_and_sur
             assert window_count(first, subject, Window.day) == 4 * STATEMENT_COST
             # The key's own count is in cost too: 4 statements x 10 + 5 cheap requests.
             assert window_count(first, kid("carol"), Window.day) == 4 * STATEMENT_COST + 5
+
+            # The key state of the key on the route (`meter key-state KEY_ID@statements`, the
+            # API's) counts that route's rows only, against the route's limit, with its block.
+            def route_state() -> KeyState:
+                return key_state(clickhouse, settings.clickhouse_database, subject, settings.policy_book().resolve)
+
+            # (the rollup rows and the decision's audit row are written after the block is pushed)
+            await wait_for(
+                lambda: (_day(state := route_state()).count, state.blocked) == (4 * STATEMENT_COST, True),
+                20,
+                "route rows and decision stored",
+            )
+            state = route_state()
+            assert (_day(state).limit, _day(state).over, state.key_id) == (ROUTE_DAILY, True, subject)
+
+            def own_state() -> KeyState:
+                return key_state(clickhouse, settings.clickhouse_database, kid("carol"), settings.policy_book().resolve)
+
+            await wait_for(lambda: _day(own_state()).count == 4 * STATEMENT_COST + 5, 20, "key rows stored")
+            assert not own_state().blocked
 
             refused = await c2.get(STATEMENT, headers=carol)
             assert refused.status_code == 429

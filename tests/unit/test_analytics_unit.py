@@ -11,13 +11,14 @@ import pytest
 
 from schemas.analytics import Severity, TopDimension, TopEntry, TopList, TopMetric
 from schemas.usage import Granularity
-from worker.analytics.api import error_body
+from worker.analytics.api import book_of, error_body, settings_limits
 from worker.analytics.cli import emit
 from worker.analytics.queries import check_window, window_level
 from worker.analytics.signals import _fmt_span, severity
 from worker.analytics.source import _span
 from worker.cli_args import parse_duration
 from worker.cli_args import parse_time as _time
+from worker.settings import Settings
 from worker.store.usage import LevelsHeld
 
 NOW = datetime(2026, 11, 27, 12, 34, 56, tzinfo=UTC)
@@ -139,3 +140,14 @@ def test_a_span_sent_to_the_query_api_is_the_span_asked(seconds: float) -> None:
     # `meter signals --recent 30s` against a remote API was sent as "0d" (a 422), 90s as "1m".
     span = timedelta(seconds=seconds)
     assert parse_duration(_span(span)) == span
+
+
+def test_without_a_live_book_the_key_state_uses_the_settings_route_defaults_too() -> None:
+    # A query API or CLI that follows no overrides still compares a key on a route with the
+    # route's default (METER_ROUTE_LIMITS), not with the key's.
+    settings = Settings(route_limits={"statements": {"per_day": 30}}, limit_per_minute=100)
+    lookup = settings_limits(settings)
+    assert lookup("k1@statements", "").per_day == 30
+    assert lookup("k1@statements", "").per_minute is None
+    assert lookup("k1", "").per_minute == 100
+    assert book_of(settings, None).resolve("k1@statements").per_day == 30

@@ -54,17 +54,16 @@ _SECURITY_HEADERS = {
 
 
 def settings_limits(settings: Settings) -> PolicyLookup:
-    """Every key gets the settings' limits: what a caller that follows no overrides passes (the
-    worker and ``meter serve-api`` pass their live book's ``resolve``)."""
-    policy = settings.default_policy()
-    return lambda _key_id, _account_id: policy
+    """The settings' limits (the default and the routes' defaults): what a caller that follows no
+    overrides passes (the worker and ``meter serve-api`` pass their live book's ``resolve``)."""
+    return settings.policy_book().resolve
 
 
 def book_of(settings: Settings, policy_for: PolicyLookup | None) -> PolicyBook:
     """The book behind ``policy_for`` when it is a book's ``resolve`` (as the worker and ``meter
-    serve-api`` pass it: followed live), else the settings' default without overrides."""
+    serve-api`` pass it: followed live), else the settings' limits without overrides."""
     owner = getattr(policy_for, "__self__", None)
-    return owner if isinstance(owner, PolicyBook) else PolicyBook(settings.default_policy())
+    return owner if isinstance(owner, PolicyBook) else settings.policy_book()
 
 
 def error_body(status: int, message: str, request_id: str, error: str | None = None) -> dict[str, str]:

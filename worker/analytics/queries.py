@@ -28,7 +28,7 @@ from schemas.analytics import (
     WindowState,
 )
 from schemas.decisions import Window, month_bounds
-from schemas.limits import LimitPolicy
+from schemas.limits import LimitPolicy, split_subject
 from schemas.usage import Granularity, UsagePoint
 from worker.cli_args import EARLIEST, LATEST
 from worker.refusals import EmptyRange, OutOfRange, QueryRefused, iso
@@ -366,13 +366,16 @@ def key_state(
     now: datetime | None = None,
     history: int = 50,
 ) -> KeyState:
-    """Counts of ``key_id`` in the current minute / hour / day / UTC calendar month against ``policy``
-    (the month: the sum of its day rows, as the workers rebuild it), plus its decisions.
+    """Counts of ``key_id`` (a key, or a key on a route: ``KEY_ID@route``) in the current minute /
+    hour / day / UTC calendar month against ``policy`` (the month: the sum of its day rows, as the
+    workers rebuild it), plus its decisions.
 
     The active block is the newest decision if it is a block whose ``until`` is still ahead
     (or has no ``until``: a manual block holds until an operator unblocks).
     """
     as_of = utc(now or datetime.now(UTC))
+    # A key on a route (``KEY_ID@route``) counts the key's rows on that route, as the workers do.
+    key, route = split_subject(key_id)
     bounds = {w: window_bounds(w, as_of) for w in (Window.minute, Window.hour, Window.day)}
     month_start, month_end = month_bounds(as_of.timestamp())
     bounds[Window.month] = (datetime.fromtimestamp(month_start, UTC), datetime.fromtimestamp(month_end, UTC))
@@ -386,9 +389,11 @@ def key_state(
         "AND status != 429), "
         f"anyIf(account_id, account_id != '') FROM {rollup_table(database)} "
         "WHERE level IN ('minute', 'hour', 'day') AND key_id = {key:String} "
-        "AND (bucket >= {d:DateTime('UTC')} OR (level = 'day' AND bucket >= {mo:DateTime('UTC')}))",
+        + ("AND route = {route:String} " if route is not None else "")
+        + "AND (bucket >= {d:DateTime('UTC')} OR (level = 'day' AND bucket >= {mo:DateTime('UTC')}))",
         parameters={
-            "key": key_id,
+            "key": key,
+            "route": route or "",
             "m": bounds[Window.minute][0],
             "h": bounds[Window.hour][0],
             "d": bounds[Window.day][0],

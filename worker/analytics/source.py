@@ -275,10 +275,9 @@ def open_analytics(
     key state compares with when read from the store (default: the settings' limits); ``book``
     the default and overrides a backtest compares with (default: the settings' limits only)."""
     if policies is None:
-        default = settings.default_policy()
-        policies = lambda: lambda _key, _account: default  # noqa: E731
+        policies = lambda: settings.policy_book().resolve  # noqa: E731
     if book is None:
-        book = lambda: PolicyBook(settings.default_policy())  # noqa: E731
+        book = settings.policy_book
     admin_key = settings.admin_api_key.get_secret_value()
     url = api_url or settings.query_api_url
     if url:
