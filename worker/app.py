@@ -28,6 +28,7 @@ from worker.ingest.consumer import PartitionWriter
 from worker.ingest.dlq import dead_letter_key, record_id, send_or_skip
 from worker.ingest.pipeline import IngestPipeline
 from worker.ingest.recent_hashes import RecentHashes
+from worker.kafka_ready import wait_for_group_coordinator
 from worker.limits.guard_runner import GuardRunner
 from worker.limits.guards import GuardRules
 from worker.limits.service import LimitService
@@ -260,6 +261,7 @@ class WorkerRuntime:
             if sock is not None:
                 started.callback(sock.close)  # not served yet (uvicorn closes it when it stops)
             await ensure_topics(s)
+            await wait_for_group_coordinator(s, s.consumer_group)
             await asyncio.to_thread(self.open)
             log.info(
                 "worker starting: kafka %s, topic %s, group %s, clickhouse %s/%s",
