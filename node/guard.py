@@ -312,7 +312,13 @@ class LocalGuard:
         grant = held.grants.get(self.node_id)
         if grant is not None:
             return grant.cap, held, allowance.version
-        base = state.anchors.get((i, state.starts[i]), state.counts[i]) if state.anchors else state.counts[i]
+        # Counted from this node's count when it first holds the allowance in the window: also
+        # one applied before this node reached the window (its clock a little behind), which
+        # ``apply`` could not anchor. Read without an anchor, the cap would move with every
+        # admission.
+        if state.anchors is None:
+            state.anchors = {}
+        base = state.anchors.setdefault((i, state.starts[i]), state.counts[i])
         if held.settling:  # the worker holds this node's burst share back for it: that, no more
             return max(base, self._share(held.limit)), held, allowance.version
         return base + held.others, held, allowance.version

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from node.guard import LocalGuard
 from schemas.allowances import Allowance, AllowanceVersion
 from schemas.decisions import Window
 from schemas.limits import LimitPolicy, PolicyBook
 from tests.clock import Clock
+from tests.unit.event_records import NOW, VALIDATOR, Rec, record
 from worker.limits.allowances import FIRST_SIGHT_S, IDLE_TAU_S, NodeUse, divide
 from worker.limits.engine import AllowancePolicy, LimitEngine, NodeReport
+from worker.limits.fastlane import RecentRequests, group_batch
+from worker.records import RecordChecker
 
 T0 = datetime(2026, 12, 1, 12, 0, 5, tzinfo=UTC).timestamp()
 MINUTE = int(T0) // 60 * 60  # 12:00:00
@@ -463,3 +467,63 @@ def test_a_previous_owners_allowance_read_from_the_topic_raises_the_versions() -
     h.engine.seen_allowance(read)
     [second] = h.observe(5, three_nodes())
     assert second.version > theirs.version
+
+
+def test_requests_a_node_admitted_and_still_serves_are_not_divided_again() -> None:
+    """A node's count includes the requests it admitted and still serves (their events come when
+    they end, ~50 ms later here): each of 3 nodes says 30 while the worker has counted 20 of
+    each. Divided from the worker's 60, the caps added up to 130 (40 past the limit); the key
+    has used at least the 90 the nodes say."""
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    engine.observe({(0, "k", "acct", MINUTE): 36}, {(0, "k"): spread(T0, n1=12, n2=12, n3=12)})
+    clock.now = T0 + 0.2  # settled; the nodes have admitted 90, the worker counted 60
+    [divided] = engine.observe(
+        {(0, "k", "acct", MINUTE): 24}, {(0, "k"): spread(clock.now, n1=30, n2=30, n3=30)}
+    ).allowances
+    [window] = divided.windows
+    assert window.count == 90
+    # 10 left for three nodes, each at its cap: one unit each (at most 2 past the remainder).
+    assert sum(caps(divided).values()) <= 100 + 2
+
+
+def test_a_key_at_90_percent_on_one_node_is_not_refused_after_its_held_requests_are_released() -> None:
+    """One node of three at 300 req/s: it admits its burst share (34), holds the next requests
+    for the division, and releases them when the key's whole remainder comes. A fresh request
+    happened to be admitted first: its event has the latest start but not the highest count.
+    The worker read the node's use from it (35 of its 68) and capped it at 67: the key was
+    refused at 68 of 100, though it sends only 90 in the minute."""
+    at = NOW + timedelta(seconds=5)
+    clock = Clock(at.timestamp())
+    engine = LimitEngine(
+        PolicyBook(LimitPolicy()), clock, AllowancePolicy(threshold=0.3, lag_s=LAG, burst_share=0.34, settle_s=0.12)
+    )
+    engine.assign(0, [])
+    engine.nodes_seen.update({"n1": clock.now, "n2": clock.now, "n3": clock.now})
+    node = LocalGuard(PolicyBook(LimitPolicy()), "n1", burst_share=0.34)
+    checker, recent = RecordChecker(VALIDATOR, None, None), RecentRequests(10_000)
+
+    def event_at(i: int, offset: float, count: int) -> Rec:
+        ts = at + timedelta(seconds=offset)
+        return record(0, i, request_id=f"r{i}", key_id="k", account_id="acct", ts=ts, node_counts=[count] * 3)
+
+    def fetch(records: list[Rec]) -> None:
+        batch = group_batch(records, checker, recent, clock.now)
+        for allowance in engine.observe(batch.counts, batch.nodes).allowances:
+            node.apply(allowance, clock.now)
+
+    start = at.timestamp()
+    assert [node.admit("k", "acct", start + i / 300) for i in range(34)] == [None] * 34
+    clock.now = start + 0.12
+    fetch([event_at(i, i / 300, i + 1) for i in range(34)])  # settling: capped at its share
+    clock.now = start + 0.27
+    for allowance in engine.redivide():  # settled; the others silent: the remainder is n1's
+        node.apply(allowance, clock.now)
+    released = [node.admit("k", "acct", start + 0.27)] + [
+        node.admit("k", "acct", start + 0.117 + j * 0.0044) for j in range(33)
+    ]
+    assert released == [None] * 34  # 68 admitted
+    clock.now = start + 0.28
+    fetch([event_at(100, 0.27, 35)] + [event_at(101 + j, 0.117 + j * 0.0044, 36 + j) for j in range(33)])
+    rest = [node.admit("k", "acct", start + 0.28 + j / 300) for j in range(22)]  # up to 90 in the minute
+    assert rest == [None] * 22

@@ -379,3 +379,18 @@ def test_a_clock_set_back_within_the_hour_keeps_the_hours_count() -> None:
     stepped_back = sum(g.admit("k", "a", T0 + 575 + i * 0.1) is None for i in range(100))
     assert stepped_back == 0
     assert g.counts("k", T0 + 585) == [0, 1000, 1000]  # the minute started over, the hour kept
+
+
+def test_an_allowance_for_a_window_this_node_has_not_reached_yet_still_holds_it_to_others() -> None:
+    """This node's clock is 0.3 s behind the one whose events opened the next minute: the
+    allowance for that minute arrives before this node is in it, so ``apply`` cannot anchor it.
+    Once here, the node (not listed) may admit what the worker left for others: 5, not the limit."""
+    g = LocalGuard(PolicyBook(LimitPolicy()), "nB", burst_share=0.34)
+    nxt = MINUTE + 60
+    assert g.admit("k", "acct", nxt - 0.3) is None
+    assert g.apply(allowance(1, {"nA": (60, 95)}, others=5, start=nxt), nxt - 0.3)
+    answers = [g.admit("k", "acct", nxt + 0.001 * i, final=True) for i in range(20)]
+    assert answers[:5] == [None] * 5
+    refusal = answers[5]
+    assert refusal is not None
+    assert (refusal.by, refusal.cap) == (RefusedBy.allowance, 5)

@@ -340,3 +340,25 @@ def test_429_rows_are_written_once_more_as_their_own_level() -> None:
     assert cells("minute_429") == cells("minute")
     assert sum(row[5] for row in cells("minute_429")) == statuses.count(429)
     assert len(cells("minute_429")) == 4  # (k0, e0), (k1, e1) twice, (k0, e1), (k2, e1): grouped as the minutes
+
+
+def test_the_fast_lane_keeps_a_nodes_highest_counts_of_its_latest_minute() -> None:
+    """A node takes its counts when a request ends, in the windows of the request's start: a
+    request held at a cap and released late starts before one admitted at once and carries the
+    higher counts. Within a minute the highest are kept; a later minute replaces them."""
+    at = NOW + timedelta(seconds=5)
+
+    def counted(*events: tuple[float, int]) -> tuple[int, int, int] | None:
+        records = [
+            record(0, i, request_id=f"r{i}", ts=at + timedelta(seconds=s), node_counts=[n, n + 100, n + 200])
+            for i, (s, n) in enumerate(events)
+        ]
+        batch = group_batch(records, RecordChecker(VALIDATOR, None, None), RecentRequests(100), at.timestamp() + 60)
+        return batch.nodes[(0, "k1")]["n1"].counts
+
+    # The fresh request (latest start, count 35) first, then the released ones (earlier, 36..40).
+    assert counted((0.27, 35), (0.12, 36), (0.13, 40), (0.14, 38)) == (40, 140, 240)
+    # The next minute starts the node's counts over: its (lower) counts are the latest.
+    assert counted((0.12, 90), (60.0, 3)) == (3, 103, 203)
+    # An event of the minute before, fetched after, does not take them back.
+    assert counted((60.0, 3), (0.12, 90)) == (3, 103, 203)

@@ -83,9 +83,22 @@ def group_batch(
         report.arrivals += 1
         report.first_ts = min(report.first_ts, epoch)
         report.last_ts = max(report.last_ts, epoch)
-        if node_counts is not None and epoch >= report.epoch:
-            report.counts = (node_counts[0], node_counts[1], node_counts[2])
-            report.epoch = epoch
+        if node_counts is not None:
+            # A node takes its counts when a request ends, in the windows of the request's start:
+            # within one minute the highest are the latest (a request held at a cap and released
+            # late starts before one admitted at once, and ends after it); a later minute
+            # replaces them.
+            held = report.counts
+            if held is None or epoch // 60 > report.epoch // 60:
+                report.counts = (node_counts[0], node_counts[1], node_counts[2])
+                report.epoch = epoch
+            elif epoch // 60 == report.epoch // 60:
+                report.counts = (
+                    max(held[0], node_counts[0]),
+                    max(held[1], node_counts[1]),
+                    max(held[2], node_counts[2]),
+                )
+                report.epoch = max(report.epoch, epoch)
     return batch
 
 
