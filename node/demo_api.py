@@ -26,6 +26,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.listen import listening_socket
 from node.decision_cache import DecisionCache
@@ -142,6 +143,20 @@ async def get_rates(request: Request) -> JSONResponse:
     return JSONResponse({"data": _RATES})
 
 
+class ServingTime:
+    """Calls of the API (``/v0/``) take ``seconds`` to serve, like a real API's handlers
+    (``METER_DEMO_SERVING_MS``); behind the meter, so the meter sees requests in flight."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v0/"):
+            await asyncio.sleep(self.seconds)
+        await self.app(scope, receive, send)
+
+
 # long: the demo API's routes, health and lifespan in one place
 def build_node_app(
     settings: NodeSettings,
@@ -254,7 +269,8 @@ def build_node_app(
                 burst_wait_s=settings.node_burst_wait_ms / 1000.0,
                 route_resolver=starlette_route_resolver(routes),
                 now=now,
-            )
+            ),
+            *([Middleware(ServingTime, seconds=settings.demo_serving_ms / 1000.0)] if settings.demo_serving_ms else []),
         ],
     )
     app.state.reporter = reporter

@@ -79,6 +79,9 @@ class NodeSettings(BaseSettings):
     node_burst_share: float = Field(default=0.34, gt=0.0, le=1.0)
     node_burst_wait_ms: int = Field(default=250, ge=0, le=10_000)
     demo_seed: SecretStr = SecretStr("")  # derives the demo API's keys (demo and tests only)
+    # How long each demo API call is served (a real API's handlers take time; requests admitted
+    # and still served are counted by the node before the worker sees their events): benchmarks.
+    demo_serving_ms: int = Field(default=0, ge=0, le=60_000)
     # Route prefixes any valid key may call without a scope. A route no rule covers and not
     # listed here is refused (403): a route added without a rule fails closed.
     node_public_routes: Annotated[tuple[str, ...], NoDecode] = ()

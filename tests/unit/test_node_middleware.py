@@ -761,3 +761,23 @@ def test_a_local_refusals_retry_after_never_exceeds_its_window() -> None:
     assert headers[b"retry-after"] == headers[b"ratelimit-reset"] == b"60"
     assert headers[b"ratelimit-policy"] == b"100;w=60"
     assert dict(node.middleware._refused(refusal, now=until - 29.5).headers)[b"retry-after"] == b"30"
+
+
+async def test_the_demo_apis_serving_time_keeps_admitted_requests_in_flight() -> None:
+    """METER_DEMO_SERVING_MS: a call takes that long behind the meter, so the node has counted
+    requests whose events are not reported yet (what the worker's division must allow for)."""
+    reporter = FakeReporter()
+    settings = SETTINGS.model_copy(update={"demo_serving_ms": 1_500})
+    app = build_node_app(settings, demo_key_store(RAW, SECRET.encode()), reporter=reporter, now=lambda: NOW)
+    guard = app.state.cache.guard
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://node") as c:
+        calls = [asyncio.create_task(c.get("/v0/rates", headers={"X-API-Key": RAW["bob"]})) for _ in range(5)]
+        for _ in range(100):
+            if guard.counts(kid("bob"), NOW.timestamp()) == [5, 5, 5]:
+                break
+            await asyncio.sleep(0.01)
+        assert guard.counts(kid("bob"), NOW.timestamp()) == [5, 5, 5]
+        assert reporter.events == []  # admitted, counted, still being served
+        assert [r.status_code for r in await asyncio.gather(*calls)] == [200] * 5
+    assert len(reporter.events) == 5
