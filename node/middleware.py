@@ -264,6 +264,10 @@ class MeterMiddleware:
             if record is None:
                 key_id = INVALID_KEY_PREFIX + key_id[-2:]
         del raw_key  # nothing below needs it
+        # The node's own counts as of this request's admission (or refusal), reported with its
+        # event. Taken at its end they would include the requests admitted since and still being
+        # served, which the worker has not counted: it would give their share out again.
+        node_counts = self._guard.counts(key_id, epoch) if self._guard is not None and record is not None else None
 
         status = 500
         bytes_out = 0
@@ -310,9 +314,7 @@ class MeterMiddleware:
                 latency_ms=min((time.perf_counter() - started) * 1000.0, MAX_LATENCY_MS),
                 client_ip=client_ip(scope, self._trusted),
                 bytes_out=min(bytes_out, MAX_BYTES_OUT),
-                node_counts=(
-                    self._guard.counts(key_id, epoch) if self._guard is not None and record is not None else None
-                ),
+                node_counts=node_counts,
                 cost=cost,
                 route=served.route if served is not None else None,
             )

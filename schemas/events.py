@@ -86,9 +86,10 @@ class RequestEvent(TypedDict):
     latency_ms: NotRequired[Annotated[float, Field(ge=0, le=MAX_LATENCY_MS)] | None]
     client_ip: NotRequired[_ClientIp | None]
     bytes_out: NotRequired[Annotated[int, Field(ge=0, le=MAX_BYTES_OUT)] | None]
-    # The node's own count of this key in the minute, hour and day windows of ``ts``, this
-    # request included (0s on a refusal). The worker divides allowances from these, so that
-    # what a node admitted before an allowance reached it is charged to that node.
+    # The node's own count of this key in the minute, hour and day windows of ``ts`` as of this
+    # request's admission (this request included) or refusal; not at its end, which would count
+    # the requests admitted meanwhile and still being served. The worker divides allowances from
+    # these, so that what a node admitted before an allowance reached it is charged to that node.
     node_counts: NotRequired[
         Annotated[list[Annotated[int, Field(ge=0, le=10**12)]], Field(min_length=3, max_length=3)] | None
     ]

@@ -469,24 +469,6 @@ def test_a_previous_owners_allowance_read_from_the_topic_raises_the_versions() -
     assert second.version > theirs.version
 
 
-def test_requests_a_node_admitted_and_still_serves_are_not_divided_again() -> None:
-    """A node's count includes the requests it admitted and still serves (their events come when
-    they end, ~50 ms later here): each of 3 nodes says 30 while the worker has counted 20 of
-    each. Divided from the worker's 60, the caps added up to 130 (40 past the limit); the key
-    has used at least the 90 the nodes say."""
-    clock = Clock(T0)
-    engine = settling_engine(clock)
-    engine.observe({(0, "k", "acct", MINUTE): 36}, {(0, "k"): spread(T0, n1=12, n2=12, n3=12)})
-    clock.now = T0 + 0.2  # settled; the nodes have admitted 90, the worker counted 60
-    [divided] = engine.observe(
-        {(0, "k", "acct", MINUTE): 24}, {(0, "k"): spread(clock.now, n1=30, n2=30, n3=30)}
-    ).allowances
-    [window] = divided.windows
-    assert window.count == 90
-    # 10 left for three nodes, each at its cap: one unit each (at most 2 past the remainder).
-    assert sum(caps(divided).values()) <= 100 + 2
-
-
 def test_a_key_at_90_percent_on_one_node_is_not_refused_after_its_held_requests_are_released() -> None:
     """One node of three at 300 req/s: it admits its burst share (34), holds the next requests
     for the division, and releases them when the key's whole remainder comes. A fresh request

@@ -741,7 +741,7 @@ async def test_a_request_that_ends_in_the_next_minute_does_not_undo_that_minutes
     assert after == [429] * 6
     assert stepped == 429
     slow_event = next(e for e in reporter.events if e["endpoint"] == "/slow")
-    assert "node_counts" not in slow_event or slow_event["node_counts"] is None  # its minute's counts are gone
+    assert slow_event["node_counts"] == [1, 1, 1]  # as it was admitted, in 12:00
     fast_admitted = [e for e in reporter.events if e["endpoint"] == "/fast" and e["status"] == 200]
     assert fast_admitted[-1].get("node_counts") == [5, 6, 6]
 
@@ -763,9 +763,11 @@ def test_a_local_refusals_retry_after_never_exceeds_its_window() -> None:
     assert dict(node.middleware._refused(refusal, now=until - 29.5).headers)[b"retry-after"] == b"30"
 
 
-async def test_the_demo_apis_serving_time_keeps_admitted_requests_in_flight() -> None:
+async def test_events_carry_the_nodes_counts_as_of_admission_not_of_the_end() -> None:
     """METER_DEMO_SERVING_MS: a call takes that long behind the meter, so the node has counted
-    requests whose events are not reported yet (what the worker's division must allow for)."""
+    requests whose events are not reported yet. Each event carries the counts as the request was
+    admitted: counts taken at the end (5 for every one here) would include the requests still
+    being served, which the worker has not counted and would divide a second time."""
     reporter = FakeReporter()
     settings = SETTINGS.model_copy(update={"demo_serving_ms": 1_500})
     app = build_node_app(settings, demo_key_store(RAW, SECRET.encode()), reporter=reporter, now=lambda: NOW)
@@ -780,4 +782,4 @@ async def test_the_demo_apis_serving_time_keeps_admitted_requests_in_flight() ->
         assert guard.counts(kid("bob"), NOW.timestamp()) == [5, 5, 5]
         assert reporter.events == []  # admitted, counted, still being served
         assert [r.status_code for r in await asyncio.gather(*calls)] == [200] * 5
-    assert len(reporter.events) == 5
+    assert sorted(e["node_counts"][0] for e in reporter.events) == [1, 2, 3, 4, 5]

@@ -343,8 +343,8 @@ def test_429_rows_are_written_once_more_as_their_own_level() -> None:
 
 
 def test_the_fast_lane_keeps_a_nodes_highest_counts_of_its_latest_minute() -> None:
-    """A node takes its counts when a request ends, in the windows of the request's start: a
-    request held at a cap and released late starts before one admitted at once and carries the
+    """A node takes its counts as it admits a request, in the windows of the request's start: a
+    request held at a cap and admitted late started before one admitted at once and carries the
     higher counts. Within a minute the highest are kept; a later minute replaces them."""
     at = NOW + timedelta(seconds=5)
 

@@ -509,11 +509,6 @@ class LimitEngine:
         if settling:
             share = math.ceil(self.allowance.burst_share * limit)
             held = (share, share * sum(1 for node_id in self.nodes_seen if node_id not in listed))
-        # A node's count includes the requests it admitted and is still serving (their events
-        # come when they end), which the worker has not counted yet: the key has used at least
-        # what the listed nodes say they admitted. Dividing from the worker's count alone let the
-        # caps add up to the limit plus those requests in flight.
-        count = max(count, sum(used for used, _ in listed.values()))
         division = hk.divide(here, listed, limit, count, held, self.allowance, now)
         hk.held_back |= any(g.cap < g.used + limit - count for g in division.grants.values())
         end = start + WINDOW_SECONDS[window]

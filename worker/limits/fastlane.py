@@ -84,10 +84,10 @@ def group_batch(
         report.first_ts = min(report.first_ts, epoch)
         report.last_ts = max(report.last_ts, epoch)
         if node_counts is not None:
-            # A node takes its counts when a request ends, in the windows of the request's start:
-            # within one minute the highest are the latest (a request held at a cap and released
-            # late starts before one admitted at once, and ends after it); a later minute
-            # replaces them.
+            # A node takes its counts as it admits a request, in the windows of the request's
+            # start: within one minute the highest are the latest, whatever the event times (a
+            # request held at a cap and admitted late started before one admitted at once); a
+            # later minute replaces them.
             held = report.counts
             if held is None or epoch // 60 > report.epoch // 60:
                 report.counts = (node_counts[0], node_counts[1], node_counts[2])
