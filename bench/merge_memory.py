@@ -68,6 +68,7 @@ def rollup_batch(events: int, seed: int, first_offset: int, start_minute: int) -
                 "",
                 float(minute),
                 None,
+                0,
             )
         )
     last = first_offset + events - 1

@@ -213,6 +213,7 @@ class MeterMiddleware:
         self._cache = cache
         self._guard = guard
         self._refused_fields: set[str] = set()  # see _warn_refused_fields
+        self._in_flight = InFlight()
         self._refused_log = LogThrottle(_REFUSED_LOG_INTERVAL_S)
         self._route_scopes = (*route_scopes, *(RouteScope(p, None) for p in settings.node_public_routes))
         self._trusted: tuple[IPNetwork, ...] = tuple(settings.node_trusted_proxies)
@@ -264,10 +265,6 @@ class MeterMiddleware:
             if record is None:
                 key_id = INVALID_KEY_PREFIX + key_id[-2:]
         del raw_key  # nothing below needs it
-        # The node's own counts as of this request's admission (or refusal), reported with its
-        # event. Taken at its end they would include the requests admitted since and still being
-        # served, which the worker has not counted: it would give their share out again.
-        node_counts = self._guard.counts(key_id, epoch) if self._guard is not None and record is not None else None
 
         status = 500
         bytes_out = 0
@@ -294,6 +291,9 @@ class MeterMiddleware:
         # Only a served request spends its route's cost and counts against its route limit.
         served = rule if denial is None and record is not None else None
         cost = served.cost if served is not None else 1 if denial is None or denial.spends else 0
+        # Admitted and counted by the guard, not reported until it ends: what its event's
+        # node_in_flight tells the worker about the requests of the key still being served.
+        serving = self._in_flight.start(key_id, cost) if denial is None and record is not None else None
         inner = scope
         try:
             if denial is not None:
@@ -303,6 +303,7 @@ class MeterMiddleware:
                 inner = self._inner_scope(scope, request_id, key_id, record)
                 await self.app(inner, receive, send_tracked)
         finally:
+            node_counts, node_in_flight = self._node_counts(key_id, epoch, record, serving)
             self._report(
                 request_id=request_id,
                 key_id=key_id,
@@ -315,9 +316,22 @@ class MeterMiddleware:
                 client_ip=client_ip(scope, self._trusted),
                 bytes_out=min(bytes_out, MAX_BYTES_OUT),
                 node_counts=node_counts,
+                node_in_flight=node_in_flight,
                 cost=cost,
                 route=served.route if served is not None else None,
             )
+
+    def _node_counts(
+        self, key_id: str, epoch: float, record: KeyRecord | None, serving: Serving | None
+    ) -> tuple[list[int] | None, int | None]:
+        """What a request's event says of the node's own counts of its key as it ends: the counts
+        (this request included) and what of them is still being served, this request no longer."""
+        if serving is not None:
+            self._in_flight.end(serving)
+        if self._guard is None or record is None:
+            return None, None
+        counts = self._guard.counts(key_id, epoch)
+        return counts, (self._in_flight.of(key_id) if counts is not None else None)
 
     def _authorize(
         self, raw_key: str, key_id: str, rule: RouteScope | None, now: datetime, epoch: float
@@ -376,19 +390,21 @@ class MeterMiddleware:
     ) -> _Denial | None:
         """The node's guard; a request that must wait for the worker's division is held (no
         remote call: it waits for the node's own follower to apply the next allowance or
-        decision) and asked again; after ``burst_wait_s`` the answer is final."""
+        decision) and asked again; after ``burst_wait_s`` (plus the API's serving time) the
+        answer is final."""
         cost, route = (rule.cost, rule.route) if rule is not None else (1, None)
         refusal = guard.admit(key_id, account, epoch, cost=cost, route=route)
         if refusal is not None and refusal.by is RefusedBy.awaiting:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self._burst_wait_s
+            since = loop.time()
             while refusal is not None and refusal.by is RefusedBy.awaiting:
-                left = deadline - loop.time()
+                # The division comes once the worker has heard of the key's requests, which it
+                # does as they end: a slow API's requests wait for it as much longer.
+                wait_s = self._burst_wait_s + self._in_flight.wait_extra_s()
+                left = since + wait_s - loop.time()
                 if left <= 0:
                     refusal = guard.admit(key_id, account, epoch, final=True, cost=cost, route=route)
-                    log.debug(
-                        "key %s: no division within %.0f ms, final answer %s", key_id, self._burst_wait_s * 1e3, refusal
-                    )
+                    log.debug("key %s: no division within %.0f ms, final answer %s", key_id, wait_s * 1e3, refusal)
                     break
                 await self._cache.wait_change(left)
                 block = self._block(key_id, rule)
@@ -487,6 +503,7 @@ class MeterMiddleware:
         client_ip: str | None,
         bytes_out: int,
         node_counts: list[int] | None,
+        node_in_flight: int | None,
         cost: int,
         route: str | None,
     ) -> None:
@@ -503,7 +520,12 @@ class MeterMiddleware:
             "cost": cost,
             "route": route,
         }
-        described = {"account_id": account_id, "client_ip": client_ip, "node_counts": node_counts}
+        described = {
+            "account_id": account_id,
+            "client_ip": client_ip,
+            "node_counts": node_counts,
+            "node_in_flight": node_in_flight,
+        }
         try:
             try:
                 event = make_event(**counted, **described)
@@ -533,6 +555,56 @@ class MeterMiddleware:
                 ", ".join(sorted(self._refused_fields)),
             )
             self._refused_fields.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """A request admitted and counted, being served: ``InFlight.end`` takes it back."""
+
+    key_id: str
+    cost: int
+    started: float
+
+
+# How fast the serving-time estimate follows the API, and the most it adds to a burst wait.
+SERVING_TIME_WEIGHT = 0.1
+MAX_SERVING_WAIT_S = 2.0
+
+
+class InFlight:
+    """The cost of each key's requests admitted, counted and still being served (their events
+    not reported yet): the worker has not counted them, and is told so with every event.
+
+    Also how long the API takes to serve a request (a moving average): the worker hears of a
+    request only when it ends, so a division comes that much later, and a request waiting for
+    one waits that much longer (``wait_extra_s``)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._by_key: dict[str, int] = {}  # only keys with a request being served
+        self._clock = clock
+        self.serving_s = 0.0
+
+    def start(self, key_id: str, cost: int) -> Serving:
+        self._by_key[key_id] = self._by_key.get(key_id, 0) + cost
+        return Serving(key_id, cost, self._clock())
+
+    def end(self, serving: Serving) -> None:
+        left = self._by_key.get(serving.key_id, 0) - serving.cost
+        if left > 0:
+            self._by_key[serving.key_id] = left
+        else:
+            self._by_key.pop(serving.key_id, None)
+        took = max(0.0, self._clock() - serving.started)
+        self.serving_s += (took - self.serving_s) * SERVING_TIME_WEIGHT
+
+    def wait_extra_s(self) -> float:
+        return min(self.serving_s, MAX_SERVING_WAIT_S)
+
+    def of(self, key_id: str) -> int:
+        return self._by_key.get(key_id, 0)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -86,13 +86,16 @@ class RequestEvent(TypedDict):
     latency_ms: NotRequired[Annotated[float, Field(ge=0, le=MAX_LATENCY_MS)] | None]
     client_ip: NotRequired[_ClientIp | None]
     bytes_out: NotRequired[Annotated[int, Field(ge=0, le=MAX_BYTES_OUT)] | None]
-    # The node's own count of this key in the minute, hour and day windows of ``ts`` as of this
-    # request's admission (this request included) or refusal; not at its end, which would count
-    # the requests admitted meanwhile and still being served. The worker divides allowances from
-    # these, so that what a node admitted before an allowance reached it is charged to that node.
+    # The node's own count of this key in the minute, hour and day windows of ``ts``, this
+    # request included, as the request ends. The worker divides allowances from these, so that
+    # what a node admitted before an allowance reached it is charged to that node.
     node_counts: NotRequired[
         Annotated[list[Annotated[int, Field(ge=0, le=10**12)]], Field(min_length=3, max_length=3)] | None
     ]
+    # With node_counts: what of them is still being served at the node as this request ends
+    # (sum of cost): admitted, counted, and not reported yet. The worker has not counted those
+    # and must not give their share out again. Absent (an older node): 0.
+    node_in_flight: NotRequired[Annotated[int, Field(ge=0, le=10**12)] | None]
     # What the request spends of its key's limits (the node's route configuration; absent: 1).
     # Windows, node_counts and allowances are sums of cost. 0: the request spent nothing, a
     # fail-closed node's 503 while it could not check the limits (stored, not counted; only

@@ -36,7 +36,7 @@ _MINUTE = WINDOW_SECONDS[Window.minute]  # a constant: window_start() costs an e
 # One counted event as the ingest path keeps it: a plain tuple (cheapest to build once per
 # event) whose fields are named, in order, by EVENT_FIELDS; ``event_row`` is the only place
 # that builds one.
-EventRow = tuple[int, str, str, int, str, int, str, str, int, float, int, int, str, float, list[int] | None]
+EventRow = tuple[int, str, str, int, str, int, str, str, int, float, int, int, str, float, list[int] | None, int]
 EVENT_FIELDS = (
     "partition",
     "key_id",
@@ -53,6 +53,7 @@ EVENT_FIELDS = (
     "route",
     "epoch",  # the event time (s); the rollups use the minute, the limits the time itself
     "node_counts",  # the node's own counts (limits only)
+    "node_in_flight",  # what of them it was still serving (limits only)
 )
 ROW_HASH: Final = 10  # a literal, so the type checker knows the field's type
 assert EVENT_FIELDS[ROW_HASH] == "hash"
@@ -81,6 +82,7 @@ def event_row(partition: int, event: RequestEvent, epoch: float, digest: int) ->
         event.get("route") or "",
         epoch,
         event.get("node_counts"),
+        event.get("node_in_flight") or 0,
     )
 
 

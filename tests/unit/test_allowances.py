@@ -469,6 +469,23 @@ def test_a_previous_owners_allowance_read_from_the_topic_raises_the_versions() -
     assert second.version > theirs.version
 
 
+def test_requests_the_nodes_still_serve_are_not_divided_again() -> None:
+    """Each of 3 nodes has admitted 30 (its counts), 10 of which it still serves (its events
+    come when they end): the worker has counted 60. Divided from 60, the caps added up to 130."""
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    engine.observe({(0, "k", "acct", MINUTE): 36}, {(0, "k"): spread(T0, n1=12, n2=12, n3=12)})
+    clock.now = T0 + 0.2  # settled
+    nodes = spread(clock.now, n1=30, n2=30, n3=30)
+    for report in nodes.values():
+        report.in_flight = 10
+    [divided] = engine.observe({(0, "k", "acct", MINUTE): 24}, {(0, "k"): nodes}).allowances
+    [window] = divided.windows
+    assert window.count == 90
+    # 10 left for three nodes, each at its cap: one unit each (at most 2 past the remainder).
+    assert sum(caps(divided).values()) <= 100 + 2
+
+
 def test_a_key_at_90_percent_on_one_node_is_not_refused_after_its_held_requests_are_released() -> None:
     """One node of three at 300 req/s: it admits its burst share (34), holds the next requests
     for the division, and releases them when the key's whole remainder comes. A fresh request

@@ -24,7 +24,14 @@ from node.decision_cache import Block
 from node.demo_api import ROUTE_SCOPES, build_node_app, demo_key_store, demo_keys
 from node.guard import LocalGuard, Refusal, RefusedBy
 from node.keys import InMemoryKeyStore, derive_key_id
-from node.middleware import UNMATCHED_ENDPOINT, MeterMiddleware, RouteScope, starlette_route_resolver
+from node.middleware import (
+    MAX_SERVING_WAIT_S,
+    UNMATCHED_ENDPOINT,
+    InFlight,
+    MeterMiddleware,
+    RouteScope,
+    starlette_route_resolver,
+)
 from schemas.allowances import Allowance, NodeGrant, WindowAllowance
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.events import MAX_LATENCY_MS, RequestEvent, dump_event
@@ -741,7 +748,7 @@ async def test_a_request_that_ends_in_the_next_minute_does_not_undo_that_minutes
     assert after == [429] * 6
     assert stepped == 429
     slow_event = next(e for e in reporter.events if e["endpoint"] == "/slow")
-    assert slow_event["node_counts"] == [1, 1, 1]  # as it was admitted, in 12:00
+    assert "node_counts" not in slow_event or slow_event["node_counts"] is None  # its minute's counts are gone
     fast_admitted = [e for e in reporter.events if e["endpoint"] == "/fast" and e["status"] == 200]
     assert fast_admitted[-1].get("node_counts") == [5, 6, 6]
 
@@ -763,11 +770,11 @@ def test_a_local_refusals_retry_after_never_exceeds_its_window() -> None:
     assert dict(node.middleware._refused(refusal, now=until - 29.5).headers)[b"retry-after"] == b"30"
 
 
-async def test_events_carry_the_nodes_counts_as_of_admission_not_of_the_end() -> None:
+async def test_events_say_what_of_the_nodes_counts_is_still_being_served() -> None:
     """METER_DEMO_SERVING_MS: a call takes that long behind the meter, so the node has counted
-    requests whose events are not reported yet. Each event carries the counts as the request was
-    admitted: counts taken at the end (5 for every one here) would include the requests still
-    being served, which the worker has not counted and would divide a second time."""
+    requests whose events are not reported yet. Each event carries the node's counts as the
+    request ends (all 5 here) and what of them is still being served (``node_in_flight``): the
+    worker has not counted those and must not give their share out again."""
     reporter = FakeReporter()
     settings = SETTINGS.model_copy(update={"demo_serving_ms": 1_500})
     app = build_node_app(settings, demo_key_store(RAW, SECRET.encode()), reporter=reporter, now=lambda: NOW)
@@ -782,4 +789,32 @@ async def test_events_carry_the_nodes_counts_as_of_admission_not_of_the_end() ->
         assert guard.counts(kid("bob"), NOW.timestamp()) == [5, 5, 5]
         assert reporter.events == []  # admitted, counted, still being served
         assert [r.status_code for r in await asyncio.gather(*calls)] == [200] * 5
-    assert sorted(e["node_counts"][0] for e in reporter.events) == [1, 2, 3, 4, 5]
+    assert [e["node_counts"] for e in reporter.events] == [[5, 5, 5]] * 5
+    assert [e["node_in_flight"] for e in reporter.events] == [4, 3, 2, 1, 0]
+
+
+def test_in_flight_keeps_each_keys_cost_being_served_and_forgets_a_key_at_zero() -> None:
+    served = InFlight()
+    first, second = served.start("k1", 1), served.start("k1", 10)
+    other = served.start("k2", 1)
+    assert (served.of("k1"), served.of("k2"), len(served)) == (11, 1, 2)
+    served.end(first)
+    served.end(other)
+    assert (served.of("k1"), served.of("k2"), len(served)) == (10, 0, 1)
+    served.end(second)
+    assert len(served) == 0
+
+
+def test_in_flight_follows_the_apis_serving_time_for_the_burst_wait() -> None:
+    clock = [100.0]
+    served = InFlight(lambda: clock[0])
+    assert served.wait_extra_s() == 0.0
+    for _ in range(100):  # an API that takes 200 ms a call
+        serving = served.start("k1", 1)
+        clock[0] += 0.2
+        served.end(serving)
+    assert served.wait_extra_s() == pytest.approx(0.2, abs=0.001)
+    serving = served.start("k1", 1)
+    clock[0] += 3600  # one call stuck for an hour: the wait stays bounded
+    served.end(serving)
+    assert served.wait_extra_s() == MAX_SERVING_WAIT_S

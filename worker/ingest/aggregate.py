@@ -231,6 +231,7 @@ _TYPICAL_EVENT = make_event(
     cost=2,
     route="typical",
     node_counts=[1, 1, 1],
+    node_in_flight=0,
 )
 
 

@@ -42,6 +42,9 @@ class NodeUse:
     rate: float = 0.0  # requests/s of this key at this node (admitted or refused), from event times
     at: float = 0.0  # worker time of the node's latest batch
     last_ts: float = 0.0  # event time of its latest request
+    # What of its counts it was still serving at its latest report (events not sent yet: not in
+    # the worker's count either)
+    in_flight: int = 0
 
     def arrived(self, n: int, first_ts: float, last_ts: float, now: float) -> None:
         """``n`` requests stamped ``first_ts``..``last_ts`` by the node. The rate is measured on

@@ -81,6 +81,7 @@ class NodeReport:
     arrivals: int = 0  # events (admitted or refused)
     counts: tuple[int, int, int] | None = None  # the node's own minute/hour/day counts, its latest minute's highest
     epoch: float = 0.0  # event time of the latest event with those counts
+    in_flight: int = 0  # what of them the node was still serving, at its latest event
     first_ts: float = math.inf  # event times of the first and last of the arrivals
     last_ts: float = 0.0
 
@@ -469,6 +470,7 @@ class LimitEngine:
                 use = hk.nodes[node_id] = NodeUse()
             use.arrived(report.arrivals, report.first_ts, report.last_ts, now)
             if report.counts is not None:
+                use.in_flight = report.in_flight
                 for window, n in zip(_NODE_WINDOWS, report.counts, strict=True):
                     use.report(window, window_start(window, report.epoch), n)
         hk.held_back = False
@@ -502,7 +504,15 @@ class LimitEngine:
             for node_id, use in hk.nodes.items()
             if (used := use.used(window, start)) is not None
         }
+        # A node at the cap it was given holds its requests (or refuses them): it sends nothing
+        # meanwhile, so its measured rate fades though its demand does not. Its last rate stands.
+        for node_id in hk.starved((window, start), listed):
+            listed[node_id] = (listed[node_id][0], max(listed[node_id][1], hk.nodes[node_id].rate))
         hk.forget_windows_over(now)
+        # The listed nodes' counts hold the requests they admitted and still serve; the worker's
+        # count does not (their events come when they end): without these the caps would add
+        # up to the limit plus the requests in flight.
+        count += sum(hk.nodes[node_id].in_flight for node_id in listed)
         here = (window, start)
         settling = now - hk.since.setdefault(here, now) < self.allowance.settle_s
         held: tuple[int, int] | None = None

@@ -66,7 +66,7 @@ def group_batch(
         row = row_of(record, now)
         if isinstance(row, Rejection):
             continue  # the ingest path dead-letters it
-        partition, key_id, account, minute, _, status, node_id, _, _, _, digest, cost, route, epoch, node_counts = row
+        partition, key_id, account, minute, _, status, node_id, _, _, _, digest, cost, route, epoch, counted, busy = row
         if not recent.add(digest):
             batch.duplicates += 1
             continue
@@ -83,22 +83,24 @@ def group_batch(
         report.arrivals += 1
         report.first_ts = min(report.first_ts, epoch)
         report.last_ts = max(report.last_ts, epoch)
-        if node_counts is not None:
-            # A node takes its counts as it admits a request, in the windows of the request's
-            # start: within one minute the highest are the latest, whatever the event times (a
-            # request held at a cap and admitted late started before one admitted at once); a
-            # later minute replaces them.
+        if counted is not None:
+            # The node's counts as the request ended, in the windows of the request's start:
+            # within one minute the highest are the latest, whatever the event times (a request
+            # held at a cap and admitted late started before one admitted at once); a later
+            # minute replaces them. ``busy``: what of them it was still serving.
             held = report.counts
             if held is None or epoch // 60 > report.epoch // 60:
-                report.counts = (node_counts[0], node_counts[1], node_counts[2])
+                report.counts = (counted[0], counted[1], counted[2])
                 report.epoch = epoch
+                report.in_flight = busy
             elif epoch // 60 == report.epoch // 60:
                 report.counts = (
-                    max(held[0], node_counts[0]),
-                    max(held[1], node_counts[1]),
-                    max(held[2], node_counts[2]),
+                    max(held[0], counted[0]),
+                    max(held[1], counted[1]),
+                    max(held[2], counted[2]),
                 )
                 report.epoch = max(report.epoch, epoch)
+                report.in_flight = busy  # the node's latest word: events come in the order requests end
     return batch
 
 
