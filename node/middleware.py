@@ -25,6 +25,7 @@ import logging
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -293,7 +294,7 @@ class MeterMiddleware:
         cost = served.cost if served is not None else 1 if denial is None or denial.spends else 0
         # Admitted and counted by the guard, not reported until it ends: what its event's
         # node_in_flight tells the worker about the requests of the key still being served.
-        serving = self._in_flight.start(key_id, cost) if denial is None and record is not None else None
+        serving = self._in_flight.start(key_id, cost, epoch) if denial is None and record is not None else None
         inner = scope
         try:
             if denial is not None:
@@ -331,7 +332,7 @@ class MeterMiddleware:
         if self._guard is None or record is None:
             return None, None
         counts = self._guard.counts(key_id, epoch)
-        return counts, (self._in_flight.of(key_id) if counts is not None else None)
+        return counts, (self._in_flight.of(key_id, epoch) if counts is not None else None)
 
     def _authorize(
         self, raw_key: str, key_id: str, rule: RouteScope | None, now: datetime, epoch: float
@@ -390,8 +391,8 @@ class MeterMiddleware:
     ) -> _Denial | None:
         """The node's guard; a request that must wait for the worker's division is held (no
         remote call: it waits for the node's own follower to apply the next allowance or
-        decision) and asked again; after ``burst_wait_s`` (plus the API's serving time) the
-        answer is final."""
+        decision) and asked again; after ``burst_wait_s`` (longer while the node serves requests
+        of the key: ``InFlight.deadline``) the answer is final."""
         cost, route = (rule.cost, rule.route) if rule is not None else (1, None)
         refusal = guard.admit(key_id, account, epoch, cost=cost, route=route)
         if refusal is not None and refusal.by is RefusedBy.awaiting:
@@ -399,12 +400,12 @@ class MeterMiddleware:
             since = loop.time()
             while refusal is not None and refusal.by is RefusedBy.awaiting:
                 # The division comes once the worker has heard of the key's requests, which it
-                # does as they end: a slow API's requests wait for it as much longer.
-                wait_s = self._burst_wait_s + self._in_flight.wait_extra_s()
-                left = since + wait_s - loop.time()
+                # does as they end: while some are being served, or just were, the wait is longer.
+                left = self._in_flight.deadline(key_id, since, self._burst_wait_s) - loop.time()
                 if left <= 0:
                     refusal = guard.admit(key_id, account, epoch, final=True, cost=cost, route=route)
-                    log.debug("key %s: no division within %.0f ms, final answer %s", key_id, wait_s * 1e3, refusal)
+                    waited_ms = (loop.time() - since) * 1e3
+                    log.debug("key %s: no division within %.0f ms, final answer %s", key_id, waited_ms, refusal)
                     break
                 await self._cache.wait_change(left)
                 block = self._block(key_id, rule)
@@ -563,45 +564,64 @@ class Serving:
 
     key_id: str
     cost: int
-    started: float
+    minute: int  # the start of the minute it was counted in
 
 
-# How fast the serving-time estimate follows the API, and the most it adds to a burst wait.
-SERVING_TIME_WEIGHT = 0.1
-MAX_SERVING_WAIT_S = 2.0
+# How long at most a request past its burst share waits for a division while the node still
+# serves, or has just served, requests of its key (the worker hears of a request when it ends).
+MAX_IN_FLIGHT_WAIT_S = 2.0
 
 
 class InFlight:
     """The cost of each key's requests admitted, counted and still being served (their events
-    not reported yet): the worker has not counted them, and is told so with every event.
-
-    Also how long the API takes to serve a request (a moving average): the worker hears of a
-    request only when it ends, so a division comes that much later, and a request waiting for
-    one waits that much longer (``wait_extra_s``)."""
+    not sent yet), per minute they were counted in: the worker has not counted them, and each
+    event tells it how many of its minute there are. Also when each key's latest request
+    ended (for ``deadline``), on ``clock`` (the event loop's)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._by_key: dict[str, int] = {}  # only keys with a request being served
         self._clock = clock
-        self.serving_s = 0.0
+        self._by_minute: dict[tuple[str, int], int] = {}  # (key id, minute start) -> cost; only while any
+        self._by_key: dict[str, int] = {}  # key id -> requests being served, any minute
+        self._ended: OrderedDict[str, float] = OrderedDict()  # key id -> its latest end, oldest first
 
-    def start(self, key_id: str, cost: int) -> Serving:
-        self._by_key[key_id] = self._by_key.get(key_id, 0) + cost
-        return Serving(key_id, cost, self._clock())
+    def start(self, key_id: str, cost: int, epoch: float) -> Serving:
+        minute = int(epoch) // 60 * 60
+        slot = (key_id, minute)
+        self._by_minute[slot] = self._by_minute.get(slot, 0) + cost
+        self._by_key[key_id] = self._by_key.get(key_id, 0) + 1
+        return Serving(key_id, cost, minute)
 
     def end(self, serving: Serving) -> None:
-        left = self._by_key.get(serving.key_id, 0) - serving.cost
+        slot = (serving.key_id, serving.minute)
+        left = self._by_minute.get(slot, 0) - serving.cost
         if left > 0:
-            self._by_key[serving.key_id] = left
+            self._by_minute[slot] = left
+        else:
+            self._by_minute.pop(slot, None)
+        requests = self._by_key.get(serving.key_id, 0) - 1
+        if requests > 0:
+            self._by_key[serving.key_id] = requests
         else:
             self._by_key.pop(serving.key_id, None)
-        took = max(0.0, self._clock() - serving.started)
-        self.serving_s += (took - self.serving_s) * SERVING_TIME_WEIGHT
+        now = self._clock()
+        self._ended[serving.key_id] = now
+        self._ended.move_to_end(serving.key_id)
+        while self._ended and next(iter(self._ended.values())) < now - MAX_IN_FLIGHT_WAIT_S:
+            self._ended.popitem(last=False)  # only the recent ends are ever read
 
-    def wait_extra_s(self) -> float:
-        return min(self.serving_s, MAX_SERVING_WAIT_S)
+    def of(self, key_id: str, epoch: float) -> int:
+        """The cost being served of ``key_id``'s requests counted in the minute of ``epoch``."""
+        return self._by_minute.get((key_id, int(epoch) // 60 * 60), 0)
 
-    def of(self, key_id: str) -> int:
-        return self._by_key.get(key_id, 0)
+    def deadline(self, key_id: str, since: float, burst_wait_s: float) -> float:
+        """Until when a request of ``key_id`` past its burst share, waiting since ``since``, may
+        wait for a division: ``burst_wait_s`` after it came or after the key's latest request on
+        this node ended, whichever is later (the worker divides once it has heard of them), and
+        as long as the node still serves some; never past ``MAX_IN_FLIGHT_WAIT_S``."""
+        longest = since + max(burst_wait_s, MAX_IN_FLIGHT_WAIT_S)
+        if key_id in self._by_key:
+            return longest
+        return min(max(since, self._ended.get(key_id, since)) + burst_wait_s, longest)
 
     def __len__(self) -> int:
         return len(self._by_key)

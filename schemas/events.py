@@ -92,9 +92,9 @@ class RequestEvent(TypedDict):
     node_counts: NotRequired[
         Annotated[list[Annotated[int, Field(ge=0, le=10**12)]], Field(min_length=3, max_length=3)] | None
     ]
-    # With node_counts: what of them is still being served at the node as this request ends
-    # (sum of cost): admitted, counted, and not reported yet. The worker has not counted those
-    # and must not give their share out again. Absent (an older node): 0.
+    # With node_counts: what of the minute's count is still being served at the node as this
+    # request ends (sum of cost): admitted, counted, not reported yet. The worker has not counted
+    # those and must not give their share out again. Absent (an older node): 0.
     node_in_flight: NotRequired[Annotated[int, Field(ge=0, le=10**12)] | None]
     # What the request spends of its key's limits (the node's route configuration; absent: 1).
     # Windows, node_counts and allowances are sums of cost. 0: the request spent nothing, a

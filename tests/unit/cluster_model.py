@@ -1,6 +1,7 @@
 """A discrete-event model of a cluster on one simulated clock: N nodes (the real ``LocalGuard``
 and the middleware's admission loop: a request past a cap that may still grow waits for the next
-allowance, at most ``burst_wait`` s plus the node's serving time, then gets a final answer) and
+allowance, at most ``burst_wait`` s (longer while it serves requests of the key), then gets a
+final answer) and
 one worker (the real fast lane grouping, ``group_batch``, and ``LimitEngine``). Requests take
 ``serve`` s to serve; each one's event is published when it ends, with the node's counts then and
 what of them is still being served (``node_in_flight``), as the middleware reports them.
@@ -37,7 +38,6 @@ T0 = BASE.timestamp()
 class _Waiting:
     rid: int
     ts: float
-    deadline: float
     serve: float
 
 
@@ -90,15 +90,15 @@ class Cluster:
         heapq.heappush(self._queue, (t, next(self._seq), step))
 
     def _arrive(self, node: str, rid: int, ts: float, serve: float) -> None:
-        self._try(node, _Waiting(rid, ts, ts + self._wait(node), serve), final=False)
+        self._try(node, _Waiting(rid, ts, serve), final=False)
 
-    def _wait(self, node: str) -> float:
-        return self.burst_wait + self.in_flight[node].wait_extra_s()  # as the middleware's _admit
+    def _due(self, node: str, w: _Waiting) -> float:
+        return self.in_flight[node].deadline("k", w.ts, self.burst_wait)  # as the middleware's _admit
 
     def _deadline(self, node: str, w: _Waiting) -> None:
         if w not in self.waiting[node]:
             return
-        due = w.ts + self._wait(node)  # the wait grows with the serving time seen meanwhile
+        due = self._due(node, w)  # it moves as the node's requests of the key end
         if due > self.clock.now:
             self._at(due, lambda: self._deadline(node, w))
         else:
@@ -110,7 +110,7 @@ class Cluster:
         if refusal is not None and refusal.by is RefusedBy.awaiting and not final:
             if w not in self.waiting[node]:
                 self.waiting[node].append(w)
-                self._at(w.deadline, lambda: self._deadline(node, w))
+                self._at(self._due(node, w), lambda: self._deadline(node, w))
             return
         if w in self.waiting[node]:
             self.waiting[node].remove(w)
@@ -119,7 +119,7 @@ class Cluster:
             self._publish(node, w, 429)
             return
         self.admitted += 1
-        serving = self.in_flight[node].start("k", 1)
+        serving = self.in_flight[node].start("k", 1, w.ts)
 
         def end() -> None:
             self.in_flight[node].end(serving)
@@ -139,7 +139,7 @@ class Cluster:
             status=status,
             ts=BASE + timedelta(seconds=w.ts - T0),
             node_counts=counts,
-            node_in_flight=self.in_flight[node].of("k") if counts is not None else None,
+            node_in_flight=self.in_flight[node].of("k", w.ts) if counts is not None else None,
         )
         self.topic.append((self.clock.now + self.publish_lag, rec))
 

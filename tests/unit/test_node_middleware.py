@@ -25,7 +25,7 @@ from node.demo_api import ROUTE_SCOPES, build_node_app, demo_key_store, demo_key
 from node.guard import LocalGuard, Refusal, RefusedBy
 from node.keys import InMemoryKeyStore, derive_key_id
 from node.middleware import (
-    MAX_SERVING_WAIT_S,
+    MAX_IN_FLIGHT_WAIT_S,
     UNMATCHED_ENDPOINT,
     InFlight,
     MeterMiddleware,
@@ -793,28 +793,35 @@ async def test_events_say_what_of_the_nodes_counts_is_still_being_served() -> No
     assert [e["node_in_flight"] for e in reporter.events] == [4, 3, 2, 1, 0]
 
 
-def test_in_flight_keeps_each_keys_cost_being_served_and_forgets_a_key_at_zero() -> None:
+def test_in_flight_keeps_each_keys_cost_being_served_per_minute_and_forgets_it_at_zero() -> None:
+    minute = NOW.timestamp() // 60 * 60
     served = InFlight()
-    first, second = served.start("k1", 1), served.start("k1", 10)
-    other = served.start("k2", 1)
-    assert (served.of("k1"), served.of("k2"), len(served)) == (11, 1, 2)
+    first, second = served.start("k1", 1, minute + 59.5), served.start("k1", 10, minute + 60.5)
+    other = served.start("k2", 1, minute + 1)
+    # Each event says what is being served of its own minute: the counts it carries are that minute's.
+    assert (served.of("k1", minute + 30), served.of("k1", minute + 61), served.of("k2", minute)) == (1, 10, 1)
     served.end(first)
     served.end(other)
-    assert (served.of("k1"), served.of("k2"), len(served)) == (10, 0, 1)
+    assert (served.of("k1", minute), served.of("k1", minute + 61), served.of("k2", minute), len(served)) == (
+        0,
+        10,
+        0,
+        1,
+    )
     served.end(second)
     assert len(served) == 0
 
 
-def test_in_flight_follows_the_apis_serving_time_for_the_burst_wait() -> None:
-    clock = [100.0]
+def test_a_request_waits_longer_for_a_division_while_its_keys_requests_are_being_served() -> None:
+    clock = [1000.0]
     served = InFlight(lambda: clock[0])
-    assert served.wait_extra_s() == 0.0
-    for _ in range(100):  # an API that takes 200 ms a call
-        serving = served.start("k1", 1)
-        clock[0] += 0.2
-        served.end(serving)
-    assert served.wait_extra_s() == pytest.approx(0.2, abs=0.001)
-    serving = served.start("k1", 1)
-    clock[0] += 3600  # one call stuck for an hour: the wait stays bounded
+    assert served.deadline("k1", 1000.0, 0.25) == 1000.25
+    serving = served.start("k1", 1, NOW.timestamp())
+    # The worker has not heard of it: as long as it is served, up to the bound.
+    assert served.deadline("k1", 1000.0, 0.25) == 1000.0 + MAX_IN_FLIGHT_WAIT_S
+    assert served.deadline("k2", 1000.0, 0.25) == 1000.25  # other keys' requests change nothing
+    clock[0] = 1000.4
     served.end(serving)
-    assert served.wait_extra_s() == MAX_SERVING_WAIT_S
+    # Ended: the worker hears of it now, the division follows within the burst wait.
+    assert served.deadline("k1", 1000.0, 0.25) == pytest.approx(1000.65)
+    assert served.deadline("k1", 1000.5, 0.25) == 1000.75

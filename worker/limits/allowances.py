@@ -27,7 +27,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from schemas.allowances import NodeGrant
-from schemas.decisions import Window
+from schemas.decisions import WINDOW_SECONDS, Window
 
 MIN_SPAN_S = 0.002  # shorter spans of event time give no usable rate
 FIRST_SIGHT_S = 0.1  # a node seen once: its requests are taken as spread over this long
@@ -42,9 +42,9 @@ class NodeUse:
     rate: float = 0.0  # requests/s of this key at this node (admitted or refused), from event times
     at: float = 0.0  # worker time of the node's latest batch
     last_ts: float = 0.0  # event time of its latest request
-    # What of its counts it was still serving at its latest report (events not sent yet: not in
-    # the worker's count either)
-    in_flight: int = 0
+    # (minute start, cost): what of its counts of that minute it was still serving at its latest
+    # report (events not sent yet: not in the worker's count either)
+    in_flight: tuple[int, int] = (0, 0)
 
     def arrived(self, n: int, first_ts: float, last_ts: float, now: float) -> None:
         """``n`` requests stamped ``first_ts``..``last_ts`` by the node. The rate is measured on
@@ -68,6 +68,16 @@ class NodeUse:
         held = self.counts.get(window)
         if held is None or start > held[0] or (start == held[0] and count > held[1]):
             self.counts[window] = (start, count)
+
+    def serving(self, minute: int, cost: int) -> None:
+        """The node's word on its requests of ``minute`` being served (a later minute's replaces it)."""
+        if minute >= self.in_flight[0]:
+            self.in_flight = (minute, cost)
+
+    def in_flight_in(self, window: Window, start: int) -> int:
+        """What the node still serves of its requests counted in ``window`` from ``start``."""
+        minute, cost = self.in_flight
+        return cost if start <= minute < start + WINDOW_SECONDS[window] else 0
 
     def used(self, window: Window, start: int) -> int | None:
         held = self.counts.get(window)

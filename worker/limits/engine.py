@@ -470,7 +470,7 @@ class LimitEngine:
                 use = hk.nodes[node_id] = NodeUse()
             use.arrived(report.arrivals, report.first_ts, report.last_ts, now)
             if report.counts is not None:
-                use.in_flight = report.in_flight
+                use.serving(int(report.epoch) // 60 * 60, report.in_flight)
                 for window, n in zip(_NODE_WINDOWS, report.counts, strict=True):
                     use.report(window, window_start(window, report.epoch), n)
         hk.held_back = False
@@ -512,7 +512,7 @@ class LimitEngine:
         # The listed nodes' counts hold the requests they admitted and still serve; the worker's
         # count does not (their events come when they end): without these the caps would add
         # up to the limit plus the requests in flight.
-        count += sum(hk.nodes[node_id].in_flight for node_id in listed)
+        count += sum(hk.nodes[node_id].in_flight_in(window, start) for node_id in listed)
         here = (window, start)
         settling = now - hk.since.setdefault(here, now) < self.allowance.settle_s
         held: tuple[int, int] | None = None
