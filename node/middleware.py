@@ -407,7 +407,9 @@ class MeterMiddleware:
                     waited_ms = (loop.time() - since) * 1e3
                     log.debug("key %s: no division within %.0f ms, final answer %s", key_id, waited_ms, refusal)
                     break
-                await self._cache.wait_change(left)
+                # Woken by the next allowance or decision, or to read the deadline again: it moves
+                # when the key's last request here ends.
+                await self._cache.wait_change(min(left, self._burst_wait_s))
                 block = self._block(key_id, rule)
                 if block is not None and not block.shadow:
                     return self._rate_limited(block, ts)

@@ -99,8 +99,8 @@ class Cluster:
         if w not in self.waiting[node]:
             return
         due = self._due(node, w)  # it moves as the node's requests of the key end
-        if due > self.clock.now:
-            self._at(due, lambda: self._deadline(node, w))
+        if due > self.clock.now:  # read again at least every burst wait, as the middleware does
+            self._at(min(due, self.clock.now + self.burst_wait), lambda: self._deadline(node, w))
         else:
             self._try(node, w, final=True)
 

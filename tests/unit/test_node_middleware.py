@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -825,3 +826,22 @@ def test_a_request_waits_longer_for_a_division_while_its_keys_requests_are_being
     # Ended: the worker hears of it now, the division follows within the burst wait.
     assert served.deadline("k1", 1000.0, 0.25) == pytest.approx(1000.65)
     assert served.deadline("k1", 1000.5, 0.25) == 1000.75
+
+
+async def test_a_held_request_gets_its_answer_a_burst_wait_after_its_keys_last_request_ended() -> None:
+    """A request past its burst share waits 250 ms from when it came or from when the node's
+    latest request of the key ended (longer only while the node still serves some). No word
+    from the worker here: the 34 admitted calls (300 ms each) end at ~0.3 s, so the 35th has its
+    final answer by ~0.55 s, then takes its own 300 ms (it waited for the 2 s bound before)."""
+    settings = SETTINGS.model_copy(update={"node_burst_share": 0.34, "node_burst_wait_ms": 250, "demo_serving_ms": 300})
+    app = build_node_app(settings, demo_key_store(RAW, SECRET.encode()), now=lambda: NOW)
+    headers = {"X-API-Key": RAW["alice"]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as c:
+        first = [asyncio.create_task(c.get("/v0/rates", headers=headers)) for _ in range(34)]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        held = await c.get("/v0/rates", headers=headers)
+        took = time.monotonic() - started
+        assert [r.status_code for r in await asyncio.gather(*first)] == [200] * 34
+    assert held.status_code == 200  # the share waived after the wait
+    assert took < 1.0, f"held {took:.2f} s: woke only at its 2 s bound, not 250 ms after the key's last end"
