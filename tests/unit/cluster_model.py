@@ -21,7 +21,7 @@ from datetime import timedelta
 from typing import Any
 
 from node.guard import LocalGuard, RefusedBy
-from node.middleware import InFlight
+from node.in_flight import InFlight
 from schemas.allowances import Allowance
 from schemas.limits import LimitPolicy, PolicyBook
 from tests.clock import Clock

@@ -24,15 +24,9 @@ import node.middleware
 from node.decision_cache import Block
 from node.demo_api import ROUTE_SCOPES, build_node_app, demo_key_store, demo_keys
 from node.guard import LocalGuard, Refusal, RefusedBy
+from node.in_flight import MAX_IN_FLIGHT_WAIT_S, InFlight
 from node.keys import InMemoryKeyStore, derive_key_id
-from node.middleware import (
-    MAX_IN_FLIGHT_WAIT_S,
-    UNMATCHED_ENDPOINT,
-    InFlight,
-    MeterMiddleware,
-    RouteScope,
-    starlette_route_resolver,
-)
+from node.middleware import UNMATCHED_ENDPOINT, MeterMiddleware, RouteScope, starlette_route_resolver
 from schemas.allowances import Allowance, NodeGrant, WindowAllowance
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.events import MAX_LATENCY_MS, RequestEvent, dump_event
