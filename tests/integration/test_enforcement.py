@@ -149,8 +149,8 @@ async def test_with_handlers_that_take_time_the_requests_in_flight_are_not_given
     enf_settings: Settings, clickhouse: Any
 ) -> None:
     """Each call served in 80 ms: a node has admitted requests whose events come later. Their
-    share was divided again when the events carried the counts taken at the requests' end (up to
-    153 admitted of 100 over real HTTP); the limit and the 90% key hold."""
+    share was divided again while the events did not say what the node still served
+    (``node_in_flight``: up to 158 admitted of 100 over real HTTP); the limit and the 90% key hold."""
     settings = enf_settings.model_copy(update={"demo_serving_ms": 80})
     async with metered_cluster(settings, clickhouse, min_left=25) as nodes:
         statuses = await burst(nodes, "k0010", 300, in_flight=30)
