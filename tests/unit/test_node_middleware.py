@@ -838,4 +838,5 @@ async def test_a_held_request_gets_its_answer_a_burst_wait_after_its_keys_last_r
         took = time.monotonic() - started
         assert [r.status_code for r in await asyncio.gather(*first)] == [200] * 34
     assert held.status_code == 200  # the share waived after the wait
-    assert took < 1.0, f"held {took:.2f} s: woke only at its 2 s bound, not 250 ms after the key's last end"
+    # ~0.8 s expected; the 2 s bound (what it waited before) plus its own 0.3 s would be 2.3.
+    assert took < 1.6, f"held {took:.2f} s: woke only at its 2 s bound, not 250 ms after the key's last end"
