@@ -10,6 +10,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from schemas.decisions import Window, window_start
+
 
 @dataclass(frozen=True, slots=True)
 class Serving:
@@ -38,7 +40,7 @@ class InFlight:
         self._ended: OrderedDict[str, float] = OrderedDict()  # key id -> its latest end, oldest first
 
     def start(self, key_id: str, cost: int, epoch: float) -> Serving:
-        minute = int(epoch) // 60 * 60
+        minute = window_start(Window.minute, epoch)
         slot = (key_id, minute)
         self._by_minute[slot] = self._by_minute.get(slot, 0) + cost
         self._by_key[key_id] = self._by_key.get(key_id, 0) + 1
@@ -64,7 +66,7 @@ class InFlight:
 
     def of(self, key_id: str, epoch: float) -> int:
         """The cost being served of ``key_id``'s requests counted in the minute of ``epoch``."""
-        return self._by_minute.get((key_id, int(epoch) // 60 * 60), 0)
+        return self._by_minute.get((key_id, window_start(Window.minute, epoch)), 0)
 
     def deadline(self, key_id: str, since: float, burst_wait_s: float) -> float:
         """Until when a request of ``key_id`` past its burst share, waiting since ``since``, may

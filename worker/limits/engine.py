@@ -174,6 +174,13 @@ class HotKey:
         nodes carry the key (contended, for the rest of the window), with what nodes may have
         admitted unseen held back for them (``floors``)."""
         share, unseen = settling or (0, 0)
+        starved = self.starved(here, listed)
+        # A node at the cap it was given holds its requests (or refuses them): it sends nothing
+        # meanwhile, so its measured rate fades though its demand does not. Its last rate stands.
+        listed = {
+            n: (used, max(rate, self.nodes[n].rate)) if n in starved else (used, rate)
+            for n, (used, rate) in listed.items()
+        }
         if len(listed) > 1:
             self.contended.add(here)
         contended = here in self.contended
@@ -188,7 +195,7 @@ class HotKey:
             policy.pooled and settling is None and not contended,
             unseen,
             floors,
-            self.starved(here, listed) if contended else (),
+            starved if contended else (),
             # A node not listed yet (traffic that moved to it) has been silent: it holds
             # nothing unseen, and may use what the listed ones are not expected to.
             pool_others=policy.pooled and settling is None,
@@ -470,7 +477,7 @@ class LimitEngine:
                 use = hk.nodes[node_id] = NodeUse()
             use.arrived(report.arrivals, report.first_ts, report.last_ts, now)
             if report.counts is not None:
-                use.serving(int(report.epoch) // 60 * 60, report.in_flight)
+                use.serving(window_start(Window.minute, report.epoch), report.in_flight)
                 for window, n in zip(_NODE_WINDOWS, report.counts, strict=True):
                     use.report(window, window_start(window, report.epoch), n)
         hk.held_back = False
@@ -504,10 +511,6 @@ class LimitEngine:
             for node_id, use in hk.nodes.items()
             if (used := use.used(window, start)) is not None
         }
-        # A node at the cap it was given holds its requests (or refuses them): it sends nothing
-        # meanwhile, so its measured rate fades though its demand does not. Its last rate stands.
-        for node_id in hk.starved((window, start), listed):
-            listed[node_id] = (listed[node_id][0], max(listed[node_id][1], hk.nodes[node_id].rate))
         hk.forget_windows_over(now)
         # The listed nodes' counts hold the requests they admitted and still serve; the worker's
         # count does not (their events come when they end): without these the caps would add

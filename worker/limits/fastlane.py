@@ -89,11 +89,12 @@ def group_batch(
             # held at a cap and admitted late started before one admitted at once); a later
             # minute replaces them. ``busy``: what of them it was still serving.
             held = report.counts
-            if held is None or epoch // 60 > report.epoch // 60:
+            this_minute, held_minute = epoch // 60, report.epoch // 60
+            if held is None or this_minute > held_minute:
                 report.counts = (counted[0], counted[1], counted[2])
                 report.epoch = epoch
                 report.in_flight = busy
-            elif epoch // 60 == report.epoch // 60:
+            elif this_minute == held_minute:
                 report.counts = (
                     max(held[0], counted[0]),
                     max(held[1], counted[1]),
