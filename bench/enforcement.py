@@ -30,6 +30,8 @@ Scenarios (default limits 100/min, 1,000/h, 5,000/day; DESIGN.md "Targets"):
 * e1/e2/e3 — a key at 90% of its minute limit is never refused: 90 to one node as fast as
   possible; 90 spread over the three at once; 45 to node-1 then 45 to node-2 (two sequential
   hey runs): 90 × 200 each;
+* e4/e5 — the same key at 90% over 3 s (30 req/s): 60 to node-1 and 30 to node-2 at once;
+  30 to each node: 90 × 200 each;
 * f-hour/f-day — the same 90 spread with the hour (day) limit scaled down by a per-key override
   (``meter limits set --key KEY_ID --per-minute unlimited --per-hour 100 --per-day 5000``, or
   ``--per-hour unlimited --per-day 100``), sent once the worker and all 3 nodes logged the
@@ -459,6 +461,11 @@ def scenarios(burst_c: int) -> list[Scenario]:
         Scenario("e1", "90 to 1 node as fast as possible", ((Leg(0, 90, 10),),), "eq", 90),
         Scenario("e2", "90 spread over 3 nodes at once", (spread(90, 10),), "eq", 90),
         Scenario("e3", "45 to node-1, then 45 to node-2", ((Leg(0, 45, 5),), (Leg(1, 45, 5),)), "eq", 90),
+        Scenario(
+            "e4", "90 in 3 s (30 req/s): 60 to node-1, 30 to node-2", ((Leg(0, 60, 2, 10.0), Leg(1, 30, 1, 10.0)),),
+            "eq", 90,
+        ),
+        Scenario("e5", "90 spread over 3 nodes in 3 s (30 req/s)", (spread(90, 1, 30.0),), "eq", 90),
         Scenario("f-hour", "hour limit 100 (override): 90 spread", (spread(90, 10),), "eq", 90, "hour"),
         Scenario("f-day", "day limit 100 (override): 90 spread", (spread(90, 10),), "eq", 90, "day"),
         Scenario(
@@ -643,7 +650,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         warm_name, warm_raw = pool.warmup()
         run_legs([Leg(i, 3, 1) for i in range(NODES)], stack.ports, warm_raw)
         print(f"  warm-up: 3 requests per node with {warm_name}", flush=True)
-        chosen = [sc for sc in scenarios(args.burst_concurrency) if sc.sid not in args.skip]
+        chosen = [
+            sc
+            for sc in scenarios(args.burst_concurrency)
+            if sc.sid not in args.skip and (not args.only or sc.sid in args.only)
+        ]
         # a, then the repeats interleaved (b1 c1 d1 b2 c2 d2 ...), then the others in order.
         plan = [(sc, 1) for sc in chosen if sc.sid == "a"]
         plan += [(sc, r + 1) for r in range(args.repeat) for sc in chosen if sc.repeated]
@@ -928,6 +939,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--pause", type=float, default=1.5, help="seconds between scenarios")
     p.add_argument("--settle", type=float, default=0.5, help="seconds after a scenario before reading node counters")
     p.add_argument("--skip", action="append", default=[], metavar="ID", help="skip a scenario (a, b, ..., f-day)")
+    p.add_argument("--only", action="append", default=[], metavar="ID", help="run only this scenario (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="METER_X=V", help="extra env for worker and nodes")
     p.add_argument("--keep-logs", type=Path, metavar="DIR", help="write the processes' logs here and keep them")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results.md")

@@ -66,6 +66,9 @@ class Refusal:
     cap: int | None = None  # the node's cap from that allowance
     shadow: bool = False  # the policy is a dry run: the request is admitted (and counted) anyway
     route: str | None = None  # a route limit refused (the key's own limits admitted)
+    # Awaiting a division that settles: the worker holds back shares for nodes it has not heard
+    # from, and divides again once it has (or its settling ends): worth waiting longer for.
+    settling: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +288,7 @@ class LocalGuard:
                     grant = held.grants.get(self.node_id)
                     may_grow = grant is None or grant.cap < grant.used + held.limit - held.count
                     by = RefusedBy.awaiting if may_grow and not final else RefusedBy.allowance
-                    found = Refusal(by, window, held.limit, held.count, until, version, cap)
+                    found = Refusal(by, window, held.limit, held.count, until, version, cap, settling=held.settling)
                     if by is RefusedBy.awaiting:
                         wait = found
                     else:

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from schemas.allowances import MAX_DIVISION_WAIT_S
 from schemas.decisions import Window, window_start
 
 
@@ -20,11 +21,6 @@ class Serving:
     key_id: str
     cost: int
     minute: int  # the start of the minute it was counted in
-
-
-# How long at most a request past its burst share waits for a division while the node still
-# serves, or has just served, requests of its key (the worker hears of a request when it ends).
-MAX_IN_FLIGHT_WAIT_S = 2.0
 
 
 class InFlight:
@@ -61,20 +57,22 @@ class InFlight:
         now = self._clock()
         self._ended[serving.key_id] = now
         self._ended.move_to_end(serving.key_id)
-        while self._ended and next(iter(self._ended.values())) < now - MAX_IN_FLIGHT_WAIT_S:
+        while self._ended and next(iter(self._ended.values())) < now - MAX_DIVISION_WAIT_S:
             self._ended.popitem(last=False)  # only the recent ends are ever read
 
     def of(self, key_id: str, epoch: float) -> int:
         """The cost being served of ``key_id``'s requests counted in the minute of ``epoch``."""
         return self._by_minute.get((key_id, window_start(Window.minute, epoch)), 0)
 
-    def deadline(self, key_id: str, since: float, burst_wait_s: float) -> float:
+    def deadline(self, key_id: str, since: float, burst_wait_s: float, settling: bool = False) -> float:
         """Until when a request of ``key_id`` past its burst share, waiting since ``since``, may
         wait for a division: ``burst_wait_s`` after it came or after the key's latest request on
         this node ended, whichever is later (the worker divides once it has heard of them), and
-        as long as the node still serves some; never past ``MAX_IN_FLIGHT_WAIT_S``."""
-        longest = since + max(burst_wait_s, MAX_IN_FLIGHT_WAIT_S)
-        if key_id in self._by_key:
+        as long as the node still serves some or the division it holds is ``settling`` (the
+        worker divides again once it has heard from the nodes it waits for, or stops waiting);
+        never past ``MAX_DIVISION_WAIT_S``."""
+        longest = since + max(burst_wait_s, MAX_DIVISION_WAIT_S)
+        if settling or key_id in self._by_key:
             return longest
         return min(max(since, self._ended.get(key_id, since)) + burst_wait_s, longest)
 

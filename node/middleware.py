@@ -401,7 +401,7 @@ class MeterMiddleware:
             while refusal is not None and refusal.by is RefusedBy.awaiting:
                 # The division comes once the worker has heard of the key's requests, which it
                 # does as they end: while some are being served, or just were, the wait is longer.
-                left = self._in_flight.deadline(key_id, since, self._burst_wait_s) - loop.time()
+                left = self._in_flight.deadline(key_id, since, self._burst_wait_s, refusal.settling) - loop.time()
                 if left <= 0:
                     refusal = guard.admit(key_id, account, epoch, final=True, cost=cost, route=route)
                     waited_ms = (loop.time() - since) * 1e3

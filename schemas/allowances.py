@@ -17,6 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas.bounds import Count, Identifier, Timestamp, Version
 from schemas.decisions import Window
 
+# The longest a node holds a request for the worker's division while the node still serves
+# requests of its key (the worker hears of a request when it ends) or the division it holds
+# is ``settling``. The worker settles a division within half of it, so the requests held
+# meanwhile get it in time.
+MAX_DIVISION_WAIT_S = 2.0
+
 
 class NodeGrant(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")

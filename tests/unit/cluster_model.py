@@ -39,6 +39,7 @@ class _Waiting:
     rid: int
     ts: float
     serve: float
+    settling: bool = False  # the division it waits on settles (``Refusal.settling``)
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Cluster:
         self._try(node, _Waiting(rid, ts, serve), final=False)
 
     def _due(self, node: str, w: _Waiting) -> float:
-        return self.in_flight[node].deadline("k", w.ts, self.burst_wait)  # as the middleware's _admit
+        return self.in_flight[node].deadline("k", w.ts, self.burst_wait, w.settling)  # as the middleware's _admit
 
     def _deadline(self, node: str, w: _Waiting) -> None:
         if w not in self.waiting[node]:
@@ -108,6 +109,7 @@ class Cluster:
         guard = self.guards[node]
         refusal = guard.admit("k", "acct", w.ts, final=final)
         if refusal is not None and refusal.by is RefusedBy.awaiting and not final:
+            w.settling = refusal.settling
             if w not in self.waiting[node]:
                 self.waiting[node].append(w)
                 self._at(self._due(node, w), lambda: self._deadline(node, w))

@@ -14,7 +14,7 @@ from schemas.limits import LimitPolicy, PolicyBook
 from tests.clock import Clock
 from tests.unit.event_records import NOW, VALIDATOR, Rec, record
 from worker.limits.allowances import FIRST_SIGHT_S, IDLE_TAU_S, NodeUse, divide
-from worker.limits.engine import AllowancePolicy, LimitEngine, NodeReport
+from worker.limits.engine import AllowancePolicy, HotKey, LimitEngine, NodeReport
 from worker.limits.fastlane import RecentRequests, group_batch
 from worker.records import RecordChecker
 
@@ -416,28 +416,48 @@ def test_one_node_carrying_a_key_still_pools() -> None:
     assert window.others > 65 // 2  # pooled: the remainder less n1's expected admissions
 
 
-def test_a_node_still_sending_keeps_its_cap_and_a_silent_one_gives_it_up() -> None:
-    """In a contended window, a node whose traffic is still arriving may have used its whole
-    cap already (its last admissions are on their way, or it released the requests it held
-    when the cap came): the next division keeps that cap for it rather than hand its part to
-    a node that looks faster. Once nothing has come from it for ``settle_s``, the part it did
-    not use goes where the traffic is."""
+def test_a_node_still_sending_keeps_what_it_may_have_taken_unseen_and_a_silent_one_gives_it_up() -> None:
+    """In a contended window, the next division keeps for a node whose traffic is still
+    arriving what it may have admitted unseen: its whole cap if it was at that cap (holding
+    requests) when the cap was given, since it releases them the moment the cap arrives;
+    else what its rate brings before the new division reaches it, up to its cap. Once
+    nothing has come from it for ``settle_s``, the part it did not use goes where the
+    traffic is."""
     clock = Clock(T0)
     engine = settling_engine(clock)
     minute = int(T0) // 60 * 60
     engine.observe({(0, "k", "acct", minute): 42}, {(0, "k"): spread(T0, n1=13, n2=16, n3=13)})
-    clock.now = T0 + 0.07  # settled; n1 at its cap, n2 and n3 still sending
+    clock.now = T0 + 0.07  # settled; n1 at its cap of 34, n2 and n3 at 20 of theirs, at 200/s
     [first] = engine.observe(
         {(0, "k", "acct", minute): 32}, {(0, "k"): spread(clock.now, n1=34, n2=20, n3=20)}
     ).allowances
     given = caps(first)
-    assert given == {"n1": 34, "n2": 34, "n3": 34}  # n2 and n3 may have used theirs unseen
+    # n2 and n3 were not holding requests: kept for them is what their rate brings until the
+    # division reaches them, not their whole 34, and n1, which holds requests at its cap, gets more
+    assert 20 + math.ceil(150 * LAG) <= given["n2"] == given["n3"] < 34 < given["n1"]
+    assert sum(given.values()) == 100
 
-    clock.now = T0 + 0.2  # only n1 heard from since: n2 and n3 used 20 of their 34 after all
-    n1 = NodeReport(arrivals=8, counts=(34, 34, 34), epoch=clock.now, first_ts=clock.now - 0.01, last_ts=clock.now)
-    [moved] = engine.observe({}, {(0, "k"): {"n1": n1}}).allowances
-    assert caps(moved)["n1"] > given["n1"]  # their unused parts go to n1
-    assert sum(caps(moved).values()) <= 100
+    clock.now = T0 + 0.2  # only n1 heard from since: n2 and n3 are done
+    n1 = NodeReport(arrivals=8, counts=(40, 40, 40), epoch=clock.now, first_ts=clock.now - 0.01, last_ts=clock.now)
+    [moved] = engine.observe({(0, "k", "acct", minute): 6}, {(0, "k"): {"n1": n1}}).allowances
+    assert caps(moved) == {"n1": 100 - 40, "n2": 20, "n3": 20}  # their unused parts go to n1
+
+
+def test_only_a_node_that_was_holding_requests_keeps_its_whole_cap_unseen() -> None:
+    """What a listed node still sending may have admitted unseen (``HotKey.floors``): its whole
+    cap if it was at it when the cap was given; else its rate from its latest event until the
+    next division reaches it, up to its cap; nothing once it has been silent ``hold_s``."""
+    now = T0 + 1.0
+    here = (Window.minute, int(T0) // 60 * 60)
+    hot = HotKey()
+    for node in ("n1", "n2", "n3"):
+        hot.nodes[node] = NodeUse(rate=100.0, at=now - 0.01, last_ts=now - 0.02)
+    hot.nodes["n3"].at = now - 0.5  # silent since
+    hot.caps[here] = {"n1": 50, "n2": 50, "n3": 50}
+    hot.holding[here] = frozenset({"n1"})
+    listed = dict.fromkeys(("n1", "n2", "n3"), (40, 100.0))
+    floors = hot.floors(here, listed, now, hold_s=0.06, lag_s=LAG)
+    assert floors == {"n1": 50, "n2": 40 + math.ceil(100 * (0.02 + LAG)), "n3": 40}
 
 
 def test_a_contended_division_leaves_no_node_without_a_part_of_the_last_requests() -> None:
@@ -526,3 +546,86 @@ def test_a_key_at_90_percent_on_one_node_is_not_refused_after_its_held_requests_
     fetch([event_at(100, 0.27, 35)] + [event_at(101 + j, 0.117 + j * 0.0044, 36 + j) for j in range(33)])
     rest = [node.admit("k", "acct", start + 0.28 + j / 300) for j in range(22)]  # up to 90 in the minute
     assert rest == [None] * 22
+
+
+def serving(arrivals: int, minute_count: int, in_flight: int, started: float, at: float) -> NodeReport:
+    """A node's report of requests that started at ``started`` and ended by ``at``, with
+    ``in_flight`` of its count still being served."""
+    return NodeReport(
+        arrivals=arrivals,
+        counts=(minute_count, minute_count, minute_count),
+        epoch=at,
+        in_flight=in_flight,
+        first_ts=started,
+        last_ts=at,
+    )
+
+
+def test_a_key_turns_hot_when_a_node_still_serving_its_requests_passes_the_threshold() -> None:
+    """Slow handlers: the worker has counted 4 requests (their events came as they ended), but
+    n1's count of 34 holds 30 it still serves. Its figures must not be dropped while the
+    worker's count catches up: once the key turns hot through other nodes, n1 would be left
+    out of the division (nothing held for what it admitted). Hot once, the window stays hot
+    when the next report (another node's) is below the threshold."""
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    reports = {"n1": serving(4, 34, 30, T0 - 0.2, T0)}
+    [first] = engine.observe({(0, "k", "acct", minute): 4}, {(0, "k"): reports}).allowances
+    [window] = first.windows
+    assert (window.count, caps(first)) == (34, {"n1": 34})  # the 30 in flight counted as taken
+    clock.now = T0 + 0.01
+    later = engine.observe({(0, "k", "acct", minute): 1}, {(0, "k"): {"n2": serving(1, 1, 0, T0, T0 + 0.01)}})
+    assert "k" in engine.hot
+    assert set(engine.hot["k"].nodes) == {"n1", "n2"}
+    assert all(a.windows[0].settling for a in later.allowances)
+
+
+def test_below_the_threshold_by_every_count_the_key_is_not_hot() -> None:
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    reports = {"n1": serving(4, 29, 25, T0 - 0.2, T0)}
+    assert engine.observe({(0, "k", "acct", minute): 4}, {(0, "k"): reports}).allowances == []
+    assert "k" not in engine.hot
+    stale = {"n1": serving(4, 90, 25, T0 - 60.2, T0 - 60)}  # a node's count of the minute before
+    assert engine.observe({(0, "k", "acct", minute): 1}, {(0, "k"): stale}).allowances == []
+
+
+def test_the_division_settles_longer_while_the_key_is_served_slowly() -> None:
+    """While the listed nodes still serve requests of the key, a node not heard from may be
+    serving its burst share too (its events come when they end): the silent nodes' shares stay
+    held for as long as the key's requests take to reach the worker (0.5 s here, after 60 ms of
+    settling), at most ``serving_settle_s``; settled once, the window stays settled."""
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    [first] = engine.observe(
+        {(0, "k", "acct", minute): 10}, {(0, "k"): {"n1": serving(10, 34, 24, T0 - 0.5, T0)}}
+    ).allowances
+    assert first.windows[0].settling
+    clock.now = T0 + 0.3  # past settle_s (60 ms), within 60 ms + 0.5 s: n2 and n3 still held for
+    still = engine.observe({(0, "k", "acct", minute): 10}, {(0, "k"): {"n1": serving(10, 34, 14, T0 - 0.2, clock.now)}})
+    assert still.allowances == []  # unchanged: n1 keeps 34, its burst share, n2 and n3 theirs
+    clock.now = T0 + 0.6
+    [settled] = engine.observe(
+        {(0, "k", "acct", minute): 10}, {(0, "k"): {"n1": serving(10, 34, 4, T0 + 0.1, clock.now)}}
+    ).allowances
+    assert not settled.windows[0].settling
+    assert caps(settled)["n1"] > 34
+
+
+def test_a_key_served_at_once_settles_in_settle_s() -> None:
+    """No requests in flight at the listed nodes: silence means nothing is on its way."""
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    engine.observe({(0, "k", "acct", minute): 30}, {(0, "k"): {"n1": serving(30, 30, 0, T0 - 0.5, T0)}})
+    clock.now = T0 + 0.07
+    [settled] = engine.observe(
+        {(0, "k", "acct", minute): 1}, {(0, "k"): {"n1": serving(1, 31, 0, clock.now, clock.now)}}
+    ).allowances
+    assert not settled.windows[0].settling
+    clock.now = T0 + 0.1  # requests in flight now: settled stays settled
+    later = engine.observe({(0, "k", "acct", minute): 1}, {(0, "k"): {"n1": serving(1, 40, 8, T0, clock.now)}})
+    assert not any(a.windows[0].settling for a in later.allowances)

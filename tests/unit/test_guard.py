@@ -259,6 +259,23 @@ def test_an_unlisted_node_admits_others_more_from_when_it_first_held_the_allowan
     assert (final.by, final.version, final.cap) == (RefusedBy.allowance, 7, 15)
 
 
+def test_a_request_awaiting_a_settling_division_says_so() -> None:
+    """The node waits longer for a division that settles (``InFlight.deadline``): the worker
+    holds shares for nodes it has not heard from and divides again soon."""
+    g = guard(node="n1")
+    settling = allowance(7, {"n1": (30, 34)})
+    settling = settling.model_copy(update={"windows": [settling.windows[0].model_copy(update={"settling": True})]})
+    assert g.apply(settling, T0)
+    assert admit_until_refused(g, T0) == 4  # from the 30 the worker saw
+    refusal = g.admit("k", "acct", T0)
+    assert refusal is not None
+    assert (refusal.by, refusal.settling) == (RefusedBy.awaiting, True)
+    assert g.apply(allowance(8, {"n1": (34, 34)}, others=0), T0)  # settled: n1 may still get more
+    refusal = g.admit("k", "acct", T0)
+    assert refusal is not None
+    assert (refusal.by, refusal.settling) == (RefusedBy.awaiting, False)
+
+
 def test_a_later_unlisted_version_does_not_re_anchor() -> None:
     g = guard(node="n9")
     for _ in range(5):

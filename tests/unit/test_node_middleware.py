@@ -24,10 +24,10 @@ import node.middleware
 from node.decision_cache import Block
 from node.demo_api import ROUTE_SCOPES, build_node_app, demo_key_store, demo_keys
 from node.guard import LocalGuard, Refusal, RefusedBy
-from node.in_flight import MAX_IN_FLIGHT_WAIT_S, InFlight
+from node.in_flight import InFlight
 from node.keys import InMemoryKeyStore, derive_key_id
 from node.middleware import UNMATCHED_ENDPOINT, MeterMiddleware, RouteScope, starlette_route_resolver
-from schemas.allowances import Allowance, NodeGrant, WindowAllowance
+from schemas.allowances import MAX_DIVISION_WAIT_S, Allowance, NodeGrant, WindowAllowance
 from schemas.decisions import Decision, DecisionAction, Window
 from schemas.events import MAX_LATENCY_MS, RequestEvent, dump_event
 from tests.node_secret import NODE_SECRET
@@ -813,13 +813,15 @@ def test_a_request_waits_longer_for_a_division_while_its_keys_requests_are_being
     assert served.deadline("k1", 1000.0, 0.25) == 1000.25
     serving = served.start("k1", 1, NOW.timestamp())
     # The worker has not heard of it: as long as it is served, up to the bound.
-    assert served.deadline("k1", 1000.0, 0.25) == 1000.0 + MAX_IN_FLIGHT_WAIT_S
+    assert served.deadline("k1", 1000.0, 0.25) == 1000.0 + MAX_DIVISION_WAIT_S
     assert served.deadline("k2", 1000.0, 0.25) == 1000.25  # other keys' requests change nothing
     clock[0] = 1000.4
     served.end(serving)
     # Ended: the worker hears of it now, the division follows within the burst wait.
     assert served.deadline("k1", 1000.0, 0.25) == pytest.approx(1000.65)
     assert served.deadline("k1", 1000.5, 0.25) == 1000.75
+    # A division that settles (the worker waits to hear from other nodes): up to the bound too.
+    assert served.deadline("k1", 1000.5, 0.25, settling=True) == 1000.5 + MAX_DIVISION_WAIT_S
 
 
 async def test_a_held_request_gets_its_answer_a_burst_wait_after_its_keys_last_request_ended() -> None:

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 
 from aiokafka.partitioner import murmur2
 
-from schemas.allowances import Allowance, AllowanceVersion, WindowAllowance
+from schemas.allowances import MAX_DIVISION_WAIT_S, Allowance, AllowanceVersion, WindowAllowance
 from schemas.bounds import next_version
 from schemas.decisions import (
     AUTOMATIC_WINDOWS,
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # route (``schemas.limits.route_subject``) that the policy book gives route limits
 LimitCounts = Mapping[tuple[int, str, str, int], int]
 _NODE_WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of an event's node_counts
+_NODE_INDEX = {window: i for i, window in enumerate(_NODE_WINDOWS)}
 # Windows divided into allowances, longest first. Not the calendar month: a monthly quota is
 # enforced by block decisions (and each node's own count), see docs in README "Limits".
 _ALLOWANCE_WINDOWS = (Window.day, Window.hour, Window.minute)
@@ -70,6 +71,9 @@ class AllowancePolicy:
     # heard from on the key may hold that much unseen, so it is held back from the others.
     burst_share: float = 1.0
     settle_s: float = 0.06
+    # How long it settles at most while the listed nodes still serve requests of the key (its
+    # handlers take time): half the longest a node holds a request for a division.
+    serving_settle_s: float = MAX_DIVISION_WAIT_S / 2
     # A node is known (a member of the cluster) while it sent anything within this long.
     node_ttl_s: float = 60.0
 
@@ -125,11 +129,20 @@ class HotKey:
     caps: dict[tuple[Window, int], dict[str, int]] = field(default_factory=dict)
     # Windows carried by several nodes: divided strictly for the rest of the window (``divide``).
     contended: set[tuple[Window, int]] = field(default_factory=set)
+    # (window, start) -> the nodes that were at their caps at the last division (holding
+    # requests, which they release up to the new cap the moment it reaches them)
+    holding: dict[tuple[Window, int], frozenset[str]] = field(default_factory=dict)
+    settled: set[tuple[Window, int]] = field(default_factory=set)  # windows whose division settled
+    # The longest from a request's start to its event reaching the worker (its handler's time,
+    # the node's publish, the fetch): how long a node may be silent with requests of the key
+    slowest: float = 0.0
 
     def forget_windows_over(self, now: float) -> None:
         for over in [k for k in self.since if k[1] + WINDOW_SECONDS[k[0]] <= now]:
             del self.since[over]
             self.caps.pop(over, None)
+            self.holding.pop(over, None)
+            self.settled.discard(over)
             self.contended.discard(over)
 
     def starved(self, here: tuple[Window, int], listed: Mapping[str, tuple[int, float]]) -> list[str]:
@@ -139,18 +152,35 @@ class HotKey:
         return [n for n, (used, _) in listed.items() if n in given and used >= given[n]]
 
     def floors(
-        self, here: tuple[Window, int], listed: Mapping[str, tuple[int, float]], now: float, hold_s: float
+        self,
+        here: tuple[Window, int],
+        listed: Mapping[str, tuple[int, float]],
+        now: float,
+        hold_s: float,
+        lag_s: float,
     ) -> dict[str, int]:
-        """What each listed node may have admitted unseen before the next division reaches it:
-        the whole cap it was last given while its traffic reached the worker less than
-        ``hold_s`` ago (its latest admissions may still be on their way: a worker that falls
-        behind sees them late, and a node that held requests releases them the moment a cap
-        arrives); what the worker has seen of it once it has been silent that long."""
+        """What each listed node may have admitted unseen before the next division reaches it,
+        while its traffic reached the worker less than ``hold_s`` ago (its latest admissions may
+        still be on their way: a worker that falls behind sees them late): the whole cap it was
+        last given if it was holding requests then (it releases them the moment the cap
+        arrives), else what its rate brings from its latest event until the new division
+        reaches it (``lag_s``), up to that cap: a node below its cap holds nothing to release,
+        and taking its whole cap (given while it carried the key alone, pooled) would leave
+        nothing to a node that joins. What the worker has seen of it once it has been silent
+        ``hold_s``."""
         given = self.caps.get(here, {})
-        return {
-            n: max(used, given.get(n, 0)) if now - self.nodes[n].at < hold_s else used
-            for n, (used, _) in listed.items()
-        }
+        holding = self.holding.get(here, frozenset())
+        floors = {}
+        for n, (used, _) in listed.items():
+            use = self.nodes[n]
+            if now - use.at >= hold_s:
+                floors[n] = used
+            elif n in holding:
+                floors[n] = max(used, given.get(n, 0))
+            else:
+                unseen = use.rate * (now - use.last_ts + lag_s)
+                floors[n] = max(used, min(given.get(n, 0), used + math.ceil(unseen)))
+        return floors
 
     def divide(
         self,
@@ -186,7 +216,8 @@ class HotKey:
         contended = here in self.contended
         floors = dict.fromkeys(listed, share)
         if contended:
-            floors = {n: max(share, f) for n, f in self.floors(here, listed, now, policy.settle_s).items()}
+            may_have_taken = self.floors(here, listed, now, policy.settle_s, policy.lag_s)
+            floors = {n: max(share, f) for n, f in may_have_taken.items()}
         division = divide(
             limit,
             count,
@@ -201,7 +232,23 @@ class HotKey:
             pool_others=policy.pooled and settling is None,
         )
         self.caps[here] = {n: g.cap for n, g in division.grants.items()}
+        self.holding[here] = frozenset(starved)
         return division
+
+
+def _hot_by_nodes(hk: HotKey | None, reports: Mapping[str, NodeReport], window: Window, start: int, bar: float) -> bool:
+    """Whether ``window`` (from ``start``) is hot by the nodes' word though the worker's count
+    is below ``bar``: a node's own count holds the requests it still serves, which the worker
+    has not counted yet (with slow handlers it passes the threshold first). Hot once, the window
+    stays hot (one node's next report may be lower than another's was)."""
+    if hk is not None and (window, start) in hk.since:
+        return True
+    i = _NODE_INDEX[window]
+    for report in reports.values():
+        counts = report.counts
+        if counts is not None and counts[i] >= bar and window_start(window, report.epoch) == start:
+            return True
+    return False
 
 
 def partition_of(subject: str, partitions: int) -> int:
@@ -461,14 +508,17 @@ class LimitEngine:
         if self.policies.is_shadow(policy):  # nodes refuse nothing under it: nothing to divide
             self.hot.pop(key_id, None)
             return None
+        hk = self.hot.get(key_id)
         for window in _ALLOWANCE_WINDOWS:
             limit = policy.limit(window)
-            if limit is not None and (count := kw.count(window, now)) >= threshold * limit:
+            if limit is None:
+                continue
+            count, bar = kw.count(window, now), threshold * limit
+            if count >= bar or (count and _hot_by_nodes(hk, reports, window, kw.start(window), bar)):
                 hot_windows.append((window, limit, count))
         if not hot_windows:
             self.hot.pop(key_id, None)
             return None
-        hk = self.hot.get(key_id)
         if hk is None:
             hk = self.hot[key_id] = HotKey()
         for node_id, report in reports.items():
@@ -476,6 +526,7 @@ class LimitEngine:
             if use is None:
                 use = hk.nodes[node_id] = NodeUse()
             use.arrived(report.arrivals, report.first_ts, report.last_ts, now)
+            hk.slowest = max(hk.slowest, now - report.first_ts)
             if report.counts is not None:
                 use.serving(window_start(Window.minute, report.epoch), report.in_flight)
                 for window, n in zip(_NODE_WINDOWS, report.counts, strict=True):
@@ -515,9 +566,10 @@ class LimitEngine:
         # The listed nodes' counts hold the requests they admitted and still serve; the worker's
         # count does not (their events come when they end): without these the caps would add
         # up to the limit plus the requests in flight.
-        count += sum(hk.nodes[node_id].in_flight_in(window, start) for node_id in listed)
+        in_flight = sum(hk.nodes[node_id].in_flight_in(window, start) for node_id in listed)
+        count += in_flight
         here = (window, start)
-        settling = now - hk.since.setdefault(here, now) < self.allowance.settle_s
+        settling = self._settling(hk, here, in_flight > 0, now)
         held: tuple[int, int] | None = None
         if settling:
             share = math.ceil(self.allowance.burst_share * limit)
@@ -536,6 +588,21 @@ class LimitEngine:
             others=division.others,
             settling=settling,
         )
+
+    def _settling(self, hk: HotKey, here: tuple[Window, int], serving: bool, now: float) -> bool:
+        """Whether the division of ``here`` still settles: ``settle_s`` after the window turned
+        hot; longer while the listed nodes still serve requests of the key (its handlers take
+        time, so a node not heard from may be serving its whole burst share: its events come
+        when those requests end), by the longest the key's requests took to reach the worker,
+        up to ``serving_settle_s``. Settled once, for the rest of the window."""
+        if here in hk.settled:
+            return False
+        elapsed = now - hk.since.setdefault(here, now)
+        settle_s = self.allowance.settle_s
+        if elapsed < settle_s or (serving and elapsed < min(self.allowance.serving_settle_s, settle_s + hk.slowest)):
+            return True
+        hk.settled.add(here)
+        return False
 
     def _notifications(self, keys: Iterable[tuple[str, KeyWindows]], now: float) -> list[Notification]:
         if self.thresholds is None:
