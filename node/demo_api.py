@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -145,15 +146,18 @@ async def get_rates(request: Request) -> JSONResponse:
 
 class ServingTime:
     """Calls of the API (``/v0/``) take ``seconds`` to serve, like a real API's handlers
-    (``METER_DEMO_SERVING_MS``); behind the meter, so the meter sees requests in flight."""
+    (``METER_DEMO_SERVING_MS``), or a time drawn evenly up to ``longest`` (``..._MAX_MS``);
+    behind the meter, so the meter sees requests in flight."""
 
-    def __init__(self, app: ASGIApp, seconds: float) -> None:
+    def __init__(self, app: ASGIApp, seconds: float, longest: float | None = None) -> None:
         self.app = app
         self.seconds = seconds
+        self.longest = longest
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v0/"):
-            await asyncio.sleep(self.seconds)
+            took = self.seconds if self.longest is None else random.uniform(self.seconds, self.longest)
+            await asyncio.sleep(took)
         await self.app(scope, receive, send)
 
 
@@ -253,6 +257,8 @@ def build_node_app(
             await cache.stop()
             await reporter.stop()
 
+    longest = settings.demo_serving_max_ms / 1000.0 if settings.demo_serving_max_ms is not None else None
+    serving = bool(settings.demo_serving_ms or settings.demo_serving_max_ms)
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -270,7 +276,7 @@ def build_node_app(
                 route_resolver=starlette_route_resolver(routes),
                 now=now,
             ),
-            *([Middleware(ServingTime, seconds=settings.demo_serving_ms / 1000.0)] if settings.demo_serving_ms else []),
+            *([Middleware(ServingTime, seconds=settings.demo_serving_ms / 1000.0, longest=longest)] if serving else []),
         ],
     )
     app.state.reporter = reporter

@@ -82,6 +82,9 @@ class NodeSettings(BaseSettings):
     # How long each demo API call is served (a real API's handlers take time; requests admitted
     # and still served are counted by the node before the worker sees their events): benchmarks.
     demo_serving_ms: int = Field(default=0, ge=0, le=60_000)
+    # Set: each call takes a time drawn evenly from demo_serving_ms to this (handlers of random
+    # length, whose requests end out of their order).
+    demo_serving_max_ms: int | None = Field(default=None, ge=0, le=60_000)
     # Route prefixes any valid key may call without a scope. A route no rule covers and not
     # listed here is refused (403): a route added without a rule fails closed.
     node_public_routes: Annotated[tuple[str, ...], NoDecode] = ()
@@ -112,6 +115,15 @@ class NodeSettings(BaseSettings):
         errors = security_errors(self)
         if errors:
             raise ValueError("; ".join(errors))
+        return self
+
+    @model_validator(mode="after")
+    def _serving_range(self) -> NodeSettings:
+        if self.demo_serving_max_ms is not None and self.demo_serving_max_ms < self.demo_serving_ms:
+            raise ValueError(
+                f"METER_DEMO_SERVING_MAX_MS ({self.demo_serving_max_ms}) is below METER_DEMO_SERVING_MS "
+                f"({self.demo_serving_ms}): it is the longest a call takes"
+            )
         return self
 
     @field_validator("node_secret", "node_health_token")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from node.demo_api import ServingTime
 from node.settings import NodeSettings
 from tests.node_secret import NODE_SECRET
 from worker.cli import main
@@ -54,3 +55,29 @@ def test_public_routes(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ("v0/status", "/v0/status?x=1", ""):
         with pytest.raises(ValidationError, match="node_public_routes"):
             NodeSettings(node_public_routes=(bad,))
+
+
+def test_the_demo_serving_range_is_checked() -> None:
+    assert NodeSettings(demo_serving_ms=0, demo_serving_max_ms=2000).demo_serving_max_ms == 2000
+    refused = r"METER_DEMO_SERVING_MAX_MS \(50\) is below METER_DEMO_SERVING_MS \(100\)"
+    with pytest.raises(ValidationError, match=refused):
+        NodeSettings(demo_serving_ms=100, demo_serving_max_ms=50)
+
+
+async def test_demo_calls_take_a_time_drawn_from_the_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        return None
+
+    monkeypatch.setattr("node.demo_api.asyncio.sleep", sleep)
+    serving = ServingTime(app, 0.1, longest=0.5)  # type: ignore[arg-type]
+    for _ in range(200):
+        await serving({"type": "http", "path": "/v0/status"}, None, None)  # type: ignore[arg-type]
+    await serving({"type": "http", "path": "/health"}, None, None)  # type: ignore[arg-type]  # not the API
+    assert len(slept) == 200
+    assert 0.1 <= min(slept) < 0.2
+    assert 0.4 < max(slept) <= 0.5
