@@ -33,7 +33,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
-from schemas.allowances import Allowance, WindowAllowance
+from schemas.allowances import MAX_DIVISION_WAIT_S, Allowance, WindowAllowance
 from schemas.decisions import Window, month_bounds, window_end, window_seconds, window_start
 from schemas.limits import LimitPolicy, PolicyBook, route_subject
 
@@ -269,6 +269,7 @@ class LocalGuard:
         earlier end would only be refused again), else a reason to wait, else None."""
         refusal: Refusal | None = None
         wait: Refusal | None = None
+        settling = False  # some window awaits a division that settles: worth waiting longer for
         for i, window in enumerate(_WINDOWS):
             limit = policy.limit(window)
             if limit is None:
@@ -288,9 +289,10 @@ class LocalGuard:
                     grant = held.grants.get(self.node_id)
                     may_grow = grant is None or grant.cap < grant.used + held.limit - held.count
                     by = RefusedBy.awaiting if may_grow and not final else RefusedBy.allowance
-                    found = Refusal(by, window, held.limit, held.count, until, version, cap, settling=held.settling)
+                    found = Refusal(by, window, held.limit, held.count, until, version, cap)
                     if by is RefusedBy.awaiting:
                         wait = found
+                        settling |= _settles(held, self._allowance_time(state), now)
                     else:
                         refusal = found
             elif i < _DIVIDED and state.waived[i] != state.starts[i] and count + cost > self._share(limit):
@@ -298,7 +300,13 @@ class LocalGuard:
                     state.waived[i] = state.starts[i]
                 else:
                     wait = Refusal(RefusedBy.awaiting, window, limit, count, until)
+        if refusal is None and wait is not None and settling:
+            return dataclasses.replace(wait, settling=True)
         return refusal or wait
+
+    @staticmethod
+    def _allowance_time(state: _KeyState) -> float:
+        return state.allowance.decided_at.timestamp() if state.allowance is not None else 0.0
 
     def _share(self, limit: int) -> int:
         """What this node admits of ``limit`` on its own before the worker divides the window."""
@@ -325,6 +333,13 @@ class LocalGuard:
         if held.settling:  # the worker holds this node's burst share back for it: that, no more
             return max(base, self._share(held.limit)), held, allowance.version
         return base + held.others, held, allowance.version
+
+
+def _settles(held: WindowAllowance, decided_at: float, now: float) -> bool:
+    """Whether ``held``, decided at ``decided_at``, is a division still settling: the worker
+    settles one within half of ``MAX_DIVISION_WAIT_S``, so an older one is not waited on (a
+    worker gone quiet since must not hold every request of the key that long)."""
+    return held.settling and now - decided_at < MAX_DIVISION_WAIT_S
 
 
 def _limited(policy: LimitPolicy) -> bool:

@@ -46,6 +46,7 @@ class _Waiting:
 class Cluster:
     nodes: int = 3
     limit: int = 100
+    per_hour: int = 1_000
     burst_share: float = 0.34  # the product's defaults
     burst_wait: float = 0.25
     publish_lag: float = 0.003  # node -> topic -> the worker's fetch
@@ -56,7 +57,7 @@ class Cluster:
     refused: list[tuple[int, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        book = PolicyBook(LimitPolicy(per_minute=self.limit))
+        book = PolicyBook(LimitPolicy(per_minute=self.limit, per_hour=self.per_hour))
         self.clock = Clock(T0)
         policy = AllowancePolicy(threshold=0.3, lag_s=0.03, pooled=True, burst_share=self.burst_share, settle_s=0.12)
         self.engine = LimitEngine(book, self.clock, policy)
@@ -112,7 +113,8 @@ class Cluster:
             w.settling = refusal.settling
             if w not in self.waiting[node]:
                 self.waiting[node].append(w)
-                self._at(self._due(node, w), lambda: self._deadline(node, w))
+                # read again at least every burst wait, as the middleware does
+                self._at(min(self._due(node, w), self.clock.now + self.burst_wait), lambda: self._deadline(node, w))
             return
         if w in self.waiting[node]:
             self.waiting[node].remove(w)
@@ -129,19 +131,43 @@ class Cluster:
 
         self._at(self.clock.now + w.serve, end)
 
+    def background(self, node: str, serve: float, every: float = 0.02, keys: int = 200) -> None:
+        """Other keys' calls on ``node`` from the start, one every ``every`` s over ``keys`` keys
+        (far below their limits), each taking ``serve`` s, their events published as they end:
+        what the worker learns of how long the node's requests take."""
+        calls = itertools.count()
+
+        def call() -> None:
+            i, ts = next(calls), self.clock.now
+            key = f"b{i % keys}"
+            self.guards[node].admit(key, "acct", ts)
+            serving = self.in_flight[node].start(key, 1, ts)
+
+            def end() -> None:
+                self.in_flight[node].end(serving)
+                self._publish_of(node, key, f"{node}-b{i}", ts, 200)
+
+            self._at(ts + serve, end)
+            self._at(ts + every, call)
+
+        self._at(T0, call)
+
     def _publish(self, node: str, w: _Waiting, status: int) -> None:
-        counts = self.guards[node].counts("k", w.ts)
+        self._publish_of(node, "k", f"r{w.rid}", w.ts, status)
+
+    def _publish_of(self, node: str, key: str, request_id: str, ts: float, status: int) -> None:
+        counts = self.guards[node].counts(key, ts)
         rec = record(
             0,
             next(self._offset),
-            request_id=f"r{w.rid}",
-            key_id="k",
+            request_id=request_id,
+            key_id=key,
             account_id="acct",
             node_id=node,
             status=status,
-            ts=BASE + timedelta(seconds=w.ts - T0),
+            ts=BASE + timedelta(seconds=ts - T0),
             node_counts=counts,
-            node_in_flight=self.in_flight[node].of("k", w.ts) if counts is not None else None,
+            node_in_flight=self.in_flight[node].of(key, ts) if counts is not None else None,
         )
         self.topic.append((self.clock.now + self.publish_lag, rec))
 

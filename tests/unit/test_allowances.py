@@ -454,7 +454,7 @@ def test_only_a_node_that_was_holding_requests_keeps_its_whole_cap_unseen() -> N
         hot.nodes[node] = NodeUse(rate=100.0, at=now - 0.01, last_ts=now - 0.02)
     hot.nodes["n3"].at = now - 0.5  # silent since
     hot.caps[here] = {"n1": 50, "n2": 50, "n3": 50}
-    hot.holding[here] = frozenset({"n1"})
+    hot.holding = frozenset({"n1"})
     listed = dict.fromkeys(("n1", "n2", "n3"), (40, 100.0))
     floors = hot.floors(here, listed, now, hold_s=0.06, lag_s=LAG)
     assert floors == {"n1": 50, "n2": 40 + math.ceil(100 * (0.02 + LAG)), "n3": 40}
@@ -629,3 +629,35 @@ def test_a_key_served_at_once_settles_in_settle_s() -> None:
     clock.now = T0 + 0.1  # requests in flight now: settled stays settled
     later = engine.observe({(0, "k", "acct", minute): 1}, {(0, "k"): {"n1": serving(1, 40, 8, T0, clock.now)}})
     assert not any(a.windows[0].settling for a in later.allowances)
+
+
+def test_how_long_the_keys_requests_take_is_kept_per_minute() -> None:
+    """One request held long (or a worker that fell behind) lengthens the settling of that
+    minute's divisions only."""
+    hot = HotKey()
+    hot.took(1.8, T0)
+    hot.took(0.2, T0 + 1)
+    assert hot.slowest == 1.8
+    hot.took(0.2, T0 + 60)
+    assert hot.slowest == 0.2
+
+
+def test_a_division_settles_while_a_silent_node_may_still_be_serving_the_key() -> None:
+    """n3's events (of another key) reach the worker 0.5 s after their requests start: a node
+    whose calls all take that long. Silent on this key, it may be serving its burst share of
+    it: the division settles until as long has passed, not for settle_s only."""
+    clock = Clock(T0)
+    engine = settling_engine(clock)
+    minute = int(T0) // 60 * 60
+    for step in range(10):  # n3's calls of another key, each 0.5 s old when it reaches the worker
+        clock.now = T0 - 1 + step * 0.05
+        engine.observe({}, {(0, "other"): {"n3": serving(1, 1, 0, clock.now - 0.5, clock.now - 0.5)}})
+    clock.now = T0
+    reports = {"n1": report(30, 30), "n2": report(30, 30)}
+    [first] = engine.observe({(0, "k", "acct", minute): 60}, {(0, "k"): reports}).allowances
+    assert first.windows[0].settling
+    clock.now = T0 + 0.3  # past settle_s: n3 may still be serving its share
+    assert engine.redivide() == []  # unchanged: still settling, n3's share held
+    clock.now = T0 + 0.55
+    [settled] = engine.redivide()
+    assert not settled.windows[0].settling

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from node.guard import LocalGuard, RefusedBy
-from schemas.allowances import Allowance, NodeGrant, WindowAllowance
+from schemas.allowances import MAX_DIVISION_WAIT_S, Allowance, NodeGrant, WindowAllowance
 from schemas.decisions import WINDOW_SECONDS, Window
 from schemas.limits import LimitPolicy, PolicyBook
 
@@ -274,6 +274,53 @@ def test_a_request_awaiting_a_settling_division_says_so() -> None:
     refusal = g.admit("k", "acct", T0)
     assert refusal is not None
     assert (refusal.by, refusal.settling) == (RefusedBy.awaiting, False)
+
+
+def _window(window: Window, start: int, cap: int, limit: int, count: int, settling: bool) -> WindowAllowance:
+    return WindowAllowance(
+        window=window,
+        start=dt(start),
+        until=dt(start + WINDOW_SECONDS[window]),
+        limit=limit,
+        count=count,
+        grants={"n2": NodeGrant(used=cap, cap=cap)},
+        settling=settling,
+    )
+
+
+def test_a_settling_division_is_waited_on_whichever_window_is_checked_last() -> None:
+    """The minute division settles, the hour one does not, and the node is at both caps: the
+    request waits for the settling one (found by the review: the hour's refusal, checked last,
+    said not settling, and the request was refused after 250 ms)."""
+    g = guard(LimitPolicy(per_minute=100, per_hour=200, per_day=None), node="n2")
+    held = Allowance(
+        key_id="k",
+        version=7,
+        decided_at=dt(T0),
+        windows=[
+            _window(Window.hour, HOUR, 79, 200, 158, settling=False),
+            _window(Window.minute, MINUTE, 34, 100, 68, settling=True),
+        ],
+    )
+    assert g.apply(held, T0)
+    refusal = g.admit("k", "acct", T0)
+    assert refusal is not None
+    assert (refusal.by, refusal.window, refusal.settling) == (RefusedBy.awaiting, Window.hour, True)
+
+
+def test_a_settling_division_older_than_the_longest_wait_is_not_waited_on() -> None:
+    """The worker settles a division within half of MAX_DIVISION_WAIT_S: a settling one older
+    than that bound (the worker went quiet) does not hold every request of the key 2 s."""
+    g = guard(node="n2")
+    held = Allowance(
+        key_id="k", version=7, decided_at=dt(T0), windows=[_window(Window.minute, MINUTE, 34, 100, 68, settling=True)]
+    )
+    assert g.apply(held, T0)
+    fresh = g.admit("k", "acct", T0 + MAX_DIVISION_WAIT_S - 0.1)
+    stale = g.admit("k", "acct", T0 + MAX_DIVISION_WAIT_S + 0.1)
+    assert fresh is not None
+    assert stale is not None
+    assert (fresh.by, fresh.settling, stale.by, stale.settling) == (RefusedBy.awaiting, True, RefusedBy.awaiting, False)
 
 
 def test_a_later_unlisted_version_does_not_re_anchor() -> None:

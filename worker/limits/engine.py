@@ -20,7 +20,7 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 LimitCounts = Mapping[tuple[int, str, str, int], int]
 _NODE_WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of an event's node_counts
 _NODE_INDEX = {window: i for i, window in enumerate(_NODE_WINDOWS)}
+_AGE_WEIGHT = 0.2  # of a fetch's figure in a node's smoothed event age (``LimitEngine.node_age``)
 # Windows divided into allowances, longest first. Not the calendar month: a monthly quota is
 # enforced by block decisions (and each node's own count), see docs in README "Limits".
 _ALLOWANCE_WINDOWS = (Window.day, Window.hour, Window.minute)
@@ -129,19 +130,23 @@ class HotKey:
     caps: dict[tuple[Window, int], dict[str, int]] = field(default_factory=dict)
     # Windows carried by several nodes: divided strictly for the rest of the window (``divide``).
     contended: set[tuple[Window, int]] = field(default_factory=set)
-    # (window, start) -> the nodes that were at their caps at the last division (holding
-    # requests, which they release up to the new cap the moment it reaches them)
-    holding: dict[tuple[Window, int], frozenset[str]] = field(default_factory=dict)
+    # The nodes at their cap in some window at the last division: they held requests, which they
+    # release up to their new caps the moment these reach them, in every window (a request
+    # counts in all of them); ``starving`` collects this division's, window by window.
+    holding: frozenset[str] = frozenset()
+    starving: set[str] = field(default_factory=set)
     settled: set[tuple[Window, int]] = field(default_factory=set)  # windows whose division settled
     # The longest from a request's start to its event reaching the worker (its handler's time,
-    # the node's publish, the fetch): how long a node may be silent with requests of the key
+    # the node's publish, the fetch) this minute: how long a node may be silent with requests
+    # of the key. Per minute: one request held long, or a worker that fell behind, would
+    # otherwise lengthen every later settling of the key.
     slowest: float = 0.0
+    slowest_minute: int = 0
 
     def forget_windows_over(self, now: float) -> None:
         for over in [k for k in self.since if k[1] + WINDOW_SECONDS[k[0]] <= now]:
             del self.since[over]
             self.caps.pop(over, None)
-            self.holding.pop(over, None)
             self.settled.discard(over)
             self.contended.discard(over)
 
@@ -150,6 +155,25 @@ class HotKey:
         refuse requests the worker does not see)."""
         given = self.caps.get(here, {})
         return [n for n, (used, _) in listed.items() if n in given and used >= given[n]]
+
+    def took(self, seconds: float, now: float) -> None:
+        minute = window_start(Window.minute, now)
+        if minute != self.slowest_minute:
+            self.slowest, self.slowest_minute = 0.0, minute
+        self.slowest = max(self.slowest, seconds)
+
+    def at_a_cap(self, heres: Iterable[tuple[Window, int]]) -> set[str]:
+        """The nodes at the cap they were last given in any of the windows ``heres``: they hold
+        requests, which count in every window, so their demand goes on in all of them (divided
+        one by one, a window where such a node is below its cap would give its part away, and
+        the next division take it back: its caps in two windows never both had room)."""
+        nodes = set()
+        for here in heres:
+            for n, cap in self.caps.get(here, {}).items():
+                used = self.nodes[n].used(*here) if n in self.nodes else None
+                if used is not None and used >= cap:
+                    nodes.add(n)
+        return nodes
 
     def floors(
         self,
@@ -169,16 +193,15 @@ class HotKey:
         nothing to a node that joins. What the worker has seen of it once it has been silent
         ``hold_s``."""
         given = self.caps.get(here, {})
-        holding = self.holding.get(here, frozenset())
         floors = {}
         for n, (used, _) in listed.items():
             use = self.nodes[n]
             if now - use.at >= hold_s:
                 floors[n] = used
-            elif n in holding:
+            elif n in self.holding:
                 floors[n] = max(used, given.get(n, 0))
             else:
-                unseen = use.rate * (now - use.last_ts + lag_s)
+                unseen = use.rate * (min(now - use.last_ts, now - use.at + hold_s) + lag_s)
                 floors[n] = max(used, min(given.get(n, 0), used + math.ceil(unseen)))
         return floors
 
@@ -191,11 +214,13 @@ class HotKey:
         settling: tuple[int, int] | None,
         policy: AllowancePolicy,
         now: float,
+        at_a_cap: Collection[str] = (),
     ) -> Division:
         """Divide the window ``here`` among the listed nodes ``{node: (used, rate)}``, and
         remember the caps given. ``settling``: ``(share, unseen)`` while the window settles:
         every node may still be admitting its burst ``share`` (held for it; ``unseen``: the
-        silent known nodes' shares), else None.
+        silent known nodes' shares), else None. ``at_a_cap``: the nodes at their caps in any
+        of the key's windows (``at_a_cap``).
 
         Pooling lets each node take the remainder less what the others admit within the lag,
         but nodes holding requests at their caps release them all the moment a division
@@ -205,10 +230,16 @@ class HotKey:
         admitted unseen held back for them (``floors``)."""
         share, unseen = settling or (0, 0)
         starved = self.starved(here, listed)
-        # A node at the cap it was given holds its requests (or refuses them): it sends nothing
-        # meanwhile, so its measured rate fades though its demand does not. Its last rate stands.
+        self.starving.update(starved)
+        # A node at the cap it was given (in any of the key's windows: a request counts in all)
+        # holds its requests or refuses them: it sends nothing meanwhile, so its measured rate
+        # fades though its demand does not. Its last rate stands for as long as it may hold a
+        # request (MAX_DIVISION_WAIT_S since it last sent): for good, a key gone quiet would have
+        # its remainder go to whichever node is at its cap, and the next division (no longer at
+        # its cap, its rate faded) take it back, each time.
+        waiting = {n for n in (*starved, *at_a_cap) if n in listed and now - self.nodes[n].at < MAX_DIVISION_WAIT_S}
         listed = {
-            n: (used, max(rate, self.nodes[n].rate)) if n in starved else (used, rate)
+            n: (used, max(rate, self.nodes[n].rate)) if n in waiting else (used, rate)
             for n, (used, rate) in listed.items()
         }
         if len(listed) > 1:
@@ -232,7 +263,6 @@ class HotKey:
             pool_others=policy.pooled and settling is None,
         )
         self.caps[here] = {n: g.cap for n, g in division.grants.items()}
-        self.holding[here] = frozenset(starved)
         return division
 
 
@@ -289,6 +319,9 @@ class LimitEngine:
         self.allowance = allowance or AllowancePolicy()
         self.hot: dict[str, HotKey] = {}
         self.nodes_seen: dict[str, float] = {}  # node id -> last time it sent anything (cluster members)
+        # node id -> how old its freshest events are when they reach the worker (smoothed over
+        # fetches): a node whose requests all take long says nothing of a key for that long
+        self.node_age: dict[str, float] = {}
         self.allowance_versions: dict[str, int] = {}
         self.allowances_issued = 0
         self.partitions: dict[int, WindowCounters] = {}
@@ -356,9 +389,14 @@ class LimitEngine:
                 verdicts.decisions.append(d)
         verdicts.notifications = self._notifications(touched.items(), now)
         # Refused requests count nothing but say where the traffic is: they re-divide too.
+        freshest: dict[str, float] = {}
         for reports in (nodes or {}).values():
-            for node_id in reports:
-                self.nodes_seen[node_id] = now
+            for node_id, report in reports.items():
+                freshest[node_id] = max(freshest.get(node_id, 0.0), report.last_ts)
+        for node_id, last_ts in freshest.items():
+            self.nodes_seen[node_id] = now
+            age, smoothed = max(0.0, now - last_ts), self.node_age.get(node_id)
+            self.node_age[node_id] = age if smoothed is None else smoothed + (age - smoothed) * _AGE_WEIGHT
         for (partition, key_id), reports in (nodes or {}).items():
             found = touched.get(key_id) or self._in(partition, key_id)
             if found is not None and (a := self._allot(key_id, found, reports, now)):
@@ -404,6 +442,7 @@ class LimitEngine:
         ttl = self.allowance.node_ttl_s
         for node_id in [n for n, t in self.nodes_seen.items() if t < now - ttl]:
             del self.nodes_seen[node_id]
+            self.node_age.pop(node_id, None)
         self._log(Verdicts(decisions))
         return decisions
 
@@ -526,13 +565,17 @@ class LimitEngine:
             if use is None:
                 use = hk.nodes[node_id] = NodeUse()
             use.arrived(report.arrivals, report.first_ts, report.last_ts, now)
-            hk.slowest = max(hk.slowest, now - report.first_ts)
+            hk.took(now - report.first_ts, now)
             if report.counts is not None:
                 use.serving(window_start(Window.minute, report.epoch), report.in_flight)
                 for window, n in zip(_NODE_WINDOWS, report.counts, strict=True):
                     use.report(window, window_start(window, report.epoch), n)
         hk.held_back = False
-        windows = [self._divide_window(hk, kw, window, limit, count, now) for window, limit, count in hot_windows]
+        at_a_cap = hk.at_a_cap([(window, kw.start(window)) for window, _, _ in hot_windows])
+        windows = [
+            self._divide_window(hk, kw, window, limit, count, now, at_a_cap) for window, limit, count in hot_windows
+        ]
+        hk.holding, hk.starving = frozenset(hk.starving), set()
         caps = tuple(
             (w.window, w.start, w.others, w.settling, tuple(sorted((n, g.cap) for n, g in w.grants.items())))
             for w in windows
@@ -546,7 +589,7 @@ class LimitEngine:
         return Allowance(key_id=key_id, version=version, decided_at=to_datetime(now), windows=windows)
 
     def _divide_window(
-        self, hk: HotKey, kw: KeyWindows, window: Window, limit: int, count: int, now: float
+        self, hk: HotKey, kw: KeyWindows, window: Window, limit: int, count: int, now: float, at_a_cap: set[str]
     ) -> WindowAllowance:
         """One hot window's division. While it settles (``settle_s`` after it turned hot, when a
         burst may be under way on several nodes at once), every node may still be admitting its
@@ -569,12 +612,12 @@ class LimitEngine:
         in_flight = sum(hk.nodes[node_id].in_flight_in(window, start) for node_id in listed)
         count += in_flight
         here = (window, start)
-        settling = self._settling(hk, here, in_flight > 0, now)
+        settling = self._settling(hk, here, listed, in_flight > 0, now)
         held: tuple[int, int] | None = None
         if settling:
             share = math.ceil(self.allowance.burst_share * limit)
             held = (share, share * sum(1 for node_id in self.nodes_seen if node_id not in listed))
-        division = hk.divide(here, listed, limit, count, held, self.allowance, now)
+        division = hk.divide(here, listed, limit, count, held, self.allowance, now, at_a_cap)
         hk.held_back |= any(g.cap < g.used + limit - count for g in division.grants.values())
         end = start + WINDOW_SECONDS[window]
         hk.until = max(hk.until, end)
@@ -589,17 +632,24 @@ class LimitEngine:
             settling=settling,
         )
 
-    def _settling(self, hk: HotKey, here: tuple[Window, int], serving: bool, now: float) -> bool:
+    def _settling(
+        self, hk: HotKey, here: tuple[Window, int], listed: Mapping[str, object], serving: bool, now: float
+    ) -> bool:
         """Whether the division of ``here`` still settles: ``settle_s`` after the window turned
-        hot; longer while the listed nodes still serve requests of the key (its handlers take
-        time, so a node not heard from may be serving its whole burst share: its events come
-        when those requests end), by the longest the key's requests took to reach the worker,
-        up to ``serving_settle_s``. Settled once, for the rest of the window."""
+        hot, longer when a node not heard from may be serving its whole burst share of the key
+        unseen (its events come when those requests end), up to ``serving_settle_s``: while the
+        listed nodes still serve requests of the key, by the longest its requests took to reach
+        the worker; and as long as a silent node's events take to reach it (a node whose
+        requests all take long). Settled once, for the rest of the window."""
         if here in hk.settled:
             return False
         elapsed = now - hk.since.setdefault(here, now)
         settle_s = self.allowance.settle_s
-        if elapsed < settle_s or (serving and elapsed < min(self.allowance.serving_settle_s, settle_s + hk.slowest)):
+        if elapsed < settle_s:
+            return True
+        silent = max((self.node_age.get(n, 0.0) for n in self.nodes_seen if n not in listed), default=0.0)
+        longest = max(settle_s + hk.slowest if serving else 0.0, silent)
+        if elapsed < min(self.allowance.serving_settle_s, longest):
             return True
         hk.settled.add(here)
         return False
