@@ -83,13 +83,14 @@ class Headroom:
 
 
 class _KeyState:
-    __slots__ = ("account", "allowance", "anchors", "counts", "starts", "waived")
+    __slots__ = ("account", "allowance", "anchors", "applied", "counts", "starts", "waived")
 
     def __init__(self, account: str) -> None:
         self.account = account
         self.starts = [0, 0, 0, 0]  # window starts (epoch s) of minute, hour, day, month
         self.counts = [0, 0, 0, 0]
         self.allowance: Allowance | None = None
+        self.applied = 0.0  # when this node applied it (its own clock: the worker's may be skewed)
         self.waived = [0, 0, 0, 0]  # windows (by start) where waiting gave up: no burst share there
         # (window index, window start) -> this node's count when it first held an allowance of
         # that window without being listed: ``others`` is counted from there.
@@ -225,7 +226,7 @@ class LocalGuard:
         if state is None:
             state = self._state(allowance.key_id, "", now)
         state.roll(now)
-        state.allowance = allowance
+        state.allowance, state.applied = allowance, now
         self.allowances_applied += 1
         for w in live:
             if w.window not in _WINDOWS[:_DIVIDED]:
@@ -292,7 +293,7 @@ class LocalGuard:
                     found = Refusal(by, window, held.limit, held.count, until, version, cap)
                     if by is RefusedBy.awaiting:
                         wait = found
-                        settling |= _settles(held, self._allowance_time(state), now)
+                        settling |= _settles(held, state.applied, now)
                     else:
                         refusal = found
             elif i < _DIVIDED and state.waived[i] != state.starts[i] and count + cost > self._share(limit):
@@ -303,10 +304,6 @@ class LocalGuard:
         if refusal is None and wait is not None and settling:
             return dataclasses.replace(wait, settling=True)
         return refusal or wait
-
-    @staticmethod
-    def _allowance_time(state: _KeyState) -> float:
-        return state.allowance.decided_at.timestamp() if state.allowance is not None else 0.0
 
     def _share(self, limit: int) -> int:
         """What this node admits of ``limit`` on its own before the worker divides the window."""
@@ -335,11 +332,11 @@ class LocalGuard:
         return base + held.others, held, allowance.version
 
 
-def _settles(held: WindowAllowance, decided_at: float, now: float) -> bool:
-    """Whether ``held``, decided at ``decided_at``, is a division still settling: the worker
+def _settles(held: WindowAllowance, applied: float, now: float) -> bool:
+    """Whether ``held``, applied here at ``applied``, is a division still settling: the worker
     settles one within half of ``MAX_DIVISION_WAIT_S``, so an older one is not waited on (a
     worker gone quiet since must not hold every request of the key that long)."""
-    return held.settling and now - decided_at < MAX_DIVISION_WAIT_S
+    return held.settling and now - applied < MAX_DIVISION_WAIT_S
 
 
 def _limited(policy: LimitPolicy) -> bool:

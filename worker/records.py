@@ -57,6 +57,8 @@ EVENT_FIELDS = (
 )
 ROW_HASH: Final = 10  # a literal, so the type checker knows the field's type
 assert EVENT_FIELDS[ROW_HASH] == "hash"
+ROW_LATENCY: Final = 9
+assert EVENT_FIELDS[ROW_LATENCY] == "latency_ms"
 
 
 def request_hash(key_id: str, request_id: str) -> int:

@@ -168,6 +168,7 @@ class Cluster:
             ts=BASE + timedelta(seconds=ts - T0),
             node_counts=counts,
             node_in_flight=self.in_flight[node].of(key, ts) if counts is not None else None,
+            latency_ms=(self.clock.now - ts) * 1000.0,
         )
         self.topic.append((self.clock.now + self.publish_lag, rec))
 

@@ -549,8 +549,8 @@ def test_a_key_at_90_percent_on_one_node_is_not_refused_after_its_held_requests_
 
 
 def serving(arrivals: int, minute_count: int, in_flight: int, started: float, at: float) -> NodeReport:
-    """A node's report of requests that started at ``started`` and ended by ``at``, with
-    ``in_flight`` of its count still being served."""
+    """A node's report of requests that started from ``started`` to ``at`` (the first one taking
+    ``at - started`` s, the others nothing), with ``in_flight`` of its count still being served."""
     return NodeReport(
         arrivals=arrivals,
         counts=(minute_count, minute_count, minute_count),
@@ -558,6 +558,8 @@ def serving(arrivals: int, minute_count: int, in_flight: int, started: float, at
         in_flight=in_flight,
         first_ts=started,
         last_ts=at,
+        fastest_ms=0.0 if arrivals > 1 else (at - started) * 1000.0,
+        slowest_ms=(at - started) * 1000.0,
     )
 
 
@@ -643,21 +645,20 @@ def test_how_long_the_keys_requests_take_is_kept_per_minute() -> None:
 
 
 def test_a_division_settles_while_a_silent_node_may_still_be_serving_the_key() -> None:
-    """n3's events (of another key) reach the worker 0.5 s after their requests start: a node
-    whose calls all take that long. Silent on this key, it may be serving its burst share of
-    it: the division settles until as long has passed, not for settle_s only."""
+    """n3's calls (of another key) all take 0.5 s. Silent on this key, it may be serving its
+    burst share of it: the division settles for settle_s and that long, not settle_s only."""
     clock = Clock(T0)
     engine = settling_engine(clock)
     minute = int(T0) // 60 * 60
     for step in range(10):  # n3's calls of another key, each 0.5 s old when it reaches the worker
         clock.now = T0 - 1 + step * 0.05
-        engine.observe({}, {(0, "other"): {"n3": serving(1, 1, 0, clock.now - 0.5, clock.now - 0.5)}})
+        engine.observe({}, {(0, "other"): {"n3": serving(1, 1, 0, clock.now - 0.5, clock.now)}})
     clock.now = T0
     reports = {"n1": report(30, 30), "n2": report(30, 30)}
     [first] = engine.observe({(0, "k", "acct", minute): 60}, {(0, "k"): reports}).allowances
     assert first.windows[0].settling
-    clock.now = T0 + 0.3  # past settle_s: n3 may still be serving its share
+    clock.now = T0 + 0.5  # past settle_s: n3 may still be serving its share
     assert engine.redivide() == []  # unchanged: still settling, n3's share held
-    clock.now = T0 + 0.55
+    clock.now = T0 + 0.57
     [settled] = engine.redivide()
     assert not settled.windows[0].settling

@@ -309,11 +309,15 @@ def test_a_settling_division_is_waited_on_whichever_window_is_checked_last() -> 
 
 
 def test_a_settling_division_older_than_the_longest_wait_is_not_waited_on() -> None:
-    """The worker settles a division within half of MAX_DIVISION_WAIT_S: a settling one older
-    than that bound (the worker went quiet) does not hold every request of the key 2 s."""
+    """The worker settles a division within half of MAX_DIVISION_WAIT_S: a settling one held
+    longer than that bound (the worker went quiet) does not hold every request of the key 2 s.
+    Timed on the node's clock, from when it applied it (the worker's may be skewed)."""
     g = guard(node="n2")
     held = Allowance(
-        key_id="k", version=7, decided_at=dt(T0), windows=[_window(Window.minute, MINUTE, 34, 100, 68, settling=True)]
+        key_id="k",
+        version=7,
+        decided_at=dt(T0 - 3600),  # a worker clock an hour behind changes nothing
+        windows=[_window(Window.minute, MINUTE, 34, 100, 68, settling=True)],
     )
     assert g.apply(held, T0)
     fresh = g.admit("k", "acct", T0 + MAX_DIVISION_WAIT_S - 0.1)

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 LimitCounts = Mapping[tuple[int, str, str, int], int]
 _NODE_WINDOWS = (Window.minute, Window.hour, Window.day)  # the order of an event's node_counts
 _NODE_INDEX = {window: i for i, window in enumerate(_NODE_WINDOWS)}
-_AGE_WEIGHT = 0.2  # of a fetch's figure in a node's smoothed event age (``LimitEngine.node_age``)
+_SERVING_WEIGHT = 0.2  # of a fetch's figure in ``LimitEngine.node_serving``
 # Windows divided into allowances, longest first. Not the calendar month: a monthly quota is
 # enforced by block decisions (and each node's own count), see docs in README "Limits".
 _ALLOWANCE_WINDOWS = (Window.day, Window.hour, Window.minute)
@@ -87,6 +87,9 @@ class NodeReport:
     counts: tuple[int, int, int] | None = None  # the node's own minute/hour/day counts, its latest minute's highest
     epoch: float = 0.0  # event time of the latest event with those counts
     in_flight: int = 0  # what of them the node was still serving, at its latest event
+    # The shortest and the longest the node took over one of them (ms, its own clock: no skew)
+    fastest_ms: float = math.inf
+    slowest_ms: float = 0.0
     first_ts: float = math.inf  # event times of the first and last of the arrivals
     last_ts: float = 0.0
 
@@ -136,10 +139,9 @@ class HotKey:
     holding: frozenset[str] = frozenset()
     starving: set[str] = field(default_factory=set)
     settled: set[tuple[Window, int]] = field(default_factory=set)  # windows whose division settled
-    # The longest from a request's start to its event reaching the worker (its handler's time,
-    # the node's publish, the fetch) this minute: how long a node may be silent with requests
-    # of the key. Per minute: one request held long, or a worker that fell behind, would
-    # otherwise lengthen every later settling of the key.
+    # The longest a node took over a request of the key this minute (the node's own duration:
+    # no clock skew): how long a node may be silent with requests of the key. Per minute: one
+    # request held long would otherwise lengthen every later settling of the key.
     slowest: float = 0.0
     slowest_minute: int = 0
 
@@ -201,7 +203,7 @@ class HotKey:
             elif n in self.holding:
                 floors[n] = max(used, given.get(n, 0))
             else:
-                unseen = use.rate * (min(now - use.last_ts, now - use.at + hold_s) + lag_s)
+                unseen = use.rate * (max(0.0, min(now - use.last_ts, now - use.at + hold_s)) + lag_s)
                 floors[n] = max(used, min(given.get(n, 0), used + math.ceil(unseen)))
         return floors
 
@@ -319,9 +321,10 @@ class LimitEngine:
         self.allowance = allowance or AllowancePolicy()
         self.hot: dict[str, HotKey] = {}
         self.nodes_seen: dict[str, float] = {}  # node id -> last time it sent anything (cluster members)
-        # node id -> how old its freshest events are when they reach the worker (smoothed over
-        # fetches): a node whose requests all take long says nothing of a key for that long
-        self.node_age: dict[str, float] = {}
+        # node id -> how long it takes to serve a request: the fastest of each fetch, smoothed
+        # (its own clock's durations). A node whose requests all take long says nothing of a
+        # key for that long after it admits them.
+        self.node_serving: dict[str, float] = {}
         self.allowance_versions: dict[str, int] = {}
         self.allowances_issued = 0
         self.partitions: dict[int, WindowCounters] = {}
@@ -389,14 +392,15 @@ class LimitEngine:
                 verdicts.decisions.append(d)
         verdicts.notifications = self._notifications(touched.items(), now)
         # Refused requests count nothing but say where the traffic is: they re-divide too.
-        freshest: dict[str, float] = {}
+        fastest: dict[str, float] = {}
         for reports in (nodes or {}).values():
             for node_id, report in reports.items():
-                freshest[node_id] = max(freshest.get(node_id, 0.0), report.last_ts)
-        for node_id, last_ts in freshest.items():
+                fastest[node_id] = min(fastest.get(node_id, math.inf), report.fastest_ms)
+        for node_id, ms in fastest.items():
             self.nodes_seen[node_id] = now
-            age, smoothed = max(0.0, now - last_ts), self.node_age.get(node_id)
-            self.node_age[node_id] = age if smoothed is None else smoothed + (age - smoothed) * _AGE_WEIGHT
+            if ms < math.inf:
+                took, was = ms / 1000.0, self.node_serving.get(node_id)
+                self.node_serving[node_id] = took if was is None else was + (took - was) * _SERVING_WEIGHT
         for (partition, key_id), reports in (nodes or {}).items():
             found = touched.get(key_id) or self._in(partition, key_id)
             if found is not None and (a := self._allot(key_id, found, reports, now)):
@@ -442,7 +446,7 @@ class LimitEngine:
         ttl = self.allowance.node_ttl_s
         for node_id in [n for n, t in self.nodes_seen.items() if t < now - ttl]:
             del self.nodes_seen[node_id]
-            self.node_age.pop(node_id, None)
+            self.node_serving.pop(node_id, None)
         self._log(Verdicts(decisions))
         return decisions
 
@@ -565,7 +569,7 @@ class LimitEngine:
             if use is None:
                 use = hk.nodes[node_id] = NodeUse()
             use.arrived(report.arrivals, report.first_ts, report.last_ts, now)
-            hk.took(now - report.first_ts, now)
+            hk.took(report.slowest_ms / 1000.0, now)
             if report.counts is not None:
                 use.serving(window_start(Window.minute, report.epoch), report.in_flight)
                 for window, n in zip(_NODE_WINDOWS, report.counts, strict=True):
@@ -638,8 +642,8 @@ class LimitEngine:
         """Whether the division of ``here`` still settles: ``settle_s`` after the window turned
         hot, longer when a node not heard from may be serving its whole burst share of the key
         unseen (its events come when those requests end), up to ``serving_settle_s``: while the
-        listed nodes still serve requests of the key, by the longest its requests took to reach
-        the worker; and as long as a silent node's events take to reach it (a node whose
+        listed nodes still serve requests of the key, by the longest one of them took this minute;
+        and by the time a silent node takes to serve a request (``node_serving``: a node whose
         requests all take long). Settled once, for the rest of the window."""
         if here in hk.settled:
             return False
@@ -647,8 +651,8 @@ class LimitEngine:
         settle_s = self.allowance.settle_s
         if elapsed < settle_s:
             return True
-        silent = max((self.node_age.get(n, 0.0) for n in self.nodes_seen if n not in listed), default=0.0)
-        longest = max(settle_s + hk.slowest if serving else 0.0, silent)
+        silent = max((self.node_serving.get(n, 0.0) for n in self.nodes_seen if n not in listed), default=0.0)
+        longest = settle_s + max(hk.slowest if serving else 0.0, silent)
         if elapsed < min(self.allowance.serving_settle_s, longest):
             return True
         hk.settled.add(here)

@@ -32,7 +32,7 @@ from common.recent_set import RecentSet
 from common.retry import cancel_and_wait, keep_running
 from schemas.limits import route_subject
 from worker.limits.engine import NodeReport
-from worker.records import KafkaRecord, RecordChecker, Rejection, RowExchange, Validator
+from worker.records import ROW_LATENCY, KafkaRecord, RecordChecker, Rejection, RowExchange, Validator
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,11 @@ def group_batch(
         report.arrivals += 1
         report.first_ts = min(report.first_ts, epoch)
         report.last_ts = max(report.last_ts, epoch)
+        took_ms = row[ROW_LATENCY]
+        if took_ms < report.fastest_ms:  # how long the node takes (``LimitEngine.node_serving``)
+            report.fastest_ms = took_ms
+        if took_ms > report.slowest_ms:
+            report.slowest_ms = took_ms
         if counted is not None:
             # The node's counts as the request ended, in the windows of the request's start:
             # within one minute the highest are the latest, whatever the event times (a request
