@@ -268,6 +268,15 @@ class HotKey:
         return division
 
 
+def _serving(reports: Mapping[str, NodeReport]) -> bool:
+    # A loop, not any() over a generator: this runs for every key of every fetch (113 ns
+    # against 271 for one report, measured).
+    for report in reports.values():  # noqa: SIM110
+        if report.in_flight:
+            return True
+    return False
+
+
 def _hot_by_nodes(hk: HotKey | None, reports: Mapping[str, NodeReport], window: Window, start: int, bar: float) -> bool:
     """Whether ``window`` (from ``start``) is hot by the nodes' word though the worker's count
     is below ``bar``: a node's own count holds the requests it still serves, which the worker
@@ -552,12 +561,15 @@ class LimitEngine:
             self.hot.pop(key_id, None)
             return None
         hk = self.hot.get(key_id)
+        # A node's count runs ahead of the worker's by the requests it still serves: without
+        # any (most keys, every fetch) the nodes' counts need no look.
+        by_nodes = hk is not None or _serving(reports)
         for window in _ALLOWANCE_WINDOWS:
             limit = policy.limit(window)
             if limit is None:
                 continue
             count, bar = kw.count(window, now), threshold * limit
-            if count >= bar or (count and _hot_by_nodes(hk, reports, window, kw.start(window), bar)):
+            if count >= bar or (count and by_nodes and _hot_by_nodes(hk, reports, window, kw.start(window), bar)):
                 hot_windows.append((window, limit, count))
         if not hot_windows:
             self.hot.pop(key_id, None)
