@@ -222,7 +222,7 @@ class HotKey:
         remember the caps given. ``settling``: ``(share, unseen)`` while the window settles:
         every node may still be admitting its burst ``share`` (held for it; ``unseen``: the
         silent known nodes' shares), else None. ``at_a_cap``: the nodes at their caps in any
-        of the key's windows (``at_a_cap``).
+        of the key's windows (``HotKey.at_a_cap``).
 
         Pooling lets each node take the remainder less what the others admit within the lag,
         but nodes holding requests at their caps release them all the moment a division
