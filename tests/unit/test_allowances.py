@@ -662,3 +662,20 @@ def test_a_division_settles_while_a_silent_node_may_still_be_serving_the_key() -
     clock.now = T0 + 0.57
     [settled] = engine.redivide()
     assert not settled.windows[0].settling
+
+
+def test_a_nodes_serving_time_is_read_from_the_calls_its_api_served() -> None:
+    """A node answers a refusal at once (a blocked key's 429, a 401): read as a call, one would
+    make a node whose calls all take 0.5 s pass for fast, and the worker would stop holding its
+    burst share while it is silent on a key (137-146 of 100 on the cluster model). An event
+    without a duration (an older node) says nothing either."""
+    checker, recent = RecordChecker(VALIDATOR, None, None), RecentRequests(1_000)
+    records = [
+        record(0, 0, request_id="a", key_id="k", node_id="n3", status=200, latency_ms=500.0),
+        record(0, 1, request_id="b", key_id="k", node_id="n3", status=429, latency_ms=0.2),
+        record(0, 2, request_id="c", key_id="k", node_id="n3", status=401, latency_ms=0.1),
+        record(0, 3, request_id="d", key_id="k", node_id="n3", status=200),
+        record(0, 4, request_id="e", key_id="k", node_id="n3", status=200, latency_ms=700.0),
+    ]
+    report = group_batch(records, checker, recent, NOW.timestamp()).nodes[(0, "k")]["n3"]
+    assert (report.fastest_ms, report.slowest_ms) == (500.0, 700.0)

@@ -83,11 +83,15 @@ def group_batch(
         report.arrivals += 1
         report.first_ts = min(report.first_ts, epoch)
         report.last_ts = max(report.last_ts, epoch)
+        # How long the node takes to serve a call (``LimitEngine.node_serving``): calls its API
+        # served only. Refusals are answered at once (a node refusing a blocked key would pass
+        # for fast), and an event without a duration (an older node) says nothing.
         took_ms = row[ROW_LATENCY]
-        if took_ms < report.fastest_ms:  # how long the node takes (``LimitEngine.node_serving``)
-            report.fastest_ms = took_ms
-        if took_ms > report.slowest_ms:
-            report.slowest_ms = took_ms
+        if status < 400 and took_ms > 0:
+            if took_ms < report.fastest_ms:
+                report.fastest_ms = took_ms
+            if took_ms > report.slowest_ms:
+                report.slowest_ms = took_ms
         if counted is not None:
             # The node's counts as the request ended, in the windows of the request's start:
             # within one minute the highest are the latest, whatever the event times (a request
