@@ -149,14 +149,21 @@ class ServingTime:
     (``METER_DEMO_SERVING_MS``), or a time drawn evenly up to ``longest`` (``..._MAX_MS``);
     behind the meter, so the meter sees requests in flight."""
 
-    def __init__(self, app: ASGIApp, seconds: float, longest: float | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        seconds: float,
+        longest: float | None = None,
+        draw: Callable[[float, float], float] = random.uniform,
+    ) -> None:
         self.app = app
         self.seconds = seconds
         self.longest = longest
+        self.draw = draw
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v0/"):
-            took = self.seconds if self.longest is None else random.uniform(self.seconds, self.longest)
+            took = self.seconds if self.longest is None else self.draw(self.seconds, self.longest)
             await asyncio.sleep(took)
         await self.app(scope, receive, send)
 

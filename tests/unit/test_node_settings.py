@@ -64,20 +64,18 @@ def test_the_demo_serving_range_is_checked() -> None:
         NodeSettings(demo_serving_ms=100, demo_serving_max_ms=50)
 
 
-async def test_demo_calls_take_a_time_drawn_from_the_range(monkeypatch: pytest.MonkeyPatch) -> None:
-    slept: list[float] = []
+async def test_demo_calls_take_a_time_drawn_from_the_range() -> None:
+    drawn: list[tuple[float, float]] = []
 
-    async def sleep(seconds: float) -> None:
-        slept.append(seconds)
+    def draw(low: float, high: float) -> float:
+        drawn.append((low, high))
+        return 0.0
 
     async def app(scope: object, receive: object, send: object) -> None:
         return None
 
-    monkeypatch.setattr("node.demo_api.asyncio.sleep", sleep)
-    serving = ServingTime(app, 0.1, longest=0.5)  # type: ignore[arg-type]
-    for _ in range(200):
+    serving = ServingTime(app, 0.1, longest=0.5, draw=draw)  # type: ignore[arg-type]
+    for _ in range(3):
         await serving({"type": "http", "path": "/v0/status"}, None, None)  # type: ignore[arg-type]
     await serving({"type": "http", "path": "/health"}, None, None)  # type: ignore[arg-type]  # not the API
-    assert len(slept) == 200
-    assert 0.1 <= min(slept) < 0.2
-    assert 0.4 < max(slept) <= 0.5
+    assert drawn == [(0.1, 0.5)] * 3
