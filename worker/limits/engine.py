@@ -133,11 +133,10 @@ class HotKey:
     caps: dict[tuple[Window, int], dict[str, int]] = field(default_factory=dict)
     # Windows carried by several nodes: divided strictly for the rest of the window (``divide``).
     contended: set[tuple[Window, int]] = field(default_factory=set)
-    # The nodes at their cap in some window at the last division: they held requests, which they
-    # release up to their new caps the moment these reach them, in every window (a request
-    # counts in all of them); ``starving`` collects this division's, window by window.
+    # The nodes at their cap in some window at the last division (``at_a_cap``): they held
+    # requests, which they release up to their new caps the moment these reach them, in every
+    # window (a request counts in all of them).
     holding: frozenset[str] = frozenset()
-    starving: set[str] = field(default_factory=set)
     settled: set[tuple[Window, int]] = field(default_factory=set)  # windows whose division settled
     # The longest a node took over a request of the key this minute (the node's own duration:
     # no clock skew): how long a node may be silent with requests of the key. Per minute: one
@@ -216,7 +215,7 @@ class HotKey:
         settling: tuple[int, int] | None,
         policy: AllowancePolicy,
         now: float,
-        at_a_cap: Collection[str] = (),
+        at_a_cap: Collection[str],
     ) -> Division:
         """Divide the window ``here`` among the listed nodes ``{node: (used, rate)}``, and
         remember the caps given. ``settling``: ``(share, unseen)`` while the window settles:
@@ -231,15 +230,14 @@ class HotKey:
         nodes carry the key (contended, for the rest of the window), with what nodes may have
         admitted unseen held back for them (``floors``)."""
         share, unseen = settling or (0, 0)
-        starved = self.starved(here, listed)
-        self.starving.update(starved)
+        starved = self.starved(here, listed)  # this window's nodes at their cap: a part of at_a_cap
         # A node at the cap it was given (in any of the key's windows: a request counts in all)
         # holds its requests or refuses them: it sends nothing meanwhile, so its measured rate
         # fades though its demand does not. Its last rate stands for as long as it may hold a
         # request (MAX_DIVISION_WAIT_S since it last sent): for good, a key gone quiet would have
         # its remainder go to whichever node is at its cap, and the next division (no longer at
         # its cap, its rate faded) take it back, each time.
-        waiting = {n for n in (*starved, *at_a_cap) if n in listed and now - self.nodes[n].at < MAX_DIVISION_WAIT_S}
+        waiting = {n for n in at_a_cap if n in listed and now - self.nodes[n].at < MAX_DIVISION_WAIT_S}
         listed = {
             n: (used, max(rate, self.nodes[n].rate)) if n in waiting else (used, rate)
             for n, (used, rate) in listed.items()
@@ -591,7 +589,7 @@ class LimitEngine:
         windows = [
             self._divide_window(hk, kw, window, limit, count, now, at_a_cap) for window, limit, count in hot_windows
         ]
-        hk.holding, hk.starving = frozenset(hk.starving), set()
+        hk.holding = frozenset(at_a_cap)  # for the next division's floors
         caps = tuple(
             (w.window, w.start, w.others, w.settling, tuple(sorted((n, g.cap) for n, g in w.grants.items())))
             for w in windows
