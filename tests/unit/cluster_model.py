@@ -55,6 +55,8 @@ class Cluster:
     redivide_every: float = 0.03
     admitted: int = 0
     refused: list[tuple[int, str]] = field(default_factory=list)
+    waited: list[float] = field(default_factory=list)  # how long each admitted request was held
+    allowances_sent: int = 0
 
     def __post_init__(self) -> None:
         book = PolicyBook(LimitPolicy(per_minute=self.limit, per_hour=self.per_hour))
@@ -123,6 +125,7 @@ class Cluster:
             self._publish(node, w, 429)
             return
         self.admitted += 1
+        self.waited.append(self.clock.now - w.ts)
         serving = self.in_flight[node].start("k", 1, w.ts)
 
         def end() -> None:
@@ -187,6 +190,7 @@ class Cluster:
         self._at(self.clock.now + self.redivide_every, self._redivide)
 
     def _send(self, allowances: list[Allowance]) -> None:
+        self.allowances_sent += len(allowances)
         for allowance in allowances:
             for node in self.guards:
                 self._at(self.clock.now + self.apply_lag, self._deliver(node, allowance))

@@ -228,17 +228,49 @@ def test_unchanged_caps_are_not_published_again() -> None:
     assert h.engine.allowance_versions["k"] == first.version
 
 
+def test_moved_caps_of_a_strict_division_go_out_only_to_a_node_that_needs_them() -> None:
+    """Three nodes carry the key (divided strictly): the caps they hold add up to the limit, so
+    a division that only moves caps (the count grew, the rates shifted) is kept back until a
+    node may reach its cap within ``renew_s``; then it goes out, and what the engine remembers
+    of the caps (for the floors and the starved nodes) is what the nodes hold."""
+
+    def steady(arrivals: int, count: int, at: float) -> NodeReport:  # over the second before ``at``
+        return NodeReport(arrivals=arrivals, counts=(count,) * 3, epoch=at, first_ts=at - 1.0, last_ts=at)
+
+    h = Harness(pooled=False)
+    [first] = h.observe(60, {"n1": steady(31, 20, T0), "n2": steady(21, 20, T0), "n3": steady(11, 20, T0)})
+    assert caps(first) == {"n1": 40, "n2": 33, "n3": 27}
+    for i in range(1, 4):  # n1 at 30 req/s: 21, 22, 23 of its cap 40, not within renew_s of it
+        h.clock.now = at = T0 + i / 30
+        assert h.observe(1, {"n1": steady(1, 20 + i, at)}) == []
+    assert h.engine.hot["k"].caps[(Window.minute, MINUTE)] == caps(first)
+    h.clock.now = at = T0 + 0.2
+    # n3 (10 req/s) at 27 of its 27, still sending: the next division goes out
+    [second] = h.observe(7, {"n3": steady(7, 27, at)})
+    assert caps(second)["n3"] > 27
+    assert sum(caps(second).values()) <= 100
+    assert h.engine.hot["k"].caps[(Window.minute, MINUTE)] == caps(second)
+
+
+def test_a_node_joining_or_a_window_settling_is_always_published() -> None:
+    h = Harness(pooled=False)
+    h.observe(60, three_nodes())
+    h.clock.now = T0 + 0.01
+    [joined] = h.observe(1, {"n4": report(1, 1, at=T0 + 0.01)})  # nobody near a cap: a new node
+    assert set(joined.windows[0].grants) == {"n1", "n2", "n3", "n4"}
+
+
 def test_versions_strictly_increase() -> None:
     h = Harness(pooled=False)
     [first] = h.observe(60, three_nodes())
-    [second] = h.observe(5, three_nodes())  # same instant, the count moved
+    [second] = h.observe(5, {**three_nodes(), "n4": report(5, 5)})  # same instant, a node joined
     assert second.version > first.version
     h.clock.now = T0 + 1
-    [third] = h.observe(5, three_nodes())
+    [third] = h.observe(5, {"n5": report(5, 5, at=T0 + 1)})
     assert third.version > second.version
     assert third.version >= int((T0 + 1) * 1_000_000)
     h.engine.seen_allowance(third.model_copy(update={"version": third.version + 10**9}))  # a previous owner's
-    [fourth] = h.observe(5, three_nodes())
+    [fourth] = h.observe(5, {"n6": report(5, 5, at=T0 + 1)})
     assert fourth.version > third.version + 10**9
 
 
@@ -485,7 +517,7 @@ def test_a_previous_owners_allowance_read_from_the_topic_raises_the_versions() -
     read = AllowanceVersion.model_validate_json(theirs.model_dump_json())
     assert (read.key_id, read.version) == (theirs.key_id, theirs.version)
     h.engine.seen_allowance(read)
-    [second] = h.observe(5, three_nodes())
+    [second] = h.observe(5, {**three_nodes(), "n4": report(5, 5)})
     assert second.version > theirs.version
 
 

@@ -269,3 +269,21 @@ def test_a_key_at_90_percent_is_not_refused_when_another_node_is_slow(
         c.request(node, i, 2.0 + i * spread_s / 90, 0.5 if node == "n3" else 0.0)
     c.run(spread_s + 10.0)
     assert (c.admitted, c.refused) == (90, [])
+
+
+@pytest.mark.parametrize("split", [(60, 30, 0), (50, 20, 20), (30, 30, 30)])
+def test_a_key_spread_over_nodes_is_sent_a_new_division_only_when_a_node_needs_one(
+    split: tuple[int, int, int],
+) -> None:
+    """90 requests in 3 s, then 9 s quiet. Every re-division (each fetch, every 30 ms) moved some
+    cap as the rates shifted and faded, and each went out: 383–409 allowances to every node. The
+    caps the nodes hold add up to the limit, so one goes out only when a node may reach its cap
+    (76–100 now), and nothing is refused for it."""
+    order = [f"n{i + 1}" for i, n in enumerate(split) for _ in range(n)]
+    random.Random(2).shuffle(order)
+    cluster = Cluster()
+    for i, node in enumerate(order):
+        cluster.request(node, i, i * 3.0 / 90, 0.0)
+    cluster.run(12.0)
+    assert (cluster.admitted, cluster.refused) == (90, [])
+    assert cluster.allowances_sent <= 120

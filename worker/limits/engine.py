@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 
 from aiokafka.partitioner import murmur2
 
-from schemas.allowances import MAX_DIVISION_WAIT_S, Allowance, AllowanceVersion, WindowAllowance
+from schemas.allowances import MAX_DIVISION_WAIT_S, Allowance, AllowanceVersion, NodeGrant, WindowAllowance
 from schemas.bounds import next_version
 from schemas.decisions import (
     AUTOMATIC_WINDOWS,
@@ -77,6 +77,11 @@ class AllowancePolicy:
     serving_settle_s: float = MAX_DIVISION_WAIT_S / 2
     # A node is known (a member of the cluster) while it sent anything within this long.
     node_ttl_s: float = 60.0
+    # A strict division (several nodes carry the key) whose caps moved is published only for a
+    # node that may reach the cap it holds within this long at its rate (or whose cap may no
+    # longer grow): the caps the nodes hold add up to the limit already, and re-dividing every
+    # fetch sent ~30 records a second per hot key while the rates moved, most changing nothing.
+    renew_s: float = 0.25
 
 
 @dataclass(slots=True)
@@ -143,6 +148,9 @@ class HotKey:
     # request held long would otherwise lengthen every later settling of the key.
     slowest: float = 0.0
     slowest_minute: int = 0
+    # The division the nodes hold (the last one published) and whether it held part back
+    sent: list[WindowAllowance] = field(default_factory=list)
+    sent_held_back: bool = False
 
     def forget_windows_over(self, now: float) -> None:
         for over in [k for k in self.since if k[1] + WINDOW_SECONDS[k[0]] <= now]:
@@ -175,6 +183,46 @@ class HotKey:
                 if used is not None and used >= cap:
                     nodes.add(n)
         return nodes
+
+    def worth_sending(self, windows: list[WindowAllowance], pooled: bool, renew_s: float, now: float) -> bool:
+        """Whether the division ``windows`` is worth publishing over the one the nodes hold
+        (``sent``). Always when their shape differs (windows, settling, limits, listed nodes) or
+        a window is pooled (pooled parts add up to more than the remainder: they hold only while
+        re-divided as the count moves). A strict division's caps add up to the limit, and what a
+        node admits within its cap is in them: the held one stays as safe as it was (a lower cap
+        is never needed). So it goes out only for a node that gains from it (a higher cap, or the
+        word that its cap will not grow: it refuses at once instead of waiting) and needs it now:
+        it may reach its held cap within ``renew_s`` at its rate, or holds requests at it."""
+        if [_shape(w) for w in windows] != [_shape(w) for w in self.sent]:
+            return True
+        for new, old in zip(windows, self.sent, strict=True):
+            if pooled and (new.window, int(new.start.timestamp())) not in self.contended:
+                return True
+            for node_id, grant in new.grants.items():
+                held = old.grants[node_id]
+                final = _may_grow(old, held) and not _may_grow(new, grant)
+                if grant.cap <= held.cap and not final:
+                    continue
+                # at its cap: holding requests, for as long as a node may hold one since it sent
+                holding = node_id in self.holding and now - self.nodes[node_id].at < MAX_DIVISION_WAIT_S
+                if holding or held.cap > grant.used >= held.cap - self._ahead(node_id, renew_s, now):
+                    return True
+        return False
+
+    def _ahead(self, node_id: str, renew_s: float, now: float) -> float:
+        """What the node may admit within ``renew_s`` beyond what the worker has seen of it: at
+        its rate, from its latest request on while its requests may still be in flight unseen
+        (the key's requests take ``slowest``: a node silent longer than that has stopped)."""
+        use = self.nodes[node_id]
+        if now - use.at > self.slowest + renew_s:
+            return use.rate_at(now) * renew_s
+        return use.rate * (min(max(0.0, now - use.last_ts), self.slowest) + renew_s)
+
+    def keep_sent(self) -> None:
+        """The division just made is not published: the caps the nodes hold stay those sent."""
+        for w in self.sent:
+            self.caps[(w.window, int(w.start.timestamp()))] = {n: g.cap for n, g in w.grants.items()}
+        self.held_back |= self.sent_held_back
 
     def floors(
         self,
@@ -264,6 +312,16 @@ class HotKey:
         )
         self.caps[here] = {n: g.cap for n, g in division.grants.items()}
         return division
+
+
+def _shape(w: WindowAllowance) -> tuple[object, ...]:
+    return w.window, w.start, w.limit, w.settling, sorted(w.grants)
+
+
+def _may_grow(w: WindowAllowance, grant: NodeGrant) -> bool:
+    """Whether part of the remainder was held back from the node (as the node's guard reads it:
+    at such a cap it waits for the next division instead of refusing)."""
+    return grant.cap < grant.used + w.limit - w.count
 
 
 def _serving(reports: Mapping[str, NodeReport]) -> bool:
@@ -596,7 +654,10 @@ class LimitEngine:
         )
         if caps == hk.last:
             return None
-        hk.last = caps
+        if hk.sent and not hk.worth_sending(windows, self.allowance.pooled, self.allowance.renew_s, now):
+            hk.keep_sent()
+            return None
+        hk.last, hk.sent, hk.sent_held_back = caps, windows, hk.held_back
         version = next_version(self.allowance_versions.get(key_id, 0), now)
         self.allowance_versions[key_id] = version
         self.allowances_issued += 1
