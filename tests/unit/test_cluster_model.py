@@ -287,3 +287,32 @@ def test_a_key_spread_over_nodes_is_sent_a_new_division_only_when_a_node_needs_o
     cluster.run(12.0)
     assert (cluster.admitted, cluster.refused) == (90, [])
     assert cluster.allowances_sent <= 120
+
+
+@pytest.mark.parametrize(("serve", "target"), [(0.0, 103), (0.5, 113)])
+def test_a_node_that_joins_late_gets_what_remains_not_what_remained_when_the_key_turned_hot(
+    serve: float, target: int
+) -> None:
+    """n1 and n2 send 10 req/s each in step (their caps never move), n3 bursts 60 at 4 s. A node
+    not listed may admit ``others``: held from when the key turned hot (66), n3 took it all while
+    the others had spent most of the remainder: 144–154 of 100 (a review's case). ``others`` is
+    sent again once it moved by a twentieth of the limit (before the change: 100 and 110)."""
+    cluster, rid = Cluster(), itertools.count()
+    for k in range(50):
+        for node in ("n1", "n2"):
+            cluster.request(node, next(rid), k * 0.1, 0.0)
+    for _ in range(60):
+        cluster.request("n3", next(rid), 4.0, serve)
+    cluster.run(15.0)
+    assert 100 <= cluster.admitted <= target
+
+
+def test_a_unit_given_to_a_starved_node_is_taken_back_when_it_is_not_used() -> None:
+    """160 requests over 4 s on 10 nodes at random. A node at its cap gets at least one unit
+    while anything remains (``divide``): the caps may then add up past the limit, which the next
+    division took back. Kept when only lower caps were due, the extra units were admitted: 103."""
+    rnd, cluster = random.Random(0), Cluster(nodes=10)
+    for i in range(160):
+        cluster.request(f"n{rnd.randrange(10) + 1}", i, i * 4.0 / 160, 0.0)
+    cluster.run(12.0)
+    assert cluster.admitted <= 101

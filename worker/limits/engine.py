@@ -198,6 +198,8 @@ class HotKey:
         for new, old in zip(windows, self.sent, strict=True):
             if pooled and (new.window, int(new.start.timestamp())) not in self.contended:
                 return True
+            if _loosened(old, new):
+                return True
             for node_id, grant in new.grants.items():
                 held = old.grants[node_id]
                 final = _may_grow(old, held) and not _may_grow(new, grant)
@@ -316,6 +318,20 @@ class HotKey:
 
 def _shape(w: WindowAllowance) -> tuple[object, ...]:
     return w.window, w.start, w.limit, w.settling, sorted(w.grants)
+
+
+def _loosened(held: WindowAllowance, new: WindowAllowance) -> bool:
+    """Whether the division the nodes hold (``held``) lets them admit more than ``new`` in a way
+    its own caps do not bound: room left under the held caps past both the remainder and the new
+    caps' room (a starved node's extra unit, taken back in ``new``), or an ``others`` (what a node
+    not listed may admit) that moved by more than a twentieth of the limit. ``others`` is not part
+    of the listed nodes' parts: a held one stays as large as when the key turned hot while they
+    spend the remainder. Also when ``others`` rose from nothing: a node not listed waits for it."""
+    held_room = sum(max(0, held.grants[n].cap - g.used) for n, g in new.grants.items())
+    new_room = sum(max(0, g.cap - g.used) for g in new.grants.values())
+    if held_room > max(new.limit - new.count, new_room):
+        return True
+    return abs(new.others - held.others) > max(1, new.limit // 20) or held.others == 0 < new.others
 
 
 def _may_grow(w: WindowAllowance, grant: NodeGrant) -> bool:
