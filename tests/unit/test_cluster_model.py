@@ -296,7 +296,7 @@ def test_a_node_that_joins_late_gets_what_remains_not_what_remained_when_the_key
     """n1 and n2 send 10 req/s each in step (their caps never move), n3 bursts 60 at 4 s. A node
     not listed may admit ``others``: held from when the key turned hot (66), n3 took it all while
     the others had spent most of the remainder: 144–154 of 100 (a review's case). ``others`` is
-    sent again once it moved by a twentieth of the limit (before the change: 100 and 110)."""
+    sent again once it moved by a fiftieth of the limit (before the change: 100 and 110)."""
     cluster, rid = Cluster(), itertools.count()
     for k in range(50):
         for node in ("n1", "n2"):
@@ -316,3 +316,22 @@ def test_a_unit_given_to_a_starved_node_is_taken_back_when_it_is_not_used() -> N
         cluster.request(f"n{rnd.randrange(10) + 1}", i, i * 4.0 / 160, 0.0)
     cluster.run(12.0)
     assert cluster.admitted <= 101
+
+
+@pytest.mark.parametrize("every", [1.5, 2.5, 3.5])
+def test_a_node_sending_now_and_then_is_not_refused_below_the_limit(every: float) -> None:
+    """n2 and n3 carry the key (80 requests over 9 s), n1 sends one every ``every`` s. n1's part
+    is nothing at its rate: at its cap, it holds its next request for a raise the worker cannot
+    see it wait for. Its raise was sent only while n1 itself had sent within 2 s: n1's request
+    was refused with the key at 83 of 100 (a review's case). Now while the key has traffic."""
+    cluster, rid = Cluster(), itertools.count()
+    for i in range(45):
+        cluster.request("n2", next(rid), 0.5 + i * 0.2, 0.0)
+    for i in range(35):
+        cluster.request("n3", next(rid), 0.6 + i * 0.25, 0.0)
+    n1 = 0
+    while 1.0 + n1 * every < 10.0:
+        cluster.request("n1", next(rid), 1.0 + n1 * every, 0.0)
+        n1 += 1
+    cluster.run(30.0)
+    assert (cluster.admitted, cluster.refused) == (80 + n1, [])

@@ -192,9 +192,12 @@ class HotKey:
         node admits within its cap is in them: the held one stays as safe as it was (a lower cap
         is never needed). So it goes out only for a node that gains from it (a higher cap, or the
         word that its cap will not grow: it refuses at once instead of waiting) and needs it now:
-        it may reach its held cap within ``renew_s`` at its rate, or holds requests at it."""
+        it may reach its held cap within ``renew_s`` at its rate, or it is at that cap while the
+        key has traffic (within ``MAX_DIVISION_WAIT_S``; the worker cannot see a node hold a
+        request, and once the key is quiet a raise would only move a unit between idle nodes)."""
         if [_shape(w) for w in windows] != [_shape(w) for w in self.sent]:
             return True
+        key_active = now - max(use.at for use in self.nodes.values()) < MAX_DIVISION_WAIT_S
         for new, old in zip(windows, self.sent, strict=True):
             if pooled and (new.window, int(new.start.timestamp())) not in self.contended:
                 return True
@@ -205,9 +208,11 @@ class HotKey:
                 final = _may_grow(old, held) and not _may_grow(new, grant)
                 if grant.cap <= held.cap and not final:
                     continue
-                # at its cap: holding requests, for as long as a node may hold one since it sent
-                holding = node_id in self.holding and now - self.nodes[node_id].at < MAX_DIVISION_WAIT_S
-                if holding or held.cap > grant.used >= held.cap - self._ahead(node_id, renew_s, now):
+                # At its cap it holds its next request for the raise, however long it has been
+                # silent (a node sending now and then), while the key has traffic; below it, it
+                # may reach it soon.
+                room = held.cap - grant.used
+                if (room <= 0 and key_active) or 0 < room <= self._ahead(node_id, renew_s, now):
                     return True
         return False
 
@@ -324,14 +329,14 @@ def _loosened(held: WindowAllowance, new: WindowAllowance) -> bool:
     """Whether the division the nodes hold (``held``) lets them admit more than ``new`` in a way
     its own caps do not bound: room left under the held caps past both the remainder and the new
     caps' room (a starved node's extra unit, taken back in ``new``), or an ``others`` (what a node
-    not listed may admit) that moved by more than a twentieth of the limit. ``others`` is not part
+    not listed may admit) that moved by more than a fiftieth of the limit. ``others`` is not part
     of the listed nodes' parts: a held one stays as large as when the key turned hot while they
     spend the remainder. Also when ``others`` rose from nothing: a node not listed waits for it."""
     held_room = sum(max(0, held.grants[n].cap - g.used) for n, g in new.grants.items())
     new_room = sum(max(0, g.cap - g.used) for g in new.grants.values())
     if held_room > max(new.limit - new.count, new_room):
         return True
-    return abs(new.others - held.others) > max(1, new.limit // 20) or held.others == 0 < new.others
+    return abs(new.others - held.others) > max(1, new.limit // 50) or held.others == 0 < new.others
 
 
 def _may_grow(w: WindowAllowance, grant: NodeGrant) -> bool:
