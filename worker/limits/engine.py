@@ -161,9 +161,12 @@ class HotKey:
 
     def starved(self, here: tuple[Window, int], listed: Mapping[str, tuple[int, float]]) -> list[str]:
         """The listed nodes that have reached the cap they were last given (they hold or
-        refuse requests the worker does not see)."""
+        refuse requests the worker does not see), or have one unit left of it: the one a node
+        at its cap is given stays with it (taken back once its rate faded, then given again, it
+        flipped between nodes, and the division left in force once the key went quiet was the
+        one without it: a node's next request waited and was refused far below the limit)."""
         given = self.caps.get(here, {})
-        return [n for n, (used, _) in listed.items() if n in given and used >= given[n]]
+        return [n for n, (used, _) in listed.items() if n in given and used + 1 >= given[n]]
 
     def took(self, seconds: float, now: float) -> None:
         minute = window_start(Window.minute, now)
@@ -192,12 +195,11 @@ class HotKey:
         node admits within its cap is in them: the held one stays as safe as it was (a lower cap
         is never needed). So it goes out only for a node that gains from it (a higher cap, or the
         word that its cap will not grow: it refuses at once instead of waiting) and needs it now:
-        it may reach its held cap within ``renew_s`` at its rate, or it is at that cap while the
-        key has traffic (within ``MAX_DIVISION_WAIT_S``; the worker cannot see a node hold a
-        request, and once the key is quiet a raise would only move a unit between idle nodes)."""
+        it may reach its held cap within ``renew_s`` at its rate, or it is at that cap (it holds
+        its next request, which the worker cannot see; the unit a node at its cap is given stays
+        with it, ``starved``, so this does not flip between idle nodes)."""
         if [_shape(w) for w in windows] != [_shape(w) for w in self.sent]:
             return True
-        key_active = now - max(use.at for use in self.nodes.values()) < MAX_DIVISION_WAIT_S
         for new, old in zip(windows, self.sent, strict=True):
             if pooled and (new.window, int(new.start.timestamp())) not in self.contended:
                 return True
@@ -209,10 +211,8 @@ class HotKey:
                 if grant.cap <= held.cap and not final:
                     continue
                 # At its cap it holds its next request for the raise, however long it has been
-                # silent (a node sending now and then), while the key has traffic; below it, it
-                # may reach it soon.
-                room = held.cap - grant.used
-                if (room <= 0 and key_active) or 0 < room <= self._ahead(node_id, renew_s, now):
+                # silent (a node sending now and then); below it, it may reach it soon.
+                if held.cap - grant.used <= max(0.0, self._ahead(node_id, renew_s, now)):
                     return True
         return False
 
