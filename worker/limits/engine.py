@@ -212,7 +212,7 @@ class HotKey:
                     continue
                 # At its cap it holds its next request for the raise, however long it has been
                 # silent (a node sending now and then); below it, it may reach it soon.
-                if held.cap - grant.used <= max(0.0, self._ahead(node_id, renew_s, now)):
+                if held.cap - grant.used <= self._ahead(node_id, renew_s, now):
                     return True
         return False
 
