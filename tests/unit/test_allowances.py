@@ -252,7 +252,7 @@ def test_moved_caps_of_a_strict_division_go_out_only_to_a_node_that_needs_them()
     assert h.engine.hot["k"].caps[(Window.minute, MINUTE)] == caps(second)
 
 
-def test_a_node_joining_or_a_window_settling_is_always_published() -> None:
+def test_a_node_joining_is_always_published() -> None:
     h = Harness(pooled=False)
     h.observe(60, three_nodes())
     h.clock.now = T0 + 0.01
