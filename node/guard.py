@@ -288,7 +288,7 @@ class LocalGuard:
                     # yet, or part of the remainder was held back from it (for other nodes'
                     # requests in flight, or while the division settles).
                     grant = held.grants.get(self.node_id)
-                    may_grow = grant is None or grant.cap < grant.used + held.limit - held.count
+                    may_grow = grant is None or held.may_grow(grant)
                     by = RefusedBy.awaiting if may_grow and not final else RefusedBy.allowance
                     found = Refusal(by, window, held.limit, held.count, until, version, cap)
                     if by is RefusedBy.awaiting:

@@ -45,6 +45,12 @@ class WindowAllowance(BaseModel):
     # back for them), not ``others``; records without it parse as before (False).
     settling: bool = False
 
+    def may_grow(self, grant: NodeGrant) -> bool:
+        """Whether part of the remainder was held back from the node of ``grant``: at that cap
+        it waits for the next division instead of refusing (the node's guard), and the worker
+        divides again what it held back (its re-division)."""
+        return grant.cap < grant.used + self.limit - self.count
+
 
 class Allowance(BaseModel):
     """The allowances of one key for its hot windows; a node applies only a newer ``version``."""

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 
 from aiokafka.partitioner import murmur2
 
-from schemas.allowances import MAX_DIVISION_WAIT_S, Allowance, AllowanceVersion, NodeGrant, WindowAllowance
+from schemas.allowances import MAX_DIVISION_WAIT_S, Allowance, AllowanceVersion, WindowAllowance
 from schemas.bounds import next_version
 from schemas.decisions import (
     AUTOMATIC_WINDOWS,
@@ -148,9 +148,7 @@ class HotKey:
     # request held long would otherwise lengthen every later settling of the key.
     slowest: float = 0.0
     slowest_minute: int = 0
-    # The division the nodes hold (the last one published) and whether it held part back
-    sent: list[WindowAllowance] = field(default_factory=list)
-    sent_held_back: bool = False
+    sent: list[WindowAllowance] = field(default_factory=list)  # the division the nodes hold (last published)
 
     def forget_windows_over(self, now: float) -> None:
         for over in [k for k in self.since if k[1] + WINDOW_SECONDS[k[0]] <= now]:
@@ -207,7 +205,7 @@ class HotKey:
                 return True
             for node_id, grant in new.grants.items():
                 held = old.grants[node_id]
-                final = _may_grow(old, held) and not _may_grow(new, grant)
+                final = old.may_grow(held) and not new.may_grow(grant)
                 if grant.cap <= held.cap and not final:
                     continue
                 # At its cap it holds its next request for the raise, however long it has been
@@ -229,7 +227,8 @@ class HotKey:
         """The division just made is not published: the caps the nodes hold stay those sent."""
         for w in self.sent:
             self.caps[(w.window, int(w.start.timestamp()))] = {n: g.cap for n, g in w.grants.items()}
-        self.held_back |= self.sent_held_back
+            # re-divided while the division in force held part back (``redivide``)
+            self.held_back |= any(w.may_grow(g) for g in w.grants.values())
 
     def floors(
         self,
@@ -337,12 +336,6 @@ def _loosened(held: WindowAllowance, new: WindowAllowance) -> bool:
     if held_room > max(new.limit - new.count, new_room):
         return True
     return abs(new.others - held.others) > max(1, new.limit // 50) or held.others == 0 < new.others
-
-
-def _may_grow(w: WindowAllowance, grant: NodeGrant) -> bool:
-    """Whether part of the remainder was held back from the node (as the node's guard reads it:
-    at such a cap it waits for the next division instead of refusing)."""
-    return grant.cap < grant.used + w.limit - w.count
 
 
 def _serving(reports: Mapping[str, NodeReport]) -> bool:
@@ -678,7 +671,7 @@ class LimitEngine:
         if hk.sent and not hk.worth_sending(windows, self.allowance.pooled, self.allowance.renew_s, now):
             hk.keep_sent()
             return None
-        hk.last, hk.sent, hk.sent_held_back = caps, windows, hk.held_back
+        hk.last, hk.sent = caps, windows
         version = next_version(self.allowance_versions.get(key_id, 0), now)
         self.allowance_versions[key_id] = version
         self.allowances_issued += 1
@@ -714,10 +707,9 @@ class LimitEngine:
             share = math.ceil(self.allowance.burst_share * limit)
             held = (share, share * sum(1 for node_id in self.nodes_seen if node_id not in listed))
         division = hk.divide(here, listed, limit, count, held, self.allowance, now, at_a_cap)
-        hk.held_back |= any(g.cap < g.used + limit - count for g in division.grants.values())
         end = start + WINDOW_SECONDS[window]
         hk.until = max(hk.until, end)
-        return WindowAllowance(
+        allowance = WindowAllowance(
             window=window,
             start=to_datetime(start),
             until=to_datetime(end),
@@ -727,6 +719,8 @@ class LimitEngine:
             others=division.others,
             settling=settling,
         )
+        hk.held_back |= any(allowance.may_grow(g) for g in division.grants.values())
+        return allowance
 
     def _settling(
         self, hk: HotKey, here: tuple[Window, int], listed: Mapping[str, object], serving: bool, now: float
