@@ -6,11 +6,10 @@ from datetime import UTC, datetime, timedelta
 import pyarrow as pa
 import pytest
 
-import worker.ingest.pipeline as pipeline_module
 from schemas.events import RequestEvent, dump_event, make_event
 from tests.unit.event_records import NOW, VALIDATOR, Rec, event, rec, record
 from worker.ingest.aggregate import BatchAggregate, renders_typical_event, unrenderable
-from worker.ingest.pipeline import SCAN_SLICE, BatchScan, IngestPipeline, PreparedBatch, scan
+from worker.ingest.pipeline import IngestPipeline, PreparedBatch, scan
 from worker.limits.fastlane import RecentRequests, group_batch
 from worker.records import KafkaRecord, RecordChecker, Rejection, Validator, request_hash
 from worker.settings import Settings
@@ -363,73 +362,3 @@ def test_the_fast_lane_keeps_a_nodes_highest_counts_of_its_latest_minute() -> No
     assert counted((0.12, 90), (60.0, 3)) == (3, 103, 203)
     # An event of the minute before, fetched after, does not take them back.
     assert counted((60.0, 3), (0.12, 90)) == (3, 103, 203)
-
-
-def mixed_batch() -> list[Rec]:
-    """Valid events over several partitions, keys and minutes, with a refused record, a retry
-    within the batch and records read again (at or before the stored offset of partition 0)."""
-    records = [
-        record(i % 3, 100 + i, request_id=f"r{i}", key_id=f"k{i % 7}", ts=NOW - timedelta(seconds=30 + 20 * i))
-        for i in range(60)
-    ]
-    records[17] = Rec(b"{not json", b"k3", 17 % 3, 117)
-    records[41] = record(41 % 3, 141, request_id="r5", key_id="k5", ts=NOW - timedelta(seconds=130))  # r5 again
-    return records
-
-
-def test_a_batch_sorted_a_slice_at_a_time_is_sorted_as_at_once() -> None:
-    records, stored = mixed_batch(), {0: 105}
-    checker = RecordChecker(VALIDATOR, None, None)
-    whole = scan(records, checker, stored, (), NOW.timestamp())
-    sorting = BatchScan(checker, stored, (), NOW.timestamp())
-    for start in range(0, len(records), 7):
-        sorting.feed(records[start : start + 7])
-    sliced = sorting.result()
-    assert (sliced.duplicates, sliced.replayed, sliced.hashes) == (whole.duplicates, whole.replayed, whole.hashes)
-    assert (whole.duplicates, whole.replayed) == (1, 2)  # the batch has what the slices must keep track of
-    assert [(r.offset, r.reason) for r in sliced.rejections] == [(117, "invalid_json")]
-    assert sliced.rows == whole.rows
-    assert sliced.aggregate.offsets == whole.aggregate.offsets
-    assert sliced.aggregate.first_offsets == whole.aggregate.first_offsets
-    assert sliced.aggregate.to_arrow("events").equals(whole.aggregate.to_arrow("events"))
-
-
-def test_a_batch_grouped_a_step_at_a_time_renders_as_at_once() -> None:
-    scanned = scan(mixed_batch(), RecordChecker(VALIDATOR, None, None), {}, (), NOW.timestamp())
-    stepped = BatchAggregate(scanned.rows, scanned.aggregate.offsets, scanned.aggregate.first_offsets)
-    steps = list(stepped.grouping_steps())
-    assert steps[0] == "events"
-    assert set(steps[1:]) <= set(LEVELS)
-    assert list(stepped.grouping_steps()) == []  # grouped once
-    assert stepped.to_arrow("events").equals(scanned.aggregate.to_arrow("events"))
-
-
-def test_a_long_batch_turns_the_event_loop_over_to_the_fast_lane(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The limits' fast lane shares the loop: a batch's sorting and grouping let it run between
-    their slices and steps (here at every one: a turn is due at once)."""
-    monkeypatch.setattr(pipeline_module, "LOOP_TURN_S", 0.0)
-    records = [record(i % 3, i, request_id=f"r{i}", key_id=f"k{i % 50}") for i in range(5 * SCAN_SLICE)]
-
-    async def run() -> tuple[int, PreparedBatch]:
-        pipeline, _ = pipeline_with()
-        turns = 0
-        stop = asyncio.Event()
-
-        async def fast_lane() -> None:
-            nonlocal turns
-            while not stop.is_set():
-                turns += 1
-                await asyncio.sleep(0)
-
-        other = asyncio.create_task(fast_lane())
-        await asyncio.sleep(0)
-        started = turns
-        prepared = await pipeline.prepare(records, {}, lambda p: True)
-        stop.set()
-        await other
-        return turns - started, prepared
-
-    turns, prepared = asyncio.run(run())
-    assert prepared.outcome.counted == len(records)
-    # a turn after each slice of the sorting (5), the event table and each level's group-by (5)
-    assert turns >= 5 + 5

@@ -3,7 +3,7 @@ the dedup memory of the batch and the offsets it covers, as one Arrow table."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -129,30 +129,19 @@ class BatchAggregate:
             self._table = pa.table(columns)
         return self._table
 
-    def grouping_steps(self) -> Iterator[str]:
-        """Group the batch into each level's rows one step at a time (the event table, then one
-        Arrow group-by per level), yielding the name of each step done, so that the ingest path
-        can turn its event loop between steps (``common.loop_turns``)."""
-        if self._levels is not None:
-            return
-        table = self._event_table()
-        yield "events"
-        with_ip = table.filter(pc.not_equal(table.column("client_ip"), ""))
-        sums = [(column, "sum") for column in _SUMS]
-        levels: dict[str, pa.Table] = {}
-        for level, (dims, _) in _LEVELS.items():
-            rows = with_ip if level == "client_hour" else table
-            levels[level] = rows.group_by(dims, use_threads=False).aggregate(sums)
-            yield level
-        for level, copied in rollup.COPIED_LEVELS.items():  # one status of another level
-            rows = levels[copied.source]
-            levels[level] = rows.filter(pc.equal(rows.column("status"), copied.status))
-        self._levels = levels
-
     def _grouped(self) -> dict[str, pa.Table]:
-        for _ in self.grouping_steps():
-            pass
-        assert self._levels is not None
+        if self._levels is None:
+            table = self._event_table()
+            with_ip = table.filter(pc.not_equal(table.column("client_ip"), ""))
+            sums = [(column, "sum") for column in _SUMS]
+            levels = {
+                level: (with_ip if level == "client_hour" else table).group_by(dims, use_threads=False).aggregate(sums)
+                for level, (dims, _) in _LEVELS.items()
+            }
+            for level, copied in rollup.COPIED_LEVELS.items():  # one status of another level
+                rows = levels[copied.source]
+                levels[level] = rows.filter(pc.equal(rows.column("status"), copied.status))
+            self._levels = levels
         return self._levels
 
     def addresses(self) -> tuple[list[str], list[int], list[str]]:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
 import pyarrow as pa
 
-from common.loop_turns import LoopTurns
 from common.retry import retry_forever
 from worker.ingest.aggregate import BatchAggregate, renders_typical_event, unrenderable
 from worker.ingest.client_ips import ClientAddressCounts
@@ -31,13 +30,6 @@ from worker.store.rollup import CLIENT_IPS_CAP, RollupStore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# The limits' fast lane shares the event loop: a batch's CPU work (sorting its records, grouping
-# them) hands the loop over every 5 ms (the interpreter's own switch interval between threads),
-# looking at the clock every 500 records (1-4 ms of work at 2-8 µs a record). At once, a batch of
-# ~1,300 records held the fast lane up by 10 ms, 25-37 ms at the 99th percentile (5,000 events/s).
-LOOP_TURN_S = 0.005
-SCAN_SLICE = 500
 
 DeadLetterSink = Callable[[Rejection, bytes, list[tuple[str, bytes]]], Awaitable[None]]
 StillOwned = Callable[[int], bool]
@@ -88,61 +80,6 @@ class ScannedBatch:
     kept: list[KafkaRecord]  # the record of each of them
 
 
-class BatchScan:
-    """``scan``, a slice of the batch at a time (``feed``), so that the caller can turn its event
-    loop between slices: the limits' fast lane shares it and must not wait for a whole batch."""
-
-    def __init__(
-        self, checker: RecordChecker, stored_offsets: Mapping[int, int], in_flight: Collection[int], now: float
-    ) -> None:
-        self.row_of = checker.row
-        self.stored_offsets = stored_offsets
-        self.in_flight = in_flight
-        self.now = now
-        self.last: dict[int, int] = {}
-        self.first: dict[int, int] = {}
-        self.rows: list[EventRow] = []
-        self.kept: list[KafkaRecord] = []
-        self.rejections: list[Rejection] = []
-        self.seen: set[int] = set()
-        self.duplicates = self.replayed = 0
-
-    def feed(self, records: Iterable[KafkaRecord]) -> None:
-        """Sort the next records of the batch (in offset order per partition, as fetched)."""
-        # Locals: this loop runs once per event.
-        row_of, stored_offsets, in_flight, now = self.row_of, self.stored_offsets, self.in_flight, self.now
-        last, first, seen = self.last, self.first, self.seen
-        rows, kept, rejections = self.rows, self.kept, self.rejections
-        duplicates = replayed = 0
-        for record in records:
-            partition = record.partition
-            offset = record.offset
-            if offset <= stored_offsets.get(partition, -1):
-                replayed += 1
-                continue
-            if offset > last.get(partition, -1):
-                last[partition] = offset
-            if offset < first.get(partition, offset + 1):
-                first[partition] = offset
-            row = row_of(record, now)
-            if isinstance(row, Rejection):
-                rejections.append(row)
-                continue
-            digest = row[ROW_HASH]
-            if digest in seen or digest in in_flight:
-                duplicates += 1
-                continue
-            seen.add(digest)
-            rows.append(row)
-            kept.append(record)
-        self.duplicates += duplicates
-        self.replayed += replayed
-
-    def result(self) -> ScannedBatch:
-        aggregate = BatchAggregate(self.rows, self.last, self.first)
-        return ScannedBatch(aggregate, self.rejections, self.duplicates, self.replayed, self.seen, self.rows, self.kept)
-
-
 def scan(
     records: Sequence[KafkaRecord],
     checker: RecordChecker,
@@ -154,9 +91,36 @@ def scan(
     aggregate). ``checker``: each record's row (taken from the fast lane if it checked the
     record first); ``stored_offsets``: last stored offset per partition; ``in_flight``: request
     hashes of the write that has not landed yet (not in the stored dedup memory for sure)."""
-    sorting = BatchScan(checker, stored_offsets, in_flight, now)
-    sorting.feed(records)
-    return sorting.result()
+    row_of = checker.row  # looked up once: this loop runs once per event
+    last: dict[int, int] = {}
+    first: dict[int, int] = {}
+    rows: list[EventRow] = []
+    kept: list[KafkaRecord] = []
+    rejections: list[Rejection] = []
+    seen: set[int] = set()
+    duplicates = replayed = 0
+    for record in records:
+        partition = record.partition
+        offset = record.offset
+        if offset <= stored_offsets.get(partition, -1):
+            replayed += 1
+            continue
+        if offset > last.get(partition, -1):
+            last[partition] = offset
+        if offset < first.get(partition, offset + 1):
+            first[partition] = offset
+        row = row_of(record, now)
+        if isinstance(row, Rejection):
+            rejections.append(row)
+            continue
+        digest = row[ROW_HASH]
+        if digest in seen or digest in in_flight:
+            duplicates += 1
+            continue
+        seen.add(digest)
+        rows.append(row)
+        kept.append(record)
+    return ScannedBatch(BatchAggregate(rows, last, first), rejections, duplicates, replayed, seen, rows, kept)
 
 
 class IngestPipeline:
@@ -202,15 +166,10 @@ class IngestPipeline:
         not in the stored dedup memory for sure, so they are checked here as well (a retry
         split across two consecutive batches is counted once).
         """
-        turns = LoopTurns(LOOP_TURN_S)
-        sorting = BatchScan(self.checker, stored_offsets, in_flight, self.clock())
-        for start in range(0, len(records), SCAN_SLICE):
-            sorting.feed(records[start : start + SCAN_SLICE])
-            await turns.take()
-        scanned = sorting.result()
+        scanned = scan(records, self.checker, stored_offsets, in_flight, self.clock())
         outcome = BatchOutcome(duplicates=scanned.duplicates, skipped_replayed=scanned.replayed)
         batch = scanned.aggregate
-        rows, stored = await self._render(scanned, still_owned, turns) if not batch.empty else (None, 0)
+        rows, stored = await self._render(scanned, still_owned) if not batch.empty else (None, 0)
         # Dead letters after the rendering: a batch that fails before its write is read again,
         # and its rejections would be published again each time.
         for rejection in scanned.rejections:
@@ -233,7 +192,7 @@ class IngestPipeline:
             value, headers = dead_letter(rejection)
             await self.dead_letters(rejection, value, headers)
 
-    async def _render(self, scanned: ScannedBatch, still_owned: StillOwned, turns: LoopTurns) -> tuple[pa.Table, int]:
+    async def _render(self, scanned: ScannedBatch, still_owned: StillOwned) -> tuple[pa.Table, int]:
         """``_render_new``; if that fails, the rows that cannot be rendered are dead-lettered
         (``render_failed``) and the rest rendered: a bug some input trips must not stall the
         partition, its batch read again for ever. A failure no row explains is raised, and so
@@ -243,7 +202,7 @@ class IngestPipeline:
         moment, is dead-lettered: the typical event renders.)"""
         batch = scanned.aggregate
         try:
-            return await self._render_new(batch, still_owned, turns)
+            return await self._render_new(batch, still_owned)
         except BatchAbandoned:
             raise
         except Exception:
@@ -257,11 +216,9 @@ class IngestPipeline:
         dropped = {row[ROW_HASH] for row, _ in bad}
         batch.drop(dropped)
         scanned.hashes -= dropped  # not counted: a retry of the request is not a duplicate of it
-        return await self._render_new(batch, still_owned, turns)
+        return await self._render_new(batch, still_owned)
 
-    async def _render_new(
-        self, batch: BatchAggregate, still_owned: StillOwned, turns: LoopTurns
-    ) -> tuple[pa.Table, int]:
+    async def _render_new(self, batch: BatchAggregate, still_owned: StillOwned) -> tuple[pa.Table, int]:
         """The batch's rows without the events the dedup memory holds already, and how many
         those were. The store lookup (for what the recent-hash cache cannot answer) runs in a
         thread while the rows are rendered; they are rendered again only if it finds any."""
@@ -277,11 +234,8 @@ class IngestPipeline:
             lookup = asyncio.create_task(self._store_call(call, "dedup lookup", batch.offsets, still_owned))
             await asyncio.sleep(0)  # let the lookup reach its thread before the CPU work below
         try:
-            for _ in batch.grouping_steps():
-                await turns.take()
             # Counted once, before the dedup drop: a dropped event's address is stored already.
             client_ips = self.addresses.observe(*batch.addresses())
-            await turns.take()
             rows = batch.to_arrow(self.topic, client_ips)
             stored = known | (await lookup if lookup is not None else set())
         finally:
